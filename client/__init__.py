@@ -1,0 +1,1 @@
+"""cmdfed client role (built in its own issue)."""

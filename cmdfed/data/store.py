@@ -1,0 +1,494 @@
+"""The site store: one zarr 3 group per site holding tiles, labels and per-tile metadata.
+
+Layout (``SCHEMA_VERSION`` 1)::
+
+    site.zarr/
+      zarr.json            group attributes: kind, schema_version, n_tiles, tile_size, mpp,
+                           class_names, has_types, name
+      images     (N,H,W,3) uint8   chunk = one tile, shard = ``shard_tiles`` tiles
+      instances  (N,H,W)   int32   0 = background, 1..k = nuclei of that tile
+      types      (N,H,W)   uint8   optional; 0 = background, c = class_names[c]
+      source, slide_id, tissue     (N,) str    where the tile came from; tissue type if known
+      x, y                         (N,) int32  top-left corner in the source image (level 0 px)
+      mpp, tissue_fraction         (N,) float32
+      labelled                     (N,) bool   instances/types are real labels for this tile
+
+Why this shape:
+
+* One chunk per tile makes random access for a training loader read exactly one tile;
+  shards group many chunks into one file so a store of 100k tiles is not 100k files.
+  A shard is rewritten whole whenever any tile in it changes, so writers only ever write
+  shard-aligned batches (:class:`StoreWriter` buffers tiles until a shard is full).
+* ``n_tiles`` in the group attributes is the committed length. A writer grows the arrays
+  and writes its batches (each shard file is replaced atomically by zarr's local store), and
+  only when it closes is ``n_tiles`` advanced. A write interrupted at any point, even killed,
+  leaves a store that reads at its previous length; the next writer trims the uncommitted
+  tail. A new store is built beside its final path and renamed into place
+  (:func:`create_store`), so a failed import leaves nothing behind.
+* Everything a reader needs to interpret labels (class names, mpp, tile size) lives in
+  the group attributes, so a store is self-describing when it is moved between machines.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import zarr
+import zarr.errors
+
+from cmdfed.errors import CmdfedError
+from cmdfed.progress import Progress, report
+
+STORE_KIND = "cmdfed-site-store"
+SCHEMA_VERSION = 1
+DEFAULT_SHARD_TILES = 64
+
+TEXT_FIELDS = ("source", "slide_id", "tissue")
+META_FIELDS: dict[str, str] = {
+    "source": "str",
+    "slide_id": "str",
+    "tissue": "str",
+    "x": "int32",
+    "y": "int32",
+    "mpp": "float32",
+    "tissue_fraction": "float32",
+    "labelled": "bool",
+}
+META_CHUNK = 4096
+
+
+@dataclass
+class Tile:
+    """One tile and what is known about it, as importers hand it to a :class:`StoreWriter`."""
+
+    image: np.ndarray
+    instances: np.ndarray | None = None
+    types: np.ndarray | None = None
+    source: str = ""
+    slide_id: str = ""
+    tissue: str = ""
+    x: int = 0
+    y: int = 0
+    mpp: float = float("nan")
+    tissue_fraction: float = 1.0
+
+    @property
+    def labelled(self) -> bool:
+        return self.instances is not None
+
+
+@dataclass
+class StoreInfo:
+    path: str
+    name: str
+    schema_version: int
+    tiles: int
+    labelled: int
+    tile_size: int
+    mpp: float
+    class_names: list[str]
+    has_types: bool
+    sources: dict[str, int] = field(default_factory=dict)
+    nuclei: int = 0
+    size_bytes: int = 0
+
+    @property
+    def labelled_fraction(self) -> float:
+        return self.labelled / self.tiles if self.tiles else 0.0
+
+    def to_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["mpp"] = None if math.isnan(self.mpp) else self.mpp
+        d["labelled_fraction"] = self.labelled_fraction
+        return d
+
+
+def _not_a_store(path: Path, why: str) -> CmdfedError:
+    return CmdfedError(
+        f"{path} is not a cmdfed site store ({why}); create one with `cmdfed data import ...`, "
+        "`cmdfed data tile-slide` or `cmdfed data synth`"
+    )
+
+
+class SiteStore:
+    """A site's tiles on disk. Open read-only for training; write through :meth:`writer`."""
+
+    def __init__(self, path: Path, group: zarr.Group, mode: str):
+        self.path = path
+        self._group = group
+        self.mode = mode
+        self.attrs = dict(group.attrs)
+        self._length = int(self.attrs["n_tiles"])
+
+    # -- opening -----------------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        path: str | Path,
+        *,
+        tile_size: int,
+        class_names: Sequence[str] = ("background", "nucleus"),
+        has_types: bool = False,
+        mpp: float = float("nan"),
+        name: str | None = None,
+        shard_tiles: int = DEFAULT_SHARD_TILES,
+        overwrite: bool = False,
+    ) -> "SiteStore":
+        """Create an empty store. ``class_names[0]`` is always the background."""
+        path = Path(path)
+        if path.exists() and not overwrite:
+            raise CmdfedError(f"{path} already exists; choose another path or pass --overwrite")
+        if tile_size <= 0 or tile_size % 32:
+            raise CmdfedError(f"tile size must be a positive multiple of 32 (got {tile_size})")
+        if len(class_names) < 2 or class_names[0] != "background":
+            raise CmdfedError("class_names must start with 'background' and name at least one class")
+        group = zarr.open_group(str(path), mode="w")
+        t = tile_size
+        group.create_array(
+            "images", shape=(0, t, t, 3), chunks=(1, t, t, 3), shards=(shard_tiles, t, t, 3), dtype="uint8"
+        )
+        group.create_array(
+            "instances", shape=(0, t, t), chunks=(1, t, t), shards=(shard_tiles, t, t), dtype="int32"
+        )
+        if has_types:
+            group.create_array(
+                "types", shape=(0, t, t), chunks=(1, t, t), shards=(shard_tiles, t, t), dtype="uint8"
+            )
+        for key, dtype in META_FIELDS.items():
+            group.create_array(key, shape=(0,), chunks=(META_CHUNK,), dtype=str if dtype == "str" else dtype)
+        group.attrs.update(
+            {
+                "kind": STORE_KIND,
+                "schema_version": SCHEMA_VERSION,
+                "name": name or path.stem,
+                "n_tiles": 0,
+                "tile_size": tile_size,
+                "mpp": None if math.isnan(mpp) else float(mpp),
+                "class_names": list(class_names),
+                "has_types": bool(has_types),
+                "shard_tiles": shard_tiles,
+            }
+        )
+        return cls(path, group, "r+")
+
+    @classmethod
+    def open(cls, path: str | Path, mode: str = "r") -> "SiteStore":
+        """Open an existing store; ``mode`` is ``"r"`` (default) or ``"r+"`` to append."""
+        path = Path(path)
+        if not path.exists():
+            raise CmdfedError(f"site store {path} does not exist")
+        if not (path / "zarr.json").is_file():
+            raise _not_a_store(path, "no zarr.json: not a zarr 3 group")
+        try:
+            group = zarr.open_group(str(path), mode=mode)
+        except (zarr.errors.BaseZarrError, ValueError, KeyError, OSError) as exc:
+            raise _not_a_store(path, f"unreadable group metadata: {exc}") from exc
+        attrs = dict(group.attrs)
+        if attrs.get("kind") != STORE_KIND:
+            raise _not_a_store(path, "a zarr group without cmdfed attributes")
+        version = attrs.get("schema_version")
+        if not isinstance(version, int) or version > SCHEMA_VERSION:
+            raise CmdfedError(
+                f"{path} has store schema version {version}, newer than this cmdfed understands "
+                f"({SCHEMA_VERSION}); upgrade cmdfed to read it"
+            )
+        missing = [k for k in ("images", "instances", *META_FIELDS) if k not in group]
+        if missing:
+            raise _not_a_store(path, f"missing arrays: {', '.join(missing)}")
+        return cls(path, group, mode)
+
+    # -- facts --------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return self._length
+
+    @property
+    def tile_size(self) -> int:
+        return int(self.attrs["tile_size"])
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.attrs["class_names"])
+
+    @property
+    def has_types(self) -> bool:
+        return bool(self.attrs["has_types"])
+
+    @property
+    def mpp(self) -> float:
+        mpp = self.attrs.get("mpp")
+        return float("nan") if mpp is None else float(mpp)
+
+    @property
+    def name(self) -> str:
+        return str(self.attrs.get("name", self.path.stem))
+
+    # -- reading ------------------------------------------------------------------------
+
+    def _read(self, key: str, selection) -> np.ndarray:
+        try:
+            return self._group[key][selection]
+        except CmdfedError:
+            raise
+        except Exception as exc:  # codec and I/O errors from a damaged chunk or shard
+            raise CmdfedError(
+                f"{self.path}: cannot read '{key}' at {selection!r}: {type(exc).__name__}: {exc}. "
+                "The store is damaged; re-import it from its source"
+            ) from exc
+
+    def _check_index(self, index: int) -> int:
+        if not -self._length <= index < self._length:
+            raise IndexError(f"tile {index} out of range for {self.path} with {self._length} tiles")
+        return index % self._length
+
+    def image(self, index: int) -> np.ndarray:
+        return self._read("images", self._check_index(index))
+
+    def instances(self, index: int) -> np.ndarray:
+        return self._read("instances", self._check_index(index))
+
+    def types(self, index: int) -> np.ndarray | None:
+        return self._read("types", self._check_index(index)) if self.has_types else None
+
+    def metadata(self, key: str) -> np.ndarray:
+        """The committed part of a per-tile metadata array."""
+        if key not in META_FIELDS:
+            raise KeyError(f"unknown metadata field {key!r}; known: {', '.join(META_FIELDS)}")
+        return self._read(key, slice(0, self._length))
+
+    def tile(self, index: int) -> Tile:
+        i = self._check_index(index)
+        meta = {k: self._read(k, i) for k in META_FIELDS}
+        labelled = bool(meta.pop("labelled"))
+        return Tile(
+            image=self.image(i),
+            instances=self.instances(i) if labelled else None,
+            types=self.types(i) if labelled else None,
+            source=str(meta["source"]),
+            slide_id=str(meta["slide_id"]),
+            tissue=str(meta["tissue"]),
+            x=int(meta["x"]),
+            y=int(meta["y"]),
+            mpp=float(meta["mpp"]),
+            tissue_fraction=float(meta["tissue_fraction"]),
+        )
+
+    def labelled_indices(self) -> np.ndarray:
+        return np.flatnonzero(self.metadata("labelled"))
+
+    def labelled_subset(self, fraction: float, seed: int = 0) -> np.ndarray:
+        """Indices of a reproducible ``fraction`` of the labelled tiles (at least one).
+
+        One permutation per seed, cut at different lengths, so the subsets are nested:
+        the 1% subset is inside the 5% one, which is inside the 10% one.
+        """
+        if not 0 < fraction <= 1:
+            raise CmdfedError(f"label fraction must be in (0, 1], got {fraction}")
+        labelled = self.labelled_indices()
+        if labelled.size == 0:
+            raise CmdfedError(f"{self.path} has no labelled tiles")
+        order = np.random.default_rng(seed).permutation(labelled)
+        keep = max(1, math.ceil(fraction * labelled.size))
+        return np.sort(order[:keep])
+
+    def info(self) -> StoreInfo:
+        labelled = self.metadata("labelled")
+        sources, counts = np.unique(self.metadata("source"), return_counts=True)
+        nuclei = sum(int(np.count_nonzero(np.unique(self.instances(int(i))))) for i in np.flatnonzero(labelled))
+        size = sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+        return StoreInfo(
+            path=str(self.path),
+            name=self.name,
+            schema_version=int(self.attrs["schema_version"]),
+            tiles=len(self),
+            labelled=int(labelled.sum()),
+            tile_size=self.tile_size,
+            mpp=self.mpp,
+            class_names=self.class_names,
+            has_types=self.has_types,
+            sources={str(s): int(c) for s, c in zip(sources, counts)},
+            nuclei=nuclei,
+            size_bytes=size,
+        )
+
+    # -- writing ------------------------------------------------------------------------
+
+    def writer(self) -> "StoreWriter":
+        if self.mode == "r":
+            raise CmdfedError(f"{self.path} is open read-only; open it with mode='r+' to append")
+        return StoreWriter(self)
+
+    def _commit(self, new_length: int) -> None:
+        self._group.attrs["n_tiles"] = new_length
+        self.attrs["n_tiles"] = new_length
+        self._length = new_length
+
+    def _array_keys(self) -> list[str]:
+        return ["images", "instances", *(["types"] if self.has_types else []), *META_FIELDS]
+
+    def _trim_uncommitted(self) -> None:
+        for key in self._array_keys():
+            arr = self._group[key]
+            if arr.shape[0] != self._length:
+                arr.resize((self._length, *arr.shape[1:]))
+
+
+class StoreWriter:
+    """Appends tiles in shard-aligned batches; commits them all when closed.
+
+    Tiles are buffered until the next shard boundary, so every shard is written once per
+    batch rather than once per tile. Nothing is visible to readers until :meth:`close`; a
+    writer left by an exception (or a killed process) leaves the committed length as it was.
+    """
+
+    def __init__(self, store: SiteStore):
+        self.store = store
+        self.shard_tiles = int(store.attrs.get("shard_tiles", DEFAULT_SHARD_TILES))
+        self._buffer: list[Tile] = []
+        store._trim_uncommitted()
+        self._written = len(store)
+
+    def __enter__(self) -> "StoreWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._buffer = []
+            self.store._trim_uncommitted()
+
+    @property
+    def pending(self) -> int:
+        """Tiles added but not yet committed."""
+        return self._written + len(self._buffer) - len(self.store)
+
+    def add(self, tile: Tile) -> None:
+        self._validate(tile)
+        self._buffer.append(tile)
+        if (self._written + len(self._buffer)) % self.shard_tiles == 0:
+            self._flush()
+
+    def extend(self, tiles: Iterable[Tile]) -> None:
+        for tile in tiles:
+            self.add(tile)
+
+    def close(self) -> None:
+        self._flush()
+        if self._written != len(self.store):
+            self.store._commit(self._written)
+
+    def _validate(self, tile: Tile) -> None:
+        t = self.store.tile_size
+        img = tile.image
+        if img.dtype != np.uint8 or img.shape != (t, t, 3):
+            raise CmdfedError(
+                f"tile image must be uint8 of shape ({t}, {t}, 3), got {img.dtype} {img.shape}"
+            )
+        if tile.instances is not None and tile.instances.shape != (t, t):
+            raise CmdfedError(f"instance map must have shape ({t}, {t}), got {tile.instances.shape}")
+        if tile.types is not None:
+            if not self.store.has_types:
+                raise CmdfedError(f"{self.store.path} was created without types; tile has a type map")
+            if tile.types.shape != (t, t):
+                raise CmdfedError(f"type map must have shape ({t}, {t}), got {tile.types.shape}")
+            if int(tile.types.max(initial=0)) >= len(self.store.class_names):
+                raise CmdfedError(
+                    f"type map has class {int(tile.types.max())} but the store has only "
+                    f"{len(self.store.class_names)} classes ({', '.join(self.store.class_names)})"
+                )
+
+    def _flush(self) -> None:
+        if not self._buffer:
+            return
+        store, tiles = self.store, self._buffer
+        start = self._written
+        stop = start + len(tiles)
+        t = store.tile_size
+        group = store._group
+        columns: dict[str, np.ndarray] = {
+            "images": np.stack([tile.image for tile in tiles]),
+            "instances": np.stack(
+                [
+                    tile.instances.astype(np.int32, copy=False)
+                    if tile.instances is not None
+                    else np.zeros((t, t), np.int32)
+                    for tile in tiles
+                ]
+            ),
+        }
+        if store.has_types:
+            columns["types"] = np.stack(
+                [tile.types if tile.types is not None else np.zeros((t, t), np.uint8) for tile in tiles]
+            ).astype(np.uint8)
+        for key in META_FIELDS:
+            values = [getattr(tile, key) for tile in tiles]
+            columns[key] = np.array(values, dtype=object if key in TEXT_FIELDS else META_FIELDS[key])
+        for key, values in columns.items():
+            arr = group[key]
+            arr.resize((stop, *arr.shape[1:]))
+            arr[start:stop] = values
+        self._written = stop
+        self._buffer = []
+
+
+@contextlib.contextmanager
+def create_store(path: str | Path, *, overwrite: bool = False, **options) -> Iterator[SiteStore]:
+    """Build a new store beside ``path`` and move it into place only if the block succeeds.
+
+    ``options`` are those of :meth:`SiteStore.create`. On any exception the partial store is
+    removed and an existing store at ``path`` is left untouched.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise CmdfedError(f"{path} already exists; choose another path or pass --overwrite")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
+    try:
+        store = SiteStore.create(tmp, name=options.pop("name", None) or path.stem, **options)
+        yield store
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+        # Re-point the handle at the final path so the caller can keep reading it.
+        store.__init__(path, zarr.open_group(str(path), mode="r"), "r")
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def write_subset(
+    source: str | Path,
+    target: str | Path,
+    *,
+    fraction: float,
+    seed: int = 0,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> StoreInfo:
+    """Copy a reproducible ``fraction`` of the labelled tiles into a new store."""
+    src = SiteStore.open(source)
+    indices = src.labelled_subset(fraction, seed)
+    options = dict(
+        tile_size=src.tile_size,
+        class_names=src.class_names,
+        has_types=src.has_types,
+        mpp=src.mpp,
+        shard_tiles=int(src.attrs.get("shard_tiles", DEFAULT_SHARD_TILES)),
+    )
+    with create_store(target, overwrite=overwrite, **options) as store:
+        with store.writer() as writer:
+            for done, index in enumerate(indices, start=1):
+                writer.add(src.tile(int(index)))
+                report(progress, done, len(indices), "tiles")
+        store._group.attrs["subset_of"] = {"store": src.name, "fraction": fraction, "seed": seed}
+    return store.info()

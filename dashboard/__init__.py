@@ -1,0 +1,1 @@
+"""cmdfed dashboard role (built in its own issue)."""

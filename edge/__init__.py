@@ -1,0 +1,1 @@
+"""cmdfed edge role (built in its own issue)."""

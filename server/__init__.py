@@ -1,0 +1,1 @@
+"""cmdfed server role (built in its own issue)."""

@@ -1,0 +1,28 @@
+"""Fixtures shared by all test folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def sample_files() -> dict[str, Path]:
+    """The real sample images, fetched once per machine into the user cache (needs the index)."""
+    from cmdfed.data.samples import fetch_samples
+
+    return fetch_samples()
+
+
+@pytest.fixture(scope="session")
+def synthetic_store(tmp_path_factory) -> Path:
+    """A small labelled synthetic store (12 tiles of 64 px, shards of 4)."""
+    from cmdfed.data.store import create_store
+    from cmdfed.data.synth import CLASS_NAMES, synth_tiles
+
+    path = tmp_path_factory.mktemp("stores") / "synthetic.zarr"
+    with create_store(path, tile_size=64, class_names=CLASS_NAMES, has_types=True, mpp=0.5, shard_tiles=4) as store:
+        with store.writer() as writer:
+            writer.extend(synth_tiles(12, tile_size=64, site=0, seed=0))
+    return path
