@@ -32,7 +32,6 @@ import numpy as np
 from PIL import Image
 from skimage import filters, morphology
 from skimage.color import rgb2hsv
-from skimage.transform import resize
 
 from cmdfed.data.store import SiteStore, StoreInfo, Tile, create_store
 from cmdfed.errors import CmdfedError
@@ -92,16 +91,13 @@ class SlideReader(abc.ABC):
         lw, lh = self.level_dimensions[level]
         out_w, out_h = max(1, round(w0 / scale)), max(1, round(h0 / scale))
         ratio = self.level_downsamples[level] / scale  # level px -> thumbnail px
-        band = max(1, int(4096 * 4096 // max(lw, 1)))  # rows per read: ~16 Mpx at a time
+        band = max(1, (1 << 22) // max(lw, 1))  # rows per read: ~4 Mpx (12 MB) at a time
         bands = []
         for top in range(0, lh, band):
             rows = min(band, lh - top)
             region = self.read_region(0, round(top * self.level_downsamples[level]), level, lw, rows)
             target_rows = max(1, round((top + rows) * ratio) - round(top * ratio))
-            bands.append(
-                (resize(region, (target_rows, out_w), order=1, anti_aliasing=ratio < 1, preserve_range=True))
-                .astype(np.uint8)
-            )
+            bands.append(np.asarray(Image.fromarray(region).resize((out_w, target_rows), Image.Resampling.BILINEAR)))
         thumb = np.concatenate(bands, axis=0)[:out_h]
         return thumb, w0 / thumb.shape[1]
 

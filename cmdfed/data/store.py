@@ -127,6 +127,7 @@ class SiteStore:
         self.mode = mode
         self.attrs = dict(group.attrs)
         self._length = int(self.attrs["n_tiles"])
+        self._metadata: dict[str, np.ndarray] = {}
 
     # -- opening -----------------------------------------------------------------------
 
@@ -140,10 +141,14 @@ class SiteStore:
         has_types: bool = False,
         mpp: float = float("nan"),
         name: str | None = None,
-        shard_tiles: int = DEFAULT_SHARD_TILES,
+        shard_tiles: int | None = DEFAULT_SHARD_TILES,
         overwrite: bool = False,
     ) -> "SiteStore":
-        """Create an empty store. ``class_names[0]`` is always the background."""
+        """Create an empty store. ``class_names[0]`` is always the background.
+
+        ``shard_tiles=None`` stores one file per tile chunk (no sharding); kept for comparison
+        in the benchmarks and for file systems where many small files are cheap.
+        """
         path = Path(path)
         if path.exists() and not overwrite:
             raise CmdfedError(f"{path} already exists; choose another path or pass --overwrite")
@@ -153,16 +158,15 @@ class SiteStore:
             raise CmdfedError("class_names must start with 'background' and name at least one class")
         group = zarr.open_group(str(path), mode="w")
         t = tile_size
-        group.create_array(
-            "images", shape=(0, t, t, 3), chunks=(1, t, t, 3), shards=(shard_tiles, t, t, 3), dtype="uint8"
-        )
-        group.create_array(
-            "instances", shape=(0, t, t), chunks=(1, t, t), shards=(shard_tiles, t, t), dtype="int32"
-        )
+
+        def tiles_array(key: str, tail: tuple[int, ...], dtype: str) -> None:
+            shards = None if shard_tiles is None else (shard_tiles, *tail)
+            group.create_array(key, shape=(0, *tail), chunks=(1, *tail), shards=shards, dtype=dtype)
+
+        tiles_array("images", (t, t, 3), "uint8")
+        tiles_array("instances", (t, t), "int32")
         if has_types:
-            group.create_array(
-                "types", shape=(0, t, t), chunks=(1, t, t), shards=(shard_tiles, t, t), dtype="uint8"
-            )
+            tiles_array("types", (t, t), "uint8")
         for key, dtype in META_FIELDS.items():
             group.create_array(key, shape=(0,), chunks=(META_CHUNK,), dtype=str if dtype == "str" else dtype)
         group.attrs.update(
@@ -260,14 +264,16 @@ class SiteStore:
         return self._read("types", self._check_index(index)) if self.has_types else None
 
     def metadata(self, key: str) -> np.ndarray:
-        """The committed part of a per-tile metadata array."""
+        """The committed part of a per-tile metadata array (read once, then kept in memory)."""
         if key not in META_FIELDS:
             raise KeyError(f"unknown metadata field {key!r}; known: {', '.join(META_FIELDS)}")
-        return self._read(key, slice(0, self._length))
+        if key not in self._metadata:
+            self._metadata[key] = self._read(key, slice(0, self._length))
+        return self._metadata[key]
 
     def tile(self, index: int) -> Tile:
         i = self._check_index(index)
-        meta = {k: self._read(k, i) for k in META_FIELDS}
+        meta = {k: self.metadata(k)[i] for k in META_FIELDS}
         labelled = bool(meta.pop("labelled"))
         return Tile(
             image=self.image(i),
@@ -331,6 +337,7 @@ class SiteStore:
         self._group.attrs["n_tiles"] = new_length
         self.attrs["n_tiles"] = new_length
         self._length = new_length
+        self._metadata = {}
 
     def _array_keys(self) -> list[str]:
         return ["images", "instances", *(["types"] if self.has_types else []), *META_FIELDS]
@@ -352,7 +359,8 @@ class StoreWriter:
 
     def __init__(self, store: SiteStore):
         self.store = store
-        self.shard_tiles = int(store.attrs.get("shard_tiles", DEFAULT_SHARD_TILES))
+        # Unsharded stores are still written in batches of the default shard size.
+        self.shard_tiles = int(store.attrs.get("shard_tiles") or DEFAULT_SHARD_TILES)
         self._buffer: list[Tile] = []
         store._trim_uncommitted()
         self._written = len(store)
@@ -483,7 +491,7 @@ def write_subset(
         class_names=src.class_names,
         has_types=src.has_types,
         mpp=src.mpp,
-        shard_tiles=int(src.attrs.get("shard_tiles", DEFAULT_SHARD_TILES)),
+        shard_tiles=src.attrs.get("shard_tiles"),
     )
     with create_store(target, overwrite=overwrite, **options) as store:
         with store.writer() as writer:

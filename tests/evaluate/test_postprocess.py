@@ -1,0 +1,152 @@
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from cmdfed.errors import CmdfedError
+from cmdfed.evaluate.postprocess import (
+    WatershedParams,
+    _opencv_ellipse,
+    _sobel_kernels,
+    hover_watershed,
+    nucleus_records,
+    postprocess,
+    remove_small_instances,
+)
+from cmdfed.model.targets import make_targets
+
+
+def two_touching_discs(shape=(64, 72), centres=((32, 24), (32, 45)), radius=12) -> np.ndarray:
+    """Two overlapping discs, each pixel given to the nearer centre (ids 5 and 11)."""
+    rows, cols = np.mgrid[: shape[0], : shape[1]]
+    distances = np.stack([np.hypot(rows - r, cols - c) for r, c in centres])
+    instance_map = np.where(distances.argmin(axis=0) == 0, 5, 11)
+    return np.where(distances.min(axis=0) <= radius, instance_map, 0)
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    return (a & b).sum() / (a | b).sum()
+
+
+def best_iou_per_truth(truth: np.ndarray, predicted: np.ndarray) -> list[float]:
+    predicted_ids = np.unique(predicted[predicted > 0])
+    return [
+        max(iou(truth == t, predicted == p) for p in predicted_ids)
+        for t in np.unique(truth[truth > 0])
+    ]
+
+
+def test_perfect_np_hv_of_two_touching_discs_gives_two_instances():
+    truth = two_touching_discs()
+    targets = make_targets(truth)
+    instances = hover_watershed(targets.nuclear_pixels.astype(np.float32), targets.hv)
+    assert sorted(np.unique(instances)) == [0, 1, 2]
+    assert min(best_iou_per_truth(truth, instances)) > 0.8
+    assert instances.dtype == np.int32
+
+
+def test_two_touching_discs_form_one_foreground_blob():
+    # Guards the test above: the instances must come from the HV gradients, not from
+    # the foreground falling apart.
+    assert ndimage.label(two_touching_discs() > 0)[1] == 1
+
+
+def test_types_by_majority_vote_ignore_background_class():
+    truth = two_touching_discs()
+    targets = make_targets(truth)
+    scores = np.zeros((3, *truth.shape), dtype=np.float32)
+    scores[1][truth == 5] = 1.0  # left disc: class 1
+    scores[0][truth == 11] = 1.0  # right disc: mostly argmax background ...
+    right_rows = np.nonzero(truth == 11)[0]
+    scores[2][(truth == 11) & (np.indices(truth.shape)[0] < np.median(right_rows))] = 2.0
+    result = postprocess(targets.nuclear_pixels.astype(np.float32), targets.hv, scores)
+    by_type = {nucleus.type: nucleus for nucleus in result.nuclei}
+    assert sorted(by_type) == [1, 2]  # ... yet typed 2: class 0 votes are ignored
+    assert by_type[1].type_prob == pytest.approx(1.0)
+    assert 0.3 < by_type[2].type_prob < 0.6  # share of pixels voting 2, about half
+    for nucleus in result.nuclei:
+        assert np.all(result.type_map[result.instance_map == nucleus.id] == nucleus.type)
+    assert np.all(result.type_map[result.instance_map == 0] == 0)
+
+
+def test_vote_shares_and_records_on_a_hand_made_map():
+    instance_map = np.zeros((6, 8), dtype=np.int64)
+    instance_map[1:4, 2:6] = 40  # 3 rows x 4 columns
+    instance_map[5, 0] = 3
+    pixel_types = np.zeros((6, 8), dtype=np.int64)
+    pixel_types[1:4, 2:6] = [[2, 2, 1, 1], [2, 2, 1, 1], [0, 0, 0, 0]]  # 1 and 2: 4 votes each
+    records = nucleus_records(instance_map, pixel_types)
+    assert [record.id for record in records] == [3, 40]
+    single_pixel, block = records
+    assert (single_pixel.type, single_pixel.type_prob) == (0, 1.0)  # only background votes
+    assert block.type == 1  # tie between 1 and 2 goes to the smaller id
+    assert block.type_prob == pytest.approx(4 / 12)
+    assert block.area == 12
+    assert block.centroid_xy == pytest.approx((3.5, 2.0))
+    assert block.bbox_xyxy == (2, 1, 6, 4)
+    contour = block.contour_xy
+    np.testing.assert_array_equal(contour[0], contour[-1])
+    assert contour[:, 0].min() == 1.5 and contour[:, 0].max() == 5.5
+    assert contour[:, 1].min() == 0.5 and contour[:, 1].max() == 3.5
+    # Level-0.5 polygon of a 4 x 3 block: the 4 x 3 box with its corners cut by
+    # 0.5 x 0.5 / 2 triangles: 12 - 4 * 0.125.
+    x, y = contour[:, 0], contour[:, 1]
+    assert abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1))) / 2 == pytest.approx(11.5)
+    assert nucleus_records(instance_map)[1].type is None
+
+
+def test_empty_prediction_gives_no_instances():
+    result = postprocess(
+        np.full((40, 50), 0.1), np.zeros((2, 40, 50)), np.zeros((4, 40, 50))
+    )
+    assert not result.instance_map.any() and result.nuclei == []
+    assert not result.type_map.any()
+
+
+@pytest.mark.parametrize("shape", [(37, 53), (5, 7), (1, 1)])
+def test_odd_tile_sizes(shape):
+    truth = np.zeros(shape, dtype=np.int32)
+    if shape[0] > 20:
+        truth[:] = two_touching_discs(shape, centres=((0, 50),), radius=10)  # cut by the edge
+    targets = make_targets(truth)
+    instances = hover_watershed(targets.nuclear_pixels.astype(np.float32), targets.hv)
+    assert instances.shape == shape
+    expected_count = 1 if truth.any() else 0
+    assert len(np.unique(instances[instances > 0])) == expected_count
+    if truth.any():
+        assert iou(instances > 0, truth > 0) > 0.8
+
+
+def test_remove_small_instances_keeps_ids_of_the_rest():
+    instance_map = np.array([[4, 4, 0, 900, 900], [0, 0, 0, 900, 900], [7, 7, 7, 0, 900]])
+    cleaned = remove_small_instances(instance_map, min_size=3)
+    np.testing.assert_array_equal(
+        cleaned, [[0, 0, 0, 900, 900], [0, 0, 0, 900, 900], [7, 7, 7, 0, 900]]
+    )
+    np.testing.assert_array_equal(instance_map[0, :2], [4, 4])  # input untouched
+
+
+def test_opencv_kernels_reproduced():
+    # cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5)) and cv2.getDerivKernels(1, 0, 5).
+    np.testing.assert_array_equal(
+        _opencv_ellipse(5).astype(int),
+        [[0, 0, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 1, 0, 0]],
+    )
+    smooth, derive = _sobel_kernels(5)
+    np.testing.assert_array_equal(smooth, [1, 4, 6, 4, 1])
+    np.testing.assert_array_equal(derive, [-1, -2, 0, 2, 1])
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{"sobel_kernel_size": 20}, {"sobel_kernel_size": 33}, {"foreground_threshold": 0.0}],
+)
+def test_bad_parameters_raise(settings):
+    with pytest.raises(CmdfedError):
+        WatershedParams(**settings)
+
+
+def test_mismatched_shapes_raise():
+    with pytest.raises(CmdfedError):
+        hover_watershed(np.zeros((8, 8)), np.zeros((8, 8, 2)))
+    with pytest.raises(CmdfedError):
+        postprocess(np.zeros((8, 8)), np.zeros((2, 8, 8)), np.zeros((3, 8, 9)))
