@@ -165,16 +165,39 @@ def data_import(
     store: Path = typer.Argument(..., help="Store to create."),
     tile: int = typer.Option(256, help="Tile side in pixels (multiple of 32)."),
     overlap: int = typer.Option(0, help="Overlap between tiles cut from large images."),
+    mpp: Optional[float] = typer.Option(None, help="Microns per pixel (monuseg, folder)."),
+    merge_classes: Optional[bool] = typer.Option(
+        None, "--merge-classes/--no-merge-classes", help="CoNSeP: HoVer-Net's 4 classes (default) or all 7."
+    ),
+    class_names: Optional[str] = typer.Option(None, help="folder: comma-separated class names for NAME_types maps."),
+    inst_suffix: Optional[str] = typer.Option(None, help="folder: suffix of instance-mask files (default _inst)."),
+    allow_unlabelled: Optional[bool] = typer.Option(None, "--allow-unlabelled", help="folder: import images without masks as unlabelled."),
     overwrite: bool = typer.Option(False, help="Replace an existing store."),
     as_json: bool = typer.Option(False, "--json", help="Print the store info as JSON."),
 ) -> None:
     """Import a labelled nuclei dataset into a site store."""
+    import inspect
+
     from cmdfed.data.importers import IMPORTERS
 
     if format not in IMPORTERS:
         raise CmdfedError(f"unknown format {format!r}; choose one of {', '.join(IMPORTERS)}")
+    importer = IMPORTERS[format]
+    given = {
+        "mpp": mpp,
+        "merge_classes": merge_classes,
+        "class_names": None if class_names is None else ["background", *class_names.split(",")],
+        "inst_suffix": inst_suffix,
+        "allow_unlabelled": allow_unlabelled,
+    }
+    options = {k: v for k, v in given.items() if v is not None}
+    accepted = inspect.signature(importer).parameters
+    wrong = [k for k in options if k not in accepted]
+    if wrong:
+        flags = ", ".join("--" + k.replace("_", "-") for k in wrong)
+        raise CmdfedError(f"{flags} does not apply to the {format} format")
     with progress_bar(f"import {format}") as progress:
-        info = IMPORTERS[format](source, store, tile_size=tile, overlap=overlap, overwrite=overwrite, progress=progress)
+        info = importer(source, store, tile_size=tile, overlap=overlap, overwrite=overwrite, progress=progress, **options)
     emit(info.to_dict(), as_json, render_store_info)
 
 
