@@ -15,7 +15,6 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Iterator, Optional
 
-import click
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -259,22 +258,17 @@ def _add_role_commands() -> None:
 def main() -> None:
     _add_role_commands()
     try:
-        app(standalone_mode=False)
+        app()  # standalone: usage errors print their message and exit 2, as in any click CLI
     except CmdfedError as exc:
         if _state["debug"]:
             traceback.print_exc()
         console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(1)
-    except click.exceptions.Abort:
-        console.print("aborted")
-        sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
     except Exception as exc:  # a bug: one line by default, the traceback on request
         if _state["debug"]:
             traceback.print_exc()
-        console.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc} (rerun with --debug for details)", soft_wrap=True)
+        console.print(
+            f"[bold red]internal error:[/] {type(exc).__name__}: {exc} (rerun with --debug for details)",
+            soft_wrap=True,
+        )
         sys.exit(2)
