@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from cmdfed.atomic import json_safe
 from cmdfed.errors import CmdfedError
 
 console = Console(stderr=True)
@@ -33,6 +34,8 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Site data stores: samples, import, slide tiling, synthetic data.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+train_app = typer.Typer(help="Train CMD locally: masked-diffusion pretraining, head fine-tuning, evaluation.", no_args_is_help=True)
+app.add_typer(train_app, name="train")
 
 _state = {"debug": False}
 
@@ -64,7 +67,7 @@ def progress_bar(description: str) -> Iterator:
 
 def emit(result: dict, as_json: bool, render=None) -> None:
     if as_json:
-        out.print_json(json.dumps(result, default=str))
+        out.print_json(json.dumps(json_safe(result), default=str))
     elif render is not None:
         render(result)
     else:
@@ -228,6 +231,157 @@ def data_subset(
     emit(info.to_dict(), as_json, render_store_info)
 
 
+# -- train / predict -------------------------------------------------------------------
+
+
+def _load_config_file(path: Optional[Path]) -> dict:
+    if path is None:
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CmdfedError(f"cannot read config file {path}: {exc}") from exc
+    if not isinstance(data, dict) or set(data) - {"model", "diffusion", "train"}:
+        raise CmdfedError(f"{path} must be a JSON object with optional keys model, diffusion, train")
+    return data
+
+
+def _train_config(file: dict, **given) -> "TrainConfig":
+    from cmdfed.train.loop import TrainConfig
+
+    return TrainConfig.from_dict({**file.get("train", {}), **{k: v for k, v in given.items() if v is not None}})
+
+
+def render_phase(result: dict) -> None:
+    share = result["trainable_parameters"] / result["total_parameters"]
+    out.print(
+        f"trained {result['steps']} steps, final loss {result['final_loss']:.4f}, "
+        f"{result['images_per_second']:.1f} images/s; trainable parameters "
+        f"{result['trainable_parameters']:,} of {result['total_parameters']:,} ({share:.1%})"
+    )
+    out.print(f"checkpoint: {result['checkpoint']}")
+
+
+@train_app.command("pretrain")
+def train_pretrain(
+    store: list[Path] = typer.Option(..., "--store", help="Site store (repeat for several)."),
+    out_dir: Path = typer.Option(..., "--out", help="Run folder (resumed if it has a checkpoint)."),
+    preset: str = typer.Option("tiny", help="Model preset: tiny or base."),
+    steps: Optional[int] = typer.Option(None, help="Optimisation steps (default 1000)."),
+    batch_size: Optional[int] = typer.Option(None, help="Tiles per step (default 8)."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default 2e-4)."),
+    seed: Optional[int] = typer.Option(None, help="Seed of masks, noise, batches, augmentation."),
+    workers: Optional[int] = typer.Option(None, help="DataLoader worker processes."),
+    ema: Optional[float] = typer.Option(None, help="EMA decay of the weights (0 = off)."),
+    sample_every: Optional[int] = typer.Option(None, help="Write an inpainting grid every N steps."),
+    checkpoint_every: Optional[int] = typer.Option(None, help="Checkpoint every N steps."),
+    mask_ratio: Optional[float] = typer.Option(None, help="Fraction of blocks hidden (default 0.6)."),
+    block_size: Optional[int] = typer.Option(None, help="Mask block side in px (default 32)."),
+    fm: Optional[str] = typer.Option(None, help="Frozen FM encoder: timm:<preset> or hf:<local dir>."),
+    fm_weights: Optional[Path] = typer.Option(None, help="Local weights file of a timm FM encoder."),
+    fm_dim: Optional[int] = typer.Option(None, help="Feature width of the FM encoder."),
+    config_file: Optional[Path] = typer.Option(None, "--config", help="JSON with model/diffusion/train sections."),
+    device: str = typer.Option("auto", help="auto (CUDA if present), cpu, cuda, cuda:N."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Masked-diffusion pretraining on every tile of the stores (labels not needed)."""
+    from cmdfed.model.config import DiffusionConfig, ModelConfig
+    from cmdfed.train.phases import pretrain
+
+    file = _load_config_file(config_file)
+    fm_overrides = {k: v for k, v in {"fm_kind": fm, "fm_dim": fm_dim}.items() if v is not None}
+    model = ModelConfig.from_preset(preset, **{**file.get("model", {}), **fm_overrides})
+    diffusion_given = {"mask_ratio": mask_ratio, "mask_block_size": block_size}
+    diffusion = DiffusionConfig.from_dict({**file.get("diffusion", {}), **{k: v for k, v in diffusion_given.items() if v is not None}})
+    train = _train_config(
+        file, steps=steps, batch_size=batch_size, lr=lr, seed=seed, num_workers=workers, ema_decay=ema,
+        sample_every=sample_every, checkpoint_every=checkpoint_every,
+    )  # fmt: skip
+    with progress_bar("pretrain") as progress:
+        result = pretrain(store, out_dir, model_config=model, diffusion_config=diffusion, train_config=train,
+                          device=device, fm_weights=fm_weights, progress=progress)  # fmt: skip
+    emit(result.to_dict(), as_json, render_phase)
+
+
+@train_app.command("finetune")
+def train_finetune(
+    store: Path = typer.Option(..., "--store", help="Labelled site store."),
+    init: Optional[Path] = typer.Option(None, "--init", help="Pretraining run or checkpoint to start from."),
+    out_dir: Path = typer.Option(..., "--out", help="Run folder (resumed if it has a checkpoint)."),
+    label_fraction: float = typer.Option(1.0, help="Fraction of labelled tiles to train on (nested per seed)."),
+    trainable: str = typer.Option("heads", help="heads, heads+modulation, or all (end to end)."),
+    preset: Optional[str] = typer.Option(None, help="Random-init baseline: model preset (instead of --init)."),
+    steps: Optional[int] = typer.Option(None, help="Optimisation steps (default 1000)."),
+    batch_size: Optional[int] = typer.Option(None, help="Tiles per step (default 8)."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default 2e-4)."),
+    seed: Optional[int] = typer.Option(None, help="Seed of the label subset, batches, augmentation."),
+    workers: Optional[int] = typer.Option(None, help="DataLoader worker processes."),
+    ema: Optional[float] = typer.Option(None, help="EMA decay of the weights (0 = off)."),
+    checkpoint_every: Optional[int] = typer.Option(None, help="Checkpoint every N steps."),
+    fm_weights: Optional[Path] = typer.Option(None, help="Local weights file of the run's timm FM encoder."),
+    config_file: Optional[Path] = typer.Option(None, "--config", help="JSON with a train section."),
+    device: str = typer.Option("auto", help="auto (CUDA if present), cpu, cuda, cuda:N."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Fine-tune the task heads (NP, HV, NC) over a frozen pretrained backbone."""
+    from cmdfed.model.config import ModelConfig
+    from cmdfed.train.phases import finetune
+
+    if (init is None) == (preset is None):
+        raise CmdfedError("give exactly one of --init (a pretraining run) or --preset (random-init baseline)")
+    file = _load_config_file(config_file)
+    train = _train_config(file, steps=steps, batch_size=batch_size, lr=lr, seed=seed, num_workers=workers,
+                          ema_decay=ema, checkpoint_every=checkpoint_every)  # fmt: skip
+    model = ModelConfig.from_preset(preset, **file.get("model", {})) if preset else None
+    with progress_bar("finetune") as progress:
+        result = finetune(store, out_dir, init=init, train_config=train, label_fraction=label_fraction,
+                          trainable=trainable, model_config=model, device=device, fm_weights=fm_weights,
+                          progress=progress)  # fmt: skip
+    emit(result.to_dict(), as_json, render_phase)
+
+
+def render_metrics(summary: dict) -> None:
+    table = Table("metric", "value", title=f"{summary['checkpoint']} on {summary['store']} ({summary['tiles']} tiles)")
+    for key in ("mean_dice", "mean_aji", "mean_aji_plus", "mean_pq", "mean_dq", "mean_sq", "mean_det_f1", "mean_mpq", "pooled_pq"):
+        if key in summary and summary[key] is not None:
+            table.add_row(key.removeprefix("mean_"), f"{summary[key]:.4f}")
+    out.print(table)
+
+
+@train_app.command("evaluate")
+def train_evaluate(
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="Fine-tuned run or checkpoint."),
+    store: Path = typer.Option(..., "--store", help="Labelled site store to evaluate on."),
+    batch_size: int = typer.Option(8, help="Tiles per forward pass."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
+    as_json: bool = typer.Option(False, "--json", help="Print all metrics as JSON."),
+) -> None:
+    """Dice, AJI, AJI+, PQ/DQ/SQ, mPQ and detection F1 of a checkpoint on labelled tiles."""
+    from cmdfed.evaluate.run import evaluate_checkpoint
+    from cmdfed.train.device import select_device
+
+    with progress_bar("evaluate") as progress:
+        summary = evaluate_checkpoint(checkpoint, store, device=select_device(device), batch_size=batch_size, progress=progress)
+    emit(summary, as_json, render_metrics)
+
+
+@app.command("predict")
+def predict(
+    images: list[Path] = typer.Argument(..., help="Image files (PNG, JPEG, TIFF), any size."),
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="Fine-tuned run or checkpoint."),
+    out_dir: Path = typer.Option(..., "--out", help="Folder for NAME_inst.png and NAME_types.json."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Segment and classify nuclei: NAME_inst.png (uint16 instances) + NAME_types.json per image."""
+    from cmdfed.inference import predict_files
+    from cmdfed.train.device import select_device
+
+    with progress_bar("predict") as progress:
+        results = predict_files(images, checkpoint, out_dir, select_device(device), progress)
+    emit({"outputs": results}, as_json, lambda r: [out.print(f"{x['image']}: {x['nuclei']} nuclei -> {x['instances']}") for x in r["outputs"]])
+
+
 # -- demo ------------------------------------------------------------------------------
 
 
@@ -236,7 +390,7 @@ def demo(
     out_dir: Path = typer.Option(Path("cmdfed-demo"), "--out", help="Folder for everything the demo makes."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
 ) -> None:
-    """The main job on this machine: samples -> site stores -> (training, federation, edge as they land)."""
+    """The main job on this machine: samples -> stores -> pretrain -> fine-tune -> evaluate -> predict."""
     from cmdfed.demo import run_demo
 
     with progress_bar("demo") as progress:
@@ -245,6 +399,12 @@ def demo(
     def render(s: dict) -> None:
         for info in s["stores"].values():
             render_store_info(info)
+        for phase in ("pretrain", "finetune"):
+            if phase in s:
+                out.print(f"[bold]{phase}[/]")
+                render_phase(s[phase])
+        if "evaluation" in s:
+            render_metrics(s["evaluation"])
         out.print(f"[bold green]demo finished[/]: outputs in {s['out']}")
 
     emit(summary, as_json, render)

@@ -1,0 +1,145 @@
+"""Checkpoints: weights as safetensors, everything else as JSON, written atomically.
+
+A checkpoint is a folder::
+
+    step-000500/
+      model.safetensors      the model's weights (what `cmdfed predict` and export read)
+      ema.safetensors        exponential moving average of the weights, when enabled
+      config.json            model + diffusion + training config, phase, step, metrics
+      trainer.pt             optimizer and LR-scheduler state and RNG states, for exact resume
+
+Weights use safetensors, which cannot execute code when loaded, because checkpoints travel
+between hospitals and to scanner workstations. ``trainer.pt`` holds nested optimizer state
+that safetensors cannot express; it is read with ``torch.load(weights_only=True)``, which
+also refuses code. The folder is written under a temporary name and renamed, and the run
+folder's ``latest`` file is replaced atomically after it, so a crash mid-write leaves the
+previous checkpoint as the latest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from cmdfed.atomic import write_bytes_atomic, write_json_atomic
+from cmdfed.errors import CmdfedError
+
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    config: dict
+    weights: dict[str, torch.Tensor]
+    ema: dict[str, torch.Tensor] | None = None
+    trainer: dict | None = field(default=None, repr=False)
+
+    @property
+    def step(self) -> int:
+        return int(self.config.get("step", 0))
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    *,
+    config: dict,
+    weights: dict[str, torch.Tensor],
+    ema: dict[str, torch.Tensor] | None = None,
+    trainer: dict | None = None,
+    keep_last: int = 3,
+) -> Path:
+    """Write ``run_dir/step-NNNNNN`` and point ``run_dir/latest`` at it; prune older ones."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    final = run_dir / checkpoint_name(step)
+    tmp = run_dir / f".{final.name}.{uuid.uuid4().hex[:8]}.partial"
+    tmp.mkdir()
+    try:
+        save_file(_contiguous(weights), str(tmp / "model.safetensors"))
+        if ema is not None:
+            save_file(_contiguous(ema), str(tmp / "ema.safetensors"))
+        if trainer is not None:
+            torch.save(trainer, tmp / "trainer.pt")
+        write_json_atomic(tmp / "config.json", {**config, "step": step, "format": CHECKPOINT_FORMAT})
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    write_bytes_atomic(run_dir / "latest", final.name.encode())
+    _prune(run_dir, keep_last, protect=final.name)
+    return final
+
+
+def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+
+
+def _prune(run_dir: Path, keep_last: int, protect: str) -> None:
+    steps = sorted(p for p in run_dir.glob("step-*") if p.is_dir())
+    for old in steps[:-keep_last] if keep_last > 0 else []:
+        if old.name != protect:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder from itself or from a run folder (its ``latest``)."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return path
+    latest = path / "latest"
+    if latest.is_file():
+        target = path / latest.read_text().strip()
+        if (target / "config.json").is_file():
+            return target
+        raise CmdfedError(f"{latest} points at {target.name}, which is missing or incomplete")
+    if not path.exists():
+        raise CmdfedError(f"checkpoint {path} does not exist")
+    raise CmdfedError(f"{path} is neither a checkpoint (no config.json) nor a run folder (no 'latest')")
+
+
+def load_checkpoint(path: str | Path, *, with_trainer: bool = False) -> Checkpoint:
+    """Read a checkpoint; damaged or foreign files give one error naming the file."""
+    folder = resolve_checkpoint(path)
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CmdfedError(f"{folder / 'config.json'} is unreadable ({exc}); the checkpoint is damaged") from exc
+    if not isinstance(config, dict) or config.get("format") != CHECKPOINT_FORMAT:
+        raise CmdfedError(f"{folder} is not a cmdfed checkpoint of format {CHECKPOINT_FORMAT}")
+    weights = _load_tensors(folder / "model.safetensors")
+    ema = _load_tensors(folder / "ema.safetensors") if (folder / "ema.safetensors").exists() else None
+    trainer = None
+    if with_trainer:
+        trainer_path = folder / "trainer.pt"
+        if not trainer_path.is_file():
+            raise CmdfedError(f"{folder} has no trainer.pt, so training cannot resume from it exactly")
+        try:
+            trainer = torch.load(trainer_path, weights_only=True, map_location="cpu")
+        except Exception as exc:
+            raise CmdfedError(f"{trainer_path} is damaged ({type(exc).__name__}: {exc})") from exc
+    return Checkpoint(folder, config, weights, ema, trainer)
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CmdfedError(f"{path} is missing; the checkpoint is incomplete")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CmdfedError(f"{path} is damaged or not a safetensors file ({exc})") from exc

@@ -1,0 +1,281 @@
+"""The two CMD training phases as plain functions over site stores.
+
+* ``pretrain``: masked-diffusion pretraining of the whole network (backbone + modulation)
+  on every tile of the stores, labelled or not; an inpainting grid every ``sample_every``
+  steps shows whether it learns.
+* ``finetune``: the pretrained backbone frozen, only the task heads (and optionally the
+  adaLN modulation) trained on the labelled tiles, or a reproducible fraction of them.
+
+Both write the same run folder: checkpoints (``checkpoint.py``), ``metrics.jsonl`` (one
+JSON line per logged step) and, for pretraining, ``samples/step-NNNNNN.png``. Calling
+either again on a run folder that has a checkpoint resumes it exactly (``loop.py``);
+the configs must then match the checkpoint's.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from cmdfed.atomic import atomic_path
+from cmdfed.data.dataset import MultiStoreDataset, SiteDataset, StepBatchSampler
+from cmdfed.data.store import SiteStore
+from cmdfed.errors import CmdfedError
+from cmdfed.inference import to_model_input
+from cmdfed.model.config import DiffusionConfig, ModelConfig, build_model
+from cmdfed.model.diffusion import MaskedDiffusion, make_inpainting_grid
+from cmdfed.model.encoders import build_encoder
+from cmdfed.model.losses import hovernet_loss
+from cmdfed.model.unet import count_parameters
+from cmdfed.progress import Progress, report
+from cmdfed.train.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from cmdfed.train.device import memory_format, select_device
+from cmdfed.train.loop import StepResult, TrainConfig, Trainer
+
+TRAINABLE_CHOICES = {"heads": ("heads",), "heads+modulation": ("heads", "modulation"), "all": ("backbone", "modulation", "heads")}
+
+
+@dataclass
+class PhaseResult:
+    run_dir: Path
+    checkpoint: Path
+    steps: int
+    final_loss: float
+    trainable_parameters: int
+    total_parameters: int
+    images_per_second: float
+
+    def to_dict(self) -> dict:
+        return {k: str(v) if isinstance(v, Path) else v for k, v in self.__dict__.items()}
+
+
+def _existing_run(run_dir: Path) -> dict | None:
+    if not (run_dir / "latest").is_file():
+        return None
+    return load_checkpoint(resolve_checkpoint(run_dir), with_trainer=True).__dict__
+
+
+def _check_same(name: str, given: dict, saved: dict, run_dir: Path) -> None:
+    if given != saved:
+        diff = sorted(k for k in set(given) | set(saved) if given.get(k) != saved.get(k))
+        raise CmdfedError(
+            f"{run_dir} holds a run whose {name} config differs in {', '.join(diff)}; "
+            "resume with the same settings or choose a new --out"
+        )
+
+
+def _loader(dataset, train: TrainConfig, start_step: int) -> DataLoader:
+    sampler = StepBatchSampler(len(dataset), train.batch_size, train.seed, start_step, train.steps - start_step)
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=train.num_workers,
+        persistent_workers=False,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+def _log(run_dir: Path, result: StepResult, extra: dict | None = None) -> None:
+    record = {"step": result.step, "loss": result.loss, "lr": result.lr, "seconds": result.seconds, **result.metrics, **(extra or {})}
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _run_loop(
+    trainer: Trainer,
+    loader: DataLoader,
+    run_dir: Path,
+    save: Callable[[], Path],
+    on_step: Callable[[StepResult], None] | None,
+    progress: Progress | None,
+    log_every: int = 10,
+) -> tuple[float, float]:
+    """Drive the trainer to ``config.steps``; returns (last loss, images/s)."""
+    total = trainer.config.steps
+    last_loss, seconds, images = float("nan"), 0.0, 0
+    for result in trainer.run(loader, total - trainer.step):
+        last_loss = result.loss
+        seconds += result.seconds
+        images += trainer.config.batch_size
+        if result.step % log_every == 0 or result.step == total:
+            _log(run_dir, result)
+        if on_step is not None:
+            on_step(result)
+        if result.step % trainer.config.checkpoint_every == 0 or result.step == total:
+            save()
+        report(progress, result.step, total, f"step {result.step}/{total} loss {result.loss:.4f}")
+    return last_loss, images / seconds if seconds else 0.0
+
+
+def _encoder(model_config: ModelConfig, fm_weights: str | Path | None, device: torch.device):
+    if model_config.fm_kind == "none":
+        return None
+    return build_encoder(model_config.fm_kind, fm_weights).to(device)
+
+
+def pretrain(
+    stores: list[str | Path],
+    run_dir: str | Path,
+    *,
+    model_config: ModelConfig,
+    diffusion_config: DiffusionConfig = DiffusionConfig(),
+    train_config: TrainConfig = TrainConfig(),
+    device: str = "auto",
+    fm_weights: str | Path | None = None,
+    progress: Progress | None = None,
+) -> PhaseResult:
+    """Masked-diffusion pretraining on all tiles of ``stores`` (see module docstring)."""
+    run_dir = Path(run_dir)
+    dev = select_device(device)
+    datasets = [SiteDataset(s, augment=train_config.augment) for s in stores]
+    dataset = MultiStoreDataset(datasets)
+    config = {
+        "phase": "pretrain",
+        "model": model_config.to_dict(),
+        "diffusion": diffusion_config.to_dict(),
+        "train": train_config.to_dict(),
+        "stores": [SiteStore.open(s).name for s in stores],
+        "class_names": ["background", "nucleus"],
+    }
+    torch.manual_seed(train_config.seed)  # the initial weights are part of the run's seed
+    model = build_model(model_config).to(dev, memory_format=memory_format(dev))
+    encoder = _encoder(model_config, fm_weights, dev)
+    diffusion = MaskedDiffusion(diffusion_config)
+
+    def loss_fn(batch):
+        out = diffusion.training_loss(model, to_model_input(batch["image"]), encoder)
+        return out.loss, {"masked_mse": float(out.masked_mse), "visible_mse": float(out.visible_mse)}
+
+    trainer = Trainer(model, loss_fn, train_config, dev)
+    saved = _existing_run(run_dir)
+    if saved is not None:
+        for key in ("model", "diffusion", "train"):
+            _check_same(key, config[key], saved["config"][key], run_dir)
+        model.load_state_dict(saved["weights"])
+        trainer.load_state_dict(saved["trainer"], saved["ema"])
+
+    preview = torch.stack([dataset[i]["image"] for i in range(min(4, len(dataset)))])
+    preview_mask = diffusion.sample_mask(len(preview), *preview.shape[-2:], torch.Generator().manual_seed(0))
+
+    def write_grid(step: int) -> None:
+        grid_model = model if trainer.ema is None else trainer.ema.module
+        grid = make_inpainting_grid(
+            grid_model, to_model_input(preview).to(dev), diffusion, encoder=encoder, mask=preview_mask.to(dev),
+            generator=torch.Generator().manual_seed(step),
+        )  # fmt: skip
+        target = run_dir / "samples" / f"step-{step:06d}.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(target) as tmp:
+            Image.fromarray(grid).save(tmp, format="PNG")
+
+    def on_step(result: StepResult) -> None:
+        every = train_config.sample_every
+        if every and (result.step % every == 0 or result.step == train_config.steps):
+            write_grid(result.step)
+
+    def save() -> Path:
+        return save_checkpoint(
+            run_dir, trainer.step, config=config, weights=model.state_dict(), ema=trainer.ema_state_dict(),
+            trainer=trainer.state_dict(), keep_last=train_config.keep_checkpoints,
+        )  # fmt: skip
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    last_loss, speed = _run_loop(trainer, _loader(dataset, train_config, trainer.step), run_dir, save, on_step, progress)
+    trainable, total = count_parameters(model)
+    return PhaseResult(run_dir, resolve_checkpoint(run_dir), trainer.step, last_loss, trainable, total, speed)
+
+
+def finetune(
+    store: str | Path,
+    run_dir: str | Path,
+    *,
+    init: str | Path | None,
+    train_config: TrainConfig = TrainConfig(),
+    label_fraction: float = 1.0,
+    trainable: str = "heads",
+    model_config: ModelConfig | None = None,
+    device: str = "auto",
+    fm_weights: str | Path | None = None,
+    progress: Progress | None = None,
+) -> PhaseResult:
+    """Head fine-tuning on the labelled tiles of ``store``.
+
+    ``init`` is a pretraining run or checkpoint whose backbone and modulation are loaded;
+    ``None`` starts from random initialisation (``model_config`` then gives the
+    architecture), the baseline the CMD recipe is compared against. ``trainable`` is
+    ``heads`` (default), ``heads+modulation`` or ``all`` (end to end).
+    """
+    run_dir = Path(run_dir)
+    if trainable not in TRAINABLE_CHOICES:
+        raise CmdfedError(f"trainable must be one of {', '.join(TRAINABLE_CHOICES)}, got {trainable!r}")
+    dev = select_device(device)
+    site = SiteStore.open(store)
+    indices = site.labelled_subset(label_fraction, train_config.seed) if site.labelled_indices().size else None
+    if indices is None:
+        raise CmdfedError(f"{store} has no labelled tiles; fine-tuning needs instance labels (import a labelled dataset)")
+    n_classes = len(site.class_names) if site.has_types else 0
+    if init is not None:
+        pretrained = load_checkpoint(init)
+        base = ModelConfig.from_dict(pretrained.config["model"])
+    elif model_config is not None:
+        pretrained, base = None, model_config
+    else:
+        raise CmdfedError("give a pretraining run to start from (--init) or a model preset for random init")
+    # Drop-path only adds noise to the inputs of heads over a frozen backbone.
+    drop_path = base.drop_path if trainable == "all" else 0.0
+    model_cfg = ModelConfig.from_dict({**base.to_dict(), "n_classes": n_classes, "drop_path": drop_path})
+    torch.manual_seed(train_config.seed)
+    model = build_model(model_cfg)
+    if pretrained is not None:
+        weights = {k: v for k, v in pretrained.weights.items() if model.group_of(k) != "heads"}
+        model.load_partial_state_dict(weights, ("backbone", "modulation"))
+    model.freeze(("backbone", "modulation", "heads"))
+    model.unfreeze(TRAINABLE_CHOICES[trainable])
+    model.to(dev, memory_format=memory_format(dev))
+    encoder = _encoder(model_cfg, fm_weights, dev)
+
+    dataset = SiteDataset(store, indices=indices, augment=train_config.augment, targets=True)
+    config = {
+        "phase": "finetune",
+        "model": model_cfg.to_dict(),
+        "train": train_config.to_dict(),
+        "label_fraction": label_fraction,
+        "trainable": trainable,
+        "labelled_tiles": len(indices),
+        "init": None if pretrained is None else pretrained.path.parent.name + "/" + pretrained.path.name,
+        "stores": [site.name],
+        "class_names": site.class_names if n_classes else ["background", "nucleus"],
+    }
+
+    def loss_fn(batch):
+        images = to_model_input(batch["image"])
+        fm = None if encoder is None else encoder(images, None)
+        outputs = model.segment(images, fm)
+        targets = {"np": batch["np"], "hv": batch["hv"], "nc": batch["nc"]}
+        total, terms = hovernet_loss(outputs, targets)
+        return total, {k: float(v) for k, v in terms.items()}
+
+    trainer = Trainer(model, loss_fn, train_config, dev)
+    saved = _existing_run(run_dir)
+    if saved is not None:
+        for key in ("model", "train"):
+            _check_same(key, config[key], saved["config"][key], run_dir)
+        model.load_state_dict(saved["weights"])
+        trainer.load_state_dict(saved["trainer"], saved["ema"])
+
+    def save() -> Path:
+        return save_checkpoint(
+            run_dir, trainer.step, config=config, weights=model.state_dict(), ema=trainer.ema_state_dict(),
+            trainer=trainer.state_dict(), keep_last=train_config.keep_checkpoints,
+        )  # fmt: skip
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    last_loss, speed = _run_loop(trainer, _loader(dataset, train_config, trainer.step), run_dir, save, None, progress)
+    n_trainable, n_total = count_parameters(model)
+    return PhaseResult(run_dir, resolve_checkpoint(run_dir), trainer.step, last_loss, n_trainable, n_total, speed)

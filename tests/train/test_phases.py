@@ -1,0 +1,106 @@
+"""Both training phases on a tiny synthetic store (64 px tiles, a few steps)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cmdfed.data.store import SiteStore, Tile
+from cmdfed.errors import CmdfedError
+from cmdfed.model.config import ModelConfig
+from cmdfed.train.checkpoint import load_checkpoint, resolve_checkpoint
+from cmdfed.train.loop import NonFiniteLoss, TrainConfig
+from cmdfed.train.phases import finetune, pretrain
+
+TINY = ModelConfig.from_preset("tiny")
+
+
+def quick(**kw) -> TrainConfig:
+    return TrainConfig(**{"steps": 4, "batch_size": 2, "warmup_steps": 1, "checkpoint_every": 2, "sample_every": 2, **kw})
+
+
+@pytest.fixture(scope="module")
+def pretrained(synthetic_store, tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "pre"
+    result = pretrain([synthetic_store], run, model_config=TINY, train_config=quick(), device="cpu")
+    return run, result
+
+
+def test_pretrain_writes_checkpoints_grids_and_metrics(pretrained):
+    run, result = pretrained
+    assert result.steps == 4 and np.isfinite(result.final_loss)
+    assert resolve_checkpoint(run).name == "step-000004"
+    grid = np.asarray(Image.open(run / "samples" / "step-000004.png"))
+    assert grid.shape == (3 * 64 + 4, 4 * 64 + 6, 3)  # original | masked | inpainted rows, 4 preview tiles
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert logged[-1]["step"] == 4 and "masked_mse" in logged[-1]
+    assert load_checkpoint(run).config["stores"] == ["synthetic"]  # store names only, no paths
+
+
+def test_interrupted_pretraining_resumes_to_the_same_weights(synthetic_store, tmp_path, pretrained):
+    class Interrupt(Exception):
+        pass
+
+    def stop_at_3(done, total, what):
+        if done == 3:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        pretrain([synthetic_store], tmp_path / "run", model_config=TINY, train_config=quick(), device="cpu", progress=stop_at_3)
+    assert resolve_checkpoint(tmp_path / "run").name == "step-000002"
+    pretrain([synthetic_store], tmp_path / "run", model_config=TINY, train_config=quick(), device="cpu")
+    resumed, straight = load_checkpoint(tmp_path / "run"), load_checkpoint(pretrained[0])
+    assert resumed.step == straight.step == 4
+    for key, value in straight.weights.items():
+        assert torch.equal(value, resumed.weights[key]), key
+
+
+def test_resume_with_other_settings_is_refused(synthetic_store, pretrained, tmp_path):
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(pretrained[0], run)
+    with pytest.raises(CmdfedError, match="differs in lr"):
+        pretrain([synthetic_store], run, model_config=TINY, train_config=quick(lr=0.5), device="cpu")
+
+
+def test_exploding_training_stops_and_keeps_the_last_good_checkpoint(synthetic_store, tmp_path):
+    config = quick(steps=30, lr=1e30, checkpoint_every=1, sample_every=0, warmup_steps=0)
+    with pytest.raises(NonFiniteLoss) as raised:
+        pretrain([synthetic_store], tmp_path / "run", model_config=TINY, train_config=config, device="cpu")
+    step = raised.value.step
+    assert 0 < step < 30 and resolve_checkpoint(tmp_path / "run").name == f"step-{step:06d}"
+    assert all(torch.isfinite(w).all() for w in load_checkpoint(tmp_path / "run").weights.values())
+
+
+def test_finetune_trains_only_heads_over_the_frozen_backbone(synthetic_store, pretrained, tmp_path):
+    result = finetune(synthetic_store, tmp_path / "ft", init=pretrained[0], train_config=quick(sample_every=0), device="cpu")
+    assert result.trainable_parameters / result.total_parameters < 0.05
+    pre, ft = load_checkpoint(pretrained[0]), load_checkpoint(tmp_path / "ft")
+    assert ft.config["model"]["n_classes"] == 4 and ft.config["class_names"][1] == "epithelial"
+    backbone = [k for k in pre.weights if not k.startswith("heads.")]
+    assert backbone and all(torch.equal(pre.weights[k], ft.weights[k]) for k in backbone)
+    heads = [k for k in ft.weights if k.startswith("heads.")]
+    assert heads and not all(k in pre.weights and torch.equal(pre.weights[k], ft.weights[k]) for k in heads)
+
+
+def test_label_fraction_and_random_init_baseline(synthetic_store, tmp_path):
+    result = finetune(
+        synthetic_store, tmp_path / "ft", init=None, model_config=TINY, trainable="all",
+        label_fraction=0.25, train_config=quick(sample_every=0), device="cpu",
+    )  # fmt: skip
+    config = load_checkpoint(tmp_path / "ft").config
+    assert config["labelled_tiles"] == 3 and config["trainable"] == "all"
+    assert result.trainable_parameters == result.total_parameters
+
+
+def test_finetune_needs_labels(tmp_path, pretrained):
+    store = SiteStore.create(tmp_path / "unlabelled.zarr", tile_size=64)
+    with store.writer() as writer:
+        writer.add(Tile(image=np.zeros((64, 64, 3), np.uint8)))
+    with pytest.raises(CmdfedError, match="no labelled tiles; fine-tuning needs instance labels"):
+        finetune(tmp_path / "unlabelled.zarr", tmp_path / "ft", init=pretrained[0], device="cpu")
+    with pytest.raises(CmdfedError, match="trainable must be one of"):
+        finetune(tmp_path / "unlabelled.zarr", tmp_path / "ft", init=pretrained[0], trainable="backbone")
