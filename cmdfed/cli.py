@@ -341,7 +341,7 @@ def train_finetune(
 
 
 def render_metrics(summary: dict) -> None:
-    table = Table("metric", "value", title=f"{summary['checkpoint']} on {summary['store']} ({summary['tiles']} tiles)")
+    table = Table("metric", "value", title=f"evaluation on {summary['store']} ({summary['tiles']} tiles)")
     for key in ("mean_dice", "mean_aji", "mean_aji_plus", "mean_pq", "mean_dq", "mean_sq", "mean_det_f1", "mean_mpq", "pooled_pq"):
         if key in summary and summary[key] is not None:
             table.add_row(key.removeprefix("mean_"), f"{summary[key]:.4f}")
@@ -411,8 +411,14 @@ def demo(
 
 
 def _add_role_commands() -> None:
+    """Add each role's commands: a Typer becomes a group (``cmdfed server ...``), a plain
+    function a single command (``cmdfed federate ...``)."""
     for entry in entry_points(group="cmdfed.commands"):
-        app.add_typer(entry.load(), name=entry.name)
+        command = entry.load()
+        if isinstance(command, typer.Typer):
+            app.add_typer(command, name=entry.name)
+        else:
+            app.command(entry.name)(command)
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ from cmdfed.data.slide import tile_slide
 from cmdfed.data.synth import write_synthetic_store
 from cmdfed.evaluate.run import evaluate_model
 from cmdfed.evaluate.visualize import draw_outlines
-from cmdfed.inference import load_model, predict_files, read_rgb, segment_image
+from cmdfed.inference import load_model, read_rgb, segment_image, write_prediction
 from cmdfed.model.config import ModelConfig
 from cmdfed.progress import Progress
 from cmdfed.train.device import select_device
@@ -39,9 +39,9 @@ from cmdfed.train.phases import finetune, pretrain
 class DemoSize:
     synthetic_tiles: int = 64
     heldout_tiles: int = 16
-    pretrain_steps: int = 120
+    pretrain_steps: int = 150
     finetune_steps: int = 150
-    batch_size: int = 8
+    batch_size: int = 4
 
 
 QUICK = DemoSize(synthetic_tiles=8, heldout_tiles=4, pretrain_steps=2, finetune_steps=2, batch_size=2)
@@ -80,11 +80,11 @@ def run_demo(out: str | Path, *, size: DemoSize = DemoSize(), progress: Progress
     evaluation = evaluate_model(loaded, heldout.path, progress=progress)
 
     predictions = out / "predictions"
-    real_tiles = [samples["histo.jpg"], samples["target_image.png"]]
-    predicted = predict_files(real_tiles, fine.run_dir, predictions, device, progress)
-    for path in real_tiles:
+    predicted = []
+    for path in (samples["histo.jpg"], samples["target_image.png"]):
         image = read_rgb(path)
         result = segment_image(loaded, image)
+        predicted.append(write_prediction(predictions, path.stem, result, loaded.class_names))
         picture = np.concatenate([image, draw_outlines(image, result.instance_map, result.type_map)], axis=1)
         with atomic_path(predictions / f"{path.stem}_overlay.png") as tmp:
             Image.fromarray(picture).save(tmp, format="PNG")

@@ -13,7 +13,6 @@ nuclei on window seams are neither cut nor duplicated.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,9 +21,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from cmdfed.atomic import atomic_path, write_json_atomic
 from cmdfed.errors import CmdfedError
 from cmdfed.evaluate.postprocess import PostprocessResult, WatershedParams, postprocess
 from cmdfed.model.config import ModelConfig, build_model
+from cmdfed.progress import Progress, report
 from cmdfed.train.checkpoint import load_checkpoint
 
 STRIDE = 32
@@ -35,7 +36,7 @@ def to_model_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     if isinstance(images, np.ndarray):
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
             raise CmdfedError(f"expected uint8 RGB images (B, H, W, 3), got {images.dtype} {images.shape}")
-        images = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255.0)
+        images = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div(255.0)
     return images * 2.0 - 1.0
 
 
@@ -141,42 +142,39 @@ def read_rgb(path: Path) -> np.ndarray:
         raise CmdfedError(f"cannot read image {path}: {exc}") from exc
 
 
-def predict_files(
-    images: list[Path], checkpoint: Path, out_dir: Path, device: torch.device, progress=None
-) -> list[dict]:
-    """`cmdfed predict`: NAME_inst.png (uint16 instances) and NAME_types.json per image."""
-    from cmdfed.atomic import atomic_path, write_json_atomic
-    from cmdfed.progress import report
+def write_prediction(out_dir: Path, name: str, result: PostprocessResult, class_names: list[str]) -> dict:
+    """NAME_inst.png (uint16 instance ids) and NAME_types.json (one record per nucleus)."""
+    if result.instance_map.max() > np.iinfo(np.uint16).max:
+        raise CmdfedError(f"{name}: more than 65535 nuclei do not fit a uint16 PNG; tile the image first")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out_dir / f"{name}_inst.png") as tmp:
+        Image.fromarray(result.instance_map.astype(np.uint16)).save(tmp, format="PNG")
+    nuclei = [
+        {
+            "id": n.id,
+            "type": n.type,
+            "type_name": class_names[n.type] if n.type is not None and n.type < len(class_names) else None,
+            "type_prob": n.type_prob,
+            "centroid_xy": [float(c) for c in n.centroid_xy],
+            "area": int(n.area),
+        }
+        for n in result.nuclei
+    ]
+    write_json_atomic(out_dir / f"{name}_types.json", {"image": name, "class_names": class_names, "nuclei": nuclei})
+    return {"image": name, "nuclei": len(nuclei), "instances": str(out_dir / f"{name}_inst.png")}
 
+
+def predict_files(
+    images: list[Path], checkpoint: Path, out_dir: Path, device: torch.device, progress: Progress | None = None
+) -> list[dict]:
+    """`cmdfed predict`: NAME_inst.png and NAME_types.json for each image."""
     missing = [str(p) for p in images if not Path(p).is_file()]
     if missing:
         raise CmdfedError(f"image(s) not found: {', '.join(missing)}")
     loaded = load_model(checkpoint, device)
-    out_dir.mkdir(parents=True, exist_ok=True)
     results = []
     for done, path in enumerate(images, start=1):
         result = segment_image(loaded, read_rgb(path))
-        if result.instance_map.max() > np.iinfo(np.uint16).max:
-            raise CmdfedError(f"{path.name}: more than 65535 nuclei do not fit a uint16 PNG; tile the image first")
-        name = Path(path).stem
-        with atomic_path(out_dir / f"{name}_inst.png") as tmp:
-            Image.fromarray(result.instance_map.astype(np.uint16)).save(tmp, format="PNG")
-        nuclei = [
-            {
-                "id": n.id,
-                "type": n.type,
-                "type_name": loaded.class_names[n.type] if n.type is not None and n.type < len(loaded.class_names) else None,
-                "type_prob": n.type_prob,
-                "centroid_xy": [float(c) for c in n.centroid_xy],
-                "area": int(n.area),
-            }
-            for n in result.nuclei
-        ]
-        write_json_atomic(out_dir / f"{name}_types.json", {"image": Path(path).name, "class_names": loaded.class_names, "nuclei": nuclei})
-        results.append({"image": str(path), "nuclei": len(nuclei), "instances": str(out_dir / f"{name}_inst.png")})
+        results.append(write_prediction(out_dir, Path(path).stem, result, loaded.class_names))
         report(progress, done, len(images), "images")
     return results
-
-
-def dump_json(obj) -> str:
-    return json.dumps(obj, default=float)

@@ -61,3 +61,34 @@ def test_usage_errors_exit_2():
 def test_unknown_import_format(tmp_path):
     result = cmdfed("data", "import", "nope", str(tmp_path), str(tmp_path / "s.zarr"))
     assert result.returncode == 1 and "unknown format 'nope'" in result.stderr
+
+
+def test_train_evaluate_predict_chain(tmp_path):
+    store = tmp_path / "s.zarr"
+    assert cmdfed("data", "synth", str(store), "--n", "4", "--tile", "64").returncode == 0
+    common = ["--steps", "1", "--batch-size", "2", "--device", "cpu", "--json"]
+    pre = cmdfed("train", "pretrain", "--store", str(store), "--out", str(tmp_path / "pre"), "--sample-every", "1", *common)
+    assert pre.returncode == 0, pre.stderr
+    assert json.loads(pre.stdout)["steps"] == 1 and (tmp_path / "pre" / "samples" / "step-000001.png").is_file()
+    ft = cmdfed("train", "finetune", "--store", str(store), "--init", str(tmp_path / "pre"), "--out", str(tmp_path / "ft"), *common)
+    assert ft.returncode == 0, ft.stderr
+    result = json.loads(ft.stdout)
+    assert result["trainable_parameters"] < 0.05 * result["total_parameters"]
+    ev = cmdfed("train", "evaluate", "--checkpoint", str(tmp_path / "ft"), "--store", str(store), "--device", "cpu", "--json")
+    metrics = json.loads(ev.stdout)
+    assert ev.returncode == 0 and metrics["tiles"] == 4 and {"mean_dice", "mean_aji", "mean_pq", "mean_det_f1"} <= set(metrics)
+    from PIL import Image
+    import numpy as np
+
+    Image.fromarray(np.full((50, 70, 3), 200, np.uint8)).save(tmp_path / "img.png")
+    pr = cmdfed("predict", str(tmp_path / "img.png"), "--checkpoint", str(tmp_path / "ft"), "--out", str(tmp_path / "pred"), "--device", "cpu")
+    assert pr.returncode == 0, pr.stderr and (tmp_path / "pred" / "img_inst.png").is_file()
+
+
+def test_training_bad_input_is_one_line(tmp_path):
+    result = cmdfed("train", "finetune", "--store", str(tmp_path / "s.zarr"), "--out", str(tmp_path / "o"))
+    assert result.returncode == 1 and "exactly one of --init" in result.stderr
+    (tmp_path / "cfg.json").write_text('{"train": {"stepz": 1}}')
+    assert cmdfed("data", "synth", str(tmp_path / "s.zarr"), "--n", "2", "--tile", "64").returncode == 0
+    result = cmdfed("train", "pretrain", "--store", str(tmp_path / "s.zarr"), "--out", str(tmp_path / "o"), "--config", str(tmp_path / "cfg.json"))
+    assert result.returncode == 1 and "unknown TrainConfig keys ['stepz']" in result.stderr

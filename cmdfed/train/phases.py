@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader
@@ -36,7 +37,7 @@ from cmdfed.model.unet import count_parameters
 from cmdfed.progress import Progress, report
 from cmdfed.train.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from cmdfed.train.device import memory_format, select_device
-from cmdfed.train.loop import StepResult, TrainConfig, Trainer
+from cmdfed.train.loop import LossFn, StepResult, TrainConfig, Trainer
 
 TRAINABLE_CHOICES = {"heads": ("heads",), "heads+modulation": ("heads", "modulation"), "all": ("backbone", "modulation", "heads")}
 
@@ -70,7 +71,8 @@ def _check_same(name: str, given: dict, saved: dict, run_dir: Path) -> None:
         )
 
 
-def _loader(dataset, train: TrainConfig, start_step: int) -> DataLoader:
+def batch_loader(dataset, train: TrainConfig, start_step: int = 0) -> DataLoader:
+    """The batches of steps ``start_step .. train.steps - 1``, fixed by ``train.seed``."""
     sampler = StepBatchSampler(len(dataset), train.batch_size, train.seed, start_step, train.steps - start_step)
     return DataLoader(
         dataset,
@@ -113,10 +115,51 @@ def _run_loop(
     return last_loss, images / seconds if seconds else 0.0
 
 
-def _encoder(model_config: ModelConfig, fm_weights: str | Path | None, device: torch.device):
+def frozen_encoder(model_config: ModelConfig, fm_weights: str | Path | None, device: torch.device):
+    """The model's frozen FM encoder on ``device``, or None when it has none."""
     if model_config.fm_kind == "none":
         return None
     return build_encoder(model_config.fm_kind, fm_weights).to(device)
+
+
+def pretrain_loss(model, diffusion: MaskedDiffusion, encoder) -> LossFn:
+    """The masked-diffusion loss of ``model`` on a batch, with its masked/visible MSE terms."""
+
+    def loss_fn(batch):
+        out = diffusion.training_loss(model, to_model_input(batch["image"]), encoder)
+        return out.loss, {"masked_mse": float(out.masked_mse), "visible_mse": float(out.visible_mse)}
+
+    return loss_fn
+
+
+def finetune_loss(model, encoder) -> LossFn:
+    """HoVer-Net's segmentation loss of ``model.segment`` on a batch with targets."""
+
+    def loss_fn(batch):
+        images = to_model_input(batch["image"])
+        fm = None if encoder is None else encoder(images, None)
+        outputs = model.segment(images, fm)
+        targets = {"np": batch["np"], "hv": batch["hv"], "nc": batch["nc"]}
+        total, terms = hovernet_loss(outputs, targets)
+        return total, {k: float(v) for k, v in terms.items()}
+
+    return loss_fn
+
+
+def training_tiles(site: SiteStore, label_fraction: float, seed: int) -> np.ndarray:
+    """The labelled tiles fine-tuning uses: a reproducible ``label_fraction`` of them."""
+    if not site.labelled_indices().size:
+        raise CmdfedError(f"{site.path} has no labelled tiles; fine-tuning needs instance labels (import a labelled dataset)")
+    return site.labelled_subset(label_fraction, seed)
+
+
+def finetune_model_config(base: ModelConfig, n_classes: int, trainable: str) -> ModelConfig:
+    """``base`` with an NC head for ``n_classes`` and no drop-path unless trained end to end."""
+    if trainable not in TRAINABLE_CHOICES:
+        raise CmdfedError(f"trainable must be one of {', '.join(TRAINABLE_CHOICES)}, got {trainable!r}")
+    # Drop-path only adds noise to the inputs of heads over a frozen backbone.
+    drop_path = base.drop_path if trainable == "all" else 0.0
+    return ModelConfig.from_dict({**base.to_dict(), "n_classes": n_classes, "drop_path": drop_path})
 
 
 def pretrain(
@@ -145,14 +188,9 @@ def pretrain(
     }
     torch.manual_seed(train_config.seed)  # the initial weights are part of the run's seed
     model = build_model(model_config).to(dev, memory_format=memory_format(dev))
-    encoder = _encoder(model_config, fm_weights, dev)
+    encoder = frozen_encoder(model_config, fm_weights, dev)
     diffusion = MaskedDiffusion(diffusion_config)
-
-    def loss_fn(batch):
-        out = diffusion.training_loss(model, to_model_input(batch["image"]), encoder)
-        return out.loss, {"masked_mse": float(out.masked_mse), "visible_mse": float(out.visible_mse)}
-
-    trainer = Trainer(model, loss_fn, train_config, dev)
+    trainer = Trainer(model, pretrain_loss(model, diffusion, encoder), train_config, dev)
     saved = _existing_run(run_dir)
     if saved is not None:
         for key in ("model", "diffusion", "train"):
@@ -160,7 +198,9 @@ def pretrain(
         model.load_state_dict(saved["weights"])
         trainer.load_state_dict(saved["trainer"], saved["ema"])
 
-    preview = torch.stack([dataset[i]["image"] for i in range(min(4, len(dataset)))])
+    # Preview tiles spread over the whole training set (the first tiles of a slide are often its edge).
+    spread = sorted({int(i) for i in torch.linspace(0, len(dataset) - 1, min(4, len(dataset)))})
+    preview = torch.stack([dataset[i]["image"] for i in spread])
     preview_mask = diffusion.sample_mask(len(preview), *preview.shape[-2:], torch.Generator().manual_seed(0))
 
     def write_grid(step: int) -> None:
@@ -186,7 +226,7 @@ def pretrain(
         )  # fmt: skip
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    last_loss, speed = _run_loop(trainer, _loader(dataset, train_config, trainer.step), run_dir, save, on_step, progress)
+    last_loss, speed = _run_loop(trainer, batch_loader(dataset, train_config, trainer.step), run_dir, save, on_step, progress)
     trainable, total = count_parameters(model)
     return PhaseResult(run_dir, resolve_checkpoint(run_dir), trainer.step, last_loss, trainable, total, speed)
 
@@ -216,9 +256,7 @@ def finetune(
         raise CmdfedError(f"trainable must be one of {', '.join(TRAINABLE_CHOICES)}, got {trainable!r}")
     dev = select_device(device)
     site = SiteStore.open(store)
-    indices = site.labelled_subset(label_fraction, train_config.seed) if site.labelled_indices().size else None
-    if indices is None:
-        raise CmdfedError(f"{store} has no labelled tiles; fine-tuning needs instance labels (import a labelled dataset)")
+    indices = training_tiles(site, label_fraction, train_config.seed)
     n_classes = len(site.class_names) if site.has_types else 0
     if init is not None:
         pretrained = load_checkpoint(init)
@@ -227,9 +265,7 @@ def finetune(
         pretrained, base = None, model_config
     else:
         raise CmdfedError("give a pretraining run to start from (--init) or a model preset for random init")
-    # Drop-path only adds noise to the inputs of heads over a frozen backbone.
-    drop_path = base.drop_path if trainable == "all" else 0.0
-    model_cfg = ModelConfig.from_dict({**base.to_dict(), "n_classes": n_classes, "drop_path": drop_path})
+    model_cfg = finetune_model_config(base, n_classes, trainable)
     torch.manual_seed(train_config.seed)
     model = build_model(model_cfg)
     if pretrained is not None:
@@ -238,7 +274,7 @@ def finetune(
     model.freeze(("backbone", "modulation", "heads"))
     model.unfreeze(TRAINABLE_CHOICES[trainable])
     model.to(dev, memory_format=memory_format(dev))
-    encoder = _encoder(model_cfg, fm_weights, dev)
+    encoder = frozen_encoder(model_cfg, fm_weights, dev)
 
     dataset = SiteDataset(store, indices=indices, augment=train_config.augment, targets=True)
     config = {
@@ -253,15 +289,7 @@ def finetune(
         "class_names": site.class_names if n_classes else ["background", "nucleus"],
     }
 
-    def loss_fn(batch):
-        images = to_model_input(batch["image"])
-        fm = None if encoder is None else encoder(images, None)
-        outputs = model.segment(images, fm)
-        targets = {"np": batch["np"], "hv": batch["hv"], "nc": batch["nc"]}
-        total, terms = hovernet_loss(outputs, targets)
-        return total, {k: float(v) for k, v in terms.items()}
-
-    trainer = Trainer(model, loss_fn, train_config, dev)
+    trainer = Trainer(model, finetune_loss(model, encoder), train_config, dev)
     saved = _existing_run(run_dir)
     if saved is not None:
         for key in ("model", "train"):
@@ -276,6 +304,6 @@ def finetune(
         )  # fmt: skip
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    last_loss, speed = _run_loop(trainer, _loader(dataset, train_config, trainer.step), run_dir, save, None, progress)
+    last_loss, speed = _run_loop(trainer, batch_loader(dataset, train_config, trainer.step), run_dir, save, None, progress)
     n_trainable, n_total = count_parameters(model)
     return PhaseResult(run_dir, resolve_checkpoint(run_dir), trainer.step, last_loss, n_trainable, n_total, speed)

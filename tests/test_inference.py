@@ -1,0 +1,82 @@
+"""Image -> nuclei with a (briefly) trained checkpoint: shapes, sizes, files, errors."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cmdfed.errors import CmdfedError
+from cmdfed.inference import _window_weight, load_model, predict_files, predict_image_maps, to_model_input
+from cmdfed.model.config import ModelConfig
+from cmdfed.train.loop import TrainConfig
+from cmdfed.train.phases import finetune
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(synthetic_store, tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "ft"
+    config = TrainConfig(steps=2, batch_size=2, warmup_steps=1, checkpoint_every=2, sample_every=0)
+    finetune(synthetic_store, run, init=None, model_config=ModelConfig.from_preset("tiny"), train_config=config, device="cpu")
+    return run
+
+
+def test_to_model_input_range_and_validation():
+    images = np.array([[[[0, 255, 128]]]], np.uint8)
+    x = to_model_input(images)
+    assert x.shape == (1, 3, 1, 1) and x.min() == -1 and x.max() == 1
+    with pytest.raises(CmdfedError, match="uint8 RGB"):
+        to_model_input(np.zeros((1, 4, 4, 4), np.uint8))
+
+
+def test_any_image_size_gives_maps_of_that_size(checkpoint):
+    loaded = load_model(checkpoint, CPU)
+    assert loaded.class_names[1:] == ["epithelial", "lymphocyte", "stromal"]
+    image = np.random.default_rng(0).integers(0, 255, (70, 100, 3), dtype=np.uint8)
+    maps = predict_image_maps(loaded, image)
+    assert maps["np"].shape == (70, 100) and maps["hv"].shape == (2, 70, 100) and maps["nc"].shape == (4, 70, 100)
+    assert 0 <= maps["np"].min() and maps["np"].max() <= 1
+    assert np.allclose(maps["nc"].sum(0), 1, atol=1e-4)
+
+
+def test_windowed_prediction_agrees_with_one_pass_away_from_seams(checkpoint):
+    loaded = load_model(checkpoint, CPU)
+    image = np.random.default_rng(1).integers(0, 255, (128, 192, 3), dtype=np.uint8)
+    whole = predict_image_maps(loaded, image, window=1024)
+    windows = predict_image_maps(loaded, image, window=128, overlap=64)
+    # Blending only redistributes weight between windows: the maps stay probabilities and,
+    # where a window covers the pixel with most of the weight, match the single pass closely.
+    assert windows["np"].shape == whole["np"].shape
+    assert np.abs(windows["np"] - whole["np"]).mean() < 0.05
+
+
+def test_window_weight_falls_towards_the_edges():
+    w = _window_weight(8, 4)
+    assert w[4, 4] == 1 and w[0, 0] < w[1, 1] < w[3, 3] and np.allclose(w, w.T)
+
+
+def test_predict_files_writes_uint16_instances_and_types(checkpoint, tmp_path):
+    Image.fromarray(np.random.default_rng(2).integers(0, 255, (64, 96, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    results = predict_files([tmp_path / "a.png"], checkpoint, tmp_path / "out", CPU)
+    inst = np.asarray(Image.open(tmp_path / "out" / "a_inst.png"))
+    types = json.loads((tmp_path / "out" / "a_types.json").read_text())
+    assert inst.shape == (64, 96) and inst.dtype == np.uint16
+    assert len(types["nuclei"]) == results[0]["nuclei"] == len(np.unique(inst[inst > 0]))
+    with pytest.raises(CmdfedError, match="not found"):
+        predict_files([tmp_path / "missing.png"], checkpoint, tmp_path / "out", CPU)
+
+
+def test_checkpoint_config_mismatch_is_one_clear_error(checkpoint, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(checkpoint, bad)
+    folder = next(bad.glob("step-*"))
+    config = json.loads((folder / "config.json").read_text())
+    config["model"]["head_width"] = 8
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CmdfedError, match="weights do not match the config"):
+        load_model(bad, CPU)
