@@ -1,0 +1,48 @@
+"""``cmdfed client ...``: join a federation as a site."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from cmdfed.cli import console
+from cmdfed.errors import CmdfedError
+from cmdfed.federation.processes import require_loopback_or_insecure, serve_in_foreground, split_address
+from cmdfed.federation.site import SiteSettings, check_site_name, check_site_store
+from cmdfed.train.device import select_device
+from client.supernode import SuperNode
+
+commands = typer.Typer(help="Federation site: the SuperNode that trains on this hospital's store.", no_args_is_help=True)
+
+
+@commands.command("start")
+def start(
+    store: Path = typer.Option(..., "--store", help="This site's store (it never leaves this machine)."),
+    name: str = typer.Option(..., "--name", help="The site's name as the server sees it, e.g. site-a."),
+    superlink: str = typer.Option("127.0.0.1:9092", help="The SuperLink's host:port."),
+    device: str = typer.Option("auto", help="auto (CUDA if present), cpu, cuda, cuda:N."),
+    batch_size: int = typer.Option(0, help="Tiles per step here (0 = the run's batch size)."),
+    work_dir: Optional[Path] = typer.Option(None, help="Folder for the SuperNode's files and cache (default ./cmdfed-site-NAME)."),
+    port: int = typer.Option(0, help="Local port of the SuperNode's API for its ClientApps (0 = any free one)."),
+    insecure: bool = typer.Option(False, "--insecure", help="Allow a non-loopback SuperLink without TLS."),
+) -> None:
+    """Check the store, then connect to the SuperLink and train when rounds come; Ctrl-C leaves."""
+    check_site_name(name)
+    if batch_size < 0:
+        raise CmdfedError(f"--batch-size must be >= 0 (0 = the run's), got {batch_size}")
+    info = check_site_store(store).info()
+    select_device(device)
+    host, _ = split_address(superlink)
+    require_loopback_or_insecure(host, insecure, "SuperLink")
+    settings = SiteSettings(
+        store=store.absolute(), name=name, work_dir=(work_dir or Path(f"cmdfed-site-{name}")).absolute(),
+        device=device, batch_size=batch_size or None,
+    )  # fmt: skip
+    node = SuperNode(settings, superlink, port).start()
+    console.print(
+        f"site {name}: {info.tiles} tiles ({info.labelled} labelled) ready for {superlink}; "
+        f"log in {node.log_path}; Ctrl-C leaves the federation"
+    )
+    serve_in_foreground(node.process, node.log_path)

@@ -1,0 +1,139 @@
+"""The run folder's round checkpoints, and finding where to resume.
+
+After every round the server writes ``RUN_DIR/round-NNNN/`` (rounds numbered through the
+run: fine-tuning continues after pretraining)::
+
+    round-0003/
+      model.safetensors      the global model, all groups (heads too, before fine-tuning)
+      strategy.safetensors   the strategy's state (FedAdam/FedYogi moments), when it has one
+      config.json            phase, round in phase, model config, class names, run config,
+                             the round's metrics; cmdfed checkpoint format
+
+The folder is written under a temporary name and renamed, then ``RUN_DIR/latest`` is
+replaced, both atomically: a crash leaves either the whole round or none of it. A round
+folder is therefore complete exactly when it loads, and a restarted server resumes after
+the last one that does. It is an ordinary cmdfed checkpoint too, so ``cmdfed predict
+--checkpoint RUN_DIR`` and ``cmdfed train evaluate`` read it as they read local runs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from cmdfed.atomic import write_bytes_atomic, write_json_atomic
+from cmdfed.errors import CmdfedError
+from cmdfed.train.checkpoint import CHECKPOINT_FORMAT, load_checkpoint
+
+ROUND_PATTERN = re.compile(r"round-(\d{4,})")
+STRATEGY_FILE = "strategy.safetensors"
+
+
+@dataclass
+class RoundCheckpoint:
+    path: Path
+    round: int  # through the run
+    phase: str
+    phase_round: int
+    weights: dict[str, torch.Tensor]
+    strategy_state: dict[str, torch.Tensor]
+    metrics: dict
+
+
+def round_name(round: int) -> str:
+    return f"round-{round:04d}"
+
+
+def save_round(
+    run_dir: str | Path,
+    *,
+    round: int,
+    phase: str,
+    phase_round: int,
+    weights: dict[str, torch.Tensor],
+    strategy_state: dict[str, torch.Tensor],
+    config: dict,
+    metrics: dict,
+) -> Path:
+    """Write ``run_dir/round-NNNN`` atomically and point ``run_dir/latest`` at it.
+
+    ``config`` carries what a reader of the checkpoint needs besides the round (model
+    config, class names, the run's settings).
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    final = run_dir / round_name(round)
+    tmp = run_dir / f".{final.name}.{uuid.uuid4().hex[:8]}.partial"
+    tmp.mkdir()
+    try:
+        save_file(_cpu(weights), str(tmp / "model.safetensors"))
+        if strategy_state:
+            save_file(_cpu(strategy_state), str(tmp / STRATEGY_FILE))
+        write_json_atomic(tmp / "config.json", {
+            **config, "phase": phase, "phase_round": phase_round, "round": round, "step": round,
+            "metrics": metrics, "strategy_state": bool(strategy_state), "format": CHECKPOINT_FORMAT,
+        })  # fmt: skip
+        if final.exists():  # a round redone after a crash between rename and `latest`
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    write_bytes_atomic(run_dir / "latest", final.name.encode())
+    return final
+
+
+def load_round(path: str | Path) -> RoundCheckpoint:
+    checkpoint = load_checkpoint(path)
+    config = checkpoint.config
+    for key in ("phase", "phase_round", "round"):
+        if key not in config:
+            raise CmdfedError(f"{checkpoint.path} is a checkpoint but not a federated round (no {key})")
+    strategy_state: dict[str, torch.Tensor] = {}
+    if config.get("strategy_state"):
+        strategy_path = checkpoint.path / STRATEGY_FILE
+        if not strategy_path.is_file():
+            raise CmdfedError(f"{strategy_path} is missing; the round checkpoint is incomplete")
+        strategy_state = _load_tensors(strategy_path)
+    return RoundCheckpoint(
+        checkpoint.path, int(config["round"]), str(config["phase"]), int(config["phase_round"]),
+        checkpoint.weights, strategy_state, dict(config.get("metrics") or {}),
+    )  # fmt: skip
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CmdfedError(f"{path} is damaged or not a safetensors file ({exc})") from exc
+
+
+def last_complete_round(run_dir: str | Path) -> RoundCheckpoint | None:
+    """The newest round folder of ``run_dir`` that loads, or None for a new run.
+
+    Folders that do not load (a disk that lost data) are passed over for the one before.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return None
+    rounds = sorted(
+        (int(m.group(1)), p) for p in run_dir.iterdir() if p.is_dir() and (m := ROUND_PATTERN.fullmatch(p.name))
+    )
+    for _, path in reversed(rounds):
+        try:
+            return load_round(path)
+        except CmdfedError:
+            continue
+    return None
+
+
+def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: torch.as_tensor(v).detach().to("cpu").contiguous() for k, v in tensors.items()}

@@ -1,0 +1,262 @@
+"""The server's bookkeeping of a federated run, free of Flower: ``RunCoordinator``.
+
+The Flower ServerApp (``server/``) moves messages and runs the strategy; everything it
+decides with or records goes through this object:
+
+* **where to start**: a new run initialises the model from the run seed; a run folder with
+  round checkpoints resumes after the last complete one (``checkpoints.py``), with the
+  strategy state saved beside it, so no round is lost or counted twice. ``run.json`` pins
+  the settings a resumed run must keep (``FederationConfig.resume_key``) and the run's
+  telemetry id, so a resumed run continues the same telemetry rows.
+* **what travels**: the sent groups of the global weights each round, and the frozen groups
+  once per site and phase, identified by a fingerprint.
+* **what is accepted**: updates are screened (``updates.screen_updates``) before averaging.
+* **what is kept**: after each round the global weights and strategy state (checkpoint),
+  round and per-site rows with timings and bytes (telemetry), a line per received message
+  in ``received.jsonl`` (which keys, dtypes and numbers each site sent: an audit that no
+  image or path left a site), and a progress event on stdout for ``cmdfed federate``.
+
+Telemetry is for watching, not for training: a telemetry store that fails is reported once
+and the run goes on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from cmdfed.atomic import json_safe, write_json_atomic
+from cmdfed.errors import CmdfedError
+from cmdfed.federation.checkpoints import last_complete_round, save_round
+from cmdfed.federation.config import PHASES, FederationConfig
+from cmdfed.federation.local import evaluate_on_store, site_model
+from cmdfed.federation.site import weights_fingerprint
+from cmdfed.federation.updates import screen_updates
+from cmdfed.model.config import build_model
+from cmdfed.model.unet import ConvNeXtUNet
+from cmdfed.telemetry import TelemetryStore
+from cmdfed.train.device import select_device
+
+EVENT_PREFIX = "cmdfed-event "
+NumpyWeights = dict[str, np.ndarray]
+
+
+def emit_event(kind: str, **fields: Any) -> None:
+    """One progress line on stdout; Flower streams the ServerApp's output to ``flwr run``."""
+    print(EVENT_PREFIX + json.dumps(json_safe({"event": kind, **fields}), default=str), flush=True)
+
+
+@dataclass
+class SiteReport:
+    site: str
+    status: str  # trained | failed | timed_out (telemetry's site statuses)
+    n_examples: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+    duration_s: float | None = None
+    error: str | None = None
+
+
+@dataclass
+class RoundReport:
+    started_at: float
+    sites: list[SiteReport]
+    bytes_sent: int
+    bytes_received: int
+    train_metrics: dict[str, float] = field(default_factory=dict)
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+
+
+class RunCoordinator:
+    """Global weights, resume point, screening and records of one run folder."""
+
+    def __init__(self, config: FederationConfig):
+        self.config = config
+        self.run_dir = Path(config.run_dir).expanduser().absolute()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_id = self._pin_run()
+        self._telemetry_failed = False
+        self.telemetry = self._open_telemetry()
+        last = last_complete_round(self.run_dir)
+        if last is None:
+            torch.manual_seed(config.seed)
+            self.weights = {k: v.detach().clone() for k, v in build_model(config.model_config("pretrain")).state_dict().items()}
+            self.done: tuple[str, int] = ("pretrain", 0)
+            self.last_round, self.strategy_state = 0, {}
+        else:
+            self.weights, self.done = last.weights, (last.phase, last.phase_round)
+            self.last_round, self.strategy_state = last.round, last.strategy_state
+        self._record("start_run", self.run_id, name=config.name, config=config.to_dict(), strategy=config.strategy,
+                     phases=[p for p in PHASES if config.rounds(p)])  # fmt: skip
+        emit_event("start", run_id=self.run_id, resumed_after=self.last_round, run_dir=str(self.run_dir),
+                   rounds={p: config.rounds(p) for p in PHASES})  # fmt: skip
+
+    # -- plan ----------------------------------------------------------------------------
+
+    def remaining(self, phase: str) -> range:
+        """Rounds of ``phase`` still to run (1-based, within the phase)."""
+        done_phase, done_round = self.done
+        if PHASES.index(done_phase) > PHASES.index(phase):
+            return range(0)
+        first = done_round + 1 if done_phase == phase else 1
+        return range(first, self.config.rounds(phase) + 1)
+
+    def resumed_strategy_state(self, phase: str) -> dict[str, torch.Tensor]:
+        """The strategy state to continue ``phase`` with: the saved one mid-phase, else none."""
+        done_phase, done_round = self.done
+        return self.strategy_state if done_phase == phase and done_round > 0 else {}
+
+    # -- what travels --------------------------------------------------------------------
+
+    def _groups(self, groups: tuple[str, ...]) -> NumpyWeights:
+        return {k: v.numpy() for k, v in self.weights.items() if ConvNeXtUNet.group_of(k) in groups}
+
+    def sent_weights(self, phase: str) -> NumpyWeights:
+        return self._groups(self.config.sent_groups(phase))
+
+    def frozen_weights(self, phase: str) -> NumpyWeights:
+        return self._groups(self.config.frozen_groups(phase))
+
+    def frozen_fingerprint(self, phase: str) -> str:
+        """What a site caches the frozen groups under (``site.weights_fingerprint``)."""
+        return weights_fingerprint(self.frozen_weights(phase))
+
+    # -- screening and records -----------------------------------------------------------
+
+    def screen(self, phase: str, round: int, updates: Mapping[str, NumpyWeights]) -> tuple[list[str], dict[str, str]]:
+        accepted, rejected = screen_updates(self.sent_weights(phase), updates, self.config.update_norm_limit)
+        for site, reason in rejected.items():
+            emit_event("rejected", phase=phase, round=round, site=site, reason=reason)
+        return accepted, rejected
+
+    def audit(self, phase: str, round: int, site: str, arrays: Mapping[str, np.ndarray],
+              metrics: Mapping[str, Any], strings: Mapping[str, str]) -> None:  # fmt: skip
+        """Append what one site sent in one round to ``received.jsonl``."""
+        model_keys = set(self.weights)
+        line = {
+            "phase": phase, "round": round, "site": site, "at": time.time(),
+            "arrays": len(arrays), "array_bytes": int(sum(a.nbytes for a in arrays.values())),
+            "dtypes": sorted({str(a.dtype) for a in arrays.values()}),
+            "non_parameter_keys": sorted(k for k in arrays if k not in model_keys),
+            "largest_shape": list(max((a.shape for a in arrays.values()), key=np.prod, default=())),
+            "metrics": dict(metrics), "strings": dict(strings),
+        }  # fmt: skip
+        with open(self.run_dir / "received.jsonl", "a") as f:
+            f.write(json.dumps(json_safe(line), default=str) + "\n")
+
+    def complete_round(self, phase: str, phase_round: int, aggregated: NumpyWeights,
+                       strategy_state: dict[str, torch.Tensor], report: RoundReport) -> Path:  # fmt: skip
+        """Adopt the aggregated weights; checkpoint, record and announce the round."""
+        for key, value in aggregated.items():
+            self.weights[key] = torch.from_numpy(np.array(value, dtype=np.float32))
+        round = self.config.global_round(phase, phase_round)
+        server_metrics = self.server_evaluate(phase, phase_round)
+        metrics = {**{f"train_{k}": v for k, v in report.train_metrics.items()},
+                   **{f"eval_{k}": v for k, v in report.eval_metrics.items()}, **server_metrics}  # fmt: skip
+        model_config = self.config.model_config(phase)
+        path = save_round(
+            self.run_dir, round=round, phase=phase, phase_round=phase_round, weights=self.weights,
+            strategy_state=strategy_state, metrics=metrics,
+            config={"model": model_config.to_dict(), "class_names": self.config.class_names,
+                    "federation": self.config.to_dict(), "run_id": self.run_id},
+        )  # fmt: skip
+        self.done, self.last_round, self.strategy_state = (phase, phase_round), round, strategy_state
+        finished = time.time()
+        failed = [s for s in report.sites if s.status != "trained"]
+        self._record("record_round", self.run_id, phase=phase, round=round, started_at=report.started_at,
+                     finished_at=finished, n_sites=len(report.sites), n_failed=len(failed),
+                     bytes_sent=report.bytes_sent, bytes_received=report.bytes_received, metrics=metrics)  # fmt: skip
+        for site in report.sites:
+            self._record("record_site_round", self.run_id, phase=phase, round=round, site=site.site,
+                         status=site.status, n_examples=site.n_examples, metrics=site.metrics,
+                         duration_s=site.duration_s, error=site.error)  # fmt: skip
+        emit_event(
+            "round", phase=phase, phase_round=phase_round, phase_rounds=self.config.rounds(phase), round=round,
+            seconds=finished - report.started_at, bytes_sent=report.bytes_sent, bytes_received=report.bytes_received,
+            metrics=metrics, sites=[s.__dict__ for s in report.sites], checkpoint=path.name,
+        )  # fmt: skip
+        return path
+
+    def server_evaluate(self, phase: str, phase_round: int) -> dict[str, float]:
+        """Central evaluation on the server's own labelled store, when the run names one."""
+        config = self.config
+        if not config.server_eval_store or not _due(config, phase, phase_round):
+            return {}
+        sent = {k: v for k, v in self.weights.items() if ConvNeXtUNet.group_of(k) in config.sent_groups(phase)}
+        frozen = {k: v for k, v in self.weights.items() if ConvNeXtUNet.group_of(k) in config.frozen_groups(phase)}
+        model = site_model(config, phase, sent, frozen, select_device("auto"))
+        tiles, metrics = evaluate_on_store(model, phase, config.server_eval_store, config)
+        return {"server_tiles": tiles, **{f"server_{k}": v for k, v in metrics.items()}}
+
+    def evaluation_due(self, phase: str, phase_round: int) -> bool:
+        return _due(self.config, phase, phase_round)
+
+    def finish(self, status: str, error: str | None = None) -> None:
+        """Close the run's telemetry: its status and, when completed, the final model version."""
+        if status == "completed" and self.last_round:
+            path = self.run_dir / f"round-{self.last_round:04d}"
+            sha = hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
+            version = f"{self.config.name}-{self.run_id[:8]}-round-{self.last_round:04d}"
+            self._record("record_model_version", version, run_id=self.run_id, round=self.last_round,
+                         metrics={"checkpoint": path.name}, checkpoint_sha256=sha)  # fmt: skip
+        self._record("finish_run", self.run_id, status=status)
+        emit_event("finish", status=status, rounds=self.last_round, error=error)
+        if self.telemetry is not None:
+            self.telemetry.close()
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _pin_run(self) -> str:
+        path = self.run_dir / "run.json"
+        key = self.config.resume_key()
+        if path.is_file():
+            try:
+                pinned = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError) as exc:
+                raise CmdfedError(f"{path} is unreadable ({exc}); the run folder is damaged") from exc
+            changed = sorted(k for k in set(key) | set(pinned["config"]) if key.get(k) != pinned["config"].get(k))
+            if changed:
+                raise CmdfedError(
+                    f"{self.run_dir} holds a run whose settings differ in {', '.join(changed)}; "
+                    "resume it with the same settings or choose a new run folder"
+                )
+            return str(pinned["run_id"])
+        run_id = uuid.uuid4().hex
+        write_json_atomic(path, {"run_id": run_id, "config": key, "created_at": time.time()})
+        return run_id
+
+    def _open_telemetry(self) -> TelemetryStore | None:
+        target = self.config.telemetry or str(self.run_dir / "telemetry.db")
+        try:
+            return TelemetryStore.open(target, create=True)
+        except CmdfedError as exc:
+            self._telemetry_error(exc)
+            return None
+
+    def _record(self, method: str, *args: Any, **kwargs: Any) -> None:
+        if self.telemetry is None:
+            return
+        try:
+            getattr(self.telemetry, method)(*args, **kwargs)
+        except CmdfedError as exc:
+            self._telemetry_error(exc)
+
+    def _telemetry_error(self, exc: CmdfedError) -> None:
+        if not self._telemetry_failed:
+            self._telemetry_failed = True
+            print(f"cmdfed: telemetry not recorded: {exc}", file=sys.stderr, flush=True)
+            emit_event("warning", message=f"telemetry not recorded: {exc}")
+
+
+def _due(config: FederationConfig, phase: str, phase_round: int) -> bool:
+    """Evaluate every ``eval_every`` rounds of a phase and always after its last round."""
+    every = config.eval_every
+    return every > 0 and (phase_round % every == 0 or phase_round == config.rounds(phase))

@@ -1,0 +1,217 @@
+"""A site's part in a round: train or evaluate the global weights on its own store.
+
+Only the phase's *sent* groups (``FederationConfig.sent_groups``) come in and go out; in
+fine-tuning the frozen backbone is passed separately (the site keeps it from the phase's
+first round, see ``client.client_app``), so a round's traffic is the heads alone.
+
+Every random choice of a local round (batches, augmentation, masks, noise) is seeded by
+``(run seed, phase, round, site name)``: a round re-run after a crash trains exactly as it
+did, and two sites never draw the same stream. The optimiser starts fresh every round with
+a constant learning rate (FedAvg's local SGD with AdamW); FedProx adds
+``mu/2 * ||w - w_global||^2`` over the trained weights to the loss.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from cmdfed.data.dataset import SiteDataset
+from cmdfed.data.store import SiteStore
+from cmdfed.errors import CmdfedError
+from cmdfed.evaluate.run import evaluate_model
+from cmdfed.federation.config import PHASES, FederationConfig, check_phase
+from cmdfed.inference import LoadedModel, to_model_input
+from cmdfed.model.config import DiffusionConfig, build_model
+from cmdfed.model.diffusion import MaskedDiffusion
+from cmdfed.model.unet import ConvNeXtUNet
+from cmdfed.train.device import memory_format, select_device
+from cmdfed.train.loop import LossFn, TrainConfig, Trainer
+from cmdfed.train.phases import batch_loader, finetune_loss, pretrain_loss, training_tiles
+
+Weights = dict[str, Tensor]
+
+
+class LocalUpdate(NamedTuple):
+    """What a site sends back: trained weights of the sent groups, its example count, numbers."""
+
+    weights: Weights
+    n_examples: int
+    metrics: dict[str, float]
+
+
+def round_seed(seed: int, phase: str, round: int, site: str) -> int:
+    """The seed of one site's round; a pure function, stable across machines and runs."""
+    site_key = zlib.crc32(site.encode())
+    state = np.random.SeedSequence([seed, PHASES.index(check_phase(phase)), round, site_key]).generate_state(1)
+    return int(state[0] & 0x7FFFFFFF)
+
+
+def local_pretrain_round(
+    global_weights: Weights,
+    site_store: str | Path,
+    config: FederationConfig,
+    round: int,
+    site_name: str,
+    *,
+    device: str = "auto",
+    batch_size: int | None = None,
+    proximal_mu: float = 0.0,
+) -> LocalUpdate:
+    """``config.local_steps`` masked-diffusion steps on all tiles of the site's store."""
+    dev = select_device(device)
+    model = site_model(config, "pretrain", global_weights, {}, dev)
+    dataset = SiteDataset(site_store, augment=config.augment)
+    loss_fn = pretrain_loss(model, MaskedDiffusion(DiffusionConfig()), None)
+    return _train(model, loss_fn, dataset, config, "pretrain", round, site_name, dev, batch_size, proximal_mu)
+
+
+def local_finetune_round(
+    global_weights: Weights,
+    frozen_weights: Weights,
+    site_store: str | Path,
+    config: FederationConfig,
+    round: int,
+    site_name: str,
+    *,
+    device: str = "auto",
+    batch_size: int | None = None,
+    proximal_mu: float = 0.0,
+) -> LocalUpdate:
+    """``config.local_steps`` head fine-tuning steps over the frozen backbone, on the
+    run's reproducible ``label_fraction`` of the site's labelled tiles."""
+    dev = select_device(device)
+    site = open_site(site_store, config)
+    model = site_model(config, "finetune", global_weights, frozen_weights, dev)
+    dataset = SiteDataset(site_store, indices=training_tiles(site, config.label_fraction, config.seed),
+                          augment=config.augment, targets=True)  # fmt: skip
+    return _train(model, finetune_loss(model, None), dataset, config, "finetune", round, site_name, dev, batch_size, proximal_mu)
+
+
+def open_site(site_store: str | Path, config: FederationConfig) -> SiteStore:
+    """The site's store, checked against the run's classes (an NC head needs the same types)."""
+    site = SiteStore.open(site_store)
+    if len(config.class_names) > 1 and (not site.has_types or site.class_names != config.class_names):
+        have = ", ".join(site.class_names[1:]) if site.has_types else "no nucleus types"
+        raise CmdfedError(
+            f"store {site.name} has {have} but the run classifies {config.classes}; "
+            "import the store with the run's classes or start the run without classes"
+        )
+    return site
+
+
+def site_model(config: FederationConfig, phase: str, sent: Weights, frozen: Weights, device: torch.device) -> ConvNeXtUNet:
+    """The run's model with the phase's sent (and frozen) groups loaded, only the sent ones trainable."""
+    torch.manual_seed(config.seed)  # the groups nobody sends (heads in pretraining) start alike everywhere
+    model = build_model(config.model_config(phase))
+    model.load_partial_state_dict(sent, config.sent_groups(phase))
+    if config.frozen_groups(phase):
+        model.load_partial_state_dict(frozen, config.frozen_groups(phase))
+    model.freeze(("backbone", "modulation", "heads"))
+    model.unfreeze(config.sent_groups(phase))
+    return model.to(device, memory_format=memory_format(device))
+
+
+def _with_proximal_term(loss_fn: LossFn, model: ConvNeXtUNet, mu: float) -> LossFn:
+    anchors = [(p, p.detach().clone()) for p in model.parameters() if p.requires_grad]
+
+    def loss(batch):
+        value, metrics = loss_fn(batch)
+        drift = sum((p - anchor).pow(2).sum() for p, anchor in anchors)
+        metrics["proximal"] = float(drift.detach())
+        return value + 0.5 * mu * drift, metrics
+
+    return loss
+
+
+def _train(
+    model: ConvNeXtUNet,
+    loss_fn: LossFn,
+    dataset: SiteDataset,
+    config: FederationConfig,
+    phase: str,
+    round: int,
+    site_name: str,
+    device: torch.device,
+    batch_size: int | None,
+    proximal_mu: float,
+) -> LocalUpdate:
+    train = TrainConfig(
+        steps=config.local_steps, batch_size=batch_size or config.batch_size, lr=config.lr(phase),
+        weight_decay=config.weight_decay, warmup_steps=0, min_lr_ratio=1.0, grad_clip=config.grad_clip,
+        seed=round_seed(config.seed, phase, round, site_name), augment=config.augment,
+        checkpoint_every=config.local_steps, sample_every=0,
+    )  # fmt: skip
+    if proximal_mu > 0:
+        loss_fn = _with_proximal_term(loss_fn, model, proximal_mu)
+    trainer = Trainer(model, loss_fn, train, device)
+    started = time.perf_counter()
+    losses, terms = [], {}
+    for result in trainer.run(batch_loader(dataset, train), train.steps):
+        losses.append(result.loss)
+        for key, value in result.metrics.items():
+            terms.setdefault(key, []).append(value)
+    seconds = time.perf_counter() - started
+    metrics = {
+        "loss": float(np.mean(losses)),
+        "last_loss": losses[-1],
+        "train_seconds": seconds,
+        "images_per_second": train.steps * train.batch_size / seconds,
+        **{key: float(np.mean(values)) for key, values in terms.items()},
+    }
+    sent = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict_for(config.sent_groups(phase)).items()}
+    return LocalUpdate(sent, len(dataset), metrics)
+
+
+# -- evaluation ------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate_on_store(model: ConvNeXtUNet, phase: str, site_store: str | Path, config: FederationConfig) -> tuple[int, dict[str, float]]:
+    """(tiles, metrics) of a global model on up to ``config.eval_tiles`` tiles of a store.
+
+    Pretraining is scored by its own masked-diffusion loss under fixed masks and noise;
+    fine-tuning by nuclei metrics (Dice, AJI, PQ; mPQ with types) on labelled tiles the
+    run does not train on when the store has any, else on the training tiles.
+    """
+    model.eval()
+    site = open_site(site_store, config)
+    device = next(model.parameters()).device
+    if check_phase(phase) == "pretrain":
+        count = min(config.eval_tiles, len(site))
+        images = to_model_input(np.stack([site.image(i) for i in range(count)])).to(device)
+        generator = torch.Generator().manual_seed(config.seed)
+        diffusion = MaskedDiffusion(DiffusionConfig())
+        total = 0.0
+        for start in range(0, count, 8):
+            chunk = images[start : start + 8]
+            total += float(diffusion.training_loss(model, chunk, generator=generator).masked_mse) * len(chunk)
+        return count, {"masked_mse": total / count}
+    labelled = site.labelled_indices()
+    trained = training_tiles(site, config.label_fraction, config.seed)
+    held_out = np.setdiff1d(labelled, trained)
+    indices = (held_out if held_out.size else trained)[: config.eval_tiles]
+    loaded = LoadedModel(model, model.config, config.class_names, Path(site.name), device)
+    summary = evaluate_model(loaded, site_store, indices=indices, batch_size=8)
+    keys = ("mean_dice", "mean_aji", "mean_pq") + (("mean_mpq",) if "mean_mpq" in summary else ())
+    return len(indices), {key.removeprefix("mean_"): float(summary[key]) for key in keys}
+
+
+def local_evaluate(
+    global_weights: Weights,
+    frozen_weights: Weights,
+    phase: str,
+    site_store: str | Path,
+    config: FederationConfig,
+    *,
+    device: str = "auto",
+) -> tuple[int, dict[str, float]]:
+    """A site's evaluation of the global weights of ``phase`` (see :func:`evaluate_on_store`)."""
+    model = site_model(config, phase, global_weights, frozen_weights, select_device(device))
+    return evaluate_on_store(model, phase, site_store, config)

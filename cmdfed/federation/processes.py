@@ -1,0 +1,133 @@
+"""Starting Flower's long-running processes (SuperLink, SuperNode) and waiting for them.
+
+Plain subprocess handling shared by ``server/superlink.py`` and ``client/supernode.py``;
+nothing here imports Flower. Each process gets:
+
+* its own ``FLWR_HOME`` (Flower unpacks apps and keeps its files there), under the
+  caller's folder, so two sites on one machine never share state;
+* ``FLWR_TELEMETRY_ENABLED=0``: hospitals' machines do not report to Flower's servers;
+* this interpreter's ``bin`` folder first on ``PATH``, because Flower launches its helper
+  processes (``flower-superexec``, ``flwr-serverapp``, ``flwr-clientapp``) by name;
+* a session of its own, so stopping it also stops the helpers it started.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from cmdfed.errors import CmdfedError
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def flower_env(flwr_home: Path) -> dict[str, str]:
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    bin_dir = str(Path(sys.executable).parent)
+    return {
+        **os.environ,
+        "FLWR_HOME": str(flwr_home),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
+    }
+
+
+def flower_executable(name: str) -> str:
+    """A Flower command installed beside this interpreter (the environment cmdfed runs in)."""
+    path = Path(sys.executable).parent / name
+    if not path.is_file():
+        raise CmdfedError(f"{name} is not installed beside {sys.executable}; install cmdfed with its flwr dependency")
+    return str(path)
+
+
+def start_process(command: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)  # fmt: skip
+
+
+def stop_process(process: subprocess.Popen, timeout: float = 15.0) -> None:
+    """SIGTERM the process's session (it and the helpers it started), SIGKILL if it lingers."""
+    if process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout)
+    except ProcessLookupError:
+        pass
+
+
+def wait_for_port(host: str, port: int, process: subprocess.Popen, log_path: Path, timeout: float = 60.0) -> None:
+    """Return once ``host:port`` accepts connections; a process that exits first is an error."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise CmdfedError(f"{Path(process.args[0]).name} exited with code {process.returncode}: {log_tail(log_path)}")
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.settimeout(0.5)
+            if probe.connect_ex((host, port)) == 0:
+                return
+        time.sleep(0.2)
+    raise CmdfedError(f"{Path(process.args[0]).name} did not listen on {host}:{port} within {timeout:.0f} s: {log_tail(log_path)}")
+
+
+def log_tail(log_path: Path, lines: int = 5) -> str:
+    try:
+        text = log_path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return f"no log at {log_path}"
+    return " | ".join(text[-lines:]) or f"{log_path} is empty"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now (for tests and default local set-ups)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def split_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise CmdfedError(f"address {address!r} must be host:port, e.g. 127.0.0.1:9092")
+    return host.strip("[]"), int(port)
+
+
+def require_loopback_or_insecure(host: str, insecure: bool, what: str) -> None:
+    """Until TLS is set up, traffic is plaintext: only loopback unless the user says otherwise."""
+    if host not in LOOPBACK and not insecure:
+        raise CmdfedError(
+            f"{what} {host} is not this machine and TLS is not configured, so weights would travel "
+            "unencrypted; use 127.0.0.1, or pass --insecure on a network you trust"
+        )
+
+
+def serve_in_foreground(process: subprocess.Popen, log_path: Path) -> None:
+    """Wait on a started Flower process until it exits, Ctrl-C, or SIGTERM; then stop it.
+
+    The process runs in a session of its own (see :func:`start_process`), so a signal to
+    this command would not reach it: SIGTERM is turned into an orderly stop here.
+    """
+
+    def terminate(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        code = process.wait()
+    except KeyboardInterrupt:
+        stop_process(process)
+        return
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if code != 0:
+        raise CmdfedError(f"{Path(process.args[0]).name} stopped with code {code}: {log_tail(log_path)}")

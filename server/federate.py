@@ -1,0 +1,190 @@
+"""``cmdfed federate``: submit the federation app to a SuperLink and follow the run.
+
+It wraps ``flwr run`` rather than re-implementing Flower's control API:
+
+1. the run config is built and validated here first (defaults < ``--config`` file <
+   ``--set`` values, and an absolute ``--run-dir``), so mistakes fail before submission;
+2. the app is staged in a temporary folder: the installed ``server`` and ``client``
+   packages plus a ``pyproject.toml`` whose ``[tool.flwr.app.config]`` is that run config
+   (this works the same from a checkout and from an installed wheel);
+3. a temporary ``FLWR_HOME/config.toml`` names the SuperLink connection, so the user's own
+   Flower configuration is neither needed nor touched;
+4. ``flwr run --stream`` prints the ServerApp's output; the ``cmdfed-event`` lines in it
+   (``RunCoordinator`` emits them) become progress lines: phase, round, per-site results;
+5. ``flwr ls --run-id`` tells how the run ended; anything but completed exits non-zero.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import tempfile
+import tomllib
+from collections import deque
+from pathlib import Path
+from typing import Any, Optional
+
+import tomli_w
+import typer
+
+import client
+import cmdfed
+import server
+from cmdfed.cli import console, emit, out
+from cmdfed.errors import CmdfedError
+from cmdfed.federation.config import FederationConfig
+from cmdfed.federation.coordinator import EVENT_PREFIX
+from cmdfed.federation.processes import flower_env, flower_executable, require_loopback_or_insecure, split_address
+
+CONNECTION = "cmdfed"
+APP_TABLE = {
+    "publisher": "cmdfed",
+    "components": {"serverapp": "server.server_app:app", "clientapp": "client.client_app:app"},
+}
+
+
+def federate(
+    superlink: str = typer.Option("127.0.0.1:9092", help="The SuperLink's host:port."),
+    run_dir: Path = typer.Option(..., "--run-dir", help="Run folder on the server machine; an existing one is resumed."),
+    config_file: Optional[Path] = typer.Option(None, "--config", help="TOML file of run-config keys (those of pyproject.toml's tool.flwr.app.config table)."),
+    settings: list[str] = typer.Option([], "--set", help="One run-config value, e.g. --set pretrain-rounds=5 (repeatable)."),
+    insecure: bool = typer.Option(False, "--insecure", help="Allow a non-loopback SuperLink without TLS."),
+    verbose: bool = typer.Option(False, "--verbose", help="Also print Flower's own log lines."),
+    as_json: bool = typer.Option(False, "--json", help="Print the run's events as JSON at the end."),
+) -> None:
+    """Run federated pretraining then head fine-tuning on the sites connected to a SuperLink."""
+    host, _ = split_address(superlink)
+    require_loopback_or_insecure(host, insecure, "SuperLink")
+    config = run_config(config_file, settings, run_dir)
+    with tempfile.TemporaryDirectory(prefix="cmdfed-federate-") as tmp:
+        app_dir = stage_app(Path(tmp) / "cmdfed-app", config)
+        env = flower_env(Path(tmp) / "flwr-home")
+        write_connection(Path(env["FLWR_HOME"]), superlink)
+        run_id, events, tail = _stream_run(app_dir, env, verbose)
+        status = _run_status(run_id, env)
+    finished = next((e for e in reversed(events) if e["event"] in ("finish", "error")), None)
+    if as_json:
+        emit({"run_id": run_id, "status": status, "events": events}, True)
+    if status != "finished:completed" or finished is None or finished.get("status") != "completed":
+        message = (finished or {}).get("message") or (finished or {}).get("error") or " | ".join(tail)
+        raise CmdfedError(f"the federated run {run_id} ended as {status}: {message}")
+    console.print(f"[bold green]federated run completed[/]: {finished['rounds']} rounds, checkpoints in {config.run_dir}")
+
+
+def run_config(config_file: Path | None, settings: list[str], run_dir: Path) -> FederationConfig:
+    values: dict[str, Any] = FederationConfig().to_run_config()
+    if config_file is not None:
+        try:
+            values.update(tomllib.loads(config_file.read_text()))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise CmdfedError(f"cannot read run config {config_file}: {exc}") from exc
+    for setting in settings:
+        key, sep, text = setting.partition("=")
+        if not sep:
+            raise CmdfedError(f"--set {setting!r} must be KEY=VALUE, e.g. --set pretrain-rounds=5")
+        values[key.strip()] = _toml_value(text.strip())
+    values["run-dir"] = str(run_dir.expanduser().absolute())
+    return FederationConfig.from_run_config(values)
+
+
+def stage_app(app_dir: Path, config: FederationConfig) -> Path:
+    """A Flower app folder: the installed role packages and a pyproject with this run config."""
+    for package in (server, client):
+        source = Path(package.__file__).parent
+        (app_dir / source.name).mkdir(parents=True)
+        for module in source.glob("*.py"):
+            shutil.copy2(module, app_dir / source.name / module.name)
+    pyproject = {
+        "project": {"name": "cmdfed", "version": cmdfed.__version__, "description": "CMD federated training",
+                    "license": {"text": "Apache-2.0"}},
+        "tool": {"flwr": {"app": {**APP_TABLE, "config": config.to_run_config()}}},
+    }  # fmt: skip
+    (app_dir / "pyproject.toml").write_text(tomli_w.dumps(pyproject))
+    return app_dir
+
+
+def write_connection(flwr_home: Path, superlink: str) -> None:
+    connection = {"superlink": {"default": CONNECTION, CONNECTION: {"address": superlink, "insecure": True}}}
+    (flwr_home / "config.toml").write_text(tomli_w.dumps(connection))
+
+
+def _stream_run(app_dir: Path, env: dict[str, str], verbose: bool) -> tuple[str, list[dict], list[str]]:
+    """Submit with ``flwr run --stream``; render events while they come. Returns (run id, events, last lines)."""
+    command = [flower_executable("flwr"), "run", str(app_dir), CONNECTION, "--stream"]
+    events: list[dict] = []
+    tail: deque[str] = deque(maxlen=8)
+    run_id = ""
+    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as process:
+        for raw in process.stdout:
+            line = raw.rstrip("\n")
+            if line.startswith("Successfully started run "):
+                run_id = line.removeprefix("Successfully started run ").split()[0]
+                console.print(f"submitted run {run_id}")
+            position = line.find(EVENT_PREFIX)
+            if position >= 0:
+                try:
+                    event = json.loads(line[position + len(EVENT_PREFIX):])
+                except json.JSONDecodeError:
+                    continue
+                events.append(event)
+                render_event(event)
+            else:
+                if line.strip():
+                    tail.append(line.strip())
+                if verbose:
+                    console.print(line, highlight=False, markup=False)
+    if not run_id:
+        raise CmdfedError(f"flwr run could not submit the app (exit code {process.returncode}): {' | '.join(tail)}")
+    return run_id, events, list(tail)
+
+
+def _run_status(run_id: str, env: dict[str, str]) -> str:
+    command = [flower_executable("flwr"), "ls", CONNECTION, "--run-id", run_id, "--format", "json"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    try:
+        return str(json.loads(result.stdout)["runs"][0]["status"])
+    except (json.JSONDecodeError, KeyError, IndexError) as exc:
+        raise CmdfedError(f"cannot read the status of run {run_id}: {(result.stdout + result.stderr).strip()[-300:]}") from exc
+
+
+def render_event(event: dict) -> None:
+    kind = event["event"]
+    if kind == "start":
+        rounds = ", ".join(f"{n} {phase}" for phase, n in event["rounds"].items())
+        resumed = f", resuming after round {event['resumed_after']}" if event["resumed_after"] else ""
+        console.print(f"run {event['run_id'][:8]}: {rounds} rounds{resumed}; checkpoints in {event['run_dir']}")
+    elif kind == "waiting":
+        console.print(f"waiting for sites: {event['connected']} of {event['needed']} connected")
+    elif kind == "round":
+        metrics = event["metrics"]
+        loss = metrics.get("train_loss")
+        out.print(
+            f"[bold]{event['phase']}[/] round {event['phase_round']}/{event['phase_rounds']} ({event['checkpoint']}): "
+            f"{sum(s['status'] == 'trained' for s in event['sites'])}/{len(event['sites'])} sites, "
+            + (f"loss {loss:.4f}, " if loss is not None else "")
+            + f"{event['seconds']:.1f} s, sent {event['bytes_sent'] / 1e6:.2f} MB, received {event['bytes_received'] / 1e6:.2f} MB"
+        )
+        for site in event["sites"]:
+            if site["status"] == "trained":
+                site_loss = site["metrics"].get("loss")
+                out.print(f"  {site['site']}: {site['n_examples']} tiles" + (f", loss {site_loss:.4f}" if site_loss is not None else ""))
+            else:
+                out.print(f"  {site['site']}: [red]{site['status']}[/] {site['error'] or ''}", highlight=False)
+        extra = {k: v for k, v in metrics.items() if k.startswith(("eval_", "server_")) and isinstance(v, (int, float))}
+        if extra:
+            out.print("  " + ", ".join(f"{k} {v:.4f}" for k, v in extra.items()))
+    elif kind == "rejected":
+        console.print(f"[yellow]{event['site']}: update rejected in {event['phase']} round {event['round']}[/]: {event['reason']}")
+    elif kind in ("warning", "evaluation_failed"):
+        console.print(f"[yellow]warning[/]: {event.get('message') or event.get('error')}")
+    elif kind == "error":
+        console.print(f"[bold red]run failed[/]: {event['message']}", highlight=False)
+
+
+def _toml_value(text: str) -> Any:
+    """A TOML value (5, 0.1, true, "x"), or the text itself when it is none."""
+    try:
+        return tomllib.loads(f"value = {text}")["value"]
+    except tomllib.TOMLDecodeError:
+        return text

@@ -1,0 +1,215 @@
+"""The federated rounds over Flower's Grid: the ServerApp's whole job.
+
+Flower's ``Strategy.start`` runs all rounds in one loop with nowhere to checkpoint, resume
+or refuse a bad update, so this module drives the strategy round by round itself:
+
+1. wait (up to the round timeout) until ``min-sites`` sites are connected;
+2. ``strategy.configure_train`` samples sites and builds messages of the phase's sent
+   weights; in fine-tuning a site that does not hold the frozen backbone yet gets it too;
+3. send, and wait up to the round timeout for replies;
+4. sort the replies: error replies and silent sites are logged as failed or timed out,
+   every received content is audited, updates are screened (``RunCoordinator.screen``);
+5. ``strategy.aggregate_train`` averages the accepted updates (weighted by examples);
+   a round without one usable update is an error that fails the run, because Flower
+   itself would carry on with unchanged weights;
+6. optional federated evaluation, then the coordinator checkpoints and records the round.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from cmdfed.errors import CmdfedError
+from cmdfed.federation.config import PHASES, FederationConfig
+from cmdfed.federation.coordinator import RoundReport, RunCoordinator, SiteReport, emit_event
+from server.strategies import build_strategy, restore_strategy_state, strategy_state
+
+SITE_IN_REASON = re.compile(r"^\[([A-Za-z0-9][A-Za-z0-9._-]*)\] ")
+
+
+def run_federation(grid: Grid, config: FederationConfig) -> None:
+    """Both phases' remaining rounds; the run's telemetry status says how it ended."""
+    coordinator = RunCoordinator(config)
+    try:
+        for phase in PHASES:
+            rounds = coordinator.remaining(phase)
+            if not rounds:
+                continue
+            strategy = build_strategy(config, phase)
+            restore_strategy_state(strategy, coordinator.resumed_strategy_state(phase))
+            phase_rounds = PhaseRounds(grid, coordinator, strategy, phase)
+            for phase_round in rounds:
+                phase_rounds.run(phase_round)
+    except (KeyboardInterrupt, SystemExit):
+        coordinator.finish("interrupted")
+        raise
+    except Exception as exc:
+        coordinator.finish("failed", error=str(exc))
+        raise
+    coordinator.finish("completed")
+
+
+class PhaseRounds:
+    """The rounds of one phase with one strategy; remembers which sites hold the frozen weights."""
+
+    def __init__(self, grid: Grid, coordinator: RunCoordinator, strategy: FedAvg, phase: str):
+        self.grid, self.coordinator, self.strategy, self.phase = grid, coordinator, strategy, phase
+        self.config: FederationConfig = coordinator.config
+        self.site_names: dict[int, str] = {}
+        self.holding_frozen: set[int] = set()
+        self.frozen_sha = coordinator.frozen_fingerprint(phase) if self.config.frozen_groups(phase) else ""
+
+    def run(self, phase_round: int) -> None:
+        started = time.time()
+        wait_for_sites(self.grid, self.config.min_sites, self.config.round_timeout_s)
+        arrays = _array_record(self.coordinator.sent_weights(self.phase))
+        messages = self._with_frozen(list(self.strategy.configure_train(phase_round, arrays, self._instructions(phase_round), self.grid)))
+        replies = self._exchange(messages)
+        reports, usable = self._sort(messages, replies, phase_round)
+        updates = {self._name(r): {k: a.numpy() for k, a in r.content["arrays"].items()} for r in usable}
+        accepted, rejected = self.coordinator.screen(self.phase, phase_round, updates)
+        for report in reports:
+            if report.site in rejected:
+                report.status, report.error = "failed", f"update rejected: {rejected[report.site]}"
+        accepted_replies = [r for r in usable if self._name(r) in accepted]
+        if not accepted_replies:
+            errors = "; ".join(f"{r.site}: {r.error or r.status}" for r in reports) or "no site was sampled"
+            raise CmdfedError(f"{self.phase} round {phase_round}: no site delivered a usable update ({errors})")
+        aggregated, train_metrics = self.strategy.aggregate_train(phase_round, accepted_replies)
+        if aggregated is None:
+            raise CmdfedError(f"{self.phase} round {phase_round}: the strategy could not aggregate the updates")
+        new_weights = {k: a.numpy() for k, a in aggregated.items()}
+        eval_metrics = self._evaluate(phase_round, _array_record(new_weights)) if self.coordinator.evaluation_due(self.phase, phase_round) else {}
+        report = RoundReport(
+            started, reports, bytes_sent=sum(_payload_bytes(m.content) for m in messages),
+            bytes_received=sum(_payload_bytes(r.content) for r in replies if r.has_content()),
+            train_metrics=dict(train_metrics or {}), eval_metrics=eval_metrics,
+        )  # fmt: skip
+        self.coordinator.complete_round(self.phase, phase_round, new_weights, strategy_state(self.strategy), report)
+
+    # -- messages ------------------------------------------------------------------------
+
+    def _instructions(self, phase_round: int) -> ConfigRecord:
+        values = {"phase": self.phase, "phase-round": phase_round, "round": self.config.global_round(self.phase, phase_round)}
+        if self.frozen_sha:
+            values["frozen-sha"] = self.frozen_sha
+        return ConfigRecord(values)
+
+    def _with_frozen(self, messages: list[Message]) -> list[Message]:
+        """Add the frozen weights to the messages of sites that do not hold them yet."""
+        if not self.frozen_sha:
+            return messages
+        frozen = _array_record(self.coordinator.frozen_weights(self.phase))
+        out = []
+        for message in messages:
+            node = message.metadata.dst_node_id
+            if node in self.holding_frozen:
+                out.append(message)
+            else:
+                content = RecordDict({**dict(message.content.items()), "frozen": frozen})
+                out.append(Message(content, dst_node_id=node, message_type=message.metadata.message_type))
+        return out
+
+    def _exchange(self, messages: list[Message]) -> list[Message]:
+        replies = list(self.grid.send_and_receive(messages, timeout=self.config.round_timeout_s))
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if reply.has_content() and "site" in reply.content.config_records:
+                self.site_names[node] = str(reply.content["site"]["name"])
+                if self.frozen_sha:
+                    self.holding_frozen.add(node)
+            elif reply.has_error():
+                self.holding_frozen.discard(node)  # its cache may be what failed: resend next time
+                match = SITE_IN_REASON.match(reply.error.reason)
+                if match:
+                    self.site_names.setdefault(node, match.group(1))
+        return replies
+
+    def _sort(self, messages: list[Message], replies: list[Message], phase_round: int) -> tuple[list[SiteReport], list[Message]]:
+        """Site reports for every message sent, and the replies that carry an update."""
+        reports, usable = [], []
+        by_node = {r.metadata.src_node_id: r for r in replies}
+        for message in messages:
+            node = message.metadata.dst_node_id
+            reply = by_node.get(node)
+            site = self.site_names.get(node, f"node-{node}")
+            if reply is None:
+                reports.append(SiteReport(site, "timed_out", error=f"no reply within {self.config.round_timeout_s:.0f} s"))
+            elif reply.has_error():
+                reports.append(SiteReport(site, "failed", error=SITE_IN_REASON.sub("", reply.error.reason)))
+            else:
+                content = reply.content
+                metrics = dict(content.metric_records.get("metrics", {}))
+                self.coordinator.audit(self.phase, phase_round, site, {k: a.numpy() for k, a in content.get("arrays", {}).items()},
+                                       metrics, _strings(content))  # fmt: skip
+                problem = _malformed_reply(content)
+                if problem:
+                    reports.append(SiteReport(site, "failed", error=problem))
+                    continue
+                n_examples = int(metrics.pop("num-examples"))
+                reports.append(SiteReport(site, "trained", n_examples, metrics, metrics.get("train_seconds")))
+                usable.append(reply)
+        for event_report in reports:
+            if event_report.status != "trained":
+                emit_event("site_failed", phase=self.phase, round=phase_round, site=event_report.site,
+                           status=event_report.status, error=event_report.error)  # fmt: skip
+        return reports, usable
+
+    def _name(self, reply: Message) -> str:
+        return self.site_names.get(reply.metadata.src_node_id, f"node-{reply.metadata.src_node_id}")
+
+    def _evaluate(self, phase_round: int, arrays: ArrayRecord) -> dict[str, float]:
+        messages = self._with_frozen(list(self.strategy.configure_evaluate(phase_round, arrays, self._instructions(phase_round), self.grid)))
+        replies = self._exchange(messages)
+        good = [r for r in replies if r.has_content() and "metrics" in r.content.metric_records]
+        for reply in replies:
+            if reply.has_error():
+                emit_event("evaluation_failed", phase=self.phase, round=phase_round, site=self._name(reply),
+                           error=SITE_IN_REASON.sub("", reply.error.reason))  # fmt: skip
+        metrics = self.strategy.aggregate_evaluate(phase_round, good) if good else None
+        return dict(metrics or {})
+
+
+def wait_for_sites(grid: Grid, minimum: int, timeout: float) -> None:
+    """Block until ``minimum`` sites are connected; an error after ``timeout`` seconds."""
+    deadline, announced = time.monotonic() + timeout, -1
+    while (connected := len(list(grid.get_node_ids()))) < minimum:
+        if time.monotonic() > deadline:
+            raise CmdfedError(
+                f"only {connected} of the {minimum} sites the run needs connected within {timeout:.0f} s; "
+                "start more sites (`cmdfed client start`) or lower min-sites"
+            )
+        if connected != announced:
+            emit_event("waiting", connected=connected, needed=minimum)
+            announced = connected
+        time.sleep(1.0)
+
+
+def _array_record(weights: dict) -> ArrayRecord:
+    return ArrayRecord({k: Array(v) for k, v in weights.items()})
+
+
+def _payload_bytes(content: RecordDict) -> int:
+    """Bytes of a message's records: serialised arrays, and keys and values of the others."""
+    total = sum(record.count_bytes() for record in content.array_records.values())
+    for record in [*content.metric_records.values(), *content.config_records.values()]:
+        total += sum(len(k) + (len(v) if isinstance(v, (str, bytes)) else 8) for k, v in record.items())
+    return total
+
+
+def _strings(content: RecordDict) -> dict[str, str]:
+    return {f"{name}.{k}": v for name, record in content.config_records.items() for k, v in record.items() if isinstance(v, str)}
+
+
+def _malformed_reply(content: RecordDict) -> str | None:
+    if list(content.array_records) != ["arrays"] or list(content.metric_records) != ["metrics"]:
+        return "the reply must hold exactly the records 'arrays' and 'metrics'"
+    value = content["metrics"].get("num-examples")
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        return f"num-examples must be a positive integer, got {value!r}"
+    return None

@@ -1,0 +1,104 @@
+"""The ClientApp called as a SuperNode calls it, in process: what a site sends back.
+
+Message inspection: a reply holds only the model's float32 weights of the phase's sent
+groups, numbers, and the site's name; a site that cannot train replies with an error that
+names no folder.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from client.client_app import app
+from cmdfed.data.synth import write_synthetic_store
+from cmdfed.federation.config import FederationConfig
+from cmdfed.federation.site import weights_fingerprint
+from cmdfed.model.config import build_model
+
+CONFIG = FederationConfig(classes="epithelial,lymphocyte,stromal", local_steps=1, batch_size=2, eval_tiles=2, augment=False)
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    """What Flower sets in a ClientApp process before it builds messages."""
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 7, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    path = tmp_path_factory.mktemp("site") / "site.zarr"
+    write_synthetic_store(path, 4, site=1, seed=1, tile_size=64)
+    return path
+
+
+def context(store, work_dir, name="site-a") -> Context:
+    node_config = {"store": str(store), "name": name, "work-dir": str(work_dir), "device": "cpu"}
+    return Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config=CONFIG.to_run_config())
+
+
+def message(kind: str, phase: str, model, extra: dict | None = None) -> Message:
+    groups = CONFIG.sent_groups(phase)
+    arrays = ArrayRecord({k: Array(v.numpy()) for k, v in model.state_dict_for(groups).items()})
+    config = {"phase": phase, "phase-round": 1, "round": 1, **(extra or {})}
+    return Message(RecordDict({"arrays": arrays, "config": ConfigRecord(config)}), dst_node_id=7, message_type=kind)
+
+
+def assert_only_weights_and_numbers(reply: Message, model, phase: str, store) -> None:
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    content = reply.content
+    assert set(content.array_records) == {"arrays"} and set(content.metric_records) == {"metrics"}
+    expected = model.state_dict_for(CONFIG.sent_groups(phase))
+    arrays = {k: a.numpy() for k, a in content["arrays"].items()}
+    assert set(arrays) == set(expected)
+    for key, value in arrays.items():
+        assert value.dtype == np.float32 and value.shape == tuple(expected[key].shape)
+    assert all(isinstance(v, (int, float)) for v in content["metrics"].values())
+    strings = [v for record in content.config_records.values() for v in record.values()]
+    assert strings == ["site-a"] and not any(str(store.parent) in str(s) for s in strings)
+
+
+def test_pretrain_reply_holds_backbone_and_modulation_weights_and_numbers(store, tmp_path):
+    torch.manual_seed(0)
+    model = build_model(CONFIG.model_config("pretrain"))
+    reply = app(message(MessageType.TRAIN, "pretrain", model), context(store, tmp_path))
+    assert_only_weights_and_numbers(reply, model, "pretrain", store)
+    assert reply.content["metrics"]["num-examples"] == 4
+
+
+def test_finetune_receives_the_frozen_backbone_once_then_only_heads(store, tmp_path):
+    torch.manual_seed(0)
+    model = build_model(CONFIG.model_config("finetune"))
+    frozen = {k: v.numpy() for k, v in model.state_dict_for(CONFIG.frozen_groups("finetune")).items()}
+    sha = weights_fingerprint(frozen)
+    first = message(MessageType.TRAIN, "finetune", model, {"frozen-sha": sha})
+    first.content["frozen"] = ArrayRecord({k: Array(v) for k, v in frozen.items()})
+    assert_only_weights_and_numbers(app(first, context(store, tmp_path)), model, "finetune", store)
+
+    later = message(MessageType.TRAIN, "finetune", model, {"frozen-sha": sha})  # heads and fingerprint only
+    reply = app(later, context(store, tmp_path))
+    assert_only_weights_and_numbers(reply, model, "finetune", store)
+    assert all(k.startswith("heads.") for k in reply.content["arrays"])
+
+    evaluation = app(message(MessageType.EVALUATE, "finetune", model, {"frozen-sha": sha}), context(store, tmp_path))
+    assert not evaluation.has_error() and not evaluation.content.array_records
+    assert {"num-examples", "dice", "pq"} <= set(evaluation.content["metrics"])
+
+    stranger = app(later, context(store, tmp_path / "fresh-site"))  # a site without the backbone
+    assert stranger.has_error() and "resends them next round" in stranger.error.reason
+
+
+def test_a_missing_store_gives_an_error_reply_naming_the_site_not_the_folder(tmp_path):
+    torch.manual_seed(0)
+    model = build_model(CONFIG.model_config("pretrain"))
+    missing = tmp_path / "hospital-7" / "patients" / "site.zarr"
+    reply = app(message(MessageType.TRAIN, "pretrain", model), context(missing, tmp_path, name="site-b"))
+    assert reply.has_error()
+    assert reply.error.reason.startswith("[site-b] CmdfedError:")
+    assert "site.zarr" in reply.error.reason and "hospital-7" not in reply.error.reason

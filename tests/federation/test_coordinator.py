@@ -1,0 +1,57 @@
+"""The server's bookkeeping: a new run, a completed round, and resuming the run folder."""
+
+import json
+import sqlite3
+
+import numpy as np
+import pytest
+
+from cmdfed.errors import CmdfedError
+from cmdfed.federation.coordinator import RoundReport, RunCoordinator, SiteReport
+
+
+def complete(coordinator, phase, phase_round):
+    sent = coordinator.sent_weights(phase)
+    aggregated = {k: v + 0.01 for k, v in sent.items()}
+    report = RoundReport(0.0, [SiteReport("site-1", "trained", 6, {"loss": 1.0}, 2.0), SiteReport("site-2", "failed", error="boom")],
+                         bytes_sent=10, bytes_received=5, train_metrics={"loss": 1.0})  # fmt: skip
+    return coordinator.complete_round(phase, phase_round, aggregated, {}, report)
+
+
+def test_rounds_are_checkpointed_recorded_and_resumed_after(quick_config, capsys):
+    config = quick_config(eval_every=0)
+    coordinator = RunCoordinator(config)
+    assert list(coordinator.remaining("pretrain")) == [1, 2] and list(coordinator.remaining("finetune")) == [1, 2]
+    complete(coordinator, "pretrain", 1)
+    complete(coordinator, "pretrain", 2)
+    path = complete(coordinator, "finetune", 1)
+    assert path.name == "round-0003"
+    weights = coordinator.sent_weights("finetune")
+
+    resumed = RunCoordinator(config)  # a restarted server on the same run folder
+    assert list(resumed.remaining("pretrain")) == [] and list(resumed.remaining("finetune")) == [2]
+    assert resumed.run_id == coordinator.run_id
+    assert all(np.array_equal(resumed.sent_weights("finetune")[k], v) for k, v in weights.items())
+    complete(resumed, "finetune", 2)
+    resumed.finish("completed")
+
+    db = sqlite3.connect(config.run_dir + "/telemetry.db")
+    assert db.execute("SELECT round, n_sites, n_failed FROM rounds ORDER BY round").fetchall() == [(1, 2, 1), (2, 2, 1), (3, 2, 1), (4, 2, 1)]
+    assert db.execute("SELECT COUNT(*) FROM site_rounds").fetchone() == (8,)
+    assert db.execute("SELECT status FROM runs").fetchall() == [("completed",)]
+    events = [json.loads(line.split(" ", 1)[1]) for line in capsys.readouterr().out.splitlines() if line.startswith("cmdfed-event ")]
+    assert [e["event"] for e in events].count("round") == 4 and events[-1] == {**events[-1], "event": "finish", "status": "completed"}
+
+
+def test_resuming_with_other_settings_is_refused(quick_config):
+    RunCoordinator(quick_config())
+    with pytest.raises(CmdfedError, match="differ in local_steps"):
+        RunCoordinator(quick_config(local_steps=5))
+    RunCoordinator(quick_config(round_timeout_s=99.0))  # a timeout is no part of the run's result
+
+
+def test_the_frozen_fingerprint_names_exactly_the_frozen_weights(quick_config):
+    coordinator = RunCoordinator(quick_config())
+    sha = coordinator.frozen_fingerprint("finetune")
+    assert len(sha) == 64 and not any(k.startswith("heads.") for k in coordinator.frozen_weights("finetune"))
+    assert set(coordinator.sent_weights("finetune")) == {k for k in coordinator.weights if k.startswith("heads.")}
