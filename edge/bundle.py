@@ -1,0 +1,181 @@
+"""Bundles: a folder (and a .tar of it) that carries a model to a workstation.
+
+    manifest.json   what the model is, how to feed it, how to check it (see export.py)
+    manifest.sig    optional ed25519 signature of manifest.json's bytes (signing.py)
+    model.onnx      single-file ONNX graph (no external data)
+    model.pt2       torch.export program, for torch-tensorrt
+    golden.npz      a reference input and PyTorch's outputs for it
+
+``manifest.json`` lists the sha256 and size of every other file. Verification, before
+anything is installed: the signature first (with a trusted key; it protects the list of
+checksums), then the exact set of files (nothing missing, nothing extra) and each
+checksum. A .tar is verified by streaming its members without extracting: only regular
+files directly under one top folder are accepted, so a crafted archive cannot write
+outside it (links, devices, absolute or ``..`` paths are refused).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tarfile
+from pathlib import Path
+from typing import IO
+
+from cmdfed.errors import CmdfedError
+from edge import signing
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+SIGNATURE = "manifest.sig"
+ONNX_FILE = "model.onnx"
+PT2_FILE = "model.pt2"
+GOLDEN_FILE = "golden.npz"
+_CHUNK = 1 << 20
+
+
+def sha256_of_stream(stream: IO[bytes]) -> tuple[str, int]:
+    digest, size = hashlib.sha256(), 0
+    while chunk := stream.read(_CHUNK):
+        digest.update(chunk)
+        size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def sha256_of_file(path: Path) -> str:
+    with open(path, "rb") as f:
+        return sha256_of_stream(f)[0]
+
+
+def file_records(folder: Path) -> dict[str, dict]:
+    """{name: {sha256, bytes}} of every file in ``folder`` except the manifest and signature."""
+    records = {}
+    for path in sorted(folder.iterdir()):
+        if path.name not in (MANIFEST, SIGNATURE):
+            with open(path, "rb") as f:
+                sha, size = sha256_of_stream(f)
+            records[path.name] = {"sha256": sha, "bytes": size}
+    return records
+
+
+class BundleSource:
+    """Read access to a bundle's files, from a folder or a tar, without extracting."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if self.path.is_dir():
+            self._tar = None
+            self._members = {p.name: p for p in self.path.iterdir()}
+            odd = [p.name for p in self._members.values() if p.is_symlink() or not p.is_file()]
+        elif self.path.is_file():
+            self._tar, self._members, odd = _open_tar(self.path)
+        else:
+            raise CmdfedError(f"bundle {self.path} does not exist; give the bundle folder or its .tar")
+        if odd:
+            raise CmdfedError(f"{self.path}: unexpected entries {sorted(odd)} (only plain files belong in a bundle)")
+
+    @property
+    def names(self) -> set[str]:
+        return set(self._members)
+
+    def read_bytes(self, name: str) -> bytes:
+        with self.open(name) as f:
+            return f.read()
+
+    def open(self, name: str) -> IO[bytes]:
+        if name not in self._members:
+            raise CmdfedError(f"{self.path} has no {name}; it is not a complete cmdfed edge bundle")
+        if self._tar is None:
+            return open(self._members[name], "rb")
+        return self._tar.extractfile(self._members[name])
+
+    def copy_to(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=False)
+        for name in sorted(self.names):
+            with self.open(name) as src, open(folder / name, "wb") as dst:
+                shutil.copyfileobj(src, dst, _CHUNK)
+
+    def close(self) -> None:
+        if self._tar is not None:
+            self._tar.close()
+
+    def __enter__(self) -> "BundleSource":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _open_tar(path: Path) -> tuple[tarfile.TarFile, dict, list[str]]:
+    try:
+        tar = tarfile.open(path, "r:*")
+        members = tar.getmembers()
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise CmdfedError(f"{path} is not a readable bundle archive ({exc}); give the bundle folder or its .tar") from exc
+    files, odd = {}, []
+    tops = {m.name.split("/", 1)[0] for m in members}
+    for member in members:
+        parts = member.name.split("/")
+        if len(tops) != 1 or member.name.startswith("/") or ".." in parts:
+            odd.append(member.name)
+        elif member.isdir() and len(parts) == 1:
+            continue
+        elif member.isfile() and len(parts) == 2:
+            files[parts[1]] = member
+        else:
+            odd.append(member.name)
+    return tar, files, odd
+
+
+def parse_manifest(data: bytes, where: str) -> dict:
+    try:
+        manifest = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CmdfedError(f"{where}: manifest.json is not valid JSON ({exc}); the bundle is damaged") from exc
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise CmdfedError(f"{where}: manifest.json has no file list; it is not a cmdfed edge bundle")
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise CmdfedError(
+            f"{where}: bundle schema version {manifest.get('schema_version')} is not supported by this cmdfed "
+            f"(it reads version {SCHEMA_VERSION}); upgrade cmdfed on this workstation or re-export"
+        )
+    return manifest
+
+
+def verify_bundle(source: BundleSource, trust_key=None) -> dict:
+    """The manifest of a bundle whose signature (when ``trust_key`` is given) and checksums hold."""
+    where = str(source.path)
+    manifest_bytes = source.read_bytes(MANIFEST)
+    if trust_key is not None:
+        if SIGNATURE not in source.names:
+            raise CmdfedError(f"{where} is not signed, but a trusted key was given; refusing to deploy an unsigned bundle")
+        signing.verify(manifest_bytes, source.read_bytes(SIGNATURE), trust_key, where)
+    manifest = parse_manifest(manifest_bytes, where)
+    listed = set(manifest["files"])
+    present = source.names - {MANIFEST, SIGNATURE}
+    if listed != present:
+        missing, extra = sorted(listed - present), sorted(present - listed)
+        raise CmdfedError(f"{where}: files differ from the manifest (missing {missing}, unexpected {extra}); refusing it")
+    for name in sorted(listed):
+        with source.open(name) as f:
+            sha, size = sha256_of_stream(f)
+        expected = manifest["files"][name]
+        if sha != expected.get("sha256") or size != expected.get("bytes"):
+            raise CmdfedError(f"{where}: {name} does not match its checksum in the manifest (tampered or damaged); refusing it")
+    return manifest
+
+
+def write_tar(folder: Path, tar_path: Path) -> None:
+    """``folder`` as an uncompressed tar with one top folder (weights barely compress)."""
+    with tarfile.open(tar_path, "w", format=tarfile.PAX_FORMAT) as tar:
+        tar.add(folder, arcname=folder.name, recursive=False)
+        for path in sorted(folder.iterdir()):
+            tar.add(path, arcname=f"{folder.name}/{path.name}", filter=_normalise_member)
+
+
+def _normalise_member(member: tarfile.TarInfo) -> tarfile.TarInfo:
+    member.uid = member.gid = 0
+    member.uname = member.gname = ""
+    member.mode = 0o644
+    return member

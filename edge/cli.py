@@ -1,0 +1,136 @@
+"""`cmdfed edge ...`: export, keygen, deploy, rollback, status, infer (arguments only; the work
+is in the library modules)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from cmdfed.cli import emit, out, progress_bar
+
+commands = typer.Typer(help="Edge role: export bundles, deploy them on workstations, run whole slides.", no_args_is_help=True)
+
+BACKEND_HELP = "Force a backend: tensorrt, onnxruntime-cuda or onnxruntime-cpu (default: the first that works)."
+TELEMETRY_HELP = "Telemetry store (SQLite path or postgresql:// URL) to record this in."
+
+
+def _log_backend_choice() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("cmdfed.edge").setLevel(logging.INFO)
+
+
+@commands.command("keygen")
+def keygen(prefix: Path = typer.Argument(..., help="Writes PREFIX.key (private, keep secret) and PREFIX.pub.")) -> None:
+    """Make an ed25519 key pair for signing bundles."""
+    from edge.signing import generate_key_pair
+
+    private, public = generate_key_pair(prefix)
+    out.print(f"private key: {private} (keep it secret)\npublic key:  {public} (give to workstations as --trust-key)")
+
+
+@commands.command("export")
+def export(
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="Fine-tuned run or checkpoint folder."),
+    out_path: Path = typer.Option(..., "--out", help="Bundle folder to create (BUNDLE.tar is written beside it)."),
+    sign_key: Optional[Path] = typer.Option(None, "--sign-key", help="ed25519 private key to sign the manifest with."),
+    tile: int = typer.Option(256, help="Tile side the workstation runs (multiple of 32)."),
+    overlap: int = typer.Option(64, help="Tile overlap in pixels: at least the largest nucleus diameter."),
+    mpp: Optional[float] = typer.Option(None, help="Micrometres per pixel the model was trained at."),
+    tolerance: float = typer.Option(1e-3, help="Largest ONNX Runtime vs PyTorch difference accepted."),
+    overwrite: bool = typer.Option(False, help="Replace an existing bundle."),
+    telemetry: Optional[str] = typer.Option(None, help=TELEMETRY_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Export a checkpoint to a verified bundle (ONNX + torch.export program + manifest + golden data)."""
+    from edge.export import export_bundle
+
+    with progress_bar("export") as progress:
+        result = export_bundle(checkpoint, out_path, tile=tile, overlap=overlap, mpp=mpp, sign_key=sign_key,
+                               tolerance=tolerance, overwrite=overwrite, telemetry=telemetry, progress=progress)  # fmt: skip
+    emit(result, as_json, lambda r: out.print(
+        f"bundle {r['version']}: {r['bundle']} and {r['tar']} ({'signed' if r['signed'] else 'unsigned'}; "
+        f"ONNX Runtime vs PyTorch max diff {r['max_abs_diff']:.2g})"
+    ))  # fmt: skip
+
+
+@commands.command("deploy")
+def deploy(
+    bundle_path: Path = typer.Argument(..., metavar="BUNDLE", help="Bundle folder or .tar."),
+    home: Path = typer.Option(..., "--home", help="Edge home folder on this workstation."),
+    trust_key: Optional[Path] = typer.Option(None, "--trust-key", help="Public key; the bundle must be signed by it."),
+    backend: Optional[str] = typer.Option(None, help=BACKEND_HELP),
+    trt_source: str = typer.Option("onnx", help="Build TensorRT engines from onnx or pt2."),
+    telemetry: Optional[str] = typer.Option(None, help=TELEMETRY_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Verify a bundle, install it, check it runs here, and make it the active version."""
+    from edge.deploy import deploy as deploy_bundle
+
+    _log_backend_choice()
+    with progress_bar("deploy") as progress:
+        result = deploy_bundle(bundle_path, home, trust_key=trust_key, backend=backend, trt_source=trt_source,
+                               telemetry=telemetry, progress=progress)  # fmt: skip
+    emit(result, as_json, lambda r: out.print(
+        f"active: {r['active']} (previous: {', '.join(r['history']) or 'none'}); backend {r['backend']['backend']}"
+    ))  # fmt: skip
+
+
+@commands.command("rollback")
+def rollback(
+    home: Path = typer.Option(..., "--home", help="Edge home folder."),
+    telemetry: Optional[str] = typer.Option(None, help=TELEMETRY_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Make the previous version active again."""
+    from edge.deploy import rollback as rollback_home
+
+    result = rollback_home(home, telemetry=telemetry)
+    emit(result, as_json, lambda r: out.print(f"active: {r['active']} (rolled back from {r['rolled_back_from']})"))
+
+
+@commands.command("status")
+def status(
+    home: Path = typer.Option(..., "--home", help="Edge home folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Active version, previous versions, verification and cached engines."""
+    from edge.deploy import status as home_status
+
+    result = home_status(home)
+    emit(result, as_json, lambda r: out.print(
+        f"active: {r['active']} ({'verified' if r['verified'] else 'FAILED: ' + str(r['problem'])}, "
+        f"{'signed' if r['signed'] else 'unsigned'}); previous: {', '.join(r['previous']) or 'none'}; "
+        f"engines cached: {len(r['engines'])}"
+    ))  # fmt: skip
+
+
+@commands.command("infer")
+def infer(
+    slide: Path = typer.Argument(..., help="Whole-slide image (SVS, NDPI, MRXS, TIFF) or plain image."),
+    home: Path = typer.Option(..., "--home", help="Edge home folder with an active model."),
+    out_dir: Path = typer.Option(..., "--out", help="Output folder (rerun with the same folder to resume)."),
+    backend: Optional[str] = typer.Option(None, help=BACKEND_HELP),
+    batch: int = typer.Option(8, help="Tiles per forward pass."),
+    min_tissue: float = typer.Option(0.1, help="Skip tiles with less tissue than this fraction."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for ONNX Runtime (default: all available)."),
+    trt_source: str = typer.Option("onnx", help="Build TensorRT engines from onnx or pt2."),
+    restart: bool = typer.Option(False, help="Discard earlier results in --out and start again."),
+    telemetry: Optional[str] = typer.Option(None, help=TELEMETRY_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Segment and classify every nucleus of a slide: OME-Zarr labels, QuPath GeoJSON, summary.json."""
+    from edge.infer import infer_slide
+
+    _log_backend_choice()
+    with progress_bar(f"infer {slide.name}") as progress:
+        summary = infer_slide(slide, home, out_dir, backend=backend, batch=batch, min_tissue=min_tissue,
+                              restart=restart, threads=threads, trt_source=trt_source, telemetry=telemetry,
+                              progress=progress)  # fmt: skip
+    emit(summary, as_json, lambda s: out.print(
+        f"{s['n_cells']} nuclei in {s['area_analysed_mm2'] or s['area_analysed_px']} "
+        f"{'mm2' if s['area_analysed_mm2'] else 'px'} with {s['backend']['backend']}: "
+        + ", ".join(f"{k} {v}" for k, v in s['counts_by_type'].items()) + f" -> {out_dir}"
+    ))  # fmt: skip

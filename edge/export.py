@@ -1,0 +1,358 @@
+"""Checkpoint -> verified bundle (`cmdfed edge export`).
+
+Steps, all in a hidden folder beside the destination that is renamed into place only
+when every check has passed (a failed export leaves nothing behind):
+
+1. ``torch.export`` of :class:`edge.graph.EdgeGraph` with a dynamic batch and H, W
+   dynamic in multiples of 32 (``32 * Dim``), saved as ``model.pt2`` (torch-tensorrt
+   compiles this program).
+2. ONNX from that same program through the dynamo exporter (opset 18; LayerNorm stays
+   one ``LayerNormalization`` node, which TensorRT maps to one normalisation layer), one
+   file (external data off: a bundle file is then a complete, checksummable model). The
+   symbolic dims are renamed ``batch``, ``height``, ``width`` on every graph input and
+   output, so the batch dimension is visibly shared.
+3. ``onnx.checker.check_model(full_check=True)`` (also runs shape inference) and the
+   TensorRT operator allow-list (``trt_ops``).
+4. ONNX Runtime (CPU) against PyTorch at batch 1 with the tile size and at two other
+   batch sizes and shapes: the largest absolute difference over all outputs must stay
+   within ``tolerance`` (default 1e-3 on probabilities and HV values; measured ~1e-6
+   for fp32 on CPU).
+5. ``golden.npz``: two synthetic H&E tiles of the tile size (uint8, as a scanner gives
+   them) and PyTorch's outputs; every backend is checked against them at load.
+6. ``manifest.json`` with checksums; optionally ``manifest.sig``; then the folder is
+   renamed into place and a .tar of it written beside it.
+
+Model version: ``<run>-<s|r><step|round>-<first 8 hex of the weights' sha256>``, so two
+exports of the same weights share a version and different weights never do.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime
+import torch
+
+import cmdfed
+from cmdfed.atomic import atomic_path, json_safe, write_bytes_atomic
+from cmdfed.data.synth import synth_tiles
+from cmdfed.errors import CmdfedError
+from cmdfed.evaluate.postprocess import WatershedParams
+from cmdfed.inference import load_model, to_model_input
+from cmdfed.progress import Progress, report
+from edge import bundle, signing, trt_ops
+from edge.graph import INPUT_NAME, EdgeGraph
+
+OPSET = 18
+STRIDE = 32
+MIN_SIDE, MAX_SIDE = 64, 1024
+MAX_BATCH = 32
+OPT_BATCH = 8
+DEFAULT_TOLERANCE = 1e-3
+FP16_TOLERANCE = 0.05  # max abs difference of probabilities/HV an FP16 engine may show on the golden tiles
+DIM_NAMES = ("batch", "height", "width")
+_STEPS = 6
+
+
+def export_bundle(
+    checkpoint: str | Path,
+    out: str | Path,
+    *,
+    tile: int = 256,
+    overlap: int = 64,
+    mpp: float | None = None,
+    sign_key: str | Path | None = None,
+    tolerance: float = DEFAULT_TOLERANCE,
+    postprocess: WatershedParams = WatershedParams(),
+    overwrite: bool = False,
+    telemetry: str | Path | None = None,
+    progress: Progress | None = None,
+) -> dict:
+    """Write the bundle folder ``out`` and ``out.tar``; returns what was made.
+
+    ``postprocess``: the watershed settings the workstation will use with this model (tuned
+    per model and magnification; HoVer-Net's defaults otherwise).
+    """
+    out = Path(out)
+    tar_path = out.with_name(out.name + ".tar")
+    _check_settings(tile, overlap, tolerance)
+    private_key = signing.load_private_key(sign_key) if sign_key else None
+    if not overwrite and (out.exists() or tar_path.exists()):
+        raise CmdfedError(f"{out} or {tar_path.name} already exists; pass --overwrite or choose another --out")
+    loaded = load_model(checkpoint, torch.device("cpu"))
+    graph = EdgeGraph(loaded.model).eval()
+    identity = _model_identity(loaded.checkpoint)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        report(progress, 0, _STEPS, "torch.export")
+        program = _torch_export(graph)
+        torch.export.save(program, str(work / bundle.PT2_FILE))
+        report(progress, 1, _STEPS, "ONNX export")
+        _onnx_export(program, graph.output_names, work / bundle.ONNX_FILE)
+        report(progress, 2, _STEPS, "ONNX checks")
+        ops = check_onnx(work / bundle.ONNX_FILE)
+        report(progress, 3, _STEPS, "ONNX Runtime vs PyTorch")
+        agreement = _compare_with_torch(graph, work / bundle.ONNX_FILE, tile, tolerance)
+        report(progress, 4, _STEPS, "golden data")
+        _write_golden(graph, work / bundle.GOLDEN_FILE, tile)
+        manifest = _manifest(loaded, graph, identity, tile, overlap, mpp, tolerance, agreement, ops, postprocess)
+        manifest["files"] = bundle.file_records(work)
+        manifest_bytes = _json_bytes(manifest)
+        write_bytes_atomic(work / bundle.MANIFEST, manifest_bytes)
+        if private_key is not None:
+            write_bytes_atomic(work / bundle.SIGNATURE, _json_bytes(signing.sign(manifest_bytes, private_key)))
+        report(progress, 5, _STEPS, "bundle")
+        work.chmod(0o755)  # mkdtemp makes 0700; a bundle is meant to be shared
+        if out.exists():
+            shutil.rmtree(out)
+        work.rename(out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    with atomic_path(tar_path) as tmp:
+        bundle.write_tar(out, tmp)
+    tar_sha = bundle.sha256_of_file(tar_path)
+    report(progress, _STEPS, _STEPS, "done")
+    if telemetry:
+        _record(telemetry, manifest, identity, tar_sha, signed=private_key is not None, tar_path=tar_path)
+    return {
+        "version": manifest["model"]["version"],
+        "bundle": str(out),
+        "tar": str(tar_path),
+        "tar_sha256": tar_sha,
+        "signed": private_key is not None,
+        "max_abs_diff": agreement["max_abs_diff"],
+        "opset": OPSET,
+    }
+
+
+def _check_settings(tile: int, overlap: int, tolerance: float) -> None:
+    if tile % STRIDE or not MIN_SIDE <= tile <= MAX_SIDE:
+        raise CmdfedError(f"--tile must be a multiple of {STRIDE} in {MIN_SIDE}..{MAX_SIDE}, got {tile}")
+    if overlap % 2 or not 0 <= overlap < tile // 2:
+        raise CmdfedError(f"--overlap must be even and below half the tile ({tile // 2}), got {overlap}")
+    if not tolerance > 0:
+        raise CmdfedError(f"the ONNX/PyTorch tolerance must be positive, got {tolerance}")
+
+
+def _model_identity(checkpoint: Path) -> dict:
+    """Run, round/step and weights hash of a checkpoint folder, and the version made from them."""
+    from cmdfed.train.checkpoint import load_checkpoint
+
+    config = load_checkpoint(checkpoint).config
+    weights_file = checkpoint / ("ema.safetensors" if (checkpoint / "ema.safetensors").exists() else "model.safetensors")
+    weights_sha = bundle.sha256_of_file(weights_file)
+    run = str(config.get("name") or checkpoint.parent.name)
+    round_ = config.get("round")
+    step = int(config.get("step", 0))
+    tag = f"r{int(round_):04d}" if round_ is not None else f"s{step:06d}"
+    version = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{run}-{tag}-{weights_sha[:8]}").strip("-.")
+    return {
+        "version": version,
+        "run": run,
+        "run_id": config.get("run_id"),
+        "phase": config.get("phase"),
+        "round": round_,
+        "step": step,
+        "checkpoint": checkpoint.name,
+        "weights_file": weights_file.name,
+        "weights_sha256": weights_sha,
+        "metrics": config.get("metrics") or {},
+    }
+
+
+def _torch_export(graph: EdgeGraph) -> torch.export.ExportedProgram:
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    height = torch.export.Dim("h32", min=MIN_SIDE // STRIDE, max=MAX_SIDE // STRIDE)
+    width = torch.export.Dim("w32", min=MIN_SIDE // STRIDE, max=MAX_SIDE // STRIDE)
+    example = torch.zeros(2, 3, 2 * MIN_SIDE, 2 * MIN_SIDE)
+    shapes = {INPUT_NAME: {0: batch, 2: STRIDE * height, 3: STRIDE * width}}
+    try:
+        return torch.export.export(graph, (example,), dynamic_shapes=shapes)
+    except Exception as exc:  # torch raises many types here; the user needs the message
+        raise CmdfedError(f"torch.export failed for this model ({type(exc).__name__}: {str(exc)[:300]})") from exc
+
+
+def _onnx_export(program: torch.export.ExportedProgram, output_names: tuple[str, ...], path: Path) -> None:
+    example = torch.zeros(2, 3, 2 * MIN_SIDE, 2 * MIN_SIDE)
+    try:
+        onnx_program = torch.onnx.export(
+            program, (example,), dynamo=True, input_names=[INPUT_NAME], output_names=list(output_names),
+            opset_version=OPSET, verbose=False,
+        )  # fmt: skip
+    except Exception as exc:  # the exporter's own error types are internal
+        raise CmdfedError(f"ONNX export failed ({type(exc).__name__}: {str(exc)[:300]})") from exc
+    onnx_program.save(str(path), external_data=False)
+    model = onnx.load(str(path))
+    _rename_dynamic_dims(model)
+    onnx.save(model, str(path))
+
+
+def _rename_dynamic_dims(model: onnx.ModelProto) -> None:
+    """Give the input's symbolic dims readable names and use them on every graph output."""
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    symbols = {dims[0].dim_param: DIM_NAMES[0], dims[2].dim_param: DIM_NAMES[1], dims[3].dim_param: DIM_NAMES[2]}
+    for value in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param in symbols:
+                dim.dim_param = symbols[dim.dim_param]
+
+
+def check_onnx(path: Path) -> dict[str, int]:
+    """Operator counts of a valid ONNX file TensorRT's parser accepts; CmdfedError otherwise."""
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise CmdfedError(f"the exported ONNX graph is invalid ({str(exc)[:300]})") from exc
+    model = onnx.load(str(path))
+    problems = trt_ops.unsupported_nodes(model)
+    if problems:
+        raise CmdfedError(
+            f"the ONNX graph has operators TensorRT's ONNX parser does not support: {'; '.join(problems)}; "
+            "change the model so it exports to supported ops"
+        )
+    return trt_ops.op_counts(model)
+
+
+def validation_shapes(tile: int) -> list[tuple[int, int, int]]:
+    """(batch, height, width) checked at export: the deployment tile at batch 1, and other batches/shapes."""
+    return [(1, tile, tile), (2, MIN_SIDE, MIN_SIDE + STRIDE), (3, MIN_SIDE + STRIDE, MIN_SIDE)]
+
+
+def _compare_with_torch(graph: EdgeGraph, path: Path, tile: int, tolerance: float) -> dict:
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    worst, per_shape = 0.0, []
+    for batch, height, width in validation_shapes(tile):
+        images = rng.integers(0, 256, (batch, height, width, 3), dtype=np.uint8)
+        x = to_model_input(images)
+        with torch.no_grad():
+            expected = [t.numpy() for t in graph(x)]
+        actual = session.run(None, {INPUT_NAME: x.numpy()})
+        diff = max(float(np.abs(a - e).max()) for a, e in zip(actual, expected))
+        per_shape.append({"shape": [batch, 3, height, width], "max_abs_diff": diff})
+        worst = max(worst, diff)
+        if not diff <= tolerance:
+            raise CmdfedError(
+                f"ONNX Runtime and PyTorch disagree by {diff:.3g} at input shape {(batch, 3, height, width)} "
+                f"(tolerance {tolerance:g}); the export is not faithful, nothing was written"
+            )
+    return {"max_abs_diff": worst, "shapes": per_shape, "tolerance": tolerance}
+
+
+def _write_golden(graph: EdgeGraph, path: Path, tile: int) -> None:
+    images = np.stack([t.image for t in synth_tiles(2, tile_size=tile, seed=0)])
+    with torch.no_grad():
+        outputs = graph(to_model_input(images))
+    arrays = {"input": images, **{f"output_{n}": o.numpy() for n, o in zip(graph.output_names, outputs)}}
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, **arrays)
+
+
+def _io_specs(graph: EdgeGraph, tile: int, n_classes: int) -> tuple[list[dict], list[dict]]:
+    def shapes(channels: int | None) -> dict:
+        def shape(batch: int, side: int) -> list[int]:
+            return [batch, side, side] if channels is None else [batch, channels, side, side]
+
+        return {"min": shape(1, MIN_SIDE), "opt": shape(OPT_BATCH, tile), "max": shape(MAX_BATCH, MAX_SIDE)}
+
+    inputs = [{"name": INPUT_NAME, "dtype": "float32", "layout": "NCHW", "dims": ["batch", 3, "height", "width"], **shapes(3)}]
+    channels = {"np": None, "hv": 2, "nc": n_classes}
+    meaning = {"np": "nucleus probability", "hv": "horizontal/vertical distance maps", "nc": "class probabilities"}
+    outputs = []
+    for name in graph.output_names:
+        dims = ["batch", "height", "width"] if channels[name] is None else ["batch", channels[name], "height", "width"]
+        outputs.append({"name": name, "dtype": "float32", "dims": dims, "meaning": meaning[name], **shapes(channels[name])})
+    return inputs, outputs
+
+
+def _manifest(loaded, graph, identity, tile, overlap, mpp, tolerance, agreement, ops, postprocess) -> dict:
+    inputs, outputs = _io_specs(graph, tile, loaded.config.n_classes)
+    return {
+        "schema_version": bundle.SCHEMA_VERSION,
+        "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "model": {
+            "name": "CMD",
+            **{k: v for k, v in identity.items() if k != "metrics"},
+            "config": loaded.config.to_dict(),
+            "class_names": loaded.class_names,
+        },
+        "software": {
+            "cmdfed": cmdfed.__version__,
+            **_git_commit(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__,
+            "opset": OPSET,
+        },
+        "graph": {
+            "onnx": bundle.ONNX_FILE,
+            "pt2": bundle.PT2_FILE,
+            "inputs": inputs,
+            "outputs": outputs,
+            "side_multiple_of": STRIDE,
+            "ops": ops,
+            "tensorrt_op_check": "passed (onnx-tensorrt operator matrix; see edge/trt_ops.py)",
+        },
+        "preprocessing": {
+            "channel_order": "RGB",
+            "source": "uint8 (B, H, W, 3)",
+            "normalisation": "x / 255 * 2 - 1 (uint8 -> [-1, 1]), then NHWC -> NCHW",
+            "tile_size": tile,
+            "overlap": overlap,
+            "mpp": mpp,
+            "level": 0,
+        },
+        "postprocessing": {
+            "method": "HoVer-Net marker-controlled watershed (cmdfed.evaluate.postprocess)",
+            "params": asdict(postprocess),
+            "max_nucleus_diameter_px": overlap,
+        },
+        "validation": {
+            "golden": bundle.GOLDEN_FILE,
+            "tolerance_fp32": tolerance,
+            "tolerance_fp16": FP16_TOLERANCE,
+            "onnxruntime_vs_torch": agreement,
+        },
+    }
+
+
+def _git_commit() -> dict:
+    source = Path(cmdfed.__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(source), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return {"git_commit": None}
+    if commit.returncode != 0:
+        return {"git_commit": None}
+    return {"git_commit": commit.stdout.strip(), "git_dirty": bool(dirty.stdout.strip())}
+
+
+def _json_bytes(obj) -> bytes:
+    return (json.dumps(json_safe(obj), indent=2, sort_keys=True, allow_nan=False) + "\n").encode()
+
+
+def _record(telemetry, manifest: dict, identity: dict, tar_sha: str, *, signed: bool, tar_path: Path) -> None:
+    from cmdfed.telemetry import TelemetryStore
+
+    with TelemetryStore.open(telemetry, create=True) as store:
+        store.record_model_version(
+            identity["version"], run_id=identity["run_id"] or identity["run"], round=identity["round"],
+            metrics=identity["metrics"], checkpoint_sha256=identity["weights_sha256"],
+        )  # fmt: skip
+        store.record_bundle(manifest["model"]["version"], sha256=tar_sha, signed=signed, path=str(tar_path))

@@ -1,0 +1,303 @@
+"""Whole-slide inference (`cmdfed edge infer`): slide -> nuclei, streamed and resumable.
+
+    tissue tiles (cmdfed.data.slide.plan_tiles, level 0, the bundle's tile size and
+    overlap) --batches--> backend --per tile--> the training post-processing
+    (cmdfed.evaluate.postprocess) --stitch.TileGrid.owned--> kept nuclei
+        -> their pixels into OUT/labels.ome.zarr level 0 (global ids, on disk)
+        -> their GeoJSON features appended to OUT/.work/features.jsonl
+
+Memory holds one batch of tiles and their maps, whatever the slide size.
+
+Resume: tiles are processed in a fixed order. After each batch the features file is
+flushed and fsynced, then ``.work/state.json`` is replaced atomically with the number of
+tiles done, the next nucleus id, the features file's length and the running counts. A
+rerun after an interruption truncates the features file to that length and continues with
+the next tile; label pixels written by an unfinished batch are rewritten with the same
+ids, so the result equals an uninterrupted run. The state also holds a fingerprint (slide
+name, size and dimensions, model version, tile settings, post-processing parameters):
+an OUT folder belonging to another job is refused unless ``restart`` is given.
+At the end the label pyramid, ``cells.geojson`` and ``summary.json`` are written.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import socket
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from cmdfed.atomic import write_json_atomic
+from cmdfed.data.slide import open_slide, plan_tiles
+from cmdfed.errors import CmdfedError
+from cmdfed.evaluate.postprocess import WatershedParams, postprocess
+from cmdfed.progress import Progress, report
+from edge import outputs
+from edge.backends import Selection, select_backend
+from edge.deploy import active_bundle
+from edge.stitch import TileGrid
+
+LABELS_DIR = "labels.ome.zarr"
+GEOJSON = "cells.geojson"
+SUMMARY = "summary.json"
+WORK_DIR = ".work"
+DEFAULT_MIN_TISSUE = 0.1
+MPP_MISMATCH = 1.25  # warn when slide and model resolutions differ by more than this factor
+
+
+def infer_slide(
+    slide: str | Path,
+    home: str | Path,
+    out_dir: str | Path,
+    *,
+    backend: str | None = None,
+    batch: int = 8,
+    min_tissue: float = DEFAULT_MIN_TISSUE,
+    restart: bool = False,
+    threads: int | None = None,
+    trt_source: str = "onnx",
+    telemetry: str | Path | None = None,
+    progress: Progress | None = None,
+) -> dict:
+    """Segment and classify every nucleus of a slide with the active model; returns the summary."""
+    started = time.perf_counter()
+    slide_name = Path(slide).name
+    try:
+        summary = _run(slide, home, Path(out_dir), backend, batch, min_tissue, restart, threads, trt_source, progress)
+    except Exception as exc:
+        if telemetry:
+            _record(telemetry, slide_name, None, time.perf_counter() - started, error=exc)
+        raise
+    if telemetry:
+        _record(telemetry, slide_name, summary, time.perf_counter() - started)
+    return summary
+
+
+def _run(slide, home, out_dir, backend, batch, min_tissue, restart, threads, trt_source, progress) -> dict:
+    if batch < 1:
+        raise CmdfedError(f"--batch must be at least 1, got {batch}")
+    bundle_dir = active_bundle(home)
+    with open_slide(slide) as reader:
+        selection = select_backend(bundle_dir, home, force=backend, threads=threads, trt_source=trt_source)
+        job = _SlideJob(reader, selection, out_dir, min_tissue, restart)
+        job.run(batch, progress)
+        return job.finish()
+
+
+class _SlideJob:
+    def __init__(self, reader, selection: Selection, out_dir: Path, min_tissue: float, restart: bool):
+        self.reader, self.selection, self.out_dir = reader, selection, out_dir
+        manifest = selection.backend.model.manifest
+        self.manifest = manifest
+        self.class_names = manifest["model"]["class_names"]
+        pre = manifest["preprocessing"]
+        self.tile, self.overlap = pre["tile_size"], pre["overlap"]
+        self.params = WatershedParams(**manifest["postprocessing"]["params"])
+        self.width, self.height = reader.dimensions
+        self.mpp = reader.mpp if math.isfinite(reader.mpp) else None
+        plan = plan_tiles(reader, self.tile, 0, self.overlap, min_tissue)
+        if not plan.corners:
+            raise CmdfedError(f"no tissue found in {reader.path.name} at --min-tissue {min_tissue}; lower it or check the slide")
+        self.corners = [(x, y) for x, y, _ in plan.corners]
+        self.grid = TileGrid(self.tile, self.overlap, tuple(self.corners))
+        self.work = out_dir / WORK_DIR
+        self.state_path = self.work / "state.json"
+        self.features_path = self.work / "features.jsonl"
+        fingerprint = {
+            "slide": reader.path.name,
+            "slide_bytes": reader.path.stat().st_size,
+            "dimensions": [self.width, self.height],
+            "model_version": manifest["model"]["version"],
+            "tile": self.tile,
+            "overlap": self.overlap,
+            "min_tissue": min_tissue,
+            "postprocess": asdict(self.params),
+        }
+        self.state = self._start_or_resume(fingerprint, restart)
+
+    # -- job state ---------------------------------------------------------------------
+
+    def _start_or_resume(self, fingerprint: dict, restart: bool) -> dict:
+        if restart:
+            for name in (WORK_DIR, LABELS_DIR):
+                shutil.rmtree(self.out_dir / name, ignore_errors=True)
+            for name in (GEOJSON, SUMMARY):
+                (self.out_dir / name).unlink(missing_ok=True)
+        if self.state_path.is_file():
+            state = _read_state(self.state_path)
+            if state.get("fingerprint") != fingerprint:
+                raise CmdfedError(
+                    f"{self.out_dir} holds results of another slide, model or settings; choose another --out "
+                    "or pass --restart to discard them"
+                )
+            state["sessions"] += 1
+            return state
+        if (self.out_dir / LABELS_DIR).exists() or (self.out_dir / SUMMARY).exists():
+            raise CmdfedError(f"{self.out_dir} already holds outputs of an unknown run; choose another --out or pass --restart")
+        self.work.mkdir(parents=True, exist_ok=True)
+        outputs.create_label_zarr(self.out_dir / LABELS_DIR, self.width, self.height)
+        self.features_path.write_bytes(b"")
+        state = {
+            "fingerprint": fingerprint,
+            "tiles_done": 0,
+            "next_id": 1,
+            "features_bytes": 0,
+            "counts": {},
+            "touching_tile_edges": 0,
+            "area_px": 0,
+            "timings_s": {"read": 0.0, "model": 0.0, "postprocess": 0.0, "write": 0.0},
+            "backends": [],
+            "sessions": 1,
+        }
+        write_json_atomic(self.state_path, state)
+        return state
+
+    # -- tiles -------------------------------------------------------------------------
+
+    def run(self, batch: int, progress: Progress | None) -> None:
+        backend = self.selection.backend
+        if backend.name not in self.state["backends"]:
+            self.state["backends"].append(backend.name)
+        labels = outputs.open_label_level0(self.out_dir / LABELS_DIR)
+        total = len(self.corners)
+        with open(self.features_path, "r+b") as features:
+            features.truncate(self.state["features_bytes"])
+            features.seek(self.state["features_bytes"])
+            report(progress, self.state["tiles_done"], total, "tiles")
+            while self.state["tiles_done"] < total:
+                start = self.state["tiles_done"]
+                corners = self.corners[start : start + batch]
+                timings = self.state["timings_s"]
+                t0 = time.perf_counter()
+                images = np.stack([self.reader.read_region(x, y, 0, self.tile, self.tile) for x, y in corners])
+                t1 = time.perf_counter()
+                maps = backend.run(images)
+                timings["read"] += t1 - t0
+                timings["model"] += time.perf_counter() - t1
+                for k, corner in enumerate(corners):
+                    self._process_tile(corner, {name: value[k] for name, value in maps.items()}, labels, features)
+                self._commit(features, len(corners))
+                report(progress, self.state["tiles_done"], total, "tiles")
+
+    def _process_tile(self, corner, maps: dict, labels, features) -> None:
+        timings = self.state["timings_s"]
+        t0 = time.perf_counter()
+        result = postprocess(maps["np"], maps["hv"], maps.get("nc"), self.params)
+        kept = [n for n in self.grid.owned(corner, result.nuclei) if self._inside_slide(corner, n)]
+        t1 = time.perf_counter()
+        lookup = np.zeros(len(result.nuclei) + 1, np.uint32)
+        lines = []
+        for nucleus in kept:
+            label = self.state["next_id"]
+            self.state["next_id"] += 1
+            lookup[nucleus.id] = label
+            feature = outputs.nucleus_feature(nucleus, corner, label, self.class_names, self.mpp)
+            lines.append(_feature_line(feature))
+            name = feature["properties"]["classification"]["name"]
+            self.state["counts"][name] = self.state["counts"].get(name, 0) + 1
+            if self.grid.touches_inner_edge(corner, nucleus, self.width, self.height):
+                self.state["touching_tile_edges"] += 1
+        if kept:
+            self._write_labels(corner, lookup[result.instance_map], labels)
+            features.write("".join(lines).encode())
+        self.state["area_px"] += self.grid.nominal_cell_area(corner, self.width, self.height)
+        timings["postprocess"] += t1 - t0
+        timings["write"] += time.perf_counter() - t1
+
+    def _inside_slide(self, corner, nucleus) -> bool:
+        """Tiles at the slide's right and bottom edges are padded with white; anything reaching
+        into the padding is an artefact of it (or a nucleus the scan cut), not kept."""
+        x0, y0 = corner
+        _, _, x1, y1 = nucleus.bbox_xyxy
+        return x0 + x1 <= self.width and y0 + y1 <= self.height
+
+    def _write_labels(self, corner, tile_labels: np.ndarray, labels) -> None:
+        x0, y0 = corner
+        h, w = min(self.tile, self.height - y0), min(self.tile, self.width - x0)
+        tile_labels = tile_labels[:h, :w]
+        ys, xs = np.nonzero(tile_labels)
+        top, bottom, left, right = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+        region = labels[y0 + top : y0 + bottom, x0 + left : x0 + right]
+        new = tile_labels[top:bottom, left:right]
+        region[new > 0] = new[new > 0]
+        labels[y0 + top : y0 + bottom, x0 + left : x0 + right] = region
+
+    def _commit(self, features, n_tiles: int) -> None:
+        features.flush()
+        os.fsync(features.fileno())
+        self.state["features_bytes"] = features.tell()
+        self.state["tiles_done"] += n_tiles
+        write_json_atomic(self.state_path, self.state)
+
+    # -- outputs -----------------------------------------------------------------------
+
+    def finish(self) -> dict:
+        levels = outputs.finish_label_zarr(self.out_dir / LABELS_DIR, self.mpp)
+        outputs.write_feature_collection(self.features_path, self.out_dir / GEOJSON)
+        state = self.state
+        area_mm2 = state["area_px"] * self.mpp**2 / 1e6 if self.mpp else None
+        n_cells = sum(state["counts"].values())
+        summary = {
+            "slide": self.reader.path.name,
+            "dimensions": [self.width, self.height],
+            "mpp": self.mpp,
+            "model_version": self.manifest["model"]["version"],
+            "backend": self.selection.report(),
+            "backends_used": state["backends"],
+            "tiles": len(self.corners),
+            "tile_size": self.tile,
+            "overlap": self.overlap,
+            "n_cells": n_cells,
+            "counts_by_type": dict(sorted(state["counts"].items())),
+            "area_analysed_px": state["area_px"],
+            "area_analysed_mm2": area_mm2,
+            "cells_per_mm2": n_cells / area_mm2 if area_mm2 else None,
+            "nuclei_touching_tile_edges": state["touching_tile_edges"],
+            "timings_s": {k: round(v, 3) for k, v in state["timings_s"].items()},
+            "sessions": state["sessions"],
+            "warnings": self._warnings(),
+            "outputs": {"labels": LABELS_DIR, "label_levels": levels, "geojson": GEOJSON},
+        }
+        write_json_atomic(self.out_dir / SUMMARY, summary)
+        return summary
+
+    def _warnings(self) -> list[str]:
+        model_mpp = self.manifest["preprocessing"].get("mpp")
+        if self.mpp and model_mpp and not 1 / MPP_MISMATCH <= self.mpp / model_mpp <= MPP_MISMATCH:
+            return [f"slide resolution {self.mpp:.3f} um/px differs from the model's {model_mpp:.3f} um/px"]
+        if not self.mpp:
+            return ["the slide's resolution (mpp) is unknown: areas are in pixels only"]
+        return []
+
+
+def _read_state(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CmdfedError(f"{path} is damaged ({exc}); pass --restart to start the slide again") from exc
+
+
+def _feature_line(feature: dict) -> str:
+    return json.dumps(feature, separators=(",", ":")) + "\n"
+
+
+def _record(telemetry, slide_name: str, summary: dict | None, duration: float, error: BaseException | None = None) -> None:
+    from cmdfed.telemetry import TelemetryStore
+
+    with TelemetryStore.open(telemetry, create=True) as store:
+        store.record_inference(
+            socket.gethostname(),
+            model_version=summary["model_version"] if summary else None,
+            slide_name=slide_name,
+            n_cells=summary["n_cells"] if summary else None,
+            counts_by_type=summary["counts_by_type"] if summary else {},
+            area_mm2=summary["area_analysed_mm2"] if summary else None,
+            duration_s=duration,
+            backend=summary["backend"]["backend"] if summary else None,
+            error=None if error is None else f"{type(error).__name__}: {error}",
+        )

@@ -1,0 +1,94 @@
+"""Deploy: verification before anything is written, atomic activation, rollback, status."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tarfile
+
+import pytest
+
+from cmdfed.errors import CmdfedError
+from edge.deploy import deploy, read_state, rollback, status
+from edge.signing import generate_key_pair
+
+
+def _copy(bundle, tmp_path, name="copy"):
+    target = tmp_path / name
+    shutil.copytree(bundle, target)
+    return target
+
+
+def test_signed_tar_deploys_with_the_right_key(signed_bundle, keys, tmp_path):
+    result = deploy(signed_bundle.with_name("cmd.tar"), tmp_path / "home", trust_key=keys[1])
+    assert result["signature_checked"] and result["active"] == result["version"]
+    info = status(tmp_path / "home")
+    assert info["verified"] and info["signed"] and info["installed"] == [result["version"]]
+
+
+@pytest.mark.parametrize("tamper, message", [
+    ("file", "does not match its checksum"),
+    ("manifest", "changed after signing"),
+    ("unsigned", "not signed"),
+    ("extra", "files differ from the manifest"),
+])  # fmt: skip
+def test_tampered_or_unsigned_bundles_are_refused_and_nothing_installed(signed_bundle, keys, tmp_path, tamper, message):
+    copy = _copy(signed_bundle, tmp_path)
+    if tamper == "file":
+        with open(copy / "golden.npz", "r+b") as f:
+            f.seek(100)
+            f.write(b"\x00\xff")
+    elif tamper == "manifest":
+        manifest = json.loads((copy / "manifest.json").read_text())
+        manifest["preprocessing"]["tile_size"] = 512
+        (copy / "manifest.json").write_text(json.dumps(manifest))
+    elif tamper == "unsigned":
+        (copy / "manifest.sig").unlink()
+    else:
+        (copy / "extra.py").write_text("print('hi')")
+    with pytest.raises(CmdfedError, match=message):
+        deploy(copy, tmp_path / "home", trust_key=keys[1])
+    assert not (tmp_path / "home").exists()
+
+
+def test_wrong_key_is_refused(signed_bundle, tmp_path):
+    _, other_public = generate_key_pair(tmp_path / "other")
+    with pytest.raises(CmdfedError, match="signed by key .* but the trusted key is"):
+        deploy(signed_bundle, tmp_path / "home", trust_key=other_public)
+    assert not (tmp_path / "home").exists()
+
+
+def test_tar_with_a_path_escape_is_refused(signed_bundle, tmp_path):
+    evil = tmp_path / "evil.tar"
+    with tarfile.open(evil, "w") as tar:
+        tar.add(signed_bundle / "manifest.json", arcname="cmd/../../manifest.json")
+    with pytest.raises(CmdfedError, match="unexpected entries"):
+        deploy(evil, tmp_path / "home")
+
+
+def _second_version(bundle, tmp_path):
+    """The same files under another version name (unsigned: the manifest changed)."""
+    copy = _copy(bundle, tmp_path, "v2")
+    (copy / "manifest.sig").unlink()
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["model"]["version"] = "ft-v2"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    return copy
+
+
+def test_deploy_twice_then_rollback_switches_versions(signed_bundle, tmp_path):
+    home = tmp_path / "home"
+    first = deploy(signed_bundle, home)["version"]
+    second = deploy(_second_version(signed_bundle, tmp_path), home)
+    assert second["active"] == "ft-v2" and second["history"] == [first]
+    assert status(home)["installed"] == sorted([first, "ft-v2"])
+    assert rollback(home)["active"] == first
+    assert read_state(home) == {"active": first, "history": []}
+    with pytest.raises(CmdfedError, match="no previous version"):
+        rollback(home)
+    assert not [p for p in (home / "models").iterdir() if p.name.startswith(".")]  # no staging left
+
+
+def test_status_without_a_deployment_says_what_to_do(tmp_path):
+    with pytest.raises(CmdfedError, match="nothing is deployed"):
+        status(tmp_path)

@@ -1,0 +1,100 @@
+"""Whole-slide inference end to end on small generated slides (real ONNX Runtime, real files)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import zarr
+from PIL import Image
+
+from cmdfed.errors import CmdfedError
+from cmdfed.telemetry import TelemetryStore
+from edge.deploy import deploy
+from edge.infer import infer_slide
+
+from .conftest import synthetic_slide_image
+
+
+@pytest.fixture(scope="module")
+def home(signed_bundle, tmp_path_factory):
+    home = tmp_path_factory.mktemp("edge-home")
+    deploy(signed_bundle, home)
+    return home
+
+
+def _features(out_dir):
+    return json.loads((out_dir / "cells.geojson").read_text())["features"]
+
+
+def test_slide_gives_geojson_ome_zarr_and_summary(home, slide_tiff, tmp_path):
+    out_dir = tmp_path / "out"
+    summary = infer_slide(slide_tiff, home, out_dir, batch=4, telemetry=tmp_path / "t.db")
+    collection = json.loads((out_dir / "cells.geojson").read_text())
+    assert collection["type"] == "FeatureCollection"
+    features = collection["features"]
+    assert features and summary["n_cells"] == len(features) == sum(summary["counts_by_type"].values())
+    names = {"epithelial", "lymphocyte", "stromal", "Nucleus"}
+    for feature in features:
+        ring = feature["geometry"]["coordinates"][0]
+        assert feature["geometry"]["type"] == "Polygon" and ring[0] == ring[-1] and len(ring) >= 4
+        props = feature["properties"]
+        assert props["objectType"] == "detection" and props["classification"]["name"] in names
+        assert len(props["classification"]["color"]) == 3 and props["measurements"]["Area um^2"] > 0
+        xs, ys = np.array(ring).T
+        assert 0 <= xs.min() and xs.max() <= summary["dimensions"][0] and ys.max() <= summary["dimensions"][1]
+
+    group = zarr.open_group(str(out_dir / "labels.ome.zarr" / "labels" / "nuclei"), mode="r")
+    multiscales = group.attrs["multiscales"][0]
+    assert multiscales["version"] == "0.4" and [a["name"] for a in multiscales["axes"]] == ["y", "x"]
+    assert multiscales["datasets"][0]["coordinateTransformations"][0]["scale"] == [0.5, 0.5]
+    assert zarr.open_group(str(out_dir / "labels.ome.zarr" / "labels"), mode="r").attrs["labels"] == ["nuclei"]
+    level0 = group["0"][:]
+    assert level0.shape == tuple(reversed(summary["dimensions"]))
+    assert set(np.unique(level0[level0 > 0]).tolist()) == {f["properties"]["nucleus_id"] for f in features}
+
+    assert summary["backend"]["backend"] == "onnxruntime-cpu" and summary["model_version"].startswith("ft-")
+    assert 0 < summary["area_analysed_mm2"] < 0.2 * 0.2 * 1.01  # within the slide's 0.2 x 0.22 mm
+    [event] = TelemetryStore.open(tmp_path / "t.db").inference_events()
+    assert event["slide_name"] == "case-001.tif" and event["n_cells"] == len(features)
+
+
+def test_resume_after_interruption_equals_an_uninterrupted_run(home, slide_tiff, tmp_path):
+    whole = tmp_path / "whole"
+    infer_slide(slide_tiff, home, whole, batch=2)
+
+    def interrupt_after_two_batches(done, total, what):
+        if done >= 4 and done < total:
+            raise KeyboardInterrupt
+
+    resumed = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        infer_slide(slide_tiff, home, resumed, batch=2, progress=interrupt_after_two_batches)
+    assert not (resumed / "summary.json").exists()
+    summary = infer_slide(slide_tiff, home, resumed, batch=2)
+    assert summary["sessions"] == 2
+    assert _features(resumed) == _features(whole)
+    labels = [zarr.open_array(str(d / "labels.ome.zarr/labels/nuclei/0"), mode="r")[:] for d in (whole, resumed)]
+    assert np.array_equal(*labels)
+
+
+def test_plain_image_works_and_other_jobs_outputs_are_protected(home, tmp_path):
+    png = tmp_path / "region.png"
+    Image.fromarray(synthetic_slide_image(1, 2, seed=4)).save(png)
+    summary = infer_slide(png, home, tmp_path / "out")
+    assert summary["mpp"] is None and summary["area_analysed_mm2"] is None and summary["warnings"]
+    other = tmp_path / "other.png"
+    Image.fromarray(synthetic_slide_image(1, 2, seed=5)).save(other)
+    with pytest.raises(CmdfedError, match="another slide"):
+        infer_slide(other, home, tmp_path / "out")
+    assert infer_slide(other, home, tmp_path / "out", restart=True)["slide"] == "other.png"
+
+
+def test_corrupt_or_unknown_slide_is_one_clear_error(home, tmp_path):
+    broken = tmp_path / "broken.svs"
+    broken.write_bytes(b"II*\x00" + b"\x00" * 100)
+    with pytest.raises(CmdfedError, match="cannot read slide"):
+        infer_slide(broken, home, tmp_path / "out")
+    with pytest.raises(CmdfedError, match="does not exist"):
+        infer_slide(tmp_path / "missing.tif", home, tmp_path / "out")
