@@ -1,4 +1,4 @@
-"""``cmdfed client ...``: join a federation as a site."""
+"""``cmdfed client ...``: join a federation as a site, and make the site's key pair."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-
 from cmdfed.cli import console
 from cmdfed.errors import CmdfedError
 from cmdfed.federation.processes import require_loopback_or_insecure, serve_in_foreground, split_address
+from cmdfed.federation.keys import write_site_keys
 from cmdfed.federation.site import SiteSettings, check_site_name, check_site_store
 from cmdfed.train.device import select_device
 from client.supernode import SuperNode
@@ -26,6 +26,8 @@ def start(
     batch_size: int = typer.Option(0, help="Tiles per step here (0 = the run's batch size)."),
     work_dir: Optional[Path] = typer.Option(None, help="Folder for the SuperNode's files and cache (default ./cmdfed-site-NAME)."),
     port: int = typer.Option(0, help="Local port of the SuperNode's API for its ClientApps (0 = any free one)."),
+    ca: Optional[Path] = typer.Option(None, "--ca", help="The federation CA certificate (from the server's `cmdfed certs init`): TLS."),
+    key: Optional[Path] = typer.Option(None, "--key", help="This site's private key (`cmdfed client keygen`), for a server that admits registered sites only."),
     insecure: bool = typer.Option(False, "--insecure", help="Allow a non-loopback SuperLink without TLS."),
 ) -> None:
     """Check the store, then connect to the SuperLink and train when rounds come; Ctrl-C leaves."""
@@ -35,14 +37,28 @@ def start(
     info = check_site_store(store).info()
     select_device(device)
     host, _ = split_address(superlink)
-    require_loopback_or_insecure(host, insecure, "SuperLink")
+    require_loopback_or_insecure(host, insecure, "SuperLink", tls=ca is not None)
+    for path, what in ((ca, "--ca"), (key, "--key")):
+        if path is not None and not path.is_file():
+            raise CmdfedError(f"{what} {path} does not exist")
     settings = SiteSettings(
         store=store.absolute(), name=name, work_dir=(work_dir or Path(f"cmdfed-site-{name}")).absolute(),
         device=device, batch_size=batch_size or None,
     )  # fmt: skip
-    node = SuperNode(settings, superlink, port).start()
+    node = SuperNode(settings, superlink, port, ca=ca.absolute() if ca else None, key=key.absolute() if key else None).start()
     console.print(
         f"site {name}: {info.tiles} tiles ({info.labelled} labelled) ready for {superlink}; "
         f"log in {node.log_path}; Ctrl-C leaves the federation"
     )
     serve_in_foreground(node.process, node.log_path)
+
+
+@commands.command("keygen")
+def keygen(
+    out: Path = typer.Option(Path("site-key"), "--out", help="Private key file; the public key goes to OUT.pub."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing key."),
+) -> None:
+    """Make this site's key pair: keep the private key here, send OUT.pub to the server's operator."""
+    public = write_site_keys(out, force=force)
+    console.print(f"private key in {out} (keep it here); send {public} to the server: `cmdfed server register-site {public.name} --name ...`")
+

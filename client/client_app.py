@@ -6,6 +6,10 @@ an image, a path or the store's metadata. A site that cannot take part (missing 
 damaged store, wrong classes, diverged training) replies with a Flower error whose reason
 names the site and has every path cut to its last part; the full traceback stays in the
 SuperNode's log at the site. The server logs the error and the round goes on without it.
+
+Under local differential privacy the site keeps its privacy ledger in its work folder
+(``cmdfed.privacy.accounting``); a site whose next round would exceed its budget does not
+train and replies ``declined-budget = 1`` with its spent epsilon and no weights.
 """
 
 from __future__ import annotations
@@ -18,9 +22,10 @@ from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
 from cmdfed.federation.config import FederationConfig, check_phase
-from cmdfed.federation.local import local_evaluate, local_finetune_round, local_pretrain_round
+from cmdfed.federation.local import local_evaluate, local_finetune_round, local_pretrain_round, open_privacy_ledger
 from cmdfed.federation.site import SiteSettings, check_site_store, keep_frozen, load_frozen
 from cmdfed.federation.updates import redact_paths
+from cmdfed.privacy.accounting import BudgetExhausted
 
 app = ClientApp()
 
@@ -40,11 +45,18 @@ def _train(msg: Message, site: SiteSettings, config: FederationConfig) -> Record
     phase, round = check_phase(str(instructions["phase"])), int(instructions["phase-round"])
     weights = msg.content["arrays"].to_torch_state_dict()
     options = dict(device=site.device, batch_size=site.batch_size, proximal_mu=float(instructions.get("proximal-mu", 0.0)))
-    if phase == "pretrain":
-        update = local_pretrain_round(weights, site.store, config, round, site.name, **options)
-    else:
-        frozen = _frozen_weights(msg, site)
-        update = local_finetune_round(weights, frozen, site.store, config, round, site.name, **options)
+    if config.dp_mode == "local":
+        options["ledger"] = ledger = open_privacy_ledger(config, site.store, site.work_dir, str(instructions.get("run-id", "")), site.batch_size)
+    try:
+        if phase == "pretrain":
+            update = local_pretrain_round(weights, site.store, config, round, site.name, **options)
+        else:
+            frozen = _frozen_weights(msg, site)
+            update = local_finetune_round(weights, frozen, site.store, config, round, site.name, **options)
+    except BudgetExhausted as exc:
+        print(f"cmdfed: {site.name} declines {phase} round {round}: {exc}", flush=True)
+        declined = {"declined-budget": 1, "dp_epsilon": exc.spent, "dp_budget_epsilon": exc.budget, "dp_delta": ledger.delta}
+        return RecordDict({"metrics": MetricRecord(declined), "site": ConfigRecord({"name": site.name})})
     return _content(site, ArrayRecord(update.weights), update.n_examples, update.metrics)
 
 

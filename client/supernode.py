@@ -4,6 +4,11 @@ The site's settings travel as Flower node config (``SiteSettings.to_node_config`
 SuperNode keeps its Flower files in ``WORK_DIR/flwr-home`` and logs to
 ``WORK_DIR/supernode.log``. Flower's SuperNode installs no runtime dependencies unless
 ``--allow-runtime-dependency-installation`` is given, which cmdfed never does.
+
+With ``ca`` (the federation CA's certificate, ``cmdfed certs init``) the connection is TLS
+and the server is verified against it; without, plaintext (loopback, or ``--insecure``).
+With ``key`` (``cmdfed client keygen``) the SuperNode authenticates with its private key;
+the server must have registered the public key (``cmdfed server register-site``).
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ class SuperNode:
     site: SiteSettings
     superlink: str  # host:port of the SuperLink
     runtime_port: int = 0  # the SuperNode's local API for its ClientApp processes; 0 = any free port
+    ca: Path | None = None  # the federation CA certificate: TLS
+    key: Path | None = None  # the site's private key: SuperNode authentication
     process: subprocess.Popen | None = field(default=None, repr=False)
 
     @property
@@ -35,8 +42,10 @@ class SuperNode:
         return self.site.work_dir / "supernode.log"
 
     def command(self) -> list[str]:
+        transport = ["--insecure"] if self.ca is None else ["--root-certificates", str(self.ca)]
+        auth = [] if self.key is None else ["--auth-supernode-private-key", str(self.key)]
         return [
-            flower_executable("flower-supernode"), "--insecure", "--superlink", self.superlink,
+            flower_executable("flower-supernode"), *transport, *auth, "--superlink", self.superlink,
             "--host", "127.0.0.1", "--port", str(self.runtime_port), "--node-config", self.site.to_node_config(),
         ]  # fmt: skip
 

@@ -49,18 +49,19 @@ def federate(
     run_dir: Path = typer.Option(..., "--run-dir", help="Run folder on the server machine; an existing one is resumed."),
     config_file: Optional[Path] = typer.Option(None, "--config", help="TOML file of run-config keys (those of pyproject.toml's tool.flwr.app.config table)."),
     settings: list[str] = typer.Option([], "--set", help="One run-config value, e.g. --set pretrain-rounds=5 (repeatable)."),
+    ca: Optional[Path] = typer.Option(None, "--ca", help="The federation CA certificate (`cmdfed certs init`): connect with TLS."),
     insecure: bool = typer.Option(False, "--insecure", help="Allow a non-loopback SuperLink without TLS."),
     verbose: bool = typer.Option(False, "--verbose", help="Also print Flower's own log lines."),
     as_json: bool = typer.Option(False, "--json", help="Print the run's events as JSON at the end."),
 ) -> None:
     """Run federated pretraining then head fine-tuning on the sites connected to a SuperLink."""
     host, _ = split_address(superlink)
-    require_loopback_or_insecure(host, insecure, "SuperLink")
+    require_loopback_or_insecure(host, insecure, "SuperLink", tls=ca is not None)
     config = run_config(config_file, settings, run_dir)
     with tempfile.TemporaryDirectory(prefix="cmdfed-federate-") as tmp:
         app_dir = stage_app(Path(tmp) / "cmdfed-app", config)
         env = flower_env(Path(tmp) / "flwr-home")
-        write_connection(Path(env["FLWR_HOME"]), superlink)
+        write_connection(Path(env["FLWR_HOME"]), superlink, ca)
         run_id, events, tail = _stream_run(app_dir, env, verbose)
         status = _run_status(run_id, env)
     finished = next((e for e in reversed(events) if e["event"] in ("finish", "error")), None)
@@ -104,9 +105,10 @@ def stage_app(app_dir: Path, config: FederationConfig) -> Path:
     return app_dir
 
 
-def write_connection(flwr_home: Path, superlink: str) -> None:
-    connection = {"superlink": {"default": CONNECTION, CONNECTION: {"address": superlink, "insecure": True}}}
-    (flwr_home / "config.toml").write_text(tomli_w.dumps(connection))
+def write_connection(flwr_home: Path, superlink: str, ca: Path | None = None) -> None:
+    """Flower's CLI connection to the SuperLink: TLS verified against ``ca``, or plaintext."""
+    settings = {"address": superlink, "insecure": True} if ca is None else {"address": superlink, "root-certificates": str(ca.absolute())}
+    (flwr_home / "config.toml").write_text(tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: settings}}))
 
 
 def _stream_run(app_dir: Path, env: dict[str, str], verbose: bool) -> tuple[str, list[dict], list[str]]:

@@ -13,6 +13,12 @@ or refuse a bad update, so this module drives the strategy round by round itself
    a round without one usable update is an error that fails the run, because Flower
    itself would carry on with unchanged weights;
 6. optional federated evaluation, then the coordinator checkpoints and records the round.
+
+Differential privacy: under central DP the strategy is Flower's server-side clipping
+wrapper (``server.strategies``), told each round how many updates it averages. Under
+local DP a site that has spent its budget replies ``declined-budget`` instead of an
+update; it is recorded as ``declined_budget``, and when every sampled site declines the
+run stops there, completed: further rounds could not train at all.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import time
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, Strategy
 
 from cmdfed.errors import CmdfedError
 from cmdfed.federation.config import PHASES, FederationConfig
@@ -30,6 +36,10 @@ from cmdfed.federation.coordinator import RoundReport, RunCoordinator, SiteRepor
 from server.strategies import build_strategy, restore_strategy_state, strategy_state
 
 SITE_IN_REASON = re.compile(r"^\[([A-Za-z0-9][A-Za-z0-9._-]*)\] ")
+
+
+class BudgetsSpent(CmdfedError):
+    """Every sampled site declined the round: their privacy budgets are spent."""
 
 
 def run_federation(grid: Grid, config: FederationConfig) -> None:
@@ -45,6 +55,10 @@ def run_federation(grid: Grid, config: FederationConfig) -> None:
             phase_rounds = PhaseRounds(grid, coordinator, strategy, phase)
             for phase_round in rounds:
                 phase_rounds.run(phase_round)
+    except BudgetsSpent as exc:
+        emit_event("warning", message=f"{exc}; the run stops after round {coordinator.last_round}")
+        coordinator.finish("completed")
+        return
     except (KeyboardInterrupt, SystemExit):
         coordinator.finish("interrupted")
         raise
@@ -57,7 +71,7 @@ def run_federation(grid: Grid, config: FederationConfig) -> None:
 class PhaseRounds:
     """The rounds of one phase with one strategy; remembers which sites hold the frozen weights."""
 
-    def __init__(self, grid: Grid, coordinator: RunCoordinator, strategy: FedAvg, phase: str):
+    def __init__(self, grid: Grid, coordinator: RunCoordinator, strategy: Strategy, phase: str):
         self.grid, self.coordinator, self.strategy, self.phase = grid, coordinator, strategy, phase
         self.config: FederationConfig = coordinator.config
         self.site_names: dict[int, str] = {}
@@ -77,9 +91,14 @@ class PhaseRounds:
             if report.site in rejected:
                 report.status, report.error = "failed", f"update rejected: {rejected[report.site]}"
         accepted_replies = [r for r in usable if self._name(r) in accepted]
+        if reports and all(r.status == "declined_budget" for r in reports):
+            self.coordinator.record_sites(self.phase, phase_round, reports)
+            raise BudgetsSpent(f"{self.phase} round {phase_round}: every site has spent its privacy budget")
         if not accepted_replies:
             errors = "; ".join(f"{r.site}: {r.error or r.status}" for r in reports) or "no site was sampled"
             raise CmdfedError(f"{self.phase} round {phase_round}: no site delivered a usable update ({errors})")
+        if isinstance(self.strategy, DifferentialPrivacyServerSideFixedClipping):
+            self.strategy.num_sampled_clients = len(accepted_replies)  # noise std = sigma * clip / updates averaged
         aggregated, train_metrics = self.strategy.aggregate_train(phase_round, accepted_replies)
         if aggregated is None:
             raise CmdfedError(f"{self.phase} round {phase_round}: the strategy could not aggregate the updates")
@@ -95,7 +114,8 @@ class PhaseRounds:
     # -- messages ------------------------------------------------------------------------
 
     def _instructions(self, phase_round: int) -> ConfigRecord:
-        values = {"phase": self.phase, "phase-round": phase_round, "round": self.config.global_round(self.phase, phase_round)}
+        values = {"phase": self.phase, "phase-round": phase_round, "round": self.config.global_round(self.phase, phase_round),
+                  "run-id": self.coordinator.run_id}  # fmt: skip
         if self.frozen_sha:
             values["frozen-sha"] = self.frozen_sha
         return ConfigRecord(values)
@@ -147,6 +167,11 @@ class PhaseRounds:
                 metrics = dict(content.metric_records.get("metrics", {}))
                 self.coordinator.audit(self.phase, phase_round, site, {k: a.numpy() for k, a in content.get("arrays", {}).items()},
                                        metrics, _strings(content))  # fmt: skip
+                if metrics.get("declined-budget") == 1:
+                    spent, budget = metrics.get("dp_epsilon", 0.0), metrics.get("dp_budget_epsilon", 0.0)
+                    reports.append(SiteReport(site, "declined_budget", 0, metrics,
+                                              error=f"privacy budget spent: epsilon {spent:.3f} of {budget:g}"))  # fmt: skip
+                    continue
                 problem = _malformed_reply(content)
                 if problem:
                     reports.append(SiteReport(site, "failed", error=problem))

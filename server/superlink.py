@@ -5,6 +5,12 @@ One HTTP port carries everything in Flower 1.42 (fleet, control and runtime APIs
 memory, so a restarted SuperLink still knows its sites and its runs, and its log in
 ``RUN_DIR/superlink/superlink.log``. Runtime dependency installation is off: the app runs in
 the environment cmdfed is installed in, never in one pip-installed at run time.
+
+Security: with ``certs`` (a ``cmdfed certs init`` folder) the SuperLink serves TLS on its
+port (``--ssl-ca-certfile/--ssl-certfile/--ssl-keyfile``); without, it runs ``--insecure``
+(the CLI allows that off loopback only when asked). With ``site_auth`` it starts with
+``--enable-supernode-auth``: a SuperNode joins only if its public key was registered
+(``cmdfed server register-site``) and it signs its requests with the private key.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from cmdfed.federation.processes import (
     stop_process,
     wait_for_port,
 )
+from server.certs import server_tls_files
 
 
 @dataclass
@@ -27,6 +34,8 @@ class SuperLink:
     run_dir: Path
     host: str = "127.0.0.1"
     port: int = 9092
+    certs: Path | None = None  # a `cmdfed certs init` folder: TLS
+    site_auth: bool = False  # only registered SuperNode keys may join
     process: subprocess.Popen | None = field(default=None, repr=False)
 
     @property
@@ -42,10 +51,15 @@ class SuperLink:
         return f"{self.host}:{self.port}"
 
     def command(self) -> list[str]:
-        # --insecure: TLS is a later step; the CLI allows it off loopback only when asked to.
+        if self.certs is None:
+            transport = ["--insecure"]
+        else:
+            ca, cert, key = server_tls_files(Path(self.certs))
+            transport = ["--ssl-ca-certfile", str(ca), "--ssl-certfile", str(cert), "--ssl-keyfile", str(key)]
         return [
-            flower_executable("flower-superlink"), "--insecure", "--host", self.host, "--port", str(self.port),
+            flower_executable("flower-superlink"), *transport, "--host", self.host, "--port", str(self.port),
             "--database", str(self.state_dir / "state.db"), "--disable-runtime-dependency-installation",
+            *(["--enable-supernode-auth"] if self.site_auth else []),
         ]  # fmt: skip
 
     def start(self, timeout: float = 60.0) -> SuperLink:

@@ -18,6 +18,7 @@ from cmdfed.train.phases import finetune_model_config
 PHASES = ("pretrain", "finetune")
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi")
 FINETUNE_TRAINABLE = ("heads", "heads+modulation")
+DP_MODES = ("off", "local", "central")
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,14 @@ class FederationConfig(ConfigBase):
     eval_tiles: int = 32  # tiles each site (and the server) evaluates on
     server_eval_store: str = ""  # a labelled store on the server for central evaluation
     seed: int = 0
+    # Differential privacy (cmdfed.privacy): off, local (DP-SGD at each site), central (the server
+    # clips each site's update to dp-clip-norm and noises the average).
+    dp_mode: str = "off"
+    dp_epsilon: float = 8.0  # local: each site's budget for the whole run
+    dp_delta: float = 1e-5
+    dp_max_grad_norm: float = 1.0  # local: per-tile gradient clipping norm
+    dp_noise_multiplier: float = 0.0  # local: 0 = the least that keeps the planned run in budget; central: > 0
+    dp_clip_norm: float = 1.0  # central: bound on each site's update norm
 
     def validate(self) -> None:
         require(self.name.strip() != "", "name must not be empty")
@@ -73,6 +82,19 @@ class FederationConfig(ConfigBase):
         require(self.strategy in STRATEGIES, f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
         require(self.finetune_trainable in FINETUNE_TRAINABLE,
                 f"finetune-trainable must be one of {', '.join(FINETUNE_TRAINABLE)}, got {self.finetune_trainable!r}")
+        require(self.dp_mode in DP_MODES, f"dp-mode must be one of {', '.join(DP_MODES)}, got {self.dp_mode!r}")
+        for name in ("dp_epsilon", "dp_max_grad_norm", "dp_clip_norm"):
+            require(getattr(self, name) > 0, f"{_key(name)} must be positive, got {getattr(self, name)}")
+        require(0 < self.dp_delta < 1, f"dp-delta must be in (0, 1), got {self.dp_delta}")
+        require(self.dp_noise_multiplier >= 0, f"dp-noise-multiplier must be >= 0, got {self.dp_noise_multiplier}")
+        # DP-SGD clips per-tile gradients from the layers; the proximal term's gradient would be dropped.
+        require(not (self.dp_mode == "local" and self.strategy == "fedprox"),
+                "dp-mode local cannot be combined with fedprox; use fedavg, fedadam or fedyogi")
+        # Flower's DP wrappers noise the average; after a FedOpt step the noise would be mis-scaled.
+        require(not (self.dp_mode == "central" and self.strategy in ("fedadam", "fedyogi")),
+                "dp-mode central works with fedavg or fedprox, whose result is the average it noises")
+        require(self.dp_mode != "central" or self.dp_noise_multiplier > 0,
+                "dp-mode central needs dp-noise-multiplier > 0 (the noise the server adds, in units of dp-clip-norm)")
         names = self.class_names[1:]
         require(len(set(names)) == len(names) and all(names), f"classes must be distinct non-empty names, got {self.classes!r}")
 

@@ -58,7 +58,7 @@ def emit_event(kind: str, **fields: Any) -> None:
 @dataclass
 class SiteReport:
     site: str
-    status: str  # trained | failed | timed_out (telemetry's site statuses)
+    status: str  # trained | failed | timed_out | declined_budget (telemetry's site statuses)
     n_examples: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
     duration_s: float | None = None
@@ -170,20 +170,30 @@ class RunCoordinator:
         )  # fmt: skip
         self.done, self.last_round, self.strategy_state = (phase, phase_round), round, strategy_state
         finished = time.time()
-        failed = [s for s in report.sites if s.status != "trained"]
+        failed = [s for s in report.sites if s.status in ("failed", "timed_out")]  # a declined site did not fail
         self._record("record_round", self.run_id, phase=phase, round=round, started_at=report.started_at,
                      finished_at=finished, n_sites=len(report.sites), n_failed=len(failed),
                      bytes_sent=report.bytes_sent, bytes_received=report.bytes_received, metrics=metrics)  # fmt: skip
-        for site in report.sites:
-            self._record("record_site_round", self.run_id, phase=phase, round=round, site=site.site,
-                         status=site.status, n_examples=site.n_examples, metrics=site.metrics,
-                         duration_s=site.duration_s, error=site.error)  # fmt: skip
+        self.record_sites(phase, phase_round, report.sites)
         emit_event(
             "round", phase=phase, phase_round=phase_round, phase_rounds=self.config.rounds(phase), round=round,
             seconds=finished - report.started_at, bytes_sent=report.bytes_sent, bytes_received=report.bytes_received,
             metrics=metrics, sites=[s.__dict__ for s in report.sites], checkpoint=path.name,
         )  # fmt: skip
         return path
+
+    def record_sites(self, phase: str, phase_round: int, sites: list[SiteReport]) -> None:
+        """Each site's part in a round, and the privacy it spent (local DP), in telemetry."""
+        round = self.config.global_round(phase, phase_round)
+        for site in sites:
+            self._record("record_site_round", self.run_id, phase=phase, round=round, site=site.site,
+                         status=site.status, n_examples=site.n_examples, metrics=site.metrics,
+                         duration_s=site.duration_s, error=site.error)  # fmt: skip
+            if site.status == "trained" and "dp_epsilon" in site.metrics:
+                m = site.metrics
+                self._record("record_privacy", self.run_id, phase=phase, round=round, site=site.site,
+                             epsilon=m["dp_epsilon"], delta=m["dp_delta"], noise_multiplier=m["dp_noise_multiplier"],
+                             max_grad_norm=m["dp_max_grad_norm"], budget_epsilon=m["dp_budget_epsilon"])  # fmt: skip
 
     def server_evaluate(self, phase: str, phase_round: int) -> dict[str, float]:
         """Central evaluation on the server's own labelled store, when the run names one."""

@@ -9,10 +9,21 @@ Every random choice of a local round (batches, augmentation, masks, noise) is se
 did, and two sites never draw the same stream. The optimiser starts fresh every round with
 a constant learning rate (FedAvg's local SGD with AdamW); FedProx adds
 ``mu/2 * ||w - w_global||^2`` over the trained weights to the loss.
+
+With local differential privacy (``dp-mode = "local"``) a round is DP-SGD
+(``cmdfed.privacy``) and spends from the site's ledger; the round then draws its seed
+from a secret, because batches, masks and noise the server could recompute would leak
+what the noise is meant to hide. Sampling for the accountant: a step takes a fixed-size
+batch of ``B`` tiles from a shuffled pass over the ``N`` training tiles, and the ledger
+accounts it as Poisson sampling at rate ``q = B / N``. That is the usual approximation
+of DP-SGD implementations that shuffle; the RDP bound is proven for Poisson sampling
+(each tile independently with probability ``q``), so the epsilon reported is the
+standard estimate, not a formal guarantee for shuffled batches.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 import zlib
 from pathlib import Path
@@ -31,6 +42,8 @@ from cmdfed.inference import LoadedModel, to_model_input
 from cmdfed.model.config import DiffusionConfig, build_model
 from cmdfed.model.diffusion import MaskedDiffusion
 from cmdfed.model.unet import ConvNeXtUNet
+from cmdfed.privacy.accounting import PrivacyLedger, PrivateSteps, noise_for_budget
+from cmdfed.privacy.dpsgd import per_sample_finetune_loss, per_sample_pretrain_loss, private_trainer, secret_seed
 from cmdfed.train.device import memory_format, select_device
 from cmdfed.train.loop import LossFn, TrainConfig, Trainer
 from cmdfed.train.phases import batch_loader, finetune_loss, pretrain_loss, training_tiles
@@ -63,13 +76,16 @@ def local_pretrain_round(
     device: str = "auto",
     batch_size: int | None = None,
     proximal_mu: float = 0.0,
+    ledger: PrivacyLedger | None = None,
 ) -> LocalUpdate:
-    """``config.local_steps`` masked-diffusion steps on all tiles of the site's store."""
+    """``config.local_steps`` masked-diffusion steps on all tiles of the site's store
+    (DP-SGD spending from ``ledger`` when the run uses local DP)."""
     dev = select_device(device)
     model = site_model(config, "pretrain", global_weights, {}, dev)
     dataset = SiteDataset(site_store, augment=config.augment)
-    loss_fn = pretrain_loss(model, MaskedDiffusion(DiffusionConfig()), None)
-    return _train(model, loss_fn, dataset, config, "pretrain", round, site_name, dev, batch_size, proximal_mu)
+    diffusion = MaskedDiffusion(DiffusionConfig())
+    loss_fn = per_sample_pretrain_loss(model, diffusion) if ledger else pretrain_loss(model, diffusion, None)
+    return _train(model, loss_fn, dataset, config, "pretrain", round, site_name, dev, batch_size, proximal_mu, ledger)
 
 
 def local_finetune_round(
@@ -83,15 +99,42 @@ def local_finetune_round(
     device: str = "auto",
     batch_size: int | None = None,
     proximal_mu: float = 0.0,
+    ledger: PrivacyLedger | None = None,
 ) -> LocalUpdate:
     """``config.local_steps`` head fine-tuning steps over the frozen backbone, on the
-    run's reproducible ``label_fraction`` of the site's labelled tiles."""
+    run's reproducible ``label_fraction`` of the site's labelled tiles (DP-SGD spending
+    from ``ledger`` when the run uses local DP)."""
     dev = select_device(device)
     site = open_site(site_store, config)
     model = site_model(config, "finetune", global_weights, frozen_weights, dev)
     dataset = SiteDataset(site_store, indices=training_tiles(site, config.label_fraction, config.seed),
                           augment=config.augment, targets=True)  # fmt: skip
-    return _train(model, finetune_loss(model, None), dataset, config, "finetune", round, site_name, dev, batch_size, proximal_mu)
+    loss_fn = per_sample_finetune_loss(model) if ledger else finetune_loss(model, None)
+    return _train(model, loss_fn, dataset, config, "finetune", round, site_name, dev, batch_size, proximal_mu, ledger)
+
+
+def open_privacy_ledger(config: FederationConfig, site_store: str | Path, work_dir: Path, run_id: str,
+                        batch_size: int | None = None) -> PrivacyLedger:  # fmt: skip
+    """The site's ledger for the run; a new one gets the run's noise multiplier, or the least
+    with which all planned rounds of both phases stay within the budget at the larger of
+    the phases' sampling rates."""
+
+    def planned_noise() -> float:
+        if config.dp_noise_multiplier:
+            return config.dp_noise_multiplier
+        site = open_site(site_store, config)
+        sizes = ([len(site)] if config.pretrain_rounds else []) + (
+            [len(training_tiles(site, config.label_fraction, config.seed))] if config.finetune_rounds else [])
+        steps = config.local_steps * (config.pretrain_rounds + config.finetune_rounds)
+        return noise_for_budget(config.dp_epsilon, config.dp_delta, sample_rate(min(sizes), batch_size or config.batch_size), steps)
+
+    return PrivacyLedger.open(work_dir, run_id, budget_epsilon=config.dp_epsilon, delta=config.dp_delta,
+                              max_grad_norm=config.dp_max_grad_norm, noise_multiplier=planned_noise)  # fmt: skip
+
+
+def sample_rate(n_tiles: int, batch_size: int) -> float:
+    """The accountant's sampling rate of a step: ``B / N`` (see the module docstring)."""
+    return min(1.0, batch_size / n_tiles)
 
 
 def open_site(site_store: str | Path, config: FederationConfig) -> SiteStore:
@@ -141,22 +184,31 @@ def _train(
     device: torch.device,
     batch_size: int | None,
     proximal_mu: float,
+    ledger: PrivacyLedger | None = None,
 ) -> LocalUpdate:
+    if config.dp_mode == "local" and ledger is None:
+        raise CmdfedError("the run trains with local differential privacy but this round has no privacy ledger")
     train = TrainConfig(
         steps=config.local_steps, batch_size=batch_size or config.batch_size, lr=config.lr(phase),
-        weight_decay=config.weight_decay, warmup_steps=0, min_lr_ratio=1.0, grad_clip=config.grad_clip,
-        seed=round_seed(config.seed, phase, round, site_name), augment=config.augment,
+        weight_decay=config.weight_decay, warmup_steps=0, min_lr_ratio=1.0, grad_clip=0.0 if ledger else config.grad_clip,
+        seed=secret_seed() if ledger else round_seed(config.seed, phase, round, site_name), augment=config.augment,
         checkpoint_every=config.local_steps, sample_every=0,
     )  # fmt: skip
+    spending = None
+    if ledger is not None:
+        spending = PrivateSteps(phase, round, ledger.noise_multiplier, sample_rate(len(dataset), train.batch_size), train.steps)
+        ledger.check(spending)  # BudgetExhausted: the site declines before touching its data
     if proximal_mu > 0:
         loss_fn = _with_proximal_term(loss_fn, model, proximal_mu)
     trainer = Trainer(model, loss_fn, train, device)
     started = time.perf_counter()
     losses, terms = [], {}
-    for result in trainer.run(batch_loader(dataset, train), train.steps):
-        losses.append(result.loss)
-        for key, value in result.metrics.items():
-            terms.setdefault(key, []).append(value)
+    private = private_trainer(trainer, ledger.noise_multiplier, ledger.max_grad_norm) if ledger else contextlib.nullcontext(trainer)
+    with private:
+        for result in trainer.run(batch_loader(dataset, train), train.steps):
+            losses.append(result.loss)
+            for key, value in result.metrics.items():
+                terms.setdefault(key, []).append(value)
     seconds = time.perf_counter() - started
     metrics = {
         "loss": float(np.mean(losses)),
@@ -165,8 +217,16 @@ def _train(
         "images_per_second": train.steps * train.batch_size / seconds,
         **{key: float(np.mean(values)) for key, values in terms.items()},
     }
+    if spending is not None:
+        metrics.update(privacy_metrics(ledger, ledger.record(spending)))
     sent = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict_for(config.sent_groups(phase)).items()}
     return LocalUpdate(sent, len(dataset), metrics)
+
+
+def privacy_metrics(ledger: PrivacyLedger, epsilon: float) -> dict[str, float]:
+    """What a site reports of its privacy spend (the server records it in telemetry)."""
+    return {"dp_epsilon": epsilon, "dp_delta": ledger.delta, "dp_noise_multiplier": ledger.noise_multiplier,
+            "dp_max_grad_norm": ledger.max_grad_norm, "dp_budget_epsilon": ledger.budget_epsilon}  # fmt: skip
 
 
 # -- evaluation ------------------------------------------------------------------------

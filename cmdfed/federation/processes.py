@@ -102,13 +102,17 @@ def split_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def require_loopback_or_insecure(host: str, insecure: bool, what: str) -> None:
-    """Until TLS is set up, traffic is plaintext: only loopback unless the user says otherwise."""
-    if host not in LOOPBACK and not insecure:
+def require_loopback_or_insecure(host: str, insecure: bool, what: str, tls: bool = False) -> None:
+    """Plaintext is for loopback; off it, TLS, or ``--insecure`` given explicitly (with a warning)."""
+    if tls or host in LOOPBACK:
+        return
+    if not insecure:
         raise CmdfedError(
             f"{what} {host} is not this machine and TLS is not configured, so weights would travel "
-            "unencrypted; use 127.0.0.1, or pass --insecure on a network you trust"
+            "unencrypted; configure TLS (`cmdfed certs init`), use 127.0.0.1, or pass --insecure on a network you trust"
         )
+    print(f"cmdfed: warning: {what} {host} without TLS: weights and metrics travel unencrypted (--insecure)",
+          file=sys.stderr, flush=True)  # fmt: skip
 
 
 def serve_in_foreground(process: subprocess.Popen, log_path: Path) -> None:

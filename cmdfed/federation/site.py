@@ -50,11 +50,14 @@ class SiteSettings:
         work_dir = str(node_config.get("work-dir", "")).strip() or str(Path(tempfile.gettempdir()) / f"cmdfed-site-{name}")
         return cls(Path(store), name, Path(work_dir), str(node_config.get("device", "auto")), batch_size or None)
 
+    def node_config(self) -> dict[str, Any]:
+        """Flower's node config of this site (what ``from_node_config`` reads)."""
+        return {"store": str(self.store), "name": self.name, "work-dir": str(self.work_dir), "device": self.device,
+                "batch-size": self.batch_size or 0}  # fmt: skip
+
     def to_node_config(self) -> str:
         """The ``--node-config`` argument of ``flower-supernode`` (TOML values)."""
-        values = {"store": str(self.store), "name": self.name, "work-dir": str(self.work_dir), "device": self.device,
-                  "batch-size": self.batch_size or 0}  # fmt: skip
-        return " ".join(f"{k}={_toml_value(v)}" for k, v in values.items())
+        return " ".join(f"{k}={_toml_value(v)}" for k, v in self.node_config().items())
 
 
 def check_site_name(name: str) -> str:

@@ -2,8 +2,11 @@
 
 import numpy as np
 import pytest
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi
+from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAdam, FedAvg, FedProx, FedYogi
+from flwr.supercore.task_identity import TaskIdentity
 
+from cmdfed.errors import CmdfedError
 from cmdfed.federation.checkpoints import last_complete_round, save_round
 from cmdfed.federation.config import FederationConfig
 from server.strategies import build_strategy, restore_strategy_state, strategy_state
@@ -35,3 +38,34 @@ def test_fedadam_moments_survive_a_checkpoint(tmp_path):
 
 def test_stateless_strategies_save_nothing():
     assert strategy_state(build_strategy(FederationConfig(), "pretrain")) == {}
+
+
+@pytest.fixture
+def task_identity():
+    """What Flower sets in a ServerApp process before messages are built."""
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+def test_central_dp_clips_each_site_update_and_noises_the_average(task_identity):
+    config = FederationConfig(dp_mode="central", dp_noise_multiplier=0.5, dp_clip_norm=1.0, min_sites=2)
+    strategy = build_strategy(config, "pretrain")
+    assert isinstance(strategy, DifferentialPrivacyServerSideFixedClipping) and strategy_state(strategy) == {}
+    reference = {"w": np.zeros(10_000, np.float32)}
+    strategy.current_arrays = ArrayRecord({k: Array(v) for k, v in reference.items()})  # as configure_train records it
+
+    def reply(update: float) -> Message:
+        content = RecordDict({"arrays": ArrayRecord({"w": Array(np.full(10_000, update, np.float32))}),
+                              "metrics": MetricRecord({"num-examples": 4})})  # fmt: skip
+        return Message(content, dst_node_id=0, message_type=MessageType.TRAIN)
+
+    aggregated, _ = strategy.aggregate_train(1, [reply(1.0), reply(1.0)])  # update norms 100, clipped to 1
+    result = aggregated["w"].numpy()
+    # mean of two clipped updates: 0.01 per entry; noise std 0.5 * 1.0 / 2 per entry
+    assert abs(result.mean() - 0.01) < 0.02 and result.std() == pytest.approx(0.25, rel=0.05)
+    with pytest.raises(CmdfedError, match="fedavg or fedprox"):
+        FederationConfig(dp_mode="central", dp_noise_multiplier=1.0, strategy="fedadam")
+    with pytest.raises(CmdfedError, match="needs dp-noise-multiplier"):
+        FederationConfig(dp_mode="central")
