@@ -1,4 +1,4 @@
-"""`cmdfed edge ...`: export, keygen, deploy, rollback, status, infer (arguments only; the work
+"""`cmdfed edge ...`: export, keygen, deploy, rollback, status, infer, serve (arguments only; the work
 is in the library modules)."""
 
 from __future__ import annotations
@@ -134,3 +134,28 @@ def infer(
         f"{'mm2' if s['area_analysed_mm2'] else 'px'} with {s['backend']['backend']}: "
         + ", ".join(f"{k} {v}" for k, v in s['counts_by_type'].items()) + f" -> {out_dir}"
     ))  # fmt: skip
+
+
+@commands.command("serve")
+def serve(
+    home: Path = typer.Option(..., "--home", help="Edge home folder with an active model."),
+    port: int = typer.Option(..., "--port", help="gRPC port."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface)."),
+    metrics_port: Optional[int] = typer.Option(None, "--metrics-port", help="Serve Prometheus metrics on this port."),
+    telemetry: Optional[str] = typer.Option(None, help=TELEMETRY_HELP + " Heartbeats and slide summaries go there."),
+    heartbeat: float = typer.Option(60.0, help="Seconds between telemetry heartbeats."),
+    max_tiles: int = typer.Option(16, help="Most tiles accepted in one SegmentTiles request."),
+    workers: int = typer.Option(8, help="Calls served at once."),
+    backend: Optional[str] = typer.Option(None, help=BACKEND_HELP),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for ONNX Runtime (default: all available)."),
+) -> None:
+    """Serve the active model over gRPC (SegmentTiles, SegmentSlide, ModelInfo, health) until SIGTERM."""
+    from edge.service import EdgeService
+
+    _log_backend_choice()
+    service = EdgeService(home, port=port, host=host, metrics_port=metrics_port, telemetry=telemetry,
+                          heartbeat_s=heartbeat, max_tiles=max_tiles, workers=workers, backend=backend,
+                          threads=threads)  # fmt: skip
+    metrics = "" if service.metrics_port is None else f", metrics on 127.0.0.1:{service.metrics_port}"
+    out.print(f"serving {service.version} ({service.selection.backend.name}) on {host}:{service.port}{metrics}")
+    service.serve_until_signalled()

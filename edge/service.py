@@ -1,0 +1,506 @@
+"""`cmdfed edge serve`: the workstation's gRPC service (protocol: ``edge/protos/cmdfed_edge.proto``).
+
+    start:  active version in HOME --select_backend--> one validated backend (loaded once)
+            -> grpc.server (thread pool, message size limit) with EdgeSegmentation and the
+               standard grpc.health.v1 service, SERVING from the moment it listens
+            -> Prometheus metrics on --metrics-port, telemetry heartbeats with --telemetry
+    stop:   SIGTERM/SIGINT -> health NOT_SERVING -> running calls get GRACE_S to finish
+            -> a last heartbeat
+
+SegmentTiles: tiles of any side 1..max_side are accepted. Sides that are not multiples of
+32 (or below the model's minimum) are padded with white on the right and bottom, as
+whole-slide inference pads a slide's edge tiles; the network's maps are cropped back to
+the tile before the training post-processing runs, so results cover exactly the pixels
+sent. All tiles of a request go through the backend as one batch (padded to the largest).
+Calls into the backend are serialised (one accelerator, and TensorRT contexts are not
+thread-safe); decoding and post-processing run in parallel on the thread pool.
+
+SegmentSlide runs ``edge.infer.infer_slide`` (resumable, same outputs as `cmdfed edge
+infer`, default folder HOME/outputs/<slide file name>) one slide at a time on a worker
+thread and streams its progress; the last message holds the summary and output paths.
+infer_slide loads its own instance of the served backend (forced by name, validated
+again: small next to a slide's cost). A client that cancels stops the slide at the next
+batch; rerunning it resumes. With --telemetry, infer_slide records each slide's summary.
+
+Metrics (own registry, so several services can live in one process):
+``cmdfed_edge_requests_total{method,code}``, ``cmdfed_edge_failures_total{method,reason}``,
+``cmdfed_edge_request_duration_seconds{method}`` (histogram: p50/p95 by
+histogram_quantile), ``cmdfed_edge_tiles_total`` (rate() = tiles/s),
+``cmdfed_edge_model_info{version,backend,device,precision}`` and, on a CUDA backend,
+``cmdfed_edge_gpu_memory_used_bytes``. Heartbeats (at start, every --heartbeat seconds,
+and after stopping) carry tiles/s since the previous one, p50/p95 of the last
+LATENCY_WINDOW SegmentTiles calls and the errors by reason so far.
+
+Errors: a request a client got wrong ends with INVALID_ARGUMENT (bad tile sizes or byte
+counts, a corrupt slide or unusable options), NOT_FOUND (slide path), or
+RESOURCE_EXHAUSTED (too many tiles) and one clear message; anything else is INTERNAL and
+logged. Every call is counted by method and status code and every failure by reason. A
+message above the size limit is refused by gRPC itself (RESOURCE_EXHAUSTED) before it
+reaches the service, so it appears in no counter.
+
+Clients are trusted: slide paths and output folders are paths on the workstation, and
+there is no TLS or authentication. The service listens on loopback unless told otherwise;
+bind it to other interfaces only on a trusted network.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import queue
+import signal
+import socket
+import threading
+import time
+from collections import deque
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+
+from cmdfed.errors import CmdfedError
+from cmdfed.evaluate.postprocess import NucleusRecord, WatershedParams, postprocess
+from edge import infer, outputs
+from edge.backends import Selection, select_backend
+from edge.deploy import active_bundle
+from edge.protos import cmdfed_edge_pb2 as pb
+from edge.protos import cmdfed_edge_pb2_grpc as pb_grpc
+
+log = logging.getLogger("cmdfed.edge")
+
+SERVICE_NAME = "cmdfed.edge.v1.EdgeSegmentation"
+DEFAULT_MAX_TILES = 16
+DEFAULT_WORKERS = 8
+DEFAULT_HEARTBEAT_S = 60.0
+GRACE_S = 10.0
+LATENCY_WINDOW = 1000  # recent SegmentTiles latencies kept for the heartbeat's p50/p95
+MESSAGE_SLACK = 64 * 1024  # protobuf framing on top of the tiles' pixel bytes
+SLIDE_OUTPUTS = "outputs"
+
+
+class RequestError(CmdfedError):
+    """A request the service refuses: the gRPC status, a reason for the counters, a message."""
+
+    def __init__(self, code: grpc.StatusCode, reason: str, message: str):
+        super().__init__(message)
+        self.code, self.reason = code, reason
+
+
+@dataclass(frozen=True)
+class Limits:
+    min_side: int
+    max_side: int
+    multiple: int
+    max_tiles: int
+
+    @property
+    def max_message_bytes(self) -> int:
+        return self.max_tiles * self.max_side * self.max_side * 3 + MESSAGE_SLACK
+
+
+# -- metrics ---------------------------------------------------------------------------
+
+
+class Metrics:
+    """Prometheus metrics (own registry) plus the rolling numbers a heartbeat reports."""
+
+    def __init__(self, selection: Selection):
+        self.registry = CollectorRegistry()
+        registry = self.registry
+        self.requests = Counter(
+            "cmdfed_edge_requests", "Calls by method and gRPC status.", ["method", "code"], registry=registry
+        )
+        self.failures = Counter(
+            "cmdfed_edge_failures", "Failed calls by reason.", ["method", "reason"], registry=registry
+        )
+        self.latency = Histogram(
+            "cmdfed_edge_request_duration_seconds", "Call duration (p50/p95 via histogram_quantile).", ["method"],
+            registry=registry,
+        )  # fmt: skip
+        self.tiles = Counter("cmdfed_edge_tiles", "Tiles segmented (requests and slides).", registry=registry)
+        backend = selection.backend
+        model = Info("cmdfed_edge_model", "The model being served.", registry=self.registry)
+        model.info({"version": backend.model.manifest["model"]["version"], "backend": backend.name,
+                    "device": backend.device, "precision": backend.precision})  # fmt: skip
+        if backend.device.startswith("cuda"):
+            gpu = Gauge("cmdfed_edge_gpu_memory_used_bytes", "Memory in use on the backend's GPU.", registry=registry)
+            gpu.set_function(_gpu_memory_used)
+        self._lock = threading.Lock()
+        self._latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
+        self._errors: dict[str, int] = {}
+        self._tiles_since, self._since = 0, time.monotonic()
+
+    def succeeded(self, method: str, seconds: float) -> None:
+        self.requests.labels(method, grpc.StatusCode.OK.name).inc()
+        self.latency.labels(method).observe(seconds)
+        if method == "SegmentTiles":
+            with self._lock:
+                self._latencies.append(seconds)
+
+    def failed(self, method: str, code: grpc.StatusCode, reason: str, seconds: float) -> None:
+        self.requests.labels(method, code.name).inc()
+        self.failures.labels(method, reason).inc()
+        self.latency.labels(method).observe(seconds)
+        with self._lock:
+            self._errors[reason] = self._errors.get(reason, 0) + 1
+
+    def add_tiles(self, n: int) -> None:
+        self.tiles.inc(n)
+        with self._lock:
+            self._tiles_since += n
+
+    def heartbeat_numbers(self) -> dict:
+        """tiles/s since the previous heartbeat, p50/p95 of recent SegmentTiles calls, errors so far."""
+        with self._lock:
+            now = time.monotonic()
+            tiles_per_s = self._tiles_since / max(now - self._since, 1e-9)
+            self._tiles_since, self._since = 0, now
+            latencies = np.array(self._latencies)
+            errors = dict(self._errors)
+        p50, p95 = (np.percentile(latencies * 1e3, [50, 95]).tolist() if len(latencies) else (None, None))
+        return {"tiles_per_s": tiles_per_s, "p50_ms": p50, "p95_ms": p95, "errors": errors}
+
+
+def _gpu_memory_used() -> float:
+    import torch
+
+    free, total = torch.cuda.mem_get_info()
+    return float(total - free)
+
+
+def _gpu_name(device: str) -> str | None:
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else device
+
+
+# -- tiles -----------------------------------------------------------------------------
+
+
+def decode_tiles(tiles, limits: Limits) -> list[np.ndarray]:
+    """Request tiles -> uint8 (H, W, 3) arrays, or a RequestError saying what is wrong."""
+    if not tiles:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "no_tiles", "the request has no tiles")
+    if len(tiles) > limits.max_tiles:
+        raise RequestError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED, "too_many_tiles",
+            f"{len(tiles)} tiles in one request; at most {limits.max_tiles} are accepted: send the rest separately",
+        )  # fmt: skip
+    images = []
+    for i, tile in enumerate(tiles):
+        h, w = tile.height, tile.width
+        if not (1 <= h <= limits.max_side and 1 <= w <= limits.max_side):
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT, "bad_tile_size",
+                f"tile {i}: height and width must be 1..{limits.max_side}, got {h}x{w}",
+            )  # fmt: skip
+        if len(tile.rgb) != h * w * 3:
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT, "bad_tile_bytes",
+                f"tile {i}: {h}x{w} RGB needs {h * w * 3} bytes (uint8, row-major), got {len(tile.rgb)}",
+            )  # fmt: skip
+        images.append(np.frombuffer(tile.rgb, np.uint8).reshape(h, w, 3))
+    return images
+
+
+def padded_batch(images: list[np.ndarray], limits: Limits) -> np.ndarray:
+    """One uint8 batch, every tile padded with white to a common side the network accepts."""
+    def side(n: int) -> int:
+        return max(limits.min_side, math.ceil(n / limits.multiple) * limits.multiple)
+
+    height, width = side(max(i.shape[0] for i in images)), side(max(i.shape[1] for i in images))
+    batch = np.full((len(images), height, width, 3), 255, np.uint8)
+    for k, image in enumerate(images):
+        batch[k, : image.shape[0], : image.shape[1]] = image
+    return batch
+
+
+def tile_result(result, class_names: list[str]) -> pb.TileResult:
+    instances = result.instance_map
+    small = instances.max(initial=0) < 2**16
+    encoding, dtype = (pb.UINT16_LE, "<u2") if small else (pb.INT32_LE, "<i4")
+    height, width = instances.shape
+    return pb.TileResult(
+        height=height, width=width, encoding=encoding, instances=instances.astype(dtype).tobytes(),
+        nuclei=[_nucleus(n, class_names) for n in result.nuclei],
+    )  # fmt: skip
+
+
+def _nucleus(nucleus: NucleusRecord, class_names: list[str]) -> pb.Nucleus:
+    x, y = nucleus.centroid_xy
+    contour = np.asarray(nucleus.contour_xy, np.float64) + 0.5
+    return pb.Nucleus(
+        id=nucleus.id, type=nucleus.type or 0, type_name=outputs.class_name(nucleus.type, class_names),
+        type_probability=nucleus.type_prob or 0.0, centroid=pb.Point(x=x, y=y), area=nucleus.area,
+        contour=[pb.Point(x=px, y=py) for px, py in contour.tolist()],
+    )  # fmt: skip
+
+
+# -- the service -----------------------------------------------------------------------
+
+
+class EdgeServicer(pb_grpc.EdgeSegmentationServicer):
+    def __init__(self, home: Path, selection: Selection, limits: Limits, metrics: Metrics, telemetry: str | None):
+        self.home, self.selection, self.limits, self.metrics = home, selection, limits, metrics
+        self.telemetry = telemetry
+        manifest = selection.backend.model.manifest
+        self.manifest = manifest
+        self.class_names = manifest["model"]["class_names"]
+        self.params = WatershedParams(**manifest["postprocessing"]["params"])
+        self._backend_lock = threading.Lock()
+        self._slide_lock = threading.Lock()
+
+    @property
+    def version(self) -> str:
+        return self.manifest["model"]["version"]
+
+    # -- rpcs
+
+    def ModelInfo(self, request, context):
+        return self._unary("ModelInfo", context, self._model_info)
+
+    def SegmentTiles(self, request, context):
+        return self._unary("SegmentTiles", context, lambda: self._segment_tiles(request))
+
+    def SegmentSlide(self, request, context):
+        started = time.perf_counter()
+        try:
+            yield from self._segment_slide(request, context)
+        except Exception as exc:
+            code, reason, message = _classify(exc)
+            self.metrics.failed("SegmentSlide", code, reason, time.perf_counter() - started)
+            context.abort(code, message)
+        self.metrics.succeeded("SegmentSlide", time.perf_counter() - started)
+
+    # -- work
+
+    def _unary(self, method: str, context, work):
+        started = time.perf_counter()
+        try:
+            response = work()
+        except Exception as exc:
+            code, reason, message = _classify(exc)
+            self.metrics.failed(method, code, reason, time.perf_counter() - started)
+            context.abort(code, message)
+        self.metrics.succeeded(method, time.perf_counter() - started)
+        return response
+
+    def _model_info(self) -> pb.ModelInfoResponse:
+        backend, pre, limits = self.selection.backend, self.manifest["preprocessing"], self.limits
+        return pb.ModelInfoResponse(
+            model_version=self.version, backend=backend.name, device=backend.device, precision=backend.precision,
+            class_names=self.class_names, tile_size=pre["tile_size"], overlap=pre["overlap"], mpp=pre.get("mpp") or 0.0,
+            limits=pb.InputLimits(
+                min_side=limits.min_side, max_side=limits.max_side, side_multiple_of=limits.multiple,
+                max_tiles_per_request=limits.max_tiles, max_message_bytes=limits.max_message_bytes,
+            ),
+        )  # fmt: skip
+
+    def _segment_tiles(self, request) -> pb.SegmentTilesResponse:
+        images = decode_tiles(request.tiles, self.limits)
+        batch = padded_batch(images, self.limits)
+        with self._backend_lock:
+            maps = self.selection.backend.run(batch)
+        results = []
+        for k, image in enumerate(images):
+            h, w = image.shape[:2]
+            tile_maps = {name: value[k][..., :h, :w] for name, value in maps.items()}
+            processed = postprocess(tile_maps["np"], tile_maps["hv"], tile_maps.get("nc"), self.params)
+            results.append(tile_result(processed, self.class_names))
+        self.metrics.add_tiles(len(images))
+        backend = self.selection.backend.name
+        return pb.SegmentTilesResponse(results=results, model_version=self.version, backend=backend)
+
+    def _segment_slide(self, request, context):
+        slide, out_dir = self._slide_arguments(request)
+        updates: queue.Queue = queue.Queue()
+        counted: list[int] = []  # tiles done at the previous report; a resumed slide starts above 0
+
+        def progress(done: int, total: int | None, what: str) -> None:
+            if not context.is_active():
+                raise RequestError(grpc.StatusCode.CANCELLED, "cancelled", "the client cancelled the slide")
+            if counted:
+                self.metrics.add_tiles(done - counted[0])
+            counted[:] = [done]
+            updates.put(pb.SlideProgress(done=done, total=total or 0, stage=what))
+
+        def run() -> None:
+            try:
+                with self._slide_lock:
+                    summary = infer.infer_slide(
+                        slide, self.home, out_dir, backend=self.selection.backend.name, batch=request.batch or 8,
+                        min_tissue=request.min_tissue or infer.DEFAULT_MIN_TISSUE, restart=request.restart,
+                        telemetry=self.telemetry, progress=progress,
+                    )  # fmt: skip
+                updates.put(_final_progress(summary, out_dir))
+            except BaseException as exc:  # handed to the calling thread, which reports it
+                updates.put(exc)
+
+        threading.Thread(target=run, name=f"slide-{slide.name}", daemon=True).start()
+        while True:
+            update = updates.get()
+            if isinstance(update, BaseException):
+                raise update
+            yield update
+            if update.stage == "done":
+                return
+
+    def _slide_arguments(self, request) -> tuple[Path, Path]:
+        if not request.path:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "bad_slide", "the request has no slide path")
+        slide = Path(request.path)
+        if not slide.is_file():
+            raise RequestError(
+                grpc.StatusCode.NOT_FOUND, "slide_not_found", f"slide {slide} does not exist on this workstation"
+            )
+        if not 0 <= request.min_tissue <= 1:
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT, "bad_options", f"min_tissue must be in 0..1, got {request.min_tissue}"
+            )
+        out_dir = Path(request.out_dir) if request.out_dir else self.home / SLIDE_OUTPUTS / slide.name
+        return slide, out_dir
+
+
+def _final_progress(summary: dict, out_dir: Path) -> pb.SlideProgress:
+    names = summary["outputs"]
+    return pb.SlideProgress(
+        done=summary["tiles"], total=summary["tiles"], stage="done",
+        summary=pb.SlideSummary(
+            slide=summary["slide"], model_version=summary["model_version"], backend=summary["backend"]["backend"],
+            tiles=summary["tiles"], n_cells=summary["n_cells"], counts_by_type=summary["counts_by_type"],
+            area_analysed_mm2=summary["area_analysed_mm2"] or 0.0, summary_json=json.dumps(summary),
+        ),
+        outputs=pb.SlideOutputs(
+            out_dir=str(out_dir), labels=str(out_dir / names["labels"]), geojson=str(out_dir / names["geojson"]),
+            summary=str(out_dir / infer.SUMMARY),
+        ),
+    )  # fmt: skip
+
+
+def _classify(exc: Exception) -> tuple[grpc.StatusCode, str, str]:
+    """gRPC status, failure reason and message for an exception raised while serving a call."""
+    if isinstance(exc, RequestError):
+        return exc.code, exc.reason, str(exc)
+    if isinstance(exc, CmdfedError):
+        return grpc.StatusCode.INVALID_ARGUMENT, "bad_slide", str(exc)
+    log.exception("internal error while serving a call")
+    return grpc.StatusCode.INTERNAL, "internal", f"internal error ({type(exc).__name__}); see the service's log"
+
+
+# -- running it ------------------------------------------------------------------------
+
+
+class EdgeService:
+    """The model, the gRPC server, the metrics endpoint and the heartbeat, started and stopped together."""
+
+    def __init__(
+        self,
+        home: str | Path,
+        *,
+        port: int,
+        host: str = "127.0.0.1",
+        metrics_port: int | None = None,
+        telemetry: str | Path | None = None,
+        heartbeat_s: float = DEFAULT_HEARTBEAT_S,
+        max_tiles: int = DEFAULT_MAX_TILES,
+        workers: int = DEFAULT_WORKERS,
+        backend: str | None = None,
+        threads: int | None = None,
+    ):
+        if max_tiles < 1 or workers < 1 or heartbeat_s <= 0:
+            raise CmdfedError("--max-tiles and --workers must be at least 1 and --heartbeat positive")
+        self.home = Path(home)
+        self.telemetry = str(telemetry) if telemetry else None
+        self.heartbeat_s = heartbeat_s
+        self.selection = select_backend(active_bundle(self.home), self.home, force=backend, threads=threads)
+        spec = self.selection.backend
+        self.limits = Limits(spec.min_shape[2], spec.max_shape[2], spec.multiple, max_tiles)
+        self.metrics = Metrics(self.selection)
+        self.servicer = EdgeServicer(self.home, self.selection, self.limits, self.metrics, self.telemetry)
+        self.health = health.HealthServicer()
+        self.server = self._make_server(host, port, workers)
+        self.metrics_port = self._start_metrics(metrics_port) if metrics_port is not None else None
+        self._stopped = threading.Event()
+        self._heartbeat_thread: threading.Thread | None = None
+
+    def _make_server(self, host: str, port: int, workers: int) -> grpc.Server:
+        size = self.limits.max_message_bytes
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="edge-rpc"),
+            options=[("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", -1)],
+        )
+        pb_grpc.add_EdgeSegmentationServicer_to_server(self.servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        try:
+            self.port = server.add_insecure_port(f"{host}:{port}")
+        except RuntimeError as exc:
+            raise CmdfedError(
+                f"cannot listen on {host}:{port} (in use, or not an address of this machine); choose another --port or --host"
+            ) from exc
+        return server
+
+    def _start_metrics(self, port: int) -> int:
+        try:
+            self._metrics_http, _ = start_http_server(port, addr="127.0.0.1", registry=self.metrics.registry)
+        except OSError as exc:
+            raise CmdfedError(f"cannot serve metrics on port {port} ({exc}); choose another --metrics-port") from exc
+        return self._metrics_http.server_port
+
+    @property
+    def version(self) -> str:
+        return self.servicer.version
+
+    def start(self) -> "EdgeService":
+        self.server.start()
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving model %s with %s on port %d", self.version, self.selection.backend.name, self.port)
+        if self.telemetry:
+            self._heartbeat()
+            self._heartbeat_thread = threading.Thread(target=self._heartbeat_loop, name="edge-heartbeat", daemon=True)
+            self._heartbeat_thread.start()
+        return self
+
+    def stop(self, grace: float = GRACE_S) -> None:
+        """NOT_SERVING, let running calls finish within ``grace`` seconds, last heartbeat."""
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace).wait()
+        self._stopped.set()
+        if self._heartbeat_thread is not None:
+            self._heartbeat_thread.join()
+            self._heartbeat()
+        if self.metrics_port is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+
+    def serve_until_signalled(self) -> None:
+        """Run until SIGTERM or SIGINT, then stop gracefully."""
+        signalled = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: signalled.set())
+        self.start()
+        signalled.wait()
+        log.info("stopping: finishing running calls (up to %gs)", GRACE_S)
+        self.stop()
+
+    def _heartbeat_loop(self) -> None:
+        while not self._stopped.wait(self.heartbeat_s):
+            try:
+                self._heartbeat()
+            except Exception:  # a telemetry outage must not stop the service
+                log.exception("telemetry heartbeat failed")
+
+    def _heartbeat(self) -> None:
+        from cmdfed.telemetry import TelemetryStore
+
+        backend = self.selection.backend
+        with TelemetryStore.open(self.telemetry, create=True) as store:
+            store.heartbeat(socket.gethostname(), backend=backend.name, gpu=_gpu_name(backend.device),
+                            model_version=self.version, **self.metrics.heartbeat_numbers())  # fmt: skip

@@ -1,0 +1,255 @@
+"""The edge gRPC service with a real server on loopback, real gRPC clients and real HTTP
+scrapes of its metrics (ONNX Runtime CPU, the tiny exported model)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from cmdfed.data.synth import synth_tiles
+from cmdfed.telemetry import TelemetryStore
+from edge.deploy import deploy
+from edge.protos import cmdfed_edge_pb2 as pb
+from edge.protos import cmdfed_edge_pb2_grpc as pb_grpc
+from edge.service import EdgeService
+
+from .conftest import TILE
+
+MAX_TILES = 4
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def home(signed_bundle, tmp_path_factory):
+    home = tmp_path_factory.mktemp("serve-home")
+    deploy(signed_bundle, home)
+    return home
+
+
+@pytest.fixture(scope="module")
+def service(home, tmp_path_factory):
+    telemetry = tmp_path_factory.mktemp("serve-telemetry") / "t.db"
+    service = EdgeService(home, port=0, metrics_port=0, telemetry=telemetry, max_tiles=MAX_TILES, workers=4).start()
+    yield service
+    service.stop(grace=1)
+
+
+@pytest.fixture
+def stub(service):
+    with grpc.insecure_channel(f"127.0.0.1:{service.port}") as channel:
+        yield pb_grpc.EdgeSegmentationStub(channel)
+
+
+def tile(image: np.ndarray) -> pb.Tile:
+    return pb.Tile(rgb=image.tobytes(), height=image.shape[0], width=image.shape[1])
+
+
+def synthetic_tiles(n: int, size: int = TILE) -> list[np.ndarray]:
+    return [np.ascontiguousarray(t.image[:size, :size]) for t in synth_tiles(n, tile_size=TILE, seed=3)]
+
+
+def health_status(port: int) -> int:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        request = health_pb2.HealthCheckRequest(service="cmdfed.edge.v1.EdgeSegmentation")
+        return health_pb2_grpc.HealthStub(channel).Check(request, timeout=10).status
+
+
+def scrape(service) -> dict[tuple[str, tuple], float]:
+    """(sample name, sorted labels) -> value, from the metrics endpoint over HTTP."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{service.metrics_port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def counter(samples, name: str, **labels) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_health_is_serving_and_model_info_describes_the_model(service, stub, signed_bundle):
+    assert health_status(service.port) == health_pb2.HealthCheckResponse.SERVING
+    info = stub.ModelInfo(pb.Empty(), timeout=10)
+    manifest = json.loads((signed_bundle / "manifest.json").read_text())
+    assert info.model_version == manifest["model"]["version"] == service.version
+    assert info.backend == "onnxruntime-cpu" and info.device == "cpu" and info.precision == "fp32"
+    assert list(info.class_names) == manifest["model"]["class_names"]
+    assert info.tile_size == TILE and info.mpp == 0.5
+    assert info.limits.side_multiple_of == 32 and info.limits.min_side <= TILE <= info.limits.max_side
+    assert info.limits.max_tiles_per_request == MAX_TILES and info.limits.max_message_bytes > 3 * TILE * TILE
+    samples = scrape(service)
+    assert counter(samples, "cmdfed_edge_model_info", version=service.version, backend="onnxruntime-cpu",
+                   device="cpu", precision="fp32") == 1  # fmt: skip
+
+
+def test_segment_tiles_returns_instance_maps_and_nuclei_for_each_tile(service, stub):
+    full, odd = synthetic_tiles(2)
+    odd = np.ascontiguousarray(odd[:100, :90])  # not a multiple of 32: padded, results cropped back
+    response = stub.SegmentTiles(pb.SegmentTilesRequest(tiles=[tile(full), tile(odd)]), timeout=60)
+    assert response.model_version == service.version and response.backend == "onnxruntime-cpu"
+    assert [(r.height, r.width) for r in response.results] == [(TILE, TILE), (100, 90)]
+    for result in response.results:
+        assert result.encoding == pb.UINT16_LE
+        instances = np.frombuffer(result.instances, "<u2").reshape(result.height, result.width)
+        ids = sorted(n.id for n in result.nuclei)
+        assert set(np.unique(instances[instances > 0]).tolist()) == set(ids)
+        for nucleus in result.nuclei:
+            assert nucleus.area == int((instances == nucleus.id).sum())
+            assert nucleus.type_name and len(nucleus.contour) >= 4
+            assert 0 <= nucleus.centroid.x < result.width and 0 <= nucleus.centroid.y < result.height
+    assert response.results[0].nuclei  # the tuned tiny model finds nucleus-like blobs on a full tile
+
+
+def test_segment_slide_streams_progress_then_summary_and_outputs(service, stub, slide_tiff, tmp_path):
+    request = pb.SegmentSlideRequest(path=str(slide_tiff), out_dir=str(tmp_path / "out"), batch=2)
+    messages = list(stub.SegmentSlide(request, timeout=300))
+    *progress, final = messages
+    assert progress and all(m.stage == "tiles" and m.total == final.total for m in progress)
+    assert [m.done for m in progress] == sorted(m.done for m in progress)
+    assert final.stage == "done" and final.done == final.total == final.summary.tiles > 0
+    summary = json.loads(Path(final.outputs.summary).read_text())
+    assert final.summary.n_cells == summary["n_cells"]
+    assert dict(final.summary.counts_by_type) == summary["counts_by_type"]
+    assert final.summary.model_version == service.version and final.summary.backend == "onnxruntime-cpu"
+    for path in (final.outputs.labels, final.outputs.geojson, final.outputs.summary):
+        assert Path(path).exists()
+    events = TelemetryStore.open(service.telemetry).inference_events()
+    assert any(e["slide_name"] == slide_tiff.name and e["n_cells"] == summary["n_cells"] for e in events)
+
+
+def test_unknown_and_corrupt_slides_get_clear_errors(stub, tmp_path):
+    with pytest.raises(grpc.RpcError) as missing:
+        list(stub.SegmentSlide(pb.SegmentSlideRequest(path=str(tmp_path / "missing.svs")), timeout=60))
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND and "does not exist" in missing.value.details()
+    broken = tmp_path / "broken.svs"
+    broken.write_bytes(b"II*\x00" + b"\x00" * 100)
+    with pytest.raises(grpc.RpcError) as corrupt:
+        list(stub.SegmentSlide(pb.SegmentSlideRequest(path=str(broken), out_dir=str(tmp_path / "o")), timeout=60))
+    assert corrupt.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "cannot read slide" in corrupt.value.details()
+
+
+def malformed_request(k: int) -> tuple[pb.SegmentTilesRequest, str, grpc.StatusCode]:
+    """Four kinds of wrong request, in turn: (request, failure reason, expected status)."""
+    pixel = pb.Tile(rgb=b"\x80" * 3, height=1, width=1)
+    short = pb.Tile(rgb=b"\x00" * 5, height=2, width=2)
+    empty = pb.Tile(rgb=b"", height=0, width=64)
+    invalid, exhausted = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED
+    kinds = [
+        (pb.SegmentTilesRequest(), "no_tiles", invalid),
+        (pb.SegmentTilesRequest(tiles=[short]), "bad_tile_bytes", invalid),
+        (pb.SegmentTilesRequest(tiles=[empty]), "bad_tile_size", invalid),
+        (pb.SegmentTilesRequest(tiles=[pixel] * (MAX_TILES + 1)), "too_many_tiles", exhausted),
+    ]
+    return kinds[k % len(kinds)]
+
+
+def test_a_thousand_malformed_requests_are_refused_counted_and_harmless(service, stub):
+    before = scrape(service)
+    sent: Counter[str] = Counter()
+    for k in range(1000):
+        request, reason, expected = malformed_request(k)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.SegmentTiles(request, timeout=10)
+        assert refused.value.code() == expected and refused.value.details()
+        sent[reason] += 1
+    after = scrape(service)
+    for reason, n in sent.items():
+        delta = counter(after, "cmdfed_edge_failures_total", method="SegmentTiles", reason=reason) - counter(
+            before, "cmdfed_edge_failures_total", method="SegmentTiles", reason=reason
+        )
+        assert delta == n
+    assert health_status(service.port) == health_pb2.HealthCheckResponse.SERVING
+    [image] = synthetic_tiles(1, size=64)
+    assert len(stub.SegmentTiles(pb.SegmentTilesRequest(tiles=[tile(image)]), timeout=60).results) == 1
+
+
+def test_a_message_above_the_size_limit_is_refused_by_grpc(service, stub):
+    limit = stub.ModelInfo(pb.Empty(), timeout=10).limits.max_message_bytes
+    huge = pb.Tile(rgb=b"\x00" * (limit + 1), height=1, width=1)
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.SegmentTiles(pb.SegmentTilesRequest(tiles=[huge]), timeout=60)
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert health_status(service.port) == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_concurrent_clients_are_all_served_and_counted(service):
+    clients, calls = 4, 5
+    images = synthetic_tiles(2, size=64)
+    before = counter(scrape(service), "cmdfed_edge_requests_total", method="SegmentTiles", code="OK")
+    failures: list[BaseException] = []
+
+    def client() -> None:
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{service.port}") as channel:
+                stub = pb_grpc.EdgeSegmentationStub(channel)
+                for _ in range(calls):
+                    response = stub.SegmentTiles(pb.SegmentTilesRequest(tiles=[tile(i) for i in images]), timeout=120)
+                    assert [(r.height, r.width) for r in response.results] == [(64, 64), (64, 64)]
+        except BaseException as exc:  # reported by the test thread below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+    after = scrape(service)
+    assert counter(after, "cmdfed_edge_requests_total", method="SegmentTiles", code="OK") - before == clients * calls
+    assert counter(after, "cmdfed_edge_tiles_total") >= clients * calls * len(images)
+
+
+def test_heartbeat_is_recorded_when_serving_starts(service):
+    [beat] = TelemetryStore.open(service.telemetry).heartbeats(latest_only=True)
+    assert beat["backend"] == "onnxruntime-cpu" and beat["model_version"] == service.version
+
+
+@pytest.mark.slow
+def test_cli_serves_until_sigterm_then_stops_gracefully(home, tmp_path):
+    telemetry = tmp_path / "t.db"
+    command = [sys.executable, "-m", "cmdfed", "edge", "serve", "--home", str(home), "--port", "0",
+               "--telemetry", str(telemetry)]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    try:
+        started = None
+        while started is None:
+            line = process.stdout.readline()
+            assert line, "the service exited before serving"
+            started = re.search(r"serving model .* on port (\d+)", line)
+        port = int(started.group(1))
+        assert health_status(port) == health_pb2.HealthCheckResponse.SERVING
+        os.kill(process.pid, signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    beats = TelemetryStore.open(telemetry).heartbeats(latest_only=False)
+    assert len(beats) == 2  # one when serving starts, one after the graceful stop
+
+
+def test_generated_code_matches_the_proto(tmp_path):
+    from grpc_tools import protoc
+
+    proto = "edge/protos/cmdfed_edge.proto"
+    args = ["protoc", f"-I{REPO}", f"--python_out={tmp_path}", f"--pyi_out={tmp_path}", f"--grpc_python_out={tmp_path}"]
+    assert protoc.main([*args, str(REPO / proto)]) == 0
+    for name in ("cmdfed_edge_pb2.py", "cmdfed_edge_pb2.pyi", "cmdfed_edge_pb2_grpc.py"):
+        generated = (tmp_path / "edge" / "protos" / name).read_text()
+        committed = (REPO / "edge" / "protos" / name).read_text()
+        assert generated == committed, f"{name} is stale: regenerate it (command in the proto)"
