@@ -1,1 +1,8 @@
-"""cmdfed dashboard role (built in its own issue)."""
+"""cmdfed dashboard: a Streamlit app over the telemetry store and edge inference outputs.
+
+``cmdfed dashboard`` (:mod:`dashboard.cli`) starts ``streamlit run dashboard/app.py``. The page
+script is thin: :mod:`dashboard.queries` turns the telemetry store into pandas tables,
+:mod:`dashboard.slides` reads inference output folders and draws nuclei outlines,
+:mod:`dashboard.charts` makes the Altair charts and :mod:`dashboard.views` lays out the tabs.
+The dashboard only reads: it opens the store read-only and never imports server internals.
+"""

@@ -1,0 +1,62 @@
+"""`cmdfed dashboard`: start the Streamlit app over a telemetry store and inference outputs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import typer
+
+from cmdfed.errors import CmdfedError
+from dashboard.views import DB_ENV, OUTPUTS_ENV
+
+APP = Path(__file__).with_name("app.py")
+
+
+def streamlit_command(port: int, host: str) -> list[str]:
+    """`streamlit run` of the page: headless, no usage statistics, bound to ``host``."""
+    return [
+        sys.executable, "-m", "streamlit", "run", str(APP),
+        "--server.headless", "true",
+        "--browser.gatherUsageStats", "false",
+        "--server.address", host,
+        "--server.port", str(port),
+    ]  # fmt: skip
+
+
+def dashboard(
+    db: str | None = typer.Option(
+        None,
+        "--db",
+        help="Telemetry store (SQLite path or postgresql:// URL); default RUNS/telemetry.db.",
+    ),
+    runs: Path = typer.Option(
+        Path("cmdfed-run"),
+        "--runs",
+        help="Federation run folder whose telemetry.db is read when --db is not given.",
+    ),
+    outputs: Path | None = typer.Option(
+        None,
+        "--outputs",
+        help="Folder holding `cmdfed edge infer --out` folders, for the slide viewer.",
+    ),
+    port: int = typer.Option(8501, "--port", help="Port to serve on."),
+    host: str = typer.Option(
+        "127.0.0.1", "--host", help="Address to bind; 0.0.0.0 exposes the dashboard to the network."
+    ),
+) -> None:
+    """Serve the dashboard: federation, privacy, models, edge fleet and slide viewer."""
+    if not 1 <= port <= 65535:
+        raise CmdfedError(f"--port must be between 1 and 65535, got {port}")
+    env = {
+        **os.environ,
+        DB_ENV: db or str((runs / "telemetry.db").absolute()),
+        OUTPUTS_ENV: str(outputs.absolute()) if outputs else "",
+    }
+    print(f"cmdfed dashboard on http://{host}:{port}", file=sys.stderr)
+    try:
+        sys.exit(subprocess.call(streamlit_command(port, host), env=env))
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,188 @@
+"""Inference output folders (written by ``cmdfed edge infer``) for the slide viewer.
+
+A folder holds ``summary.json`` (slide name, dimensions, counts by type ...), ``cells.geojson``
+(a QuPath FeatureCollection: one Polygon per nucleus in level-0 pixels, its type in
+``properties.classification`` with a name and an RGB colour) and ``labels.ome.zarr``; see
+:mod:`edge.outputs` and :mod:`edge.infer`. The viewer draws the outlines over the slide when
+the slide file is reachable, else over a blank canvas.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageDraw
+
+from cmdfed.data.slide import open_slide
+from cmdfed.errors import CmdfedError
+from edge.infer import GEOJSON, SUMMARY
+
+#: Longest side of a rendered view, in screen pixels.
+VIEW_SIDE = 1024
+#: A zoomed region read from the slide is at most this many pixels at the chosen level.
+MAX_READ_PIXELS = 16 * 1024 * 1024
+BLANK = (255, 255, 255)
+
+
+@dataclass
+class Nucleus:
+    ring: np.ndarray  # (n, 2) level-0 x, y
+    type_name: str
+    colour: tuple[int, int, int]
+
+
+@dataclass
+class SlideOutput:
+    folder: Path
+    summary: dict
+    nuclei: list[Nucleus]
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        """(width, height) of the slide's level 0, from the summary or else the nuclei."""
+        if self.summary.get("dimensions"):
+            width, height = self.summary["dimensions"]
+            return int(width), int(height)
+        if not self.nuclei:
+            return (1, 1)
+        corner = np.max([n.ring.max(axis=0) for n in self.nuclei], axis=0)
+        return math.ceil(corner[0]), math.ceil(corner[1])
+
+
+def output_folders(root: str | Path | None) -> list[Path]:
+    """Folders at or below ``root`` (two levels deep) holding a summary or a GeoJSON."""
+    if not root:
+        return []
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    candidates = [root, *root.glob("*"), *root.glob("*/*")]
+    return sorted(
+        p for p in candidates if p.is_dir() and ((p / SUMMARY).is_file() or (p / GEOJSON).is_file())
+    )
+
+
+def load_output(folder: str | Path) -> SlideOutput:
+    """Read a folder's summary and nuclei; a clear ``CmdfedError`` when it is not an output folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CmdfedError(
+            f"{folder} is not a folder: give an output folder of `cmdfed edge infer --out`"
+        )
+    geojson = folder / GEOJSON
+    if not geojson.is_file():
+        raise CmdfedError(
+            f"{folder} has no {GEOJSON}: `cmdfed edge infer SLIDE --out {folder}` writes it when a slide finishes "
+            "(an interrupted run resumes when started again)"
+        )
+    summary = {}
+    if (folder / SUMMARY).is_file():
+        summary = _read_json(folder / SUMMARY)
+    collection = _read_json(geojson)
+    if collection.get("type") != "FeatureCollection":
+        raise CmdfedError(f"{geojson} is not a GeoJSON FeatureCollection")
+    return SlideOutput(
+        folder, summary, [n for n in map(_nucleus, collection.get("features", [])) if n]
+    )
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CmdfedError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise CmdfedError(f"{path} does not hold a JSON object")
+    return data
+
+
+def _nucleus(feature: dict) -> Nucleus | None:
+    geometry = feature.get("geometry") or {}
+    if geometry.get("type") != "Polygon" or not geometry.get("coordinates"):
+        return None
+    classification = (feature.get("properties") or {}).get("classification") or {}
+    colour = tuple(int(c) for c in classification.get("color", (0, 200, 0)))[:3]
+    return Nucleus(
+        np.asarray(geometry["coordinates"][0], dtype=float),
+        classification.get("name", "Nucleus"),
+        colour,
+    )
+
+
+def counts_by_type(output: SlideOutput) -> pd.DataFrame:
+    """Nuclei per type in the GeoJSON, most frequent first, with each type's colour."""
+    frame = pd.DataFrame(
+        [(n.type_name, "#{:02x}{:02x}{:02x}".format(*n.colour)) for n in output.nuclei],
+        columns=["type", "colour"],
+    )
+    if frame.empty:
+        return pd.DataFrame(columns=["type", "count", "colour"])
+    counts = (
+        frame.groupby("type").agg(count=("type", "size"), colour=("colour", "first")).reset_index()
+    )
+    return counts.sort_values(["count", "type"], ascending=[False, True], ignore_index=True)
+
+
+def slide_candidates(output: SlideOutput) -> list[Path]:
+    """Where the slide may lie: next to the output folder or inside it, by its file name."""
+    name = output.summary.get("slide")
+    if not name:
+        return []
+    return [output.folder / name, output.folder.parent / name]
+
+
+def render(
+    output: SlideOutput,
+    region: tuple[int, int, int, int] | None = None,
+    slide_path: str | Path | None = None,
+    side: int = VIEW_SIDE,
+) -> tuple[Image.Image, str]:
+    """The region (x0, y0, x1, y1 in level-0 pixels; whole slide when None) with nuclei outlines
+    in their type's colour, and a note on the background (slide or blank canvas and why)."""
+    width, height = output.dimensions
+    x0, y0, x1, y1 = region or (0, 0, width, height)
+    scale = max(x1 - x0, y1 - y0) / side  # level-0 pixels per view pixel
+    size = (max(1, round((x1 - x0) / scale)), max(1, round((y1 - y0) / scale)))
+    image, note = _background(slide_path, (x0, y0, x1, y1), size, scale)
+    draw = ImageDraw.Draw(image)
+    for nucleus in output.nuclei:
+        ring = nucleus.ring
+        if (
+            ring[:, 0].max() < x0
+            or ring[:, 0].min() > x1
+            or ring[:, 1].max() < y0
+            or ring[:, 1].min() > y1
+        ):
+            continue
+        points = [((x - x0) / scale, (y - y0) / scale) for x, y in ring]
+        draw.line(points + points[:1], fill=nucleus.colour, width=2 if scale < 1 else 1)
+    return image, note
+
+
+def _background(slide_path, region, size, scale) -> tuple[Image.Image, str]:
+    if not slide_path:
+        return Image.new("RGB", size, BLANK), "slide not found: outlines over a blank canvas"
+    x0, y0, x1, y1 = region
+    try:
+        with open_slide(slide_path) as reader:
+            level = max(
+                i for i, d in enumerate(reader.level_downsamples) if d <= max(scale, 1.0) + 1e-6
+            )
+            downsample = reader.level_downsamples[level]
+            w, h = math.ceil((x1 - x0) / downsample), math.ceil((y1 - y0) / downsample)
+            if w * h > MAX_READ_PIXELS:
+                raise CmdfedError(
+                    f"the region is too large to read at level {level}; zoom in further"
+                )
+            pixels = reader.read_region(x0, y0, level, w, h)
+    except CmdfedError as exc:
+        return Image.new(
+            "RGB", size, BLANK
+        ), f"slide unreadable ({exc}): outlines over a blank canvas"
+    image = Image.fromarray(pixels).resize(size, Image.Resampling.BILINEAR)
+    return image, f"over {Path(slide_path).name} (level {level})"

@@ -1,0 +1,298 @@
+"""The dashboard's sidebar filters and its five views, as Streamlit calls over
+:mod:`dashboard.queries`, :mod:`dashboard.slides` and :mod:`dashboard.charts`."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+from cmdfed.errors import CmdfedError
+from cmdfed.telemetry import TelemetryStore
+from dashboard import charts, queries, slides
+from edge.infer import GEOJSON
+
+DB_ENV = "CMDFED_DASHBOARD_DB"
+OUTPUTS_ENV = "CMDFED_DASHBOARD_OUTPUTS"
+TIME_RANGES = {
+    "all time": None,
+    "last hour": 3600,
+    "last 24 hours": 86_400,
+    "last 7 days": 7 * 86_400,
+}
+REFRESH_SECONDS = (10, 30, 60, 300)
+RUN_FILLED_BY = (
+    "`cmdfed federate` or `cmdfed simulate` record runs in the run folder's telemetry.db "
+    "(or the store given by `--set telemetry=...`)"
+)
+
+
+@dataclass
+class Filters:
+    run_id: str | None
+    sites: list[str]
+    since: float | None
+    refresh_s: int | None
+
+
+def settings() -> tuple[str, str]:
+    """The telemetry store and the inference outputs folder that `cmdfed dashboard` passed on."""
+    return os.environ.get(DB_ENV, ""), os.environ.get(OUTPUTS_ENV, "")
+
+
+def open_store(db: str) -> tuple[TelemetryStore | None, str | None]:
+    """The store read-only, or None and the message to show instead."""
+    if not db:
+        return (
+            None,
+            "No telemetry store given: start the dashboard with `cmdfed dashboard --db PATH_OR_URL`.",
+        )
+    try:
+        return _shared_store(db), None
+    except CmdfedError as exc:
+        return None, f"Cannot open the telemetry store: {exc}"
+
+
+@st.cache_resource(show_spinner=False)
+def _shared_store(db: str) -> TelemetryStore:
+    """One store per dashboard process, shared by its sessions (a failed open is not kept)."""
+    return queries.open_store(db)
+
+
+def sidebar(store: TelemetryStore | None, db: str) -> Filters:
+    st.sidebar.caption(f"Telemetry store: `{db or 'none'}`")
+    label = st.sidebar.selectbox("Time range", list(TIME_RANGES))
+    since = None if TIME_RANGES[label] is None else time.time() - TIME_RANGES[label]
+    run_id, sites = None, []
+    if store is not None:
+        runs = queries.runs_table(store, since)
+        if not runs.empty:
+            names = dict(zip(runs["run_id"], runs["name"]))
+            run_id = st.sidebar.selectbox(
+                "Run", list(reversed(runs["run_id"])), format_func=lambda r: f"{names[r]} ({r})"
+            )
+            sites = st.sidebar.multiselect(
+                "Sites (all when none chosen)", queries.sites_of(store, [run_id])
+            )
+    refresh_s = None
+    if st.sidebar.toggle("Auto-refresh"):
+        refresh_s = st.sidebar.selectbox("Every (seconds)", REFRESH_SECONDS, index=1)
+    return Filters(run_id, sites, since, refresh_s)
+
+
+def _table(frame: pd.DataFrame, **kwargs) -> None:
+    st.dataframe(frame, hide_index=True, width="stretch", **kwargs)
+
+
+def federation(store: TelemetryStore, filters: Filters) -> None:
+    runs = queries.runs_table(store, filters.since)
+    if runs.empty:
+        st.info(f"No federated runs in this time range. {RUN_FILLED_BY}.")
+        return
+    st.subheader("Runs")
+    _table(runs)
+    run_id = filters.run_id
+    rounds = queries.rounds_table(store, run_id)
+    site_rounds = queries.site_rounds_table(store, run_id, filters.sites)
+    st.subheader(f"Run {run_id}")
+    if rounds.empty:
+        st.info(
+            f"Run {run_id} has no completed round yet: the server records each round as it completes."
+        )
+        return
+    metrics = queries.metric_columns(rounds, queries.ROUND_COLUMNS)
+    counts = queries.status_counts(site_rounds)
+    cols = st.columns(5)
+    cols[0].metric("Rounds", len(rounds))
+    cols[1].metric("Sites", site_rounds["site"].nunique() if not site_rounds.empty else 0)
+    cols[2].metric("Failed or timed out site rounds", counts["failed"] + counts["timed_out"])
+    cols[3].metric("Declined for budget", counts["declined_budget"])
+    cols[4].metric("MB on the wire", f"{rounds['bytes_total'].sum() / 1e6:.2f}")
+    last = rounds.iloc[-1]
+    headline = queries.headline_metrics(metrics)
+    if headline:
+        cols = st.columns(len(headline))
+        for col, metric in zip(cols, headline):
+            col.metric(f"Last {metric}", "—" if pd.isna(last[metric]) else f"{last[metric]:.4f}")
+
+    st.markdown("**Phases**")
+    st.altair_chart(charts.phase_timeline(queries.phase_timeline(rounds)), width="stretch")
+    st.markdown("**Global metrics per round**")
+    chosen = st.multiselect("Metrics", metrics, default=headline or metrics[:4])
+    curves = queries.metric_curves(rounds, chosen)
+    if curves.empty:
+        st.info("The rounds recorded no values for these metrics.")
+    else:
+        st.altair_chart(charts.metric_lines(curves, facet_by_metric=True))
+
+    if not site_rounds.empty:
+        st.markdown("**Participation (site × round)**")
+        st.altair_chart(
+            charts.participation_heatmap(queries.participation(site_rounds)), width="stretch"
+        )
+        site_metrics = queries.metric_columns(site_rounds, queries.SITE_ROUND_COLUMNS)
+        if site_metrics:
+            st.markdown("**Per-site metrics**")
+            site_metric = st.selectbox("Site metric", site_metrics)
+            site_curves = queries.metric_curves(site_rounds, [site_metric], by=("site",))
+            st.altair_chart(charts.metric_lines(site_curves, colour="site"), width="stretch")
+
+    left, right = st.columns(2)
+    left.markdown("**Round duration (s)**")
+    left.altair_chart(charts.round_bars(rounds, "duration_s", "seconds"), width="stretch")
+    right.markdown("**Bytes on the wire per round**")
+    right.altair_chart(charts.round_bars(rounds, "bytes_total", "bytes"), width="stretch")
+    with st.expander("Rounds table"):
+        _table(rounds.drop(columns=["started_at", "finished_at"]))
+    if not site_rounds.empty:
+        with st.expander("Site rounds table"):
+            _table(site_rounds.drop(columns=["at"]))
+
+
+def privacy(store: TelemetryStore, filters: Filters) -> None:
+    if filters.run_id is None:
+        st.info(f"No federated runs in this time range. {RUN_FILLED_BY}.")
+        return
+    spend = queries.privacy_table(store, filters.run_id, filters.sites)
+    if spend.empty:
+        st.info(
+            f"Run {filters.run_id} recorded no privacy spend: sites record it when training with local "
+            "differential privacy (`--set dp-mode=local`)."
+        )
+        return
+    site_rounds = queries.site_rounds_table(store, filters.run_id, filters.sites)
+    by_site = queries.privacy_by_site(spend, site_rounds)
+    reached = by_site[by_site["budget_reached"]]
+    for row in reached.itertuples():
+        st.error(
+            f"{row.site} reached its privacy budget: ε {row.epsilon:.2f} of {row.budget_epsilon:.2f}",
+            icon="⛔",
+        )
+    shown = by_site.assign(
+        budget=by_site["budget_reached"].map({True: "⛔ reached", False: "within"})
+    )
+    _table(shown.drop(columns=["budget_reached"]), column_config={
+        "budget_used": st.column_config.ProgressColumn("budget used", min_value=0.0, max_value=1.0, format="percent"),
+    })  # fmt: skip
+    st.altair_chart(charts.epsilon_over_rounds(spend), width="stretch")
+    with st.expander("Spend per round"):
+        _table(spend.drop(columns=["at"]))
+
+
+def models(store: TelemetryStore, filters: Filters) -> None:
+    only_run = st.toggle("Only the selected run's versions", value=False) and filters.run_id
+    versions = queries.model_versions_table(store, [filters.run_id] if only_run else None)
+    if versions.empty:
+        st.info(
+            "No model versions recorded: a completed federated run records its final model, and "
+            "`cmdfed edge export --telemetry DB` records the exported version and its bundle."
+        )
+    else:
+        _table(versions.drop(columns=["recorded"]))
+    deployments = queries.deployments_table(store, filters.since)
+    st.markdown("**Deployments**")
+    if deployments.empty:
+        st.info("No deployments recorded: `cmdfed edge deploy BUNDLE --telemetry DB` records them.")
+    else:
+        _table(deployments)
+
+
+def fleet(store: TelemetryStore, filters: Filters) -> None:
+    table = queries.fleet_table(store)
+    if table.empty:
+        st.info(
+            "No heartbeats recorded: `cmdfed edge serve --telemetry DB` reports them from each workstation."
+        )
+    else:
+        stale = table[table["state"] == queries.STALE]
+        cols = st.columns(3)
+        cols[0].metric("Workstations", len(table))
+        cols[1].metric("Online", len(table) - len(stale))
+        cols[2].metric("Stale", len(stale))
+        for row in stale.itertuples():
+            st.warning(
+                f"{row.workstation} is stale: last heartbeat {row.seconds_ago:.0f} s ago", icon="🔴"
+            )
+        shown = table.assign(
+            state=table["state"].map({queries.ONLINE: "🟢 online", queries.STALE: "🔴 stale"})
+        )
+        _table(shown)
+        errors = queries.errors_by_reason(store)
+        if not errors.empty:
+            st.markdown("**Errors by reason**")
+            st.altair_chart(charts.errors_by_reason(errors), width="stretch")
+    inference = queries.inference_table(store, filters.since)
+    st.markdown("**Recent inference errors**")
+    recent = queries.recent_errors(inference)
+    if recent.empty:
+        st.success("No inference errors in this time range.")
+    else:
+        _table(recent)
+    st.markdown("**Slides inferred**")
+    if inference.empty:
+        st.info(
+            "No slides inferred in this time range: `cmdfed edge infer SLIDE --telemetry DB` records them."
+        )
+    else:
+        _table(inference)
+
+
+def _modified(path: Path) -> float | None:
+    return path.stat().st_mtime if path.is_file() else None
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def _load_output(folder: str, geojson_modified: float | None) -> slides.SlideOutput:
+    """A folder's outputs, read again only when its GeoJSON changes."""
+    return slides.load_output(folder)
+
+
+def slide_viewer(outputs_root: str) -> None:
+    folders = slides.output_folders(outputs_root)
+    typed = st.text_input(
+        "Output folder (`cmdfed edge infer --out`)", placeholder="/path/to/output"
+    )
+    if typed:
+        folder = Path(typed)
+    elif folders:
+        folder = st.selectbox(
+            "Or one under the outputs folder", folders, format_func=lambda p: str(p)
+        )
+    else:
+        where = f" under {outputs_root}" if outputs_root else ""
+        st.info(
+            f"No inference output folders{where}: `cmdfed edge infer SLIDE --out FOLDER` writes one; "
+            "type its path above or start the dashboard with `--outputs DIR`."
+        )
+        return
+    try:
+        output = _load_output(str(folder), _modified(folder / GEOJSON))
+    except CmdfedError as exc:
+        st.error(str(exc))
+        return
+    summary = output.summary
+    counts = slides.counts_by_type(output)
+    cols = st.columns(4)
+    cols[0].metric("Slide", summary.get("slide", "unknown"))
+    cols[1].metric("Nuclei", len(output.nuclei))
+    cols[2].metric("Model version", summary.get("model_version") or "unknown")
+    density = summary.get("cells_per_mm2")
+    cols[3].metric("Nuclei per mm²", "unknown" if density is None else f"{density:.0f}")
+
+    width, height = output.dimensions
+    guess = next((p for p in slides.slide_candidates(output) if p.is_file()), None)
+    slide_path = st.text_input("Slide file (for the background)", value=str(guess or ""))
+    zoom_x = st.slider("x range (level-0 pixels)", 0, width, (0, width))
+    zoom_y = st.slider("y range (level-0 pixels)", 0, height, (0, height))
+    region = (zoom_x[0], zoom_y[0], max(zoom_x[1], zoom_x[0] + 1), max(zoom_y[1], zoom_y[0] + 1))
+    image, note = slides.render(output, region, slide_path or None)
+    left, right = st.columns([3, 1])
+    left.image(image, caption=note)
+    right.markdown("**Nuclei per type**")
+    right.dataframe(counts[["type", "count"]], hide_index=True)
+    if not counts.empty:
+        right.altair_chart(charts.counts_by_type(counts), width="stretch")
