@@ -18,10 +18,7 @@ the last one that does. It is an ordinary cmdfed checkpoint too, so ``cmdfed pre
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +26,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from cmdfed.atomic import write_bytes_atomic, write_json_atomic
+from cmdfed.atomic import atomic_dir, write_bytes_atomic, write_json_atomic
 from cmdfed.errors import CmdfedError
 from cmdfed.train.checkpoint import CHECKPOINT_FORMAT, load_checkpoint
 
@@ -71,9 +68,8 @@ def save_round(
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / round_name(round)
-    tmp = run_dir / f".{final.name}.{uuid.uuid4().hex[:8]}.partial"
-    tmp.mkdir()
-    try:
+    # Replacing an existing folder covers a round redone after a crash between rename and `latest`.
+    with atomic_dir(final) as tmp:
         save_file(_cpu(weights), str(tmp / "model.safetensors"))
         if strategy_state:
             save_file(_cpu(strategy_state), str(tmp / STRATEGY_FILE))
@@ -81,12 +77,6 @@ def save_round(
             **config, "phase": phase, "phase_round": phase_round, "round": round, "step": round,
             "metrics": metrics, "strategy_state": bool(strategy_state), "format": CHECKPOINT_FORMAT,
         })  # fmt: skip
-        if final.exists():  # a round redone after a crash between rename and `latest`
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     write_bytes_atomic(run_dir / "latest", final.name.encode())
     return final
 

@@ -19,9 +19,7 @@ previous checkpoint as the latest.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +27,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from cmdfed.atomic import write_bytes_atomic, write_json_atomic
+from cmdfed.atomic import atomic_dir, write_bytes_atomic, write_json_atomic
 from cmdfed.errors import CmdfedError
 
 CHECKPOINT_FORMAT = 1
@@ -66,21 +64,13 @@ def save_checkpoint(
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / checkpoint_name(step)
-    tmp = run_dir / f".{final.name}.{uuid.uuid4().hex[:8]}.partial"
-    tmp.mkdir()
-    try:
+    with atomic_dir(final) as tmp:
         save_file(_contiguous(weights), str(tmp / "model.safetensors"))
         if ema is not None:
             save_file(_contiguous(ema), str(tmp / "ema.safetensors"))
         if trainer is not None:
             torch.save(trainer, tmp / "trainer.pt")
         write_json_atomic(tmp / "config.json", {**config, "step": step, "format": CHECKPOINT_FORMAT})
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     write_bytes_atomic(run_dir / "latest", final.name.encode())
     _prune(run_dir, keep_last, protect=final.name)
     return final

@@ -89,6 +89,18 @@ def _log(run_dir: Path, result: StepResult, extra: dict | None = None) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+def _saver(run_dir: Path, trainer: Trainer, config: dict) -> Callable[[], Path]:
+    """Checkpoint the trainer's model, EMA and optimizer state at its current step."""
+
+    def save() -> Path:
+        return save_checkpoint(
+            run_dir, trainer.step, config=config, weights=trainer.model.state_dict(), ema=trainer.ema_state_dict(),
+            trainer=trainer.state_dict(), keep_last=trainer.config.keep_checkpoints,
+        )  # fmt: skip
+
+    return save
+
+
 def _run_loop(
     trainer: Trainer,
     loader: DataLoader,
@@ -219,11 +231,7 @@ def pretrain(
         if every and (result.step % every == 0 or result.step == train_config.steps):
             write_grid(result.step)
 
-    def save() -> Path:
-        return save_checkpoint(
-            run_dir, trainer.step, config=config, weights=model.state_dict(), ema=trainer.ema_state_dict(),
-            trainer=trainer.state_dict(), keep_last=train_config.keep_checkpoints,
-        )  # fmt: skip
+    save = _saver(run_dir, trainer, config)
 
     run_dir.mkdir(parents=True, exist_ok=True)
     last_loss, speed = _run_loop(trainer, batch_loader(dataset, train_config, trainer.step), run_dir, save, on_step, progress)
@@ -297,11 +305,7 @@ def finetune(
         model.load_state_dict(saved["weights"])
         trainer.load_state_dict(saved["trainer"], saved["ema"])
 
-    def save() -> Path:
-        return save_checkpoint(
-            run_dir, trainer.step, config=config, weights=model.state_dict(), ema=trainer.ema_state_dict(),
-            trainer=trainer.state_dict(), keep_last=train_config.keep_checkpoints,
-        )  # fmt: skip
+    save = _saver(run_dir, trainer, config)
 
     run_dir.mkdir(parents=True, exist_ok=True)
     last_loss, speed = _run_loop(trainer, batch_loader(dataset, train_config, trainer.step), run_dir, save, None, progress)
