@@ -10,9 +10,6 @@ from cmdfed.cli import console
 from cmdfed.errors import CmdfedError
 from cmdfed.federation.processes import require_loopback_or_insecure, serve_in_foreground, split_address
 from cmdfed.federation.keys import write_site_keys
-from cmdfed.federation.site import SiteSettings, check_site_name, check_site_store
-from cmdfed.train.device import select_device
-from client.supernode import SuperNode
 
 commands = typer.Typer(help="Federation site: the SuperNode that trains on this hospital's store.", no_args_is_help=True)
 
@@ -29,8 +26,15 @@ def start(
     ca: Optional[Path] = typer.Option(None, "--ca", help="The federation CA certificate (from the server's `cmdfed certs init`): TLS."),
     key: Optional[Path] = typer.Option(None, "--key", help="This site's private key (`cmdfed client keygen`), for a server that admits registered sites only."),
     insecure: bool = typer.Option(False, "--insecure", help="Allow a non-loopback SuperLink without TLS."),
+    isolation: str = typer.Option("subprocess", "--isolation", help="How each message's ClientApp runs: subprocess (Flower's default: a fresh "
+                                  "flwr-clientapp that imports torch and cmdfed every time) or process (a launcher beside the SuperNode "
+                                  "imports them once and forks a process per message; needs fork(), tested on Linux)."),
 ) -> None:
     """Check the store, then connect to the SuperLink and train when rounds come; Ctrl-C leaves."""
+    from client.supernode import SuperNode
+    from cmdfed.federation.site import SiteSettings, check_site_name, check_site_store
+    from cmdfed.train.device import select_device
+
     check_site_name(name)
     if batch_size < 0:
         raise CmdfedError(f"--batch-size must be >= 0 (0 = the run's), got {batch_size}")
@@ -45,12 +49,13 @@ def start(
         store=store.absolute(), name=name, work_dir=(work_dir or Path(f"cmdfed-site-{name}")).absolute(),
         device=device, batch_size=batch_size or None,
     )  # fmt: skip
-    node = SuperNode(settings, superlink, port, ca=ca.absolute() if ca else None, key=key.absolute() if key else None).start()
+    node = SuperNode(settings, superlink, port, ca=ca.absolute() if ca else None, key=key.absolute() if key else None,
+                     isolation=isolation).start()  # fmt: skip
     console.print(
         f"site {name}: {info.tiles} tiles ({info.labelled} labelled) ready for {superlink}; "
         f"log in {node.log_path}; Ctrl-C leaves the federation"
     )
-    serve_in_foreground(node.process, node.log_path)
+    serve_in_foreground(node.process, node.log_path, companions=node.processes[1:])
 
 
 @commands.command("keygen")

@@ -388,24 +388,28 @@ def predict(
 @app.command("demo")
 def demo(
     out_dir: Path = typer.Option(Path("cmdfed-demo"), "--out", help="Folder for everything the demo makes."),
+    dp: bool = typer.Option(False, "--dp", help="Train the federation with local differential privacy (Opacus DP-SGD)."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
 ) -> None:
-    """The main job on this machine: samples -> stores -> pretrain -> fine-tune -> evaluate -> predict."""
+    """The whole chain on this machine: samples -> three site stores -> federated pretraining and
+    fine-tuning (SuperLink + three SuperNodes) -> signed bundle -> edge deploy -> whole-slide
+    inference -> GeoJSON, with telemetry for the dashboard."""
     from cmdfed.demo import run_demo
 
+    echo = (lambda line: None) if as_json else (lambda line: console.print(line, highlight=False))
     with progress_bar("demo") as progress:
-        summary = run_demo(out_dir, progress=progress)
+        summary = run_demo(out_dir, dp=dp, progress=progress, echo=echo)
 
     def render(s: dict) -> None:
-        for info in s["stores"].values():
-            render_store_info(info)
-        for phase in ("pretrain", "finetune"):
-            if phase in s:
-                out.print(f"[bold]{phase}[/]")
-                render_phase(s[phase])
-        if "evaluation" in s:
-            render_metrics(s["evaluation"])
-        out.print(f"[bold green]demo finished[/]: outputs in {s['out']}")
+        slide = s["slide"]["summary"]
+        counts = ", ".join(f"{name} {n}" for name, n in slide["counts_by_type"].items())
+        out.print(f"[bold green]demo finished[/] in {s['seconds'] / 60:.1f} min; everything is in {s['out']}")
+        out.print(f"  federated run:   {s['federation']['run_dir']} (final weights {Path(s['federation']['checkpoint']).name})")
+        out.print(f"  signed bundle:   {s['bundle']['tar']}")
+        out.print(f"  edge home:       {s['edge_home']}")
+        out.print(f"  slide results:   {s['slide']['geojson']} ({slide['n_cells']} nuclei: {counts}; open in QuPath)")
+        out.print(f"  commands run:    {s['commands']}")
+        out.print(f"  see it all:      [bold]{s['dashboard']}[/]")
 
     emit(summary, as_json, render)
 

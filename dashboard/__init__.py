@@ -6,3 +6,8 @@ script is thin: :mod:`dashboard.queries` turns the telemetry store into pandas t
 :mod:`dashboard.charts` makes the Altair charts and :mod:`dashboard.views` lays out the tabs.
 The dashboard only reads: it opens the store read-only and never imports server internals.
 """
+
+# How `cmdfed dashboard` tells the page what to show (environment of `streamlit run`); here so
+# the command does not import the page's libraries to start it.
+DB_ENV = "CMDFED_DASHBOARD_DB"
+OUTPUTS_ENV = "CMDFED_DASHBOARD_OUTPUTS"

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import typer
 
 from cmdfed.errors import CmdfedError
-from dashboard.views import DB_ENV, OUTPUTS_ENV
+from dashboard import DB_ENV, OUTPUTS_ENV
 
 APP = Path(__file__).with_name("app.py")
 
@@ -55,8 +54,8 @@ def dashboard(
         DB_ENV: db or str((runs / "telemetry.db").absolute()),
         OUTPUTS_ENV: str(outputs.absolute()) if outputs else "",
     }
-    print(f"cmdfed dashboard on http://{host}:{port}", file=sys.stderr)
-    try:
-        sys.exit(subprocess.call(streamlit_command(port, host), env=env))
-    except KeyboardInterrupt:
-        sys.exit(130)
+    print(f"cmdfed dashboard on http://{host}:{port}", file=sys.stderr, flush=True)
+    # Become Streamlit rather than wait on it: a stop signal (Ctrl-C, SIGTERM from a service
+    # manager) then reaches the server itself and never leaves it running orphaned.
+    command = streamlit_command(port, host)
+    os.execve(command[0], command, env)

@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw
 
 from cmdfed.data.slide import open_slide
 from cmdfed.errors import CmdfedError
-from edge.infer import GEOJSON, SUMMARY
+from cmdfed.slide_outputs import GEOJSON, SUMMARY
 
 #: Longest side of a rendered view, in screen pixels.
 VIEW_SIDE = 1024

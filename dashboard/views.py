@@ -13,11 +13,9 @@ import streamlit as st
 
 from cmdfed.errors import CmdfedError
 from cmdfed.telemetry import TelemetryStore
-from dashboard import charts, queries, slides
-from edge.infer import GEOJSON
+from dashboard import DB_ENV, OUTPUTS_ENV, charts, queries, slides
+from cmdfed.slide_outputs import GEOJSON
 
-DB_ENV = "CMDFED_DASHBOARD_DB"
-OUTPUTS_ENV = "CMDFED_DASHBOARD_OUTPUTS"
 TIME_RANGES = {
     "all time": None,
     "last hour": 3600,

@@ -5,16 +5,22 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
 from cmdfed.cli import emit, out, progress_bar
+from cmdfed.errors import CmdfedError
+
+if TYPE_CHECKING:
+    from cmdfed.evaluate.postprocess import WatershedParams
 
 commands = typer.Typer(help="Edge role: export bundles, deploy them on workstations, run whole slides.", no_args_is_help=True)
 
 BACKEND_HELP = "Force a backend: tensorrt, onnxruntime-cuda or onnxruntime-cpu (default: the first that works)."
 TELEMETRY_HELP = "Telemetry store (SQLite path or postgresql:// URL) to record this in."
+# Defaults: WatershedParams', which training's evaluation uses (HoVer-Net's).
+POSTPROCESS_PANEL = "Post-processing (recorded in the bundle; infer and serve use it)"
 
 
 def _log_backend_choice() -> None:
@@ -40,6 +46,21 @@ def export(
     overlap: int = typer.Option(64, help="Tile overlap in pixels: at least the largest nucleus diameter."),
     mpp: Optional[float] = typer.Option(None, help="Micrometres per pixel the model was trained at."),
     tolerance: float = typer.Option(1e-3, help="Largest ONNX Runtime vs PyTorch difference accepted."),
+    foreground_threshold: Optional[float] = typer.Option(
+        None, rich_help_panel=POSTPROCESS_PANEL, help="Nucleus probability from which a pixel is nucleus, in (0, 1] (default 0.5).",
+    ),
+    min_object_size: Optional[int] = typer.Option(
+        None, rich_help_panel=POSTPROCESS_PANEL, help="Nuclei and markers with fewer pixels are dropped (default 10).",
+    ),
+    sobel_kernel_size: Optional[int] = typer.Option(
+        None, rich_help_panel=POSTPROCESS_PANEL, help="Odd Sobel size, 3..31, for the HV gradients (default 21; about 11 suits 20x).",
+    ),
+    marker_gradient_threshold: Optional[float] = typer.Option(
+        None, rich_help_panel=POSTPROCESS_PANEL, help="HV gradient from which a pixel is boundary, not marker, in (0, 1) (default 0.4).",
+    ),
+    marker_opening_size: Optional[int] = typer.Option(
+        None, rich_help_panel=POSTPROCESS_PANEL, help="Diameter of the opening that cleans markers (default 5; about 3 suits 20x).",
+    ),
     overwrite: bool = typer.Option(False, help="Replace an existing bundle."),
     telemetry: Optional[str] = typer.Option(None, help=TELEMETRY_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
@@ -47,13 +68,31 @@ def export(
     """Export a checkpoint to a verified bundle (ONNX + torch.export program + manifest + golden data)."""
     from edge.export import export_bundle
 
+    params = watershed_params(
+        foreground_threshold=foreground_threshold, min_object_size=min_object_size, sobel_kernel_size=sobel_kernel_size,
+        marker_gradient_threshold=marker_gradient_threshold, marker_opening_size=marker_opening_size,
+    )  # fmt: skip
     with progress_bar("export") as progress:
         result = export_bundle(checkpoint, out_path, tile=tile, overlap=overlap, mpp=mpp, sign_key=sign_key,
-                               tolerance=tolerance, overwrite=overwrite, telemetry=telemetry, progress=progress)  # fmt: skip
+                               tolerance=tolerance, postprocess=params, overwrite=overwrite, telemetry=telemetry,
+                               progress=progress)  # fmt: skip
     emit(result, as_json, lambda r: out.print(
         f"bundle {r['version']}: {r['bundle']} and {r['tar']} ({'signed' if r['signed'] else 'unsigned'}; "
         f"ONNX Runtime vs PyTorch max diff {r['max_abs_diff']:.2g})"
     ))  # fmt: skip
+
+
+def watershed_params(**given) -> WatershedParams:
+    """WatershedParams' defaults with the options given; a value it refuses is named by its option."""
+    from cmdfed.evaluate.postprocess import WatershedParams
+
+    values = {name: value for name, value in given.items() if value is not None}
+    for name, value in values.items():
+        try:
+            WatershedParams(**{name: value})
+        except CmdfedError as exc:
+            raise CmdfedError(f"--{name.replace('_', '-')} {value}: {exc}") from exc
+    return WatershedParams(**values)
 
 
 @commands.command("deploy")
@@ -143,6 +182,16 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface)."),
     metrics_port: Optional[int] = typer.Option(None, "--metrics-port", help="Serve Prometheus metrics on this port."),
     telemetry: Optional[str] = typer.Option(None, help=TELEMETRY_HELP + " Heartbeats and slide summaries go there."),
+    report_to: Optional[str] = typer.Option(
+        None, "--report-to", help="Send heartbeats and slide summaries to the federation's telemetry server at HOST:PORT instead."
+    ),
+    report_token: Optional[Path] = typer.Option(
+        None, "--report-token", help="File with this workstation's token (`cmdfed server telemetry add-workstation`)."
+    ),
+    report_ca: Optional[Path] = typer.Option(
+        None, "--report-ca", help="The federation CA certificate (`cmdfed certs init`'s ca.crt): report over HTTPS."
+    ),
+    report_insecure: bool = typer.Option(False, "--report-insecure", help="Allow a non-loopback --report-to without TLS."),
     heartbeat: float = typer.Option(60.0, help="Seconds between telemetry heartbeats."),
     max_tiles: int = typer.Option(16, help="Most tiles accepted in one SegmentTiles request."),
     workers: int = typer.Option(8, help="Calls served at once."),
@@ -150,10 +199,12 @@ def serve(
     threads: Optional[int] = typer.Option(None, help="CPU threads for ONNX Runtime (default: all available)."),
 ) -> None:
     """Serve the active model over gRPC (SegmentTiles, SegmentSlide, ModelInfo, health) until SIGTERM."""
+    from edge.reports import open_reports
     from edge.service import EdgeService
 
     _log_backend_choice()
-    service = EdgeService(home, port=port, host=host, metrics_port=metrics_port, telemetry=telemetry,
+    reports = open_reports(telemetry, report_to, report_token, report_ca, report_insecure)
+    service = EdgeService(home, port=port, host=host, metrics_port=metrics_port, telemetry=reports,
                           heartbeat_s=heartbeat, max_tiles=max_tiles, workers=workers, backend=backend,
                           threads=threads)  # fmt: skip
     metrics = "" if service.metrics_port is None else f", metrics on 127.0.0.1:{service.metrics_port}"

@@ -31,7 +31,6 @@ from __future__ import annotations
 import datetime
 import json
 import platform
-import re
 import shutil
 import subprocess
 import tempfile
@@ -148,7 +147,7 @@ def _check_settings(tile: int, overlap: int, tolerance: float) -> None:
 
 def _model_identity(checkpoint: Path) -> dict:
     """Run, round/step and weights hash of a checkpoint folder, and the version made from them."""
-    from cmdfed.train.checkpoint import load_checkpoint
+    from cmdfed.train.checkpoint import load_checkpoint, model_version
 
     config = load_checkpoint(checkpoint).config
     weights_file = checkpoint / ("ema.safetensors" if (checkpoint / "ema.safetensors").exists() else "model.safetensors")
@@ -156,10 +155,8 @@ def _model_identity(checkpoint: Path) -> dict:
     run = str(config.get("name") or checkpoint.parent.name)
     round_ = config.get("round")
     step = int(config.get("step", 0))
-    tag = f"r{int(round_):04d}" if round_ is not None else f"s{step:06d}"
-    version = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{run}-{tag}-{weights_sha[:8]}").strip("-.")
     return {
-        "version": version,
+        "version": model_version(run, weights_sha, round=round_, step=step),
         "run": run,
         "run_id": config.get("run_id"),
         "phase": config.get("phase"),

@@ -25,7 +25,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -35,16 +34,15 @@ import numpy as np
 from cmdfed.atomic import write_json_atomic
 from cmdfed.data.slide import open_slide, plan_tiles
 from cmdfed.errors import CmdfedError
+from cmdfed.slide_outputs import GEOJSON, LABELS_DIR, SUMMARY
 from cmdfed.evaluate.postprocess import WatershedParams, postprocess
 from cmdfed.progress import Progress, report
 from edge import outputs
 from edge.backends import Selection, select_backend
 from edge.deploy import active_bundle
+from edge.reports import Reports, reports_to
 from edge.stitch import TileGrid
 
-LABELS_DIR = "labels.ome.zarr"
-GEOJSON = "cells.geojson"
-SUMMARY = "summary.json"
 WORK_DIR = ".work"
 DEFAULT_MIN_TISSUE = 0.1
 MPP_MISMATCH = 1.25  # warn when slide and model resolutions differ by more than this factor
@@ -61,20 +59,24 @@ def infer_slide(
     restart: bool = False,
     threads: int | None = None,
     trt_source: str = "onnx",
-    telemetry: str | Path | None = None,
+    telemetry: str | Path | Reports | None = None,
     progress: Progress | None = None,
 ) -> dict:
-    """Segment and classify every nucleus of a slide with the active model; returns the summary."""
+    """Segment and classify every nucleus of a slide with the active model; returns the summary.
+
+    ``telemetry``: a store (path or URL) or a ``Reports`` (edge.reports) that gets the slide's summary.
+    """
     started = time.perf_counter()
     slide_name = Path(slide).name
+    reports = reports_to(telemetry)
     try:
         summary = _run(slide, home, Path(out_dir), backend, batch, min_tissue, restart, threads, trt_source, progress)
     except Exception as exc:
-        if telemetry:
-            _record(telemetry, slide_name, None, time.perf_counter() - started, error=exc)
+        if reports:
+            _record(reports, slide_name, None, time.perf_counter() - started, error=exc)
         raise
-    if telemetry:
-        _record(telemetry, slide_name, summary, time.perf_counter() - started)
+    if reports:
+        _record(reports, slide_name, summary, time.perf_counter() - started)
     return summary
 
 
@@ -286,18 +288,14 @@ def _feature_line(feature: dict) -> str:
     return json.dumps(feature, separators=(",", ":")) + "\n"
 
 
-def _record(telemetry, slide_name: str, summary: dict | None, duration: float, error: BaseException | None = None) -> None:
-    from cmdfed.telemetry import TelemetryStore
-
-    with TelemetryStore.open(telemetry, create=True) as store:
-        store.record_inference(
-            socket.gethostname(),
-            model_version=summary["model_version"] if summary else None,
-            slide_name=slide_name,
-            n_cells=summary["n_cells"] if summary else None,
-            counts_by_type=summary["counts_by_type"] if summary else {},
-            area_mm2=summary["area_analysed_mm2"] if summary else None,
-            duration_s=duration,
-            backend=summary["backend"]["backend"] if summary else None,
-            error=None if error is None else f"{type(error).__name__}: {error}",
-        )
+def _record(reports: Reports, slide_name: str, summary: dict | None, duration: float, error: BaseException | None = None) -> None:
+    reports.record_inference(
+        model_version=summary["model_version"] if summary else None,
+        slide_name=slide_name,
+        n_cells=summary["n_cells"] if summary else None,
+        counts_by_type=summary["counts_by_type"] if summary else {},
+        area_mm2=summary["area_analysed_mm2"] if summary else None,
+        duration_s=duration,
+        backend=summary["backend"]["backend"] if summary else None,
+        error=None if error is None else f"{type(error).__name__}: {error}",
+    )

@@ -4,8 +4,10 @@
             -> grpc.server (thread pool, message size limit) with EdgeSegmentation and the
                standard grpc.health.v1 service, SERVING from the moment it listens
             -> Prometheus metrics on --metrics-port, telemetry heartbeats with --telemetry
+               or --report-to (edge.reports)
     stop:   SIGTERM/SIGINT -> health NOT_SERVING -> running calls get GRACE_S to finish
-            -> a last heartbeat
+            -> a last heartbeat -> reports still queued for the telemetry server get a few
+               seconds to be sent
 
 SegmentTiles: tiles of any side 1..max_side are accepted. Sides that are not multiples of
 32 (or below the model's minimum) are padded with white on the right and bottom, as
@@ -20,7 +22,8 @@ infer`, default folder HOME/outputs/<slide file name>) one slide at a time on a 
 thread and streams its progress; the last message holds the summary and output paths.
 infer_slide loads its own instance of the served backend (forced by name, validated
 again: small next to a slide's cost). A client that cancels stops the slide at the next
-batch; rerunning it resumes. With --telemetry, infer_slide records each slide's summary.
+batch; rerunning it resumes. With --telemetry or --report-to, each slide's summary is
+reported too.
 
 Metrics (own registry, so several services can live in one process):
 ``cmdfed_edge_requests_total{method,code}``, ``cmdfed_edge_failures_total{method,reason}``,
@@ -29,7 +32,9 @@ histogram_quantile), ``cmdfed_edge_tiles_total`` (rate() = tiles/s),
 ``cmdfed_edge_model_info{version,backend,device,precision}`` and, on a CUDA backend,
 ``cmdfed_edge_gpu_memory_used_bytes``. Heartbeats (at start, every --heartbeat seconds,
 and after stopping) carry tiles/s since the previous one, p50/p95 of the last
-LATENCY_WINDOW SegmentTiles calls and the errors by reason so far.
+LATENCY_WINDOW SegmentTiles calls and the errors by reason so far. They go to a store the
+workstation writes itself (--telemetry) or, queued and sent in the background so that no call
+waits on the network, to the federation's telemetry server (--report-to; edge.reports).
 
 Errors: a request a client got wrong ends with INVALID_ARGUMENT (bad tile sizes or byte
 counts, a corrupt slide or unusable options), NOT_FOUND (slide path), or
@@ -50,7 +55,6 @@ import logging
 import math
 import queue
 import signal
-import socket
 import threading
 import time
 from collections import deque
@@ -70,6 +74,7 @@ from edge.backends import Selection, select_backend
 from edge.deploy import active_bundle
 from edge.protos import cmdfed_edge_pb2 as pb
 from edge.protos import cmdfed_edge_pb2_grpc as pb_grpc
+from edge.reports import Reports, reports_to
 
 log = logging.getLogger("cmdfed.edge")
 
@@ -247,9 +252,9 @@ def _nucleus(nucleus: NucleusRecord, class_names: list[str]) -> pb.Nucleus:
 
 
 class EdgeServicer(pb_grpc.EdgeSegmentationServicer):
-    def __init__(self, home: Path, selection: Selection, limits: Limits, metrics: Metrics, telemetry: str | None):
+    def __init__(self, home: Path, selection: Selection, limits: Limits, metrics: Metrics, reports: Reports | None):
         self.home, self.selection, self.limits, self.metrics = home, selection, limits, metrics
-        self.telemetry = telemetry
+        self.reports = reports
         manifest = selection.backend.model.manifest
         self.manifest = manifest
         self.class_names = manifest["model"]["class_names"]
@@ -337,7 +342,7 @@ class EdgeServicer(pb_grpc.EdgeSegmentationServicer):
                     summary = infer.infer_slide(
                         slide, self.home, out_dir, backend=self.selection.backend.name, batch=request.batch or 8,
                         min_tissue=request.min_tissue or infer.DEFAULT_MIN_TISSUE, restart=request.restart,
-                        telemetry=self.telemetry, progress=progress,
+                        telemetry=self.reports, progress=progress,
                     )  # fmt: skip
                 updates.put(_final_progress(summary, out_dir))
             except BaseException as exc:  # handed to the calling thread, which reports it
@@ -407,7 +412,7 @@ class EdgeService:
         port: int,
         host: str = "127.0.0.1",
         metrics_port: int | None = None,
-        telemetry: str | Path | None = None,
+        telemetry: str | Path | Reports | None = None,
         heartbeat_s: float = DEFAULT_HEARTBEAT_S,
         max_tiles: int = DEFAULT_MAX_TILES,
         workers: int = DEFAULT_WORKERS,
@@ -417,13 +422,13 @@ class EdgeService:
         if max_tiles < 1 or workers < 1 or heartbeat_s <= 0:
             raise CmdfedError("--max-tiles and --workers must be at least 1 and --heartbeat positive")
         self.home = Path(home)
-        self.telemetry = str(telemetry) if telemetry else None
+        self.reports = reports_to(telemetry)
         self.heartbeat_s = heartbeat_s
         self.selection = select_backend(active_bundle(self.home), self.home, force=backend, threads=threads)
         spec = self.selection.backend
         self.limits = Limits(spec.min_shape[2], spec.max_shape[2], spec.multiple, max_tiles)
         self.metrics = Metrics(self.selection)
-        self.servicer = EdgeServicer(self.home, self.selection, self.limits, self.metrics, self.telemetry)
+        self.servicer = EdgeServicer(self.home, self.selection, self.limits, self.metrics, self.reports)
         self.health = health.HealthServicer()
         self.server = self._make_server(host, port, workers)
         self.metrics_port = self._start_metrics(metrics_port) if metrics_port is not None else None
@@ -462,20 +467,22 @@ class EdgeService:
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving model %s with %s on port %d", self.version, self.selection.backend.name, self.port)
-        if self.telemetry:
+        if self.reports:
             self._heartbeat()
             self._heartbeat_thread = threading.Thread(target=self._heartbeat_loop, name="edge-heartbeat", daemon=True)
             self._heartbeat_thread.start()
         return self
 
     def stop(self, grace: float = GRACE_S) -> None:
-        """NOT_SERVING, let running calls finish within ``grace`` seconds, last heartbeat."""
+        """NOT_SERVING, let running calls finish within ``grace`` seconds, last heartbeat, flush reports."""
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
         self._stopped.set()
         if self._heartbeat_thread is not None:
             self._heartbeat_thread.join()
             self._heartbeat()
+        if self.reports:
+            self.reports.close()
         if self.metrics_port is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
@@ -498,9 +505,6 @@ class EdgeService:
                 log.exception("telemetry heartbeat failed")
 
     def _heartbeat(self) -> None:
-        from cmdfed.telemetry import TelemetryStore
-
         backend = self.selection.backend
-        with TelemetryStore.open(self.telemetry, create=True) as store:
-            store.heartbeat(socket.gethostname(), backend=backend.name, gpu=_gpu_name(backend.device),
-                            model_version=self.version, **self.metrics.heartbeat_numbers())  # fmt: skip
+        self.reports.heartbeat(backend=backend.name, gpu=_gpu_name(backend.device), model_version=self.version,
+                               **self.metrics.heartbeat_numbers())  # fmt: skip

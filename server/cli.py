@@ -19,11 +19,12 @@ from cmdfed.federation.processes import (
     serve_in_foreground,
     split_address,
 )
-from cmdfed.federation.site import check_site_name
 from server.federate import CONNECTION, write_connection
 from server.superlink import SuperLink
+from server.telemetry import commands as telemetry_commands
 
 commands = typer.Typer(help="Federation server: the SuperLink that sites connect to.", no_args_is_help=True)
+commands.add_typer(telemetry_commands, name="telemetry")
 
 
 @commands.command("start")
@@ -52,6 +53,8 @@ def register_site(
     insecure: bool = typer.Option(False, "--insecure", help="Allow a non-loopback SuperLink without TLS."),
 ) -> None:
     """Admit a site to a SuperLink started with --site-auth: its SuperNode may then join."""
+    from cmdfed.federation.site import check_site_name
+
     check_site_name(name)
     if not public_key.is_file():
         raise CmdfedError(f"{public_key} does not exist; the site makes it with `cmdfed client keygen`")

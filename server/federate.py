@@ -23,7 +23,7 @@ import tempfile
 import tomllib
 from collections import deque
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import tomli_w
 import typer
@@ -33,9 +33,11 @@ import cmdfed
 import server
 from cmdfed.cli import console, emit, out
 from cmdfed.errors import CmdfedError
-from cmdfed.federation.config import FederationConfig
-from cmdfed.federation.coordinator import EVENT_PREFIX
+from cmdfed.federation.events import EVENT_PREFIX
 from cmdfed.federation.processes import flower_env, flower_executable, require_loopback_or_insecure, split_address
+
+if TYPE_CHECKING:  # the run config needs the model's (torch); commands that never build one start without it
+    from cmdfed.federation.config import FederationConfig
 
 CONNECTION = "cmdfed"
 APP_TABLE = {
@@ -64,16 +66,36 @@ def federate(
         write_connection(Path(env["FLWR_HOME"]), superlink, ca)
         run_id, events, tail = _stream_run(app_dir, env, verbose)
         status = _run_status(run_id, env)
-    finished = next((e for e in reversed(events) if e["event"] in ("finish", "error")), None)
     if as_json:
         emit({"run_id": run_id, "status": status, "events": events}, True)
-    if status != "finished:completed" or finished is None or finished.get("status") != "completed":
+    rounds = completed_rounds(run_id, status, events, tail)
+    if rounds is None:
+        console.print(
+            "[yellow]warning[/]: the run's output stopped streaming before its end (Flower 1.42 gives up "
+            f"streaming after one failed log upload); every round is recorded in {config.run_dir}"
+        )
+    done = f"{rounds} rounds, " if rounds is not None else ""
+    console.print(f"[bold green]federated run completed[/]: {done}checkpoints in {config.run_dir}")
+
+
+def completed_rounds(run_id: str, status: str, events: list[dict], tail: list[str]) -> int | None:
+    """The rounds of a completed run (None when its output stopped short); an error for any other end.
+
+    Flower's status decides: the ServerApp ends ``completed`` only when the run did (it raises
+    otherwise). The events give the details, and may stop short: Flower 1.42 stops streaming
+    a run's output for good after one failed log upload (a SuperLink whose SQLite state stays
+    locked over 5 s, on a loaded machine, answers it with an error).
+    """
+    finished = next((e for e in reversed(events) if e["event"] in ("finish", "error")), None)
+    if status != "finished:completed" or (finished is not None and finished.get("status") != "completed"):
         message = (finished or {}).get("message") or (finished or {}).get("error") or " | ".join(tail)
         raise CmdfedError(f"the federated run {run_id} ended as {status}: {message}")
-    console.print(f"[bold green]federated run completed[/]: {finished['rounds']} rounds, checkpoints in {config.run_dir}")
+    return None if finished is None else int(finished["rounds"])
 
 
 def run_config(config_file: Path | None, settings: list[str], run_dir: Path) -> FederationConfig:
+    from cmdfed.federation.config import FederationConfig
+
     values: dict[str, Any] = FederationConfig().to_run_config()
     if config_file is not None:
         try:

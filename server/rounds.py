@@ -9,6 +9,8 @@ or refuse a bad update, so this module drives the strategy round by round itself
 3. send, and wait up to the round timeout for replies;
 4. sort the replies: error replies and silent sites are logged as failed or timed out,
    every received content is audited, updates are screened (``RunCoordinator.screen``);
+   a node replying under a site name another connected node holds is refused
+   (``coordinator.SiteNames``);
 5. ``strategy.aggregate_train`` averages the accepted updates (weighted by examples);
    a round without one usable update is an error that fails the run, because Flower
    itself would carry on with unchanged weights;
@@ -19,6 +21,13 @@ wrapper (``server.strategies``), told each round how many updates it averages. U
 local DP a site that has spent its budget replies ``declined-budget`` instead of an
 update; it is recorded as ``declined_budget``, and when every sampled site declines the
 run stops there, completed: further rounds could not train at all.
+
+A site that goes away mid-round (its SuperNode crashed, or lost the network) does not hold
+the round up to the round timeout: Flower's SuperLink declares a SuperNode offline once it
+misses its heartbeats (Flower 1.42: sent every 30 s, offline after 2 x 30 s; not
+configurable) and answers its pending message with a ``NODE_UNAVAILABLE`` error from the
+SuperLink itself. Replies are therefore matched to what was sent by message id, not by
+sender, and such a site is recorded as failed, gone offline.
 """
 
 from __future__ import annotations
@@ -26,13 +35,15 @@ from __future__ import annotations
 import re
 import time
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, Strategy
 
 from cmdfed.errors import CmdfedError
 from cmdfed.federation.config import PHASES, FederationConfig
-from cmdfed.federation.coordinator import RoundReport, RunCoordinator, SiteReport, emit_event
+from cmdfed.federation.coordinator import RoundReport, RunCoordinator, SiteReport
+from cmdfed.federation.events import emit_event
 from server.strategies import build_strategy, restore_strategy_state, strategy_state
 
 SITE_IN_REASON = re.compile(r"^\[([A-Za-z0-9][A-Za-z0-9._-]*)\] ")
@@ -74,7 +85,6 @@ class PhaseRounds:
     def __init__(self, grid: Grid, coordinator: RunCoordinator, strategy: Strategy, phase: str):
         self.grid, self.coordinator, self.strategy, self.phase = grid, coordinator, strategy, phase
         self.config: FederationConfig = coordinator.config
-        self.site_names: dict[int, str] = {}
         self.holding_frozen: set[int] = set()
         self.frozen_sha = coordinator.frozen_fingerprint(phase) if self.config.frozen_groups(phase) else ""
 
@@ -83,8 +93,8 @@ class PhaseRounds:
         wait_for_sites(self.grid, self.config.min_sites, self.config.round_timeout_s)
         arrays = _array_record(self.coordinator.sent_weights(self.phase))
         messages = self._with_frozen(list(self.strategy.configure_train(phase_round, arrays, self._instructions(phase_round), self.grid)))
-        replies = self._exchange(messages)
-        reports, usable = self._sort(messages, replies, phase_round)
+        replies, refused = self._exchange(messages, phase_round)
+        reports, usable = self._sort(messages, replies, refused, phase_round)
         updates = {self._name(r): {k: a.numpy() for k, a in r.content["arrays"].items()} for r in usable}
         accepted, rejected = self.coordinator.screen(self.phase, phase_round, updates)
         for report in reports:
@@ -106,7 +116,7 @@ class PhaseRounds:
         eval_metrics = self._evaluate(phase_round, _array_record(new_weights)) if self.coordinator.evaluation_due(self.phase, phase_round) else {}
         report = RoundReport(
             started, reports, bytes_sent=sum(_payload_bytes(m.content) for m in messages),
-            bytes_received=sum(_payload_bytes(r.content) for r in replies if r.has_content()),
+            bytes_received=sum(_payload_bytes(r.content) for r in replies.values() if r.has_content()),
             train_metrics=dict(train_metrics or {}), eval_metrics=eval_metrics,
         )  # fmt: skip
         self.coordinator.complete_round(self.phase, phase_round, new_weights, strategy_state(self.strategy), report)
@@ -135,47 +145,55 @@ class PhaseRounds:
                 out.append(Message(content, dst_node_id=node, message_type=message.metadata.message_type))
         return out
 
-    def _exchange(self, messages: list[Message]) -> list[Message]:
-        replies = list(self.grid.send_and_receive(messages, timeout=self.config.round_timeout_s))
-        for reply in replies:
-            node = reply.metadata.src_node_id
-            if reply.has_content() and "site" in reply.content.config_records:
-                self.site_names[node] = str(reply.content["site"]["name"])
-                if self.frozen_sha:
-                    self.holding_frozen.add(node)
-            elif reply.has_error():
+    def _exchange(self, messages: list[Message], phase_round: int) -> tuple[dict[int, Message], dict[int, str]]:
+        """Send and wait. Returns the replies by node, and the nodes refused for using a taken site name."""
+        received = list(self.grid.send_and_receive(messages, timeout=self.config.round_timeout_s))
+        sent = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}  # the grid set the ids when sending
+        # By what each replies to: a reply from the SuperLink (a node gone offline) has the SuperLink as sender.
+        replies = {sent[r.metadata.reply_to_message_id]: r for r in received if r.metadata.reply_to_message_id in sent}
+        claims = {node: name for node, reply in replies.items() if (name := _claimed_name(reply))}
+        connected = set(self.grid.get_node_ids()) | set(claims)
+        refused = {}
+        for node, name in claims.items():  # in order of arrival: the first to use a name keeps it
+            reason = self.coordinator.sites.claim(node, name, connected)
+            if reason:
+                refused[node] = reason
+                emit_event("warning", message=f"{self.phase} round {phase_round}: node {node} replied as {name!r}: {reason}")
+        for node, reply in replies.items():
+            if reply.has_error() or node in refused:
                 self.holding_frozen.discard(node)  # its cache may be what failed: resend next time
-                match = SITE_IN_REASON.match(reply.error.reason)
-                if match:
-                    self.site_names.setdefault(node, match.group(1))
-        return replies
+            elif self.frozen_sha and "site" in reply.content.config_records:
+                self.holding_frozen.add(node)
+        return replies, refused
 
-    def _sort(self, messages: list[Message], replies: list[Message], phase_round: int) -> tuple[list[SiteReport], list[Message]]:
+    def _sort(self, messages: list[Message], replies: dict[int, Message], refused: dict[int, str],
+              phase_round: int) -> tuple[list[SiteReport], list[Message]]:  # fmt: skip
         """Site reports for every message sent, and the replies that carry an update."""
         reports, usable = [], []
-        by_node = {r.metadata.src_node_id: r for r in replies}
         for message in messages:
             node = message.metadata.dst_node_id
-            reply = by_node.get(node)
-            site = self.site_names.get(node, f"node-{node}")
+            reply = replies.get(node)
+            site = f"node-{node}" if node in refused else self.coordinator.sites.name(node)
             if reply is None:
                 reports.append(SiteReport(site, "timed_out", error=f"no reply within {self.config.round_timeout_s:.0f} s"))
-            elif reply.has_error():
-                reports.append(SiteReport(site, "failed", error=SITE_IN_REASON.sub("", reply.error.reason)))
-            else:
+                continue
+            metrics = {}
+            if reply.has_content():  # audited whatever becomes of it
                 content = reply.content
                 metrics = dict(content.metric_records.get("metrics", {}))
                 self.coordinator.audit(self.phase, phase_round, site, {k: a.numpy() for k, a in content.get("arrays", {}).items()},
                                        metrics, _strings(content))  # fmt: skip
-                if metrics.get("declined-budget") == 1:
-                    spent, budget = metrics.get("dp_epsilon", 0.0), metrics.get("dp_budget_epsilon", 0.0)
-                    reports.append(SiteReport(site, "declined_budget", 0, metrics,
-                                              error=f"privacy budget spent: epsilon {spent:.3f} of {budget:g}"))  # fmt: skip
-                    continue
-                problem = _malformed_reply(content)
-                if problem:
-                    reports.append(SiteReport(site, "failed", error=problem))
-                    continue
+            if node in refused:
+                reports.append(SiteReport(site, "failed", error=refused[node]))
+            elif reply.has_error():
+                reports.append(SiteReport(site, "failed", error=_error_text(reply.error)))
+            elif metrics.get("declined-budget") == 1:
+                spent, budget = metrics.get("dp_epsilon", 0.0), metrics.get("dp_budget_epsilon", 0.0)
+                reports.append(SiteReport(site, "declined_budget", 0, metrics,
+                                          error=f"privacy budget spent: epsilon {spent:.3f} of {budget:g}"))  # fmt: skip
+            elif problem := _malformed_reply(reply.content):
+                reports.append(SiteReport(site, "failed", error=problem))
+            else:
                 n_examples = int(metrics.pop("num-examples"))
                 reports.append(SiteReport(site, "trained", n_examples, metrics, metrics.get("train_seconds")))
                 usable.append(reply)
@@ -186,16 +204,16 @@ class PhaseRounds:
         return reports, usable
 
     def _name(self, reply: Message) -> str:
-        return self.site_names.get(reply.metadata.src_node_id, f"node-{reply.metadata.src_node_id}")
+        return self.coordinator.sites.name(reply.metadata.src_node_id)
 
     def _evaluate(self, phase_round: int, arrays: ArrayRecord) -> dict[str, float]:
         messages = self._with_frozen(list(self.strategy.configure_evaluate(phase_round, arrays, self._instructions(phase_round), self.grid)))
-        replies = self._exchange(messages)
-        good = [r for r in replies if r.has_content() and "metrics" in r.content.metric_records]
-        for reply in replies:
-            if reply.has_error():
-                emit_event("evaluation_failed", phase=self.phase, round=phase_round, site=self._name(reply),
-                           error=SITE_IN_REASON.sub("", reply.error.reason))  # fmt: skip
+        replies, refused = self._exchange(messages, phase_round)
+        good = [r for n, r in replies.items() if n not in refused and r.has_content() and "metrics" in r.content.metric_records]
+        for node, reply in replies.items():
+            if reply.has_error() and node not in refused:
+                emit_event("evaluation_failed", phase=self.phase, round=phase_round, site=self.coordinator.sites.name(node),
+                           error=_error_text(reply.error))  # fmt: skip
         metrics = self.strategy.aggregate_evaluate(phase_round, good) if good else None
         return dict(metrics or {})
 
@@ -225,6 +243,22 @@ def _payload_bytes(content: RecordDict) -> int:
     for record in [*content.metric_records.values(), *content.config_records.values()]:
         total += sum(len(k) + (len(v) if isinstance(v, (str, bytes)) else 8) for k, v in record.items())
     return total
+
+
+def _claimed_name(reply: Message) -> str | None:
+    """The site name a reply gives: in its content, or leading its error's reason (``[site-a] ...``)."""
+    if reply.has_content():
+        site = reply.content.config_records.get("site")
+        return str(site["name"]) if site is not None and "name" in site else None
+    match = SITE_IN_REASON.match(reply.error.reason)
+    return match.group(1) if match else None
+
+
+def _error_text(error: Error) -> str:
+    """What went wrong at a site, for the run's records: the site's own words, or the SuperLink's."""
+    if error.code == ErrorCode.NODE_UNAVAILABLE:
+        return "the site went offline during the round: its SuperNode stopped, or stopped sending heartbeats to the SuperLink"
+    return SITE_IN_REASON.sub("", error.reason)
 
 
 def _strings(content: RecordDict) -> dict[str, str]:

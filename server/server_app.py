@@ -5,7 +5,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from cmdfed.errors import CmdfedError
 from cmdfed.federation.config import FederationConfig
-from cmdfed.federation.coordinator import emit_event
+from cmdfed.federation.events import emit_event
 from server.rounds import run_federation
 
 app = ServerApp()

@@ -22,23 +22,22 @@ import io
 import json
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
-from flwr.app import Context, Message
-from flwr.clientapp import ClientApp
-from flwr.serverapp import Grid, ServerApp
 
-from client import client_app
 from cmdfed.cli import console
 from cmdfed.errors import CmdfedError
-from cmdfed.federation.checkpoints import last_complete_round
-from cmdfed.federation.config import FederationConfig
-from cmdfed.federation.coordinator import EVENT_PREFIX
-from cmdfed.federation.simulated import Split, write_simulated_sites
-from cmdfed.federation.site import SiteSettings
+from cmdfed.federation.events import EVENT_PREFIX
 from server.federate import render_event, run_config
-from server.rounds import run_federation
+
+if TYPE_CHECKING:  # Flower, torch and the apps load when a simulation runs, not for `cmdfed --help`
+    from flwr.app import Context, Message
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import Grid, ServerApp
+
+    from cmdfed.federation.config import FederationConfig
+    from cmdfed.federation.site import SiteSettings
 
 
 def simulate(
@@ -52,6 +51,9 @@ def simulate(
     seed: int = typer.Option(0, "--seed", help="Seed of the synthetic stores and the split."),
 ) -> None:
     """Simulate a federation of N sites on synthetic stores, in this process, with the real apps."""
+    from cmdfed.federation.checkpoints import last_complete_round
+    from cmdfed.federation.simulated import Split, write_simulated_sites
+
     if not 1 <= sites <= 256:
         raise CmdfedError(f"--sites must be between 1 and 256, got {sites}")
     out = out.absolute()
@@ -83,6 +85,10 @@ def run_simulated(config: FederationConfig, sites: list[SiteSettings], cpus_per_
 
 
 def simulation_server_app(config: FederationConfig) -> ServerApp:
+    from flwr.serverapp import ServerApp
+
+    from server.rounds import run_federation
+
     app = ServerApp()
 
     @app.main()
@@ -94,6 +100,11 @@ def simulation_server_app(config: FederationConfig) -> ServerApp:
 
 def simulation_client_app(config: FederationConfig, sites: list[SiteSettings]) -> ClientApp:
     """The real ClientApp handlers, each virtual node given its site's node config and the run config."""
+    from flwr.app import Context
+    from flwr.clientapp import ClientApp
+
+    from client import client_app
+
     node_configs = [site.node_config() for site in sites]
     run_config_values = config.to_run_config()
     app = ClientApp()

@@ -4,7 +4,8 @@ One HTTP port carries everything in Flower 1.42 (fleet, control and runtime APIs
 (registered nodes, runs, messages) lives in ``RUN_DIR/superlink/state.db`` rather than in
 memory, so a restarted SuperLink still knows its sites and its runs, and its log in
 ``RUN_DIR/superlink/superlink.log``. Runtime dependency installation is off: the app runs in
-the environment cmdfed is installed in, never in one pip-installed at run time.
+the environment cmdfed is installed in, never in one pip-installed at run time. It runs
+through ``server.superlink_process``, which gives the state database a longer lock wait.
 
 Security: with ``certs`` (a ``cmdfed certs init`` folder) the SuperLink serves TLS on its
 port (``--ssl-ca-certfile/--ssl-certfile/--ssl-keyfile``); without, it runs ``--insecure``
@@ -16,12 +17,12 @@ port (``--ssl-ca-certfile/--ssl-certfile/--ssl-keyfile``); without, it runs ``--
 from __future__ import annotations
 
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cmdfed.federation.processes import (
     flower_env,
-    flower_executable,
     start_process,
     stop_process,
     wait_for_port,
@@ -57,7 +58,7 @@ class SuperLink:
             ca, cert, key = server_tls_files(Path(self.certs))
             transport = ["--ssl-ca-certfile", str(ca), "--ssl-certfile", str(cert), "--ssl-keyfile", str(key)]
         return [
-            flower_executable("flower-superlink"), *transport, "--host", self.host, "--port", str(self.port),
+            sys.executable, "-m", "server.superlink_process", *transport, "--host", self.host, "--port", str(self.port),
             "--database", str(self.state_dir / "state.db"), "--disable-runtime-dependency-installation",
             *(["--enable-supernode-auth"] if self.site_auth else []),
         ]  # fmt: skip

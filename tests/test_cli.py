@@ -92,3 +92,15 @@ def test_training_bad_input_is_one_line(tmp_path):
     assert cmdfed("data", "synth", str(tmp_path / "s.zarr"), "--n", "2", "--tile", "64").returncode == 0
     result = cmdfed("train", "pretrain", "--store", str(tmp_path / "s.zarr"), "--out", str(tmp_path / "o"), "--config", str(tmp_path / "cfg.json"))
     assert result.returncode == 1 and "unknown TrainConfig keys ['stepz']" in result.stderr
+
+
+def test_commands_load_without_the_heavy_libraries():
+    """Every role's command module loads for `cmdfed --help` and for parsing any command, so
+    none may import torch, Flower, Streamlit or ONNX Runtime at module level: commands import
+    what they run, and the CLI answers at once."""
+    code = (
+        "import sys; from cmdfed.cli import _add_role_commands; _add_role_commands(); "
+        "print(sorted(m for m in ('torch', 'flwr', 'streamlit', 'onnxruntime', 'opacus') if m in sys.modules))"
+    )
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "[]"

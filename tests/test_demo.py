@@ -1,23 +1,52 @@
-"""The README's first command, shortened: the same chain with a few steps per phase."""
+"""The README's first command, shortened: the same chain (real SuperLink, three SuperNodes,
+`cmdfed federate`, export, deploy, whole-slide inference, edge service) with one round per
+phase and one local step, then what it left behind, as the dashboard will read it."""
 
 import json
+import sqlite3
 
-import numpy as np
 import pytest
-from PIL import Image
 
-from cmdfed.demo import QUICK, run_demo
+from cmdfed.demo import QUICK, SITES, run_demo
 
-pytestmark = [pytest.mark.network, pytest.mark.slow]
+pytestmark = [pytest.mark.network, pytest.mark.slow, pytest.mark.timeout(1800)]
 
 
 def test_quick_demo_runs_the_whole_chain(tmp_path):
-    summary = run_demo(tmp_path / "demo", size=QUICK)
-    assert summary["stores"]["slide"]["tiles"] > 20 and summary["stores"]["synthetic"]["labelled"] == QUICK.synthetic_tiles
-    assert summary["pretrain"]["steps"] == QUICK.pretrain_steps and summary["finetune"]["steps"] == QUICK.finetune_steps
-    assert summary["evaluation"]["tiles"] == QUICK.heldout_tiles
-    written = json.loads((tmp_path / "demo" / "summary.json").read_text())
-    assert written["finetune"]["checkpoint"] == summary["finetune"]["checkpoint"]
-    overlay = np.asarray(Image.open(tmp_path / "demo" / "predictions" / "target_image_overlay.png"))
-    assert overlay.shape == (1000, 2000, 3)  # the tile and its outlined copy side by side
-    assert (tmp_path / "demo" / "predictions" / "histo_inst.png").is_file()
+    lines = []
+    summary = run_demo(tmp_path / "demo", size=QUICK, echo=lines.append)
+    out = tmp_path / "demo"
+
+    for name in SITES:  # each site: its share of the slide (unlabelled) + its own labelled tiles
+        info = summary["stores"][name]
+        assert info["labelled"] == QUICK.labelled_tiles and info["tiles"] > info["labelled"]
+    assert summary["stores"]["server-eval"]["labelled"] == QUICK.heldout_tiles
+
+    db = sqlite3.connect(summary["federation"]["telemetry"])
+    assert db.execute("SELECT name, status FROM runs").fetchall() == [("demo", "completed")]
+    rounds = db.execute("SELECT phase, round, n_sites, n_failed FROM rounds ORDER BY round").fetchall()
+    assert rounds == [("pretrain", 1, 3, 0), ("finetune", 2, 3, 0)]
+    trained = db.execute("SELECT DISTINCT site FROM site_rounds WHERE status = 'trained'").fetchall()
+    assert sorted(site for (site,) in trained) == list(SITES)
+
+    (version,) = db.execute("SELECT version FROM bundles WHERE signed = 1").fetchone()
+    assert db.execute("SELECT round FROM model_versions WHERE version = ?", (version,)).fetchone() == (2,)
+    assert db.execute("SELECT version, status FROM deployments").fetchall()[-1][0] == version
+    assert db.execute("SELECT model_version, backend FROM heartbeats").fetchall()[-1] == (version, "onnxruntime-cpu")
+    slide_name, n_cells = db.execute("SELECT slide_name, n_cells FROM inference_events WHERE error IS NULL").fetchone()
+    assert slide_name == "cmu_small_region.svs"
+
+    slide = summary["slide"]["summary"]
+    assert slide["model_version"] == version and slide["backend"]["backend"] == "onnxruntime-cpu"
+    assert slide["n_cells"] == n_cells == sum(slide["counts_by_type"].values())
+    slide_out = out / "slides" / "cmu_small_region"
+    cells = json.loads((slide_out / "cells.geojson").read_text())
+    assert cells["type"] == "FeatureCollection" and len(cells["features"]) == n_cells
+    assert (slide_out / "labels.ome.zarr").is_dir()
+
+    commands = (out / "commands.sh").read_text()
+    for command in ("cmdfed server start", "cmdfed client start", "cmdfed federate", "cmdfed edge export",
+                    "cmdfed edge deploy", "cmdfed edge infer", "cmdfed edge serve"):  # fmt: skip
+        assert command in commands and any(line.startswith(f"$ {command}") for line in lines)
+    assert summary["dashboard"] == f"cmdfed dashboard --db {out / 'telemetry.db'} --outputs {out / 'slides'}"
+    assert json.loads((out / "summary.json").read_text())["slide"]["geojson"] == str(slide_out / "cells.geojson")

@@ -52,6 +52,7 @@ class FederationConfig(ConfigBase):
     round_timeout_s: float = 3600.0
     update_norm_limit: float = 10.0  # reject an update whose norm exceeds this x the others' median
     eval_every: int = 1  # federated evaluation every N rounds of a phase (0 = never)
+    server_eval_every: int = 1  # central evaluation on server-eval-store every N rounds (0 = never); costs no messages
     eval_tiles: int = 32  # tiles each site (and the server) evaluates on
     server_eval_store: str = ""  # a labelled store on the server for central evaluation
     seed: int = 0
@@ -74,7 +75,7 @@ class FederationConfig(ConfigBase):
             require(getattr(self, name) > 0, f"{_key(name)} must be positive, got {getattr(self, name)}")
         for name in ("pretrain_lr", "finetune_lr", "round_timeout_s", "update_norm_limit", "server_lr", "tau"):
             require(getattr(self, name) > 0, f"{_key(name)} must be positive, got {getattr(self, name)}")
-        for name in ("weight_decay", "grad_clip", "proximal_mu", "eval_every"):
+        for name in ("weight_decay", "grad_clip", "proximal_mu", "eval_every", "server_eval_every"):
             require(getattr(self, name) >= 0, f"{_key(name)} must be >= 0, got {getattr(self, name)}")
         require(0 < self.label_fraction <= 1, f"label-fraction must be in (0, 1], got {self.label_fraction}")
         require(0 < self.fraction_sites <= 1, f"fraction-sites must be in (0, 1], got {self.fraction_sites}")
@@ -146,7 +147,8 @@ class FederationConfig(ConfigBase):
 
     def resume_key(self) -> dict[str, Any]:
         """What must not change between a run and its resumption (paths and timeouts may)."""
-        movable = {"run_dir", "telemetry", "round_timeout_s", "server_eval_store", "min_sites", "fraction_sites"}
+        movable = {"run_dir", "telemetry", "round_timeout_s", "server_eval_store", "server_eval_every", "min_sites",
+                   "fraction_sites"}  # fmt: skip
         return {k: v for k, v in self.to_dict().items() if k not in movable}
 
 

@@ -10,6 +10,8 @@ decides with or records goes through this object:
   telemetry id, so a resumed run continues the same telemetry rows.
 * **what travels**: the sent groups of the global weights each round, and the frozen groups
   once per site and phase, identified by a fingerprint.
+* **who is who**: sites name themselves in their replies; ``SiteNames`` keeps one node per
+  name, so two sites started with the same name are not mixed up in averaging or telemetry.
 * **what is accepted**: updates are screened (``updates.screen_updates``) before averaging.
 * **what is kept**: after each round the global weights and strategy state (checkpoint),
   round and per-site rows with timings and bytes (telemetry), a line per received message
@@ -27,9 +29,10 @@ import json
 import sys
 import time
 import uuid
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,21 +41,17 @@ from cmdfed.atomic import json_safe, write_json_atomic
 from cmdfed.errors import CmdfedError
 from cmdfed.federation.checkpoints import last_complete_round, save_round
 from cmdfed.federation.config import PHASES, FederationConfig
+from cmdfed.federation.events import emit_event
 from cmdfed.federation.local import evaluate_on_store, site_model
 from cmdfed.federation.site import weights_fingerprint
 from cmdfed.federation.updates import screen_updates
 from cmdfed.model.config import build_model
 from cmdfed.model.unet import ConvNeXtUNet
 from cmdfed.telemetry import TelemetryStore
+from cmdfed.train.checkpoint import model_version
 from cmdfed.train.device import select_device
 
-EVENT_PREFIX = "cmdfed-event "
 NumpyWeights = dict[str, np.ndarray]
-
-
-def emit_event(kind: str, **fields: Any) -> None:
-    """One progress line on stdout; Flower streams the ServerApp's output to ``flwr run``."""
-    print(EVENT_PREFIX + json.dumps(json_safe({"event": kind, **fields}), default=str), flush=True)
 
 
 @dataclass
@@ -75,6 +74,48 @@ class RoundReport:
     eval_metrics: dict[str, float] = field(default_factory=dict)
 
 
+class SiteNames:
+    """Which Flower node speaks for which site, from the names sites give in their replies.
+
+    The first node to use a name holds it while it stays connected; another node that
+    replies under that name meanwhile is refused (its replies are not averaged, and it is
+    recorded as ``node-ID``, not under the name). A connected node is a duplicate: the same
+    site started twice would count its tiles twice, two sites sharing a name would be one
+    line in telemetry. Once the holder has gone (a stopped or crashed SuperNode), the name
+    passes to the node that uses it next: that is a site restarted, which Flower gives a
+    new node id (unless it authenticates with its key, which keeps its id).
+    """
+
+    def __init__(self) -> None:
+        self._holder: dict[str, int] = {}
+        self._name: dict[int, str] = {}
+
+    def claim(self, node: int, name: str, connected: Collection[int]) -> str | None:
+        """Record that ``node`` replied as site ``name``; the reason it is refused, or None.
+
+        ``connected``: the nodes alive now, counting every node that replied this round.
+        """
+        holder = self._holder.get(name)
+        if holder is not None and holder != node and holder in connected:
+            return (
+                f"another connected node ({holder}) already takes part as site {name!r}, so this node's "
+                f"replies are refused; give each site its own name (node config name=..., `cmdfed client "
+                f"start --name`) and restart this one. A site restarted after a crash is let in once its "
+                f"old connection has expired (about a minute)"
+            )
+        if holder is not None and holder != node:
+            del self._name[holder]  # the holder has gone: this is the site restarted
+        previous = self._name.get(node)
+        if previous is not None and previous != name:
+            del self._holder[previous]
+        self._holder[name], self._name[node] = node, name
+        return None
+
+    def name(self, node: int) -> str:
+        """The site a node holds the name of; ``node-ID`` for one that has not named itself."""
+        return self._name.get(node, f"node-{node}")
+
+
 class RunCoordinator:
     """Global weights, resume point, screening and records of one run folder."""
 
@@ -83,6 +124,7 @@ class RunCoordinator:
         self.run_dir = Path(config.run_dir).expanduser().absolute()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.run_id = self._pin_run()
+        self.sites = SiteNames()
         self._telemetry_failed = False
         self.telemetry = self._open_telemetry()
         last = last_complete_round(self.run_dir)
@@ -166,7 +208,7 @@ class RunCoordinator:
             self.run_dir, round=round, phase=phase, phase_round=phase_round, weights=self.weights,
             strategy_state=strategy_state, metrics=metrics,
             config={"model": model_config.to_dict(), "class_names": self.config.class_names,
-                    "federation": self.config.to_dict(), "run_id": self.run_id},
+                    "federation": self.config.to_dict(), "name": self.config.name, "run_id": self.run_id},
         )  # fmt: skip
         self.done, self.last_round, self.strategy_state = (phase, phase_round), round, strategy_state
         finished = time.time()
@@ -198,7 +240,7 @@ class RunCoordinator:
     def server_evaluate(self, phase: str, phase_round: int) -> dict[str, float]:
         """Central evaluation on the server's own labelled store, when the run names one."""
         config = self.config
-        if not config.server_eval_store or not _due(config, phase, phase_round):
+        if not config.server_eval_store or not _due(config.server_eval_every, config.rounds(phase), phase_round):
             return {}
         sent = {k: v for k, v in self.weights.items() if ConvNeXtUNet.group_of(k) in config.sent_groups(phase)}
         frozen = {k: v for k, v in self.weights.items() if ConvNeXtUNet.group_of(k) in config.frozen_groups(phase)}
@@ -207,14 +249,14 @@ class RunCoordinator:
         return {"server_tiles": tiles, **{f"server_{k}": v for k, v in metrics.items()}}
 
     def evaluation_due(self, phase: str, phase_round: int) -> bool:
-        return _due(self.config, phase, phase_round)
+        return _due(self.config.eval_every, self.config.rounds(phase), phase_round)
 
     def finish(self, status: str, error: str | None = None) -> None:
         """Close the run's telemetry: its status and, when completed, the final model version."""
         if status == "completed" and self.last_round:
             path = self.run_dir / f"round-{self.last_round:04d}"
             sha = hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
-            version = f"{self.config.name}-{self.run_id[:8]}-round-{self.last_round:04d}"
+            version = model_version(self.config.name, sha, round=self.last_round)
             self._record("record_model_version", version, run_id=self.run_id, round=self.last_round,
                          metrics={"checkpoint": path.name}, checkpoint_sha256=sha)  # fmt: skip
         self._record("finish_run", self.run_id, status=status)
@@ -266,7 +308,6 @@ class RunCoordinator:
             emit_event("warning", message=f"telemetry not recorded: {exc}")
 
 
-def _due(config: FederationConfig, phase: str, phase_round: int) -> bool:
-    """Evaluate every ``eval_every`` rounds of a phase and always after its last round."""
-    every = config.eval_every
-    return every > 0 and (phase_round % every == 0 or phase_round == config.rounds(phase))
+def _due(every: int, phase_rounds: int, phase_round: int) -> bool:
+    """Evaluate every ``every`` rounds of a phase (never for 0) and always after its last round."""
+    return every > 0 and (phase_round % every == 0 or phase_round == phase_rounds)

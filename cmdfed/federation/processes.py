@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from cmdfed.errors import CmdfedError
@@ -115,23 +116,34 @@ def require_loopback_or_insecure(host: str, insecure: bool, what: str, tls: bool
           file=sys.stderr, flush=True)  # fmt: skip
 
 
-def serve_in_foreground(process: subprocess.Popen, log_path: Path) -> None:
+def serve_in_foreground(process: subprocess.Popen, log_path: Path, companions: Sequence[subprocess.Popen] = ()) -> None:
     """Wait on a started Flower process until it exits, Ctrl-C, or SIGTERM; then stop it.
 
-    The process runs in a session of its own (see :func:`start_process`), so a signal to
-    this command would not reach it: SIGTERM is turned into an orderly stop here.
+    ``companions`` are helpers it needs (a SuperNode's ClientApp launcher): the first of them
+    all to exit stops the rest, and a companion exiting on its own is an error too. The
+    processes run in sessions of their own (see :func:`start_process`), so a signal to this
+    command would not reach them: SIGTERM is turned into an orderly stop here.
     """
 
     def terminate(signum, frame):
         raise KeyboardInterrupt
 
+    watched = [process, *companions]
     previous = signal.signal(signal.SIGTERM, terminate)
     try:
-        code = process.wait()
+        while (ended := next((p for p in watched if p.poll() is not None), None)) is None:
+            time.sleep(0.5)
     except KeyboardInterrupt:
-        stop_process(process)
-        return
+        ended = None
     finally:
+        for each in reversed(watched):
+            stop_process(each)
         signal.signal(signal.SIGTERM, previous)
-    if code != 0:
-        raise CmdfedError(f"{Path(process.args[0]).name} stopped with code {code}: {log_tail(log_path)}")
+    if ended is not None and (ended.returncode != 0 or ended is not process):
+        raise CmdfedError(f"{_name(ended)} stopped with code {ended.returncode}: {log_tail(log_path)}")
+
+
+def _name(process: subprocess.Popen) -> str:
+    """The program's name, or the module's for ``python -m MODULE``."""
+    args = list(process.args)
+    return args[2] if len(args) > 2 and args[1] == "-m" else Path(args[0]).name

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from datetime import datetime
@@ -51,6 +52,7 @@ class TelemetryStore:
         self.target = target  # the path or the URL without its password, for messages
         self.readonly = readonly
         self._is_sqlite = engine.dialect.name == "sqlite"
+        self._batch = threading.local()  # this thread's open batch() transaction, if any
 
     # ---------------------------------------------------------------- opening and closing
 
@@ -137,10 +139,25 @@ class TelemetryStore:
     # ---------------------------------------------------------------- transactions
 
     @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Writes this thread makes inside go into one transaction: all are recorded, or none."""
+        with self._tx(write=True) as conn:
+            self._batch.conn = conn
+            try:
+                yield
+            finally:
+                self._batch.conn = None
+
+    @contextlib.contextmanager
     def _tx(self, write: bool = False, migrate: bool = False) -> Iterator[sa.Connection]:
-        """One transaction; SQLite takes the write lock at BEGIN when ``write``."""
+        """One transaction; SQLite takes the write lock at BEGIN when ``write``. Inside
+        :meth:`batch`, the batch's transaction."""
         if write and self.readonly:
             raise CmdfedError(f"telemetry store {self.target} was opened read-only")
+        batch_conn = getattr(self._batch, "conn", None)
+        if batch_conn is not None:
+            yield batch_conn
+            return
         try:
             with self._engine.connect() as conn:
                 conn.execution_options(cmdfed_write=write)
@@ -270,7 +287,7 @@ class TelemetryStore:
                 "n_examples": int(n_examples),
                 "metrics": _json(metrics),
                 "duration_s": _float(duration_s),
-                "error": _scrub_error(error),
+                "error": scrub_paths(error),
                 "at": time.time(),
             },
             keys=("run_id", "phase", "round", "site"),
@@ -373,7 +390,9 @@ class TelemetryStore:
         p50_ms: float | None,
         p95_ms: float | None,
         errors: Mapping[str, int] | None = None,
+        at: Timestamp = None,
     ) -> None:
+        """``at``: when the workstation took it (a report relayed later keeps its time); default now."""
         self._insert(
             "heartbeats",
             {
@@ -385,7 +404,7 @@ class TelemetryStore:
                 "p50_ms": _float(p50_ms),
                 "p95_ms": _float(p95_ms),
                 "errors": _json(errors or {}),
-                "at": time.time(),
+                "at": _ts(at),
             },
         )
 
@@ -401,22 +420,24 @@ class TelemetryStore:
         duration_s: float | None,
         backend: str | None,
         error: str | None = None,
+        at: Timestamp = None,
     ) -> None:
-        """One slide's inference. Only the slide's file name is kept, never its folder: a path
-        given here is cut to its last part, and paths inside ``error`` likewise."""
+        """One slide's inference (``at``: when it ended; default now). Only the slide's file name
+        is kept, never its folder: a path given here is cut to its last part, and paths inside
+        ``error`` likewise."""
         self._insert(
             "inference_events",
             {
                 "workstation": workstation,
                 "model_version": model_version,
-                "slide_name": _basename(str(slide_name)),
+                "slide_name": file_name_only(str(slide_name)),
                 "n_cells": None if n_cells is None else int(n_cells),
                 "counts_by_type": _json(counts_by_type),
                 "area_mm2": _float(area_mm2),
                 "duration_s": _float(duration_s),
                 "backend": backend,
-                "error": _scrub_error(error),
-                "at": time.time(),
+                "error": scrub_paths(error),
+                "at": _ts(at),
             },
         )
 
@@ -647,7 +668,7 @@ def _check_choice(what: str, value: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{what} {value!r} is not one of {', '.join(choices)}")
 
 
-def _basename(name: str) -> str:
+def file_name_only(name: str) -> str:
     return re.split(r"[\\/]", name.rstrip("\\/"))[-1]
 
 
@@ -655,11 +676,11 @@ def _basename(name: str) -> str:
 _PATH_TOKEN = re.compile(r"""[^\s'"()<>\[\]{},;]*[\\/][^\s'"()<>\[\]{},;]*""")
 
 
-def _scrub_error(error: str | None) -> str | None:
+def scrub_paths(error: str | None) -> str | None:
     """Error text without folders: every path-like token is cut to its last part."""
     if error is None:
         return None
-    text = _PATH_TOKEN.sub(lambda m: _basename(m.group()), str(error))
+    text = _PATH_TOKEN.sub(lambda m: file_name_only(m.group()), str(error))
     return text[:_MAX_ERROR_CHARS]
 
 
@@ -667,4 +688,4 @@ def _one_line(error: BaseException | None) -> str:
     return " ".join(str(error).split())
 
 
-__all__ = ["BUSY_TIMEOUT_S", "RUN_STATUSES", "SITE_STATUSES", "TelemetryStore"]
+__all__ = ["BUSY_TIMEOUT_S", "RUN_STATUSES", "SITE_STATUSES", "TelemetryStore", "file_name_only", "scrub_paths"]

@@ -18,6 +18,7 @@ previous checkpoint as the latest.
 
 from __future__ import annotations
 
+import re
 import json
 import shutil
 from dataclasses import dataclass, field
@@ -48,6 +49,17 @@ class Checkpoint:
 
 def checkpoint_name(step: int) -> str:
     return f"step-{step:06d}"
+
+
+def model_version(run: str, weights_sha256: str, *, round: int | None = None, step: int = 0) -> str:
+    """A model's version: ``<run>-<r<round>|s<step>>-<first 8 hex of the weights' sha256>``.
+
+    The federation server names its final round with it and ``cmdfed edge export`` names a
+    bundle with it, so a bundle and the round it came from share one version, two exports of
+    the same weights too, and different weights never do.
+    """
+    tag = f"r{int(round):04d}" if round is not None else f"s{int(step):06d}"
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", f"{run}-{tag}-{weights_sha256[:8]}").strip("-.")
 
 
 def save_checkpoint(

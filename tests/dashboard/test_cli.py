@@ -1,8 +1,9 @@
-"""`cmdfed dashboard` builds the right `streamlit run` and passes the store and outputs on."""
+"""`cmdfed dashboard` becomes the right `streamlit run` (exec: stop signals reach Streamlit itself)
+and passes the store and outputs on."""
 
 from __future__ import annotations
 
-import subprocess
+import os
 import sys
 
 import pytest
@@ -14,7 +15,7 @@ from dashboard import cli
 
 def test_dashboard_runs_streamlit_headless_on_localhost(monkeypatch, tmp_path):
     calls = []
-    monkeypatch.setattr(subprocess, "call", lambda command, env: calls.append((command, env)) or 0)
+    monkeypatch.setattr(os, "execve", lambda path, command, env: calls.append((command, env)) or sys.exit(0))
     _add_role_commands()
     result = CliRunner().invoke(
         app,
@@ -44,7 +45,7 @@ def test_dashboard_runs_streamlit_headless_on_localhost(monkeypatch, tmp_path):
 
 def test_db_and_host_options(monkeypatch):
     calls = []
-    monkeypatch.setattr(subprocess, "call", lambda command, env: calls.append((command, env)) or 0)
+    monkeypatch.setattr(os, "execve", lambda path, command, env: calls.append((command, env)) or sys.exit(0))
     with pytest.raises(SystemExit) as done:
         cli.dashboard(
             db="postgresql+psycopg://db/telemetry",

@@ -41,8 +41,12 @@ def home(signed_bundle, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def service(home, tmp_path_factory):
-    telemetry = tmp_path_factory.mktemp("serve-telemetry") / "t.db"
+def telemetry(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("serve-telemetry") / "t.db"
+
+
+@pytest.fixture(scope="module")
+def service(home, telemetry):
     service = EdgeService(home, port=0, metrics_port=0, telemetry=telemetry, max_tiles=MAX_TILES, workers=4).start()
     yield service
     service.stop(grace=1)
@@ -116,7 +120,7 @@ def test_segment_tiles_returns_instance_maps_and_nuclei_for_each_tile(service, s
     assert response.results[0].nuclei  # the tuned tiny model finds nucleus-like blobs on a full tile
 
 
-def test_segment_slide_streams_progress_then_summary_and_outputs(service, stub, slide_tiff, tmp_path):
+def test_segment_slide_streams_progress_then_summary_and_outputs(service, stub, slide_tiff, telemetry, tmp_path):
     request = pb.SegmentSlideRequest(path=str(slide_tiff), out_dir=str(tmp_path / "out"), batch=2)
     messages = list(stub.SegmentSlide(request, timeout=300))
     *progress, final = messages
@@ -129,7 +133,7 @@ def test_segment_slide_streams_progress_then_summary_and_outputs(service, stub, 
     assert final.summary.model_version == service.version and final.summary.backend == "onnxruntime-cpu"
     for path in (final.outputs.labels, final.outputs.geojson, final.outputs.summary):
         assert Path(path).exists()
-    events = TelemetryStore.open(service.telemetry).inference_events()
+    events = TelemetryStore.open(telemetry).inference_events()
     assert any(e["slide_name"] == slide_tiff.name and e["n_cells"] == summary["n_cells"] for e in events)
 
 
@@ -215,8 +219,8 @@ def test_concurrent_clients_are_all_served_and_counted(service):
     assert counter(after, "cmdfed_edge_tiles_total") >= clients * calls * len(images)
 
 
-def test_heartbeat_is_recorded_when_serving_starts(service):
-    [beat] = TelemetryStore.open(service.telemetry).heartbeats(latest_only=True)
+def test_heartbeat_is_recorded_when_serving_starts(service, telemetry):
+    [beat] = TelemetryStore.open(telemetry).heartbeats(latest_only=True)
     assert beat["backend"] == "onnxruntime-cpu" and beat["model_version"] == service.version
 
 

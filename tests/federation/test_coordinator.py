@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cmdfed.errors import CmdfedError
-from cmdfed.federation.coordinator import RoundReport, RunCoordinator, SiteReport
+from cmdfed.federation.coordinator import RoundReport, RunCoordinator, SiteNames, SiteReport
 
 
 def complete(coordinator, phase, phase_round):
@@ -55,3 +55,23 @@ def test_the_frozen_fingerprint_names_exactly_the_frozen_weights(quick_config):
     sha = coordinator.frozen_fingerprint("finetune")
     assert len(sha) == 64 and not any(k.startswith("heads.") for k in coordinator.frozen_weights("finetune"))
     assert set(coordinator.sent_weights("finetune")) == {k for k in coordinator.weights if k.startswith("heads.")}
+
+
+def test_a_site_name_is_held_by_one_connected_node():
+    sites = SiteNames()
+    assert sites.claim(11, "site-a", connected={11, 12}) is None
+    assert sites.claim(12, "site-b", connected={11, 12}) is None
+    assert sites.claim(11, "site-a", connected={11, 12}) is None  # every round again: still its own
+    reason = sites.claim(13, "site-a", connected={11, 12, 13})  # a second SuperNode started as site-a
+    assert reason is not None and "node (11) already takes part as site 'site-a'" in reason and "restart" in reason
+    assert (sites.name(11), sites.name(13)) == ("site-a", "node-13")  # the refused node is not named after site-a
+    assert sites.claim(13, "site-a", connected={11, 13}) is not None  # refused for as long as the holder is connected
+
+
+def test_a_restarted_site_takes_its_name_back_once_its_old_node_is_gone():
+    sites = SiteNames()
+    sites.claim(11, "site-a", connected={11})
+    assert sites.claim(21, "site-a", connected={21}) is None  # node 11 went offline; Flower gave the restart id 21
+    assert (sites.name(21), sites.name(11)) == ("site-a", "node-11")
+    sites.claim(21, "site-c", connected={21})  # restarted under a new name (an authenticated node keeps its id)
+    assert sites.claim(31, "site-a", connected={21, 31}) is None and sites.name(21) == "site-c"

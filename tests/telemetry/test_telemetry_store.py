@@ -322,6 +322,34 @@ def test_heartbeats_latest_per_workstation_and_filters(store_url):
         assert len(store.inference_events(limit=None)) == 5
 
 
+def test_relayed_reports_keep_the_time_they_were_taken(store_url):
+    with TelemetryStore.open(store_url, create=True) as store:
+        store.heartbeat("ws-1", backend="tensorrt", gpu="L4", model_version="v1", tiles_per_s=None,
+                        p50_ms=None, p95_ms=None, at=1_700_000_000.0)  # fmt: skip
+        store.record_inference("ws-1", model_version="v1", slide_name="a.svs", n_cells=1, counts_by_type={},
+                               area_mm2=None, duration_s=None, backend=None, at=datetime(2024, 1, 2, tzinfo=UTC))  # fmt: skip
+        assert [h["at"] for h in store.heartbeats()] == [1_700_000_000.0]
+        assert [e["at"] for e in store.inference_events()] == [datetime(2024, 1, 2, tzinfo=UTC).timestamp()]
+
+
+def test_a_batch_records_all_of_its_writes_or_none(store_url):
+    def beat(store: TelemetryStore, ws: str) -> None:
+        store.heartbeat(ws, backend="tensorrt", gpu=None, model_version=None, tiles_per_s=None, p50_ms=None, p95_ms=None)
+
+    with TelemetryStore.open(store_url, create=True) as store:
+        with pytest.raises(ValueError, match="naive datetime"), store.batch():
+            beat(store, "ws-1")
+            store.record_inference("ws-1", model_version=None, slide_name="a.svs", n_cells=None, counts_by_type={},
+                                   area_mm2=None, duration_s=None, backend=None, at=datetime(2024, 1, 2))  # fmt: skip
+        assert store.heartbeats(latest_only=False) == [] and store.inference_events() == []
+        with store.batch():
+            beat(store, "ws-1")
+            beat(store, "ws-2")
+        assert [h["workstation"] for h in store.heartbeats(latest_only=False)] == ["ws-1", "ws-2"]
+        beat(store, "ws-3")  # after the batch, writes are their own transactions again
+        assert len(store.heartbeats(latest_only=False)) == 3
+
+
 def test_inference_events_keep_no_folders(store_url):
     with TelemetryStore.open(store_url, create=True) as store:
         store.record_inference(

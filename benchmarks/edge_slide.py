@@ -1,0 +1,112 @@
+"""Whole-slide inference speed and peak memory (`cmdfed edge infer`): does memory stay flat as
+the slide grows?
+
+Slides, each inferred in its own process (so its peak RSS is its own) with the deployed model:
+the real sample SVS through OpenSlide, the same pixels as a pyramidal TIFF, and a 2 x 2 mosaic
+of it (4x the area) as a pyramidal TIFF written tile by tile (``benchmarks.slide_tiling``).
+Mpx/s counts the whole slide area, background included, as ``slide_tiling`` does; the time is
+the whole ``infer_slide`` call (backend load and check, tiles, post-processing, outputs).
+Inference holds one batch in memory whatever the slide size, so the 4x slide's peak RSS over
+the 1x TIFF's should stay near 1.
+
+    python -m benchmarks.edge_slide [--home DIR | --preset base] [--backend NAME] [--batch 8] [--threads N]
+    python -m benchmarks.edge_slide --quick   # tiny random model, a 512 px crop of the sample; prints only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import tifffile
+
+from benchmarks import edge_home
+from benchmarks.common import markdown_table, save
+from benchmarks.slide_tiling import write_pyramid
+from cmdfed.data.samples import fetch_samples
+from cmdfed.data.slide import open_slide
+
+QUICK_CROP = 512
+
+CHILD = r"""
+import json, resource, sys, time
+from edge.infer import infer_slide
+slide, home, out, backend, batch, threads = sys.argv[1:7]
+start = time.perf_counter()
+summary = infer_slide(slide, home, out, backend=backend or None, batch=int(batch), threads=int(threads))
+seconds = time.perf_counter() - start
+print(json.dumps({"seconds": seconds, "tiles": summary["tiles"], "n_cells": summary["n_cells"], "dimensions": summary["dimensions"],
+                  "backend": summary["backend"]["backend"], "timings_s": summary["timings_s"],
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def crop_of(source: Path, target: Path, side: int) -> Path:
+    """A ``side`` px square from the middle of ``source``, as a one-level TIFF with its resolution."""
+    with open_slide(source) as reader:
+        width, height = reader.dimensions
+        image = reader.read_region((width - side) // 2, (height - side) // 2, 0, side, side)
+        mpp = reader.mpp
+    tifffile.imwrite(target, image, tile=(256, 256), resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER")
+    return target
+
+
+def measure(slide: Path, home: Path, out: Path, args: argparse.Namespace) -> dict:
+    command = [sys.executable, "-c", CHILD, str(slide), str(home), str(out), args.backend or "", str(args.batch), str(args.threads)]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)  # its stderr goes into the error
+    if result.returncode != 0:
+        raise SystemExit(f"inference of {slide.name} failed:\n{result.stderr[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    edge_home.add_options(parser)
+    parser.add_argument("--backend", help="force a backend (default: the first that works, as on a workstation)")
+    parser.add_argument("--batch", type=int, default=8, help="tiles per forward pass")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="CPU threads for ONNX Runtime")
+    parser.add_argument("--quick", action="store_true", help=f"tiny random model, a {QUICK_CROP} px crop of the sample; prints, saves nothing")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="cmdfed-bench-"))
+    try:
+        home = edge_home.edge_home(args, work)
+        svs = fetch_samples(names=["cmu_small_region.svs"])["cmu_small_region.svs"]
+        if args.quick:
+            source = crop_of(svs, work / "crop.tif", QUICK_CROP)
+            slides = [("sample crop as pyramid TIFF", work / "x1.tif"), ("4x mosaic pyramid TIFF", work / "x4.tif")]
+        else:
+            source = svs
+            slides = [("sample SVS", svs), ("sample as pyramid TIFF", work / "x1.tif"), ("4x mosaic pyramid TIFF", work / "x4.tif")]
+        write_pyramid(source, work / "x1.tif", 1)
+        write_pyramid(source, work / "x4.tif", 2)
+        rows = []
+        for name, path in slides:
+            m = measure(path, home, work / f"out-{path.stem}", args)
+            width, height = m["dimensions"]
+            mpx = width * height / 1e6
+            rows.append({
+                "slide": name, "size": f"{width}x{height}", "megapixels": round(mpx, 1), "tissue tiles": m["tiles"],
+                "nuclei": m["n_cells"], "backend": m["backend"], "Mpx/s (whole slide)": round(mpx / m["seconds"], 3),
+                "tiles/s": round(m["tiles"] / m["seconds"], 2), "seconds": round(m["seconds"], 1),
+                "model s": round(m["timings_s"]["model"], 1), "post-processing s": round(m["timings_s"]["postprocess"], 1),
+                "peak RSS MB": round(m["peak_rss_mb"]),
+            })  # fmt: skip
+        ratio = rows[-1]["peak RSS MB"] / rows[-2]["peak RSS MB"]
+        notes = (f"{edge_home.describe(home)}; batch {args.batch}, {args.threads} CPU threads; peak RSS ratio 4x/1x "
+                 f"pyramid TIFF = {ratio:.2f}; Mpx/s counts the whole slide area, background included")  # fmt: skip
+        if args.quick:
+            print(markdown_table(rows) + "\n\n" + notes)
+        else:
+            save("edge_slide", rows, notes=notes)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""``cmdfed server telemetry ...``: the federation's telemetry server, where edge workstations
+report (``cmdfed edge serve --report-to``), and the tokens that admit them.
+
+    add-workstation NAME --tokens FILE [--token-out TOKEN]   issue a token (shown or written once)
+    remove-workstation NAME --tokens FILE                    its token stops working at once
+    serve --listen HOST:PORT --db URL --tokens FILE [--certs DIR]   record reports until SIGTERM
+
+The server itself is ``cmdfed.telemetry.remote.ingest`` (HTTPS + JSON, ``POST /v1/reports``,
+``GET /healthz``); with ``--certs`` it serves HTTPS with the server certificate of
+``cmdfed certs init``, the same one the SuperLink uses.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from cmdfed.cli import console, out
+from cmdfed.federation.processes import split_address
+from cmdfed.telemetry.remote.tokens import WorkstationTokens, write_token_file
+from cmdfed.telemetry.remote.transport import require_tls_off_loopback
+from server.certs import server_tls_files
+
+commands = typer.Typer(help="Telemetry server for edge workstations, and their tokens.", no_args_is_help=True)
+
+TOKENS_HELP = "The server's workstation tokens file (JSON of names and token hashes)."
+
+
+@commands.command("add-workstation")
+def add_workstation(
+    name: str = typer.Argument(..., help="The workstation's name, e.g. scanner-3; its reports are recorded under it."),
+    tokens: Path = typer.Option(..., "--tokens", help=TOKENS_HELP + " Created if missing."),
+    token_out: Optional[Path] = typer.Option(None, "--token-out", help="Write the token here (owner-only) instead of printing it."),
+    replace: bool = typer.Option(False, "--replace", help="Issue a new token for a workstation that has one (the old one stops working)."),
+) -> None:
+    """Issue a workstation's token; it is shown (or written) once and only its hash is kept."""
+    token = WorkstationTokens(tokens).add(name, replace=replace)
+    if token_out is None:
+        out.print(token, highlight=False, soft_wrap=True)
+        console.print(f"token for {name} (shown once; give it to the workstation as its --report-token file)")
+    else:
+        write_token_file(token_out, token)
+        console.print(f"token for {name} written to {token_out}; give it to the workstation as its --report-token file")
+
+
+@commands.command("remove-workstation")
+def remove_workstation(
+    name: str = typer.Argument(..., help="The workstation's name."),
+    tokens: Path = typer.Option(..., "--tokens", help=TOKENS_HELP),
+) -> None:
+    """Revoke a workstation's token; a running server refuses it from its next report."""
+    WorkstationTokens(tokens).remove(name)
+    console.print(f"workstation {name} removed from {tokens}")
+
+
+@commands.command("serve")
+def serve(
+    listen: str = typer.Option("127.0.0.1:9093", "--listen", help="HOST:PORT to listen on (port 0: any free port)."),
+    db: str = typer.Option(..., "--db", help="Telemetry store to record into (SQLite path or postgresql:// URL); created if missing."),
+    tokens: Path = typer.Option(..., "--tokens", help=TOKENS_HELP),
+    certs: Optional[Path] = typer.Option(None, "--certs", help="Folder of `cmdfed certs init`: serve HTTPS with its server certificate."),
+    insecure: bool = typer.Option(False, "--insecure", help="Allow a non-loopback address without TLS."),
+) -> None:
+    """Record edge workstations' heartbeats and slide summaries until SIGTERM or Ctrl-C."""
+    from cmdfed.telemetry.remote.ingest import IngestServer  # the HTTP server and the store: only when serving
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    host, port = split_address(listen)
+    require_tls_off_loopback(host, tls=certs is not None, insecure=insecure, what="listen address", insecure_flag="--insecure")
+    tls = None
+    if certs is not None:
+        _, cert, key = server_tls_files(certs)
+        tls = (cert, key)
+    server = IngestServer(db, tokens, host=host, port=port, tls=tls).start()
+    console.print(
+        f"telemetry server listening on {host}:{server.port} ({'HTTPS' if tls else 'plaintext HTTP'}; "
+        f"{server.workstations} workstations in {tokens}; recording into {server.store.target}); Ctrl-C stops it",
+        soft_wrap=True, highlight=False,
+    )  # fmt: skip
+    stopping = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopping.set())
+    stopping.wait()
+    server.stop()

@@ -1,0 +1,72 @@
+"""`cmdfed edge export` post-processing options: checked, recorded in the manifest, used by
+infer and serve."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+import grpc
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from cmdfed.data.synth import synth_tiles
+from cmdfed.errors import CmdfedError
+from cmdfed.evaluate.postprocess import WatershedParams
+from edge.cli import commands
+from edge.deploy import deploy
+from edge.infer import infer_slide
+from edge.protos import cmdfed_edge_pb2 as pb
+from edge.protos import cmdfed_edge_pb2_grpc as pb_grpc
+from edge.service import EdgeService
+
+from .conftest import OVERLAP, TILE
+
+
+def export(*args: str):
+    """`cmdfed edge export ARGS` in this process (a CmdfedError is result.exception)."""
+    return CliRunner().invoke(commands, ["export", *args])
+
+
+@pytest.mark.parametrize(
+    "option, value, reason",
+    [
+        ("--foreground-threshold", "0", "in (0, 1]"),
+        ("--min-object-size", "-1", ">= 0"),
+        ("--sobel-kernel-size", "4", "odd and in 3..31"),
+        ("--marker-gradient-threshold", "1", "in (0, 1)"),
+        ("--marker-opening-size", "0", ">= 1"),
+    ],
+)
+def test_post_processing_options_are_checked_before_any_work(tmp_path, option, value, reason):
+    result = export("--checkpoint", str(tmp_path / "no-run"), "--out", str(tmp_path / "bundle"), option, value)
+    assert isinstance(result.exception, CmdfedError), result.output
+    message = str(result.exception)
+    assert message.startswith(f"{option} ") and reason in message
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_exported_post_processing_is_recorded_and_used_by_infer_and_serve(checkpoint, slide_tiff, tmp_path):
+    result = export("--checkpoint", str(checkpoint), "--out", str(tmp_path / "bundle"), "--tile", str(TILE),
+                    "--overlap", str(OVERLAP), "--foreground-threshold", "1.0", "--min-object-size", "4",
+                    "--marker-opening-size", "3")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    params = json.loads((tmp_path / "bundle" / "manifest.json").read_text())["postprocessing"]["params"]
+    changed = {"foreground_threshold": 1.0, "min_object_size": 4, "marker_opening_size": 3}
+    assert params == {**asdict(WatershedParams()), **changed}  # options not given keep training's defaults
+
+    deploy(tmp_path / "bundle", tmp_path / "home")
+    # No pixel of this model reaches probability 1.0, so with the bundle's threshold nothing is a nucleus.
+    summary = infer_slide(slide_tiff, tmp_path / "home", tmp_path / "out")
+    assert summary["tiles"] > 0 and summary["n_cells"] == 0
+    service = EdgeService(tmp_path / "home", port=0).start()
+    try:
+        image = next(iter(synth_tiles(1, tile_size=TILE, seed=3))).image
+        tile = pb.Tile(rgb=np.ascontiguousarray(image).tobytes(), height=TILE, width=TILE)
+        with grpc.insecure_channel(f"127.0.0.1:{service.port}") as channel:
+            response = pb_grpc.EdgeSegmentationStub(channel).SegmentTiles(pb.SegmentTilesRequest(tiles=[tile]), timeout=60)
+    finally:
+        service.stop(grace=1)
+    assert response.results[0].nuclei == [] and not np.frombuffer(response.results[0].instances, "<u2").any()
