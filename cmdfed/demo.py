@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -47,6 +48,9 @@ from cmdfed.progress import Progress, report
 SITES = ("site-a", "site-b", "site-c")
 SLIDE = "cmu_small_region.svs"
 SERVER_STYLE = 0  # the reference stain style is the server's; sites get styles 1..3
+# What a demo leaves in its folder; a rerun removes these first (a federation would otherwise resume).
+DEMO_PARTS = ("stores", "federation", "sites", "keys", "bundles", "edge-home", "slides", "logs", "telemetry.db",
+              "commands.sh", "summary.json")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -134,7 +138,7 @@ class CommandChain:
 def run_demo(out: str | Path, *, size: DemoSize = DemoSize(), dp: bool = False, progress: Progress | None = None,
              echo: Echo | None = None) -> dict:  # fmt: skip
     out = Path(out).absolute()
-    out.mkdir(parents=True, exist_ok=True)
+    _fresh_folder(out)
     echo = echo or (lambda line: None)
     started = time.perf_counter()
     steps = ["site stores", "SuperLink", "SuperNodes", "federated training", "signed bundle", "deploy",
@@ -256,6 +260,21 @@ def federation_settings(size: DemoSize, eval_store: Path, telemetry: Path, dp: b
     if dp:
         settings += ['dp-mode="local"', "dp-epsilon=8.0", "dp-delta=1e-5", "dp-max-grad-norm=1.0"]
     return settings
+
+
+def _fresh_folder(out: Path) -> None:
+    """An empty ``out``: an earlier demo's files there are removed; anyone else's are refused."""
+    if out.is_dir() and any(out.iterdir()):
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in DEMO_PARTS)
+        if foreign or not (out / "commands.sh").is_file():
+            raise CmdfedError(f"{out} holds files the demo did not make ({', '.join(foreign[:3]) or 'no commands.sh'}); "
+                              "give --out a new or empty folder")  # fmt: skip
+        for path in (out / name for name in DEMO_PARTS):
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
 
 
 def _site_env(env: dict[str, str]) -> dict[str, str]:

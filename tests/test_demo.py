@@ -7,7 +7,8 @@ import sqlite3
 
 import pytest
 
-from cmdfed.demo import QUICK, SITES, run_demo
+from cmdfed.demo import QUICK, SITES, _fresh_folder, run_demo
+from cmdfed.errors import CmdfedError
 
 pytestmark = [pytest.mark.network, pytest.mark.slow, pytest.mark.timeout(1800)]
 
@@ -50,3 +51,19 @@ def test_quick_demo_runs_the_whole_chain(tmp_path):
         assert command in commands and any(line.startswith(f"$ {command}") for line in lines)
     assert summary["dashboard"] == f"cmdfed dashboard --db {out / 'telemetry.db'} --outputs {out / 'slides'}"
     assert json.loads((out / "summary.json").read_text())["slide"]["geojson"] == str(slide_out / "cells.geojson")
+
+
+def test_demo_refuses_a_folder_it_did_not_make(tmp_path):
+    (tmp_path / "notes.txt").write_text("a user's file")
+    with pytest.raises(CmdfedError, match="notes.txt.*new or empty folder"):
+        run_demo(tmp_path, size=QUICK)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_a_rerun_starts_from_an_empty_folder(tmp_path):
+    """Else the federation would resume the earlier, finished run instead of training."""
+    (tmp_path / "commands.sh").write_text("cmdfed ...")
+    (tmp_path / "federation" / "round-0004").mkdir(parents=True)
+    (tmp_path / "telemetry.db").write_bytes(b"")
+    _fresh_folder(tmp_path)
+    assert list(tmp_path.iterdir()) == []
