@@ -15,6 +15,7 @@ from cmdfed.inference import load_model, predict_maps
 from cmdfed.model.config import ModelConfig
 from cmdfed.train.loop import TrainConfig
 from cmdfed.train.phases import finetune
+from edge.deploy import deploy
 from edge.export import export_bundle
 from edge.signing import generate_key_pair
 
@@ -73,3 +74,11 @@ def synthetic_slide_image(rows: int = 2, cols: int = 3, seed: int = 1) -> np.nda
 @pytest.fixture(scope="session")
 def slide_tiff(tmp_path_factory) -> Path:
     return write_pyramid_tiff(tmp_path_factory.mktemp("slides") / "case-001.tif", synthetic_slide_image())
+
+
+@pytest.fixture(scope="module")
+def home(signed_bundle, tmp_path_factory) -> Path:
+    """An edge home with the signed bundle deployed and active, one per test module."""
+    home = tmp_path_factory.mktemp("edge-home")
+    deploy(signed_bundle, home)
+    return home

@@ -11,17 +11,9 @@ from PIL import Image
 
 from cmdfed.errors import CmdfedError
 from cmdfed.telemetry import TelemetryStore
-from edge.deploy import deploy
 from edge.infer import infer_slide
 
 from .conftest import synthetic_slide_image
-
-
-@pytest.fixture(scope="module")
-def home(signed_bundle, tmp_path_factory):
-    home = tmp_path_factory.mktemp("edge-home")
-    deploy(signed_bundle, home)
-    return home
 
 
 def _features(out_dir):

@@ -23,7 +23,6 @@ from cmdfed.telemetry import TelemetryStore
 from cmdfed.telemetry.remote.ingest import IngestServer
 from cmdfed.telemetry.remote.reporter import RemoteReporter
 from cmdfed.telemetry.remote.tokens import WorkstationTokens, write_token_file
-from edge.deploy import deploy
 from edge.protos import cmdfed_edge_pb2 as pb
 from edge.protos import cmdfed_edge_pb2_grpc as pb_grpc
 from edge.reports import StoreReports, open_reports
@@ -31,13 +30,6 @@ from edge.service import EdgeService
 from server.certs import write_certificates
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def home(signed_bundle, tmp_path_factory):
-    home = tmp_path_factory.mktemp("report-home")
-    deploy(signed_bundle, home)
-    return home
 
 
 @pytest.fixture

@@ -22,7 +22,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cmdfed.data.synth import synth_tiles
 from cmdfed.telemetry import TelemetryStore
-from edge.deploy import deploy
 from edge.protos import cmdfed_edge_pb2 as pb
 from edge.protos import cmdfed_edge_pb2_grpc as pb_grpc
 from edge.service import EdgeService
@@ -31,13 +30,6 @@ from .conftest import TILE
 
 MAX_TILES = 4
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def home(signed_bundle, tmp_path_factory):
-    home = tmp_path_factory.mktemp("serve-home")
-    deploy(signed_bundle, home)
-    return home
 
 
 @pytest.fixture(scope="module")
