@@ -1,5 +1,7 @@
 """The site's Flower ClientApp: Flower messages in, ``cmdfed.federation.local`` rounds, replies out.
 
+Weights arrive and leave packed as one vector, with their layout in the message's config
+(``cmdfed.federation.wire``); the site unpacks them and packs its reply in the same layout.
 A reply holds the trained weights of the phase's sent groups (``arrays``), numbers
 (``metrics``, with ``num-examples`` for weighting) and the site's name (``site``): never
 an image, a path or the store's metadata. A site that cannot take part (missing or
@@ -17,14 +19,17 @@ from __future__ import annotations
 import traceback
 from typing import Callable
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
+from cmdfed.errors import CmdfedError
 from cmdfed.federation.config import FederationConfig, check_phase
 from cmdfed.federation.local import local_evaluate, local_finetune_round, local_pretrain_round, open_privacy_ledger
 from cmdfed.federation.site import SiteSettings, check_site_store, keep_frozen, load_frozen
 from cmdfed.federation.updates import redact_paths
+from cmdfed.federation.wire import LAYOUT_PREFIX, WEIGHTS_KEY, Layout
 from cmdfed.privacy.accounting import BudgetExhausted
 
 app = ClientApp()
@@ -43,7 +48,8 @@ def evaluate(msg: Message, context: Context) -> Message:
 def _train(msg: Message, site: SiteSettings, config: FederationConfig) -> RecordDict:
     instructions = msg.content["config"]
     phase, round = check_phase(str(instructions["phase"])), int(instructions["phase-round"])
-    weights = msg.content["arrays"].to_torch_state_dict()
+    layout = Layout.from_values(instructions, LAYOUT_PREFIX)
+    weights = _unpacked(layout, msg.content["arrays"])
     options = dict(device=site.device, batch_size=site.batch_size, proximal_mu=float(instructions.get("proximal-mu", 0.0)))
     if config.dp_mode == "local":
         options["ledger"] = ledger = open_privacy_ledger(config, site.store, site.work_dir, str(instructions.get("run-id", "")), site.batch_size)
@@ -57,12 +63,12 @@ def _train(msg: Message, site: SiteSettings, config: FederationConfig) -> Record
         print(f"cmdfed: {site.name} declines {phase} round {round}: {exc}", flush=True)
         declined = {"declined-budget": 1, "dp_epsilon": exc.spent, "dp_budget_epsilon": exc.budget, "dp_delta": ledger.delta}
         return RecordDict({"metrics": MetricRecord(declined), "site": ConfigRecord({"name": site.name})})
-    return _content(site, ArrayRecord(update.weights), update.n_examples, update.metrics)
+    return _content(site, ArrayRecord({WEIGHTS_KEY: Array(layout.pack(update.weights))}), update.n_examples, update.metrics)
 
 
 def _evaluate(msg: Message, site: SiteSettings, config: FederationConfig) -> RecordDict:
     phase = check_phase(str(msg.content["config"]["phase"]))
-    weights = msg.content["arrays"].to_torch_state_dict()
+    weights = _unpacked(Layout.from_values(msg.content["config"], LAYOUT_PREFIX), msg.content["arrays"])
     frozen = _frozen_weights(msg, site) if phase == "finetune" else {}
     n_examples, metrics = local_evaluate(weights, frozen, phase, site.store, config, device=site.device)
     return _content(site, None, n_examples, metrics)
@@ -72,8 +78,16 @@ def _frozen_weights(msg: Message, site: SiteSettings) -> dict:
     """The phase's frozen groups: with the message the first time, from the site's cache after."""
     fingerprint = str(msg.content["config"]["frozen-sha"])
     if "frozen" in msg.content:
-        keep_frozen(site, fingerprint, msg.content["frozen"].to_torch_state_dict())
+        keep_frozen(site, fingerprint, _unpacked(Layout.from_values(msg.content["frozen-layout"], ""), msg.content["frozen"]))
     return load_frozen(site, fingerprint)
+
+
+def _unpacked(layout: Layout, arrays: ArrayRecord) -> dict[str, torch.Tensor]:
+    if list(arrays) != [WEIGHTS_KEY]:
+        raise CmdfedError(f"expected the weights packed as one array '{WEIGHTS_KEY}', got {len(arrays)} arrays; "
+                          "are the server and this site running the same cmdfed version?")  # fmt: skip
+    vector = arrays[WEIGHTS_KEY].numpy().copy()  # writable; the tensors are views of it
+    return {name: torch.from_numpy(value) for name, value in layout.unpack(vector).items()}
 
 
 def _content(site: SiteSettings, arrays: ArrayRecord | None, n_examples: int, metrics: dict[str, float]) -> RecordDict:

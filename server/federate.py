@@ -4,9 +4,11 @@ It wraps ``flwr run`` rather than re-implementing Flower's control API:
 
 1. the run config is built and validated here first (defaults < ``--config`` file <
    ``--set`` values, and an absolute ``--run-dir``), so mistakes fail before submission;
-2. the app is staged in a temporary folder: the installed ``server`` and ``client``
-   packages plus a ``pyproject.toml`` whose ``[tool.flwr.app.config]`` is that run config
-   (this works the same from a checkout and from an installed wheel);
+2. the app is staged in a temporary folder: the installed packages of its two components
+   (``APP_TABLE``, as ``[tool.flwr.app.components]`` declares them: this ServerApp and the
+   sites' ClientApp, found by name, not imported, since roles do not import each other)
+   plus a ``pyproject.toml`` whose ``[tool.flwr.app.config]`` is that run config (this
+   works the same from a checkout and from an installed wheel);
 3. a temporary ``FLWR_HOME/config.toml`` names the SuperLink connection, so the user's own
    Flower configuration is neither needed nor touched;
 4. ``flwr run --stream`` prints the ServerApp's output; the ``cmdfed-event`` lines in it
@@ -16,6 +18,8 @@ It wraps ``flwr run`` rather than re-implementing Flower's control API:
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -28,9 +32,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import tomli_w
 import typer
 
-import client
 import cmdfed
-import server
 from cmdfed.cli import console, emit, out
 from cmdfed.errors import CmdfedError
 from cmdfed.federation.events import EVENT_PREFIX
@@ -112,9 +114,9 @@ def run_config(config_file: Path | None, settings: list[str], run_dir: Path) -> 
 
 
 def stage_app(app_dir: Path, config: FederationConfig) -> Path:
-    """A Flower app folder: the installed role packages and a pyproject with this run config."""
-    for package in (server, client):
-        source = Path(package.__file__).parent
+    """A Flower app folder: the installed packages of the app's components and a pyproject with this run config."""
+    for component in APP_TABLE["components"]:
+        source = _component_package(component)
         (app_dir / source.name).mkdir(parents=True)
         for module in source.glob("*.py"):
             shutil.copy2(module, app_dir / source.name / module.name)
@@ -125,6 +127,20 @@ def stage_app(app_dir: Path, config: FederationConfig) -> Path:
     }  # fmt: skip
     (app_dir / "pyproject.toml").write_text(tomli_w.dumps(pyproject))
     return app_dir
+
+
+def load_component(component: str) -> Any:
+    """The app's ``serverapp`` or ``clientapp`` object, loaded by its reference as Flower's SuperNode loads it."""
+    module, _, attribute = APP_TABLE["components"][component].partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+def _component_package(component: str) -> Path:
+    package = APP_TABLE["components"][component].split(".", 1)[0]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise CmdfedError(f"the app's {component} package '{package}' is not installed; reinstall cmdfed (pip install -e .)")
+    return Path(spec.submodule_search_locations[0])
 
 
 def write_connection(flwr_home: Path, superlink: str, ca: Path | None = None) -> None:

@@ -5,10 +5,13 @@ or refuse a bad update, so this module drives the strategy round by round itself
 
 1. wait (up to the round timeout) until ``min-sites`` sites are connected;
 2. ``strategy.configure_train`` samples sites and builds messages of the phase's sent
-   weights; in fine-tuning a site that does not hold the frozen backbone yet gets it too;
+   weights, packed into one vector with its layout in the config (``cmdfed.federation.wire``:
+   Flower moves every array as objects of its own); in fine-tuning a site that does not hold
+   the frozen backbone yet gets it too, packed the same way;
 3. send, and wait up to the round timeout for replies;
 4. sort the replies: error replies and silent sites are logged as failed or timed out,
-   every received content is audited, updates are screened (``RunCoordinator.screen``);
+   every received content is audited, unpacked with the layout sent, and updates are
+   screened (``RunCoordinator.screen``);
    a node replying under a site name another connected node holds is refused
    (``coordinator.SiteNames``);
 5. ``strategy.aggregate_train`` averages the accepted updates (weighted by examples);
@@ -44,6 +47,7 @@ from cmdfed.errors import CmdfedError
 from cmdfed.federation.config import PHASES, FederationConfig
 from cmdfed.federation.coordinator import RoundReport, RunCoordinator, SiteReport
 from cmdfed.federation.events import emit_event
+from cmdfed.federation.wire import LAYOUT_PREFIX, WEIGHTS_KEY, Layout
 from server.strategies import build_strategy, restore_strategy_state, strategy_state
 
 SITE_IN_REASON = re.compile(r"^\[([A-Za-z0-9][A-Za-z0-9._-]*)\] ")
@@ -91,11 +95,13 @@ class PhaseRounds:
     def run(self, phase_round: int) -> None:
         started = time.time()
         wait_for_sites(self.grid, self.config.min_sites, self.config.round_timeout_s)
-        arrays = _array_record(self.coordinator.sent_weights(self.phase))
-        messages = self._with_frozen(list(self.strategy.configure_train(phase_round, arrays, self._instructions(phase_round), self.grid)))
+        sent = self.coordinator.sent_weights(self.phase)
+        layout = Layout.of(sent)
+        instructions = self._instructions(phase_round, layout)
+        messages = self._with_frozen(list(self.strategy.configure_train(phase_round, _packed(layout, sent), instructions, self.grid)))
         replies, refused = self._exchange(messages, phase_round)
-        reports, usable = self._sort(messages, replies, refused, phase_round)
-        updates = {self._name(r): {k: a.numpy() for k, a in r.content["arrays"].items()} for r in usable}
+        reports, usable = self._sort(messages, replies, refused, phase_round, layout)
+        updates = {self._name(r): layout.unpack(r.content["arrays"][WEIGHTS_KEY].numpy()) for r in usable}
         accepted, rejected = self.coordinator.screen(self.phase, phase_round, updates)
         for report in reports:
             if report.site in rejected:
@@ -112,8 +118,8 @@ class PhaseRounds:
         aggregated, train_metrics = self.strategy.aggregate_train(phase_round, accepted_replies)
         if aggregated is None:
             raise CmdfedError(f"{self.phase} round {phase_round}: the strategy could not aggregate the updates")
-        new_weights = {k: a.numpy() for k, a in aggregated.items()}
-        eval_metrics = self._evaluate(phase_round, _array_record(new_weights)) if self.coordinator.evaluation_due(self.phase, phase_round) else {}
+        new_weights = layout.unpack(aggregated[WEIGHTS_KEY].numpy())
+        eval_metrics = self._evaluate(phase_round, _packed(layout, new_weights), instructions) if self.coordinator.evaluation_due(self.phase, phase_round) else {}
         report = RoundReport(
             started, reports, bytes_sent=sum(_payload_bytes(m.content) for m in messages),
             bytes_received=sum(_payload_bytes(r.content) for r in replies.values() if r.has_content()),
@@ -123,9 +129,9 @@ class PhaseRounds:
 
     # -- messages ------------------------------------------------------------------------
 
-    def _instructions(self, phase_round: int) -> ConfigRecord:
+    def _instructions(self, phase_round: int, layout: Layout) -> ConfigRecord:
         values = {"phase": self.phase, "phase-round": phase_round, "round": self.config.global_round(self.phase, phase_round),
-                  "run-id": self.coordinator.run_id}  # fmt: skip
+                  "run-id": self.coordinator.run_id, **layout.to_values(LAYOUT_PREFIX)}  # fmt: skip
         if self.frozen_sha:
             values["frozen-sha"] = self.frozen_sha
         return ConfigRecord(values)
@@ -134,14 +140,16 @@ class PhaseRounds:
         """Add the frozen weights to the messages of sites that do not hold them yet."""
         if not self.frozen_sha:
             return messages
-        frozen = _array_record(self.coordinator.frozen_weights(self.phase))
+        weights = self.coordinator.frozen_weights(self.phase)
+        layout = Layout.of(weights)
+        frozen, frozen_layout = _packed(layout, weights), ConfigRecord(layout.to_values(""))
         out = []
         for message in messages:
             node = message.metadata.dst_node_id
             if node in self.holding_frozen:
                 out.append(message)
             else:
-                content = RecordDict({**dict(message.content.items()), "frozen": frozen})
+                content = RecordDict({**dict(message.content.items()), "frozen": frozen, "frozen-layout": frozen_layout})
                 out.append(Message(content, dst_node_id=node, message_type=message.metadata.message_type))
         return out
 
@@ -167,7 +175,7 @@ class PhaseRounds:
         return replies, refused
 
     def _sort(self, messages: list[Message], replies: dict[int, Message], refused: dict[int, str],
-              phase_round: int) -> tuple[list[SiteReport], list[Message]]:  # fmt: skip
+              phase_round: int, layout: Layout) -> tuple[list[SiteReport], list[Message]]:  # fmt: skip
         """Site reports for every message sent, and the replies that carry an update."""
         reports, usable = [], []
         for message in messages:
@@ -181,7 +189,7 @@ class PhaseRounds:
             if reply.has_content():  # audited whatever becomes of it
                 content = reply.content
                 metrics = dict(content.metric_records.get("metrics", {}))
-                self.coordinator.audit(self.phase, phase_round, site, {k: a.numpy() for k, a in content.get("arrays", {}).items()},
+                self.coordinator.audit(self.phase, phase_round, site, _unpacked_or_as_sent(content, layout),
                                        metrics, _strings(content))  # fmt: skip
             if node in refused:
                 reports.append(SiteReport(site, "failed", error=refused[node]))
@@ -191,7 +199,7 @@ class PhaseRounds:
                 spent, budget = metrics.get("dp_epsilon", 0.0), metrics.get("dp_budget_epsilon", 0.0)
                 reports.append(SiteReport(site, "declined_budget", 0, metrics,
                                           error=f"privacy budget spent: epsilon {spent:.3f} of {budget:g}"))  # fmt: skip
-            elif problem := _malformed_reply(reply.content):
+            elif problem := _malformed_reply(reply.content, layout):
                 reports.append(SiteReport(site, "failed", error=problem))
             else:
                 n_examples = int(metrics.pop("num-examples"))
@@ -206,8 +214,8 @@ class PhaseRounds:
     def _name(self, reply: Message) -> str:
         return self.coordinator.sites.name(reply.metadata.src_node_id)
 
-    def _evaluate(self, phase_round: int, arrays: ArrayRecord) -> dict[str, float]:
-        messages = self._with_frozen(list(self.strategy.configure_evaluate(phase_round, arrays, self._instructions(phase_round), self.grid)))
+    def _evaluate(self, phase_round: int, arrays: ArrayRecord, instructions: ConfigRecord) -> dict[str, float]:
+        messages = self._with_frozen(list(self.strategy.configure_evaluate(phase_round, arrays, instructions, self.grid)))
         replies, refused = self._exchange(messages, phase_round)
         good = [r for n, r in replies.items() if n not in refused and r.has_content() and "metrics" in r.content.metric_records]
         for node, reply in replies.items():
@@ -233,8 +241,17 @@ def wait_for_sites(grid: Grid, minimum: int, timeout: float) -> None:
         time.sleep(1.0)
 
 
-def _array_record(weights: dict) -> ArrayRecord:
-    return ArrayRecord({k: Array(v) for k, v in weights.items()})
+def _packed(layout: Layout, weights: dict) -> ArrayRecord:
+    return ArrayRecord({WEIGHTS_KEY: Array(layout.pack(weights))})
+
+
+def _unpacked_or_as_sent(content: RecordDict, layout: Layout) -> dict:
+    """A reply's arrays for the audit: the named tensors when it is a vector of the layout's size."""
+    arrays = {k: a.numpy() for k, a in content.get("arrays", {}).items()}
+    vector = arrays.get(WEIGHTS_KEY)
+    if set(arrays) == {WEIGHTS_KEY} and vector.ndim == 1 and vector.size == layout.size:
+        return layout.unpack(vector)
+    return arrays
 
 
 def _payload_bytes(content: RecordDict) -> int:
@@ -265,9 +282,13 @@ def _strings(content: RecordDict) -> dict[str, str]:
     return {f"{name}.{k}": v for name, record in content.config_records.items() for k, v in record.items() if isinstance(v, str)}
 
 
-def _malformed_reply(content: RecordDict) -> str | None:
+def _malformed_reply(content: RecordDict, layout: Layout) -> str | None:
     if list(content.array_records) != ["arrays"] or list(content.metric_records) != ["metrics"]:
         return "the reply must hold exactly the records 'arrays' and 'metrics'"
+    arrays = content["arrays"]
+    if list(arrays) != [WEIGHTS_KEY] or arrays[WEIGHTS_KEY].shape != (layout.size,):
+        shapes = {k: list(a.shape) for k, a in arrays.items()}
+        return f"the reply's arrays must be one vector '{WEIGHTS_KEY}' of {layout.size} values, got {shapes}"
     value = content["metrics"].get("num-examples")
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         return f"num-examples must be a positive integer, got {value!r}"

@@ -1,13 +1,13 @@
 """``cmdfed simulate``: the federation's own apps on Flower's simulation engine, N virtual sites.
 
 What runs is what a real federation runs: ``server.rounds.run_federation`` (the ServerApp's
-whole job: checkpoints, screening, telemetry, DP) and the ClientApp's train and evaluate
-handlers (``client.client_app``), each virtual site on a synthetic store of its own
+whole job: checkpoints, screening, telemetry, DP) and the sites' ClientApp, loaded by its
+component reference (``client.client_app:app``) as a SuperNode loads it, each virtual site on a synthetic store of its own
 (``cmdfed.federation.simulated``: stain shift by store or shared stains, or Dirichlet label
 skew). Only the plumbing differs: Flower's ``run_simulation`` replaces SuperLink and
 SuperNodes, and gives each virtual node a node config of ``partition-id`` alone, which the
 simulation's ClientApp turns into that site's settings (store, name, work folder) before
-calling the real handlers; the run config is the one built here (``--set``/``--config``,
+calling the real ClientApp; the run config is the one built here (``--set``/``--config``,
 as ``cmdfed federate`` builds it).
 
 Backend: Flower 1.42's simulation engine runs ClientApps on Ray actors, its only backend
@@ -29,7 +29,7 @@ import typer
 from cmdfed.cli import console
 from cmdfed.errors import CmdfedError
 from cmdfed.federation.events import EVENT_PREFIX
-from server.federate import render_event, run_config
+from server.federate import load_component, render_event, run_config
 
 if TYPE_CHECKING:  # Flower, torch and the apps load when a simulation runs, not for `cmdfed --help`
     from flwr.app import Context, Message
@@ -99,12 +99,11 @@ def simulation_server_app(config: FederationConfig) -> ServerApp:
 
 
 def simulation_client_app(config: FederationConfig, sites: list[SiteSettings]) -> ClientApp:
-    """The real ClientApp handlers, each virtual node given its site's node config and the run config."""
+    """The real ClientApp, each virtual node given its site's node config and the run config."""
     from flwr.app import Context
     from flwr.clientapp import ClientApp
 
-    from client import client_app
-
+    site_app = load_component("clientapp")
     node_configs = [site.node_config() for site in sites]
     run_config_values = config.to_run_config()
     app = ClientApp()
@@ -117,11 +116,11 @@ def simulation_client_app(config: FederationConfig, sites: list[SiteSettings]) -
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        return client_app.train(msg, as_site(context))
+        return site_app(msg, as_site(context))
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        return client_app.evaluate(msg, as_site(context))
+        return site_app(msg, as_site(context))
 
     return app
 

@@ -43,7 +43,6 @@ from cmdfed.model.config import DiffusionConfig, build_model
 from cmdfed.model.diffusion import MaskedDiffusion
 from cmdfed.model.unet import ConvNeXtUNet
 from cmdfed.privacy.accounting import PrivacyLedger, PrivateSteps, noise_for_budget
-from cmdfed.privacy.dpsgd import per_sample_finetune_loss, per_sample_pretrain_loss, private_trainer, secret_seed
 from cmdfed.train.device import memory_format, select_device
 from cmdfed.train.loop import LossFn, TrainConfig, Trainer
 from cmdfed.train.phases import batch_loader, finetune_loss, pretrain_loss, training_tiles
@@ -84,7 +83,7 @@ def local_pretrain_round(
     model = site_model(config, "pretrain", global_weights, {}, dev)
     dataset = SiteDataset(site_store, augment=config.augment)
     diffusion = MaskedDiffusion(DiffusionConfig())
-    loss_fn = per_sample_pretrain_loss(model, diffusion) if ledger else pretrain_loss(model, diffusion, None)
+    loss_fn = _dpsgd().per_sample_pretrain_loss(model, diffusion) if ledger else pretrain_loss(model, diffusion, None)
     return _train(model, loss_fn, dataset, config, "pretrain", round, site_name, dev, batch_size, proximal_mu, ledger)
 
 
@@ -109,7 +108,7 @@ def local_finetune_round(
     model = site_model(config, "finetune", global_weights, frozen_weights, dev)
     dataset = SiteDataset(site_store, indices=training_tiles(site, config.label_fraction, config.seed),
                           augment=config.augment, targets=True)  # fmt: skip
-    loss_fn = per_sample_finetune_loss(model) if ledger else finetune_loss(model, None)
+    loss_fn = _dpsgd().per_sample_finetune_loss(model) if ledger else finetune_loss(model, None)
     return _train(model, loss_fn, dataset, config, "finetune", round, site_name, dev, batch_size, proximal_mu, ledger)
 
 
@@ -191,7 +190,7 @@ def _train(
     train = TrainConfig(
         steps=config.local_steps, batch_size=batch_size or config.batch_size, lr=config.lr(phase),
         weight_decay=config.weight_decay, warmup_steps=0, min_lr_ratio=1.0, grad_clip=0.0 if ledger else config.grad_clip,
-        seed=secret_seed() if ledger else round_seed(config.seed, phase, round, site_name), augment=config.augment,
+        seed=_dpsgd().secret_seed() if ledger else round_seed(config.seed, phase, round, site_name), augment=config.augment,
         checkpoint_every=config.local_steps, sample_every=0,
     )  # fmt: skip
     spending = None
@@ -203,7 +202,7 @@ def _train(
     trainer = Trainer(model, loss_fn, train, device)
     started = time.perf_counter()
     losses, terms = [], {}
-    private = private_trainer(trainer, ledger.noise_multiplier, ledger.max_grad_norm) if ledger else contextlib.nullcontext(trainer)
+    private = _dpsgd().private_trainer(trainer, ledger.noise_multiplier, ledger.max_grad_norm) if ledger else contextlib.nullcontext(trainer)
     with private:
         for result in trainer.run(batch_loader(dataset, train), train.steps):
             losses.append(result.loss)
@@ -221,6 +220,14 @@ def _train(
         metrics.update(privacy_metrics(ledger, ledger.record(spending)))
     sent = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict_for(config.sent_groups(phase)).items()}
     return LocalUpdate(sent, len(dataset), metrics)
+
+
+def _dpsgd():
+    """DP-SGD, imported for rounds that use it: Opacus takes about a second to load, paid by
+    every message's ClientApp process otherwise (Flower's default isolation)."""
+    from cmdfed.privacy import dpsgd
+
+    return dpsgd
 
 
 def privacy_metrics(ledger: PrivacyLedger, epsilon: float) -> dict[str, float]:

@@ -28,9 +28,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from opacus.accountants import RDPAccountant
-from opacus.accountants.utils import get_noise_multiplier
-
 from cmdfed.atomic import write_json_atomic
 from cmdfed.errors import CmdfedError
 
@@ -125,6 +122,8 @@ def epsilon_spent(rounds: list[PrivateSteps], delta: float) -> float:
     """Epsilon at ``delta`` after ``rounds`` of DP-SGD, by Opacus's RDP accountant."""
     if not rounds:
         return 0.0
+    from opacus.accountants import RDPAccountant  # here: a site's rounds without DP never load Opacus (~1 s)
+
     accountant = RDPAccountant()
     accountant.history = [(r.noise_multiplier, r.sample_rate, r.steps) for r in rounds]
     return float(accountant.get_epsilon(delta))
@@ -132,6 +131,8 @@ def epsilon_spent(rounds: list[PrivateSteps], delta: float) -> float:
 
 def noise_for_budget(budget_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
     """The smallest noise multiplier with which ``steps`` steps at ``sample_rate`` spend at most the budget."""
+    from opacus.accountants.utils import get_noise_multiplier
+
     try:
         sigma = get_noise_multiplier(target_epsilon=budget_epsilon, target_delta=delta, sample_rate=sample_rate,
                                      steps=steps, accountant="rdp")  # fmt: skip

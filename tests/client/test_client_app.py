@@ -7,6 +7,9 @@ names no folder.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -17,6 +20,7 @@ from client.client_app import app
 from cmdfed.data.synth import write_synthetic_store
 from cmdfed.federation.config import FederationConfig
 from cmdfed.federation.site import weights_fingerprint
+from cmdfed.federation.wire import LAYOUT_PREFIX, WEIGHTS_KEY, Layout
 from cmdfed.model.config import build_model
 
 CONFIG = FederationConfig(classes="epithelial,lymphocyte,stromal", local_steps=1, batch_size=2, eval_tiles=2, augment=False)
@@ -43,11 +47,22 @@ def context(store, work_dir, name="site-a") -> Context:
     return Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config=CONFIG.to_run_config())
 
 
+def packed(weights: dict) -> tuple[ArrayRecord, Layout]:
+    layout = Layout.of(weights)
+    return ArrayRecord({WEIGHTS_KEY: Array(layout.pack(weights))}), layout
+
+
 def message(kind: str, phase: str, model, extra: dict | None = None) -> Message:
-    groups = CONFIG.sent_groups(phase)
-    arrays = ArrayRecord({k: Array(v.numpy()) for k, v in model.state_dict_for(groups).items()})
-    config = {"phase": phase, "phase-round": 1, "round": 1, **(extra or {})}
+    arrays, layout = packed(model.state_dict_for(CONFIG.sent_groups(phase)))
+    config = {"phase": phase, "phase-round": 1, "round": 1, **layout.to_values(LAYOUT_PREFIX), **(extra or {})}
     return Message(RecordDict({"arrays": arrays, "config": ConfigRecord(config)}), dst_node_id=7, message_type=kind)
+
+
+def reply_weights(reply: Message, model, phase: str) -> dict:
+    """The reply's vector unpacked with the layout that was sent, as the server does."""
+    (key, array), = reply.content["arrays"].items()
+    assert key == WEIGHTS_KEY and array.dtype == "float32"
+    return Layout.of(model.state_dict_for(CONFIG.sent_groups(phase))).unpack(array.numpy())
 
 
 def assert_only_weights_and_numbers(reply: Message, model, phase: str, store) -> None:
@@ -55,10 +70,11 @@ def assert_only_weights_and_numbers(reply: Message, model, phase: str, store) ->
     content = reply.content
     assert set(content.array_records) == {"arrays"} and set(content.metric_records) == {"metrics"}
     expected = model.state_dict_for(CONFIG.sent_groups(phase))
-    arrays = {k: a.numpy() for k, a in content["arrays"].items()}
-    assert set(arrays) == set(expected)
+    arrays = reply_weights(reply, model, phase)
+    assert list(arrays) == list(expected)
     for key, value in arrays.items():
         assert value.dtype == np.float32 and value.shape == tuple(expected[key].shape)
+        assert np.isfinite(value).all()
     assert all(isinstance(v, (int, float)) for v in content["metrics"].values())
     strings = [v for record in content.config_records.values() for v in record.values()]
     assert strings == ["site-a"] and not any(str(store.parent) in str(s) for s in strings)
@@ -78,13 +94,14 @@ def test_finetune_receives_the_frozen_backbone_once_then_only_heads(store, tmp_p
     frozen = {k: v.numpy() for k, v in model.state_dict_for(CONFIG.frozen_groups("finetune")).items()}
     sha = weights_fingerprint(frozen)
     first = message(MessageType.TRAIN, "finetune", model, {"frozen-sha": sha})
-    first.content["frozen"] = ArrayRecord({k: Array(v) for k, v in frozen.items()})
+    first.content["frozen"], frozen_layout = packed(frozen)
+    first.content["frozen-layout"] = ConfigRecord(frozen_layout.to_values(""))
     assert_only_weights_and_numbers(app(first, context(store, tmp_path)), model, "finetune", store)
 
     later = message(MessageType.TRAIN, "finetune", model, {"frozen-sha": sha})  # heads and fingerprint only
     reply = app(later, context(store, tmp_path))
     assert_only_weights_and_numbers(reply, model, "finetune", store)
-    assert all(k.startswith("heads.") for k in reply.content["arrays"])
+    assert all(k.startswith("heads.") for k in reply_weights(reply, model, "finetune"))
 
     evaluation = app(message(MessageType.EVALUATE, "finetune", model, {"frozen-sha": sha}), context(store, tmp_path))
     assert not evaluation.has_error() and not evaluation.content.array_records
@@ -102,3 +119,10 @@ def test_a_missing_store_gives_an_error_reply_naming_the_site_not_the_folder(tmp
     assert reply.has_error()
     assert reply.error.reason.startswith("[site-b] CmdfedError:")
     assert "site.zarr" in reply.error.reason and "hospital-7" not in reply.error.reason
+
+
+def test_the_client_app_loads_without_opacus_until_a_round_uses_dp():
+    # Flower starts a fresh ClientApp process per message by default: Opacus (~1 s) only for DP rounds.
+    code = "import sys, client.client_app; print(sorted(m for m in sys.modules if m.split('.')[0] == 'opacus'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
