@@ -39,7 +39,7 @@ import torch
 
 from cmdfed.atomic import json_safe, write_json_atomic
 from cmdfed.errors import CmdfedError
-from cmdfed.federation.checkpoints import last_complete_round, save_round
+from cmdfed.federation.checkpoints import last_complete_round, prune_rounds, save_round
 from cmdfed.federation.config import PHASES, FederationConfig
 from cmdfed.federation.events import emit_event
 from cmdfed.federation.local import evaluate_on_store, site_model
@@ -210,6 +210,7 @@ class RunCoordinator:
             config={"model": model_config.to_dict(), "class_names": self.config.class_names,
                     "federation": self.config.to_dict(), "name": self.config.name, "run_id": self.run_id},
         )  # fmt: skip
+        prune_rounds(self.run_dir, self.config.keep_rounds, protected={self.config.global_round("pretrain", self.config.pretrain_rounds)})
         self.done, self.last_round, self.strategy_state = (phase, phase_round), round, strategy_state
         finished = time.time()
         failed = [s for s in report.sites if s.status in ("failed", "timed_out")]  # a declined site did not fail

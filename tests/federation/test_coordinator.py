@@ -75,3 +75,20 @@ def test_a_restarted_site_takes_its_name_back_once_its_old_node_is_gone():
     assert (sites.name(21), sites.name(11)) == ("site-a", "node-11")
     sites.claim(21, "site-c", connected={21})  # restarted under a new name (an authenticated node keeps its id)
     assert sites.claim(31, "site-a", connected={21, 31}) is None and sites.name(21) == "site-c"
+
+
+def test_keep_rounds_keeps_the_newest_and_the_pretrained_backbone_and_still_resumes(quick_config):
+    config = quick_config(eval_every=0, pretrain_rounds=3, finetune_rounds=3, keep_rounds=2)
+    coordinator = RunCoordinator(config)
+    for phase in ("pretrain", "finetune"):
+        for phase_round in (1, 2, 3):
+            complete(coordinator, phase, phase_round)
+            if (phase, phase_round) == ("finetune", 1):
+                kept = sorted(p.name for p in coordinator.run_dir.glob("round-*"))
+                assert kept == ["round-0003", "round-0004"]
+    kept = sorted(p.name for p in coordinator.run_dir.glob("round-*"))
+    assert kept == ["round-0003", "round-0005", "round-0006"]  # round 3 ends pretraining
+    resumed = RunCoordinator(config)
+    assert list(resumed.remaining("finetune")) == []
+    with pytest.raises(CmdfedError, match="keep-rounds must be >= 0"):
+        quick_config(keep_rounds=-1)
