@@ -146,6 +146,13 @@ def status(
     ))  # fmt: skip
 
 
+# Where a workstation reports (edge.reports), shared by infer and serve.
+REPORT_TO = typer.Option(None, "--report-to", help="Send telemetry to the federation's telemetry server at HOST:PORT instead of --telemetry.")
+REPORT_TOKEN = typer.Option(None, "--report-token", help="File with this workstation's token (`cmdfed server telemetry add-workstation`).")
+REPORT_CA = typer.Option(None, "--report-ca", help="The federation CA certificate (`cmdfed certs init`'s ca.crt): report over HTTPS.")
+REPORT_INSECURE = typer.Option(False, "--report-insecure", help="Allow a non-loopback --report-to without TLS.")
+
+
 @commands.command("infer")
 def infer(
     slide: Path = typer.Argument(..., help="Whole-slide image (SVS, NDPI, MRXS, TIFF) or plain image."),
@@ -157,17 +164,27 @@ def infer(
     threads: Optional[int] = typer.Option(None, help="CPU threads for ONNX Runtime (default: all available)."),
     trt_source: str = typer.Option("onnx", help="Build TensorRT engines from onnx or pt2."),
     restart: bool = typer.Option(False, help="Discard earlier results in --out and start again."),
-    telemetry: Optional[str] = typer.Option(None, help=TELEMETRY_HELP),
+    telemetry: Optional[str] = typer.Option(None, help=TELEMETRY_HELP + " The slide's summary goes there."),
+    report_to: Optional[str] = REPORT_TO,
+    report_token: Optional[Path] = REPORT_TOKEN,
+    report_ca: Optional[Path] = REPORT_CA,
+    report_insecure: bool = REPORT_INSECURE,
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Segment and classify every nucleus of a slide: OME-Zarr labels, QuPath GeoJSON, summary.json."""
     from edge.infer import infer_slide
+    from edge.reports import open_reports
 
     _log_backend_choice()
-    with progress_bar(f"infer {slide.name}") as progress:
-        summary = infer_slide(slide, home, out_dir, backend=backend, batch=batch, min_tissue=min_tissue,
-                              restart=restart, threads=threads, trt_source=trt_source, telemetry=telemetry,
-                              progress=progress)  # fmt: skip
+    reports = open_reports(telemetry, report_to, report_token, report_ca, report_insecure)
+    try:
+        with progress_bar(f"infer {slide.name}") as progress:
+            summary = infer_slide(slide, home, out_dir, backend=backend, batch=batch, min_tissue=min_tissue,
+                                  restart=restart, threads=threads, trt_source=trt_source, telemetry=reports,
+                                  progress=progress)  # fmt: skip
+    finally:
+        if reports is not None:
+            reports.close()  # a remote reporter sends what is queued before the command ends
     emit(summary, as_json, lambda s: out.print(
         f"{s['n_cells']} nuclei in {s['area_analysed_mm2'] or s['area_analysed_px']} "
         f"{'mm2' if s['area_analysed_mm2'] else 'px'} with {s['backend']['backend']}: "
@@ -182,16 +199,10 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface)."),
     metrics_port: Optional[int] = typer.Option(None, "--metrics-port", help="Serve Prometheus metrics on this port."),
     telemetry: Optional[str] = typer.Option(None, help=TELEMETRY_HELP + " Heartbeats and slide summaries go there."),
-    report_to: Optional[str] = typer.Option(
-        None, "--report-to", help="Send heartbeats and slide summaries to the federation's telemetry server at HOST:PORT instead."
-    ),
-    report_token: Optional[Path] = typer.Option(
-        None, "--report-token", help="File with this workstation's token (`cmdfed server telemetry add-workstation`)."
-    ),
-    report_ca: Optional[Path] = typer.Option(
-        None, "--report-ca", help="The federation CA certificate (`cmdfed certs init`'s ca.crt): report over HTTPS."
-    ),
-    report_insecure: bool = typer.Option(False, "--report-insecure", help="Allow a non-loopback --report-to without TLS."),
+    report_to: Optional[str] = REPORT_TO,
+    report_token: Optional[Path] = REPORT_TOKEN,
+    report_ca: Optional[Path] = REPORT_CA,
+    report_insecure: bool = REPORT_INSECURE,
     heartbeat: float = typer.Option(60.0, help="Seconds between telemetry heartbeats."),
     max_tiles: int = typer.Option(16, help="Most tiles accepted in one SegmentTiles request."),
     workers: int = typer.Option(8, help="Calls served at once."),

@@ -255,11 +255,9 @@ def _unpacked_or_as_sent(content: RecordDict, layout: Layout) -> dict:
 
 
 def _payload_bytes(content: RecordDict) -> int:
-    """Bytes of a message's records: serialised arrays, and keys and values of the others."""
-    total = sum(record.count_bytes() for record in content.array_records.values())
-    for record in [*content.metric_records.values(), *content.config_records.values()]:
-        total += sum(len(k) + (len(v) if isinstance(v, (str, bytes)) else 8) for k, v in record.items())
-    return total
+    """Bytes of a message's records as Flower counts them (arrays' data, keys and values)."""
+    return sum(record.count_bytes() for record in [*content.array_records.values(), *content.metric_records.values(),
+                                                   *content.config_records.values()])  # fmt: skip
 
 
 def _claimed_name(reply: Message) -> str | None:

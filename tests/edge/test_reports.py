@@ -4,6 +4,7 @@ token name, and serving never waits on it."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -137,3 +138,20 @@ def test_cli_serve_reports_to_the_server_until_sigterm(home, workstation, tmp_pa
         server.stop(grace=1)
     assert [b["workstation"] for b in beats] == ["scanner-3", "scanner-3"]
     assert "could not be sent" not in output
+
+
+@pytest.mark.slow
+def test_cli_infer_reports_the_slide_summary_to_the_server_before_it_exits(home, workstation, slide_tiff, tmp_path):
+    tokens, token_file = workstation
+    server = IngestServer(tmp_path / "server.db", tokens, port=0).start()
+    command = [sys.executable, "-m", "cmdfed", "edge", "infer", str(slide_tiff), "--home", str(home), "--out",
+               str(tmp_path / "out"), "--batch", "4", "--json", "--report-to", f"127.0.0.1:{server.port}",
+               "--report-token", str(token_file)]  # fmt: skip
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600)
+        _, events = recorded(tmp_path / "server.db")  # no waiting: the command flushed its report before exiting
+    finally:
+        server.stop(grace=1)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout)
+    assert [(e["workstation"], e["slide_name"], e["n_cells"]) for e in events] == [("scanner-3", slide_tiff.name, summary["n_cells"])]
