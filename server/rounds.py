@@ -38,6 +38,8 @@ from __future__ import annotations
 import re
 import time
 
+import numpy as np
+
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
@@ -119,7 +121,7 @@ class PhaseRounds:
         if aggregated is None:
             raise CmdfedError(f"{self.phase} round {phase_round}: the strategy could not aggregate the updates")
         new_weights = layout.unpack(aggregated[WEIGHTS_KEY].numpy())
-        eval_metrics = self._evaluate(phase_round, _packed(layout, new_weights), instructions) if self.coordinator.evaluation_due(self.phase, phase_round) else {}
+        eval_metrics = self._evaluate(phase_round, _packed(layout, new_weights), layout) if self.coordinator.evaluation_due(self.phase, phase_round) else {}
         report = RoundReport(
             started, reports, bytes_sent=sum(_payload_bytes(m.content) for m in messages),
             bytes_received=sum(_payload_bytes(r.content) for r in replies.values() if r.has_content()),
@@ -214,7 +216,8 @@ class PhaseRounds:
     def _name(self, reply: Message) -> str:
         return self.coordinator.sites.name(reply.metadata.src_node_id)
 
-    def _evaluate(self, phase_round: int, arrays: ArrayRecord, instructions: ConfigRecord) -> dict[str, float]:
+    def _evaluate(self, phase_round: int, arrays: ArrayRecord, layout: Layout) -> dict[str, float]:
+        instructions = self._instructions(phase_round, layout)
         messages = self._with_frozen(list(self.strategy.configure_evaluate(phase_round, arrays, instructions, self.grid)))
         replies, refused = self._exchange(messages, phase_round)
         good = [r for n, r in replies.items() if n not in refused and r.has_content() and "metrics" in r.content.metric_records]
@@ -246,12 +249,21 @@ def _packed(layout: Layout, weights: dict) -> ArrayRecord:
 
 
 def _unpacked_or_as_sent(content: RecordDict, layout: Layout) -> dict:
-    """A reply's arrays for the audit: the named tensors when it is a vector of the layout's size."""
-    arrays = {k: a.numpy() for k, a in content.get("arrays", {}).items()}
+    """A reply's arrays for the audit: the named tensors when it is a float32 vector of the
+    layout's size, else each array as sent (an empty one where its bytes do not decode)."""
+    arrays = {k: _decoded(a) for k, a in content.get("arrays", {}).items()}
     vector = arrays.get(WEIGHTS_KEY)
-    if set(arrays) == {WEIGHTS_KEY} and vector.ndim == 1 and vector.size == layout.size:
+    if set(arrays) == {WEIGHTS_KEY} and isinstance(vector, np.ndarray) and vector.dtype == np.float32 and vector.shape == (layout.size,):
         return layout.unpack(vector)
-    return arrays
+    return {k: v if isinstance(v, np.ndarray) else np.zeros(0, np.uint8) for k, v in arrays.items()}
+
+
+def _decoded(array: Array) -> np.ndarray | None:
+    """The array its bytes hold (Flower decodes them apart from the declared shape and dtype), None if they do not decode."""
+    try:
+        return array.numpy()
+    except Exception:  # whatever numpy makes of foreign bytes
+        return None
 
 
 def _payload_bytes(content: RecordDict) -> int:
@@ -284,9 +296,10 @@ def _malformed_reply(content: RecordDict, layout: Layout) -> str | None:
     if list(content.array_records) != ["arrays"] or list(content.metric_records) != ["metrics"]:
         return "the reply must hold exactly the records 'arrays' and 'metrics'"
     arrays = content["arrays"]
-    if list(arrays) != [WEIGHTS_KEY] or arrays[WEIGHTS_KEY].shape != (layout.size,):
-        shapes = {k: list(a.shape) for k, a in arrays.items()}
-        return f"the reply's arrays must be one vector '{WEIGHTS_KEY}' of {layout.size} values, got {shapes}"
+    vector = _decoded(arrays[WEIGHTS_KEY]) if list(arrays) == [WEIGHTS_KEY] else None
+    if vector is None or vector.dtype != np.float32 or vector.shape != (layout.size,):
+        got = {k: list(a.shape) for k, a in arrays.items()} if vector is None else f"{vector.dtype} {list(vector.shape)}"
+        return f"the reply's arrays must be one float32 vector '{WEIGHTS_KEY}' of {layout.size} values, got {got}"
     value = content["metrics"].get("num-examples")
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         return f"num-examples must be a positive integer, got {value!r}"

@@ -31,7 +31,9 @@ from flwr.serverapp.strategy import (
 )
 from flwr.serverapp.strategy.fedopt import FedOpt
 
+from cmdfed.errors import CmdfedError
 from cmdfed.federation.config import FederationConfig
+from cmdfed.federation.wire import WEIGHTS_KEY
 
 WEIGHT_KEY = "num-examples"
 MOMENTS = ("m_t", "v_t")
@@ -81,10 +83,17 @@ def strategy_state(strategy: Strategy) -> dict[str, torch.Tensor]:
 
 
 def restore_strategy_state(strategy: Strategy, state: dict[str, torch.Tensor]) -> None:
-    """Put back what :func:`strategy_state` saved."""
+    """Put back what :func:`strategy_state` saved. The moments are of the packed weight vector
+    (``cmdfed.federation.wire``); moments saved per tensor by an earlier cmdfed are refused."""
     strategy = base_strategy(strategy)
     if not isinstance(strategy, FedOpt):
         return
+    expected = {f"{moment}/{WEIGHTS_KEY}" for moment in MOMENTS}
+    if state and set(state) != expected:
+        raise CmdfedError(
+            f"the run folder's strategy state holds {len(state)} moment tensors, not the packed {sorted(expected)}: it was "
+            "written by an earlier cmdfed; start a new run folder (or resume with the cmdfed that began it)"
+        )
     for moment in MOMENTS:
         values = {k.removeprefix(f"{moment}/"): v.numpy() for k, v in state.items() if k.startswith(f"{moment}/")}
         setattr(strategy, moment, values or None)

@@ -1,4 +1,4 @@
-"""The shape of the house (ARCHITECTURE.md): roles depend on cmdfed/, never on each other, and
+"""The shape of the house (the team's ARCHITECTURE.md, ../shared beside the checkout): roles depend on cmdfed/, never on each other, and
 cmdfed/ imports no role and none of Flower, gRPC or Streamlit. Read from the source's import
 statements (lazy imports inside functions included), so a violation fails here, not at a site."""
 

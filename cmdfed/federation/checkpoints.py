@@ -15,9 +15,11 @@ folder is therefore complete exactly when it loads, and a restarted server resum
 the last one that does. It is an ordinary cmdfed checkpoint too, so ``cmdfed predict
 --checkpoint RUN_DIR`` and ``cmdfed train evaluate`` read it as they read local runs.
 
-Retention (``keep-rounds`` in the run config, 0 = keep every round): after each round the
-folders older than the newest N are deleted, except the last pretraining round, the
-pretrained backbone that fine-tuning starts from (a base-preset round is about 130 MB).
+Retention (``keep-rounds`` in the run config, 0 = keep every round, else at least 2 so a
+damaged newest round still has one before it): after each round the folders older than the
+newest N are deleted, except the last pretraining round, the pretrained backbone that
+fine-tuning starts from (a base-preset round is about 130 MB). A folder that cannot be
+deleted is left with a warning: retention never fails a round.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ from safetensors.torch import load_file, save_file
 
 from cmdfed.atomic import atomic_dir, write_bytes_atomic, write_json_atomic
 from cmdfed.errors import CmdfedError
-from cmdfed.train.checkpoint import CHECKPOINT_FORMAT, load_checkpoint
+from cmdfed.federation.events import emit_event
+from cmdfed.train.checkpoint import CHECKPOINT_FORMAT, CheckpointFormatError, load_checkpoint
 
 ROUND_PATTERN = re.compile(r"round-(\d{4,})")
 STRATEGY_FILE = "strategy.safetensors"
@@ -115,7 +118,8 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
 def last_complete_round(run_dir: str | Path) -> RoundCheckpoint | None:
     """The newest round folder of ``run_dir`` that loads, or None for a new run.
 
-    Folders that do not load (a disk that lost data) are passed over for the one before.
+    Folders that do not load (a disk that lost data) are passed over for the one before; a
+    round written by another checkpoint format is an error (resuming before it would redo rounds).
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -126,6 +130,8 @@ def last_complete_round(run_dir: str | Path) -> RoundCheckpoint | None:
     for _, path in reversed(rounds):
         try:
             return load_round(path)
+        except CheckpointFormatError:
+            raise
         except CmdfedError:
             continue
     return None
@@ -138,10 +144,14 @@ def prune_rounds(run_dir: str | Path, keep: int, protected: Collection[int] = ()
         return []
     run_dir = Path(run_dir)
     rounds = sorted(int(m.group(1)) for p in run_dir.iterdir() if p.is_dir() and (m := ROUND_PATTERN.fullmatch(p.name)))
-    doomed = [r for r in rounds[:-keep] if r not in protected]
-    for round in doomed:
-        shutil.rmtree(run_dir / round_name(round))
-    return doomed
+    deleted = []
+    for round in (r for r in rounds[:-keep] if r not in protected):
+        try:
+            shutil.rmtree(run_dir / round_name(round))
+            deleted.append(round)
+        except OSError as exc:
+            emit_event("warning", message=f"could not delete old round checkpoint {round_name(round)} ({exc}); left in place")
+    return deleted
 
 
 def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -56,7 +56,7 @@ class FederationConfig(ConfigBase):
     eval_tiles: int = 32  # tiles each site (and the server) evaluates on
     server_eval_store: str = ""  # a labelled store on the server for central evaluation
     seed: int = 0
-    keep_rounds: int = 0  # round checkpoints kept: the newest N and the last pretraining round (0 = every round)
+    keep_rounds: int = 0  # round checkpoints kept: the newest N >= 2 and the last pretraining round (0 = every round)
     # Differential privacy (cmdfed.privacy): off, local (DP-SGD at each site), central (the server
     # clips each site's update to dp-clip-norm and noises the average).
     dp_mode: str = "off"
@@ -76,8 +76,9 @@ class FederationConfig(ConfigBase):
             require(getattr(self, name) > 0, f"{_key(name)} must be positive, got {getattr(self, name)}")
         for name in ("pretrain_lr", "finetune_lr", "round_timeout_s", "update_norm_limit", "server_lr", "tau"):
             require(getattr(self, name) > 0, f"{_key(name)} must be positive, got {getattr(self, name)}")
-        for name in ("weight_decay", "grad_clip", "proximal_mu", "eval_every", "server_eval_every", "keep_rounds"):
+        for name in ("weight_decay", "grad_clip", "proximal_mu", "eval_every", "server_eval_every"):
             require(getattr(self, name) >= 0, f"{_key(name)} must be >= 0, got {getattr(self, name)}")
+        require(self.keep_rounds == 0 or self.keep_rounds >= 2, f"keep-rounds must be 0 (every round) or at least 2, got {self.keep_rounds}")
         require(0 < self.label_fraction <= 1, f"label-fraction must be in (0, 1], got {self.label_fraction}")
         require(0 < self.fraction_sites <= 1, f"fraction-sites must be in (0, 1], got {self.fraction_sites}")
         require(0 <= self.beta_1 < 1 and 0 <= self.beta_2 < 1, "beta-1 and beta-2 must be in [0, 1)")

@@ -31,7 +31,12 @@ from safetensors.torch import load_file, save_file
 from cmdfed.atomic import atomic_dir, write_bytes_atomic, write_json_atomic
 from cmdfed.errors import CmdfedError
 
-CHECKPOINT_FORMAT = 1
+# 2: the heads normalise each decoder scale (cmdfed/model/heads.py); format-1 heads do not load.
+CHECKPOINT_FORMAT = 2
+
+
+class CheckpointFormatError(CmdfedError):
+    """A readable checkpoint written in another format: not damage, so nothing should pass over it."""
 
 
 @dataclass
@@ -122,8 +127,13 @@ def load_checkpoint(path: str | Path, *, with_trainer: bool = False) -> Checkpoi
         config = json.loads((folder / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise CmdfedError(f"{folder / 'config.json'} is unreadable ({exc}); the checkpoint is damaged") from exc
-    if not isinstance(config, dict) or config.get("format") != CHECKPOINT_FORMAT:
-        raise CmdfedError(f"{folder} is not a cmdfed checkpoint of format {CHECKPOINT_FORMAT}")
+    if not isinstance(config, dict) or "format" not in config:
+        raise CmdfedError(f"{folder} is not a cmdfed checkpoint (no format in config.json)")
+    if config["format"] != CHECKPOINT_FORMAT:
+        raise CheckpointFormatError(
+            f"{folder} is a cmdfed checkpoint of format {config['format']}, this cmdfed reads format {CHECKPOINT_FORMAT} "
+            f"(the task heads changed in format 2); train or fine-tune it again with this version, or use the cmdfed that wrote it"
+        )
     weights = _load_tensors(folder / "model.safetensors")
     ema = _load_tensors(folder / "ema.safetensors") if (folder / "ema.safetensors").exists() else None
     trainer = None

@@ -2,8 +2,10 @@
 
 import shutil
 
+import pytest
 import torch
 
+from cmdfed.errors import CmdfedError
 from cmdfed.federation.checkpoints import last_complete_round, save_round
 from cmdfed.train.checkpoint import load_checkpoint, resolve_checkpoint
 
@@ -44,3 +46,12 @@ def test_a_round_redone_after_a_crash_replaces_the_old_folder(tmp_path):
     shutil.copytree(tmp_path / "round-0001", tmp_path / "round-0002")  # written but `latest` not moved
     save(tmp_path, 2)
     assert torch.equal(last_complete_round(tmp_path).weights["w"], torch.full((2, 2), 2.0))
+
+
+def test_a_round_of_another_checkpoint_format_stops_the_resume_instead_of_being_passed_over(tmp_path):
+    for round in (1, 2):
+        save(tmp_path, round)
+    config = tmp_path / "round-0002" / "config.json"
+    config.write_text(config.read_text().replace('"format": 2', '"format": 1'))
+    with pytest.raises(CmdfedError, match="format 1, this cmdfed reads format 2"):
+        last_complete_round(tmp_path)

@@ -90,5 +90,6 @@ def test_keep_rounds_keeps_the_newest_and_the_pretrained_backbone_and_still_resu
     assert kept == ["round-0003", "round-0005", "round-0006"]  # round 3 ends pretraining
     resumed = RunCoordinator(config)
     assert list(resumed.remaining("finetune")) == []
-    with pytest.raises(CmdfedError, match="keep-rounds must be >= 0"):
-        quick_config(keep_rounds=-1)
+    for bad in (-1, 1):
+        with pytest.raises(CmdfedError, match="keep-rounds must be 0"):
+            quick_config(keep_rounds=bad)

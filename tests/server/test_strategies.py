@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAdam, FedAvg, FedProx, FedYogi
 from flwr.supercore.task_identity import TaskIdentity
@@ -9,6 +10,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from cmdfed.errors import CmdfedError
 from cmdfed.federation.checkpoints import last_complete_round, save_round
 from cmdfed.federation.config import FederationConfig
+from cmdfed.federation.wire import WEIGHTS_KEY
 from server.strategies import build_strategy, restore_strategy_state, strategy_state
 
 
@@ -27,13 +29,20 @@ def test_fedadam_moments_survive_a_checkpoint(tmp_path):
     config = FederationConfig(strategy="fedadam")
     strategy = build_strategy(config, "pretrain")
     assert strategy_state(strategy) == {}
-    strategy.m_t = {"w": np.arange(4, dtype=np.float32)}
-    strategy.v_t = {"w": np.ones(4, dtype=np.float32)}
+    strategy.m_t = {WEIGHTS_KEY: np.arange(4, dtype=np.float32)}  # moments of the packed weight vector
+    strategy.v_t = {WEIGHTS_KEY: np.ones(4, dtype=np.float32)}
     save_round(tmp_path, round=1, phase="pretrain", phase_round=1, weights={}, strategy_state=strategy_state(strategy),
                config={"model": {}}, metrics={})  # fmt: skip
     resumed = build_strategy(config, "pretrain")
     restore_strategy_state(resumed, last_complete_round(tmp_path).strategy_state)
-    assert np.array_equal(resumed.m_t["w"], strategy.m_t["w"]) and np.array_equal(resumed.v_t["w"], strategy.v_t["w"])
+    assert np.array_equal(resumed.m_t[WEIGHTS_KEY], strategy.m_t[WEIGHTS_KEY])
+    assert np.array_equal(resumed.v_t[WEIGHTS_KEY], strategy.v_t[WEIGHTS_KEY])
+
+
+def test_moments_saved_per_tensor_by_an_earlier_version_are_refused():
+    per_tensor = {"m_t/stem.0.weight": torch.zeros(3), "v_t/stem.0.weight": torch.ones(3)}
+    with pytest.raises(CmdfedError, match="written by an earlier cmdfed; start a new run folder"):
+        restore_strategy_state(build_strategy(FederationConfig(strategy="fedadam"), "pretrain"), per_tensor)
 
 
 def test_stateless_strategies_save_nothing():

@@ -41,8 +41,11 @@ def test_damaged_checkpoints_name_the_file(tmp_path):
     (folder / "config.json").write_text("{")
     with pytest.raises(CmdfedError, match=r"config.json is unreadable"):
         load_checkpoint(folder)
-    (folder / "config.json").write_text(json.dumps({"format": 99}))
+    (folder / "config.json").write_text(json.dumps({"step": 2}))
     with pytest.raises(CmdfedError, match="not a cmdfed checkpoint"):
+        load_checkpoint(folder)
+    (folder / "config.json").write_text(json.dumps({"format": 1}))
+    with pytest.raises(CmdfedError, match="checkpoint of format 1, this cmdfed reads format 2"):
         load_checkpoint(folder)
 
 
