@@ -121,6 +121,8 @@ class _SlideJob:
             "postprocess": asdict(self.params),
         }
         self.state = self._start_or_resume(fingerprint, restart)
+        # Label ids from here on were not committed: a batch cut short by a crash wrote them, and its redo replaces them.
+        self.committed_next_id = self.state["next_id"]
 
     # -- job state ---------------------------------------------------------------------
 
@@ -151,6 +153,7 @@ class _SlideJob:
             "features_bytes": 0,
             "counts": {},
             "touching_tile_edges": 0,
+            "seam_duplicates": 0,
             "area_px": 0,
             "timings_s": {"read": 0.0, "model": 0.0, "postprocess": 0.0, "write": 0.0},
             "backends": [],
@@ -192,20 +195,30 @@ class _SlideJob:
         result = postprocess(maps["np"], maps["hv"], maps.get("nc"), self.params)
         kept = [n for n in self.grid.owned(corner, result.nuclei) if self._inside_slide(corner, n)]
         t1 = time.perf_counter()
-        lookup = np.zeros(len(result.nuclei) + 1, np.uint32)
+        x0, y0 = corner
+        h, w = min(self.tile, self.height - y0), min(self.tile, self.width - x0)
+        region = labels[y0 : y0 + h, x0 : x0 + w] if kept else None
+        if kept:
+            region[region >= self.committed_next_id] = 0
         lines = []
         for nucleus in kept:
+            bx0, by0, bx1, by1 = nucleus.bbox_xyxy
+            mine = result.instance_map[by0:by1, bx0:bx1] == nucleus.id
+            there = region[by0:by1, bx0:bx1]
+            if np.count_nonzero(there[mine]) * 2 > np.count_nonzero(mine):
+                self.state["seam_duplicates"] = self.state.get("seam_duplicates", 0) + 1
+                continue  # a neighbouring tile already kept this nucleus (see edge.stitch)
             label = self.state["next_id"]
             self.state["next_id"] += 1
-            lookup[nucleus.id] = label
+            there[mine & (there == 0)] = label
             feature = outputs.nucleus_feature(nucleus, corner, label, self.class_names, self.mpp)
             lines.append(_feature_line(feature))
             name = feature["properties"]["classification"]["name"]
             self.state["counts"][name] = self.state["counts"].get(name, 0) + 1
             if self.grid.touches_inner_edge(corner, nucleus, self.width, self.height):
                 self.state["touching_tile_edges"] += 1
-        if kept:
-            self._write_labels(corner, lookup[result.instance_map], labels)
+        if lines:
+            labels[y0 : y0 + h, x0 : x0 + w] = region
             features.write("".join(lines).encode())
         self.state["area_px"] += self.grid.nominal_cell_area(corner, self.width, self.height)
         timings["postprocess"] += t1 - t0
@@ -218,23 +231,13 @@ class _SlideJob:
         _, _, x1, y1 = nucleus.bbox_xyxy
         return x0 + x1 <= self.width and y0 + y1 <= self.height
 
-    def _write_labels(self, corner, tile_labels: np.ndarray, labels) -> None:
-        x0, y0 = corner
-        h, w = min(self.tile, self.height - y0), min(self.tile, self.width - x0)
-        tile_labels = tile_labels[:h, :w]
-        ys, xs = np.nonzero(tile_labels)
-        top, bottom, left, right = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-        region = labels[y0 + top : y0 + bottom, x0 + left : x0 + right]
-        new = tile_labels[top:bottom, left:right]
-        region[new > 0] = new[new > 0]
-        labels[y0 + top : y0 + bottom, x0 + left : x0 + right] = region
-
     def _commit(self, features, n_tiles: int) -> None:
         features.flush()
         os.fsync(features.fileno())
         self.state["features_bytes"] = features.tell()
         self.state["tiles_done"] += n_tiles
         write_json_atomic(self.state_path, self.state)
+        self.committed_next_id = self.state["next_id"]
 
     # -- outputs -----------------------------------------------------------------------
 
@@ -260,6 +263,7 @@ class _SlideJob:
             "area_analysed_mm2": area_mm2,
             "cells_per_mm2": n_cells / area_mm2 if area_mm2 else None,
             "nuclei_touching_tile_edges": state["touching_tile_edges"],
+            "seam_duplicates_dropped": state.get("seam_duplicates", 0),
             "timings_s": {k: round(v, 3) for k, v in state["timings_s"].items()},
             "sessions": state["sessions"],
             "warnings": self._warnings(),

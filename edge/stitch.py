@@ -26,7 +26,11 @@ touching a tile edge in the summary rather than hidden.
 The two tiles predict a seam nucleus from different context, so their centroids differ
 by a fraction of a pixel; a centroid that falls exactly on a cell border could in
 principle be kept by both or neither. With O/2 of margin on each side this needs
-predictions that differ in where the nucleus is, not just in its outline.
+predictions that differ in where the nucleus is, not just in its outline. When it happens
+the label image decides (``edge.infer``): a kept nucleus more than half of whose pixels
+an earlier tile's nucleus already labels is the same nucleus again and is dropped
+(counted in the summary); otherwise it labels only pixels still free, so every nucleus
+in the GeoJSON is in the label image.
 """
 
 from __future__ import annotations
