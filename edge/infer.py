@@ -121,8 +121,6 @@ class _SlideJob:
             "postprocess": asdict(self.params),
         }
         self.state = self._start_or_resume(fingerprint, restart)
-        # Label ids from here on were not committed: a batch cut short by a crash wrote them, and its redo replaces them.
-        self.committed_next_id = self.state["next_id"]
 
     # -- job state ---------------------------------------------------------------------
 
@@ -154,6 +152,7 @@ class _SlideJob:
             "counts": {},
             "touching_tile_edges": 0,
             "seam_duplicates": 0,
+            "in_flight": None,
             "area_px": 0,
             "timings_s": {"read": 0.0, "model": 0.0, "postprocess": 0.0, "write": 0.0},
             "backends": [],
@@ -169,6 +168,7 @@ class _SlideJob:
         if backend.name not in self.state["backends"]:
             self.state["backends"].append(backend.name)
         labels = outputs.open_label_level0(self.out_dir / LABELS_DIR)
+        self._clear_interrupted_batch(labels)
         total = len(self.corners)
         with open(self.features_path, "r+b") as features:
             features.truncate(self.state["features_bytes"])
@@ -177,6 +177,8 @@ class _SlideJob:
             while self.state["tiles_done"] < total:
                 start = self.state["tiles_done"]
                 corners = self.corners[start : start + batch]
+                self.state["in_flight"] = [start, start + len(corners)]  # labels written before the commit
+                write_json_atomic(self.state_path, self.state)
                 timings = self.state["timings_s"]
                 t0 = time.perf_counter()
                 images = np.stack([self.reader.read_region(x, y, 0, self.tile, self.tile) for x, y in corners])
@@ -198,15 +200,13 @@ class _SlideJob:
         x0, y0 = corner
         h, w = min(self.tile, self.height - y0), min(self.tile, self.width - x0)
         region = labels[y0 : y0 + h, x0 : x0 + w] if kept else None
-        if kept:
-            region[region >= self.committed_next_id] = 0
         lines = []
         for nucleus in kept:
             bx0, by0, bx1, by1 = nucleus.bbox_xyxy
             mine = result.instance_map[by0:by1, bx0:bx1] == nucleus.id
             there = region[by0:by1, bx0:bx1]
             if np.count_nonzero(there[mine]) * 2 > np.count_nonzero(mine):
-                self.state["seam_duplicates"] = self.state.get("seam_duplicates", 0) + 1
+                self.state["seam_duplicates"] += 1
                 continue  # a neighbouring tile already kept this nucleus (see edge.stitch)
             label = self.state["next_id"]
             self.state["next_id"] += 1
@@ -236,8 +236,23 @@ class _SlideJob:
         os.fsync(features.fileno())
         self.state["features_bytes"] = features.tell()
         self.state["tiles_done"] += n_tiles
+        self.state["in_flight"] = None
         write_json_atomic(self.state_path, self.state)
-        self.committed_next_id = self.state["next_id"]
+
+    def _clear_interrupted_batch(self, labels) -> None:
+        """Labels a batch wrote before an interruption stopped it short of its commit: ids from the
+        committed ``next_id`` on, in that batch's tiles. The batch is redone, so they are removed
+        first (else the redo would take its own nuclei for ones a neighbour already kept)."""
+        if not self.state.get("in_flight"):
+            return
+        start, stop = self.state["in_flight"]
+        for x0, y0 in self.corners[start:stop]:
+            region = labels[y0 : y0 + self.tile, x0 : x0 + self.tile]
+            stale = region >= self.state["next_id"]
+            if stale.any():
+                region[stale] = 0
+                labels[y0 : y0 + self.tile, x0 : x0 + self.tile] = region
+        self.state["in_flight"] = None
 
     # -- outputs -----------------------------------------------------------------------
 
@@ -263,7 +278,7 @@ class _SlideJob:
             "area_analysed_mm2": area_mm2,
             "cells_per_mm2": n_cells / area_mm2 if area_mm2 else None,
             "nuclei_touching_tile_edges": state["touching_tile_edges"],
-            "seam_duplicates_dropped": state.get("seam_duplicates", 0),
+            "seam_duplicates_dropped": state["seam_duplicates"],
             "timings_s": {k: round(v, 3) for k, v in state["timings_s"].items()},
             "sessions": state["sessions"],
             "warnings": self._warnings(),

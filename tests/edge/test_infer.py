@@ -11,7 +11,7 @@ from PIL import Image
 
 from cmdfed.errors import CmdfedError
 from cmdfed.telemetry import TelemetryStore
-from edge.infer import infer_slide
+from edge.infer import _SlideJob, infer_slide
 
 from .conftest import synthetic_slide_image
 
@@ -68,6 +68,29 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(home, slide_tiff,
     assert summary["sessions"] == 2
     assert _features(resumed) == _features(whole)
     labels = [zarr.open_array(str(d / "labels.ome.zarr/labels/nuclei/0"), mode="r")[:] for d in (whole, resumed)]
+    assert np.array_equal(*labels)
+
+
+def test_a_crash_between_writing_labels_and_committing_the_batch_is_redone_cleanly(home, slide_tiff, tmp_path, monkeypatch):
+    whole = tmp_path / "whole"
+    infer_slide(slide_tiff, home, whole, batch=2)
+    commit, calls = _SlideJob._commit, []
+
+    def crash_at_third_commit(job, features, n_tiles):
+        calls.append(n_tiles)
+        if len(calls) == 3:  # batch 3's labels and features are written, its commit never happens
+            raise KeyboardInterrupt
+        commit(job, features, n_tiles)
+
+    crashed = tmp_path / "crashed"
+    with monkeypatch.context() as patch:
+        patch.setattr(_SlideJob, "_commit", crash_at_third_commit)
+        with pytest.raises(KeyboardInterrupt):
+            infer_slide(slide_tiff, home, crashed, batch=2)
+    summary = infer_slide(slide_tiff, home, crashed, batch=2)
+    assert summary["sessions"] == 2 and summary["n_cells"] == json.loads((whole / "summary.json").read_text())["n_cells"]
+    assert _features(crashed) == _features(whole)
+    labels = [zarr.open_array(str(d / "labels.ome.zarr/labels/nuclei/0"), mode="r")[:] for d in (whole, crashed)]
     assert np.array_equal(*labels)
 
 
