@@ -12,7 +12,7 @@ the server must have registered the public key (``cmdfed server register-site``)
 
 Isolation: how each message's ClientApp runs. ``subprocess`` (Flower's default): the
 SuperNode's own ``flower-superexec`` starts a fresh ``flwr-clientapp`` per message, which
-imports torch, Opacus and cmdfed again every time. ``process``: the SuperNode starts no
+imports torch, Flower and cmdfed again every time. ``process``: the SuperNode starts no
 executor; ``client.launcher``, started and stopped with it, imports all that once and
 forks a process per message that runs Flower's ClientApp runtime (needs fork(); tested on
 Linux). Its output goes to the same log.
@@ -91,7 +91,13 @@ class SuperNode:
         env = flower_env(self.site.work_dir / "flwr-home")
         self.process = start_process(self.command(), env, self.log_path)
         try:
-            wait_for_port("127.0.0.1", self.runtime_port, self.process, self.log_path, timeout)
+            try:
+                wait_for_port("127.0.0.1", self.runtime_port, self.process, self.log_path, timeout)
+            except CmdfedError as exc:
+                if self.key is not None and "Failed to activate SuperNode" in str(exc):
+                    raise CmdfedError(f"{exc} -- if the SuperLink requires site authentication, this site's public key "
+                                      "must be registered first: `cmdfed server register-site KEY.pub --name NAME`") from exc
+                raise
             if self.isolation == "process":
                 self.ready_file.unlink(missing_ok=True)
                 self.launcher = start_process(self.launcher_command(), env, self.log_path)

@@ -14,6 +14,7 @@ nothing here imports Flower. Each process gets:
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -23,6 +24,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cmdfed.errors import CmdfedError
+
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")  # Flower colours its log levels
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -82,11 +85,15 @@ def wait_for_port(host: str, port: int, process: subprocess.Popen, log_path: Pat
 
 
 def log_tail(log_path: Path, lines: int = 5) -> str:
+    """The end of a process's log, or Flower's exit report in it (``Exit Code: N`` and its reason),
+    which a web server's shutdown lines would otherwise push out of view."""
     try:
-        text = log_path.read_text(errors="replace").strip().splitlines()
+        text = [clean for line in log_path.read_text(errors="replace").splitlines() if (clean := ANSI_ESCAPE.sub("", line).strip())]
     except OSError:
         return f"no log at {log_path}"
-    return " | ".join(text[-lines:]) or f"{log_path} is empty"
+    exits = [k for k, line in enumerate(text) if "Exit Code:" in line]
+    shown = text[exits[-1] : exits[-1] + lines] if exits else text[-lines:]
+    return " | ".join(shown) or f"{log_path} is empty"
 
 
 def free_port(host: str = "127.0.0.1") -> int:

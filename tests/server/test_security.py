@@ -16,6 +16,7 @@ from cryptography import x509
 
 from client.supernode import SuperNode
 from cmdfed.data.synth import write_synthetic_store
+from cmdfed.errors import CmdfedError
 from cmdfed.federation.processes import flower_env, flower_executable, free_port
 from cmdfed.federation.site import SiteSettings
 from server.federate import CONNECTION, write_connection
@@ -81,7 +82,12 @@ def test_a_registered_site_joins_over_tls_and_an_unregistered_one_is_refused(tmp
 
         for site in ("a", "b"):
             settings = SiteSettings(tmp_path / "site.zarr", f"site-{site}", tmp_path / f"work-{site}", device="cpu")
-            nodes.append(SuperNode(settings, superlink.address, ca=ca, key=tmp_path / f"{site}-key").start())
+            nodes.append(SuperNode(settings, superlink.address, ca=ca, key=tmp_path / f"{site}-key"))
+        nodes[0].start()
+        try:  # the stranger is refused: at its start, or moments after, whichever comes first
+            nodes[1].start()
+        except CmdfedError as exc:
+            assert "Failed to activate SuperNode" in str(exc) and "cmdfed server register-site" in str(exc)
         deadline = time.monotonic() + 90
         while nodes[1].process.poll() is None or set(supernode_ids(superlink, ca, tmp_path).values()) != {"online"}:
             assert time.monotonic() < deadline, "the registered site did not come online or the stranger was not refused"
