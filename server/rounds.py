@@ -140,8 +140,8 @@ class PhaseRounds:
 
     def _with_frozen(self, messages: list[Message]) -> list[Message]:
         """Add the frozen weights to the messages of sites that do not hold them yet."""
-        if not self.frozen_sha:
-            return messages
+        if not self.frozen_sha or all(m.metadata.dst_node_id in self.holding_frozen for m in messages):
+            return messages  # packing the backbone every round would be work for nothing
         weights = self.coordinator.frozen_weights(self.phase)
         layout = Layout.of(weights)
         frozen, frozen_layout = _packed(layout, weights), ConfigRecord(layout.to_values(""))
