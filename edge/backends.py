@@ -234,6 +234,10 @@ def select_backend(
             skipped[name] = str(exc)
             log.info("backend %s skipped: %s", name, exc)
             continue
+        except Exception as exc:  # a broken GPU stack (missing torch_tensorrt, CUDA OOM, cuDNN) must not stop the fallback
+            skipped[name] = f"failed while loading or validating ({type(exc).__name__}: {exc})"
+            log.warning("backend %s failed, trying the next one: %s", name, skipped[name])
+            continue
         log.info("backend %s selected (golden max abs diff %.3g)", name, diff)
         return Selection(backend, diff, skipped)
     if force:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import tarfile
 from pathlib import Path
@@ -33,6 +34,7 @@ ONNX_FILE = "model.onnx"
 PT2_FILE = "model.pt2"
 GOLDEN_FILE = "golden.npz"
 _CHUNK = 1 << 20
+_VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")  # what model_version() makes: a plain folder name
 
 
 def sha256_of_stream(stream: IO[bytes]) -> tuple[str, int]:
@@ -140,6 +142,11 @@ def parse_manifest(data: bytes, where: str) -> dict:
             f"{where}: bundle schema version {manifest.get('schema_version')} is not supported by this cmdfed "
             f"(it reads version {SCHEMA_VERSION}); upgrade cmdfed on this workstation or re-export"
         )
+    model = manifest.get("model")
+    version = model.get("version") if isinstance(model, dict) else None
+    # The version names the install folder: a crafted one must not point outside models/.
+    if not isinstance(version, str) or not _VERSION.fullmatch(version):
+        raise CmdfedError(f"{where}: manifest.json has no valid model version ({version!r}); the bundle is damaged or crafted")
     return manifest
 
 

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 commands = typer.Typer(help="Edge role: export bundles, deploy them on workstations, run whole slides.", no_args_is_help=True)
 
 BACKEND_HELP = "Force a backend: tensorrt, onnxruntime-cuda or onnxruntime-cpu (default: the first that works)."
+TRT_SOURCE = typer.Option("onnx", "--trt-source", help="Build TensorRT engines from onnx or pt2.")
 TELEMETRY_HELP = "Telemetry store (SQLite path or postgresql:// URL) to record this in."
 # Defaults: WatershedParams', which training's evaluation uses (HoVer-Net's).
 POSTPROCESS_PANEL = "Post-processing (recorded in the bundle; infer and serve use it)"
@@ -101,7 +102,7 @@ def deploy(
     home: Path = typer.Option(..., "--home", help="Edge home folder on this workstation."),
     trust_key: Optional[Path] = typer.Option(None, "--trust-key", help="Public key; the bundle must be signed by it."),
     backend: Optional[str] = typer.Option(None, help=BACKEND_HELP),
-    trt_source: str = typer.Option("onnx", help="Build TensorRT engines from onnx or pt2."),
+    trt_source: str = TRT_SOURCE,
     telemetry: Optional[str] = typer.Option(None, help=TELEMETRY_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
@@ -162,7 +163,7 @@ def infer(
     batch: int = typer.Option(8, help="Tiles per forward pass."),
     min_tissue: float = typer.Option(0.1, help="Skip tiles with less tissue than this fraction."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for ONNX Runtime (default: all available)."),
-    trt_source: str = typer.Option("onnx", help="Build TensorRT engines from onnx or pt2."),
+    trt_source: str = TRT_SOURCE,
     restart: bool = typer.Option(False, help="Discard earlier results in --out and start again."),
     telemetry: Optional[str] = typer.Option(None, help=TELEMETRY_HELP + " The slide's summary goes there."),
     report_to: Optional[str] = REPORT_TO,
@@ -198,6 +199,7 @@ def serve(
     port: int = typer.Option(..., "--port", help="gRPC port."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface)."),
     metrics_port: Optional[int] = typer.Option(None, "--metrics-port", help="Serve Prometheus metrics on this port."),
+    metrics_host: str = typer.Option("127.0.0.1", help="Address the metrics listen on (0.0.0.0 for a Prometheus on another machine)."),
     telemetry: Optional[str] = typer.Option(None, help=TELEMETRY_HELP + " Heartbeats and slide summaries go there."),
     report_to: Optional[str] = REPORT_TO,
     report_token: Optional[Path] = REPORT_TOKEN,
@@ -208,6 +210,7 @@ def serve(
     workers: int = typer.Option(8, help="Calls served at once."),
     backend: Optional[str] = typer.Option(None, help=BACKEND_HELP),
     threads: Optional[int] = typer.Option(None, help="CPU threads for ONNX Runtime (default: all available)."),
+    trt_source: str = TRT_SOURCE,
 ) -> None:
     """Serve the active model over gRPC (SegmentTiles, SegmentSlide, ModelInfo, health) until SIGTERM."""
     from edge.reports import open_reports
@@ -215,9 +218,9 @@ def serve(
 
     _log_backend_choice()
     reports = open_reports(telemetry, report_to, report_token, report_ca, report_insecure)
-    service = EdgeService(home, port=port, host=host, metrics_port=metrics_port, telemetry=reports,
+    service = EdgeService(home, port=port, host=host, metrics_port=metrics_port, metrics_host=metrics_host, telemetry=reports,
                           heartbeat_s=heartbeat, max_tiles=max_tiles, workers=workers, backend=backend,
-                          threads=threads)  # fmt: skip
-    metrics = "" if service.metrics_port is None else f", metrics on 127.0.0.1:{service.metrics_port}"
+                          threads=threads, trt_source=trt_source)  # fmt: skip
+    metrics = "" if service.metrics_port is None else f", metrics on {metrics_host}:{service.metrics_port}"
     out.print(f"serving {service.version} ({service.selection.backend.name}) on {host}:{service.port}{metrics}")
     service.serve_until_signalled()

@@ -11,7 +11,9 @@ Order of a deploy: the bundle (folder or .tar, read in place) is verified first,
 then checksums; a refused bundle writes nothing. It is then copied to a hidden staging
 folder under ``models/``, verified again there (the copy is what will run), loaded with
 the backend this workstation would use and checked on its golden data, and only then
-renamed to ``models/<version>``. Activation is one atomic replace of ``state.json``, so a
+renamed to ``models/<version>``. A version names one set of weights: a bundle of the same
+weights exported again (other post-processing, or now signed) replaces the installed copy
+the same way; the old copy is moved aside only once the new one has passed its checks. Activation is one atomic replace of ``state.json``, so a
 reader sees the old or the new version, never a mix; the previous version stays installed
 for ``rollback``. The newest ``KEEP_VERSIONS`` versions are kept, older ones deleted.
 """
@@ -110,7 +112,7 @@ def status(home: str | Path) -> dict:
         manifest = bundle.verify_bundle(bundle.BundleSource(folder))
         verified, problem = True, None
     except CmdfedError as exc:
-        manifest, verified, problem = json.loads((folder / bundle.MANIFEST).read_text()), False, str(exc)
+        manifest, verified, problem = _readable_manifest(folder), False, f"{exc}; redeploy the bundle or roll back"
     models = home / "models"
     engines = home / "engines"
     return {
@@ -122,11 +124,20 @@ def status(home: str | Path) -> dict:
         "problem": problem,
         "signed": (folder / bundle.SIGNATURE).is_file(),
         "created_at": manifest.get("created_at"),
-        "class_names": manifest["model"]["class_names"],
-        "tile_size": manifest["preprocessing"]["tile_size"],
-        "overlap": manifest["preprocessing"]["overlap"],
+        "class_names": manifest.get("model", {}).get("class_names"),
+        "tile_size": manifest.get("preprocessing", {}).get("tile_size"),
+        "overlap": manifest.get("preprocessing", {}).get("overlap"),
         "engines": sorted(p.name for p in engines.iterdir()) if engines.is_dir() else [],
     }
+
+
+def _readable_manifest(folder: Path) -> dict:
+    """What can still be read of a damaged bundle's manifest, for ``status``."""
+    try:
+        manifest = json.loads((folder / bundle.MANIFEST).read_text())
+    except (OSError, ValueError):
+        return {}
+    return manifest if isinstance(manifest, dict) else {}
 
 
 def _install(source: bundle.BundleSource, manifest: dict, home: Path, public_key, backend: str | None, trt_source: str):
@@ -134,26 +145,33 @@ def _install(source: bundle.BundleSource, manifest: dict, home: Path, public_key
     models = home / "models"
     models.mkdir(parents=True, exist_ok=True)
     target = models / manifest["model"]["version"]
-    if target.exists():
-        installed = bundle.BundleSource(target)
-        if installed.read_bytes(bundle.MANIFEST) != source.read_bytes(bundle.MANIFEST):
-            raise CmdfedError(
-                f"version {target.name} is already installed with different content; a version names one "
-                "set of weights, so this bundle is inconsistent: re-export it"
-            )
-        bundle.verify_bundle(installed, public_key)
+    if target.exists() and _same_bundle(target, source):
+        bundle.verify_bundle(bundle.BundleSource(target), public_key)
         return select_backend(target, home, force=backend, trt_source=trt_source)
     staging = Path(tempfile.mkdtemp(prefix=f".incoming-{target.name}-", dir=models))
+    outgoing = models / f".outgoing-{staging.name}"
     try:
         staging.rmdir()
         source.copy_to(staging)
         bundle.verify_bundle(bundle.BundleSource(staging), public_key)
         # A bundle this workstation cannot run correctly is refused before it is installed.
         selection = select_backend(staging, home, force=backend, trt_source=trt_source)
+        if target.exists():  # a re-export of the same weights (other settings, or now signed) replaces it
+            os.replace(target, outgoing)
         os.replace(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(outgoing, ignore_errors=True)
     return selection
+
+
+def _same_bundle(installed: Path, source: bundle.BundleSource) -> bool:
+    try:
+        return (installed / bundle.MANIFEST).read_bytes() == source.read_bytes(bundle.MANIFEST) and (
+            (installed / bundle.SIGNATURE).is_file() == (bundle.SIGNATURE in source.names)
+        )
+    except OSError:
+        return False
 
 
 def _activate(home: Path, version: str) -> dict:

@@ -114,6 +114,7 @@ def export_bundle(
             write_bytes_atomic(work / bundle.SIGNATURE, _json_bytes(signing.sign(manifest_bytes, private_key)))
         report(progress, 5, _STEPS, "bundle")
         work.chmod(0o755)  # mkdtemp makes 0700; a bundle is meant to be shared
+        tar_path.unlink(missing_ok=True)  # a stale tar must never sit beside the new folder
         if out.exists():
             shutil.rmtree(out)
         work.rename(out)

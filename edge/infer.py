@@ -8,8 +8,8 @@
 
 Memory holds one batch of tiles and their maps, whatever the slide size.
 
-Resume: tiles are processed in a fixed order. After each batch the features file is
-flushed and fsynced, then ``.work/state.json`` is replaced atomically with the number of
+Resume: tiles are processed in a fixed order. After each batch the label chunks it touched
+and the features file are flushed and fsynced, then ``.work/state.json`` is replaced atomically with the number of
 tiles done, the next nucleus id, the features file's length and the running counts. A
 rerun after an interruption truncates the features file to that length and continues with
 the next tile; label pixels written by an unfinished batch are rewritten with the same
@@ -21,7 +21,10 @@ At the end the label pyramid, ``cells.geojson`` and ``summary.json`` are written
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import logging
 import math
 import os
 import shutil
@@ -44,8 +47,11 @@ from edge.reports import Reports, reports_to
 from edge.stitch import TileGrid
 
 WORK_DIR = ".work"
+LOCK_FILE = ".lock"  # held while a job writes OUT, so two jobs never interleave in one folder
 DEFAULT_MIN_TISSUE = 0.1
 MPP_MISMATCH = 1.25  # warn when slide and model resolutions differ by more than this factor
+
+log = logging.getLogger("cmdfed.edge")
 
 
 def infer_slide(
@@ -59,18 +65,23 @@ def infer_slide(
     restart: bool = False,
     threads: int | None = None,
     trt_source: str = "onnx",
+    selection: Selection | None = None,
     telemetry: str | Path | Reports | None = None,
     progress: Progress | None = None,
 ) -> dict:
     """Segment and classify every nucleus of a slide with the active model; returns the summary.
 
-    ``telemetry``: a store (path or URL) or a ``Reports`` (edge.reports) that gets the slide's summary.
+    ``selection``: a backend already loaded (the service's), used instead of selecting one for
+    the version active now. ``telemetry``: a store (path or URL) or a ``Reports``
+    (edge.reports) that gets the slide's summary.
     """
     started = time.perf_counter()
     slide_name = Path(slide).name
     reports = reports_to(telemetry)
     try:
-        summary = _run(slide, home, Path(out_dir), backend, batch, min_tissue, restart, threads, trt_source, progress)
+        if selection is None:
+            selection = select_backend(active_bundle(home), home, force=backend, threads=threads, trt_source=trt_source)
+        summary = _run(slide, selection, Path(out_dir), batch, min_tissue, restart, progress)
     except Exception as exc:
         if reports:
             _record(reports, slide_name, None, time.perf_counter() - started, error=exc)
@@ -80,15 +91,27 @@ def infer_slide(
     return summary
 
 
-def _run(slide, home, out_dir, backend, batch, min_tissue, restart, threads, trt_source, progress) -> dict:
+def _run(slide, selection: Selection, out_dir: Path, batch, min_tissue, restart, progress) -> dict:
     if batch < 1:
         raise CmdfedError(f"--batch must be at least 1, got {batch}")
-    bundle_dir = active_bundle(home)
-    with open_slide(slide) as reader:
-        selection = select_backend(bundle_dir, home, force=backend, threads=threads, trt_source=trt_source)
+    with open_slide(slide) as reader, _exclusive(out_dir):
         job = _SlideJob(reader, selection, out_dir, min_tissue, restart)
         job.run(batch, progress)
         return job.finish()
+
+
+@contextlib.contextmanager
+def _exclusive(out_dir: Path):
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / LOCK_FILE, "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CmdfedError(f"another inference job is writing {out_dir}; wait for it or choose another --out") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 class _SlideJob:
@@ -188,6 +211,7 @@ class _SlideJob:
                 timings["model"] += time.perf_counter() - t1
                 for k, corner in enumerate(corners):
                     self._process_tile(corner, {name: value[k] for name, value in maps.items()}, labels, features)
+                outputs.sync_label_chunks(self.out_dir / LABELS_DIR, [(x, y, self.tile) for x, y in corners])
                 self._commit(features, len(corners))
                 report(progress, self.state["tiles_done"], total, "tiles")
 
@@ -308,6 +332,15 @@ def _feature_line(feature: dict) -> str:
 
 
 def _record(reports: Reports, slide_name: str, summary: dict | None, duration: float, error: BaseException | None = None) -> None:
+    """Report the slide to the telemetry; a telemetry failure never fails (or hides) the slide's own result."""
+    try:
+        _report_inference(reports, slide_name, summary, duration, error)
+    except Exception as exc:
+        log.warning("could not record %s in the telemetry (%s: %s); the slide's outputs are not affected",
+                    slide_name, type(exc).__name__, exc)
+
+
+def _report_inference(reports: Reports, slide_name: str, summary: dict | None, duration: float, error: BaseException | None) -> None:
     reports.record_inference(
         model_version=summary["model_version"] if summary else None,
         slide_name=slide_name,

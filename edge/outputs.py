@@ -19,6 +19,7 @@ second pixel (labels must not be averaged), block by block.
 from __future__ import annotations
 
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -86,6 +87,30 @@ def create_label_zarr(path: Path, width: int, height: int) -> zarr.Array:
 
 def open_label_level0(path: Path) -> zarr.Array:
     return zarr.open_array(str(path / "labels" / LABEL_NAME / "0"), mode="r+", zarr_format=2)
+
+
+def sync_label_chunks(path: Path, squares: list[tuple[int, int, int]]) -> None:
+    """fsync level 0's chunk files under the (x, y, side) squares, and their folders, so a
+    batch recorded as done survives a power cut with its labels (not only its features)."""
+    level0 = path / "labels" / LABEL_NAME / "0"
+    keys = {(cy, cx) for x, y, side in squares
+            for cy in range(y // CHUNK, (y + side - 1) // CHUNK + 1) for cx in range(x // CHUNK, (x + side - 1) // CHUNK + 1)}
+    folders = set()
+    for cy, cx in sorted(keys):
+        chunk = level0 / str(cy) / str(cx)
+        if chunk.is_file():  # a chunk never written holds only the fill value
+            _fsync(chunk, os.O_RDONLY)
+            folders.add(chunk.parent)
+    for folder in sorted(folders) + ([level0] if folders else []):
+        _fsync(folder, os.O_RDONLY | os.O_DIRECTORY)
+
+
+def _fsync(path: Path, flags: int) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _create_level(group: zarr.Group, name: str, shape: tuple[int, int]) -> zarr.Array:

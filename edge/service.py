@@ -18,10 +18,11 @@ Calls into the backend are serialised (one accelerator, and TensorRT contexts ar
 thread-safe); decoding and post-processing run in parallel on the thread pool.
 
 SegmentSlide runs ``edge.infer.infer_slide`` (resumable, same outputs as `cmdfed edge
-infer`, default folder HOME/outputs/<slide file name>) one slide at a time on a worker
-thread and streams its progress; the last message holds the summary and output paths.
-infer_slide loads its own instance of the served backend (forced by name, validated
-again: small next to a slide's cost). A client that cancels stops the slide at the next
+infer`, default folder HOME/outputs/<slide file name>) on a thread of its own with the
+served backend, so a slide is segmented by the model ModelInfo reports even after a new
+deploy, and streams its progress; the last message holds the summary and output paths.
+One slide at a time: a second SegmentSlide while one runs gets RESOURCE_EXHAUSTED rather
+than waiting on a worker thread. A client that cancels stops the slide at the next
 batch; rerunning it resumes. With --telemetry or --report-to, each slide's summary is
 reported too.
 
@@ -59,7 +60,7 @@ import threading
 import time
 from collections import deque
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
@@ -251,6 +252,21 @@ def _nucleus(nucleus: NucleusRecord, class_names: list[str]) -> pb.Nucleus:
 # -- the service -----------------------------------------------------------------------
 
 
+class SerialisedBackend:
+    """A backend whose ``run`` takes one caller at a time (a TensorRT execution context is
+    not thread-safe); everything else is the backend's."""
+
+    def __init__(self, backend):
+        self._wrapped, self._lock = backend, threading.Lock()
+
+    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        with self._lock:
+            return self._wrapped.run(batch)
+
+    def __getattr__(self, name: str):
+        return getattr(self._wrapped, name)
+
+
 class EdgeServicer(pb_grpc.EdgeSegmentationServicer):
     def __init__(self, home: Path, selection: Selection, limits: Limits, metrics: Metrics, reports: Reports | None):
         self.home, self.selection, self.limits, self.metrics = home, selection, limits, metrics
@@ -259,7 +275,9 @@ class EdgeServicer(pb_grpc.EdgeSegmentationServicer):
         self.manifest = manifest
         self.class_names = manifest["model"]["class_names"]
         self.params = WatershedParams(**manifest["postprocessing"]["params"])
-        self._backend_lock = threading.Lock()
+        # One model on the device, shared by tile calls and slide jobs, one call into it at a time.
+        self._backend = SerialisedBackend(selection.backend)
+        self._slide_selection = replace(selection, backend=self._backend)
         self._slide_lock = threading.Lock()
 
     @property
@@ -311,8 +329,7 @@ class EdgeServicer(pb_grpc.EdgeSegmentationServicer):
     def _segment_tiles(self, request) -> pb.SegmentTilesResponse:
         images = decode_tiles(request.tiles, self.limits)
         batch = padded_batch(images, self.limits)
-        with self._backend_lock:
-            maps = self.selection.backend.run(batch)
+        maps = self._backend.run(batch)
         results = []
         for k, image in enumerate(images):
             h, w = image.shape[:2]
@@ -338,17 +355,26 @@ class EdgeServicer(pb_grpc.EdgeSegmentationServicer):
 
         def run() -> None:
             try:
-                with self._slide_lock:
-                    summary = infer.infer_slide(
-                        slide, self.home, out_dir, backend=self.selection.backend.name, batch=request.batch or 8,
-                        min_tissue=request.min_tissue or infer.DEFAULT_MIN_TISSUE, restart=request.restart,
-                        telemetry=self.reports, progress=progress,
-                    )  # fmt: skip
+                summary = infer.infer_slide(
+                    slide, self.home, out_dir, selection=self._slide_selection, batch=request.batch or 8,
+                    min_tissue=request.min_tissue or infer.DEFAULT_MIN_TISSUE, restart=request.restart,
+                    telemetry=self.reports, progress=progress,
+                )  # fmt: skip
                 updates.put(_final_progress(summary, out_dir))
             except BaseException as exc:  # handed to the calling thread, which reports it
                 updates.put(exc)
+            finally:
+                self._slide_lock.release()
 
-        threading.Thread(target=run, name=f"slide-{slide.name}", daemon=True).start()
+        # Refused, not queued: a queued call would hold a gRPC worker thread (health checks need them).
+        if not self._slide_lock.acquire(blocking=False):
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, "busy",
+                               "this workstation is segmenting another slide; retry when it is done")
+        try:
+            threading.Thread(target=run, name=f"slide-{slide.name}", daemon=True).start()
+        except BaseException:
+            self._slide_lock.release()
+            raise
         while True:
             update = updates.get()
             if isinstance(update, BaseException):
@@ -412,26 +438,30 @@ class EdgeService:
         port: int,
         host: str = "127.0.0.1",
         metrics_port: int | None = None,
+        metrics_host: str = "127.0.0.1",
         telemetry: str | Path | Reports | None = None,
         heartbeat_s: float = DEFAULT_HEARTBEAT_S,
         max_tiles: int = DEFAULT_MAX_TILES,
         workers: int = DEFAULT_WORKERS,
         backend: str | None = None,
         threads: int | None = None,
+        trt_source: str = "onnx",
     ):
         if max_tiles < 1 or workers < 1 or heartbeat_s <= 0:
             raise CmdfedError("--max-tiles and --workers must be at least 1 and --heartbeat positive")
         self.home = Path(home)
         self.reports = reports_to(telemetry)
         self.heartbeat_s = heartbeat_s
-        self.selection = select_backend(active_bundle(self.home), self.home, force=backend, threads=threads)
+        self.selection = select_backend(active_bundle(self.home), self.home, force=backend, threads=threads,
+                                        trt_source=trt_source)  # fmt: skip
         spec = self.selection.backend
         self.limits = Limits(spec.min_shape[2], spec.max_shape[2], spec.multiple, max_tiles)
         self.metrics = Metrics(self.selection)
         self.servicer = EdgeServicer(self.home, self.selection, self.limits, self.metrics, self.reports)
         self.health = health.HealthServicer()
         self.server = self._make_server(host, port, workers)
-        self.metrics_port = self._start_metrics(metrics_port) if metrics_port is not None else None
+        self.metrics_host = metrics_host
+        self.metrics_port = self._start_metrics(metrics_host, metrics_port) if metrics_port is not None else None
         self._stopped = threading.Event()
         self._heartbeat_thread: threading.Thread | None = None
 
@@ -451,11 +481,11 @@ class EdgeService:
             ) from exc
         return server
 
-    def _start_metrics(self, port: int) -> int:
+    def _start_metrics(self, host: str, port: int) -> int:
         try:
-            self._metrics_http, _ = start_http_server(port, addr="127.0.0.1", registry=self.metrics.registry)
+            self._metrics_http, _ = start_http_server(port, addr=host, registry=self.metrics.registry)
         except OSError as exc:
-            raise CmdfedError(f"cannot serve metrics on port {port} ({exc}); choose another --metrics-port") from exc
+            raise CmdfedError(f"cannot serve metrics on {host}:{port} ({exc}); choose another --metrics-port or --metrics-host") from exc
         return self._metrics_http.server_port
 
     @property

@@ -194,8 +194,17 @@ def _to_rgb_uint8(region: np.ndarray) -> np.ndarray:
     return region
 
 
+# Microscopy scans lie between about 0.1 (100x oil) and 10 (1.25x) um/px. A TIFF resolution
+# outside that is a screen or print default (72 dpi = 353 um/px), not a scan: unknown.
+PLAUSIBLE_MPP = (0.05, 20.0)
+
+
 def _tiff_mpp(tif) -> float:
-    page = tif.pages[0]
+    mpp = _tiff_resolution(tif.pages[0])
+    return mpp if PLAUSIBLE_MPP[0] <= mpp <= PLAUSIBLE_MPP[1] else float("nan")
+
+
+def _tiff_resolution(page) -> float:
     match = re.search(r"MPP\s*=\s*([0-9.]+)", page.description or "")
     if match:
         return float(match.group(1))

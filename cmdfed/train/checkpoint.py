@@ -33,6 +33,9 @@ from cmdfed.errors import CmdfedError
 
 # 2: the heads normalise each decoder scale (cmdfed/model/heads.py); format-1 heads do not load.
 CHECKPOINT_FORMAT = 2
+# Formats whose backbone and modulation weights are laid out as now: a fine-tuning run may start
+# from them (it replaces the heads), so a costly pretraining survives a change to the heads.
+BACKBONE_FORMATS = (1, 2)
 
 
 class CheckpointFormatError(CmdfedError):
@@ -120,8 +123,12 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise CmdfedError(f"{path} is neither a checkpoint (no config.json) nor a run folder (no 'latest')")
 
 
-def load_checkpoint(path: str | Path, *, with_trainer: bool = False) -> Checkpoint:
-    """Read a checkpoint; damaged or foreign files give one error naming the file."""
+def load_checkpoint(path: str | Path, *, with_trainer: bool = False, backbone_only: bool = False) -> Checkpoint:
+    """Read a checkpoint; damaged or foreign files give one error naming the file.
+
+    ``backbone_only``: the caller uses only the backbone and modulation weights (a
+    fine-tuning init), so any format in ``BACKBONE_FORMATS`` is accepted.
+    """
     folder = resolve_checkpoint(path)
     try:
         config = json.loads((folder / "config.json").read_text())
@@ -129,7 +136,8 @@ def load_checkpoint(path: str | Path, *, with_trainer: bool = False) -> Checkpoi
         raise CmdfedError(f"{folder / 'config.json'} is unreadable ({exc}); the checkpoint is damaged") from exc
     if not isinstance(config, dict) or "format" not in config:
         raise CmdfedError(f"{folder} is not a cmdfed checkpoint (no format in config.json)")
-    if config["format"] != CHECKPOINT_FORMAT:
+    accepted = BACKBONE_FORMATS if backbone_only else (CHECKPOINT_FORMAT,)
+    if config["format"] not in accepted:
         raise CheckpointFormatError(
             f"{folder} is a cmdfed checkpoint of format {config['format']}, this cmdfed reads format {CHECKPOINT_FORMAT} "
             f"(the task heads changed in format 2); train or fine-tune it again with this version, or use the cmdfed that wrote it"

@@ -267,7 +267,7 @@ def finetune(
     indices = training_tiles(site, label_fraction, train_config.seed)
     n_classes = len(site.class_names) if site.has_types else 0
     if init is not None:
-        pretrained = load_checkpoint(init)
+        pretrained = load_checkpoint(init, backbone_only=True)
         base = ModelConfig.from_dict(pretrained.config["model"])
     elif model_config is not None:
         pretrained, base = None, model_config

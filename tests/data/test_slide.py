@@ -35,6 +35,13 @@ def pyramid_tiff(slide_pixels, tmp_path_factory):
     return path
 
 
+def test_a_screen_resolution_in_a_tiff_is_not_taken_for_a_scan_resolution(slide_pixels, tmp_path):
+    path = tmp_path / "exported.tif"
+    tifffile.imwrite(path, slide_pixels[:256, :256], photometric="rgb", resolution=(72, 72), resolutionunit="INCH")
+    with TiffReader(path) as reader:
+        assert np.isnan(reader.mpp)  # 72 dpi would be 353 um/px: areas off by 10^5
+
+
 def test_tiff_reader_reads_levels_regions_and_mpp(pyramid_tiff, slide_pixels):
     with TiffReader(pyramid_tiff) as reader:
         assert reader.level_dimensions == [(W, H), (W // 2, H // 2), (W // 4, H // 4)]

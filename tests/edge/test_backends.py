@@ -29,6 +29,21 @@ def test_forcing_an_unavailable_backend_is_a_clear_error(signed_bundle, tmp_path
         select_backend(signed_bundle, tmp_path, force="openvino")
 
 
+@pytest.mark.skipif(TORCH_CUDA, reason="checks the CPU-only fallback")
+def test_a_runtime_failing_mid_validation_is_reported_not_raised(signed_bundle, tmp_path, monkeypatch):
+    import onnxruntime
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory (injected)")
+
+    monkeypatch.setattr(onnxruntime.InferenceSession, "run", fail)
+    with pytest.raises(CmdfedError, match=r"no backend can run this model here .*onnxruntime-cpu: failed while "
+                                          r"loading or validating \(RuntimeError: CUDA out of memory"):
+        select_backend(signed_bundle, tmp_path)
+    with pytest.raises(CmdfedError, match="backend onnxruntime-cpu cannot be used here: failed while loading"):
+        select_backend(signed_bundle, tmp_path, force="onnxruntime-cpu")
+
+
 def test_run_takes_uint8_or_float_and_splits_large_batches(signed_bundle, tmp_path):
     backend = select_backend(signed_bundle, tmp_path, force="onnxruntime-cpu").backend
     images = np.random.default_rng(0).integers(0, 256, (3, 64, 96, 3), dtype=np.uint8)

@@ -92,3 +92,42 @@ def test_deploy_twice_then_rollback_switches_versions(signed_bundle, tmp_path):
 def test_status_without_a_deployment_says_what_to_do(tmp_path):
     with pytest.raises(CmdfedError, match="nothing is deployed"):
         status(tmp_path)
+
+
+def test_the_same_weights_exported_again_replace_the_installed_copy(signed_bundle, tmp_path):
+    home = tmp_path / "home"
+    unsigned = _copy(signed_bundle, tmp_path, "unsigned")
+    (unsigned / "manifest.sig").unlink()
+    version = deploy(unsigned, home)["version"]
+    assert not status(home)["signed"]
+    assert deploy(signed_bundle, home)["version"] == version  # now signed: replaces, no error
+    assert status(home)["signed"] and status(home)["installed"] == [version]
+    retuned = _copy(signed_bundle, tmp_path, "retuned")
+    (retuned / "manifest.sig").unlink()
+    manifest = json.loads((retuned / "manifest.json").read_text())
+    manifest["postprocessing"]["params"]["sobel_kernel_size"] = 21
+    (retuned / "manifest.json").write_text(json.dumps(manifest))
+    deploy(retuned, home)
+    installed = json.loads((home / "models" / version / "manifest.json").read_text())
+    assert installed["postprocessing"]["params"]["sobel_kernel_size"] == 21
+    assert read_state(home) == {"active": version, "history": []}
+    assert not [p for p in (home / "models").iterdir() if p.name.startswith(".")]
+
+
+def test_a_version_that_is_not_a_plain_folder_name_is_refused(signed_bundle, tmp_path):
+    crafted = _copy(signed_bundle, tmp_path, "crafted")
+    (crafted / "manifest.sig").unlink()
+    manifest = json.loads((crafted / "manifest.json").read_text())
+    manifest["model"]["version"] = "../escaped"
+    (crafted / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CmdfedError, match="no valid model version"):
+        deploy(crafted, tmp_path / "home" / "inner")
+    assert not (tmp_path / "home" / "escaped").exists()
+
+
+def test_status_of_a_damaged_active_version_says_what_to_do(signed_bundle, tmp_path):
+    home = tmp_path / "home"
+    version = deploy(signed_bundle, home)["version"]
+    (home / "models" / version / "manifest.json").unlink()
+    info = status(home)
+    assert not info["verified"] and "redeploy the bundle or roll back" in info["problem"]

@@ -47,7 +47,8 @@ def test_slide_gives_geojson_ome_zarr_and_summary(home, slide_tiff, tmp_path):
     assert set(np.unique(level0[level0 > 0]).tolist()) == {f["properties"]["nucleus_id"] for f in features}
 
     assert summary["backend"]["backend"] == "onnxruntime-cpu" and summary["model_version"].startswith("ft-")
-    assert 0 < summary["area_analysed_mm2"] < 0.2 * 0.2 * 1.01  # within the slide's 0.2 x 0.22 mm
+    width, height = summary["dimensions"]
+    assert 0 < summary["area_analysed_mm2"] <= width * height * 0.5**2 / 1e6  # tissue tiles only, within the slide
     [event] = TelemetryStore.open(tmp_path / "t.db").inference_events()
     assert event["slide_name"] == "case-001.tif" and event["n_cells"] == len(features)
 
@@ -92,6 +93,45 @@ def test_a_crash_between_writing_labels_and_committing_the_batch_is_redone_clean
     assert _features(crashed) == _features(whole)
     labels = [zarr.open_array(str(d / "labels.ome.zarr/labels/nuclei/0"), mode="r")[:] for d in (whole, crashed)]
     assert np.array_equal(*labels)
+
+
+def test_labels_of_a_finished_batch_are_on_disk_before_it_is_recorded_done(home, slide_tiff, tmp_path, monkeypatch):
+    import os
+
+    synced, fsync = [], os.fsync
+
+    def recording_fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    infer_slide(slide_tiff, home, tmp_path / "out", batch=2)
+    chunks = {p for p in synced if "/labels/nuclei/0/" in p and os.path.isfile(p)}
+    written = {str(p) for p in (tmp_path / "out" / "labels.ome.zarr" / "labels" / "nuclei" / "0").rglob("*")
+               if p.is_file() and not p.name.startswith(".")}
+    assert written and chunks == written
+    first_chunk = synced.index(sorted(chunks)[0])
+    assert any(p.endswith("state.json") or ".state.json" in p for p in synced[first_chunk:])
+
+
+def test_a_second_job_on_the_same_out_folder_is_refused(home, slide_tiff, tmp_path):
+    import fcntl
+
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    with open(out_dir / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(CmdfedError, match="another inference job is writing"):
+            infer_slide(slide_tiff, home, out_dir)
+    assert infer_slide(slide_tiff, home, out_dir)["n_cells"] > 0
+
+
+def test_a_telemetry_failure_does_not_fail_the_slide(home, slide_tiff, tmp_path, caplog):
+    unusable = tmp_path / "not-a-database"
+    unusable.mkdir()
+    summary = infer_slide(slide_tiff, home, tmp_path / "out", telemetry=unusable)
+    assert summary["n_cells"] > 0 and (tmp_path / "out" / "summary.json").is_file()
+    assert "could not record case-001.tif in the telemetry" in caplog.text
 
 
 def test_plain_image_works_and_other_jobs_outputs_are_protected(home, tmp_path):

@@ -211,6 +211,31 @@ def test_concurrent_clients_are_all_served_and_counted(service):
     assert counter(after, "cmdfed_edge_tiles_total") >= clients * calls * len(images)
 
 
+def test_slides_run_the_served_model_one_at_a_time(home, slide_tiff, tmp_path):
+    import shutil
+
+    own_home = tmp_path / "home"
+    shutil.copytree(home, own_home)
+    service = EdgeService(own_home, port=0, metrics_port=0, metrics_host="0.0.0.0", workers=4).start()
+    try:
+        # Another deploy or a rollback changes what is active; this service keeps its model.
+        (own_home / "state.json").write_text(json.dumps({"active": "another-version", "history": []}))
+        with grpc.insecure_channel(f"127.0.0.1:{service.port}") as channel:
+            stub = pb_grpc.EdgeSegmentationStub(channel)
+            first = stub.SegmentSlide(pb.SegmentSlideRequest(path=str(slide_tiff), out_dir=str(tmp_path / "a"), batch=1), timeout=300)
+            assert next(first).stage == "tiles"
+            with pytest.raises(grpc.RpcError) as busy:
+                list(stub.SegmentSlide(pb.SegmentSlideRequest(path=str(slide_tiff), out_dir=str(tmp_path / "b")), timeout=60))
+            assert busy.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "another slide" in busy.value.details()
+            *_, final = first
+            assert final.stage == "done" and final.summary.model_version == service.version
+            again = list(stub.SegmentSlide(pb.SegmentSlideRequest(path=str(slide_tiff), out_dir=str(tmp_path / "b")), timeout=300))
+            assert again[-1].summary.n_cells == final.summary.n_cells
+        assert counter(scrape(service), "cmdfed_edge_failures_total", method="SegmentSlide", reason="busy") == 1
+    finally:
+        service.stop(grace=1)
+
+
 def test_heartbeat_is_recorded_when_serving_starts(service, telemetry):
     [beat] = TelemetryStore.open(telemetry).heartbeats(latest_only=True)
     assert beat["backend"] == "onnxruntime-cpu" and beat["model_version"] == service.version

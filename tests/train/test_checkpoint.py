@@ -49,6 +49,18 @@ def test_damaged_checkpoints_name_the_file(tmp_path):
         load_checkpoint(folder)
 
 
+def test_an_older_format_serves_only_as_a_backbone(tmp_path):
+    folder = save_checkpoint(tmp_path, 1, config={}, weights=weights(1.0))
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "format": 1}))
+    assert torch.equal(load_checkpoint(folder, backbone_only=True).weights["a.weight"], weights(1.0)["a.weight"])
+    with pytest.raises(CmdfedError, match="checkpoint of format 1"):
+        load_checkpoint(folder)
+    (folder / "config.json").write_text(json.dumps({**config, "format": 99}))
+    with pytest.raises(CmdfedError, match="checkpoint of format 99"):
+        load_checkpoint(folder, backbone_only=True)
+
+
 def test_missing_or_foreign_paths(tmp_path):
     with pytest.raises(CmdfedError, match="does not exist"):
         load_checkpoint(tmp_path / "nope")

@@ -86,6 +86,19 @@ def test_finetune_trains_only_heads_over_the_frozen_backbone(synthetic_store, pr
     assert heads and not all(k in pre.weights and torch.equal(pre.weights[k], ft.weights[k]) for k in heads)
 
 
+def test_finetune_starts_from_a_pretraining_saved_before_the_heads_changed(synthetic_store, pretrained, tmp_path):
+    import shutil
+
+    old = tmp_path / "old-pre"
+    shutil.copytree(pretrained[0], old)
+    config_path = resolve_checkpoint(old) / "config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "format": 1}))
+    finetune(synthetic_store, tmp_path / "ft", init=old, train_config=quick(steps=1, sample_every=0), device="cpu")
+    pre, ft = load_checkpoint(old, backbone_only=True), load_checkpoint(tmp_path / "ft")
+    assert ft.config["format"] == 2
+    assert all(torch.equal(pre.weights[k], ft.weights[k]) for k in pre.weights if not k.startswith("heads."))
+
+
 def test_label_fraction_and_random_init_baseline(synthetic_store, tmp_path):
     result = finetune(
         synthetic_store, tmp_path / "ft", init=None, model_config=TINY, trainable="all",
