@@ -10,10 +10,18 @@ Arms, each fine-tuned on 10% and 100% of the training tiles with 3 seeds:
 (a) ``cmd``: masked-diffusion pretraining on unlabelled real H&E (the cpm15 training images
     and the sample slide's tiles), then frozen backbone + trained heads;
 (b) ``scratch-e2e``: the same network trained end to end from random initialisation;
-(c) ``random-frozen``: a frozen random-init backbone + trained heads.
+(c) ``random-frozen``: a frozen random-init backbone + trained heads;
+
+and, because the recipe lets a site also train the adaptive-normalisation layers
+(``--trainable heads+modulation``, 8 % of the tiny model), the same pair with them trained:
+
+(a') ``cmd-modulation``: CMD pretraining, then heads + modulation trained;
+(c') ``random-modulation``: random init, then heads + modulation trained.
 
 The pretraining is done once (seed 0) and shared by the three fine-tuning seeds. Metrics on
 the three test images, whole: Dice, AJI, PQ (mean over images), mean +- std over seeds.
+A ``--workdir`` that already holds runs of the same settings resumes them: finished runs are
+evaluated again, not retrained.
 
     python -m benchmarks.model_quality [--cpm15 ../shared/data/cpm15] [--pretrain-steps 1000]
         [--finetune-steps 300] [--preset tiny] [--workdir DIR]
@@ -46,7 +54,14 @@ from cmdfed.train.phases import finetune, pretrain
 TILE = 128
 TRAIN_IDS = [f"{i:02d}" for i in range(1, 8)]
 TEST_IDS = ["08", "09", "10"]
-ARMS = {"cmd": "heads", "scratch-e2e": "all", "random-frozen": "heads"}
+# arm -> (starts from the CMD pretraining, what is trained)
+ARMS = {
+    "cmd": (True, "heads"),
+    "cmd-modulation": (True, "heads+modulation"),
+    "scratch-e2e": (False, "all"),
+    "random-frozen": (False, "heads"),
+    "random-modulation": (False, "heads+modulation"),
+}
 
 
 def load_pair(folder: Path, image_id: str) -> tuple[np.ndarray, np.ndarray]:
@@ -106,14 +121,14 @@ def main() -> None:
 
     per_run = []
     for fraction in (0.1, 1.0):
-        for arm, trainable in ARMS.items():
+        for arm, (pretrained, trainable) in ARMS.items():
             for seed in range(args.seeds):
                 run = work / f"{arm}-f{fraction}-s{seed}"
-                config = TrainConfig(steps=args.finetune_steps, batch_size=args.batch, lr=2e-3 if trainable == "heads" else 1e-3,
+                config = TrainConfig(steps=args.finetune_steps, batch_size=args.batch, lr=1e-3 if trainable == "all" else 2e-3,
                                      warmup_steps=20, seed=seed, checkpoint_every=args.finetune_steps)  # fmt: skip
                 result = finetune(
-                    train_store, run, init=pre.run_dir if arm == "cmd" else None,
-                    model_config=None if arm == "cmd" else model_config, trainable=trainable,
+                    train_store, run, init=pre.run_dir if pretrained else None,
+                    model_config=None if pretrained else model_config, trainable=trainable,
                     label_fraction=fraction, train_config=config, device="cpu",
                 )  # fmt: skip
                 metrics = evaluate_on_test(run, args.cpm15)
