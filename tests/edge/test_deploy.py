@@ -66,14 +66,19 @@ def test_tar_with_a_path_escape_is_refused(signed_bundle, tmp_path):
         deploy(evil, tmp_path / "home")
 
 
-def _second_version(bundle, tmp_path):
-    """The same files under another version name (unsigned: the manifest changed)."""
-    copy = _copy(bundle, tmp_path, "v2")
+def _edited(bundle, tmp_path, name, edit):
+    """An unsigned copy of the bundle whose manifest ``edit`` changed in place."""
+    copy = _copy(bundle, tmp_path, name)
     (copy / "manifest.sig").unlink()
     manifest = json.loads((copy / "manifest.json").read_text())
-    manifest["model"]["version"] = "ft-v2"
+    edit(manifest)
     (copy / "manifest.json").write_text(json.dumps(manifest))
     return copy
+
+
+def _second_version(bundle, tmp_path):
+    """The same files under another version name."""
+    return _edited(bundle, tmp_path, "v2", lambda manifest: manifest["model"].update(version="ft-v2"))
 
 
 def test_deploy_twice_then_rollback_switches_versions(signed_bundle, tmp_path):
@@ -102,12 +107,7 @@ def test_the_same_weights_exported_again_replace_the_installed_copy(signed_bundl
     assert not status(home)["signed"]
     assert deploy(signed_bundle, home)["version"] == version  # now signed: replaces, no error
     assert status(home)["signed"] and status(home)["installed"] == [version]
-    retuned = _copy(signed_bundle, tmp_path, "retuned")
-    (retuned / "manifest.sig").unlink()
-    manifest = json.loads((retuned / "manifest.json").read_text())
-    manifest["postprocessing"]["params"]["sobel_kernel_size"] = 21
-    (retuned / "manifest.json").write_text(json.dumps(manifest))
-    deploy(retuned, home)
+    deploy(_edited(signed_bundle, tmp_path, "retuned", lambda m: m["postprocessing"]["params"].update(sobel_kernel_size=21)), home)
     installed = json.loads((home / "models" / version / "manifest.json").read_text())
     assert installed["postprocessing"]["params"]["sobel_kernel_size"] == 21
     assert read_state(home) == {"active": version, "history": []}
@@ -115,11 +115,7 @@ def test_the_same_weights_exported_again_replace_the_installed_copy(signed_bundl
 
 
 def test_a_version_that_is_not_a_plain_folder_name_is_refused(signed_bundle, tmp_path):
-    crafted = _copy(signed_bundle, tmp_path, "crafted")
-    (crafted / "manifest.sig").unlink()
-    manifest = json.loads((crafted / "manifest.json").read_text())
-    manifest["model"]["version"] = "../escaped"
-    (crafted / "manifest.json").write_text(json.dumps(manifest))
+    crafted = _edited(signed_bundle, tmp_path, "crafted", lambda manifest: manifest["model"].update(version="../escaped"))
     with pytest.raises(CmdfedError, match="no valid model version"):
         deploy(crafted, tmp_path / "home" / "inner")
     assert not (tmp_path / "home" / "escaped").exists()
