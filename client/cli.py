@@ -26,6 +26,9 @@ def start(
     ca: Optional[Path] = typer.Option(None, "--ca", help="The federation CA certificate (from the server's `cmdfed certs init`): TLS."),
     key: Optional[Path] = typer.Option(None, "--key", help="This site's private key (`cmdfed client keygen`), for a server that admits registered sites only."),
     insecure: bool = typer.Option(False, "--insecure", help="Allow a non-loopback SuperLink without TLS."),
+    share_metrics: bool = typer.Option(False, "--share-metrics", help="Under local DP, also send losses and evaluation "
+                                       "scores (un-noised statistics of this site's tiles, outside its privacy budget); "
+                                       "without it only privacy numbers and tile counts are sent."),
     isolation: str = typer.Option("subprocess", "--isolation", help="How each message's ClientApp runs: subprocess (Flower's default: a fresh "
                                   "flwr-clientapp that imports torch and cmdfed every time) or process (a launcher beside the SuperNode "
                                   "imports them once and forks a process per message; needs fork(), tested on Linux)."),
@@ -47,7 +50,7 @@ def start(
             raise CmdfedError(f"{what} {path} does not exist")
     settings = SiteSettings(
         store=store.absolute(), name=name, work_dir=(work_dir or Path(f"cmdfed-site-{name}")).absolute(),
-        device=device, batch_size=batch_size or None,
+        device=device, batch_size=batch_size or None, share_metrics=share_metrics,
     )  # fmt: skip
     node = SuperNode(settings, superlink, port, ca=ca.absolute() if ca else None, key=key.absolute() if key else None,
                      isolation=isolation).start()  # fmt: skip

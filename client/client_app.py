@@ -10,8 +10,11 @@ names the site and has every path cut to its last part; the full traceback stays
 SuperNode's log at the site. The server logs the error and the round goes on without it.
 
 Under local differential privacy the site keeps its privacy ledger in its work folder
-(``cmdfed.privacy.accounting``); a site whose next round would exceed its budget does not
-train and replies ``declined-budget = 1`` with its spent epsilon and no weights.
+(``cmdfed.privacy.accounting``; node config ``work-dir`` is then required); a site whose
+next round would exceed its budget does not train and replies ``declined-budget = 1`` with
+its spent epsilon and no weights. Its replies then carry only ``num-examples`` and the
+``dp_*`` numbers, no losses or evaluation scores (un-noised statistics of its private
+tiles), unless its node config has ``share-metrics = true`` (``local.shared_metrics``).
 """
 
 from __future__ import annotations
@@ -26,7 +29,13 @@ from flwr.common.constant import ErrorCode
 
 from cmdfed.errors import CmdfedError
 from cmdfed.federation.config import FederationConfig, check_phase
-from cmdfed.federation.local import local_evaluate, local_finetune_round, local_pretrain_round, open_privacy_ledger
+from cmdfed.federation.local import (
+    local_evaluate,
+    local_finetune_round,
+    local_pretrain_round,
+    open_privacy_ledger,
+    shared_metrics,
+)
 from cmdfed.federation.site import SiteSettings, check_site_store, keep_frozen, load_frozen
 from cmdfed.federation.updates import redact_paths
 from cmdfed.federation.wire import LAYOUT_PREFIX, WEIGHTS_KEY, Layout
@@ -63,7 +72,8 @@ def _train(msg: Message, site: SiteSettings, config: FederationConfig) -> Record
         print(f"cmdfed: {site.name} declines {phase} round {round}: {exc}", flush=True)
         declined = {"declined-budget": 1, "dp_epsilon": exc.spent, "dp_budget_epsilon": exc.budget, "dp_delta": ledger.delta}
         return RecordDict({"metrics": MetricRecord(declined), "site": ConfigRecord({"name": site.name})})
-    return _content(site, ArrayRecord({WEIGHTS_KEY: Array(layout.pack(update.weights))}), update.n_examples, update.metrics)
+    metrics = shared_metrics(update.metrics, config, site.share_metrics)
+    return _content(site, ArrayRecord({WEIGHTS_KEY: Array(layout.pack(update.weights))}), update.n_examples, metrics)
 
 
 def _evaluate(msg: Message, site: SiteSettings, config: FederationConfig) -> RecordDict:
@@ -71,7 +81,7 @@ def _evaluate(msg: Message, site: SiteSettings, config: FederationConfig) -> Rec
     weights = _unpacked(Layout.from_values(msg.content["config"], LAYOUT_PREFIX), msg.content["arrays"])
     frozen = _frozen_weights(msg, site) if phase == "finetune" else {}
     n_examples, metrics = local_evaluate(weights, frozen, phase, site.store, config, device=site.device)
-    return _content(site, None, n_examples, metrics)
+    return _content(site, None, n_examples, shared_metrics(metrics, config, site.share_metrics))
 
 
 def _frozen_weights(msg: Message, site: SiteSettings) -> dict:
@@ -98,9 +108,10 @@ def _content(site: SiteSettings, arrays: ArrayRecord | None, n_examples: int, me
 def _reply(msg: Message, context: Context, work: Callable[[Message, SiteSettings, FederationConfig], RecordDict]) -> Message:
     name = str(context.node_config.get("name", "unnamed site"))
     try:
-        site = SiteSettings.from_node_config(context.node_config)
+        config = FederationConfig.from_run_config(context.run_config)
+        site = SiteSettings.from_node_config(context.node_config, dp_mode=config.dp_mode)
         check_site_store(site.store)
-        content = work(msg, site, FederationConfig.from_run_config(context.run_config))
+        content = work(msg, site, config)
     except Exception as exc:  # any failure is this site's alone: tell the server, keep details here
         traceback.print_exc()
         reason = f"[{redact_paths(name)}] {type(exc).__name__}: {redact_paths(str(exc))}"

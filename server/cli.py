@@ -13,6 +13,7 @@ import typer
 from cmdfed.cli import console
 from cmdfed.errors import CmdfedError
 from cmdfed.federation.processes import (
+    SERVE_TLS,
     flower_env,
     flower_executable,
     require_loopback_or_insecure,
@@ -37,7 +38,7 @@ def start(
     insecure: bool = typer.Option(False, "--insecure", help="Allow a non-loopback address without TLS."),
 ) -> None:
     """Start the SuperLink and keep it running until Ctrl-C; sites and runs survive a restart."""
-    require_loopback_or_insecure(host, insecure, "listen address", tls=certs is not None)
+    require_loopback_or_insecure(host, insecure, "listen address", tls=certs is not None, how=SERVE_TLS)
     superlink = SuperLink(run_dir, host, port, certs=certs.absolute() if certs else None, site_auth=site_auth).start()
     security = ("TLS" if certs else "plaintext") + (", registered sites only" if site_auth else "")
     console.print(f"SuperLink listening on {superlink.address} ({security}; state and log in {superlink.state_dir}); Ctrl-C stops it")

@@ -76,6 +76,9 @@ def federate(
             "[yellow]warning[/]: the run's output stopped streaming before its end (Flower 1.42 gives up "
             f"streaming after one failed log upload); every round is recorded in {config.run_dir}"
         )
+    if rounds == 0:  # e.g. every site's privacy budget was spent before round 1: the warning above says why
+        console.print(f"[bold yellow]federated run ended without training a round[/]: no checkpoint in {config.run_dir}")
+        return
     done = f"{rounds} rounds, " if rounds is not None else ""
     console.print(f"[bold green]federated run completed[/]: {done}checkpoints in {config.run_dir}")
 

@@ -4,7 +4,8 @@ Flower's ``Strategy.start`` runs all rounds in one loop with nowhere to checkpoi
 or refuse a bad update, so this module drives the strategy round by round itself:
 
 1. wait (up to the round timeout) until ``min-sites`` sites are connected;
-2. ``strategy.configure_train`` samples sites and builds messages of the phase's sent
+2. ``strategy.configure_train`` samples sites (through ``SamplingGrid``: Flower's sampling
+   itself waits for sites with no end) and builds messages of the phase's sent
    weights, packed into one vector with its layout in the config (``cmdfed.federation.wire``:
    Flower moves every array as objects of its own); in fine-tuning a site that does not hold
    the frozen backbone yet gets it too, packed the same way;
@@ -18,12 +19,17 @@ or refuse a bad update, so this module drives the strategy round by round itself
    a round without one usable update is an error that fails the run, because Flower
    itself would carry on with unchanged weights;
 6. optional federated evaluation, then the coordinator checkpoints and records the round.
+   Evaluation waits for ``min-sites`` sites like training; when too few are connected within
+   the round timeout (a site crashed after training), that round's federated evaluation is
+   skipped with a warning and the round is still checkpointed.
 
 Differential privacy: under central DP the strategy is Flower's server-side clipping
 wrapper (``server.strategies``), told each round how many updates it averages. Under
 local DP a site that has spent its budget replies ``declined-budget`` instead of an
-update; it is recorded as ``declined_budget``, and when every sampled site declines the
-run stops there, completed: further rounds could not train at all.
+update; it is recorded as ``declined_budget``, and when every sampled site that did not
+fail declined the run stops there, completed: further rounds could not train at all (a
+resumed run would stop the same way). A site's privacy spend is recorded whenever its reply
+reports it, also when its update is then rejected or the round fails: the site spent it.
 
 A site that goes away mid-round (its SuperNode crashed, or lost the network) does not hold
 the round up to the round timeout: Flower's SuperLink declares a SuperNode offline once it
@@ -56,7 +62,11 @@ SITE_IN_REASON = re.compile(r"^\[([A-Za-z0-9][A-Za-z0-9._-]*)\] ")
 
 
 class BudgetsSpent(CmdfedError):
-    """Every sampled site declined the round: their privacy budgets are spent."""
+    """Every sampled site that did not fail declined the round: their privacy budgets are spent."""
+
+
+class SitesMissing(CmdfedError):
+    """Fewer sites than ``min-sites`` were connected within the round timeout."""
 
 
 def run_federation(grid: Grid, config: FederationConfig) -> None:
@@ -73,8 +83,13 @@ def run_federation(grid: Grid, config: FederationConfig) -> None:
             for phase_round in rounds:
                 phase_rounds.run(phase_round)
     except BudgetsSpent as exc:
-        emit_event("warning", message=f"{exc}; the run stops after round {coordinator.last_round}")
-        coordinator.finish("completed")
+        if coordinator.last_round:
+            note = f"{exc}; the run stops after round {coordinator.last_round}"
+        else:
+            note = (f"no round ran: {exc}, so nothing was trained and the run has no checkpoint; "
+                    "to train, start a new run folder with a larger dp-epsilon")  # fmt: skip
+        emit_event("warning", message=note)
+        coordinator.finish("completed", note=note)
         return
     except (KeyboardInterrupt, SystemExit):
         coordinator.finish("interrupted")
@@ -96,11 +111,11 @@ class PhaseRounds:
 
     def run(self, phase_round: int) -> None:
         started = time.time()
-        wait_for_sites(self.grid, self.config.min_sites, self.config.round_timeout_s)
+        sampling = self._sampling_grid()
         sent = self.coordinator.sent_weights(self.phase)
         layout = Layout.of(sent)
         instructions = self._instructions(phase_round, layout)
-        messages = self._with_frozen(list(self.strategy.configure_train(phase_round, _packed(layout, sent), instructions, self.grid)))
+        messages = self._with_frozen(list(self.strategy.configure_train(phase_round, _packed(layout, sent), instructions, sampling)))
         replies, refused = self._exchange(messages, phase_round)
         reports, usable = self._sort(messages, replies, refused, phase_round, layout)
         updates = {self._name(r): layout.unpack(r.content["arrays"][WEIGHTS_KEY].numpy()) for r in usable}
@@ -109,10 +124,13 @@ class PhaseRounds:
             if report.site in rejected:
                 report.status, report.error = "failed", f"update rejected: {rejected[report.site]}"
         accepted_replies = [r for r in usable if self._name(r) in accepted]
-        if reports and all(r.status == "declined_budget" for r in reports):
-            self.coordinator.record_sites(self.phase, phase_round, reports)
-            raise BudgetsSpent(f"{self.phase} round {phase_round}: every site has spent its privacy budget")
         if not accepted_replies:
+            # No round to checkpoint, but the sites' part in it (and the privacy they spent) is recorded.
+            self.coordinator.record_sites(self.phase, phase_round, reports)
+            if _budgets_spent(reports):
+                failed = [r.site for r in reports if r.status != "declined_budget"]
+                who = f"every site that did not fail ({', '.join(failed)} failed)" if failed else "every site"
+                raise BudgetsSpent(f"{self.phase} round {phase_round}: {who} has spent its privacy budget")
             errors = "; ".join(f"{r.site}: {r.error or r.status}" for r in reports) or "no site was sampled"
             raise CmdfedError(f"{self.phase} round {phase_round}: no site delivered a usable update ({errors})")
         if isinstance(self.strategy, DifferentialPrivacyServerSideFixedClipping):
@@ -216,9 +234,19 @@ class PhaseRounds:
     def _name(self, reply: Message) -> str:
         return self.coordinator.sites.name(reply.metadata.src_node_id)
 
+    def _sampling_grid(self) -> SamplingGrid:
+        """Wait (up to the round timeout) for ``min-sites`` sites; the grid a strategy samples them from."""
+        wait_for_sites(self.grid, self.config.min_sites, self.config.round_timeout_s)
+        return SamplingGrid(self.grid, self.config.min_sites, self.config.round_timeout_s)
+
     def _evaluate(self, phase_round: int, arrays: ArrayRecord, layout: Layout) -> dict[str, float]:
         instructions = self._instructions(phase_round, layout)
-        messages = self._with_frozen(list(self.strategy.configure_evaluate(phase_round, arrays, instructions, self.grid)))
+        try:
+            sampling = self._sampling_grid()
+            messages = self._with_frozen(list(self.strategy.configure_evaluate(phase_round, arrays, instructions, sampling)))
+        except SitesMissing as exc:  # a site crashed after training: the round's weights still count
+            emit_event("warning", message=f"{self.phase} round {phase_round}: federated evaluation skipped: {exc}")
+            return {}
         replies, refused = self._exchange(messages, phase_round)
         good = [r for n, r in replies.items() if n not in refused and r.has_content() and "metrics" in r.content.metric_records]
         for node, reply in replies.items():
@@ -229,19 +257,56 @@ class PhaseRounds:
         return dict(metrics or {})
 
 
+def _budgets_spent(reports: list[SiteReport]) -> bool:
+    """Whether the round's sites that did not fail all declined for their privacy budgets.
+
+    A site that failed or timed out may come back, but it cannot train the others' share:
+    rounds after this one could only fail the same way (and a resumed run would too)."""
+    answered = [r for r in reports if r.status not in ("failed", "timed_out")]
+    return bool(answered) and all(r.status == "declined_budget" for r in answered)
+
+
 def wait_for_sites(grid: Grid, minimum: int, timeout: float) -> None:
-    """Block until ``minimum`` sites are connected; an error after ``timeout`` seconds."""
+    """Block until ``minimum`` sites are connected; ``SitesMissing`` after ``timeout`` seconds."""
     deadline, announced = time.monotonic() + timeout, -1
     while (connected := len(list(grid.get_node_ids()))) < minimum:
         if time.monotonic() > deadline:
-            raise CmdfedError(
-                f"only {connected} of the {minimum} sites the run needs connected within {timeout:.0f} s; "
-                "start more sites (`cmdfed client start`) or lower min-sites"
-            )
+            raise _sites_missing(connected, minimum, timeout)
         if connected != announced:
             emit_event("waiting", connected=connected, needed=minimum)
             announced = connected
         time.sleep(1.0)
+
+
+class SamplingGrid:
+    """The grid as a strategy samples sites from it, with an end to the waiting.
+
+    Flower's ``sample_nodes`` (``flwr.serverapp.strategy.strategy_utils``) loops with a
+    one-second sleep, without a timeout, until enough nodes are connected; a site that
+    leaves between :func:`wait_for_sites` and the strategy's sampling would hold the run
+    forever. Here asking for the node ids raises ``SitesMissing`` once fewer than ``minimum``
+    are connected past ``timeout`` seconds; everything else is the grid's own.
+    """
+
+    def __init__(self, grid: Grid, minimum: int, timeout: float):
+        self._grid, self._minimum, self._timeout = grid, minimum, timeout
+        self._deadline = time.monotonic() + timeout
+
+    def get_node_ids(self) -> list[int]:
+        nodes = list(self._grid.get_node_ids())
+        if len(nodes) < self._minimum and time.monotonic() > self._deadline:
+            raise _sites_missing(len(nodes), self._minimum, self._timeout)
+        return nodes
+
+    def __getattr__(self, name: str):
+        return getattr(self._grid, name)
+
+
+def _sites_missing(connected: int, minimum: int, timeout: float) -> SitesMissing:
+    return SitesMissing(
+        f"only {connected} of the {minimum} sites the run needs connected within {timeout:.0f} s; "
+        "start more sites (`cmdfed client start`) or lower min-sites"
+    )
 
 
 def _packed(layout: Layout, weights: dict) -> ArrayRecord:

@@ -63,6 +63,9 @@ def simulate(
     events = run_simulated(config, site_settings, cpus_per_site)
     finished = next((e for e in reversed(events) if e["event"] == "finish"), {})
     last = last_complete_round(config.run_dir)
+    if finished.get("status") == "completed" and last is None:  # e.g. every site's privacy budget spent before round 1
+        console.print(f"[bold yellow]simulation ended without training a round[/]: {finished.get('note') or 'no round ran'}")
+        return
     if finished.get("status") != "completed" or last is None:
         raise CmdfedError(f"the simulation ended as {finished.get('status', 'failed')}: {finished.get('error') or 'see the messages above'}")
     console.print(f"[bold green]simulation completed[/]: {last.round} rounds, checkpoints in {config.run_dir}")

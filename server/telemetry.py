@@ -39,12 +39,13 @@ def add_workstation(
     replace: bool = typer.Option(False, "--replace", help="Issue a new token for a workstation that has one (the old one stops working)."),
 ) -> None:
     """Issue a workstation's token; it is shown (or written) once and only its hash is kept."""
-    token = WorkstationTokens(tokens).add(name, replace=replace)
     if token_out is None:
+        token = WorkstationTokens(tokens).add(name, replace=replace)
         out.print(token, highlight=False, soft_wrap=True)
         console.print(f"token for {name} (shown once; give it to the workstation as its --report-token file)")
     else:
-        write_token_file(token_out, token)
+        # The token file first: if it cannot be written, the hash is not saved and a rerun needs no --replace.
+        WorkstationTokens(tokens).add(name, replace=replace, deliver=lambda token: write_token_file(token_out, token))
         console.print(f"token for {name} written to {token_out}; give it to the workstation as its --report-token file")
 
 

@@ -38,11 +38,12 @@ import numpy as np
 import torch
 
 from cmdfed.atomic import json_safe, write_json_atomic
+from cmdfed.data.store import SiteStore
 from cmdfed.errors import CmdfedError
 from cmdfed.federation.checkpoints import last_complete_round, prune_rounds, save_round
 from cmdfed.federation.config import PHASES, FederationConfig
 from cmdfed.federation.events import emit_event
-from cmdfed.federation.local import evaluate_on_store, site_model
+from cmdfed.federation.local import evaluate_on_store, open_site, site_model
 from cmdfed.federation.site import weights_fingerprint
 from cmdfed.federation.updates import screen_updates
 from cmdfed.model.config import build_model
@@ -121,6 +122,7 @@ class RunCoordinator:
 
     def __init__(self, config: FederationConfig):
         self.config = config
+        check_server_eval_store(config)  # before any site spends compute (or privacy) on a run that would fail
         self.run_dir = Path(config.run_dir).expanduser().absolute()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.run_id = self._pin_run()
@@ -226,13 +228,17 @@ class RunCoordinator:
         return path
 
     def record_sites(self, phase: str, phase_round: int, sites: list[SiteReport]) -> None:
-        """Each site's part in a round, and the privacy it spent (local DP), in telemetry."""
+        """Each site's part in a round, and the privacy it spent (local DP), in telemetry.
+
+        The spend is recorded whenever a site reports it, whatever became of its update
+        (rejected by the screen, or the round failed): the site spent it all the same. A site
+        that declined spent nothing this round; its last spend is already recorded."""
         round = self.config.global_round(phase, phase_round)
         for site in sites:
             self._record("record_site_round", self.run_id, phase=phase, round=round, site=site.site,
                          status=site.status, n_examples=site.n_examples, metrics=site.metrics,
                          duration_s=site.duration_s, error=site.error)  # fmt: skip
-            if site.status == "trained" and "dp_epsilon" in site.metrics:
+            if site.status != "declined_budget" and _reports_privacy(site.metrics):
                 m = site.metrics
                 self._record("record_privacy", self.run_id, phase=phase, round=round, site=site.site,
                              epsilon=m["dp_epsilon"], delta=m["dp_delta"], noise_multiplier=m["dp_noise_multiplier"],
@@ -246,14 +252,15 @@ class RunCoordinator:
         sent = {k: v for k, v in self.weights.items() if ConvNeXtUNet.group_of(k) in config.sent_groups(phase)}
         frozen = {k: v for k, v in self.weights.items() if ConvNeXtUNet.group_of(k) in config.frozen_groups(phase)}
         model = site_model(config, phase, sent, frozen, select_device("auto"))
-        tiles, metrics = evaluate_on_store(model, phase, config.server_eval_store, config)
+        tiles, metrics = evaluate_on_store(model, phase, config.server_eval_store, config, remedy=SERVER_STORE_REMEDY)
         return {"server_tiles": tiles, **{f"server_{k}": v for k, v in metrics.items()}}
 
     def evaluation_due(self, phase: str, phase_round: int) -> bool:
         return _due(self.config.eval_every, self.config.rounds(phase), phase_round)
 
-    def finish(self, status: str, error: str | None = None) -> None:
-        """Close the run's telemetry: its status and, when completed, the final model version."""
+    def finish(self, status: str, error: str | None = None, note: str | None = None) -> None:
+        """Close the run's telemetry: its status and, when completed, the final model version.
+        ``note``: why a completed run ended as it did (e.g. no round ran: budgets spent)."""
         if status == "completed" and self.last_round:
             path = self.run_dir / f"round-{self.last_round:04d}"
             sha = hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
@@ -261,7 +268,7 @@ class RunCoordinator:
             self._record("record_model_version", version, run_id=self.run_id, round=self.last_round,
                          metrics={"checkpoint": path.name}, checkpoint_sha256=sha)  # fmt: skip
         self._record("finish_run", self.run_id, status=status)
-        emit_event("finish", status=status, rounds=self.last_round, error=error)
+        emit_event("finish", status=status, rounds=self.last_round, error=error, **({"note": note} if note else {}))
         if self.telemetry is not None:
             self.telemetry.close()
 
@@ -307,6 +314,38 @@ class RunCoordinator:
             self._telemetry_failed = True
             print(f"cmdfed: telemetry not recorded: {exc}", file=sys.stderr, flush=True)
             emit_event("warning", message=f"telemetry not recorded: {exc}")
+
+
+SERVER_STORE_REMEDY = ("set server-eval-store to a labelled store on the server imported with the run's classes "
+                       "(`cmdfed data import ...`), or leave server-eval-store empty to evaluate at the sites only")
+
+
+def check_server_eval_store(config: FederationConfig) -> None:
+    """Refuse a run whose ``server-eval-store`` cannot score its rounds: missing, not a store,
+    other classes, or no labelled tiles for fine-tuning's metrics."""
+    path = config.server_eval_store
+    if not path or config.server_eval_every == 0:
+        return
+    try:
+        SiteStore.open(path)
+    except CmdfedError as exc:  # missing, not a store, unreadable
+        raise CmdfedError(f"server-eval-store: {exc}; {SERVER_STORE_REMEDY}") from exc
+    try:
+        store = open_site(path, config, remedy=SERVER_STORE_REMEDY)
+    except CmdfedError as exc:  # other classes
+        raise CmdfedError(f"server-eval-store: {exc}") from exc
+    if len(store) == 0:
+        raise CmdfedError(f"server-eval-store {path} has no tiles; {SERVER_STORE_REMEDY}")
+    if config.finetune_rounds and not store.labelled_indices().size:
+        raise CmdfedError(f"server-eval-store {path} has no labelled tiles to score fine-tuning on; {SERVER_STORE_REMEDY}")
+
+
+PRIVACY_METRICS = ("dp_epsilon", "dp_delta", "dp_noise_multiplier", "dp_max_grad_norm", "dp_budget_epsilon")
+
+
+def _reports_privacy(metrics: Mapping[str, Any]) -> bool:
+    """Whether a site's metrics hold a whole privacy report (``local.privacy_metrics``)."""
+    return all(isinstance(metrics.get(k), (int, float)) and not isinstance(metrics.get(k), bool) for k in PRIVACY_METRICS)
 
 
 def _due(every: int, phase_rounds: int, phase_round: int) -> bool:

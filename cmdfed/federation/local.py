@@ -115,20 +115,40 @@ def local_finetune_round(
 def open_privacy_ledger(config: FederationConfig, site_store: str | Path, work_dir: Path, run_id: str,
                         batch_size: int | None = None) -> PrivacyLedger:  # fmt: skip
     """The site's ledger for the run; a new one gets the run's noise multiplier, or the least
-    with which all planned rounds of both phases stay within the budget at the larger of
-    the phases' sampling rates."""
+    with which all planned rounds of the phases the site can take part in stay within the
+    budget at the larger of those phases' sampling rates.
+
+    A site that cannot fine-tune (a store of unlabelled slide tiles, or without the run's
+    classes) plans pretraining only: its fine-tuning rounds fail before touching the data
+    and spend nothing. Should it later take part after all, the ledger's check before every
+    round still keeps it within its budget (it declines once a round would exceed it)."""
 
     def planned_noise() -> float:
         if config.dp_noise_multiplier:
             return config.dp_noise_multiplier
-        site = open_site(site_store, config)
-        sizes = ([len(site)] if config.pretrain_rounds else []) + (
-            [len(training_tiles(site, config.label_fraction, config.seed))] if config.finetune_rounds else [])
-        steps = config.local_steps * (config.pretrain_rounds + config.finetune_rounds)
-        return noise_for_budget(config.dp_epsilon, config.dp_delta, sample_rate(min(sizes), batch_size or config.batch_size), steps)
+        phases = planned_phases(site_store, config)  # [(rounds, training tiles)]
+        steps = config.local_steps * sum(rounds for rounds, _ in phases)
+        smallest = min(tiles for _, tiles in phases)
+        return noise_for_budget(config.dp_epsilon, config.dp_delta, sample_rate(smallest, batch_size or config.batch_size), steps)
 
     return PrivacyLedger.open(work_dir, run_id, budget_epsilon=config.dp_epsilon, delta=config.dp_delta,
                               max_grad_norm=config.dp_max_grad_norm, noise_multiplier=planned_noise)  # fmt: skip
+
+
+def planned_phases(site_store: str | Path, config: FederationConfig) -> list[tuple[int, int]]:
+    """(rounds, training tiles) of each phase of the run this site's store can train in."""
+    phases, cannot = [], None
+    if config.pretrain_rounds:
+        phases.append((config.pretrain_rounds, len(SiteStore.open(site_store))))
+    if config.finetune_rounds:
+        try:
+            site = open_site(site_store, config)
+            phases.append((config.finetune_rounds, len(training_tiles(site, config.label_fraction, config.seed))))
+        except CmdfedError as exc:  # no labels, or other classes: its fine-tuning rounds fail without spending
+            cannot = exc
+    if not phases:
+        raise cannot or CmdfedError("the run has no rounds to plan privacy for")
+    return phases
 
 
 def sample_rate(n_tiles: int, batch_size: int) -> float:
@@ -136,15 +156,14 @@ def sample_rate(n_tiles: int, batch_size: int) -> float:
     return min(1.0, batch_size / n_tiles)
 
 
-def open_site(site_store: str | Path, config: FederationConfig) -> SiteStore:
-    """The site's store, checked against the run's classes (an NC head needs the same types)."""
+def open_site(site_store: str | Path, config: FederationConfig, *,
+              remedy: str = "import the store with the run's classes or start the run without classes") -> SiteStore:  # fmt: skip
+    """The site's store, checked against the run's classes (an NC head needs the same types);
+    ``remedy``: what the error tells the reader to do about other classes."""
     site = SiteStore.open(site_store)
     if len(config.class_names) > 1 and (not site.has_types or site.class_names != config.class_names):
         have = ", ".join(site.class_names[1:]) if site.has_types else "no nucleus types"
-        raise CmdfedError(
-            f"store {site.name} has {have} but the run classifies {config.classes}; "
-            "import the store with the run's classes or start the run without classes"
-        )
+        raise CmdfedError(f"store {site.name} has {have} but the run classifies {config.classes}; {remedy}")
     return site
 
 
@@ -236,19 +255,31 @@ def privacy_metrics(ledger: PrivacyLedger, epsilon: float) -> dict[str, float]:
             "dp_max_grad_norm": ledger.max_grad_norm, "dp_budget_epsilon": ledger.budget_epsilon}  # fmt: skip
 
 
+def shared_metrics(metrics: dict[str, float], config: FederationConfig, share_metrics: bool = False) -> dict[str, float]:
+    """What of a round's metrics a site sends. Under local DP only its privacy numbers (``dp_*``),
+    unless the site's admin opts in (node config ``share-metrics = true``): the losses, loss
+    terms and evaluation scores are computed from the private tiles without noise, so the
+    privacy accountant does not cover them. Example counts travel beside these, always."""
+    if config.dp_mode != "local" or share_metrics:
+        return dict(metrics)
+    return {k: v for k, v in metrics.items() if k.startswith("dp_")}
+
+
 # -- evaluation ------------------------------------------------------------------------
 
 
 @torch.no_grad()
-def evaluate_on_store(model: ConvNeXtUNet, phase: str, site_store: str | Path, config: FederationConfig) -> tuple[int, dict[str, float]]:
-    """(tiles, metrics) of a global model on up to ``config.eval_tiles`` tiles of a store.
+def evaluate_on_store(model: ConvNeXtUNet, phase: str, site_store: str | Path, config: FederationConfig,
+                      **open_options: str) -> tuple[int, dict[str, float]]:  # fmt: skip
+    """(tiles, metrics) of a global model on up to ``config.eval_tiles`` tiles of a store
+    (``open_options``: :func:`open_site`'s).
 
     Pretraining is scored by its own masked-diffusion loss under fixed masks and noise;
     fine-tuning by nuclei metrics (Dice, AJI, PQ; mPQ with types) on labelled tiles the
     run does not train on when the store has any, else on the training tiles.
     """
     model.eval()
-    site = open_site(site_store, config)
+    site = open_site(site_store, config, **open_options)
     device = next(model.parameters()).device
     if check_phase(phase) == "pretrain":
         count = min(config.eval_tiles, len(site))

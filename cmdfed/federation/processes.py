@@ -110,14 +110,19 @@ def split_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def require_loopback_or_insecure(host: str, insecure: bool, what: str, tls: bool = False) -> None:
-    """Plaintext is for loopback; off it, TLS, or ``--insecure`` given explicitly (with a warning)."""
+CONNECT_WITH_TLS = "pass --ca with the federation's ca.crt (made on the server by `cmdfed certs init`)"
+SERVE_TLS = "pass --certs DIR made by `cmdfed certs init DIR --host THIS-HOST`"
+
+
+def require_loopback_or_insecure(host: str, insecure: bool, what: str, tls: bool = False, how: str = CONNECT_WITH_TLS) -> None:
+    """Plaintext is for loopback; off it, TLS, or ``--insecure`` given explicitly (with a warning).
+    ``how``: how this command is given TLS."""
     if tls or host in LOOPBACK:
         return
     if not insecure:
         raise CmdfedError(
             f"{what} {host} is not this machine and TLS is not configured, so weights would travel "
-            "unencrypted; configure TLS (`cmdfed certs init`), use 127.0.0.1, or pass --insecure on a network you trust"
+            f"unencrypted; for TLS {how}, or use 127.0.0.1, or pass --insecure on a network you trust"
         )
     print(f"cmdfed: warning: {what} {host} without TLS: weights and metrics travel unencrypted (--insecure)",
           file=sys.stderr, flush=True)  # fmt: skip

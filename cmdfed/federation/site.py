@@ -4,6 +4,13 @@ A SuperNode is started with ``--node-config 'store="/data/site.zarr" name="site-
 Flower hands that mapping to every ClientApp call. The store path never leaves the site:
 only the name, checked here to be a plain label, appears in what the site sends.
 
+The keys: ``store``, ``name``, ``work-dir`` (the site's files: frozen-weight cache and,
+under local DP, its privacy ledger; required then, because the temporary folder it
+defaults to is emptied by a reboot, which would silently reset the spent budget),
+``device``, ``batch-size`` and ``share-metrics`` (under local DP a site sends only its
+privacy numbers and example counts unless this is true: its losses and evaluation scores
+are computed from its private data without noise, so the accountant does not cover them).
+
 Fine-tuning freezes the backbone, so the server sends it once per phase with a fingerprint
 (see ``coordinator.RunCoordinator.frozen_fingerprint``) and the site keeps it in its work
 folder; later rounds carry only the fingerprint and the heads.
@@ -37,9 +44,11 @@ class SiteSettings:
     work_dir: Path
     device: str = "auto"
     batch_size: int | None = None  # None = the run's batch size
+    share_metrics: bool = False  # under local DP: also send losses and evaluation scores (not covered by the accountant)
 
     @classmethod
-    def from_node_config(cls, node_config: Mapping[str, Any]) -> SiteSettings:
+    def from_node_config(cls, node_config: Mapping[str, Any], *, dp_mode: str = "off") -> SiteSettings:
+        """The site's settings; ``dp_mode`` is the run's (local DP needs a lasting ``work-dir``)."""
         store = str(node_config.get("store", "")).strip()
         if not store:
             raise CmdfedError("the node config names no store; start the site with `cmdfed client start --store ...`")
@@ -47,13 +56,25 @@ class SiteSettings:
         batch_size = node_config.get("batch-size", 0)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 0:
             raise CmdfedError(f"node config batch-size must be a positive integer (0 = the run's), got {batch_size!r}")
-        work_dir = str(node_config.get("work-dir", "")).strip() or str(Path(tempfile.gettempdir()) / f"cmdfed-site-{name}")
-        return cls(Path(store), name, Path(work_dir), str(node_config.get("device", "auto")), batch_size or None)
+        share_metrics = node_config.get("share-metrics", False)
+        if not isinstance(share_metrics, bool):
+            raise CmdfedError(f"node config share-metrics must be true or false, got {share_metrics!r}")
+        work_dir = str(node_config.get("work-dir", "")).strip()
+        if not work_dir and dp_mode == "local":
+            raise CmdfedError(
+                "this run uses local differential privacy, which keeps the site's privacy ledger in its work folder, "
+                "but the node config has no work-dir (the temporary folder used without one is emptied by a reboot, "
+                "which would reset the spent budget); start the site with `cmdfed client start --store ... --name ... "
+                "--work-dir DIR` (it sets node config work-dir, by default to cmdfed-site-NAME in the folder it is "
+                "started from), or add work-dir=\"DIR\" to flower-supernode's --node-config"
+            )
+        work_dir = work_dir or str(Path(tempfile.gettempdir()) / f"cmdfed-site-{name}")
+        return cls(Path(store), name, Path(work_dir), str(node_config.get("device", "auto")), batch_size or None, share_metrics)
 
     def node_config(self) -> dict[str, Any]:
         """Flower's node config of this site (what ``from_node_config`` reads)."""
         return {"store": str(self.store), "name": self.name, "work-dir": str(self.work_dir), "device": self.device,
-                "batch-size": self.batch_size or 0}  # fmt: skip
+                "batch-size": self.batch_size or 0, "share-metrics": self.share_metrics}  # fmt: skip
 
     def to_node_config(self) -> str:
         """The ``--node-config`` argument of ``flower-supernode`` (TOML values)."""
@@ -114,6 +135,8 @@ def _frozen_path(site: SiteSettings, fingerprint: str) -> Path:
 
 
 def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"  # TOML's booleans (Python's str gives True)
     if not isinstance(value, str):
         return str(value)
     # A TOML literal string: backslashes stay as they are; Flower's parser cannot escape quotes.

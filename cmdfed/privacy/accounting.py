@@ -8,10 +8,10 @@ trained round (noise multiplier, sampling rate, steps); the spent epsilon is rec
 from those entries with Opacus's RDP accountant, so the file is the accountant's state.
 
 The noise multiplier is chosen once, at the site's first private round: the one given in
-the run config, or the smallest one for which the *planned* training (every round of both
-phases, ``local-steps`` each, at the larger of the two phases' sampling rates) spends at
-most the budget. It then stays fixed, so a later round never trades privacy for a budget
-that was planned differently. Before each round the site asks :meth:`PrivacyLedger.check`
+the run config, or the smallest one for which the *planned* training (every round of the
+phases the site can take part in, ``local-steps`` each, at the larger of their sampling
+rates) spends at most the budget. It then stays fixed, so a later round never trades
+privacy for a budget that was planned differently. Before each round the site asks :meth:`PrivacyLedger.check`
 whether the round would take it past its budget; if so it declines to train.
 
 A round that is recorded and then re-run (the server crashed before checkpointing it) is

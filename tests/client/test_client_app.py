@@ -19,7 +19,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from client.client_app import app
 from cmdfed.data.synth import write_synthetic_store
 from cmdfed.federation.config import FederationConfig
-from cmdfed.federation.site import weights_fingerprint
+from cmdfed.federation.site import SiteSettings, weights_fingerprint
 from cmdfed.federation.wire import LAYOUT_PREFIX, WEIGHTS_KEY, Layout
 from cmdfed.model.config import build_model
 
@@ -126,3 +126,45 @@ def test_the_client_app_loads_without_opacus_until_a_round_uses_dp():
     code = "import sys, client.client_app; print(sorted(m for m in sys.modules if m.split('.')[0] == 'opacus'))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+DP_CONFIG = FederationConfig(classes="epithelial,lymphocyte,stromal", local_steps=1, batch_size=2, eval_tiles=2, augment=False,
+                             dp_mode="local", dp_noise_multiplier=1.0, dp_epsilon=50.0)  # fmt: skip
+DP_KEYS = {"dp_epsilon", "dp_delta", "dp_noise_multiplier", "dp_max_grad_norm", "dp_budget_epsilon"}
+
+
+def dp_context(store, work_dir, **node_config) -> Context:
+    values = {"store": str(store), "name": "site-a", "work-dir": str(work_dir), "device": "cpu", **node_config}
+    return Context(run_id=1, node_id=7, node_config=values, state=RecordDict(), run_config=DP_CONFIG.to_run_config())
+
+
+def test_under_local_dp_a_site_sends_only_privacy_numbers_unless_its_admin_opts_in(store, tmp_path):
+    torch.manual_seed(0)
+    model = build_model(DP_CONFIG.model_config("pretrain"))
+    train = message(MessageType.TRAIN, "pretrain", model, {"run-id": "run-1"})
+    reply = app(train, dp_context(store, tmp_path))
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    assert set(reply.content["metrics"]) == {"num-examples", *DP_KEYS}  # no loss, masked_mse, timings
+    evaluation = app(message(MessageType.EVALUATE, "pretrain", model), dp_context(store, tmp_path))
+    assert set(evaluation.content["metrics"]) == {"num-examples"}  # no masked_mse of its tiles
+
+    shared = app(train, dp_context(store, tmp_path, **{"share-metrics": True}))
+    assert {"num-examples", "loss", "masked_mse", *DP_KEYS} <= set(shared.content["metrics"])
+    evaluation = app(message(MessageType.EVALUATE, "pretrain", model), dp_context(store, tmp_path, **{"share-metrics": True}))
+    assert "masked_mse" in evaluation.content["metrics"]
+    wrong = app(train, dp_context(store, tmp_path, **{"share-metrics": "yes"}))
+    assert wrong.has_error() and "share-metrics must be true or false" in wrong.error.reason
+
+
+def test_local_dp_needs_a_lasting_work_dir_for_the_privacy_ledger(store, tmp_path):
+    torch.manual_seed(0)
+    model = build_model(DP_CONFIG.model_config("pretrain"))
+    no_work_dir = Context(run_id=1, node_id=7, node_config={"store": str(store), "name": "site-a", "device": "cpu"},
+                          state=RecordDict(), run_config=DP_CONFIG.to_run_config())  # fmt: skip
+    reply = app(message(MessageType.TRAIN, "pretrain", model, {"run-id": "run-1"}), no_work_dir)
+    assert reply.has_error()
+    assert "node config has no work-dir" in reply.error.reason and "cmdfed client start" in reply.error.reason
+    assert "--work-dir DIR" in reply.error.reason
+    # Without DP the temporary default stays (it holds only a cache).
+    settings = SiteSettings.from_node_config({"store": str(store), "name": "site-a"})
+    assert settings.work_dir.name == "cmdfed-site-site-a"

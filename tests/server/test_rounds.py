@@ -1,12 +1,25 @@
-"""What the server accepts as a site's reply now that weights travel packed (``cmdfed.federation.wire``)."""
+"""What the server accepts as a site's reply now that weights travel packed (``cmdfed.federation.wire``),
+and whole runs of rounds over an in-process grid: sites that leave, decline or fail."""
 
 from __future__ import annotations
 
-import numpy as np
-from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+import json
+import sqlite3
+import threading
+import uuid
 
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+from client.client_app import app as client_app
+from cmdfed.errors import CmdfedError
+from cmdfed.federation.checkpoints import last_complete_round
+from cmdfed.federation.config import FederationConfig
 from cmdfed.federation.wire import WEIGHTS_KEY, Layout
-from server.rounds import _malformed_reply, _unpacked_or_as_sent
+from server.rounds import _malformed_reply, _unpacked_or_as_sent, run_federation
 
 LAYOUT = Layout.of({"a.weight": np.zeros((2, 3), np.float32), "a.bias": np.zeros(2, np.float32)})
 
@@ -40,3 +53,146 @@ def test_a_reply_whose_bytes_disagree_with_its_declared_shape_or_dtype_is_malfor
         content = RecordDict({"arrays": ArrayRecord({WEIGHTS_KEY: array}), "metrics": MetricRecord({"num-examples": 4})})
         assert "one float32 vector" in _malformed_reply(content, LAYOUT)
         assert "a.weight" not in _unpacked_or_as_sent(content, LAYOUT)
+
+
+# -- whole runs over an in-process grid ------------------------------------------------------
+# Flower's Grid is the transport: here it hands each message to the real ClientApp in this process
+# (the server's rounds, the coordinator and the sites' code are all the real ones), and a test
+# can take a site off the grid the way a crashed SuperNode leaves the SuperLink.
+
+CLASSES = "epithelial,lymphocyte,stromal"
+
+
+class InProcessGrid(Grid):
+    """Flower's Grid over ClientApp calls in this process; ``leave_after_train`` nodes disconnect
+    once they have answered a training message (a SuperNode that crashed after training)."""
+
+    def __init__(self, node_configs: dict[int, dict], config: FederationConfig, leave_after_train: tuple[int, ...] = ()):
+        self.node_configs, self.run_config = node_configs, config.to_run_config()
+        self.connected = set(node_configs)
+        self.leave_after_train = set(leave_after_train)
+
+    def set_run(self, run) -> None:
+        raise NotImplementedError
+
+    @property
+    def run(self):
+        raise NotImplementedError
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> list[int]:
+        return sorted(self.connected)
+
+    def push_messages(self, messages):
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids):
+        raise NotImplementedError
+
+    def send_and_receive(self, messages, *, timeout=None) -> list[Message]:
+        replies = []
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = uuid.uuid4().hex  # as Flower's grids set it
+            node = message.metadata.dst_node_id
+            if node not in self.connected:
+                continue  # no reply within the timeout
+            context = Context(run_id=1, node_id=node, node_config=self.node_configs[node], state=RecordDict(),
+                              run_config=self.run_config)  # fmt: skip
+            replies.append(client_app(message, context))
+            if message.metadata.message_type == "train" and node in self.leave_after_train:
+                self.connected.discard(node)
+        return replies
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    """What Flower sets in a ServerApp or ClientApp process before it builds messages."""
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 7, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    from cmdfed.data.synth import write_synthetic_store
+
+    root = tmp_path_factory.mktemp("round-sites")
+    for k in (1, 2):
+        write_synthetic_store(root / f"site{k}.zarr", 4, site=k, seed=k, tile_size=64)
+    return root
+
+
+def run_config(tmp_path, **overrides) -> FederationConfig:
+    values = dict(run_dir=str(tmp_path / "run"), classes=CLASSES, pretrain_rounds=1, finetune_rounds=0, local_steps=1,
+                  batch_size=2, eval_tiles=2, augment=False, min_sites=2, round_timeout_s=2.0)  # fmt: skip
+    return FederationConfig(**{**values, **overrides})
+
+
+def sites(stores, tmp_path, *store_names: str) -> dict[int, dict]:
+    return {k: {"store": str(stores / name), "name": f"site-{k}", "work-dir": str(tmp_path / f"work{k}"), "device": "cpu"}
+            for k, name in enumerate(store_names, start=1)}  # fmt: skip
+
+
+def run_within(grid: InProcessGrid, config: FederationConfig, seconds: float) -> BaseException | None:
+    """run_federation in a thread; fails the test if it has not returned within ``seconds``."""
+    outcome: list[BaseException | None] = []
+
+    def target():
+        try:
+            run_federation(grid, config)
+            outcome.append(None)
+        except BaseException as exc:  # handed to the test
+            outcome.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"the run did not return within {seconds:.0f} s"
+    return outcome[0]
+
+
+def events(capsys) -> list[dict]:
+    return [json.loads(line.split(" ", 1)[1]) for line in capsys.readouterr().out.splitlines() if line.startswith("cmdfed-event ")]
+
+
+def test_a_site_gone_after_training_skips_federated_evaluation_instead_of_hanging(stores, tmp_path, capsys):
+    config = run_config(tmp_path, eval_every=1)
+    grid = InProcessGrid(sites(stores, tmp_path, "site1.zarr", "site2.zarr"), config, leave_after_train=(2,))
+    assert run_within(grid, config, 180) is None
+    assert last_complete_round(config.run_dir).round == 1  # the round's weights are kept
+    warnings = [e["message"] for e in events(capsys) if e["event"] == "warning"]
+    assert any("pretrain round 1: federated evaluation skipped: only 1 of the 2 sites" in w for w in warnings), warnings
+    db = sqlite3.connect(tmp_path / "run" / "telemetry.db")
+    assert db.execute("SELECT status FROM runs").fetchall() == [("completed",)]
+
+
+def test_sites_that_declined_for_budget_or_failed_end_the_run_completed_and_say_no_round_ran(stores, tmp_path, capsys):
+    # site 1 cannot afford one round of its budget; site 2's store is missing, so it fails.
+    config = run_config(tmp_path, dp_mode="local", dp_noise_multiplier=1.0, dp_epsilon=0.01)
+    node_configs = sites(stores, tmp_path, "site1.zarr", "missing.zarr")
+    for attempt in (1, 2):  # a resumed run ends the same way, not failed
+        assert run_within(InProcessGrid(node_configs, config), config, 180) is None
+        seen = events(capsys)
+        finish = next(e for e in seen if e["event"] == "finish")
+        assert finish["status"] == "completed" and finish["rounds"] == 0
+        assert finish["note"].startswith("no round ran: pretrain round 1: every site that did not fail (site-2 failed) "
+                                         "has spent its privacy budget"), finish  # fmt: skip
+        assert "larger dp-epsilon" in finish["note"]
+    assert last_complete_round(config.run_dir) is None
+    db = sqlite3.connect(tmp_path / "run" / "telemetry.db")
+    assert db.execute("SELECT status FROM runs").fetchall() == [("completed",)]
+    assert db.execute("SELECT site, status FROM site_rounds ORDER BY site").fetchall() == [("site-1", "declined_budget"), ("site-2", "failed")]
+
+
+def test_privacy_spent_in_a_round_whose_updates_were_all_rejected_is_recorded(stores, tmp_path):
+    # An absurd norm limit rejects both sites' updates after they trained (and spent) under local DP.
+    config = run_config(tmp_path, dp_mode="local", dp_noise_multiplier=1.0, dp_epsilon=50.0, update_norm_limit=1e-9, eval_every=0)
+    error = run_within(InProcessGrid(sites(stores, tmp_path, "site1.zarr", "site2.zarr"), config), config, 180)
+    assert isinstance(error, CmdfedError) and "no site delivered a usable update" in str(error)
+    db = sqlite3.connect(tmp_path / "run" / "telemetry.db")
+    assert db.execute("SELECT site, status FROM site_rounds ORDER BY site").fetchall() == [("site-1", "failed"), ("site-2", "failed")]
+    spent = db.execute("SELECT site, round, epsilon, budget_epsilon FROM privacy ORDER BY site").fetchall()
+    assert [(s, r, b) for s, r, _, b in spent] == [("site-1", 1, 50.0), ("site-2", 1, 50.0)] and all(e > 0 for _, _, e, _ in spent)

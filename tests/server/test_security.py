@@ -43,11 +43,17 @@ def test_certs_init_makes_a_ca_and_a_server_certificate_for_the_hosts(tmp_path):
     assert again.returncode == 1 and "--force" in again.stderr
 
 
-def test_server_start_checks_its_certificates_and_plaintext_needs_insecure(tmp_path):
+def test_server_start_checks_its_certificates_and_plaintext_needs_insecure(tmp_path, synthetic_store):
     result = cmdfed("server", "start", "--run-dir", str(tmp_path), "--host", "10.1.2.3", "--certs", str(tmp_path / "none"))
     assert result.returncode == 1 and "lacks ca.crt" in " ".join(result.stderr.split())
-    result = cmdfed("client", "start", "--store", str(tmp_path / "x.zarr"), "--name", "a", "--superlink", "10.1.2.3:9092")
-    assert result.returncode == 1
+    result = cmdfed("server", "start", "--run-dir", str(tmp_path), "--host", "10.1.2.3")
+    message = " ".join(result.stderr.split())
+    assert result.returncode == 1 and "TLS is not configured" in message and "--certs DIR" in message and "--insecure" in message
+    # A real store, so the site's store check passes and the refusal is the plaintext one.
+    result = cmdfed("client", "start", "--store", str(synthetic_store), "--name", "a", "--superlink", "10.1.2.3:9092")
+    message = " ".join(result.stderr.split())
+    assert result.returncode == 1 and "SuperLink 10.1.2.3 is not this machine and TLS is not configured" in message
+    assert "pass --ca with the federation's ca.crt" in message and "pass --insecure" in message
 
 
 def supernode_ids(superlink: SuperLink, ca, tmp_path) -> dict[str, str]:

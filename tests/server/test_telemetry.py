@@ -54,6 +54,20 @@ def test_add_workstation_shows_the_token_once_and_keeps_only_its_hash(tmp_path):
     assert refused(telemetry("remove-workstation", "scanner-1", "--tokens", str(tokens)), "has no workstation 'scanner-1'")
 
 
+def test_a_token_file_that_cannot_be_written_leaves_no_token_behind(tmp_path):
+    tokens = tmp_path / "workstations.json"
+    (tmp_path / "not-a-folder").write_text("")
+    failed = telemetry("add-workstation", "scanner-1", "--tokens", str(tokens), "--token-out", str(tmp_path / "not-a-folder" / "t"))
+    assert refused(failed, "cannot write the token file") and "choose another --token-out" in str(failed.exception)
+    assert not tokens.exists()  # no hash of a token nobody holds
+    token_file = tmp_path / "scanner-1.token"
+    again = telemetry("add-workstation", "scanner-1", "--tokens", str(tokens), "--token-out", str(token_file))  # no --replace
+    assert again.exit_code == 0, again.output
+    token = token_file.read_text().strip()
+    assert json.loads(tokens.read_text())["workstations"]["scanner-1"]["sha256"] == hashlib.sha256(token.encode()).hexdigest()
+    assert stat.S_IMODE(os.stat(token_file).st_mode) == 0o600
+
+
 def test_serve_refuses_plaintext_off_loopback_and_says_what_is_missing(tmp_path):
     db, tokens = str(tmp_path / "t.db"), str(tmp_path / "w.json")
     assert refused(telemetry("serve", "--listen", "10.1.2.3:9093", "--db", db, "--tokens", tokens), "pass --insecure")

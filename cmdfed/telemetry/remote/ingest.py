@@ -255,7 +255,14 @@ class _Handler(BaseHTTPRequestHandler):
 class _HTTPServer(ThreadingHTTPServer):
     """ThreadingHTTPServer with TLS in each request's thread and at most ``workers`` requests at once."""
 
-    daemon_threads = True  # a client stuck past stop()'s grace does not keep the process alive
+    # server_close() must not join the request threads: ThreadingMixIn joins them without a
+    # timeout, and a client that trickles its request in (each read within REQUEST_TIMEOUT_S)
+    # would hold SIGTERM up for ever. block_on_close = False says so outright (socketserver
+    # already skips daemon threads, but only as a detail of its thread list); IngestServer.stop()
+    # waits for requests under way with wait_idle(grace) instead, and a request still running
+    # after that is a daemon thread, which does not keep the process alive.
+    daemon_threads = True
+    block_on_close = False
 
     def __init__(self, address: tuple[str, int], *, store: TelemetryStore, tokens: WorkstationTokens,
                  context: ssl.SSLContext | None, workers: int):  # fmt: skip

@@ -21,6 +21,7 @@ import re
 import secrets
 import threading
 from pathlib import Path
+from typing import Callable
 
 from cmdfed.atomic import atomic_path, write_json_atomic
 from cmdfed.errors import CmdfedError
@@ -69,8 +70,12 @@ class WorkstationTokens:
             ) from exc
         return workstations
 
-    def add(self, name: str, *, replace: bool = False) -> str:
-        """Issue a token for ``name`` and return it; only its hash is written."""
+    def add(self, name: str, *, replace: bool = False, deliver: Callable[[str], None] | None = None) -> str:
+        """Issue a token for ``name`` and return it; only its hash is written.
+
+        ``deliver`` is called with the token *before* its hash is saved (e.g. to write the
+        workstation's token file): if it fails, nothing is saved, so the token is never
+        admitted without anyone holding it, and a rerun needs no --replace."""
         check_workstation_name(name)
         workstations = self.read()
         if name in workstations and not replace:
@@ -79,9 +84,17 @@ class WorkstationTokens:
                 "(its old token then stops working)"
             )
         token = secrets.token_urlsafe(TOKEN_BYTES)
+        if deliver is not None:
+            deliver(token)
         added_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         workstations[name] = {"sha256": token_sha256(token), "added_at": added_at}
-        self._write(workstations)
+        try:
+            self._write(workstations)
+        except OSError as exc:
+            raise CmdfedError(
+                f"cannot write {self.path} ({exc.strerror or exc}): the token for {name} was not recorded and will not "
+                "be accepted; fix the problem and rerun the command"
+            ) from exc
         return token
 
     def remove(self, name: str) -> None:
@@ -118,9 +131,12 @@ class WorkstationTokens:
 
 def write_token_file(path: str | Path, token: str) -> None:
     """The token for a workstation's ``--report-token``: readable by its owner only, written atomically."""
-    with atomic_path(path) as tmp:
-        os.chmod(tmp, 0o600)  # before writing: the token is a credential even for a moment
-        tmp.write_text(token + "\n")
+    try:
+        with atomic_path(path) as tmp:
+            os.chmod(tmp, 0o600)  # before writing: the token is a credential even for a moment
+            tmp.write_text(token + "\n")
+    except OSError as exc:
+        raise CmdfedError(f"cannot write the token file {path} ({exc.strerror or exc}); choose another --token-out") from exc
 
 
 def read_token_file(path: str | Path) -> str:

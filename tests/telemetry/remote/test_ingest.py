@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 import sqlite3
 import ssl
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -215,6 +217,33 @@ def test_tls_with_the_federation_certificates(ingest, tmp_path):
     finally:
         server.stop(grace=1)
     assert (tmp_path / "tls.db").exists() and ingest.heartbeats() == []
+
+
+def test_a_client_trickling_its_request_does_not_hold_up_stop(ingest, tmp_path):
+    server = IngestServer(tmp_path / "loris.db", ingest.tokens.path, port=0).start()
+    stop_sending = threading.Event()
+    loris = socket.create_connection(("127.0.0.1", server.port))
+
+    def trickle():  # a byte of one endless header line at a time, each well within the read timeout
+        try:
+            loris.sendall(b"POST /v1/reports HTTP/1.1\r\nX-Slow: ")
+            while not stop_sending.wait(0.1):
+                loris.sendall(b"a")
+        except OSError:
+            pass  # the server hung up
+
+    sender = threading.Thread(target=trickle, daemon=True)
+    sender.start()
+    time.sleep(0.5)  # the request is under way
+    stopper = threading.Thread(target=server.stop, kwargs={"grace": 1}, daemon=True)
+    stopper.start()
+    stopper.join(5)
+    stopped = not stopper.is_alive()
+    stop_sending.set()  # lets a stop() that waited on the client end too
+    sender.join(5)
+    loris.close()
+    stopper.join(60)
+    assert stopped, "stop() waited on the trickling client past its grace"
 
 
 def test_a_server_without_a_tokens_file_says_how_to_make_one(tmp_path):
