@@ -26,3 +26,15 @@ def synthetic_store(tmp_path_factory) -> Path:
         with store.writer() as writer:
             writer.extend(synth_tiles(12, tile_size=64, site=0, seed=0))
     return path
+
+
+@pytest.fixture
+def flower_task_identity():
+    """What Flower sets in a ServerApp or ClientApp process before it builds messages
+    (for tests that call the apps in this process)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 7, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from client.client_app import app
 from cmdfed.data.synth import write_synthetic_store
@@ -23,16 +22,9 @@ from cmdfed.federation.site import SiteSettings, weights_fingerprint
 from cmdfed.federation.wire import LAYOUT_PREFIX, WEIGHTS_KEY, Layout
 from cmdfed.model.config import build_model
 
+pytestmark = pytest.mark.usefixtures("flower_task_identity")
+
 CONFIG = FederationConfig(classes="epithelial,lymphocyte,stromal", local_steps=1, batch_size=2, eval_tiles=2, augment=False)
-
-
-@pytest.fixture(autouse=True)
-def task_identity():
-    """What Flower sets in a ClientApp process before it builds messages."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 7, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
 
 
 @pytest.fixture(scope="module")

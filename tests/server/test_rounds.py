@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.supercore.task_identity import TaskIdentity
 
 from client.client_app import app as client_app
 from cmdfed.errors import CmdfedError
@@ -20,6 +19,8 @@ from cmdfed.federation.checkpoints import last_complete_round
 from cmdfed.federation.config import FederationConfig
 from cmdfed.federation.wire import WEIGHTS_KEY, Layout
 from server.rounds import _malformed_reply, _unpacked_or_as_sent, run_federation
+
+pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 LAYOUT = Layout.of({"a.weight": np.zeros((2, 3), np.float32), "a.bias": np.zeros(2, np.float32)})
 
@@ -104,15 +105,6 @@ class InProcessGrid(Grid):
             if message.metadata.message_type == "train" and node in self.leave_after_train:
                 self.connected.discard(node)
         return replies
-
-
-@pytest.fixture(autouse=True)
-def task_identity():
-    """What Flower sets in a ServerApp or ClientApp process before it builds messages."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 7, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
 
 
 @pytest.fixture(scope="module")
