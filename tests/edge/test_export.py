@@ -53,6 +53,21 @@ def test_onnx_is_one_file_with_a_shared_dynamic_batch(signed_bundle):
     assert all(d[0] == "batch" and d[-2:] == ["height", "width"] for d in dims)
 
 
+def test_onnx_runtime_fuses_every_gelu_of_the_exported_graph(signed_bundle, tmp_path):
+    import onnxruntime
+
+    exported = onnx.load(str(signed_bundle / "model.onnx"))
+    blocks = sum(node.op_type == "Erf" for node in exported.graph.node)
+    assert blocks > 0  # one erf GELU per ConvNeXt block, written out by the exporter
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    onnxruntime.InferenceSession(str(signed_bundle / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    optimized = [node.op_type for node in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    assert "Erf" not in optimized
+    assert sum(op in ("Gelu", "BiasGelu") for op in optimized) == blocks  # BiasGelu: with the Linear's bias added
+
+
 def test_golden_data_is_uint8_tiles_and_probabilities(signed_bundle):
     with np.load(signed_bundle / "golden.npz") as golden:
         assert golden["input"].dtype == np.uint8 and golden["input"].shape == (2, 128, 128, 3)
