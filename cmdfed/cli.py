@@ -345,6 +345,9 @@ def render_metrics(summary: dict) -> None:
     for key in ("mean_dice", "mean_aji", "mean_aji_plus", "mean_pq", "mean_dq", "mean_sq", "mean_det_f1", "mean_mpq", "pooled_pq"):
         if key in summary and summary[key] is not None:
             table.add_row(key.removeprefix("mean_"), f"{summary[key]:.4f}")
+    for key, value in summary.get("pannuke", {}).items():
+        if key != "per_tissue" and value is not None:
+            table.add_row(f"{key} (PanNuke: per tissue, then mean)", f"{value:.4f}")
     out.print(table)
 
 
@@ -354,6 +357,7 @@ def train_evaluate(
     store: Path = typer.Option(..., "--store", help="Labelled site store to evaluate on."),
     batch_size: int = typer.Option(8, help="Tiles per forward pass."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
+    fm_weights: Optional[Path] = typer.Option(None, help="Local weights file of the run's timm FM encoder."),
     as_json: bool = typer.Option(False, "--json", help="Print all metrics as JSON."),
 ) -> None:
     """Dice, AJI, AJI+, PQ/DQ/SQ, mPQ and detection F1 of a checkpoint on labelled tiles."""
@@ -361,7 +365,8 @@ def train_evaluate(
     from cmdfed.train.device import select_device
 
     with progress_bar("evaluate") as progress:
-        summary = evaluate_checkpoint(checkpoint, store, device=select_device(device), batch_size=batch_size, progress=progress)
+        summary = evaluate_checkpoint(checkpoint, store, device=select_device(device), fm_weights=fm_weights,
+                                      batch_size=batch_size, progress=progress)  # fmt: skip
     emit(summary, as_json, render_metrics)
 
 
@@ -371,6 +376,7 @@ def predict(
     checkpoint: Path = typer.Option(..., "--checkpoint", help="Fine-tuned run or checkpoint."),
     out_dir: Path = typer.Option(..., "--out", help="Folder for NAME_inst.png and NAME_types.json."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
+    fm_weights: Optional[Path] = typer.Option(None, help="Local weights file of the run's timm FM encoder."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Segment and classify nuclei: NAME_inst.png (uint16 instances) + NAME_types.json per image."""
@@ -378,7 +384,7 @@ def predict(
     from cmdfed.train.device import select_device
 
     with progress_bar("predict") as progress:
-        results = predict_files(images, checkpoint, out_dir, select_device(device), progress)
+        results = predict_files(images, checkpoint, out_dir, select_device(device), progress, fm_weights=fm_weights)
     emit({"outputs": results}, as_json, lambda r: [out.print(f"{x['image']}: {x['nuclei']} nuclei -> {x['instances']}") for x in r["outputs"]])
 
 

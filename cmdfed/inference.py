@@ -13,6 +13,7 @@ nuclei on window seams are neither cut nor duplicated.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from cmdfed.atomic import atomic_path, write_json_atomic
 from cmdfed.errors import CmdfedError
 from cmdfed.evaluate.postprocess import PostprocessResult, WatershedParams, postprocess
 from cmdfed.model.config import ModelConfig, build_model
+from cmdfed.model.encoders import frozen_encoder
 from cmdfed.progress import Progress, report
 from cmdfed.train.checkpoint import load_checkpoint
 
@@ -47,10 +49,13 @@ class LoadedModel:
     class_names: list[str]
     checkpoint: Path
     device: torch.device
+    encoder: torch.nn.Module | None = None  # the frozen FM encoder of an FM-conditioned model
 
 
-def load_model(checkpoint: str | Path, device: torch.device, *, use_ema: bool = True) -> LoadedModel:
-    """A model ready for inference from a checkpoint folder or run folder."""
+def load_model(checkpoint: str | Path, device: torch.device, *, use_ema: bool = True,
+               fm_weights: str | Path | None = None) -> LoadedModel:
+    """A model ready for inference from a checkpoint folder or run folder; ``fm_weights``: the
+    local weights file of its timm FM encoder, when it was trained with one."""
     ckpt = load_checkpoint(checkpoint)
     if "model" not in ckpt.config:
         raise CmdfedError(f"{ckpt.path} has no model config")
@@ -64,13 +69,16 @@ def load_model(checkpoint: str | Path, device: torch.device, *, use_ema: bool = 
         raise CmdfedError(f"{ckpt.path}: the weights do not match the config in config.json ({str(exc)[:300]})") from exc
     model.to(device).eval()
     names = ckpt.config.get("class_names") or ["background", "nucleus"]
-    return LoadedModel(model, config, list(names), ckpt.path, device)
+    return LoadedModel(model, config, list(names), ckpt.path, device, frozen_encoder(config.fm_kind, fm_weights, device))
 
 
 @torch.no_grad()
-def predict_maps(model: torch.nn.Module, images: np.ndarray, device: torch.device) -> dict[str, np.ndarray]:
-    """NP probability (B,H,W), HV (B,2,H,W), NC probabilities (B,C,H,W) or absent; sides multiple of 32."""
-    out = model.segment(to_model_input(images).to(device))
+def predict_maps(model: torch.nn.Module, images: np.ndarray, device: torch.device,
+                 encoder: torch.nn.Module | None = None) -> dict[str, np.ndarray]:
+    """NP probability (B,H,W), HV (B,2,H,W), NC probabilities (B,C,H,W) or absent; sides multiple of 32.
+    ``encoder``: the frozen FM encoder of an FM-conditioned model (``LoadedModel.encoder``)."""
+    x = to_model_input(images).to(device)
+    out = model.segment(x, None if encoder is None else encoder(x, None))
     np_logits = out["np"].float()
     np_prob = np_logits.softmax(1)[:, 1] if np_logits.shape[1] == 2 else np_logits.sigmoid()[:, 0]
     maps = {"np": np_prob.cpu().numpy(), "hv": out["hv"].float().cpu().numpy()}
@@ -103,7 +111,7 @@ def predict_image_maps(
     padded, (h, w) = _pad_to_stride(image)
     H, W = padded.shape[:2]
     if H <= window and W <= window:
-        maps = predict_maps(loaded.model, padded[None], loaded.device)
+        maps = predict_maps(loaded.model, padded[None], loaded.device, loaded.encoder)
         return {k: v[0][..., :h, :w] for k, v in maps.items()}
     window = window - window % STRIDE
     step = window - overlap
@@ -115,7 +123,7 @@ def predict_image_maps(
     for y in ys:
         for x in xs:
             crop = padded[y : y + window, x : x + window]
-            maps = predict_maps(loaded.model, crop[None], loaded.device)
+            maps = predict_maps(loaded.model, crop[None], loaded.device, loaded.encoder)
             ch, cw = crop.shape[:2]
             wgt = weight[:ch, :cw]
             for key, value in maps.items():
@@ -134,12 +142,6 @@ def segment_image(
     return postprocess(maps["np"], maps["hv"], maps.get("nc"), params)
 
 
-def read_rgb(path: Path) -> np.ndarray:
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except Exception as exc:
-        raise CmdfedError(f"cannot read image {path}: {exc}") from exc
 
 
 def write_prediction(out_dir: Path, name: str, result: PostprocessResult, class_names: list[str]) -> dict:
@@ -165,13 +167,22 @@ def write_prediction(out_dir: Path, name: str, result: PostprocessResult, class_
 
 
 def predict_files(
-    images: list[Path], checkpoint: Path, out_dir: Path, device: torch.device, progress: Progress | None = None
+    images: list[Path], checkpoint: Path, out_dir: Path, device: torch.device, progress: Progress | None = None,
+    *, fm_weights: str | Path | None = None,
 ) -> list[dict]:
-    """`cmdfed predict`: NAME_inst.png and NAME_types.json for each image."""
+    """`cmdfed predict`: NAME_inst.png and NAME_types.json for each image (any dtype the
+    importers read: 16-bit scans are scaled, not clipped)."""
+    from cmdfed.data.importers.common import read_rgb
+
     missing = [str(p) for p in images if not Path(p).is_file()]
     if missing:
         raise CmdfedError(f"image(s) not found: {', '.join(missing)}")
-    loaded = load_model(checkpoint, device)
+    stems = Counter(Path(p).stem for p in images)
+    clashes = sorted(stem for stem, n in stems.items() if n > 1)
+    if clashes:
+        raise CmdfedError(f"several images are named {', '.join(clashes)} (outputs are NAME_inst.png): "
+                          "rename them or predict them into different --out folders")
+    loaded = load_model(checkpoint, device, fm_weights=fm_weights)
     results = []
     for done, path in enumerate(images, start=1):
         result = segment_image(loaded, read_rgb(path))

@@ -38,3 +38,17 @@ def flower_task_identity():
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 7, 1
     yield
     TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+@pytest.fixture(scope="session")
+def tiny_dinov2_dir(tmp_path_factory) -> Path:
+    """A randomly initialised tiny Dinov2 saved with save_pretrained (64 px input, 8 px patches)."""
+    import torch
+
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                       intermediate_size=64, image_size=64, patch_size=8)
+    directory = tmp_path_factory.mktemp("tiny_dinov2")
+    transformers.Dinov2Model(config).save_pretrained(directory)
+    return directory

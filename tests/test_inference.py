@@ -80,3 +80,48 @@ def test_checkpoint_config_mismatch_is_one_clear_error(checkpoint, tmp_path):
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(CmdfedError, match="weights do not match the config"):
         load_model(bad, CPU)
+
+
+def test_a_16_bit_image_is_scaled_not_clipped(checkpoint, tmp_path):
+    grey = np.random.default_rng(3).integers(0, 256, (64, 64), dtype=np.uint8)
+    Image.fromarray(grey).save(tmp_path / "eight.png")
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "sixteen.png")  # same picture, 16 bits
+    predict_files([tmp_path / "eight.png", tmp_path / "sixteen.png"], checkpoint, tmp_path / "out", CPU)
+    eight, sixteen = (np.asarray(Image.open(tmp_path / "out" / f"{n}_inst.png")) for n in ("eight", "sixteen"))
+    assert np.array_equal(eight, sixteen)
+
+
+def test_images_with_the_same_name_are_refused_before_anything_is_written(checkpoint, tmp_path):
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / folder / "tile.png")
+    with pytest.raises(CmdfedError, match="several images are named tile"):
+        predict_files([tmp_path / "a" / "tile.png", tmp_path / "b" / "tile.png"], checkpoint, tmp_path / "out", CPU)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_model_conditioned_on_a_foundation_model_predicts_and_evaluates(synthetic_store, tiny_dinov2_dir, tmp_path):
+    from cmdfed.evaluate.run import evaluate_checkpoint
+
+    config = ModelConfig.from_preset("tiny", fm_kind=f"hf:{tiny_dinov2_dir}", fm_dim=32)
+    train = TrainConfig(steps=1, batch_size=2, warmup_steps=1, checkpoint_every=1, sample_every=0)
+    finetune(synthetic_store, tmp_path / "ft", init=None, model_config=config, train_config=train, device="cpu")
+    summary = evaluate_checkpoint(tmp_path / "ft", synthetic_store, device=CPU, batch_size=4)
+    assert 0 <= summary["mean_dice"] <= 1 and summary["tiles"] > 0
+    Image.fromarray(np.random.default_rng(2).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    assert predict_files([tmp_path / "a.png"], tmp_path / "ft", tmp_path / "out", CPU)[0]["image"] == "a"
+
+
+def test_evaluation_refuses_a_store_labelled_with_other_classes(checkpoint, tmp_path):
+    from cmdfed.data.store import create_store
+    from cmdfed.data.synth import synth_tiles
+    from cmdfed.evaluate.run import evaluate_checkpoint
+
+    other = tmp_path / "other.zarr"
+    with create_store(other, tile_size=64, class_names=["background", "tumour", "immune", "other"], has_types=True) as store:
+        with store.writer() as writer:
+            writer.extend(synth_tiles(2, 64, 0, 1))
+    with pytest.raises(CmdfedError, match="type ids would be compared across different classes"):
+        evaluate_checkpoint(checkpoint, other, device=CPU)
+    with pytest.raises(CmdfedError, match="--batch-size must be at least 1"):
+        evaluate_checkpoint(checkpoint, other, device=CPU, batch_size=0)

@@ -449,29 +449,53 @@ class StoreWriter:
         self._buffer = []
 
 
+def check_target(path: Path, overwrite: bool) -> None:
+    """Refuse a target that exists, unless ``overwrite`` and it is a cmdfed site store.
+
+    Only a site store is ever replaced, never another file or folder: a mistyped target
+    path (the source folder itself, a home directory) must not delete anyone's data.
+    """
+    if not path.exists():
+        return
+    if not overwrite:
+        raise CmdfedError(f"{path} already exists; choose another path or pass --overwrite")
+    try:
+        SiteStore.open(path)  # checks the cmdfed store attributes
+    except CmdfedError:
+        raise CmdfedError(f"{path} exists and is not a cmdfed site store; refusing to replace it, choose another path") from None
+
+
 @contextlib.contextmanager
 def create_store(path: str | Path, *, overwrite: bool = False, **options) -> Iterator[SiteStore]:
     """Build a new store beside ``path`` and move it into place only if the block succeeds.
 
     ``options`` are those of :meth:`SiteStore.create`. On any exception the partial store is
-    removed and an existing store at ``path`` is left untouched.
+    removed and an existing store at ``path`` is left untouched; with ``overwrite`` an
+    existing *site store* (nothing else, see :func:`check_target`) is moved aside, the new
+    one renamed in, and only then the old one deleted.
     """
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise CmdfedError(f"{path} already exists; choose another path or pass --overwrite")
+    check_target(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
+    old = tmp.with_suffix(".old")
     try:
         store = SiteStore.create(tmp, name=options.pop("name", None) or path.stem, **options)
         yield store
         if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+            os.replace(path, old)
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            if old.exists():
+                os.replace(old, path)
+            raise
         # Re-point the handle at the final path so the caller can keep reading it.
         store.__init__(path, zarr.open_group(str(path), mode="r"), "r")
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        for leftover in (tmp, old):
+            if leftover.exists():
+                shutil.rmtree(leftover)
 
 
 def write_subset(

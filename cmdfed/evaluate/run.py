@@ -9,7 +9,7 @@ import torch
 
 from cmdfed.data.store import SiteStore
 from cmdfed.errors import CmdfedError
-from cmdfed.evaluate.metrics import evaluate_instances, summarize
+from cmdfed.evaluate.metrics import aggregate_panoptic, evaluate_instances, summarize
 from cmdfed.evaluate.postprocess import WatershedParams, postprocess
 from cmdfed.inference import LoadedModel, load_model, predict_maps
 from cmdfed.progress import Progress, report
@@ -24,17 +24,30 @@ def evaluate_model(
     params: WatershedParams = WatershedParams(),
     progress: Progress | None = None,
 ) -> dict:
-    """Per-image metrics over labelled tiles, summarised (Dice, AJI, AJI+, PQ, mPQ, F1...)."""
+    """Per-image metrics over labelled tiles, summarised (Dice, AJI, AJI+, PQ, mPQ, F1...).
+
+    When the store records each tile's tissue, ``summary["pannuke"]`` also holds bPQ and mPQ
+    aggregated as PanNuke does (per tissue, then over tissues; ``aggregate_panoptic``), which
+    differs from ``mean_mpq``, the mean over tiles.
+    """
+    if batch_size < 1:
+        raise CmdfedError(f"--batch-size must be at least 1, got {batch_size}")
     site = SiteStore.open(store)
     indices = site.labelled_indices() if indices is None else np.asarray(indices)
     if indices.size == 0:
         raise CmdfedError(f"{store} has no labelled tiles to evaluate on")
     with_types = site.has_types and loaded.config.n_classes > 0
+    if with_types and loaded.class_names != site.class_names:
+        raise CmdfedError(
+            f"the model classifies {', '.join(loaded.class_names[1:])} but {site.name} is labelled with "
+            f"{', '.join(site.class_names[1:])}; type ids would be compared across different classes: evaluate on "
+            "a store imported with the model's classes"
+        )
     per_image = []
     for start in range(0, len(indices), batch_size):
         chunk = [int(i) for i in indices[start : start + batch_size]]
         images = np.stack([site.image(i) for i in chunk])
-        maps = predict_maps(loaded.model, images, loaded.device)
+        maps = predict_maps(loaded.model, images, loaded.device, loaded.encoder)
         for k, index in enumerate(chunk):
             result = postprocess(maps["np"][k], maps["hv"][k], maps["nc"][k] if "nc" in maps else None, params)
             per_image.append(
@@ -47,11 +60,15 @@ def evaluate_model(
             )
         report(progress, min(start + batch_size, len(indices)), len(indices), "tiles")
     summary = summarize(per_image)
+    tissues = [str(site.metadata("tissue")[i]) for i in indices]
+    if all(tissues):
+        summary["pannuke"] = aggregate_panoptic(per_image, tissues)
     summary["tiles"] = int(len(indices))
     summary["store"] = site.name
     summary["checkpoint"] = str(loaded.checkpoint)
     return summary
 
 
-def evaluate_checkpoint(checkpoint: str | Path, store: str | Path, *, device: torch.device, **options) -> dict:
-    return evaluate_model(load_model(checkpoint, device), store, **options)
+def evaluate_checkpoint(checkpoint: str | Path, store: str | Path, *, device: torch.device,
+                        fm_weights: str | Path | None = None, **options) -> dict:
+    return evaluate_model(load_model(checkpoint, device, fm_weights=fm_weights), store, **options)

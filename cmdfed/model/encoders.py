@@ -184,6 +184,13 @@ def build_encoder(kind: str, weights_path: str | os.PathLike | None = None,
     raise CmdfedError(f"unknown FM encoder kind {kind!r}; use none, timm:<preset> or hf:<directory>")
 
 
+def frozen_encoder(kind: str, weights_path: str | os.PathLike | None, device: torch.device | str) -> nn.Module | None:
+    """The frozen FM encoder a model config names (``fm_kind``) on ``device``; None for ``none``."""
+    if kind == "none":
+        return None
+    return build_encoder(kind, weights_path).to(device)
+
+
 def _build_timm(preset_name: str, weights_path: str | os.PathLike | None, input_size: int | None) -> FrozenEncoder:
     if preset_name not in TIMM_PRESETS:
         raise CmdfedError(f"unknown timm FM preset {preset_name!r}; choose one of {', '.join(TIMM_PRESETS)}")

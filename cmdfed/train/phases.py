@@ -24,14 +24,14 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from cmdfed.atomic import atomic_path
+from cmdfed.atomic import atomic_path, write_bytes_atomic
 from cmdfed.data.dataset import MultiStoreDataset, SiteDataset, StepBatchSampler
 from cmdfed.data.store import SiteStore
 from cmdfed.errors import CmdfedError
 from cmdfed.inference import to_model_input
 from cmdfed.model.config import DiffusionConfig, ModelConfig, build_model
 from cmdfed.model.diffusion import MaskedDiffusion, make_inpainting_grid
-from cmdfed.model.encoders import build_encoder
+from cmdfed.model.encoders import frozen_encoder
 from cmdfed.model.losses import hovernet_loss
 from cmdfed.model.unet import count_parameters
 from cmdfed.progress import Progress, report
@@ -62,13 +62,37 @@ def _existing_run(run_dir: Path) -> dict | None:
     return load_checkpoint(resolve_checkpoint(run_dir), with_trainer=True).__dict__
 
 
-def _check_same(name: str, given: dict, saved: dict, run_dir: Path) -> None:
-    if given != saved:
-        diff = sorted(k for k in set(given) | set(saved) if given.get(k) != saved.get(k))
+# Settings a resumed run may change: they do not change what is trained (the batches are
+# fixed by the seed whatever the worker count) and their old values remain in the config.
+RESUME_FREE_TRAIN_KEYS = ("num_workers", "keep_checkpoints", "checkpoint_every", "sample_every")
+
+
+def _check_resume(config: dict, saved: dict, keys: tuple[str, ...], run_dir: Path) -> None:
+    """Refuse to resume ``run_dir`` with settings that would train something else than it began."""
+    differs = []
+    for key in keys:
+        given, before = config.get(key), saved.get(key)
+        if key == "train":
+            given, before = ({k: v for k, v in d.items() if k not in RESUME_FREE_TRAIN_KEYS} for d in (given, before or {}))
+        if isinstance(given, dict) and isinstance(before, dict):
+            differs += [f"{key}.{k}" for k in sorted(set(given) | set(before)) if given.get(k) != before.get(k)]
+        elif given != before:
+            differs.append(key)
+    if differs:
         raise CmdfedError(
-            f"{run_dir} holds a run whose {name} config differs in {', '.join(diff)}; "
-            "resume with the same settings or choose a new --out"
+            f"{run_dir} holds a run that differs in {', '.join(differs)}; resume with the same settings "
+            "or choose a new --out"
         )
+
+
+def _truncate_log(run_dir: Path, step: int) -> None:
+    """Drop metrics.jsonl lines past ``step``: a resumed run logs those steps again."""
+    path = run_dir / "metrics.jsonl"
+    if path.is_file():
+        lines = path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+        if len(kept) != len(lines):
+            write_bytes_atomic(path, "".join(kept).encode())
 
 
 def batch_loader(dataset, train: TrainConfig, start_step: int = 0) -> DataLoader:
@@ -125,13 +149,6 @@ def _run_loop(
             save()
         report(progress, result.step, total, f"step {result.step}/{total} loss {result.loss:.4f}")
     return last_loss, images / seconds if seconds else 0.0
-
-
-def frozen_encoder(model_config: ModelConfig, fm_weights: str | Path | None, device: torch.device):
-    """The model's frozen FM encoder on ``device``, or None when it has none."""
-    if model_config.fm_kind == "none":
-        return None
-    return build_encoder(model_config.fm_kind, fm_weights).to(device)
 
 
 def pretrain_loss(model, diffusion: MaskedDiffusion, encoder) -> LossFn:
@@ -200,15 +217,15 @@ def pretrain(
     }
     torch.manual_seed(train_config.seed)  # the initial weights are part of the run's seed
     model = build_model(model_config).to(dev, memory_format=memory_format(dev))
-    encoder = frozen_encoder(model_config, fm_weights, dev)
+    encoder = frozen_encoder(model_config.fm_kind, fm_weights, dev)
     diffusion = MaskedDiffusion(diffusion_config)
     trainer = Trainer(model, pretrain_loss(model, diffusion, encoder), train_config, dev)
     saved = _existing_run(run_dir)
     if saved is not None:
-        for key in ("model", "diffusion", "train"):
-            _check_same(key, config[key], saved["config"][key], run_dir)
+        _check_resume(config, saved["config"], ("model", "diffusion", "train", "stores"), run_dir)
         model.load_state_dict(saved["weights"])
         trainer.load_state_dict(saved["trainer"], saved["ema"])
+        _truncate_log(run_dir, trainer.step)
 
     # Preview tiles spread over the whole training set (the first tiles of a slide are often its edge).
     spread = sorted({int(i) for i in torch.linspace(0, len(dataset) - 1, min(4, len(dataset)))})
@@ -277,12 +294,14 @@ def finetune(
     torch.manual_seed(train_config.seed)
     model = build_model(model_cfg)
     if pretrained is not None:
-        weights = {k: v for k, v in pretrained.weights.items() if model.group_of(k) != "heads"}
+        # The EMA weights, when pretraining kept them, are its result (its previews show them too).
+        source = pretrained.ema if pretrained.ema is not None else pretrained.weights
+        weights = {k: v for k, v in source.items() if model.group_of(k) != "heads"}
         model.load_partial_state_dict(weights, ("backbone", "modulation"))
     model.freeze(("backbone", "modulation", "heads"))
     model.unfreeze(TRAINABLE_CHOICES[trainable])
     model.to(dev, memory_format=memory_format(dev))
-    encoder = frozen_encoder(model_cfg, fm_weights, dev)
+    encoder = frozen_encoder(model_cfg.fm_kind, fm_weights, dev)
 
     dataset = SiteDataset(store, indices=indices, augment=train_config.augment, targets=True)
     config = {
@@ -300,10 +319,10 @@ def finetune(
     trainer = Trainer(model, finetune_loss(model, encoder), train_config, dev)
     saved = _existing_run(run_dir)
     if saved is not None:
-        for key in ("model", "train"):
-            _check_same(key, config[key], saved["config"][key], run_dir)
+        _check_resume(config, saved["config"], ("model", "train", "label_fraction", "trainable", "init", "stores"), run_dir)
         model.load_state_dict(saved["weights"])
         trainer.load_state_dict(saved["trainer"], saved["ema"])
+        _truncate_log(run_dir, trainer.step)
 
     save = _saver(run_dir, trainer, config)
 

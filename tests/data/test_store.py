@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -232,6 +233,35 @@ def test_create_store_replaces_only_on_success_with_overwrite(tmp_path):
         with store.writer() as writer:
             writer.add(Tile(image=np.full((T, T, 3), 9, np.uint8)))
     assert len(store) == 1 and store.path == tmp_path / "s.zarr" and store.image(0)[0, 0, 0] == 9
+
+
+def test_overwrite_replaces_only_a_site_store(tmp_path):
+    documents = tmp_path / "documents"
+    documents.mkdir()
+    (documents / "thesis.docx").write_text("years of work")
+    with pytest.raises(CmdfedError, match="not a cmdfed site store; refusing to replace it"):
+        with create_store(documents, tile_size=T, overwrite=True):
+            pass
+    assert (documents / "thesis.docx").read_text() == "years of work"
+
+
+def test_a_failed_final_rename_puts_the_old_store_back(tmp_path, monkeypatch):
+    new_store(tmp_path / "s.zarr", 3)
+    real_replace = os.replace
+
+    def failing_replace(src, dst):
+        if str(src).endswith(".partial"):
+            raise OSError("disk full (injected)")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="injected"):
+        with create_store(tmp_path / "s.zarr", tile_size=T, overwrite=True) as store:
+            with store.writer() as writer:
+                writer.add(Tile(image=np.zeros((T, T, 3), np.uint8)))
+    monkeypatch.undo()
+    assert len(SiteStore.open(tmp_path / "s.zarr")) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.zarr"]
 
 
 def test_read_only_store_refuses_writer(tmp_path):

@@ -6,7 +6,6 @@ fixtures that return plain functions rather than imported from a helper module.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable
 
 import pytest
@@ -67,15 +66,3 @@ def make_images() -> Callable[..., torch.Tensor]:
 def make_fm() -> Callable[..., FMFeatures]:
     """make_fm(batch, dim, grid=4, seed=0) -> random FMFeatures."""
     return _fm
-
-
-@pytest.fixture(scope="session")
-def tiny_dinov2_dir(tmp_path_factory) -> Path:
-    """A randomly initialised tiny Dinov2 saved with save_pretrained (64 px input, 8 px patches)."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                       intermediate_size=64, image_size=64, patch_size=8)
-    directory = tmp_path_factory.mktemp("tiny_dinov2")
-    transformers.Dinov2Model(config).save_pretrained(directory)
-    return directory

@@ -62,8 +62,39 @@ def test_resume_with_other_settings_is_refused(synthetic_store, pretrained, tmp_
 
     run = tmp_path / "copy"
     shutil.copytree(pretrained[0], run)
-    with pytest.raises(CmdfedError, match="differs in lr"):
+    with pytest.raises(CmdfedError, match=r"differs in train\.lr"):
         pretrain([synthetic_store], run, model_config=TINY, train_config=quick(lr=0.5), device="cpu")
+    with pytest.raises(CmdfedError, match="differs in stores"):
+        pretrain([synthetic_store, synthetic_store], run, model_config=TINY, train_config=quick(), device="cpu")
+    # How many loader workers (or checkpoints kept) does not change what is trained.
+    pretrain([synthetic_store], run, model_config=TINY, train_config=quick(num_workers=1, keep_checkpoints=5), device="cpu")
+
+
+def test_finetune_resume_is_refused_with_other_labels_or_trainable_groups(synthetic_store, pretrained, tmp_path):
+    run = tmp_path / "ft"
+    finetune(synthetic_store, run, init=pretrained[0], train_config=quick(steps=2, sample_every=0), device="cpu")
+    same = quick(steps=2, sample_every=0)
+    with pytest.raises(CmdfedError, match="differs in label_fraction"):
+        finetune(synthetic_store, run, init=pretrained[0], label_fraction=0.5, train_config=same, device="cpu")
+    with pytest.raises(CmdfedError, match="differs in trainable"):
+        finetune(synthetic_store, run, init=pretrained[0], trainable="heads+modulation", train_config=same, device="cpu")
+
+
+def test_a_resumed_run_logs_each_step_once(synthetic_store, tmp_path):
+    class Interrupt(Exception):
+        pass
+
+    def stop_at_35(done, total, what):
+        if done == 35:
+            raise Interrupt
+
+    # Logged every 10 steps, checkpointed every 20: step 30 is logged, then the run resumes from 20.
+    config = quick(steps=40, checkpoint_every=20, sample_every=0)
+    with pytest.raises(Interrupt):
+        pretrain([synthetic_store], tmp_path / "run", model_config=TINY, train_config=config, device="cpu", progress=stop_at_35)
+    pretrain([synthetic_store], tmp_path / "run", model_config=TINY, train_config=config, device="cpu")
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [10, 20, 30, 40]
 
 
 def test_exploding_training_stops_and_keeps_the_last_good_checkpoint(synthetic_store, tmp_path):
@@ -97,6 +128,15 @@ def test_finetune_starts_from_a_pretraining_saved_before_the_heads_changed(synth
     pre, ft = load_checkpoint(old, backbone_only=True), load_checkpoint(tmp_path / "ft")
     assert ft.config["format"] == 2
     assert all(torch.equal(pre.weights[k], ft.weights[k]) for k in pre.weights if not k.startswith("heads."))
+
+
+def test_finetune_starts_from_the_ema_weights_when_pretraining_kept_them(synthetic_store, tmp_path):
+    pretrain([synthetic_store], tmp_path / "pre", model_config=TINY, train_config=quick(steps=2, ema_decay=0.5), device="cpu")
+    finetune(synthetic_store, tmp_path / "ft", init=tmp_path / "pre", train_config=quick(steps=1, sample_every=0), device="cpu")
+    pre, ft = load_checkpoint(tmp_path / "pre"), load_checkpoint(tmp_path / "ft")
+    backbone = [k for k in pre.ema if not k.startswith("heads.") and pre.ema[k].is_floating_point()]
+    assert all(torch.equal(pre.ema[k], ft.weights[k]) for k in backbone)
+    assert not all(torch.equal(pre.weights[k], ft.weights[k]) for k in backbone)
 
 
 def test_label_fraction_and_random_init_baseline(synthetic_store, tmp_path):

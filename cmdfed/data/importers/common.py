@@ -41,7 +41,7 @@ import tifffile
 from PIL import Image
 from skimage.segmentation import relabel_sequential
 
-from cmdfed.data.store import SiteStore, StoreInfo, Tile, create_store
+from cmdfed.data.store import SiteStore, StoreInfo, Tile, check_target, create_store
 from cmdfed.errors import CmdfedError
 
 PAD_VALUE = 255
@@ -68,31 +68,6 @@ def check_grid(tile_size: int, overlap: int) -> None:
         raise CmdfedError(
             f"overlap must be at least 0 and less than the tile size {tile_size} (got {overlap})"
         )
-
-
-def check_target(store_path: Path, overwrite: bool) -> None:
-    """Refuse a target that exists, unless ``overwrite`` and it is a cmdfed site store.
-
-    Only a site store is ever replaced, never another file or folder: a mistyped target
-    path (the source folder itself, a home directory) must not delete anyone's data.
-    """
-    if not store_path.exists():
-        return
-    if not overwrite:
-        raise CmdfedError(f"{store_path} already exists; choose another path or pass --overwrite")
-    if not _is_site_store(store_path):
-        raise CmdfedError(
-            f"{store_path} exists and is not a cmdfed site store; refusing to replace it, "
-            "choose another path"
-        )
-
-
-def _is_site_store(path: Path) -> bool:
-    try:
-        SiteStore.open(path)  # checks the cmdfed store attributes
-    except CmdfedError:
-        return False
-    return True
 
 
 def check_same_shape(
