@@ -30,18 +30,39 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield an empty temporary folder beside ``path``; on success it replaces ``path`` whole."""
+    """Yield an empty temporary folder beside ``path``; on success it replaces ``path`` whole.
+
+    The old ``path`` is first renamed to a hidden ``.NAME.*.old`` sibling, the new folder renamed
+    in, and only then the old one deleted: a failed rename puts the old folder back, and a crash
+    between the two renames leaves it whole in that sibling rather than losing it.
+    """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
     try:
         yield tmp
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        old = None
+        if target.exists() or target.is_symlink():
+            old = target.parent / f"{tmp.name.removesuffix('.partial')}.old"
+            os.replace(target, old)
+        try:
+            os.replace(tmp, target)
+        except BaseException:
+            if old is not None:
+                os.replace(old, target)
+            raise
+        if old is not None:
+            _remove(old)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:

@@ -49,8 +49,12 @@ SITES = ("site-a", "site-b", "site-c")
 SLIDE = "cmu_small_region.svs"
 SERVER_STYLE = 0  # the reference stain style is the server's; sites get styles 1..3
 # What a demo leaves in its folder; a rerun removes these first (a federation would otherwise resume).
+# The -wal/-shm files are SQLite's, left beside the store once a reader (the dashboard) opened it.
 DEMO_PARTS = ("stores", "federation", "sites", "keys", "bundles", "edge-home", "slides", "logs", "telemetry.db",
-              "commands.sh", "summary.json")  # fmt: skip
+              "telemetry.db-wal", "telemetry.db-shm", "telemetry.db-journal", "commands.sh", "summary.json")  # fmt: skip
+# The demo's mark on its folder, written before anything else so that an interrupted demo's folder
+# is still recognised (and emptied) by the next run.
+COMMANDS_HEADER = "#!/usr/bin/env bash\n# The commands `cmdfed demo` ran, in order (services were backgrounded).\n"
 
 
 @dataclass(frozen=True)
@@ -80,7 +84,7 @@ class CommandChain:
         self.logs = out / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.script = out / "commands.sh"
-        self.script.write_text("#!/usr/bin/env bash\n# The commands `cmdfed demo` ran, in order (services were backgrounded).\n")
+        self.script.write_text(COMMANDS_HEADER)
         self.services: list[tuple[str, subprocess.Popen, int]] = []
         self.starting: list[tuple[str, subprocess.Popen, int]] = []
 
@@ -182,8 +186,7 @@ def run_demo(out: str | Path, *, size: DemoSize = DemoSize(), dp: bool = False, 
         step(4)
         key = out / "keys" / "bundle-signing"
         key.parent.mkdir(exist_ok=True)
-        if not key.with_suffix(".key").is_file():
-            chain.run("keygen", ["edge", "keygen", str(key)])
+        chain.run("keygen", ["edge", "keygen", str(key)])
         bundle = out / "bundles" / "cmd-demo"
         chain.run("export", ["edge", "export", "--checkpoint", str(run_dir), "--out", str(bundle), "--sign-key",
                              str(key.with_suffix(".key")), "--overwrite", "--telemetry", str(telemetry)])  # fmt: skip
@@ -263,7 +266,8 @@ def federation_settings(size: DemoSize, eval_store: Path, telemetry: Path, dp: b
 
 
 def _fresh_folder(out: Path) -> None:
-    """An empty ``out``: an earlier demo's files there are removed; anyone else's are refused."""
+    """An empty ``out`` but for the demo's mark (``commands.sh``): an earlier demo's files there
+    are removed, anyone else's are refused."""
     if out.is_dir() and any(out.iterdir()):
         foreign = sorted(p.name for p in out.iterdir() if p.name not in DEMO_PARTS)
         if foreign or not (out / "commands.sh").is_file():
@@ -275,6 +279,7 @@ def _fresh_folder(out: Path) -> None:
             else:
                 path.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "commands.sh").write_text(COMMANDS_HEADER)
 
 
 def _site_env(env: dict[str, str]) -> dict[str, str]:

@@ -78,16 +78,33 @@ def round_bars(rounds: pd.DataFrame, column: str, title: str) -> alt.Chart:
     )
 
 
+UTC_TIME = "%Y-%m-%d %H:%M:%S UTC"
+
+
 def phase_timeline(timeline: pd.DataFrame) -> alt.Chart:
+    """Each phase as a bar from its start to its end, in UTC whatever the browser's timezone (Vega-Lite
+    draws times in the browser's local time unless the scale is ``utc``; the tooltip's times are
+    formatted here, in UTC, for the same reason)."""
+    timeline = timeline.assign(
+        started_utc=pd.to_datetime(timeline["started"], utc=True).dt.strftime(UTC_TIME),
+        finished_utc=pd.to_datetime(timeline["finished"], utc=True).dt.strftime(UTC_TIME),
+    )
     return (
         alt.Chart(timeline)
         .mark_bar()
         .encode(
-            x=alt.X("started:T", title="time (UTC)", axis=alt.Axis(format="%H:%M")),
+            x=alt.X(
+                "started:T", title="time (UTC)", scale=alt.Scale(type="utc"),
+                axis=alt.Axis(format="%H:%M"),
+            ),  # fmt: skip
             x2="finished:T",
             y=alt.Y("phase:N", sort=None),
             color="phase:N",
-            tooltip=["phase", "first_round", "last_round", "started", "finished"],
+            tooltip=[
+                "phase", "first_round", "last_round",
+                alt.Tooltip("started_utc:N", title="started"),
+                alt.Tooltip("finished_utc:N", title="finished"),
+            ],  # fmt: skip
         )
         .properties(height=alt.Step(30), width="container")
     )

@@ -24,8 +24,11 @@ from cmdfed.slide_outputs import GEOJSON, SUMMARY
 
 #: Longest side of a rendered view, in screen pixels.
 VIEW_SIDE = 1024
-#: A zoomed region read from the slide is at most this many pixels at the chosen level.
+#: A region read from the slide at once is at most this many pixels.
 MAX_READ_PIXELS = 16 * 1024 * 1024
+#: A view whose region holds more than this many MAX_READ_PIXELS even at the coarsest level (a
+#: slide without a pyramid) is refused: reading it band by band would take too long for a page.
+MAX_BANDED_READS = 16
 BLANK = (255, 255, 255)
 
 
@@ -52,6 +55,29 @@ class SlideOutput:
             return (1, 1)
         corner = np.max([n.ring.max(axis=0) for n in self.nuclei], axis=0)
         return math.ceil(corner[0]), math.ceil(corner[1])
+
+
+def inside(root: str | Path, path: str | Path, what: str) -> Path:
+    """``path`` (relative paths are taken under ``root``) resolved, links included, when it lies
+    in ``root``; else one ``CmdfedError`` saying how to widen the root. The viewer sends what it
+    reads to the browser, so it reads nothing outside the folder it was given."""
+    root = Path(root).resolve()
+    path = Path(path)
+    resolved = (path if path.is_absolute() else root / path).resolve()
+    if not resolved.is_relative_to(root):
+        raise CmdfedError(
+            f"{path} is outside {root}, the only folder this dashboard shows files from: start "
+            f"`cmdfed dashboard --files-root DIR` with a folder that holds this {what}"
+        )
+    return resolved
+
+
+def is_inside(root: str | Path, path: str | Path) -> bool:
+    try:
+        inside(root, path, "file")
+    except CmdfedError:
+        return False
+    return True
 
 
 def output_folders(root: str | Path | None) -> list[Path]:
@@ -167,22 +193,45 @@ def render(
 def _background(slide_path, region, size, scale) -> tuple[Image.Image, str]:
     if not slide_path:
         return Image.new("RGB", size, BLANK), "slide not found: outlines over a blank canvas"
-    x0, y0, x1, y1 = region
     try:
         with open_slide(slide_path) as reader:
-            level = max(
-                i for i, d in enumerate(reader.level_downsamples) if d <= max(scale, 1.0) + 1e-6
-            )
-            downsample = reader.level_downsamples[level]
-            w, h = math.ceil((x1 - x0) / downsample), math.ceil((y1 - y0) / downsample)
-            if w * h > MAX_READ_PIXELS:
-                raise CmdfedError(
-                    f"the region is too large to read at level {level}; zoom in further"
-                )
-            pixels = reader.read_region(x0, y0, level, w, h)
+            image, level = _read_view(reader, region, size, scale)
     except CmdfedError as exc:
         return Image.new(
             "RGB", size, BLANK
         ), f"slide unreadable ({exc}): outlines over a blank canvas"
-    image = Image.fromarray(pixels).resize(size, Image.Resampling.BILINEAR)
     return image, f"over {Path(slide_path).name} (level {level})"
+
+
+def _read_view(reader, region, size, scale) -> tuple[Image.Image, int]:
+    """The region resized to ``size``, read at the finest pyramid level not finer than the view
+    whose read stays within MAX_READ_PIXELS; when even the coarsest level is larger (a whole-slide
+    view of a big slide), that level is read in bands of rows, each resized to its part of the view."""
+    x0, y0, x1, y1 = region
+    downsamples = reader.level_downsamples
+    levels = sorted(range(len(downsamples)), key=lambda i: downsamples[i])
+    finest = max((i for i in levels if downsamples[i] <= max(scale, 1.0) + 1e-6), key=downsamples.__getitem__,
+                 default=levels[0])  # fmt: skip
+    for level in levels[levels.index(finest) :]:
+        w, h = math.ceil((x1 - x0) / downsamples[level]), math.ceil((y1 - y0) / downsamples[level])
+        if w * h <= MAX_READ_PIXELS:
+            pixels = reader.read_region(x0, y0, level, w, h)
+            return Image.fromarray(pixels).resize(size, Image.Resampling.BILINEAR), level
+    level = levels[-1]
+    if w * h > MAX_BANDED_READS * MAX_READ_PIXELS:
+        raise CmdfedError(
+            f"the slide's coarsest level ({level}) holds {w * h / 1e6:.0f} Mpx for this region, too many "
+            "to read for one view; zoom in further"
+        )
+    downsample = downsamples[level]
+    rows = max(1, MAX_READ_PIXELS // w)
+    ratio = size[1] / h  # level rows -> view rows
+    bands = []
+    for top in range(0, h, rows):
+        n = min(rows, h - top)
+        target = round((top + n) * ratio) - round(top * ratio)
+        if target <= 0:
+            continue
+        pixels = reader.read_region(x0, y0 + round(top * downsample), level, w, n)
+        bands.append(np.asarray(Image.fromarray(pixels).resize((size[0], target), Image.Resampling.BILINEAR)))
+    return Image.fromarray(np.concatenate(bands, axis=0)), level

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
@@ -13,7 +13,7 @@ import streamlit as st
 
 from cmdfed.errors import CmdfedError
 from cmdfed.telemetry import TelemetryStore
-from dashboard import DB_ENV, OUTPUTS_ENV, charts, queries, slides
+from dashboard import DB_ENV, FILES_ROOT_ENV, OUTPUTS_ENV, charts, queries, slides
 from cmdfed.slide_outputs import GEOJSON
 
 TIME_RANGES = {
@@ -33,13 +33,27 @@ RUN_FILLED_BY = (
 class Filters:
     run_id: str | None
     sites: list[str]
-    since: float | None
+    time_range: str  # a key of TIME_RANGES; the window's start is taken when the views are drawn
     refresh_s: int | None
+    run_ids: list[str] = field(default_factory=list)  # the runs the sidebar offered
+    since: float | None = None  # start of the time range, as of ``at``
+
+    def at(self, now: float) -> Filters:
+        """These filters with the time range ending at ``now``."""
+        return replace(self, since=window_start(self.time_range, now))
 
 
-def settings() -> tuple[str, str]:
-    """The telemetry store and the inference outputs folder that `cmdfed dashboard` passed on."""
-    return os.environ.get(DB_ENV, ""), os.environ.get(OUTPUTS_ENV, "")
+def window_start(time_range: str, now: float) -> float | None:
+    seconds = TIME_RANGES[time_range]
+    return None if seconds is None else now - seconds
+
+
+def settings() -> tuple[str, str, str]:
+    """The telemetry store, the inference outputs folder and the folder whose files the viewer may
+    show, as `cmdfed dashboard` passed them on (the last defaults as there: outputs, else here)."""
+    outputs = os.environ.get(OUTPUTS_ENV, "")
+    files_root = os.environ.get(FILES_ROOT_ENV, "") or outputs or os.getcwd()
+    return os.environ.get(DB_ENV, ""), outputs, files_root
 
 
 def open_store(db: str) -> tuple[TelemetryStore | None, str | None]:
@@ -64,10 +78,10 @@ def _shared_store(db: str) -> TelemetryStore:
 def sidebar(store: TelemetryStore | None, db: str) -> Filters:
     st.sidebar.caption(f"Telemetry store: `{db or 'none'}`")
     label = st.sidebar.selectbox("Time range", list(TIME_RANGES))
-    since = None if TIME_RANGES[label] is None else time.time() - TIME_RANGES[label]
-    run_id, sites = None, []
+    run_id, sites, run_ids = None, [], []
     if store is not None:
-        runs = queries.runs_table(store, since)
+        runs = queries.runs_table(store, window_start(label, time.time()))
+        run_ids = list(runs["run_id"])
         if not runs.empty:
             names = dict(zip(runs["run_id"], runs["name"]))
             run_id = st.sidebar.selectbox(
@@ -79,7 +93,20 @@ def sidebar(store: TelemetryStore | None, db: str) -> Filters:
     refresh_s = None
     if st.sidebar.toggle("Auto-refresh"):
         refresh_s = st.sidebar.selectbox("Every (seconds)", REFRESH_SECONDS, index=1)
-    return Filters(run_id, sites, since, refresh_s)
+    return Filters(run_id, sites, label, refresh_s, run_ids)
+
+
+def current_filters(store: TelemetryStore | None, db: str, filters: Filters) -> Filters:
+    """The filters as of now, for views that auto-refresh on their own (a fragment) while the
+    sidebar stays as drawn: the whole page is drawn again when the sidebar is out of date, i.e.
+    the store now opens though it did not, or the runs in the time range are not those it offers."""
+    now = filters.at(time.time())
+    if store is None:
+        if open_store(db)[0] is not None:
+            st.rerun(scope="app")
+    elif list(queries.runs_table(store, now.since)["run_id"]) != filters.run_ids:
+        st.rerun(scope="app")
+    return now
 
 
 def _table(frame: pd.DataFrame, **kwargs) -> None:
@@ -249,13 +276,19 @@ def _load_output(folder: str, geojson_modified: float | None) -> slides.SlideOut
     return slides.load_output(folder)
 
 
-def slide_viewer(outputs_root: str) -> None:
-    folders = slides.output_folders(outputs_root)
+def slide_viewer(outputs_root: str, files_root: str) -> None:
+    """Output folders and slides are read only inside ``files_root``: what is read goes to the
+    browser, and the dashboard has no authentication."""
+    folders = [f for f in slides.output_folders(outputs_root) if slides.is_inside(files_root, f)]
     typed = st.text_input(
-        "Output folder (`cmdfed edge infer --out`)", placeholder="/path/to/output"
+        "Output folder (`cmdfed edge infer --out`)", placeholder=f"{files_root}/..."
     )
     if typed:
-        folder = Path(typed)
+        try:
+            folder = slides.inside(files_root, typed, "output folder")
+        except CmdfedError as exc:
+            st.error(str(exc))
+            return
     elif folders:
         folder = st.selectbox(
             "Or one under the outputs folder", folders, format_func=lambda p: str(p)
@@ -282,12 +315,21 @@ def slide_viewer(outputs_root: str) -> None:
     cols[3].metric("Nuclei per mm²", "unknown" if density is None else f"{density:.0f}")
 
     width, height = output.dimensions
-    guess = next((p for p in slides.slide_candidates(output) if p.is_file()), None)
+    guess = next(
+        (p for p in slides.slide_candidates(output) if slides.is_inside(files_root, p) and p.is_file()),
+        None,
+    )
     slide_path = st.text_input("Slide file (for the background)", value=str(guess or ""))
+    slide = None
+    if slide_path:
+        try:
+            slide = slides.inside(files_root, slide_path, "slide")
+        except CmdfedError as exc:
+            st.error(str(exc))
     zoom_x = st.slider("x range (level-0 pixels)", 0, width, (0, width))
     zoom_y = st.slider("y range (level-0 pixels)", 0, height, (0, height))
     region = (zoom_x[0], zoom_y[0], max(zoom_x[1], zoom_x[0] + 1), max(zoom_y[1], zoom_y[0] + 1))
-    image, note = slides.render(output, region, slide_path or None)
+    image, note = slides.render(output, region, slide)
     left, right = st.columns([3, 1])
     left.image(image, caption=note)
     right.markdown("**Nuclei per type**")

@@ -65,5 +65,18 @@ def test_a_rerun_starts_from_an_empty_folder(tmp_path):
     (tmp_path / "commands.sh").write_text("cmdfed ...")
     (tmp_path / "federation" / "round-0004").mkdir(parents=True)
     (tmp_path / "telemetry.db").write_bytes(b"")
+    # SQLite leaves these beside the store once the dashboard has opened it (WAL mode)
+    (tmp_path / "telemetry.db-wal").write_bytes(b"")
+    (tmp_path / "telemetry.db-shm").write_bytes(b"")
     _fresh_folder(tmp_path)
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == ["commands.sh"]  # only the demo's mark
+
+
+def test_a_rerun_after_an_interrupted_demo_is_accepted(tmp_path):
+    """A demo stopped before its first command (fetching samples, writing stores) still marked
+    its folder, so the next run empties it instead of refusing it."""
+    out = tmp_path / "demo"
+    _fresh_folder(out)
+    (out / "stores" / "site-a.zarr").mkdir(parents=True)  # ... then Ctrl-C
+    _fresh_folder(out)
+    assert [p.name for p in out.iterdir()] == ["commands.sh"]

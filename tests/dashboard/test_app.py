@@ -3,6 +3,7 @@ the messages for bad input."""
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
 from pathlib import Path
 
@@ -162,6 +163,44 @@ def test_output_folder_without_geojson(app, outputs_root):
         assert len(app.tabs[4].error) == 1 and "has no cells.geojson" in app.tabs[4].error[0].value
     finally:
         app.text_input[0].set_value("").run()
+
+
+def _text_input(app: AppTest, label_start: str):
+    return next(t for t in app.text_input if t.label.startswith(label_start))
+
+
+def test_output_folders_outside_the_files_root_are_refused(app, outputs_root, tmp_path):
+    """The viewer sends what it reads to the browser: only folders under --files-root (here the
+    outputs folder, the default) are read, however the path is spelt."""
+    shutil.copytree(outputs_root / "case-1", tmp_path / "case-1")
+    (tmp_path / "case-1" / "summary.json").unlink()
+    escaping = f"case-1/../../{tmp_path.name}/case-1"  # relative paths are taken under the root
+    assert (outputs_root / escaping).resolve() == (tmp_path / "case-1").resolve()
+    for typed in (str(tmp_path / "case-1"), escaping):
+        _text_input(app, "Output folder").set_value(typed).run()
+        try:
+            tab = app.tabs[4]
+            assert len(tab.error) == 1 and "is outside" in tab.error[0].value, typed
+            assert "`cmdfed dashboard --files-root DIR`" in tab.error[0].value
+            assert not tab.metric and not tab.get("image")  # nothing of the folder was shown
+        finally:
+            _text_input(app, "Output folder").set_value("").run()
+
+
+def test_a_slide_outside_the_files_root_is_refused(app, outputs_root, tmp_path):
+    shutil.copy(outputs_root / "case-1.png", tmp_path / "secret.png")
+    slide = _text_input(app, "Slide file")
+    guess = slide.value
+    assert guess == str(outputs_root / "case-1.png")
+    slide.set_value(str(tmp_path / "secret.png")).run()
+    try:
+        tab = app.tabs[4]
+        assert len(tab.error) == 1 and "is outside" in tab.error[0].value
+        caption = tab.get("image")[0].proto.imgs[0].caption
+        assert caption == "slide not found: outlines over a blank canvas"
+    finally:
+        _text_input(app, "Slide file").set_value(guess).run()
+    assert app.tabs[4].get("image")[0].proto.imgs[0].caption == "over case-1.png (level 0)"
 
 
 def test_auto_refresh(app):

@@ -10,9 +10,13 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
+
+from cmdfed.telemetry import TelemetryStore
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -45,12 +49,12 @@ def _wait_healthy(url: str, server: subprocess.Popen) -> None:
     pytest.fail(f"cmdfed dashboard did not answer at {url} within {STARTUP_TIMEOUT_S} s")
 
 
-@pytest.fixture
-def dashboard_url(telemetry_db, outputs_root, tmp_path):
+@contextmanager
+def _dashboard(db: Path, tmp_path: Path, *options: str) -> Iterator[str]:
+    """`cmdfed dashboard` serving ``db``, stopped on exit; yields its URL."""
     port = _free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "cmdfed", "dashboard", "--db", str(telemetry_db), "--outputs", str(outputs_root),
-         "--port", str(port)],
+        [sys.executable, "-m", "cmdfed", "dashboard", "--db", str(db), *options, "--port", str(port)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
         env={**os.environ, "HOME": str(tmp_path)},  # no ~/.streamlit of the user's
     )  # fmt: skip
@@ -67,37 +71,93 @@ def dashboard_url(telemetry_db, outputs_root, tmp_path):
             server.wait()
 
 
-def test_dashboard_in_chromium(dashboard_url):
+@pytest.fixture
+def dashboard_url(telemetry_db, outputs_root, tmp_path):
+    with _dashboard(telemetry_db, tmp_path, "--outputs", str(outputs_root)) as url:
+        yield url
+
+
+@pytest.fixture
+def chromium():
     if not os.access(CHROMIUM, os.X_OK):
         pytest.skip(f"no {CHROMIUM}: apt-get install -y chromium")
     sync_api = pytest.importorskip(
         "playwright.sync_api", reason="pip install playwright (never `playwright install`)"
     )
-    ARTIFACTS.mkdir(exist_ok=True)
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 2200})
-            page.goto(dashboard_url)
-            page.wait_for_selector(
-                '[data-testid="stApp"][data-test-script-state="notRunning"]', timeout=60_000
-            )
-            page.wait_for_selector(
-                '[data-testid="stVegaLiteChart"] canvas, [data-testid="stVegaLiteChart"] svg',
-                timeout=30_000,
-            )
-            page.wait_for_selector('[data-testid="stDataFrame"]', timeout=30_000)
-            assert page.get_by_text("MB on the wire").is_visible()
-            assert (
-                page.locator('[data-testid="stMetricValue"]').first.inner_text() == "1"
-            )  # run-b: 1 round
-            page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
-            page.get_by_role("tab", name="Edge fleet").click()
-            page.get_by_text("ws-2 is stale").wait_for(timeout=30_000)
-            page.screenshot(path=str(ARTIFACTS / "dashboard-fleet.png"), full_page=True)
-            page.get_by_role("tab", name="Slide viewer").click()
-            page.get_by_text("over case-1.png (level 0)").wait_for(timeout=30_000)
-            page.screenshot(path=str(ARTIFACTS / "dashboard-slide.png"), full_page=True)
+            yield browser
         finally:
             browser.close()
+
+
+def _wait_drawn(page) -> None:
+    page.wait_for_selector(
+        '[data-testid="stApp"][data-test-script-state="notRunning"]', timeout=60_000
+    )
+
+
+def test_dashboard_in_chromium(dashboard_url, chromium):
+    ARTIFACTS.mkdir(exist_ok=True)
+    page = chromium.new_page(viewport={"width": 1400, "height": 2200})
+    page.goto(dashboard_url)
+    _wait_drawn(page)
+    page.wait_for_selector(
+        '[data-testid="stVegaLiteChart"] canvas, [data-testid="stVegaLiteChart"] svg',
+        timeout=30_000,
+    )
+    page.wait_for_selector('[data-testid="stDataFrame"]', timeout=30_000)
+    assert page.get_by_text("MB on the wire").is_visible()
+    assert page.locator('[data-testid="stMetricValue"]').first.inner_text() == "1"  # run-b: 1 round
+    page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
+    page.get_by_role("tab", name="Edge fleet").click()
+    page.get_by_text("ws-2 is stale").wait_for(timeout=30_000)
+    page.screenshot(path=str(ARTIFACTS / "dashboard-fleet.png"), full_page=True)
+    page.get_by_role("tab", name="Slide viewer").click()
+    page.get_by_text("over case-1.png (level 0)").wait_for(timeout=30_000)
+    page.screenshot(path=str(ARTIFACTS / "dashboard-slide.png"), full_page=True)
     assert (ARTIFACTS / "dashboard.png").stat().st_size > 10_000
+
+
+def _record_run(db: Path, run_id: str, name: str, rounds: int) -> None:
+    with TelemetryStore.open(db, create=True) as store:
+        start = time.time()
+        store.start_run(run_id, name=name, config={}, strategy="fedavg", phases=["finetune"], started_at=start)
+        for rnd in range(1, rounds + 1):
+            store.record_round(run_id, phase="finetune", round=rnd, started_at=start, finished_at=start + 1,
+                               n_sites=2, n_failed=0, bytes_sent=1000, bytes_received=1000, metrics={"eval_dice": 0.5})  # fmt: skip
+
+
+def test_auto_refresh_follows_a_store_and_runs_that_appear_later(tmp_path, chromium):
+    """A dashboard opened before the federation started: auto-refresh (which reruns only the tabs)
+    picks up the store once it exists, then a newer run, without reloading the page."""
+    db = tmp_path / "run" / "telemetry.db"
+    with _dashboard(db, tmp_path) as url:
+        page = chromium.new_page(viewport={"width": 1400, "height": 1400})
+        page.goto(url)
+        _wait_drawn(page)
+        page.get_by_text(f"no telemetry store at {db}").first.wait_for(timeout=30_000)
+        page.get_by_text("Auto-refresh").click()
+        page.locator('[data-testid="stSelectbox"]').filter(has_text="Every (seconds)").click()
+        page.get_by_role("option", name="10", exact=True).click()
+        page.wait_for_timeout(1_000)
+        _wait_drawn(page)
+
+        db.parent.mkdir()
+        _record_run(db, "run-1", "first", rounds=1)
+        _wait_showing(page, "first (run-1)", rounds=1)
+        assert page.get_by_text("MB on the wire").is_visible()
+
+        _record_run(db, "run-2", "second", rounds=2)  # the sidebar shows the newest run first
+        _wait_showing(page, "second (run-2)", rounds=2)
+
+
+def _wait_showing(page, run: str, rounds: int, timeout_s: float = 45) -> None:
+    """Until the sidebar's run is ``run`` and the federation view counts its ``rounds``."""
+    page.wait_for_function(
+        """([run, rounds]) => document.querySelector('input[aria-label="Run"]')?.value === run
+              && document.querySelector('[data-testid="stMetricValue"]')?.innerText === rounds""",
+        arg=[run, str(rounds)],
+        timeout=timeout_s * 1000,
+    )

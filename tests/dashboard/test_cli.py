@@ -3,6 +3,7 @@ and passes the store and outputs on."""
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 
@@ -10,6 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cmdfed.cli import _add_role_commands, app
+from cmdfed.errors import CmdfedError
 from dashboard import cli
 
 
@@ -41,9 +43,11 @@ def test_dashboard_runs_streamlit_headless_on_localhost(monkeypatch, tmp_path):
     }  # fmt: skip
     assert env["CMDFED_DASHBOARD_DB"] == str(tmp_path / "run" / "telemetry.db")
     assert env["CMDFED_DASHBOARD_OUTPUTS"] == str(tmp_path)
+    assert env["CMDFED_DASHBOARD_FILES_ROOT"] == str(tmp_path.resolve())  # default: --outputs
 
 
-def test_db_and_host_options(monkeypatch):
+def test_db_and_host_options(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
     calls = []
     monkeypatch.setattr(os, "execve", lambda path, command, env: calls.append((command, env)) or sys.exit(0))
     with pytest.raises(SystemExit) as done:
@@ -51,6 +55,7 @@ def test_db_and_host_options(monkeypatch):
             db="postgresql+psycopg://db/telemetry",
             runs=cli.Path("ignored"),
             outputs=None,
+            files_root=None,
             port=8501,
             host="0.0.0.0",
         )
@@ -61,3 +66,25 @@ def test_db_and_host_options(monkeypatch):
         env["CMDFED_DASHBOARD_DB"] == "postgresql+psycopg://db/telemetry"
         and env["CMDFED_DASHBOARD_OUTPUTS"] == ""
     )
+    assert env["CMDFED_DASHBOARD_FILES_ROOT"] == str(tmp_path.resolve())  # default: here
+
+
+def _invoke(args: list[str]):
+    _add_role_commands()
+    return CliRunner().invoke(app, ["dashboard", *args])
+
+
+def test_files_root_must_be_a_folder_that_holds_the_outputs(monkeypatch, tmp_path):
+    monkeypatch.setattr(os, "execve", lambda *a: pytest.fail("started with bad options"))
+    (tmp_path / "outputs").mkdir()
+    (tmp_path / "slides").mkdir()
+    result = _invoke(["--outputs", str(tmp_path / "outputs"), "--files-root", str(tmp_path / "slides")])
+    assert isinstance(result.exception, CmdfedError)
+    assert "is outside --files-root" in str(result.exception) and "give a --files-root that holds it" in str(result.exception)
+    result = _invoke(["--files-root", str(tmp_path / "absent")])
+    assert isinstance(result.exception, CmdfedError) and "is not a folder" in str(result.exception)
+
+
+def test_host_help_warns_there_is_no_authentication():
+    host = inspect.signature(cli.dashboard).parameters["host"].default
+    assert "no authentication" in host.help and "reverse proxy" in host.help

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from cmdfed.telemetry import TelemetryStore
 from dashboard import queries, slides
 
 
@@ -60,6 +61,32 @@ def test_privacy_marks_the_site_at_its_budget(store):
     assert by_site["epsilon"].to_dict() == {"hosp-a": 6.0, "hosp-b": 8.0, "hosp-c": 3.0}
     assert by_site["budget_reached"].to_dict() == {"hosp-a": False, "hosp-b": True, "hosp-c": False}
     assert by_site.loc["hosp-c", "last_round"] == 3 and by_site.loc["hosp-a", "budget_used"] == 0.75
+
+
+def test_a_site_that_declined_below_its_limit_is_marked(tmp_path):
+    """A site declines a round when that round's spend would take it over its budget, so it can
+    stop at epsilon 7.2 of 8: the decline, not the spend, marks it."""
+    cumulative = {"at-limit": [3.0, 6.0, 8.0], "declines": [3.6, 7.2, None], "within": [1.0, 2.0, 3.0]}
+    with TelemetryStore.open(tmp_path / "telemetry.db", create=True) as store:
+        store.start_run("run-dp", name="dp", config={}, strategy="fedavg", phases=["finetune"], started_at=0.0)
+        for rnd in (1, 2, 3):
+            store.record_round("run-dp", phase="finetune", round=rnd, started_at=rnd, finished_at=rnd + 0.5, n_sites=3,
+                               n_failed=0, bytes_sent=1, bytes_received=1, metrics={})  # fmt: skip
+            for site, epsilons in cumulative.items():
+                epsilon = epsilons[rnd - 1]
+                store.record_site_round("run-dp", phase="finetune", round=rnd, site=site,
+                                        status="declined_budget" if epsilon is None else "trained",
+                                        n_examples=0 if epsilon is None else 10, metrics={}, duration_s=None)  # fmt: skip
+                if epsilon is not None:
+                    store.record_privacy("run-dp", phase="finetune", round=rnd, site=site, epsilon=epsilon,
+                                         delta=1e-5, noise_multiplier=1.1, max_grad_norm=1.0, budget_epsilon=8.0)  # fmt: skip
+    with queries.open_store(tmp_path / "telemetry.db") as store:
+        spend_table = queries.privacy_table(store, "run-dp")
+        by_site = queries.privacy_by_site(spend_table, queries.site_rounds_table(store, "run-dp"))
+    by_site = by_site.set_index("site")
+    assert by_site["epsilon"].to_dict() == {"at-limit": 8.0, "declines": 7.2, "within": 3.0}
+    assert by_site.loc["declines", "budget_used"] == 0.9  # below its limit ...
+    assert by_site["budget_reached"].to_dict() == {"at-limit": True, "declines": True, "within": False}
 
 
 def test_models_fleet_and_inference(store, now):
