@@ -39,7 +39,8 @@ waits on the network, to the federation's telemetry server (--report-to; edge.re
 
 Errors: a request a client got wrong ends with INVALID_ARGUMENT (bad tile sizes or byte
 counts, a corrupt slide or unusable options), NOT_FOUND (slide path), or
-RESOURCE_EXHAUSTED (too many tiles) and one clear message; anything else is INTERNAL and
+RESOURCE_EXHAUSTED (too many tiles, or a slide while another is running) and one clear
+message; anything else is INTERNAL and
 logged. Every call is counted by method and status code and every failure by reason. A
 message above the size limit is refused by gRPC itself (RESOURCE_EXHAUSTED) before it
 reaches the service, so it appears in no counter.
@@ -297,7 +298,7 @@ class EdgeServicer(pb_grpc.EdgeSegmentationServicer):
         try:
             yield from self._segment_slide(request, context)
         except Exception as exc:
-            code, reason, message = _classify(exc)
+            code, reason, message = _classify(exc, "bad_slide")
             self.metrics.failed("SegmentSlide", code, reason, time.perf_counter() - started)
             context.abort(code, message)
         self.metrics.succeeded("SegmentSlide", time.perf_counter() - started)
@@ -309,7 +310,7 @@ class EdgeServicer(pb_grpc.EdgeSegmentationServicer):
         try:
             response = work()
         except Exception as exc:
-            code, reason, message = _classify(exc)
+            code, reason, message = _classify(exc, "bad_request")
             self.metrics.failed(method, code, reason, time.perf_counter() - started)
             context.abort(code, message)
         self.metrics.succeeded(method, time.perf_counter() - started)
@@ -415,12 +416,13 @@ def _final_progress(summary: dict, out_dir: Path) -> pb.SlideProgress:
     )  # fmt: skip
 
 
-def _classify(exc: Exception) -> tuple[grpc.StatusCode, str, str]:
-    """gRPC status, failure reason and message for an exception raised while serving a call."""
+def _classify(exc: Exception, refused: str) -> tuple[grpc.StatusCode, str, str]:
+    """gRPC status, failure reason and message for an exception raised while serving a call;
+    ``refused``: the reason for a CmdfedError (input this call could not use)."""
     if isinstance(exc, RequestError):
         return exc.code, exc.reason, str(exc)
     if isinstance(exc, CmdfedError):
-        return grpc.StatusCode.INVALID_ARGUMENT, "bad_slide", str(exc)
+        return grpc.StatusCode.INVALID_ARGUMENT, refused, str(exc)
     log.exception("internal error while serving a call")
     return grpc.StatusCode.INTERNAL, "internal", f"internal error ({type(exc).__name__}); see the service's log"
 
