@@ -12,9 +12,10 @@ SuperNode's log at the site. The server logs the error and the round goes on wit
 Under local differential privacy the site keeps its privacy ledger in its work folder
 (``cmdfed.privacy.accounting``; node config ``work-dir`` is then required); a site whose
 next round would exceed its budget does not train and replies ``declined-budget = 1`` with
-its spent epsilon and no weights. Its replies then carry only ``num-examples`` and the
-``dp_*`` numbers, no losses or evaluation scores (un-noised statistics of its private
-tiles), unless its node config has ``share-metrics = true`` (``local.shared_metrics``).
+its spent epsilon and no weights. Its training replies then carry only ``num-examples``,
+``train_seconds`` and the ``dp_*`` numbers, no losses, and it does not evaluate at all (its
+scores are un-noised statistics of its private tiles), unless its node config has
+``share-metrics = true`` (``local.shares_data_metrics``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from cmdfed.federation.local import (
     local_pretrain_round,
     open_privacy_ledger,
     shared_metrics,
+    shares_data_metrics,
 )
 from cmdfed.federation.site import SiteSettings, check_site_store, keep_frozen, load_frozen
 from cmdfed.federation.updates import redact_paths
@@ -79,9 +81,11 @@ def _train(msg: Message, site: SiteSettings, config: FederationConfig) -> Record
 def _evaluate(msg: Message, site: SiteSettings, config: FederationConfig) -> RecordDict:
     phase = check_phase(str(msg.content["config"]["phase"]))
     weights = _unpacked(Layout.from_values(msg.content["config"], LAYOUT_PREFIX), msg.content["arrays"])
-    frozen = _frozen_weights(msg, site) if phase == "finetune" else {}
+    frozen = _frozen_weights(msg, site) if phase == "finetune" else {}  # cached for training rounds either way
+    if not shares_data_metrics(config, site.share_metrics):
+        return RecordDict({"site": ConfigRecord({"name": site.name})})  # scores it would not send: not computed
     n_examples, metrics = local_evaluate(weights, frozen, phase, site.store, config, device=site.device)
-    return _content(site, None, n_examples, shared_metrics(metrics, config, site.share_metrics))
+    return _content(site, None, n_examples, metrics)
 
 
 def _frozen_weights(msg: Message, site: SiteSettings) -> dict:

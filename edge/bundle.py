@@ -34,7 +34,7 @@ ONNX_FILE = "model.onnx"
 PT2_FILE = "model.pt2"
 GOLDEN_FILE = "golden.npz"
 _CHUNK = 1 << 20
-_VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")  # what model_version() makes: a plain folder name
+_VERSION = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,199}")  # what model_version() makes: a plain folder name
 
 
 def sha256_of_stream(stream: IO[bytes]) -> tuple[str, int]:

@@ -158,10 +158,15 @@ def _install(source: bundle.BundleSource, manifest: dict, home: Path, public_key
         selection = select_backend(staging, home, force=backend, trt_source=trt_source)
         if target.exists():  # a re-export of the same weights (other settings, or now signed) replaces it
             os.replace(target, outgoing)
-        os.replace(staging, target)
+        try:
+            os.replace(staging, target)
+        except OSError:
+            if outgoing.exists():
+                os.replace(outgoing, target)
+            raise
+        shutil.rmtree(outgoing, ignore_errors=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-        shutil.rmtree(outgoing, ignore_errors=True)
     return selection
 
 

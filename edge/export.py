@@ -219,7 +219,7 @@ def _gelu_in_fusable_order(model: onnx.ModelProto) -> int:
     graph = model.graph
     constants = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
     producer = {output: node for node in graph.node for output in node.output}
-    consumers: dict[str, list] = {}
+    consumers: dict[str, list] = {output.name: [None] for output in graph.output}  # a graph output is used too
     for node in graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
@@ -231,7 +231,7 @@ def _gelu_in_fusable_order(model: onnx.ModelProto) -> int:
     def other_input_is(node, name: str, value: float) -> str | None:
         other = node.input[1] if node.input[0] == name else node.input[0]
         array = constants.get(other)
-        return other if array is not None and array.size == 1 and abs(float(array) - value) < 1e-6 else None
+        return other if array is not None and array.size == 1 and abs(float(array.ravel()[0]) - value) < 1e-6 else None
 
     rewritten = 0
     for erf in [n for n in graph.node if n.op_type == "Erf"]:

@@ -361,11 +361,11 @@ class EdgeServicer(pb_grpc.EdgeSegmentationServicer):
                     min_tissue=request.min_tissue or infer.DEFAULT_MIN_TISSUE, restart=request.restart,
                     telemetry=self.reports, progress=progress,
                 )  # fmt: skip
-                updates.put(_final_progress(summary, out_dir))
+                outcome: pb.SlideProgress | BaseException = _final_progress(summary, out_dir)
             except BaseException as exc:  # handed to the calling thread, which reports it
-                updates.put(exc)
-            finally:
-                self._slide_lock.release()
+                outcome = exc
+            self._slide_lock.release()  # before the client hears the end, so its next slide is not "busy"
+            updates.put(outcome)
 
         # Refused, not queued: a queued call would hold a gRPC worker thread (health checks need them).
         if not self._slide_lock.acquire(blocking=False):

@@ -26,9 +26,10 @@ or refuse a bad update, so this module drives the strategy round by round itself
 Differential privacy: under central DP the strategy is Flower's server-side clipping
 wrapper (``server.strategies``), told each round how many updates it averages. Under
 local DP a site that has spent its budget replies ``declined-budget`` instead of an
-update; it is recorded as ``declined_budget``, and when every sampled site that did not
-fail declined the run stops there, completed: further rounds could not train at all (a
-resumed run would stop the same way). A site's privacy spend is recorded whenever its reply
+update; it is recorded as ``declined_budget``, and when every sampled site declined the
+run stops there, completed: further rounds could not train at all (a resumed run would
+stop the same way). A site that failed or timed out may still have budget, so a round
+without updates for that reason fails the run resumably, as any round without updates. A site's privacy spend is recorded whenever its reply
 reports it, also when its update is then rejected or the round fails: the site spent it.
 
 A site that goes away mid-round (its SuperNode crashed, or lost the network) does not hold
@@ -62,7 +63,7 @@ SITE_IN_REASON = re.compile(r"^\[([A-Za-z0-9][A-Za-z0-9._-]*)\] ")
 
 
 class BudgetsSpent(CmdfedError):
-    """Every sampled site that did not fail declined the round: their privacy budgets are spent."""
+    """Every sampled site declined the round: their privacy budgets are spent."""
 
 
 class SitesMissing(CmdfedError):
@@ -128,9 +129,7 @@ class PhaseRounds:
             # No round to checkpoint, but the sites' part in it (and the privacy they spent) is recorded.
             self.coordinator.record_sites(self.phase, phase_round, reports)
             if _budgets_spent(reports):
-                failed = [r.site for r in reports if r.status != "declined_budget"]
-                who = f"every site that did not fail ({', '.join(failed)} failed)" if failed else "every site"
-                raise BudgetsSpent(f"{self.phase} round {phase_round}: {who} has spent its privacy budget")
+                raise BudgetsSpent(f"{self.phase} round {phase_round}: every site has spent its privacy budget")
             errors = "; ".join(f"{r.site}: {r.error or r.status}" for r in reports) or "no site was sampled"
             raise CmdfedError(f"{self.phase} round {phase_round}: no site delivered a usable update ({errors})")
         if isinstance(self.strategy, DifferentialPrivacyServerSideFixedClipping):
@@ -236,8 +235,7 @@ class PhaseRounds:
 
     def _sampling_grid(self) -> SamplingGrid:
         """Wait (up to the round timeout) for ``min-sites`` sites; the grid a strategy samples them from."""
-        wait_for_sites(self.grid, self.config.min_sites, self.config.round_timeout_s)
-        return SamplingGrid(self.grid, self.config.min_sites, self.config.round_timeout_s)
+        return SamplingGrid(self.grid, wait_for_sites(self.grid, self.config.min_sites, self.config.round_timeout_s))
 
     def _evaluate(self, phase_round: int, arrays: ArrayRecord, layout: Layout) -> dict[str, float]:
         instructions = self._instructions(phase_round, layout)
@@ -258,45 +256,41 @@ class PhaseRounds:
 
 
 def _budgets_spent(reports: list[SiteReport]) -> bool:
-    """Whether the round's sites that did not fail all declined for their privacy budgets.
-
-    A site that failed or timed out may come back, but it cannot train the others' share:
-    rounds after this one could only fail the same way (and a resumed run would too)."""
-    answered = [r for r in reports if r.status not in ("failed", "timed_out")]
-    return bool(answered) and all(r.status == "declined_budget" for r in answered)
+    """Whether every sampled site declined the round for its privacy budget. A site that
+    failed or timed out may still have budget and train next time, so such a round fails
+    (resumably) rather than ending the run."""
+    return bool(reports) and all(r.status == "declined_budget" for r in reports)
 
 
-def wait_for_sites(grid: Grid, minimum: int, timeout: float) -> None:
-    """Block until ``minimum`` sites are connected; ``SitesMissing`` after ``timeout`` seconds."""
+def wait_for_sites(grid: Grid, minimum: int, timeout: float) -> list[int]:
+    """Block until ``minimum`` sites are connected and return their node ids; ``SitesMissing``
+    after ``timeout`` seconds."""
     deadline, announced = time.monotonic() + timeout, -1
-    while (connected := len(list(grid.get_node_ids()))) < minimum:
+    while len(nodes := list(grid.get_node_ids())) < minimum:
         if time.monotonic() > deadline:
-            raise _sites_missing(connected, minimum, timeout)
-        if connected != announced:
-            emit_event("waiting", connected=connected, needed=minimum)
-            announced = connected
+            raise _sites_missing(len(nodes), minimum, timeout)
+        if len(nodes) != announced:
+            emit_event("waiting", connected=len(nodes), needed=minimum)
+            announced = len(nodes)
         time.sleep(1.0)
+    return nodes
 
 
 class SamplingGrid:
-    """The grid as a strategy samples sites from it, with an end to the waiting.
+    """The grid as a strategy samples sites from it: one snapshot of the connected sites.
 
-    Flower's ``sample_nodes`` (``flwr.serverapp.strategy.strategy_utils``) loops with a
-    one-second sleep, without a timeout, until enough nodes are connected; a site that
-    leaves between :func:`wait_for_sites` and the strategy's sampling would hold the run
-    forever. Here asking for the node ids raises ``SitesMissing`` once fewer than ``minimum``
-    are connected past ``timeout`` seconds; everything else is the grid's own.
+    Flower's strategies count the connected nodes, then ``sample_nodes``
+    (``flwr.serverapp.strategy.strategy_utils``) waits, without a timeout, until that many
+    are connected; a site leaving between the two calls would hold the run forever. Both
+    calls see the snapshot :func:`wait_for_sites` took instead; a site gone since is sent
+    its message, does not answer, and is marked failed like any site that leaves mid-round.
     """
 
-    def __init__(self, grid: Grid, minimum: int, timeout: float):
-        self._grid, self._minimum, self._timeout = grid, minimum, timeout
-        self._deadline = time.monotonic() + timeout
+    def __init__(self, grid: Grid, nodes: list[int]):
+        self._grid, self._nodes = grid, list(nodes)
 
     def get_node_ids(self) -> list[int]:
-        nodes = list(self._grid.get_node_ids())
-        if len(nodes) < self._minimum and time.monotonic() > self._deadline:
-            raise _sites_missing(len(nodes), self._minimum, self._timeout)
-        return nodes
+        return list(self._nodes)
 
     def __getattr__(self, name: str):
         return getattr(self._grid, name)

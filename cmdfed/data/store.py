@@ -490,12 +490,12 @@ def create_store(path: str | Path, *, overwrite: bool = False, **options) -> Ite
             if old.exists():
                 os.replace(old, path)
             raise
+        shutil.rmtree(old, ignore_errors=True)  # only now: until here it was the one good copy
         # Re-point the handle at the final path so the caller can keep reading it.
         store.__init__(path, zarr.open_group(str(path), mode="r"), "r")
     finally:
-        for leftover in (tmp, old):
-            if leftover.exists():
-                shutil.rmtree(leftover)
+        if tmp.exists():
+            shutil.rmtree(tmp)
 
 
 def write_subset(

@@ -255,14 +255,21 @@ def privacy_metrics(ledger: PrivacyLedger, epsilon: float) -> dict[str, float]:
             "dp_max_grad_norm": ledger.max_grad_norm, "dp_budget_epsilon": ledger.budget_epsilon}  # fmt: skip
 
 
+def shares_data_metrics(config: FederationConfig, share_metrics: bool = False) -> bool:
+    """Whether a site sends metrics computed from its tiles: always without local DP; under
+    local DP only if its admin opts in (node config ``share-metrics = true``), because its
+    losses, loss terms and evaluation scores are un-noised statistics of the private tiles
+    that the privacy accountant does not cover."""
+    return config.dp_mode != "local" or share_metrics
+
+
 def shared_metrics(metrics: dict[str, float], config: FederationConfig, share_metrics: bool = False) -> dict[str, float]:
-    """What of a round's metrics a site sends. Under local DP only its privacy numbers (``dp_*``),
-    unless the site's admin opts in (node config ``share-metrics = true``): the losses, loss
-    terms and evaluation scores are computed from the private tiles without noise, so the
-    privacy accountant does not cover them. Example counts travel beside these, always."""
-    if config.dp_mode != "local" or share_metrics:
+    """What of a round's metrics a site sends (see :func:`shares_data_metrics`); when it keeps
+    them, its privacy numbers (``dp_*``) and its training time still go. Example counts travel
+    beside these, always."""
+    if shares_data_metrics(config, share_metrics):
         return dict(metrics)
-    return {k: v for k, v in metrics.items() if k.startswith("dp_")}
+    return {k: v for k, v in metrics.items() if k.startswith("dp_") or k == "train_seconds"}
 
 
 # -- evaluation ------------------------------------------------------------------------

@@ -8,8 +8,9 @@ The keys: ``store``, ``name``, ``work-dir`` (the site's files: frozen-weight cac
 under local DP, its privacy ledger; required then, because the temporary folder it
 defaults to is emptied by a reboot, which would silently reset the spent budget),
 ``device``, ``batch-size`` and ``share-metrics`` (under local DP a site sends only its
-privacy numbers and example counts unless this is true: its losses and evaluation scores
-are computed from its private data without noise, so the accountant does not cover them).
+privacy numbers, example counts and training time, and skips evaluation, unless this is
+true: its losses and evaluation scores are computed from its private data without noise,
+so the accountant does not cover them).
 
 Fine-tuning freezes the backbone, so the server sends it once per phase with a fingerprint
 (see ``coordinator.RunCoordinator.frozen_fingerprint``) and the site keeps it in its work

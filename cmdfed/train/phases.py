@@ -90,9 +90,17 @@ def _truncate_log(run_dir: Path, step: int) -> None:
     path = run_dir / "metrics.jsonl"
     if path.is_file():
         lines = path.read_text().splitlines(keepends=True)
-        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+        kept = [line for line in lines if _logged_step(line) is not None and _logged_step(line) <= step]
         if len(kept) != len(lines):
             write_bytes_atomic(path, "".join(kept).encode())
+
+
+def _logged_step(line: str) -> int | None:
+    """The step of a metrics.jsonl line; None for a line a crash cut short."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def batch_loader(dataset, train: TrainConfig, start_step: int = 0) -> DataLoader:

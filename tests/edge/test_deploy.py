@@ -127,3 +127,24 @@ def test_status_of_a_damaged_active_version_says_what_to_do(signed_bundle, tmp_p
     (home / "models" / version / "manifest.json").unlink()
     info = status(home)
     assert not info["verified"] and "redeploy the bundle or roll back" in info["problem"]
+
+
+def test_a_failed_replacement_leaves_the_installed_copy_in_place(signed_bundle, tmp_path, monkeypatch):
+    import os
+
+    home = tmp_path / "home"
+    version = deploy(signed_bundle, home)["version"]
+    real_replace = os.replace
+
+    def failing_replace(src, dst):
+        if os.path.basename(src).startswith(".incoming-"):
+            raise OSError("disk full (injected)")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    retuned = _edited(signed_bundle, tmp_path, "retuned", lambda m: m["postprocessing"]["params"].update(sobel_kernel_size=21))
+    with pytest.raises(OSError, match="injected"):
+        deploy(retuned, home)
+    monkeypatch.undo()
+    assert status(home)["verified"] and status(home)["active"] == version
+    assert sorted(p.name for p in (home / "models").iterdir()) == [version]

@@ -68,6 +68,37 @@ def test_onnx_runtime_fuses_every_gelu_of_the_exported_graph(signed_bundle, tmp_
     assert sum(op in ("Gelu", "BiasGelu") for op in optimized) == blocks  # BiasGelu: with the Linear's bias added
 
 
+def _gelu_graph(constant_shape, extra_output: bool) -> onnx.ModelProto:
+    """x * (0.5 * (1 + erf(x / sqrt 2))), as the exporter writes it, with (1,)- or ()-shaped constants."""
+    from onnx import helper, numpy_helper
+
+    def constant(name, value):
+        return numpy_helper.from_array(np.full(constant_shape, value, np.float32), name)
+
+    nodes = [helper.make_node("Div", ["x", "sqrt2"], ["d"]), helper.make_node("Erf", ["d"], ["e"]),
+             helper.make_node("Add", ["e", "one"], ["a"]), helper.make_node("Mul", ["half", "a"], ["h"]),
+             helper.make_node("Mul", ["x", "h"], ["y"])]  # fmt: skip
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [4]) for n in (["y", "h"] if extra_output else ["y"])]
+    graph = helper.make_graph(nodes, "gelu", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])], outputs,
+                              [constant("sqrt2", 2**0.5), constant("one", 1.0), constant("half", 0.5)])  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+@pytest.mark.parametrize("constant_shape", [(), (1,)])
+def test_the_gelu_rewrite_keeps_every_output_the_same(constant_shape):
+    import onnxruntime
+
+    from edge.export import _gelu_in_fusable_order
+
+    x = np.linspace(-3, 3, 4, dtype=np.float32)
+    for extra_output, expected_rewrites in ((False, 1), (True, 0)):  # a used intermediate value is left alone
+        model = _gelu_graph(constant_shape, extra_output)
+        before = onnxruntime.InferenceSession(model.SerializeToString()).run(None, {"x": x})
+        assert _gelu_in_fusable_order(model) == expected_rewrites
+        after = onnxruntime.InferenceSession(model.SerializeToString()).run(None, {"x": x})
+        assert all(np.array_equal(b, a) for b, a in zip(before, after))
+
+
 def test_golden_data_is_uint8_tiles_and_probabilities(signed_bundle):
     with np.load(signed_bundle / "golden.npz") as golden:
         assert golden["input"].dtype == np.uint8 and golden["input"].shape == (2, 128, 128, 3)

@@ -161,21 +161,27 @@ def test_a_site_gone_after_training_skips_federated_evaluation_instead_of_hangin
     assert db.execute("SELECT status FROM runs").fetchall() == [("completed",)]
 
 
-def test_sites_that_declined_for_budget_or_failed_end_the_run_completed_and_say_no_round_ran(stores, tmp_path, capsys):
-    # site 1 cannot afford one round of its budget; site 2's store is missing, so it fails.
+def test_a_run_whose_sites_all_decline_ends_completed_and_says_no_round_ran(stores, tmp_path, capsys):
+    # Neither site can afford one round of its budget.
     config = run_config(tmp_path, dp_mode="local", dp_noise_multiplier=1.0, dp_epsilon=0.01)
-    node_configs = sites(stores, tmp_path, "site1.zarr", "missing.zarr")
+    node_configs = sites(stores, tmp_path, "site1.zarr", "site2.zarr")
     for attempt in (1, 2):  # a resumed run ends the same way, not failed
         assert run_within(InProcessGrid(node_configs, config), config, 180) is None
-        seen = events(capsys)
-        finish = next(e for e in seen if e["event"] == "finish")
+        finish = next(e for e in events(capsys) if e["event"] == "finish")
         assert finish["status"] == "completed" and finish["rounds"] == 0
-        assert finish["note"].startswith("no round ran: pretrain round 1: every site that did not fail (site-2 failed) "
-                                         "has spent its privacy budget"), finish  # fmt: skip
+        assert finish["note"].startswith("no round ran: pretrain round 1: every site has spent its privacy budget"), finish
         assert "larger dp-epsilon" in finish["note"]
     assert last_complete_round(config.run_dir) is None
     db = sqlite3.connect(tmp_path / "run" / "telemetry.db")
     assert db.execute("SELECT status FROM runs").fetchall() == [("completed",)]
+
+
+def test_a_declined_site_beside_a_failed_one_fails_the_round_resumably(stores, tmp_path):
+    # site 1 cannot afford a round; site 2 fails (its store is missing) but might still have budget.
+    config = run_config(tmp_path, dp_mode="local", dp_noise_multiplier=1.0, dp_epsilon=0.01)
+    error = run_within(InProcessGrid(sites(stores, tmp_path, "site1.zarr", "missing.zarr"), config), config, 180)
+    assert isinstance(error, CmdfedError) and "no site delivered a usable update" in str(error)
+    db = sqlite3.connect(tmp_path / "run" / "telemetry.db")
     assert db.execute("SELECT site, status FROM site_rounds ORDER BY site").fetchall() == [("site-1", "declined_budget"), ("site-2", "failed")]
 
 

@@ -92,6 +92,8 @@ def test_a_resumed_run_logs_each_step_once(synthetic_store, tmp_path):
     config = quick(steps=40, checkpoint_every=20, sample_every=0)
     with pytest.raises(Interrupt):
         pretrain([synthetic_store], tmp_path / "run", model_config=TINY, train_config=config, device="cpu", progress=stop_at_35)
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as log:
+        log.write('{"step": 3')  # a line a crash cut short
     pretrain([synthetic_store], tmp_path / "run", model_config=TINY, train_config=config, device="cpu")
     steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [10, 20, 30, 40]
