@@ -8,6 +8,7 @@ import math
 import os
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Iterator
 
@@ -41,21 +42,28 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
     try:
         yield tmp
-        old = None
-        if target.exists() or target.is_symlink():
-            old = target.parent / f"{tmp.name.removesuffix('.partial')}.old"
-            os.replace(target, old)
-        try:
-            os.replace(tmp, target)
-        except BaseException:
-            if old is not None:
-                os.replace(old, target)
-            raise
-        if old is not None:
-            _remove(old)
+        replace_dir(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    """Rename the finished folder ``new`` to ``target`` (same file system), replacing what is
+    there: the old ``target`` is renamed to a hidden ``.old`` sibling first and deleted only once
+    ``new`` is in place; a failed rename puts it back."""
+    old = None
+    if target.exists() or target.is_symlink():
+        old = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.old"
+        os.replace(target, old)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        if old is not None:
+            os.replace(old, target)
+        raise
+    if old is not None:
+        _remove(old)
 
 
 def _remove(path: Path) -> None:

@@ -23,14 +23,13 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import os
 import shutil
 import socket
 import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from cmdfed.atomic import write_json_atomic
+from cmdfed.atomic import replace_dir, write_json_atomic
 from cmdfed.errors import CmdfedError
 from cmdfed.progress import Progress, report
 from edge import bundle, signing
@@ -149,22 +148,13 @@ def _install(source: bundle.BundleSource, manifest: dict, home: Path, public_key
         bundle.verify_bundle(bundle.BundleSource(target), public_key)
         return select_backend(target, home, force=backend, trt_source=trt_source)
     staging = Path(tempfile.mkdtemp(prefix=f".incoming-{target.name}-", dir=models))
-    outgoing = models / f".outgoing-{staging.name}"
     try:
         staging.rmdir()
         source.copy_to(staging)
         bundle.verify_bundle(bundle.BundleSource(staging), public_key)
         # A bundle this workstation cannot run correctly is refused before it is installed.
         selection = select_backend(staging, home, force=backend, trt_source=trt_source)
-        if target.exists():  # a re-export of the same weights (other settings, or now signed) replaces it
-            os.replace(target, outgoing)
-        try:
-            os.replace(staging, target)
-        except OSError:
-            if outgoing.exists():
-                os.replace(outgoing, target)
-            raise
-        shutil.rmtree(outgoing, ignore_errors=True)
+        replace_dir(staging, target)  # a re-export of the same weights (other settings, or now signed) replaces it
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return selection

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import shutil
 import uuid
 from dataclasses import dataclass, field
@@ -44,6 +43,7 @@ import numpy as np
 import zarr
 import zarr.errors
 
+from cmdfed.atomic import replace_dir
 from cmdfed.errors import CmdfedError
 from cmdfed.progress import Progress, report
 
@@ -478,19 +478,10 @@ def create_store(path: str | Path, *, overwrite: bool = False, **options) -> Ite
     check_target(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
-    old = tmp.with_suffix(".old")
     try:
         store = SiteStore.create(tmp, name=options.pop("name", None) or path.stem, **options)
         yield store
-        if path.exists():
-            os.replace(path, old)
-        try:
-            os.replace(tmp, path)
-        except OSError:
-            if old.exists():
-                os.replace(old, path)
-            raise
-        shutil.rmtree(old, ignore_errors=True)  # only now: until here it was the one good copy
+        replace_dir(tmp, path)
         # Re-point the handle at the final path so the caller can keep reading it.
         store.__init__(path, zarr.open_group(str(path), mode="r"), "r")
     finally:
