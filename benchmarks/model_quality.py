@@ -89,6 +89,8 @@ def evaluate_on_test(run: Path, cpm15: Path) -> dict:
     for image_id in TEST_IDS:
         image, truth = load_pair(cpm15, image_id)
         maps = predict_image_maps(loaded, image)
+        # HoVer-Net's 40x watershed settings, as when the recorded results were made; the same for
+        # every arm. WatershedParams.for_mpp(0.5) suits these 20x images better (not rerun yet).
         results.append(evaluate_instances(truth, postprocess(maps["np"], maps["hv"]).instance_map))
     return summarize(results)
 

@@ -377,14 +377,18 @@ def predict(
     out_dir: Path = typer.Option(..., "--out", help="Folder for NAME_inst.png and NAME_types.json."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
     fm_weights: Optional[Path] = typer.Option(None, help="Local weights file of the run's timm FM encoder."),
+    mpp: Optional[float] = typer.Option(None, help="Micrometres per pixel of the images (0.5 at 20x); scales the "
+                                                   "post-processing (default: HoVer-Net's 40x settings)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Segment and classify nuclei: NAME_inst.png (uint16 instances) + NAME_types.json per image."""
     from cmdfed.inference import predict_files
     from cmdfed.train.device import select_device
 
+    if mpp is not None and not mpp > 0:
+        raise CmdfedError(f"--mpp must be positive, got {mpp}")
     with progress_bar("predict") as progress:
-        results = predict_files(images, checkpoint, out_dir, select_device(device), progress, fm_weights=fm_weights)
+        results = predict_files(images, checkpoint, out_dir, select_device(device), progress, fm_weights=fm_weights, mpp=mpp)
     emit({"outputs": results}, as_json, lambda r: [out.print(f"{x['image']}: {x['nuclei']} nuclei -> {x['instances']}") for x in r["outputs"]])
 
 

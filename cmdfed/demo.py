@@ -188,8 +188,8 @@ def run_demo(out: str | Path, *, size: DemoSize = DemoSize(), dp: bool = False, 
         key.parent.mkdir(exist_ok=True)
         chain.run("keygen", ["edge", "keygen", str(key)])
         bundle = out / "bundles" / "cmd-demo"
-        chain.run("export", ["edge", "export", "--checkpoint", str(run_dir), "--out", str(bundle), "--sign-key",
-                             str(key.with_suffix(".key")), "--overwrite", "--telemetry", str(telemetry)])  # fmt: skip
+        chain.run("export", ["edge", "export", "--checkpoint", str(run_dir), "--out", str(bundle), "--mpp", "0.5",
+                             "--sign-key", str(key.with_suffix(".key")), "--overwrite", "--telemetry", str(telemetry)])  # fmt: skip
 
         step(5)
         home = out / "edge-home"

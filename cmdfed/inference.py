@@ -168,10 +168,11 @@ def write_prediction(out_dir: Path, name: str, result: PostprocessResult, class_
 
 def predict_files(
     images: list[Path], checkpoint: Path, out_dir: Path, device: torch.device, progress: Progress | None = None,
-    *, fm_weights: str | Path | None = None,
+    *, fm_weights: str | Path | None = None, mpp: float | None = None,
 ) -> list[dict]:
     """`cmdfed predict`: NAME_inst.png and NAME_types.json for each image (any dtype the
-    importers read: 16-bit scans are scaled, not clipped)."""
+    importers read: 16-bit scans are scaled, not clipped); ``mpp``, the images' resolution,
+    scales the post-processing (``WatershedParams.for_mpp``; unknown: HoVer-Net's 40x values)."""
     from cmdfed.data.importers.common import read_rgb
 
     missing = [str(p) for p in images if not Path(p).is_file()]
@@ -185,7 +186,7 @@ def predict_files(
     loaded = load_model(checkpoint, device, fm_weights=fm_weights)
     results = []
     for done, path in enumerate(images, start=1):
-        result = segment_image(loaded, read_rgb(path))
+        result = segment_image(loaded, read_rgb(path), WatershedParams.for_mpp(mpp))
         results.append(write_prediction(out_dir, Path(path).stem, result, loaded.class_names))
         report(progress, done, len(images), "images")
     return results

@@ -20,7 +20,7 @@ commands = typer.Typer(help="Edge role: export bundles, deploy them on workstati
 BACKEND_HELP = "Force a backend: tensorrt, onnxruntime-cuda or onnxruntime-cpu (default: the first that works)."
 TRT_SOURCE = typer.Option("onnx", "--trt-source", help="Build TensorRT engines from onnx or pt2.")
 TELEMETRY_HELP = "Telemetry store (SQLite path or postgresql:// URL) to record this in."
-# Defaults: WatershedParams', which training's evaluation uses (HoVer-Net's).
+# Defaults: HoVer-Net's, scaled to --mpp (WatershedParams.for_mpp), as training's evaluation does.
 POSTPROCESS_PANEL = "Post-processing (recorded in the bundle; infer and serve use it)"
 
 
@@ -45,22 +45,22 @@ def export(
     sign_key: Optional[Path] = typer.Option(None, "--sign-key", help="ed25519 private key to sign the manifest with."),
     tile: int = typer.Option(256, help="Tile side the workstation runs (multiple of 32)."),
     overlap: int = typer.Option(64, help="Tile overlap in pixels: at least the largest nucleus diameter."),
-    mpp: Optional[float] = typer.Option(None, help="Micrometres per pixel the model was trained at."),
+    mpp: Optional[float] = typer.Option(None, help="Micrometres per pixel the model was trained at (0.5 at 20x); also scales the post-processing."),
     tolerance: float = typer.Option(1e-3, help="Largest ONNX Runtime vs PyTorch difference accepted."),
     foreground_threshold: Optional[float] = typer.Option(
         None, rich_help_panel=POSTPROCESS_PANEL, help="Nucleus probability from which a pixel is nucleus, in (0, 1] (default 0.5).",
     ),
     min_object_size: Optional[int] = typer.Option(
-        None, rich_help_panel=POSTPROCESS_PANEL, help="Nuclei and markers with fewer pixels are dropped (default 10).",
+        None, rich_help_panel=POSTPROCESS_PANEL, help="Nuclei and markers with fewer pixels are dropped (default 10 at 40x, scaled to --mpp: 3 at 20x).",
     ),
     sobel_kernel_size: Optional[int] = typer.Option(
-        None, rich_help_panel=POSTPROCESS_PANEL, help="Odd Sobel size, 3..31, for the HV gradients (default 21; about 11 suits 20x).",
+        None, rich_help_panel=POSTPROCESS_PANEL, help="Odd Sobel size, 3..31, for the HV gradients (default 21 at 40x, scaled to --mpp: 11 at 20x).",
     ),
     marker_gradient_threshold: Optional[float] = typer.Option(
         None, rich_help_panel=POSTPROCESS_PANEL, help="HV gradient from which a pixel is boundary, not marker, in (0, 1) (default 0.4).",
     ),
     marker_opening_size: Optional[int] = typer.Option(
-        None, rich_help_panel=POSTPROCESS_PANEL, help="Diameter of the opening that cleans markers (default 5; about 3 suits 20x).",
+        None, rich_help_panel=POSTPROCESS_PANEL, help="Diameter of the opening that cleans markers (default 5 at 40x, scaled to --mpp: 3 at 20x).",
     ),
     overwrite: bool = typer.Option(False, help="Replace an existing bundle."),
     telemetry: Optional[str] = typer.Option(None, help=TELEMETRY_HELP),
@@ -70,7 +70,7 @@ def export(
     from edge.export import export_bundle
 
     params = watershed_params(
-        foreground_threshold=foreground_threshold, min_object_size=min_object_size, sobel_kernel_size=sobel_kernel_size,
+        mpp, foreground_threshold=foreground_threshold, min_object_size=min_object_size, sobel_kernel_size=sobel_kernel_size,
         marker_gradient_threshold=marker_gradient_threshold, marker_opening_size=marker_opening_size,
     )  # fmt: skip
     with progress_bar("export") as progress:
@@ -83,8 +83,9 @@ def export(
     ))  # fmt: skip
 
 
-def watershed_params(**given) -> WatershedParams:
-    """WatershedParams' defaults with the options given; a value it refuses is named by its option."""
+def watershed_params(mpp: float | None, **given) -> WatershedParams:
+    """HoVer-Net's settings scaled to ``mpp`` with the options given; a value it refuses is
+    named by its option."""
     from cmdfed.evaluate.postprocess import WatershedParams
 
     values = {name: value for name, value in given.items() if value is not None}
@@ -93,7 +94,7 @@ def watershed_params(**given) -> WatershedParams:
             WatershedParams(**{name: value})
         except CmdfedError as exc:
             raise CmdfedError(f"--{name.replace('_', '-')} {value}: {exc}") from exc
-    return WatershedParams(**values)
+    return WatershedParams.for_mpp(mpp, **values)
 
 
 @commands.command("deploy")

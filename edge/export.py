@@ -77,7 +77,7 @@ def export_bundle(
     mpp: float | None = None,
     sign_key: str | Path | None = None,
     tolerance: float = DEFAULT_TOLERANCE,
-    postprocess: WatershedParams = WatershedParams(),
+    postprocess: WatershedParams | None = None,
     overwrite: bool = False,
     telemetry: str | Path | None = None,
     progress: Progress | None = None,
@@ -85,8 +85,9 @@ def export_bundle(
     """Write the bundle folder ``out`` and ``out.tar``; returns what was made.
 
     ``postprocess``: the watershed settings the workstation will use with this model (tuned
-    per model and magnification; HoVer-Net's defaults otherwise).
+    per model and magnification; by default HoVer-Net's scaled to ``mpp``).
     """
+    postprocess = WatershedParams.for_mpp(mpp) if postprocess is None else postprocess
     out = Path(out)
     tar_path = out.with_name(out.name + ".tar")
     _check_settings(tile, overlap, tolerance)

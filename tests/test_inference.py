@@ -108,6 +108,7 @@ def test_a_model_conditioned_on_a_foundation_model_predicts_and_evaluates(synthe
     finetune(synthetic_store, tmp_path / "ft", init=None, model_config=config, train_config=train, device="cpu")
     summary = evaluate_checkpoint(tmp_path / "ft", synthetic_store, device=CPU, batch_size=4)
     assert 0 <= summary["mean_dice"] <= 1 and summary["tiles"] > 0
+    assert summary["postprocess"]["sobel_kernel_size"] == 11  # scaled to the store's 0.5 um/px
     Image.fromarray(np.random.default_rng(2).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "a.png")
     assert predict_files([tmp_path / "a.png"], tmp_path / "ft", tmp_path / "out", CPU)[0]["image"] == "a"
 

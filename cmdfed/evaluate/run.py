@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -21,14 +22,15 @@ def evaluate_model(
     *,
     indices: np.ndarray | None = None,
     batch_size: int = 8,
-    params: WatershedParams = WatershedParams(),
+    params: WatershedParams | None = None,
     progress: Progress | None = None,
 ) -> dict:
     """Per-image metrics over labelled tiles, summarised (Dice, AJI, AJI+, PQ, mPQ, F1...).
 
     When the store records each tile's tissue, ``summary["pannuke"]`` also holds bPQ and mPQ
     aggregated as PanNuke does (per tissue, then over tissues; ``aggregate_panoptic``), which
-    differs from ``mean_mpq``, the mean over tiles.
+    differs from ``mean_mpq``, the mean over tiles. ``params``: the post-processing; by
+    default HoVer-Net's scaled to the store's resolution (``WatershedParams.for_mpp``).
     """
     if batch_size < 1:
         raise CmdfedError(f"--batch-size must be at least 1, got {batch_size}")
@@ -36,6 +38,7 @@ def evaluate_model(
     indices = site.labelled_indices() if indices is None else np.asarray(indices)
     if indices.size == 0:
         raise CmdfedError(f"{store} has no labelled tiles to evaluate on")
+    params = WatershedParams.for_mpp(site.mpp) if params is None else params
     with_types = site.has_types and loaded.config.n_classes > 0
     if with_types and loaded.class_names != site.class_names:
         raise CmdfedError(
@@ -63,6 +66,7 @@ def evaluate_model(
     tissues = [str(site.metadata("tissue")[i]) for i in indices]
     if all(tissues):
         summary["pannuke"] = aggregate_panoptic(per_image, tissues)
+    summary["postprocess"] = asdict(params)
     summary["tiles"] = int(len(indices))
     summary["store"] = site.name
     summary["checkpoint"] = str(loaded.checkpoint)

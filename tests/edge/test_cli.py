@@ -47,6 +47,14 @@ def test_post_processing_options_are_checked_before_any_work(tmp_path, option, v
     assert list(tmp_path.iterdir()) == []
 
 
+def test_post_processing_defaults_follow_the_model_resolution():
+    from edge.cli import watershed_params
+
+    assert watershed_params(None) == WatershedParams()  # unknown resolution: HoVer-Net's 40x settings
+    at_20x = watershed_params(0.5, marker_opening_size=4)
+    assert (at_20x.sobel_kernel_size, at_20x.min_object_size, at_20x.marker_opening_size) == (11, 3, 4)
+
+
 @pytest.mark.slow
 def test_exported_post_processing_is_recorded_and_used_by_infer_and_serve(checkpoint, slide_tiff, tmp_path):
     result = export("--checkpoint", str(checkpoint), "--out", str(tmp_path / "bundle"), "--tile", str(TILE),

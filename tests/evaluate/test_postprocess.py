@@ -150,3 +150,13 @@ def test_mismatched_shapes_raise():
         hover_watershed(np.zeros((8, 8)), np.zeros((8, 8, 2)))
     with pytest.raises(CmdfedError):
         postprocess(np.zeros((8, 8)), np.zeros((2, 8, 8)), np.zeros((3, 8, 9)))
+
+
+def test_settings_scale_from_hovernets_40x_to_the_image_resolution():
+    assert WatershedParams.for_mpp(0.25) == WatershedParams() == WatershedParams.for_mpp(None) == WatershedParams.for_mpp(float("nan"))
+    at_20x = WatershedParams.for_mpp(0.5)
+    # the values that raise PQ on perfect 20x maps from 0.68 to 0.89 (see WatershedParams)
+    assert (at_20x.sobel_kernel_size, at_20x.marker_opening_size, at_20x.min_object_size) == (11, 3, 3)
+    assert at_20x.foreground_threshold == 0.5 and at_20x.marker_gradient_threshold == 0.4
+    assert WatershedParams.for_mpp(0.1).sobel_kernel_size == 31  # clipped to the valid aperture range
+    assert WatershedParams.for_mpp(0.5, sobel_kernel_size=7).sobel_kernel_size == 7
