@@ -385,8 +385,10 @@ def predict(
     from cmdfed.inference import predict_files
     from cmdfed.train.device import select_device
 
-    if mpp is not None and not mpp > 0:
-        raise CmdfedError(f"--mpp must be positive, got {mpp}")
+    from cmdfed.data.slide import PLAUSIBLE_MPP
+
+    if mpp is not None and not PLAUSIBLE_MPP[0] <= mpp <= PLAUSIBLE_MPP[1]:
+        raise CmdfedError(f"--mpp must be a scan resolution in {PLAUSIBLE_MPP[0]}..{PLAUSIBLE_MPP[1]} um/px (0.5 at 20x), got {mpp}")
     with progress_bar("predict") as progress:
         results = predict_files(images, checkpoint, out_dir, select_device(device), progress, fm_weights=fm_weights, mpp=mpp)
     emit({"outputs": results}, as_json, lambda r: [out.print(f"{x['image']}: {x['nuclei']} nuclei -> {x['instances']}") for x in r["outputs"]])

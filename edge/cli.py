@@ -20,7 +20,7 @@ commands = typer.Typer(help="Edge role: export bundles, deploy them on workstati
 BACKEND_HELP = "Force a backend: tensorrt, onnxruntime-cuda or onnxruntime-cpu (default: the first that works)."
 TRT_SOURCE = typer.Option("onnx", "--trt-source", help="Build TensorRT engines from onnx or pt2.")
 TELEMETRY_HELP = "Telemetry store (SQLite path or postgresql:// URL) to record this in."
-# Defaults: HoVer-Net's, scaled to --mpp (WatershedParams.for_mpp), as training's evaluation does.
+# Defaults: HoVer-Net's, scaled to --mpp (WatershedParams.for_mpp); without --mpp, their 40x values.
 POSTPROCESS_PANEL = "Post-processing (recorded in the bundle; infer and serve use it)"
 
 
@@ -69,6 +69,9 @@ def export(
     """Export a checkpoint to a verified bundle (ONNX + torch.export program + manifest + golden data)."""
     from edge.export import export_bundle
 
+    if mpp is None:
+        out.print("[yellow]no --mpp: post-processing uses HoVer-Net's 40x settings; give the resolution the model "
+                  "was trained at (0.5 at 20x) to scale them[/]")
     params = watershed_params(
         mpp, foreground_threshold=foreground_threshold, min_object_size=min_object_size, sobel_kernel_size=sobel_kernel_size,
         marker_gradient_threshold=marker_gradient_threshold, marker_opening_size=marker_opening_size,

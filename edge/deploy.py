@@ -187,8 +187,10 @@ def _activate(home: Path, version: str) -> dict:
 
 
 def _prune(home: Path, keep: set[str]) -> None:
+    """Delete versions no longer kept, and what an interrupted install left (hidden staging
+    and set-aside folders); runs under the home's lock, so no install is under way."""
     for folder in (home / "models").iterdir():
-        if folder.is_dir() and not folder.name.startswith(".") and folder.name not in keep:
+        if folder.is_dir() and (folder.name.startswith(".") or folder.name not in keep):
             shutil.rmtree(folder, ignore_errors=True)
 
 

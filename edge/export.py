@@ -49,6 +49,7 @@ import torch
 
 import cmdfed
 from cmdfed.atomic import atomic_path, json_safe, write_bytes_atomic
+from cmdfed.data.slide import PLAUSIBLE_MPP
 from cmdfed.data.synth import synth_tiles
 from cmdfed.errors import CmdfedError
 from cmdfed.evaluate.postprocess import WatershedParams
@@ -87,10 +88,10 @@ def export_bundle(
     ``postprocess``: the watershed settings the workstation will use with this model (tuned
     per model and magnification; by default HoVer-Net's scaled to ``mpp``).
     """
+    _check_settings(tile, overlap, tolerance, mpp)
     postprocess = WatershedParams.for_mpp(mpp) if postprocess is None else postprocess
     out = Path(out)
     tar_path = out.with_name(out.name + ".tar")
-    _check_settings(tile, overlap, tolerance)
     private_key = signing.load_private_key(sign_key) if sign_key else None
     if not overwrite and (out.exists() or tar_path.exists()):
         raise CmdfedError(f"{out} or {tar_path.name} already exists; pass --overwrite or choose another --out")
@@ -143,7 +144,10 @@ def export_bundle(
     }
 
 
-def _check_settings(tile: int, overlap: int, tolerance: float) -> None:
+def _check_settings(tile: int, overlap: int, tolerance: float, mpp: float | None) -> None:
+    if mpp is not None and not PLAUSIBLE_MPP[0] <= mpp <= PLAUSIBLE_MPP[1]:
+        raise CmdfedError(f"--mpp must be a scan resolution in {PLAUSIBLE_MPP[0]}..{PLAUSIBLE_MPP[1]} um/px "
+                          f"(0.5 at 20x, 0.25 at 40x), got {mpp}")
     if tile % STRIDE or not MIN_SIDE <= tile <= MAX_SIDE:
         raise CmdfedError(f"--tile must be a multiple of {STRIDE} in {MIN_SIDE}..{MAX_SIDE}, got {tile}")
     if overlap % 2 or not 0 <= overlap < tile // 2:
@@ -227,7 +231,7 @@ def _gelu_in_fusable_order(model: onnx.ModelProto) -> int:
 
     def only_consumer(name: str, op_type: str):
         nodes = consumers.get(name, [])
-        return nodes[0] if len(nodes) == 1 and nodes[0].op_type == op_type else None
+        return nodes[0] if len(nodes) == 1 and nodes[0] is not None and nodes[0].op_type == op_type else None
 
     def other_input_is(node, name: str, value: float) -> str | None:
         other = node.input[1] if node.input[0] == name else node.input[0]

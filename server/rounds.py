@@ -26,8 +26,8 @@ or refuse a bad update, so this module drives the strategy round by round itself
 Differential privacy: under central DP the strategy is Flower's server-side clipping
 wrapper (``server.strategies``), told each round how many updates it averages. Under
 local DP a site that has spent its budget replies ``declined-budget`` instead of an
-update; it is recorded as ``declined_budget``, and when every sampled site declined the
-run stops there, completed: further rounds could not train at all (a resumed run would
+update; it is recorded as ``declined_budget``, and when every connected site was sampled
+and declined the run stops there, completed: further rounds could not train at all (a resumed run would
 stop the same way). A site that failed or timed out may still have budget, so a round
 without updates for that reason fails the run resumably, as any round without updates. A site's privacy spend is recorded whenever its reply
 reports it, also when its update is then rejected or the round fails: the site spent it.
@@ -128,12 +128,13 @@ class PhaseRounds:
         if not accepted_replies:
             # No round to checkpoint, but the sites' part in it (and the privacy they spent) is recorded.
             self.coordinator.record_sites(self.phase, phase_round, reports)
-            if _budgets_spent(reports):
+            if _budgets_spent(reports, connected=len(sampling.get_node_ids())):
                 raise BudgetsSpent(f"{self.phase} round {phase_round}: every site has spent its privacy budget")
             errors = "; ".join(f"{r.site}: {r.error or r.status}" for r in reports) or "no site was sampled"
             raise CmdfedError(f"{self.phase} round {phase_round}: no site delivered a usable update ({errors})")
         if isinstance(self.strategy, DifferentialPrivacyServerSideFixedClipping):
             self.strategy.num_sampled_clients = len(accepted_replies)  # noise std = sigma * clip / updates averaged
+        _keep_common_metrics(accepted_replies)
         aggregated, train_metrics = self.strategy.aggregate_train(phase_round, accepted_replies)
         if aggregated is None:
             raise CmdfedError(f"{self.phase} round {phase_round}: the strategy could not aggregate the updates")
@@ -255,11 +256,22 @@ class PhaseRounds:
         return dict(metrics or {})
 
 
-def _budgets_spent(reports: list[SiteReport]) -> bool:
-    """Whether every sampled site declined the round for its privacy budget. A site that
-    failed or timed out may still have budget and train next time, so such a round fails
-    (resumably) rather than ending the run."""
-    return bool(reports) and all(r.status == "declined_budget" for r in reports)
+def _keep_common_metrics(replies: list[Message]) -> None:
+    """Drop, in place, the metrics not every reply has: Flower averages only replies whose
+    metric records have the same keys, and under local DP a site sharing its metrics
+    (``share-metrics``) sends more than one that does not. The site reports keep them all."""
+    common = set.intersection(*(set(r.content["metrics"].keys()) for r in replies))
+    for reply in replies:
+        record = reply.content["metrics"]
+        for key in set(record.keys()) - common:
+            del record[key]
+
+
+def _budgets_spent(reports: list[SiteReport], connected: int) -> bool:
+    """Whether every connected site was sampled and declined the round for its privacy budget.
+    A site that failed, timed out or was not sampled may still have budget and train next
+    time, so such a round fails (resumably) rather than ending the run."""
+    return len(reports) >= connected > 0 and all(r.status == "declined_budget" for r in reports)
 
 
 def wait_for_sites(grid: Grid, minimum: int, timeout: float) -> list[int]:
@@ -283,7 +295,8 @@ class SamplingGrid:
     (``flwr.serverapp.strategy.strategy_utils``) waits, without a timeout, until that many
     are connected; a site leaving between the two calls would hold the run forever. Both
     calls see the snapshot :func:`wait_for_sites` took instead; a site gone since is sent
-    its message, does not answer, and is marked failed like any site that leaves mid-round.
+    its message, does not answer, and is recorded as timed out, like any site that leaves
+    mid-round.
     """
 
     def __init__(self, grid: Grid, nodes: list[int]):

@@ -37,6 +37,7 @@ def export(*args: str):
         ("--sobel-kernel-size", "4", "odd and in 3..31"),
         ("--marker-gradient-threshold", "1", "in (0, 1)"),
         ("--marker-opening-size", "0", ">= 1"),
+        ("--mpp", "0.025", "scan resolution"),
     ],
 )
 def test_post_processing_options_are_checked_before_any_work(tmp_path, option, value, reason):
@@ -63,7 +64,7 @@ def test_exported_post_processing_is_recorded_and_used_by_infer_and_serve(checkp
     assert result.exit_code == 0, result.output
     params = json.loads((tmp_path / "bundle" / "manifest.json").read_text())["postprocessing"]["params"]
     changed = {"foreground_threshold": 1.0, "min_object_size": 4, "marker_opening_size": 3}
-    assert params == {**asdict(WatershedParams()), **changed}  # options not given keep training's defaults
+    assert params == {**asdict(WatershedParams()), **changed}  # no --mpp: HoVer-Net's values for the rest
 
     deploy(tmp_path / "bundle", tmp_path / "home")
     # No pixel of this model reaches probability 1.0, so with the bundle's threshold nothing is a nucleus.

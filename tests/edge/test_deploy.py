@@ -148,3 +148,7 @@ def test_a_failed_replacement_leaves_the_installed_copy_in_place(signed_bundle, 
     monkeypatch.undo()
     assert status(home)["verified"] and status(home)["active"] == version
     assert sorted(p.name for p in (home / "models").iterdir()) == [version]
+    # What an install cut short by a crash leaves is cleared by the next deploy.
+    (home / "models" / f".{version}.0badf00d.old").mkdir()
+    deploy(signed_bundle, home)
+    assert sorted(p.name for p in (home / "models").iterdir()) == [version]

@@ -18,7 +18,7 @@ from cmdfed.errors import CmdfedError
 from cmdfed.federation.checkpoints import last_complete_round
 from cmdfed.federation.config import FederationConfig
 from cmdfed.federation.wire import WEIGHTS_KEY, Layout
-from server.rounds import _malformed_reply, _unpacked_or_as_sent, run_federation
+from server.rounds import _budgets_spent, _malformed_reply, _unpacked_or_as_sent, run_federation
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
@@ -174,6 +174,24 @@ def test_a_run_whose_sites_all_decline_ends_completed_and_says_no_round_ran(stor
     assert last_complete_round(config.run_dir) is None
     db = sqlite3.connect(tmp_path / "run" / "telemetry.db")
     assert db.execute("SELECT status FROM runs").fetchall() == [("completed",)]
+
+
+def test_sites_sharing_and_not_sharing_their_metrics_train_together_under_local_dp(stores, tmp_path):
+    config = run_config(tmp_path, dp_mode="local", dp_noise_multiplier=1.0, dp_epsilon=50.0, eval_every=0)
+    node_configs = sites(stores, tmp_path, "site1.zarr", "site2.zarr")
+    node_configs[1]["share-metrics"] = True
+    assert run_within(InProcessGrid(node_configs, config), config, 180) is None
+    assert last_complete_round(config.run_dir).round == 1
+
+
+def test_budgets_are_spent_only_when_every_connected_site_was_asked_and_declined():
+    from cmdfed.federation.coordinator import SiteReport
+
+    declined = [SiteReport("site-1", "declined_budget"), SiteReport("site-2", "declined_budget")]
+    assert _budgets_spent(declined, connected=2)
+    assert not _budgets_spent(declined, connected=4)  # fraction-sites sampled only the spent ones
+    assert not _budgets_spent([declined[0], SiteReport("site-3", "timed_out")], connected=2)
+    assert not _budgets_spent([], connected=0)
 
 
 def test_a_declined_site_beside_a_failed_one_fails_the_round_resumably(stores, tmp_path):
