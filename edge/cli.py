@@ -45,7 +45,7 @@ def export(
     sign_key: Optional[Path] = typer.Option(None, "--sign-key", help="ed25519 private key to sign the manifest with."),
     tile: int = typer.Option(256, help="Tile side the workstation runs (multiple of 32)."),
     overlap: int = typer.Option(64, help="Tile overlap in pixels: at least the largest nucleus diameter."),
-    mpp: Optional[float] = typer.Option(None, help="Micrometres per pixel the model was trained at (0.5 at 20x); also scales the post-processing."),
+    mpp: Optional[float] = typer.Option(None, help="Micrometres per pixel the model was trained at (0.5 at 20x; default: what the checkpoint records); also scales the post-processing."),
     tolerance: float = typer.Option(1e-3, help="Largest ONNX Runtime vs PyTorch difference accepted."),
     foreground_threshold: Optional[float] = typer.Option(
         None, rich_help_panel=POSTPROCESS_PANEL, help="Nucleus probability from which a pixel is nucleus, in (0, 1] (default 0.5).",
@@ -67,11 +67,12 @@ def export(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Export a checkpoint to a verified bundle (ONNX + torch.export program + manifest + golden data)."""
-    from edge.export import export_bundle
+    from edge.export import export_bundle, trained_mpp
 
+    mpp = trained_mpp(checkpoint) if mpp is None else mpp
     if mpp is None:
-        out.print("[yellow]no --mpp: post-processing uses HoVer-Net's 40x settings; give the resolution the model "
-                  "was trained at (0.5 at 20x) to scale them[/]")
+        out.print("[yellow]no --mpp, and the checkpoint does not record its training resolution: post-processing "
+                  "uses HoVer-Net's 40x settings; give the resolution the model was trained at (0.5 at 20x)[/]")
     params = watershed_params(
         mpp, foreground_threshold=foreground_threshold, min_object_size=min_object_size, sobel_kernel_size=sobel_kernel_size,
         marker_gradient_threshold=marker_gradient_threshold, marker_opening_size=marker_opening_size,

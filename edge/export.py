@@ -144,6 +144,18 @@ def export_bundle(
     }
 
 
+def trained_mpp(checkpoint: str | Path) -> float | None:
+    """The resolution a checkpoint records it was trained at (None: not recorded, or a
+    checkpoint that cannot be read, which the export itself then reports)."""
+    from cmdfed.train.checkpoint import resolve_checkpoint
+
+    try:
+        mpp = json.loads((resolve_checkpoint(checkpoint) / "config.json").read_text()).get("mpp")
+    except (CmdfedError, OSError, ValueError, AttributeError):
+        return None
+    return float(mpp) if isinstance(mpp, (int, float)) and not isinstance(mpp, bool) else None
+
+
 def _check_settings(tile: int, overlap: int, tolerance: float, mpp: float | None) -> None:
     if mpp is not None and not PLAUSIBLE_MPP[0] <= mpp <= PLAUSIBLE_MPP[1]:
         raise CmdfedError(f"--mpp must be a scan resolution in {PLAUSIBLE_MPP[0]}..{PLAUSIBLE_MPP[1]} um/px "

@@ -15,6 +15,7 @@ the configs must then match the checkpoint's.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -54,6 +55,15 @@ class PhaseResult:
 
     def to_dict(self) -> dict:
         return {k: str(v) if isinstance(v, Path) else v for k, v in self.__dict__.items()}
+
+
+def training_mpp(resolutions: list[float]) -> float | None:
+    """The resolution a run trained at, recorded in its checkpoints (``cmdfed edge export``
+    defaults ``--mpp`` to it): the stores' common mpp, None if unknown or they differ."""
+    if not resolutions or not all(math.isfinite(r) for r in resolutions):
+        return None
+    known = {round(float(r), 4) for r in resolutions}
+    return known.pop() if len(known) == 1 else None
 
 
 def _existing_run(run_dir: Path) -> dict | None:
@@ -221,6 +231,7 @@ def pretrain(
         "diffusion": diffusion_config.to_dict(),
         "train": train_config.to_dict(),
         "stores": [SiteStore.open(s).name for s in stores],
+        "mpp": training_mpp([SiteStore.open(s).mpp for s in stores]),
         "class_names": ["background", "nucleus"],
     }
     torch.manual_seed(train_config.seed)  # the initial weights are part of the run's seed
@@ -321,6 +332,7 @@ def finetune(
         "labelled_tiles": len(indices),
         "init": None if pretrained is None else pretrained.path.parent.name + "/" + pretrained.path.name,
         "stores": [site.name],
+        "mpp": training_mpp([site.mpp]),
         "class_names": site.class_names if n_classes else ["background", "nucleus"],
     }
 

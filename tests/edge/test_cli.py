@@ -48,8 +48,11 @@ def test_post_processing_options_are_checked_before_any_work(tmp_path, option, v
     assert list(tmp_path.iterdir()) == []
 
 
-def test_post_processing_defaults_follow_the_model_resolution():
+def test_post_processing_defaults_follow_the_model_resolution(checkpoint):
     from edge.cli import watershed_params
+    from edge.export import trained_mpp
+
+    assert trained_mpp(checkpoint) == 0.5  # fine-tuned on a 0.5 um/px store, recorded in its config
 
     assert watershed_params(None) == WatershedParams()  # unknown resolution: HoVer-Net's 40x settings
     at_20x = watershed_params(0.5, marker_opening_size=4)
@@ -64,7 +67,7 @@ def test_exported_post_processing_is_recorded_and_used_by_infer_and_serve(checkp
     assert result.exit_code == 0, result.output
     params = json.loads((tmp_path / "bundle" / "manifest.json").read_text())["postprocessing"]["params"]
     changed = {"foreground_threshold": 1.0, "min_object_size": 4, "marker_opening_size": 3}
-    assert params == {**asdict(WatershedParams()), **changed}  # no --mpp: HoVer-Net's values for the rest
+    assert params == {**asdict(WatershedParams.for_mpp(0.5)), **changed}  # no --mpp: the checkpoint's 0.5 um/px
 
     deploy(tmp_path / "bundle", tmp_path / "home")
     # No pixel of this model reaches probability 1.0, so with the bundle's threshold nothing is a nucleus.

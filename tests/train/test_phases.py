@@ -148,6 +148,7 @@ def test_label_fraction_and_random_init_baseline(synthetic_store, tmp_path):
     )  # fmt: skip
     config = load_checkpoint(tmp_path / "ft").config
     assert config["labelled_tiles"] == 3 and config["trainable"] == "all"
+    assert config["mpp"] == 0.5  # the store's resolution: edge export's default --mpp
     assert result.trainable_parameters == result.total_parameters
 
 
