@@ -100,7 +100,7 @@ def _truncate_log(run_dir: Path, step: int) -> None:
     path = run_dir / "metrics.jsonl"
     if path.is_file():
         lines = path.read_text().splitlines(keepends=True)
-        kept = [line for line in lines if _logged_step(line) is not None and _logged_step(line) <= step]
+        kept = [line for line in lines if (logged := _logged_step(line)) is not None and logged <= step]
         if len(kept) != len(lines):
             write_bytes_atomic(path, "".join(kept).encode())
 
@@ -223,6 +223,7 @@ def pretrain(
     """Masked-diffusion pretraining on all tiles of ``stores`` (see module docstring)."""
     run_dir = Path(run_dir)
     dev = select_device(device)
+    sites = [SiteStore.open(s) for s in stores]
     datasets = [SiteDataset(s, augment=train_config.augment) for s in stores]
     dataset = MultiStoreDataset(datasets)
     config = {
@@ -230,8 +231,8 @@ def pretrain(
         "model": model_config.to_dict(),
         "diffusion": diffusion_config.to_dict(),
         "train": train_config.to_dict(),
-        "stores": [SiteStore.open(s).name for s in stores],
-        "mpp": training_mpp([SiteStore.open(s).mpp for s in stores]),
+        "stores": [site.name for site in sites],
+        "mpp": training_mpp([site.mpp for site in sites]),
         "class_names": ["background", "nucleus"],
     }
     torch.manual_seed(train_config.seed)  # the initial weights are part of the run's seed
