@@ -36,6 +36,8 @@ data_app = typer.Typer(help="Site data stores: samples, import, slide tiling, sy
 app.add_typer(data_app, name="data")
 train_app = typer.Typer(help="Train CMD locally: masked-diffusion pretraining, head fine-tuning, evaluation.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
+models_app = typer.Typer(help="Released models shipped with cmdfed: list them, read their cards.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
 
 _state = {"debug": False}
 
@@ -276,6 +278,8 @@ def train_pretrain(
     sample_every: Optional[int] = typer.Option(None, help="Write an inpainting grid every N steps."),
     checkpoint_every: Optional[int] = typer.Option(None, help="Checkpoint every N steps."),
     mask_ratio: Optional[float] = typer.Option(None, help="Fraction of blocks hidden (default 0.6)."),
+    mask_ratio_min: Optional[float] = typer.Option(None, help="Draw each tile's hidden fraction from "
+                                                   "[this, --mask-ratio] (default 0: always --mask-ratio)."),
     block_size: Optional[int] = typer.Option(None, help="Mask block side in px (default 32)."),
     fm: Optional[str] = typer.Option(None, help="Frozen FM encoder: timm:<preset> or hf:<local dir>."),
     fm_weights: Optional[Path] = typer.Option(None, help="Local weights file of a timm FM encoder."),
@@ -291,7 +295,7 @@ def train_pretrain(
     file = _load_config_file(config_file)
     fm_overrides = {k: v for k, v in {"fm_kind": fm, "fm_dim": fm_dim}.items() if v is not None}
     model = ModelConfig.from_preset(preset, **{**file.get("model", {}), **fm_overrides})
-    diffusion_given = {"mask_ratio": mask_ratio, "mask_block_size": block_size}
+    diffusion_given = {"mask_ratio": mask_ratio, "mask_ratio_min": mask_ratio_min, "mask_block_size": block_size}
     diffusion = DiffusionConfig.from_dict({**file.get("diffusion", {}), **{k: v for k, v in diffusion_given.items() if v is not None}})
     train = _train_config(
         file, steps=steps, batch_size=batch_size, lr=lr, seed=seed, num_workers=workers, ema_decay=ema,
@@ -370,6 +374,39 @@ def train_evaluate(
     emit(summary, as_json, render_metrics)
 
 
+def render_tuned(record: dict) -> None:
+    settings = ", ".join(f"{k} {v}" for k, v in record["params"].items())
+    out.print(f"tuned on {record['tiles']} tiles of {record['store']} at {record['mpp']} um/px: PQ "
+              f"{record['pq_scaled_defaults']:.4f} -> {record['pq']:.4f} (AJI {record['aji_scaled_defaults']:.4f} -> "
+              f"{record['aji']:.4f}), {record['evaluations']} settings tried")
+    out.print(f"settings: {settings}")
+    out.print(f"written: {record['written']} (predict, evaluate and edge export use it)")
+
+
+@train_app.command("tune")
+def train_tune(
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="Fine-tuned run or checkpoint."),
+    store: Path = typer.Option(..., "--store", help="Labelled validation store (tiles the model did not train on)."),
+    batch_size: int = typer.Option(8, help="Tiles per forward pass."),
+    passes: int = typer.Option(2, help="Passes of the coordinate search."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
+    fm_weights: Optional[Path] = typer.Option(None, help="Local weights file of the run's timm FM encoder."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Choose the watershed settings for a model on labelled validation tiles (best mean PQ)
+    and store them with its weights."""
+    from cmdfed.evaluate.tune import tune_postprocess
+    from cmdfed.inference import load_model
+    from cmdfed.train.device import select_device
+
+    if passes < 1:
+        raise CmdfedError(f"--passes must be at least 1, got {passes}")
+    loaded = load_model(checkpoint, select_device(device), fm_weights=fm_weights)
+    with progress_bar("tune") as progress:
+        record = tune_postprocess(loaded, store, batch_size=batch_size, passes=passes, progress=progress)
+    emit(record, as_json, render_tuned)
+
+
 @app.command("predict")
 def predict(
     images: list[Path] = typer.Argument(..., help="Image files (PNG, JPEG, TIFF), any size."),
@@ -392,6 +429,43 @@ def predict(
     with progress_bar("predict") as progress:
         results = predict_files(images, checkpoint, out_dir, select_device(device), progress, fm_weights=fm_weights, mpp=mpp)
     emit({"outputs": results}, as_json, lambda r: [out.print(f"{x['image']}: {x['nuclei']} nuclei -> {x['instances']}") for x in r["outputs"]])
+
+
+# -- released models -------------------------------------------------------------------
+
+
+@models_app.command("list")
+def models_list(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """The released models in this install (names work wherever a checkpoint is taken)."""
+    from cmdfed.models import released_models
+
+    models = [m.to_dict() for m in released_models().values()]
+
+    def render(result: dict) -> None:
+        table = Table("name", "kind", "preset", "mpp", "summary", title="released models")
+        for m in result["models"]:
+            table.add_row(m["name"], m.get("kind", ""), m.get("preset", ""), str(m.get("mpp", "")), m.get("summary", ""))
+        out.print(table)
+
+    emit({"models": models}, as_json, render)
+
+
+@models_app.command("show")
+def models_show(
+    name: str = typer.Argument(..., help="Released model name (cmdfed models list)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the card as JSON."),
+) -> None:
+    """A released model's card: data and its origin, the command that made it, steps, scores."""
+    from cmdfed.models import released_model
+
+    def render(card: dict) -> None:
+        out.print(f"[bold]{card['name']}[/] ({card.get('kind', '')}): {card.get('summary', '')}")
+        for key, value in card.items():
+            if key not in ("name", "summary", "kind"):
+                shown = json.dumps(value, indent=2) if isinstance(value, (dict, list)) else str(value)
+                out.print(f"[bold]{key}[/]: {shown}", highlight=False)
+
+    emit(released_model(name).to_dict(), as_json, render)
 
 
 # -- demo ------------------------------------------------------------------------------

@@ -171,8 +171,9 @@ def predict_files(
     *, fm_weights: str | Path | None = None, mpp: float | None = None,
 ) -> list[dict]:
     """`cmdfed predict`: NAME_inst.png and NAME_types.json for each image (any dtype the
-    importers read: 16-bit scans are scaled, not clipped); ``mpp``, the images' resolution,
-    scales the post-processing (``WatershedParams.for_mpp``; unknown: HoVer-Net's 40x values)."""
+    importers read: 16-bit scans are scaled, not clipped); ``mpp``, the images' resolution:
+    the post-processing is the checkpoint's tuned one (refused at another resolution), else
+    HoVer-Net's scaled to ``mpp`` (``WatershedParams.for_mpp``; unknown: its 40x values)."""
     from cmdfed.data.importers.common import read_rgb
 
     missing = [str(p) for p in images if not Path(p).is_file()]
@@ -183,10 +184,13 @@ def predict_files(
     if clashes:
         raise CmdfedError(f"several images are named {', '.join(clashes)} (outputs are NAME_inst.png): "
                           "rename them or predict them into different --out folders")
+    from cmdfed.evaluate.tune import postprocess_for
+
     loaded = load_model(checkpoint, device, fm_weights=fm_weights)
+    params, _ = postprocess_for(loaded.checkpoint, mpp)
     results = []
     for done, path in enumerate(images, start=1):
-        result = segment_image(loaded, read_rgb(path), WatershedParams.for_mpp(mpp))
+        result = segment_image(loaded, read_rgb(path), params)
         results.append(write_prediction(out_dir, Path(path).stem, result, loaded.class_names))
         report(progress, done, len(images), "images")
     return results

@@ -167,7 +167,8 @@ class DiffusionConfig(ConfigBase):
     timesteps: int = 1000
     cosine_offset: float = 0.008  # s in Nichol & Dhariwal's cosine schedule
     prediction: str = "x0"  # network output: x0 | eps | v
-    mask_ratio: float = 0.6
+    mask_ratio: float = 0.6  # the largest share of blocks hidden
+    mask_ratio_min: float = 0.0  # > 0: each tile hides a share drawn uniformly from [mask_ratio_min, mask_ratio]
     mask_block_size: int = 32
     visible_loss_weight: float = 0.1
     sampling_steps: int = 10
@@ -179,6 +180,9 @@ class DiffusionConfig(ConfigBase):
         require(self.cosine_offset >= 0, f"cosine_offset must be >= 0, got {self.cosine_offset}")
         require(self.prediction in PREDICTIONS, f"prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
         require(0.0 < self.mask_ratio < 1.0, f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        require(0.0 <= self.mask_ratio_min <= self.mask_ratio,
+                f"mask_ratio_min must be 0 (every tile hides mask_ratio) or in (0, mask_ratio], got "
+                f"{self.mask_ratio_min} with mask_ratio {self.mask_ratio}")
         require(self.mask_block_size in MASK_BLOCK_SIZES,
                  f"mask_block_size must be one of {MASK_BLOCK_SIZES}, got {self.mask_block_size}")
         require(self.visible_loss_weight >= 0, f"visible_loss_weight must be >= 0, got {self.visible_loss_weight}")

@@ -108,8 +108,20 @@ def _prune(run_dir: Path, keep_last: int, protect: str) -> None:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder from itself or from a run folder (its ``latest``)."""
+    """A checkpoint folder from itself, from a run folder (its ``latest``) or from the name of
+    a released model (``cmdfed models list``) when no such path exists."""
     path = Path(path)
+    if not path.exists():
+        from cmdfed.models import released_model, released_model_dir
+
+        released = released_model_dir(str(path))
+        if released is not None:
+            path = released
+        elif len(path.parts) == 1:  # a bare name: say which released models there are
+            try:
+                released_model(str(path))
+            except CmdfedError as exc:
+                raise CmdfedError(f"checkpoint {path} does not exist, and {exc}") from None
     if (path / "config.json").is_file():
         return path
     latest = path / "latest"

@@ -74,7 +74,7 @@ def _existing_run(run_dir: Path) -> dict | None:
 
 # Settings a resumed run may change: they do not change what is trained (the batches are
 # fixed by the seed whatever the worker count) and their old values remain in the config.
-RESUME_FREE_TRAIN_KEYS = ("num_workers", "keep_checkpoints", "checkpoint_every", "sample_every")
+RESUME_FREE_TRAIN_KEYS = ("num_workers", "keep_checkpoints", "checkpoint_every", "sample_every", "precision")
 
 
 def _check_resume(config: dict, saved: dict, keys: tuple[str, ...], run_dir: Path) -> None:
@@ -185,7 +185,8 @@ def finetune_loss(model, encoder) -> LossFn:
     def loss_fn(batch):
         images = to_model_input(batch["image"])
         fm = None if encoder is None else encoder(images, None)
-        outputs = model.segment(images, fm)
+        # The losses in fp32 whatever the autocast precision (soft Dice sums over the batch).
+        outputs = {k: None if v is None else v.float() for k, v in model.segment(images, fm).items()}
         targets = {"np": batch["np"], "hv": batch["hv"], "nc": batch["nc"]}
         total, terms = hovernet_loss(outputs, targets)
         return total, {k: float(v) for k, v in terms.items()}
