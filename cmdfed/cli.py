@@ -248,10 +248,13 @@ def _load_config_file(path: Optional[Path]) -> dict:
     return data
 
 
-def _train_config(file: dict, **given) -> "TrainConfig":
-    from cmdfed.train.loop import TrainConfig
+def _train_config(phase: str, file: dict, **given) -> "TrainConfig":
+    """The default recipe's settings for ``phase`` (cmdfed/train/recipe.py), then the config
+    file's, then the flags given."""
+    from cmdfed.train.recipe import finetune_config, pretrain_config
 
-    return TrainConfig.from_dict({**file.get("train", {}), **{k: v for k, v in given.items() if v is not None}})
+    defaults = pretrain_config if phase == "pretrain" else finetune_config
+    return defaults(**{**file.get("train", {}), **{k: v for k, v in given.items() if v is not None}})
 
 
 def render_phase(result: dict) -> None:
@@ -269,12 +272,12 @@ def train_pretrain(
     store: list[Path] = typer.Option(..., "--store", help="Site store (repeat for several)."),
     out_dir: Path = typer.Option(..., "--out", help="Run folder (resumed if it has a checkpoint)."),
     preset: str = typer.Option("tiny", help="Model preset: tiny or base."),
-    steps: Optional[int] = typer.Option(None, help="Optimisation steps (default 1000)."),
+    steps: Optional[int] = typer.Option(None, help="Optimisation steps (default 3000)."),
     batch_size: Optional[int] = typer.Option(None, help="Tiles per step (default 8)."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default 2e-4)."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default 1e-3)."),
     seed: Optional[int] = typer.Option(None, help="Seed of masks, noise, batches, augmentation."),
     workers: Optional[int] = typer.Option(None, help="DataLoader worker processes."),
-    ema: Optional[float] = typer.Option(None, help="EMA decay of the weights (0 = off)."),
+    ema: Optional[float] = typer.Option(None, help="EMA decay of the weights (default 0.999; 0 = off)."),
     sample_every: Optional[int] = typer.Option(None, help="Write an inpainting grid every N steps."),
     checkpoint_every: Optional[int] = typer.Option(None, help="Checkpoint every N steps."),
     mask_ratio: Optional[float] = typer.Option(None, help="Fraction of blocks hidden (default 0.6)."),
@@ -298,7 +301,7 @@ def train_pretrain(
     diffusion_given = {"mask_ratio": mask_ratio, "mask_ratio_min": mask_ratio_min, "mask_block_size": block_size}
     diffusion = DiffusionConfig.from_dict({**file.get("diffusion", {}), **{k: v for k, v in diffusion_given.items() if v is not None}})
     train = _train_config(
-        file, steps=steps, batch_size=batch_size, lr=lr, seed=seed, num_workers=workers, ema_decay=ema,
+        "pretrain", file, steps=steps, batch_size=batch_size, lr=lr, seed=seed, num_workers=workers, ema_decay=ema,
         sample_every=sample_every, checkpoint_every=checkpoint_every,
     )  # fmt: skip
     with progress_bar("pretrain") as progress:
@@ -310,14 +313,15 @@ def train_pretrain(
 @train_app.command("finetune")
 def train_finetune(
     store: Path = typer.Option(..., "--store", help="Labelled site store."),
-    init: Optional[Path] = typer.Option(None, "--init", help="Pretraining run or checkpoint to start from."),
+    init: Optional[Path] = typer.Option(None, "--init", help="Pretraining run, checkpoint or released model to "
+                                         "start from (default: the released backbone cmd-tiny-he)."),
     out_dir: Path = typer.Option(..., "--out", help="Run folder (resumed if it has a checkpoint)."),
     label_fraction: float = typer.Option(1.0, help="Fraction of labelled tiles to train on (nested per seed)."),
-    trainable: str = typer.Option("heads", help="heads, heads+modulation, or all (end to end)."),
+    trainable: str = typer.Option("all", help="all (end to end, the default recipe), heads+modulation, or heads."),
     preset: Optional[str] = typer.Option(None, help="Random-init baseline: model preset (instead of --init)."),
-    steps: Optional[int] = typer.Option(None, help="Optimisation steps (default 1000)."),
+    steps: Optional[int] = typer.Option(None, help="Optimisation steps (default 1500)."),
     batch_size: Optional[int] = typer.Option(None, help="Tiles per step (default 8)."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default 2e-4)."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default 1e-3)."),
     seed: Optional[int] = typer.Option(None, help="Seed of the label subset, batches, augmentation."),
     workers: Optional[int] = typer.Option(None, help="DataLoader worker processes."),
     ema: Optional[float] = typer.Option(None, help="EMA decay of the weights (0 = off)."),
@@ -327,14 +331,18 @@ def train_finetune(
     device: str = typer.Option("auto", help="auto (CUDA if present), cpu, cuda, cuda:N."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Fine-tune the task heads (NP, HV, NC) over a frozen pretrained backbone."""
+    """Fine-tune CMD for nuclei (NP, HV and NC heads) from a pretrained backbone: end to end by
+    default, or only the heads (+ modulation) over a frozen backbone."""
     from cmdfed.model.config import ModelConfig
     from cmdfed.train.phases import finetune
+    from cmdfed.train.recipe import DEFAULT_BACKBONE
 
-    if (init is None) == (preset is None):
-        raise CmdfedError("give exactly one of --init (a pretraining run) or --preset (random-init baseline)")
+    if init is not None and preset is not None:
+        raise CmdfedError("give one of --init (a pretrained backbone) or --preset (random-init baseline), not both")
+    if init is None and preset is None:
+        init = Path(DEFAULT_BACKBONE)
     file = _load_config_file(config_file)
-    train = _train_config(file, steps=steps, batch_size=batch_size, lr=lr, seed=seed, num_workers=workers,
+    train = _train_config("finetune", file, steps=steps, batch_size=batch_size, lr=lr, seed=seed, num_workers=workers,
                           ema_decay=ema, checkpoint_every=checkpoint_every)  # fmt: skip
     model = ModelConfig.from_preset(preset, **file.get("model", {})) if preset else None
     with progress_bar("finetune") as progress:

@@ -95,12 +95,13 @@ def search(maps: list[dict], truths: list[np.ndarray], start: WatershedParams, *
     return best, trail
 
 
-def tune_postprocess(loaded: LoadedModel, store: str | Path, *, batch_size: int = 8, passes: int = 2,
-                     progress: Progress | None = None) -> dict:
-    """Search the watershed settings for ``loaded`` on the labelled tiles of ``store`` and
-    write them beside its weights (``postprocess.json``); returns what was written."""
+def tune_postprocess(loaded: LoadedModel, store: str | Path, *, indices: np.ndarray | None = None,
+                     batch_size: int = 8, passes: int = 2, progress: Progress | None = None) -> dict:
+    """Search the watershed settings for ``loaded`` on the labelled tiles of ``store`` (or the
+    ``indices`` among them) and write them beside its weights (``postprocess.json``); returns
+    what was written."""
     site = SiteStore.open(store)
-    indices = site.labelled_indices()
+    indices = site.labelled_indices() if indices is None else np.intersect1d(indices, site.labelled_indices())
     if indices.size == 0:
         raise CmdfedError(f"{store} has no labelled tiles; tuning needs instance labels: give a labelled "
                           "validation store (cmdfed data import ..., never the tiles the model trained on)")
