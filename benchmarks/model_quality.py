@@ -45,8 +45,8 @@ from cmdfed.data.samples import fetch_samples
 from cmdfed.data.slide import tile_slide
 from cmdfed.data.store import create_store
 from cmdfed.evaluate.metrics import evaluate_instances, summarize
-from cmdfed.evaluate.postprocess import WatershedParams, postprocess
-from cmdfed.inference import load_model, predict_image_maps
+from cmdfed.inference.postprocess import WatershedParams, postprocess
+from cmdfed.inference.segment import load_model, predict_image_maps
 from cmdfed.model.config import ModelConfig
 from cmdfed.train.loop import TrainConfig
 from cmdfed.train.phases import finetune, pretrain

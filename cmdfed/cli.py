@@ -382,7 +382,7 @@ def predict(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Segment and classify nuclei: NAME_inst.png (uint16 instances) + NAME_types.json per image."""
-    from cmdfed.inference import predict_files
+    from cmdfed.inference.segment import predict_files
     from cmdfed.train.device import select_device
 
     from cmdfed.data.slide import PLAUSIBLE_MPP

@@ -33,7 +33,7 @@ from cmdfed.atomic import replace_dir, write_json_atomic
 from cmdfed.errors import CmdfedError
 from cmdfed.progress import Progress, report
 from edge import bundle, signing
-from edge.backends import select_backend
+from edge.selection import select_backend
 
 STATE_FILE = "state.json"
 KEEP_VERSIONS = 3

@@ -1,9 +1,22 @@
 """Whole-slide inference (`cmdfed edge infer`): slide -> nuclei, streamed and resumable.
 
-    tissue tiles (cmdfed.data.slide.plan_tiles, level 0, the bundle's tile size and
-    overlap) --batches--> backend --per tile--> the training post-processing
-    (cmdfed.evaluate.postprocess) --stitch.TileGrid.owned--> kept nuclei
-        -> their pixels into OUT/labels.ome.zarr level 0 (global ids, on disk)
+One tile's route from the slide to ``cells.geojson``, six files:
+
+    1. edge/infer.py                   this job: plan, batch, keep, write, resume
+    2. cmdfed/data/slide.py            open_slide, read_region; plan_tiles: tissue tiles
+                                       at level 0, the bundle's tile size and overlap
+    3. edge/backends.py                Backend.run: uint8 tiles -> NP/HV/NC maps
+                                       (ONNX Runtime or TensorRT)
+    4. cmdfed/inference/postprocess.py postprocess: maps -> instance map (HoVer watershed,
+                                       the manifest's WatershedParams) -> records
+    5. cmdfed/inference/nuclei.py      nucleus_records: centroid, contour, type;
+                                       nucleus_feature: the GeoJSON feature (+0.5 rule);
+                                       write_feature_collection: cells.geojson
+    6. cmdfed/inference/tiling.py      the grid plan_tiles lays out; TileGrid.owned:
+                                       which tile keeps a nucleus on a seam
+
+    tissue tiles --batches--> backend --per tile--> postprocess --TileGrid.owned--> kept
+        -> their pixels into OUT/labels.ome.zarr level 0 (global ids, on disk; edge/outputs.py)
         -> their GeoJSON features appended to OUT/.work/features.jsonl
 
 Memory holds one batch of tiles and their maps, whatever the slide size.
@@ -29,7 +42,6 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -37,14 +49,15 @@ import numpy as np
 from cmdfed.atomic import write_json_atomic
 from cmdfed.data.slide import open_slide, plan_tiles
 from cmdfed.errors import CmdfedError
-from cmdfed.slide_outputs import GEOJSON, LABELS_DIR, SUMMARY
-from cmdfed.evaluate.postprocess import WatershedParams, postprocess
+from cmdfed.inference.nuclei import nucleus_feature, write_feature_collection
+from cmdfed.inference.postprocess import WatershedParams, postprocess
+from cmdfed.inference.tiling import TileGrid
 from cmdfed.progress import Progress, report
+from cmdfed.slide_outputs import GEOJSON, LABELS_DIR, SUMMARY
 from edge import outputs
-from edge.backends import Selection, select_backend
+from edge.selection import Selection, select_backend
 from edge.deploy import active_bundle
 from edge.reports import Reports, reports_to
-from edge.stitch import TileGrid
 
 WORK_DIR = ".work"
 LOCK_FILE = ".lock"  # held while a job writes OUT, so two jobs never interleave in one folder
@@ -122,7 +135,7 @@ class _SlideJob:
         self.class_names = manifest["model"]["class_names"]
         pre = manifest["preprocessing"]
         self.tile, self.overlap = pre["tile_size"], pre["overlap"]
-        self.params = WatershedParams(**manifest["postprocessing"]["params"])
+        self.params = WatershedParams.from_manifest(manifest)
         self.width, self.height = reader.dimensions
         self.mpp = reader.mpp if math.isfinite(reader.mpp) else None
         plan = plan_tiles(reader, self.tile, 0, self.overlap, min_tissue)
@@ -141,7 +154,7 @@ class _SlideJob:
             "tile": self.tile,
             "overlap": self.overlap,
             "min_tissue": min_tissue,
-            "postprocess": asdict(self.params),
+            "postprocess": self.params.to_dict(),
         }
         self.state = self._start_or_resume(fingerprint, restart)
 
@@ -231,11 +244,11 @@ class _SlideJob:
             there = region[by0:by1, bx0:bx1]
             if np.count_nonzero(there[mine]) * 2 > np.count_nonzero(mine):
                 self.state["seam_duplicates"] += 1
-                continue  # a neighbouring tile already kept this nucleus (see edge.stitch)
+                continue  # a neighbouring tile already kept this nucleus (see cmdfed.inference.tiling)
             label = self.state["next_id"]
             self.state["next_id"] += 1
             there[mine & (there == 0)] = label
-            feature = outputs.nucleus_feature(nucleus, corner, label, self.class_names, self.mpp)
+            feature = nucleus_feature(nucleus, corner, label, self.class_names, self.mpp)
             lines.append(_feature_line(feature))
             name = feature["properties"]["classification"]["name"]
             self.state["counts"][name] = self.state["counts"].get(name, 0) + 1
@@ -282,7 +295,7 @@ class _SlideJob:
 
     def finish(self) -> dict:
         levels = outputs.finish_label_zarr(self.out_dir / LABELS_DIR, self.mpp)
-        outputs.write_feature_collection(self.features_path, self.out_dir / GEOJSON)
+        write_feature_collection(self.features_path, self.out_dir / GEOJSON)
         state = self.state
         area_mm2 = state["area_px"] * self.mpp**2 / 1e6 if self.mpp else None
         n_cells = sum(state["counts"].values())

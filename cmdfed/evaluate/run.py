@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +10,8 @@ import torch
 from cmdfed.data.store import SiteStore
 from cmdfed.errors import CmdfedError
 from cmdfed.evaluate.metrics import aggregate_panoptic, evaluate_instances, summarize
-from cmdfed.evaluate.postprocess import WatershedParams, postprocess
-from cmdfed.inference import LoadedModel, load_model, predict_maps
+from cmdfed.inference.postprocess import WatershedParams, postprocess
+from cmdfed.inference.segment import LoadedModel, load_model, predict_maps
 from cmdfed.progress import Progress, report
 
 
@@ -66,7 +65,7 @@ def evaluate_model(
     tissues = [str(site.metadata("tissue")[i]) for i in indices]
     if all(tissues):
         summary["pannuke"] = aggregate_panoptic(per_image, tissues)
-    summary["postprocess"] = asdict(params)
+    summary["postprocess"] = params.to_dict()
     summary["tiles"] = int(len(indices))
     summary["store"] = site.name
     summary["checkpoint"] = str(loaded.checkpoint)

@@ -16,7 +16,6 @@ from cmdfed.model.config import (
     MODEL_PRESETS,
     DiffusionConfig,
     ModelConfig,
-    build_model,
 )
 from cmdfed.model.diffusion import (
     DiffusionLoss,
@@ -32,6 +31,7 @@ from cmdfed.model.unet import (
     ConvNeXtUNet,
     DiffusionOutput,
     SegmentationGraph,
+    build_model,
     count_parameters,
 )
 

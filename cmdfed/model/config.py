@@ -37,7 +37,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from cmdfed.errors import CmdfedError
-from cmdfed.model.unet import ConvNeXtUNet
 
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(widths=(32, 64, 128, 256), depths=(2, 2, 2, 2), decoder_depths=(1, 1, 1), full_res_width=16, full_res_depth=1, drop_path=0.0, cond_dim=32, head_width=32),
@@ -185,8 +184,3 @@ class DiffusionConfig(ConfigBase):
         require(1 <= self.sampling_steps <= self.timesteps,
                  f"sampling_steps must be in [1, timesteps], got {self.sampling_steps}")
         require(self.sampling_eta >= 0, f"sampling_eta must be >= 0, got {self.sampling_eta}")
-
-
-def build_model(config: ModelConfig) -> ConvNeXtUNet:
-    """A freshly initialised CMD model for ``config``."""
-    return ConvNeXtUNet(config)

@@ -381,3 +381,8 @@ def _check_groups(groups: Iterable[str]) -> set[str]:
     if unknown:
         raise CmdfedError(f"unknown parameter groups {unknown}; choose from {', '.join(PARAMETER_GROUPS)}")
     return wanted
+
+
+def build_model(config: ModelConfig) -> ConvNeXtUNet:
+    """A freshly initialised CMD model for ``config``."""
+    return ConvNeXtUNet(config)

@@ -38,12 +38,12 @@ from cmdfed.data.importers.common import (
     image_tiles,
     load_mat,
     pair_by_stem,
-    read_rgb,
     require_dir,
     write_store,
 )
 from cmdfed.data.store import StoreInfo, Tile
 from cmdfed.errors import CmdfedError
+from cmdfed.images import read_rgb
 from cmdfed.progress import Progress, report
 
 ORIGINAL_CLASS_NAMES = [

@@ -32,13 +32,12 @@ from cmdfed.data.importers.common import (
     check_same_shape,
     check_target,
     image_tiles,
-    read_image_file,
-    read_rgb,
     require_dir,
     write_store,
 )
 from cmdfed.data.store import StoreInfo, Tile
 from cmdfed.errors import CmdfedError
+from cmdfed.images import read_image_file, read_rgb
 from cmdfed.progress import Progress, report
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")

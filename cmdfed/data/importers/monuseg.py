@@ -35,12 +35,12 @@ from cmdfed.data.importers.common import (
     check_target,
     image_tiles,
     pair_by_stem,
-    read_rgb,
     require_dir,
     write_store,
 )
 from cmdfed.data.store import StoreInfo, Tile
 from cmdfed.errors import CmdfedError
+from cmdfed.images import read_rgb
 from cmdfed.progress import Progress, report
 
 CLASS_NAMES = ["background", "nucleus"]

@@ -38,11 +38,11 @@ from cmdfed.data.importers.common import (
     check_target,
     image_tiles,
     require_dir,
-    to_rgb_uint8,
     write_store,
 )
 from cmdfed.data.store import StoreInfo, Tile
 from cmdfed.errors import CmdfedError
+from cmdfed.images import to_rgb_uint8
 from cmdfed.progress import Progress, report
 
 CLASS_NAMES = ["background", "neoplastic", "inflammatory", "connective", "dead", "epithelial"]

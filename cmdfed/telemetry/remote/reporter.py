@@ -37,7 +37,7 @@ from pathlib import Path
 
 import cmdfed
 from cmdfed.errors import CmdfedError
-from cmdfed.federation.processes import LOOPBACK, split_address
+from cmdfed.addresses import LOOPBACK, split_address
 from cmdfed.telemetry.remote.tokens import read_token_file
 from cmdfed.telemetry.remote.transport import (
     MAX_BODY_BYTES,
