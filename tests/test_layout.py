@@ -20,7 +20,7 @@ CORE_FORBIDDEN = {*ROLES, "flwr", "grpc", "grpc_health", "streamlit"}
 # itself and units of lower layers only; units of one layer are independent of each other.
 CORE_LAYERS = (
     ("cmdfed", "cmdfed.errors"),
-    ("cmdfed.atomic", "cmdfed.progress", "cmdfed.images", "cmdfed.addresses",
+    ("cmdfed.atomic", "cmdfed.progress", "cmdfed.images", "cmdfed.addresses", "cmdfed.redaction",
      "cmdfed.slide_outputs"),
     ("cmdfed.model",),  # the network, its configs and checkpoints
     ("cmdfed.inference",),  # pixels -> nuclei: tiling, segmentation, post-processing

@@ -50,7 +50,8 @@ from cmdfed.telemetry.remote.transport import (
     require_tls_off_loopback,
     url_host,
 )
-from cmdfed.telemetry.store import file_name_only, scrub_paths
+from cmdfed.redaction import file_name_only
+from cmdfed.telemetry.store import scrub_paths
 
 log = logging.getLogger("cmdfed.telemetry")
 
