@@ -34,8 +34,6 @@ At the end the label pyramid, ``cells.geojson`` and ``summary.json`` are written
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import logging
 import math
@@ -46,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cmdfed.atomic import write_json_atomic
+from cmdfed.atomic import exclusive_lock, write_json_atomic
 from cmdfed.data.slide import open_slide, plan_tiles
 from cmdfed.errors import CmdfedError
 from cmdfed.inference.nuclei import nucleus_feature, write_feature_collection
@@ -107,24 +105,11 @@ def infer_slide(
 def _run(slide, selection: Selection, out_dir: Path, batch, min_tissue, restart, progress) -> dict:
     if batch < 1:
         raise CmdfedError(f"--batch must be at least 1, got {batch}")
-    with open_slide(slide) as reader, _exclusive(out_dir):
+    busy = f"another inference job is writing {out_dir}; wait for it or choose another --out"
+    with open_slide(slide) as reader, exclusive_lock(out_dir / LOCK_FILE, busy=busy):
         job = _SlideJob(reader, selection, out_dir, min_tissue, restart)
         job.run(batch, progress)
         return job.finish()
-
-
-@contextlib.contextmanager
-def _exclusive(out_dir: Path):
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / LOCK_FILE, "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise CmdfedError(f"another inference job is writing {out_dir}; wait for it or choose another --out") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 class _SlideJob:
