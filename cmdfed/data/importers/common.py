@@ -1,5 +1,12 @@
 """What every dataset importer shares: reading and checking files, cutting tiles, writing stores.
 
+The skeleton (:func:`run_import`)
+    Every importer is ``require_dir -> check grid and target -> find and pair the source's
+    files -> read each image with its labels -> cut tiles -> write the store``. Only the
+    middle differs between formats, so an importer gives :func:`run_import` a ``plan``
+    function: from the source folder to an :class:`ImportPlan` (the items to read, how to
+    read one into a :class:`SourceImage`, and the store's class names and resolution).
+
 Tiling (:func:`cut_tiles`)
     Tiles sit on :mod:`cmdfed.inference.tiling`'s grid, its last row and column flush with
     the image edge, so an image at least one tile large is covered without padding.
@@ -27,9 +34,10 @@ Writing (:func:`write_store`)
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import scipy.io
@@ -38,6 +46,7 @@ from skimage.segmentation import relabel_sequential
 from cmdfed.data.store import SiteStore, StoreInfo, Tile, check_target, create_store
 from cmdfed.errors import CmdfedError
 from cmdfed.inference.tiling import grid_starts
+from cmdfed.progress import Progress, report
 
 PAD_VALUE = 255
 INT32_MAX = np.iinfo(np.int32).max
@@ -263,3 +272,81 @@ def write_store(
                 f"no tiles were produced for {store_path}; the source holds no images"
             )
     return store.info()
+
+
+# -- the skeleton ---------------------------------------------------------------------------
+
+
+class SourceImage(NamedTuple):
+    """One image of a dataset with its labels, and what its tiles record about it."""
+
+    image: np.ndarray
+    instances: np.ndarray | None
+    types: np.ndarray | None
+    slide_id: str
+    tissue: str
+    mpp: float
+
+
+@dataclass(frozen=True)
+class ImportPlan:
+    """What an importer found in its source folder.
+
+    ``items``: one per source image (file pairs, array indices...), read in this order by
+    ``read``. ``source``: every tile's ``source``. ``class_names``, ``has_types``, ``mpp``:
+    the store's. ``unit``: what the progress bar counts.
+    """
+
+    items: Sequence[Any]
+    read: Callable[[Any], SourceImage]
+    source: str
+    class_names: Sequence[str]
+    has_types: bool
+    mpp: float
+    unit: str = "images"
+
+
+def run_import(
+    source_path: str | Path,
+    store_path: str | Path,
+    plan: Callable[[Path], ImportPlan],
+    *,
+    what: str,
+    tile_size: int,
+    overlap: int,
+    overwrite: bool,
+    progress: Progress | None,
+) -> StoreInfo:
+    """Import a dataset folder into a new store (see the module docstring). ``what`` names the
+    folder expected at ``source_path`` in the error when it is missing."""
+    root = require_dir(Path(source_path), what)
+    store_path = Path(store_path)
+    check_grid(tile_size, overlap)
+    check_target(store_path, overwrite)
+    found = plan(root)
+
+    def tiles() -> Iterator[Tile]:
+        for done, item in enumerate(found.items, start=1):
+            sample = found.read(item)
+            yield from image_tiles(
+                sample.image,
+                sample.instances,
+                sample.types,
+                tile_size=tile_size,
+                overlap=overlap,
+                source=found.source,
+                slide_id=sample.slide_id,
+                tissue=sample.tissue,
+                mpp=sample.mpp,
+            )
+            report(progress, done, len(found.items), found.unit)
+
+    return write_store(
+        store_path,
+        tiles(),
+        overwrite=overwrite,
+        tile_size=tile_size,
+        class_names=found.class_names,
+        has_types=found.has_types,
+        mpp=found.mpp,
+    )
