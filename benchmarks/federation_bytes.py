@@ -20,7 +20,7 @@ from pathlib import Path
 from benchmarks.common import save
 from benchmarks.federation_common import CLASSES, run_federation
 from cmdfed.federation.config import FINETUNE_TRAINABLE, FederationConfig
-from cmdfed.model.config import build_model
+from cmdfed.model.unet import build_model
 from cmdfed.model.unet import ConvNeXtUNet
 
 

@@ -33,11 +33,12 @@ import torch
 from cmdfed.data import cpm15
 from cmdfed.data.samples import SAMPLES, fetch_samples
 from cmdfed.data.slide import tile_slide
-from cmdfed.evaluate.tune import TUNED_FILE, tune_postprocess
-from cmdfed.inference import load_model
+from cmdfed.evaluate.tune import tune_postprocess
+from cmdfed.inference.postprocess import TUNED_FILE
+from cmdfed.inference.segment import load_model
 from cmdfed.model.config import ModelConfig
 from cmdfed.models import CARD_FILE, models_dir
-from cmdfed.train.checkpoint import load_checkpoint, save_checkpoint
+from cmdfed.model.checkpoint import load_checkpoint, save_checkpoint
 from cmdfed.train.phases import finetune, pretrain
 from cmdfed.train.recipe import RECIPE_TILE, finetune_config, pretrain_config, pretrain_diffusion
 

@@ -39,7 +39,7 @@ from cmdfed.federation.local import (
     shares_data_metrics,
 )
 from cmdfed.federation.site import SiteSettings, check_site_store, keep_frozen, load_frozen
-from cmdfed.federation.updates import redact_paths
+from cmdfed.redaction import redact_paths
 from cmdfed.federation.wire import LAYOUT_PREFIX, WEIGHTS_KEY, Layout
 from cmdfed.privacy.accounting import BudgetExhausted
 

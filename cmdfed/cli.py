@@ -404,7 +404,7 @@ def train_tune(
     """Choose the watershed settings for a model on labelled validation tiles (best mean PQ)
     and store them with its weights."""
     from cmdfed.evaluate.tune import tune_postprocess
-    from cmdfed.inference import load_model
+    from cmdfed.inference.segment import load_model
     from cmdfed.train.device import select_device
 
     if passes < 1:
@@ -427,7 +427,7 @@ def predict(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Segment and classify nuclei: NAME_inst.png (uint16 instances) + NAME_types.json per image."""
-    from cmdfed.inference import predict_files
+    from cmdfed.inference.segment import predict_files
     from cmdfed.train.device import select_device
 
     from cmdfed.data.slide import PLAUSIBLE_MPP

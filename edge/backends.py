@@ -5,21 +5,14 @@ Every backend takes the same batch (uint8 RGB (B, H, W, 3) as read from a slide,
 arrays; batches above the graph's maximum are split. Sides must be multiples of 32 within
 the manifest's min..max shapes.
 
-Selection: each candidate in order is created and immediately run on the bundle's golden
-input; its outputs must match PyTorch's within the manifest's tolerance (fp32 backends:
-``tolerance_fp32``; the FP16 TensorRT engine: ``tolerance_fp16``). The first that passes
-is used. A candidate that is missing (no tensorrt module, no GPU, CPU-only onnxruntime)
-or fails validation is skipped with its reason, and the reasons are logged and reported,
-so a workstation silently falling back to the CPU is visible. ``force`` picks one backend
-and makes its failure an error instead of a fallback.
+Which one a workstation uses is chosen by :mod:`edge.selection`.
 """
 
 from __future__ import annotations
 
 import abc
-import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,10 +20,6 @@ import numpy as np
 from cmdfed.errors import CmdfedError
 from edge import bundle
 
-log = logging.getLogger("cmdfed.edge")
-
-BACKEND_NAMES = ("tensorrt", "onnxruntime-cuda", "onnxruntime-cpu")
-TRT_SOURCES = ("onnx", "pt2")
 
 
 class BackendUnavailable(Exception):
@@ -75,7 +64,7 @@ class BundleModel:
 
 
 def model_input(batch: np.ndarray) -> np.ndarray:
-    """uint8 (B, H, W, 3) -> float32 (B, 3, H, W) in [-1, 1], as ``cmdfed.inference.to_model_input``."""
+    """uint8 (B, H, W, 3) -> float32 (B, 3, H, W) in [-1, 1], as ``cmdfed.inference.segment.to_model_input``."""
     if batch.dtype == np.uint8 and batch.ndim == 4 and batch.shape[-1] == 3:
         x = batch.astype(np.float32) / np.float32(255.0) * np.float32(2.0) - np.float32(1.0)
         return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
@@ -180,67 +169,3 @@ class OrtCudaBackend(OnnxRuntimeBackend):
 
     def _missing_reason(self) -> str:
         return "onnxruntime has no CUDAExecutionProvider (this is the CPU build; install onnxruntime-gpu on a GPU workstation)"
-
-
-@dataclass
-class Selection:
-    backend: Backend
-    max_abs_diff: float
-    skipped: dict[str, str] = field(default_factory=dict)
-
-    def report(self) -> dict:
-        return {
-            "backend": self.backend.name,
-            "device": self.backend.device,
-            "precision": self.backend.precision,
-            "golden_max_abs_diff": self.max_abs_diff,
-            "skipped": self.skipped,
-        }
-
-
-def _create(name: str, model: BundleModel, home: Path, threads: int | None, trt_source: str) -> Backend:
-    if name == "tensorrt":
-        from edge.tensorrt import TensorRTBackend
-
-        return TensorRTBackend(model, home / "engines", source=trt_source)
-    if name == "onnxruntime-cuda":
-        return OrtCudaBackend(model, threads)
-    return OrtCpuBackend(model, threads)
-
-
-def select_backend(
-    bundle_folder: str | Path,
-    home: str | Path,
-    *,
-    force: str | None = None,
-    threads: int | None = None,
-    trt_source: str = "onnx",
-) -> Selection:
-    """The first backend, in BACKEND_NAMES order (or ``force``), that loads and passes validation.
-
-    ``trt_source``: build TensorRT engines from the ONNX graph ("onnx") or model.pt2 ("pt2").
-    """
-    if force is not None and force not in BACKEND_NAMES:
-        raise CmdfedError(f"unknown backend {force!r}; choose one of {', '.join(BACKEND_NAMES)}")
-    if trt_source not in TRT_SOURCES:
-        raise CmdfedError(f"unknown TensorRT engine source {trt_source!r}; choose one of {', '.join(TRT_SOURCES)}")
-    model = BundleModel.load(bundle_folder)
-    skipped: dict[str, str] = {}
-    for name in [force] if force else BACKEND_NAMES:
-        try:
-            backend = _create(name, model, Path(home), threads, trt_source)
-            diff = backend.validate()
-        except BackendUnavailable as exc:
-            skipped[name] = str(exc)
-            log.info("backend %s skipped: %s", name, exc)
-            continue
-        except Exception as exc:  # a broken GPU stack (missing torch_tensorrt, CUDA OOM, cuDNN) must not stop the fallback
-            skipped[name] = f"failed while loading or validating ({type(exc).__name__}: {exc})"
-            log.warning("backend %s failed, trying the next one: %s", name, skipped[name])
-            continue
-        log.info("backend %s selected (golden max abs diff %.3g)", name, diff)
-        return Selection(backend, diff, skipped)
-    if force:
-        raise CmdfedError(f"backend {force} cannot be used here: {skipped[force]}; omit --backend to fall back automatically")
-    reasons = "; ".join(f"{k}: {v}" for k, v in skipped.items())
-    raise CmdfedError(f"no backend can run this model here ({reasons})")

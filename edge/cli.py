@@ -13,7 +13,7 @@ from cmdfed.cli import emit, out, progress_bar
 from cmdfed.errors import CmdfedError
 
 if TYPE_CHECKING:
-    from cmdfed.evaluate.postprocess import WatershedParams
+    from cmdfed.inference.postprocess import WatershedParams
 
 commands = typer.Typer(help="Edge role: export bundles, deploy them on workstations, run whole slides.", no_args_is_help=True)
 
@@ -90,7 +90,7 @@ def export(
 def watershed_params(mpp: float | None, **given) -> WatershedParams:
     """HoVer-Net's settings scaled to ``mpp`` with the options given; a value it refuses is
     named by its option."""
-    from cmdfed.evaluate.postprocess import WatershedParams
+    from cmdfed.inference.postprocess import WatershedParams
 
     values = {name: value for name, value in given.items() if value is not None}
     for name, value in values.items():

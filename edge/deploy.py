@@ -20,22 +20,20 @@ for ``rollback``. The newest ``KEEP_VERSIONS`` versions are kept, older ones del
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import shutil
 import socket
 import tempfile
 from pathlib import Path
-from typing import Iterator
 
-from cmdfed.atomic import replace_dir, write_json_atomic
+from cmdfed.atomic import exclusive_lock, replace_dir, write_json_atomic
 from cmdfed.errors import CmdfedError
 from cmdfed.progress import Progress, report
 from edge import bundle, signing
-from edge.backends import select_backend
+from edge.selection import select_backend
 
 STATE_FILE = "state.json"
+LOCK_FILE = ".lock"  # held while the home changes, so two deploys or rollbacks never interleave
 KEEP_VERSIONS = 3
 
 
@@ -56,7 +54,7 @@ def deploy(
         report(progress, 0, 3, "verifying")
         manifest = bundle.verify_bundle(source, public_key)
         version = manifest["model"]["version"]
-        with _locked(home):
+        with exclusive_lock(home / LOCK_FILE):
             report(progress, 1, 3, "installing and checking the backend")
             selection = _install(source, manifest, home, public_key, backend, trt_source)
             report(progress, 2, 3, "activating")
@@ -70,7 +68,7 @@ def deploy(
 def rollback(home: str | Path, *, telemetry: str | Path | None = None) -> dict:
     """Make the previous version active again."""
     home = Path(home)
-    with _locked(home):
+    with exclusive_lock(home / LOCK_FILE):
         state = read_state(home)
         if not state["history"]:
             raise CmdfedError(f"{home} has no previous version to roll back to (active: {state['active']})")
@@ -192,17 +190,6 @@ def _prune(home: Path, keep: set[str]) -> None:
     for folder in (home / "models").iterdir():
         if folder.is_dir() and (folder.name.startswith(".") or folder.name not in keep):
             shutil.rmtree(folder, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def _locked(home: Path) -> Iterator[None]:
-    home.mkdir(parents=True, exist_ok=True)
-    with open(home / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _record(telemetry, version: str, backend: str, gpu: str | None, status: str) -> None:

@@ -36,7 +36,8 @@ import cmdfed
 from cmdfed.cli import console, emit, out
 from cmdfed.errors import CmdfedError
 from cmdfed.federation.events import EVENT_PREFIX
-from cmdfed.federation.processes import flower_env, flower_executable, require_loopback_or_insecure, split_address
+from cmdfed.addresses import split_address
+from cmdfed.federation.processes import flower_env, flower_executable, require_loopback_or_insecure
 
 if TYPE_CHECKING:  # the run config needs the model's (torch); commands that never build one start without it
     from cmdfed.federation.config import FederationConfig

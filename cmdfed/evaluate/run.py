@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +10,8 @@ import torch
 from cmdfed.data.store import SiteStore
 from cmdfed.errors import CmdfedError
 from cmdfed.evaluate.metrics import aggregate_panoptic, evaluate_instances, summarize
-from cmdfed.evaluate.postprocess import WatershedParams, postprocess
-from cmdfed.evaluate.tune import postprocess_for
-from cmdfed.inference import LoadedModel, load_model, predict_maps
+from cmdfed.inference.postprocess import WatershedParams, postprocess, postprocess_for
+from cmdfed.inference.segment import LoadedModel, load_model, predict_maps
 from cmdfed.progress import Progress, report
 
 
@@ -71,7 +69,7 @@ def evaluate_model(
     tissues = [str(site.metadata("tissue")[i]) for i in indices]
     if all(tissues):
         summary["pannuke"] = aggregate_panoptic(per_image, tissues)
-    summary["postprocess"] = asdict(params)
+    summary["postprocess"] = params.to_dict()
     summary["postprocess_source"] = source
     summary["tiles"] = int(len(indices))
     summary["store"] = site.name

@@ -21,7 +21,6 @@ train evaluate`` and ``cmdfed edge export`` use it unless told otherwise.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -32,13 +31,9 @@ from cmdfed.atomic import write_json_atomic
 from cmdfed.data.store import SiteStore
 from cmdfed.errors import CmdfedError
 from cmdfed.evaluate.metrics import evaluate_instances, summarize
-from cmdfed.evaluate.postprocess import WatershedParams, postprocess
-from cmdfed.inference import LoadedModel, predict_maps
+from cmdfed.inference.postprocess import TUNED_FILE, WatershedParams, postprocess
+from cmdfed.inference.segment import LoadedModel, predict_maps
 from cmdfed.progress import Progress, report
-
-TUNED_FILE = "postprocess.json"
-# A resolution within this relative distance of the tuned one counts as the same.
-MPP_TOLERANCE = 0.1
 
 THRESHOLDS = {
     "foreground_threshold": (0.3, 0.4, 0.5, 0.6, 0.7),
@@ -130,32 +125,3 @@ def tune_postprocess(loaded: LoadedModel, store: str | Path, *, indices: np.ndar
     }
     write_json_atomic(loaded.checkpoint / TUNED_FILE, record)
     return {**record, "written": str(loaded.checkpoint / TUNED_FILE)}
-
-
-def tuned_postprocess(checkpoint: Path) -> tuple[WatershedParams, float] | None:
-    """The settings ``cmdfed train tune`` chose for this checkpoint folder and the resolution
-    they hold at; None when it was not tuned."""
-    path = Path(checkpoint) / TUNED_FILE
-    if not path.is_file():
-        return None
-    try:
-        record = json.loads(path.read_text())
-        return WatershedParams(**record["params"]), float(record["mpp"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CmdfedError(f"{path} is damaged ({exc}); delete it and run cmdfed train tune again") from exc
-
-
-def postprocess_for(checkpoint: Path, mpp: float | None) -> tuple[WatershedParams, str]:
-    """The post-processing for images at ``mpp`` (None: unknown) and where it came from:
-    the tuned settings when the checkpoint has them (refused at another resolution), else
-    HoVer-Net's scaled to ``mpp``."""
-    tuned = tuned_postprocess(checkpoint)
-    if tuned is None:
-        return WatershedParams.for_mpp(mpp), "scaled" if mpp else "hovernet-40x"
-    params, tuned_mpp = tuned
-    if mpp is not None and abs(mpp - tuned_mpp) > MPP_TOLERANCE * tuned_mpp:
-        raise CmdfedError(
-            f"{checkpoint} was tuned for {tuned_mpp} um/px but these images are {mpp} um/px: give images at the "
-            f"tuned resolution, or tune it on a validation store at {mpp} um/px (cmdfed train tune)"
-        )
-    return params, "tuned"

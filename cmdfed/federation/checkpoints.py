@@ -37,7 +37,7 @@ from safetensors.torch import load_file, save_file
 from cmdfed.atomic import atomic_dir, write_bytes_atomic, write_json_atomic
 from cmdfed.errors import CmdfedError
 from cmdfed.federation.events import emit_event
-from cmdfed.train.checkpoint import CHECKPOINT_FORMAT, CheckpointFormatError, load_checkpoint
+from cmdfed.model.checkpoint import CHECKPOINT_FORMAT, CheckpointFormatError, load_checkpoint
 
 ROUND_PATTERN = re.compile(r"round-(\d{4,})")
 STRATEGY_FILE = "strategy.safetensors"

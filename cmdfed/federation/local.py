@@ -38,8 +38,9 @@ from cmdfed.data.store import SiteStore
 from cmdfed.errors import CmdfedError
 from cmdfed.evaluate.run import evaluate_model
 from cmdfed.federation.config import PHASES, FederationConfig, check_phase
-from cmdfed.inference import LoadedModel, to_model_input
-from cmdfed.model.config import DiffusionConfig, build_model
+from cmdfed.inference.segment import LoadedModel, to_model_input
+from cmdfed.model.config import DiffusionConfig
+from cmdfed.model.unet import build_model
 from cmdfed.model.diffusion import MaskedDiffusion
 from cmdfed.model.unet import ConvNeXtUNet
 from cmdfed.privacy.accounting import PrivacyLedger, PrivateSteps, noise_for_budget

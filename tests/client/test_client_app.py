@@ -20,7 +20,7 @@ from cmdfed.data.synth import write_synthetic_store
 from cmdfed.federation.config import FederationConfig
 from cmdfed.federation.site import SiteSettings, weights_fingerprint
 from cmdfed.federation.wire import LAYOUT_PREFIX, WEIGHTS_KEY, Layout
-from cmdfed.model.config import build_model
+from cmdfed.model.unet import build_model
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from cmdfed.errors import CmdfedError
-from edge.backends import BundleModel, model_input, select_backend
+from edge.backends import BundleModel, model_input
+from edge.selection import select_backend
 
 TORCH_CUDA = pytest.importorskip("torch").cuda.is_available()
 

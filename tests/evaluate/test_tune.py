@@ -11,8 +11,8 @@ import torch
 
 from cmdfed.data.cpm15 import load_pair
 from cmdfed.errors import CmdfedError
-from cmdfed.evaluate.postprocess import WatershedParams
-from cmdfed.evaluate.tune import TUNED_FILE, candidates, postprocess_for, search, tuned_postprocess
+from cmdfed.evaluate.tune import candidates, search
+from cmdfed.inference.postprocess import TUNED_FILE, WatershedParams, postprocess_for, tuned_postprocess
 from cmdfed.model.config import ModelConfig
 from cmdfed.model.targets import make_targets
 from cmdfed.train.loop import TrainConfig

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from cmdfed.errors import CmdfedError
-from cmdfed.inference import _window_weight, load_model, predict_files, predict_image_maps, to_model_input
+from cmdfed.inference.segment import _window_weight, load_model, predict_files, predict_image_maps, to_model_input
 from cmdfed.model.config import ModelConfig
 from cmdfed.train.loop import TrainConfig
 from cmdfed.train.phases import finetune

@@ -14,6 +14,9 @@ that safetensors cannot express; it is read with ``torch.load(weights_only=True)
 also refuses code. The folder is written under a temporary name and renamed, and the run
 folder's ``latest`` file is replaced atomically after it, so a crash mid-write leaves the
 previous checkpoint as the latest.
+
+Weights that do not fit a model are reported the same way wherever they are loaded
+(checkpoints, parameter groups, encoder weights): :func:`state_dict_mismatch`.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping
 
 import torch
 from safetensors import SafetensorError
@@ -166,6 +170,21 @@ def load_checkpoint(path: str | Path, *, with_trainer: bool = False, backbone_on
         except Exception as exc:
             raise CmdfedError(f"{trainer_path} is damaged ({type(exc).__name__}: {exc})") from exc
     return Checkpoint(folder, config, weights, ema, trainer)
+
+
+def state_dict_mismatch(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor]) -> str | None:
+    """Why ``given`` does not load into a model whose state dict is ``expected`` (how many entries
+    are missing, unexpected or of the wrong shape, with examples), or None when it does."""
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    wrong_shape = sorted(k for k in set(expected) & set(given) if expected[k].shape != given[k].shape)
+    if not (missing or unexpected or wrong_shape):
+        return None
+    return (
+        f"{len(missing)} missing (e.g. {', '.join(missing[:3]) or '-'}), {len(unexpected)} unexpected "
+        f"(e.g. {', '.join(unexpected[:3]) or '-'}), {len(wrong_shape)} of the wrong shape "
+        f"(e.g. {', '.join(wrong_shape[:3]) or '-'})"
+    )
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:

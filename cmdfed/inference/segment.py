@@ -1,12 +1,13 @@
-"""From an image to nuclei: the one path that training evaluation, `cmdfed predict` and the
-edge share (the edge swaps the PyTorch forward for ONNX Runtime / TensorRT).
+"""From an image to nuclei with the PyTorch model: what evaluation and `cmdfed predict` run
+(the edge swaps the forward for ONNX Runtime / TensorRT, edge.backends, and keeps the rest).
 
     uint8 RGB image --to_model_input--> [-1, 1] tensor --model.segment--> NP/HV/NC maps
         --postprocess (HoVer-Net watershed)--> instance map, type map, per-nucleus records
 
 Images of any size: sides are padded up to the network's stride (32) by reflection, which
 keeps texture at the border statistically like tissue. Images larger than ``window`` are
-run as overlapping windows and the maps are blended with a weight that falls towards each
+run as overlapping windows (:mod:`cmdfed.inference.tiling`'s grid, flush with the far
+edges) and the maps are blended with a weight that falls towards each
 window's edge (border pixels see less context), then post-processed once as a whole, so
 nuclei on window seams are neither cut nor duplicated.
 """
@@ -24,11 +25,14 @@ from PIL import Image
 
 from cmdfed.atomic import atomic_path, write_json_atomic
 from cmdfed.errors import CmdfedError
-from cmdfed.evaluate.postprocess import PostprocessResult, WatershedParams, postprocess
-from cmdfed.model.config import ModelConfig, build_model
+from cmdfed.images import read_rgb
+from cmdfed.inference.postprocess import PostprocessResult, WatershedParams, postprocess, postprocess_for
+from cmdfed.inference.tiling import grid_starts
+from cmdfed.model.checkpoint import load_checkpoint
+from cmdfed.model.config import ModelConfig
+from cmdfed.model.unet import build_model
 from cmdfed.model.encoders import frozen_encoder
 from cmdfed.progress import Progress, report
-from cmdfed.train.checkpoint import load_checkpoint
 
 STRIDE = 32
 
@@ -114,14 +118,11 @@ def predict_image_maps(
         maps = predict_maps(loaded.model, padded[None], loaded.device, loaded.encoder)
         return {k: v[0][..., :h, :w] for k, v in maps.items()}
     window = window - window % STRIDE
-    step = window - overlap
     weight = _window_weight(window, overlap)
     sums: dict[str, np.ndarray] = {}
     total = np.zeros((H, W), np.float32)
-    ys = sorted({*range(0, max(H - window, 0) + 1, step), max(H - window, 0)})
-    xs = sorted({*range(0, max(W - window, 0) + 1, step), max(W - window, 0)})
-    for y in ys:
-        for x in xs:
+    for y in grid_starts(H, window, overlap, flush_end=True):
+        for x in grid_starts(W, window, overlap, flush_end=True):
             crop = padded[y : y + window, x : x + window]
             maps = predict_maps(loaded.model, crop[None], loaded.device, loaded.encoder)
             ch, cw = crop.shape[:2]
@@ -140,8 +141,6 @@ def segment_image(
 ) -> PostprocessResult:
     maps = predict_image_maps(loaded, image)
     return postprocess(maps["np"], maps["hv"], maps.get("nc"), params)
-
-
 
 
 def write_prediction(out_dir: Path, name: str, result: PostprocessResult, class_names: list[str]) -> dict:
@@ -174,8 +173,6 @@ def predict_files(
     importers read: 16-bit scans are scaled, not clipped); ``mpp``, the images' resolution:
     the post-processing is the checkpoint's tuned one (refused at another resolution), else
     HoVer-Net's scaled to ``mpp`` (``WatershedParams.for_mpp``; unknown: its 40x values)."""
-    from cmdfed.data.importers.common import read_rgb
-
     missing = [str(p) for p in images if not Path(p).is_file()]
     if missing:
         raise CmdfedError(f"image(s) not found: {', '.join(missing)}")
@@ -184,8 +181,6 @@ def predict_files(
     if clashes:
         raise CmdfedError(f"several images are named {', '.join(clashes)} (outputs are NAME_inst.png): "
                           "rename them or predict them into different --out folders")
-    from cmdfed.evaluate.tune import postprocess_for
-
     loaded = load_model(checkpoint, device, fm_weights=fm_weights)
     params, _ = postprocess_for(loaded.checkpoint, mpp)
     results = []
