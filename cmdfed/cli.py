@@ -205,6 +205,27 @@ def data_import(
     emit(info.to_dict(), as_json, render_store_info)
 
 
+@data_app.command("cpm15")
+def data_cpm15(
+    store: Path = typer.Argument(..., help="Store to create."),
+    images: str = typer.Option("all", help="Image ids: 01-07, 8,9,10, train (01-07), test (08-10) or all."),
+    mpp: float = typer.Option(0.5, help="Resolution to resample to (um/px); 01-07 are 0.5, 08-10 0.25 as scanned."),
+    tile: int = typer.Option(256, help="Tile side in pixels (multiple of 32)."),
+    overlap: int = typer.Option(0, help="Overlap between tiles."),
+    overwrite: bool = typer.Option(False, help="Replace an existing store."),
+    as_json: bool = typer.Option(False, "--json", help="Print the store info as JSON."),
+) -> None:
+    """A labelled store of CPM-15 (real H&E nuclei with expert masks, shipped with cmdfed)."""
+    from cmdfed.data import cpm15
+    from cmdfed.data.slide import PLAUSIBLE_MPP
+    from cmdfed.data.store import SiteStore
+
+    if not PLAUSIBLE_MPP[0] <= mpp <= PLAUSIBLE_MPP[1]:
+        raise CmdfedError(f"--mpp must be a scan resolution in {PLAUSIBLE_MPP[0]}..{PLAUSIBLE_MPP[1]} um/px, got {mpp}")
+    path = cpm15.write_store(store, cpm15.parse_ids(images), tile_size=tile, overlap=overlap, mpp=mpp, overwrite=overwrite)
+    emit(SiteStore.open(path).info().to_dict(), as_json, render_store_info)
+
+
 @data_app.command("info")
 def data_info(
     store: Path = typer.Argument(..., help="Site store."),
