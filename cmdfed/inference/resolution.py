@@ -37,7 +37,7 @@ def resampled_shape(shape: tuple[int, int], factor: float) -> tuple[int, int]:
 
 def resample_image(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """uint8 RGB (H, W, 3) resized to ``shape`` (rows, cols), bilinear with PIL's antialiasing."""
-    return np.asarray(Image.fromarray(image).resize((shape[1], shape[0]), Image.Resampling.BILINEAR))
+    return np.array(Image.fromarray(image).resize((shape[1], shape[0]), Image.Resampling.BILINEAR))
 
 
 def resize_labels(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
