@@ -37,7 +37,7 @@ from safetensors.torch import load_file, save_file
 from cmdfed.atomic import atomic_dir, write_bytes_atomic, write_json_atomic
 from cmdfed.errors import CmdfedError
 from cmdfed.federation.events import emit_event
-from cmdfed.model.checkpoint import CHECKPOINT_FORMAT, CheckpointFormatError, load_checkpoint
+from cmdfed.model.checkpoint import CHECKPOINT_FORMAT, CheckpointFormatError, load_checkpoint, verify_files, write_checksums
 
 ROUND_PATTERN = re.compile(r"round-(\d{4,})")
 STRATEGY_FILE = "strategy.safetensors"
@@ -86,6 +86,7 @@ def save_round(
             **config, "phase": phase, "phase_round": phase_round, "round": round, "step": round,
             "metrics": metrics, "strategy_state": bool(strategy_state), "format": CHECKPOINT_FORMAT,
         })  # fmt: skip
+        write_checksums(tmp)  # verified on load (cmdfed.model.checkpoint)
     write_bytes_atomic(run_dir / "latest", final.name.encode())
     return final
 
@@ -101,6 +102,7 @@ def load_round(path: str | Path) -> RoundCheckpoint:
         strategy_path = checkpoint.path / STRATEGY_FILE
         if not strategy_path.is_file():
             raise CmdfedError(f"{strategy_path} is missing; the round checkpoint is incomplete")
+        verify_files(checkpoint.path, [STRATEGY_FILE])
         strategy_state = _load_tensors(strategy_path)
     return RoundCheckpoint(
         checkpoint.path, int(config["round"]), str(config["phase"]), int(config["phase_round"]),
