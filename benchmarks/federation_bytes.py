@@ -20,8 +20,7 @@ from pathlib import Path
 from benchmarks.common import save
 from benchmarks.federation_common import CLASSES, run_federation
 from cmdfed.federation.config import FINETUNE_TRAINABLE, FederationConfig
-from cmdfed.model.unet import build_model
-from cmdfed.model.unet import ConvNeXtUNet
+from cmdfed.model.unet import ConvNeXtUNet, build_model
 
 
 def full_fp32_bytes(config: FederationConfig) -> int:

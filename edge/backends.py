@@ -27,7 +27,6 @@ from cmdfed.errors import CmdfedError
 from edge import bundle
 
 
-
 class BackendUnavailable(Exception):
     """This backend cannot run here; the message says why (shown when it is skipped)."""
 

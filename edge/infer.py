@@ -112,7 +112,6 @@ def _run(slide, selection: Selection, out_dir: Path, batch, min_tissue, restart,
         return job.finish()
 
 
-
 def _no_time_yet() -> dict[str, float]:
     return {"read": 0.0, "model": 0.0, "postprocess": 0.0, "write": 0.0}
 

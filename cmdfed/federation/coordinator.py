@@ -46,10 +46,9 @@ from cmdfed.federation.events import emit_event
 from cmdfed.federation.local import evaluate_on_store, open_site, site_model
 from cmdfed.federation.site import weights_fingerprint
 from cmdfed.federation.updates import screen_updates
-from cmdfed.model.unet import build_model
-from cmdfed.model.unet import ConvNeXtUNet
-from cmdfed.telemetry import TelemetryStore
 from cmdfed.model.checkpoint import model_version
+from cmdfed.model.unet import ConvNeXtUNet, build_model
+from cmdfed.telemetry import TelemetryStore
 from cmdfed.train.device import select_device
 
 NumpyWeights = dict[str, np.ndarray]

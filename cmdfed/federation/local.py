@@ -40,9 +40,8 @@ from cmdfed.evaluate.run import evaluate_model
 from cmdfed.federation.config import PHASES, FederationConfig, check_phase
 from cmdfed.inference.segment import LoadedModel, to_model_input
 from cmdfed.model.config import DiffusionConfig
-from cmdfed.model.unet import build_model
 from cmdfed.model.diffusion import MaskedDiffusion
-from cmdfed.model.unet import ConvNeXtUNet
+from cmdfed.model.unet import ConvNeXtUNet, build_model
 from cmdfed.privacy.accounting import PrivacyLedger, PrivateSteps, noise_for_budget
 from cmdfed.train.device import memory_format, select_device
 from cmdfed.train.loop import LossFn, TrainConfig, Trainer

@@ -136,7 +136,7 @@ def telemetry_db(tmp_path_factory) -> Path:
 
 
 def _feature(ring: list[list[float]], name: str, colour: list[int], nucleus_id: int) -> dict:
-    """A nucleus as `edge.outputs.nucleus_feature` writes it."""
+    """A nucleus as `cmdfed.inference.nuclei.nucleus_feature` writes it."""
     return {
         "type": "Feature",
         "geometry": {"type": "Polygon", "coordinates": [ring]},
