@@ -18,6 +18,9 @@ or refuse a bad update, so this module drives the strategy round by round itself
 5. ``strategy.aggregate_train`` averages the accepted updates (weighted by examples;
    ``PhaseRounds._aggregate``, which first tells a central-DP wrapper how many it averages
    and drops the metrics not every reply has, since Flower averages only common keys);
+   the store resolution a site reports beside its example count (``mpp``) is taken out first
+   (an average of resolutions means nothing) and handed to the coordinator, which records
+   the phase's training resolution when the sites agree on one;
    a round without one usable update is an error that fails the run, because Flower
    itself would carry on with unchanged weights (``PhaseRounds._end_without_updates``);
 6. optional federated evaluation, then the coordinator checkpoints and records the round.
@@ -44,6 +47,8 @@ sender, and such a site is recorded as failed, gone offline.
 
 from __future__ import annotations
 
+import json
+import math
 import re
 import time
 from typing import NoReturn
@@ -59,7 +64,7 @@ from cmdfed.errors import CmdfedError
 from cmdfed.federation.config import PHASES, FederationConfig
 from cmdfed.federation.coordinator import RoundReport, RunCoordinator, SiteReport
 from cmdfed.federation.events import emit_event
-from cmdfed.federation.wire import LAYOUT_PREFIX, WEIGHTS_KEY, Layout
+from cmdfed.federation.wire import ARCHITECTURE_KEY, LAYOUT_PREFIX, RESOLUTION_KEY, WEIGHTS_KEY, Layout
 from server.sampling import SamplingGrid, SitesMissing, wait_for_sites
 from server.strategies import build_strategy, restore_strategy_state, set_updates_averaged, strategy_state
 
@@ -120,6 +125,9 @@ class PhaseRounds:
         replies, refused = self._exchange(messages, phase_round)
         reports, usable = self._sort(messages, replies, refused, phase_round, layout)
         accepted = self._screen(phase_round, reports, usable, layout)
+        accepted_sites = {self._name(r) for r in accepted}
+        resolutions = [_resolution(r.metrics) for r in reports if r.site in accepted_sites]
+        _drop_metric(usable, RESOLUTION_KEY)
         if not accepted:
             self._end_without_updates(phase_round, reports, connected=len(sampling.get_node_ids()))
         new_weights, train_metrics = self._aggregate(phase_round, accepted, layout)
@@ -127,7 +135,7 @@ class PhaseRounds:
         report = RoundReport(
             started, reports, bytes_sent=sum(_payload_bytes(m.content) for m in messages),
             bytes_received=sum(_payload_bytes(r.content) for r in replies.values() if r.has_content()),
-            train_metrics=train_metrics, eval_metrics=eval_metrics,
+            train_metrics=train_metrics, eval_metrics=eval_metrics, resolutions=resolutions,
         )  # fmt: skip
         self.coordinator.complete_round(self.phase, phase_round, new_weights, strategy_state(self.strategy), report)
 
@@ -166,7 +174,9 @@ class PhaseRounds:
 
     def _instructions(self, phase_round: int, layout: Layout) -> ConfigRecord:
         values = {"phase": self.phase, "phase-round": phase_round, "round": self.config.global_round(self.phase, phase_round),
-                  "run-id": self.coordinator.run_id, **layout.to_values(LAYOUT_PREFIX)}  # fmt: skip
+                  "run-id": self.coordinator.run_id, **layout.to_values(LAYOUT_PREFIX),
+                  # The model the sites build: the preset's, or the init checkpoint's, which only the server can read.
+                  ARCHITECTURE_KEY: json.dumps(self.coordinator.architecture.to_dict())}  # fmt: skip
         if self.frozen_sha:
             values["frozen-sha"] = self.frozen_sha
         return ConfigRecord(values)
@@ -269,6 +279,21 @@ class PhaseRounds:
                            error=_error_text(reply.error))  # fmt: skip
         metrics = self.strategy.aggregate_evaluate(phase_round, good) if good else None
         return dict(metrics or {})
+
+
+def _resolution(metrics: dict) -> float:
+    """A site's reported store resolution; NaN when it reported none (unknown) or nonsense."""
+    value = metrics.get(RESOLUTION_KEY)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    return float(value) if ok else float("nan")
+
+
+def _drop_metric(replies: list[Message], key: str) -> None:
+    """Remove ``key`` from the replies' metric records, in place (the site reports keep it)."""
+    for reply in replies:
+        record = reply.content["metrics"]
+        if key in record:
+            del record[key]
 
 
 def _keep_common_metrics(replies: list[Message]) -> None:

@@ -7,7 +7,9 @@ run: fine-tuning continues after pretraining)::
       model.safetensors      the global model, all groups (heads too, before fine-tuning)
       strategy.safetensors   the strategy's state (FedAdam/FedYogi moments), when it has one
       config.json            phase, round in phase, model config, class names, run config,
-                             the round's metrics; cmdfed checkpoint format
+                             the round's metrics, the phase's training resolution (mpp, when
+                             the sites agreed on one), the init it started from; cmdfed
+                             checkpoint format
 
 The folder is written under a temporary name and renamed, then ``RUN_DIR/latest`` is
 replaced, both atomically: a crash leaves either the whole round or none of it. A round
@@ -27,7 +29,7 @@ from __future__ import annotations
 import re
 import shutil
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -52,6 +54,7 @@ class RoundCheckpoint:
     weights: dict[str, torch.Tensor]
     strategy_state: dict[str, torch.Tensor]
     metrics: dict
+    config: dict = field(default_factory=dict)  # the whole config.json (training resolution, init, ...)
 
 
 def round_name(round: int) -> str:
@@ -106,7 +109,7 @@ def load_round(path: str | Path) -> RoundCheckpoint:
         strategy_state = _load_tensors(strategy_path)
     return RoundCheckpoint(
         checkpoint.path, int(config["round"]), str(config["phase"]), int(config["phase_round"]),
-        checkpoint.weights, strategy_state, dict(config.get("metrics") or {}),
+        checkpoint.weights, strategy_state, dict(config.get("metrics") or {}), dict(config),
     )  # fmt: skip
 
 
