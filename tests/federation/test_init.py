@@ -12,7 +12,8 @@ import torch
 
 from cmdfed.errors import CmdfedError
 from cmdfed.federation.coordinator import RoundReport, RunCoordinator, SiteReport
-from cmdfed.model.config import ModelConfig, build_model
+from cmdfed.model.config import ModelConfig
+from cmdfed.model.unet import build_model
 from cmdfed.model.checkpoint import load_checkpoint, save_checkpoint
 
 CLASSES = "epithelial,lymphocyte,stromal"  # the quick_config fixture's

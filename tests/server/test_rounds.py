@@ -220,7 +220,8 @@ def test_privacy_spent_in_a_round_whose_updates_were_all_rejected_is_recorded(st
 
 def pretrained_checkpoint(path, **overrides):
     """A pretraining checkpoint as `cmdfed train pretrain` writes it, of a tiny model with ``overrides``."""
-    from cmdfed.model.config import ModelConfig, build_model
+    from cmdfed.model.config import ModelConfig
+    from cmdfed.model.unet import build_model
     from cmdfed.model.checkpoint import save_checkpoint
 
     config = ModelConfig.from_preset("tiny", **overrides)
