@@ -132,3 +132,17 @@ def test_finetuning_all_sends_every_group_and_freezes_none(quick_config):
     assert set(coordinator.sent_weights("finetune")) == set(coordinator.weights)
     assert config.model_config("finetune").drop_path == config.model_config("pretrain").drop_path
     assert np.isfinite(np.concatenate([v.ravel() for v in coordinator.sent_weights("finetune").values()])).all()
+
+
+def test_a_run_folder_begun_before_init_existed_still_resumes(quick_config):
+    config = quick_config(eval_every=0)
+    first = RunCoordinator(config)
+    complete(first, "pretrain", 1, [0.5])
+    run_json = first.run_dir / "run.json"
+    pinned = json.loads(run_json.read_text())
+    del pinned["config"]["init"]  # as an earlier cmdfed pinned it
+    run_json.write_text(json.dumps(pinned))
+    resumed = RunCoordinator(config)
+    assert resumed.run_id == first.run_id and list(resumed.remaining("pretrain")) == [2] and resumed.init is None
+    with pytest.raises(CmdfedError, match="differ in init"):
+        RunCoordinator(quick_config(eval_every=0, init="cmd-anything"))
