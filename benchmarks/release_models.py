@@ -6,10 +6,12 @@
    region, 0.499 um/px). The samples whose resolution nobody recorded (TIAToolbox's
    target tile, StarDist's histo.jpg) are left out: a backbone learns its nuclei at one
    scale, and a guessed scale would teach it a second one.
-2. ``cmd-tiny-he-nuclei`` (segmenter): that backbone fine-tuned end to end by the default
+2. ``cmd-tiny-he-nuclei`` (segmenter): the tiny CMD network trained end to end by the default
    recipe (``cmdfed/train/recipe.py``) on every labelled CPM-15 image, 01-10, then its
    watershed settings searched on its training tiles (no held-out image is left; the
-   dev-split benchmark measures how such settings transfer).
+   dev-split benchmark measures how such settings transfer). The recipe starts from random
+   initialisation, not from the backbone: on the dev split that measured better (PQ 0.569
+   against 0.501 from the CMD pretraining, seed 0); the card says so.
 
 Each model is written as a run folder with weights only (no optimizer state) and a card:
 the data and its origin and terms, the command, the steps, and the development-split
@@ -40,7 +42,7 @@ from cmdfed.model.config import ModelConfig
 from cmdfed.models import CARD_FILE, models_dir
 from cmdfed.model.checkpoint import load_checkpoint, save_checkpoint
 from cmdfed.train.phases import finetune, pretrain
-from cmdfed.train.recipe import RECIPE_TILE, finetune_config, pretrain_config, pretrain_diffusion
+from cmdfed.train.recipe import DEFAULT_PRESET, RECIPE_TILE, finetune_config, pretrain_config, pretrain_diffusion
 
 BACKBONE, NUCLEI = "cmd-tiny-he", "cmd-tiny-he-nuclei"
 RESULTS = Path(__file__).resolve().parent / "results" / "model_quality.json"
@@ -121,17 +123,20 @@ def make_nuclei(work: Path) -> Path:
     store = cpm15.write_store(work / "cpm15-labelled.zarr", list(cpm15.MPP), tile_size=RECIPE_TILE, overwrite=True)
     train = finetune_config()
     started = time.time()
-    result = finetune(store, work / "nuclei", init=BACKBONE, trainable="all", train_config=train, device="auto")
+    result = finetune(store, work / "nuclei", init=None, model_config=ModelConfig.from_preset(DEFAULT_PRESET),
+                      trainable="all", train_config=train, device="auto")
     loaded = load_model(result.run_dir, torch.device("cpu"))
     tuned = tune_postprocess(loaded, store)
     card = {
         "kind": "nuclei segmentation",
-        "summary": "CMD tiny fine-tuned end to end from cmd-tiny-he on CPM-15 (brain-tumour H&E, 0.5 um/px): "
-                   "nuclei instances (NP/HV), no classes.",
+        "summary": "CMD tiny trained end to end on CPM-15 (brain-tumour H&E, 0.5 um/px): nuclei instances "
+                   "(NP/HV), no classes.",
         "preset": "tiny",
         "mpp": 0.5,
         "classes": ["background", "nucleus"],
-        "init": BACKBONE,
+        "init": "random (the default recipe: on the dev split, end-to-end training from random init measured "
+                "PQ 0.569 / AJI 0.598 against 0.501 / 0.543 from the cmd-tiny-he recipe's pretraining, seed 0, "
+                "all labels; see dev_split_scores)",
         "data": {"cpm15": "images 01-10 with their instance labels (2,337 nuclei), 40x ones resampled to 0.5 um/px"},
         "origin_and_terms": {"cpm15": TERMS["cpm15"]},
         "command": "python -m benchmarks.release_models --stage nuclei",
@@ -142,7 +147,7 @@ def make_nuclei(work: Path) -> Path:
         "postprocess": {k: tuned[k] for k in ("params", "mpp", "pq", "pq_scaled_defaults")}
         | {"tuned_on": "its own training tiles (cpm15 01-10)"},
         "train_minutes_this_machine": round((time.time() - started) / 60, 1),
-        "dev_split_scores": dev_split_scores("cmd-e2e"),
+        "dev_split_scores": dev_split_scores("scratch-e2e"),
         "good_for": "nuclei outlines on H&E at about 0.5 um/px (20x), the default model of cmdfed predict "
                     "and edge export when a lab has no labels of its own",
         "not_for": "nucleus types (no classes), clinical use, tissues far from brain-tumour H&E without checking "

@@ -336,11 +336,11 @@ def train_pretrain(
 def train_finetune(
     store: Path = typer.Option(..., "--store", help="Labelled site store."),
     init: Optional[Path] = typer.Option(None, "--init", help="Pretraining run, checkpoint or released model to "
-                                         "start from (default: the released backbone cmd-tiny-he)."),
+                                         "start from, e.g. cmd-tiny-he (default: random init of --preset)."),
     out_dir: Path = typer.Option(..., "--out", help="Run folder (resumed if it has a checkpoint)."),
     label_fraction: float = typer.Option(1.0, help="Fraction of labelled tiles to train on (nested per seed)."),
     trainable: str = typer.Option("all", help="all (end to end, the default recipe), heads+modulation, or heads."),
-    preset: Optional[str] = typer.Option(None, help="Random-init baseline: model preset (instead of --init)."),
+    preset: Optional[str] = typer.Option(None, help="Model preset to initialise randomly (default tiny; not with --init)."),
     steps: Optional[int] = typer.Option(None, help="Optimisation steps (default 1500)."),
     batch_size: Optional[int] = typer.Option(None, help="Tiles per step (default 8)."),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate (default 1e-3)."),
@@ -353,16 +353,17 @@ def train_finetune(
     device: str = typer.Option("auto", help="auto (CUDA if present), cpu, cuda, cuda:N."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Fine-tune CMD for nuclei (NP, HV and NC heads) from a pretrained backbone: end to end by
-    default, or only the heads (+ modulation) over a frozen backbone."""
+    """Train CMD for nuclei (NP, HV and NC heads): end to end by default, from random
+    initialisation or from a pretrained backbone (--init); or only the heads (+ modulation)
+    over a frozen pretrained backbone."""
     from cmdfed.model.config import ModelConfig
     from cmdfed.train.phases import finetune
-    from cmdfed.train.recipe import DEFAULT_BACKBONE
+    from cmdfed.train.recipe import DEFAULT_PRESET
 
     if init is not None and preset is not None:
-        raise CmdfedError("give one of --init (a pretrained backbone) or --preset (random-init baseline), not both")
+        raise CmdfedError("give one of --init (a pretrained backbone) or --preset (random initialisation), not both")
     if init is None and preset is None:
-        init = Path(DEFAULT_BACKBONE)
+        preset = DEFAULT_PRESET
     file = _load_config_file(config_file)
     train = _train_config("finetune", file, steps=steps, batch_size=batch_size, lr=lr, seed=seed, num_workers=workers,
                           ema_decay=ema, checkpoint_every=checkpoint_every)  # fmt: skip

@@ -43,7 +43,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import shutil
 import uuid
 from dataclasses import dataclass, field

@@ -59,11 +59,12 @@ class PhaseResult:
 
 def training_mpp(resolutions: list[float]) -> float | None:
     """The resolution a run trained at, recorded in its checkpoints (``cmdfed edge export``
-    defaults ``--mpp`` to it): the stores' common mpp, None if unknown or they differ."""
-    if not resolutions or not all(math.isfinite(r) for r in resolutions):
+    defaults ``--mpp`` to it): the first store's mpp when every store's is within 5 % of it
+    (a 0.499 um/px slide and 0.5 um/px tiles are one resolution), None if unknown or they differ."""
+    if not resolutions or not all(r and math.isfinite(r) for r in resolutions):
         return None
-    known = {round(float(r), 4) for r in resolutions}
-    return known.pop() if len(known) == 1 else None
+    first = round(float(resolutions[0]), 4)
+    return first if all(abs(r / first - 1) <= 0.05 for r in resolutions) else None
 
 
 def _existing_run(run_dir: Path) -> dict | None:

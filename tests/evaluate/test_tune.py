@@ -7,7 +7,6 @@ from dataclasses import asdict
 
 import numpy as np
 import pytest
-import torch
 
 from cmdfed.data.cpm15 import load_pair
 from cmdfed.errors import CmdfedError

@@ -4,7 +4,6 @@ previous good checkpoint, and nothing is trained or written on top of them."""
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch

@@ -10,7 +10,7 @@ import torch
 
 from cmdfed.errors import CmdfedError
 from cmdfed.model.checkpoint import load_checkpoint, resolve_checkpoint
-from cmdfed.models import released_model, released_models
+from cmdfed.models import released_model
 
 NAMES = ("cmd-tiny-he", "cmd-tiny-he-nuclei")
 

@@ -160,3 +160,10 @@ def test_finetune_needs_labels(tmp_path, pretrained):
         finetune(tmp_path / "unlabelled.zarr", tmp_path / "ft", init=pretrained[0], device="cpu")
     with pytest.raises(CmdfedError, match="trainable must be one of"):
         finetune(tmp_path / "unlabelled.zarr", tmp_path / "ft", init=pretrained[0], trainable="backbone")
+
+
+def test_training_resolution_is_one_when_the_stores_agree_within_five_percent():
+    from cmdfed.train.phases import training_mpp
+
+    assert training_mpp([0.5, 0.499]) == 0.5  # CPM-15 tiles beside the 0.499 um/px sample slide
+    assert training_mpp([0.25, 0.5]) is None and training_mpp([0.5, float("nan")]) is None and training_mpp([]) is None

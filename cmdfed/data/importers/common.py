@@ -43,7 +43,7 @@ import numpy as np
 import scipy.io
 from skimage.segmentation import relabel_sequential
 
-from cmdfed.data.store import SiteStore, StoreInfo, Tile, check_target, create_store
+from cmdfed.data.store import StoreInfo, Tile, check_target, create_store
 from cmdfed.errors import CmdfedError
 from cmdfed.inference.tiling import grid_starts
 from cmdfed.progress import Progress, report
