@@ -231,7 +231,8 @@ def data_info(
     store: Path = typer.Argument(..., help="Site store."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Counts, labelled fraction, sizes and schema of a site store."""
+    """Counts, labelled fraction, sizes and schema of a site store (refused, naming the tiles, when chunk
+    files it recorded are missing)."""
     from cmdfed.data.store import SiteStore
 
     emit(SiteStore.open(store).info().to_dict(), as_json, render_store_info)

@@ -53,6 +53,7 @@ SLIDE = "cmu_small_region.svs"
 # Each site's labelled CPM-15 images (01-07; 08-10 are the server's held-out evaluation).
 SITE_IMAGES = {"site-a": ("01", "02"), "site-b": ("03", "04", "05"), "site-c": ("06", "07")}
 DEMO_MPP = 0.5  # the sample slide's resolution and the released backbone's
+DEMO_INIT = "cmd-tiny-he"  # the released backbone the federation starts from
 # What a demo leaves in its folder; a rerun removes these first (a federation would otherwise resume).
 # The -wal/-shm files are SQLite's, left beside the store once a reader (the dashboard) opened it.
 DEMO_PARTS = ("stores", "federation", "sites", "keys", "bundles", "edge-home", "slides", "logs", "telemetry.db",
@@ -66,12 +67,12 @@ COMMANDS_HEADER = "#!/usr/bin/env bash\n# The commands `cmdfed demo` ran, in ord
 class DemoSize:
     labelled_tiles: int = 0  # labelled CPM-15 tiles per site (0 = every tile of its images)
     heldout_tiles: int = 0  # the server's evaluation store (0 = every tile of CPM-15 08-10)
-    tile_size: int = 128  # training tiles; the edge runs 256-px tiles of the slide
-    pretrain_rounds: int = 2
-    finetune_rounds: int = 2
-    local_steps: int = 20
-    batch_size: int = 4
-    eval_tiles: int = 8
+    tile_size: int = 128  # training tiles (the released models' size); the edge runs 256-px tiles of the slide
+    pretrain_rounds: int = 1
+    finetune_rounds: int = 3
+    local_steps: int = 25
+    batch_size: int = 8
+    eval_tiles: int = 32
 
 
 QUICK = DemoSize(labelled_tiles=4, heldout_tiles=2, tile_size=64, pretrain_rounds=1, finetune_rounds=1,
@@ -276,12 +277,15 @@ def _spread(tiles: list, n: int) -> list:
 
 
 def federation_settings(size: DemoSize, eval_store: Path, telemetry: Path, dp: bool) -> list[str]:
-    """The run config of the demo's federated run (``cmdfed federate --set`` values)."""
+    """The run config of the demo's federated run (``cmdfed federate --set`` values): from the
+    released backbone, pretraining rounds on the sites' slide tiles, then end-to-end fine-tuning
+    on their CPM-15 labels, the server scoring CPM-15 08-10 after every round."""
     settings = [
-        'name="demo"', f'telemetry="{telemetry}"', 'preset="tiny"', 'classes="epithelial,lymphocyte,stromal"',
+        'name="demo"', f'telemetry="{telemetry}"', f'init="{DEMO_INIT}"', 'preset="tiny"', 'classes=""',
         f"pretrain-rounds={size.pretrain_rounds}", f"finetune-rounds={size.finetune_rounds}",
-        f"local-steps={size.local_steps}", f"batch-size={size.batch_size}", "pretrain-lr=0.001", "finetune-lr=0.002",
-        f"min-sites={len(SITES)}", f"eval-tiles={size.eval_tiles}", f'server-eval-store="{eval_store}"',
+        f"local-steps={size.local_steps}", f"batch-size={size.batch_size}", "pretrain-lr=0.0005", "finetune-lr=0.001",
+        'finetune-trainable="all"', f"min-sites={len(SITES)}", f"eval-tiles={size.eval_tiles}",
+        f'server-eval-store="{eval_store}"',
         "eval-every=0", "server-eval-every=1",  # evaluation at the sites costs a message each; the server's none
         "round-timeout-s=900",
     ]  # fmt: skip

@@ -6,11 +6,17 @@ arrays; batches above the graph's maximum are split. Sides must be multiples of 
 the manifest's min..max shapes.
 
 Which one a workstation uses is chosen by :mod:`edge.selection`.
+
+Loading: every time a bundle is loaded (deploy, ``edge infer``, ``edge serve``) its files are
+checked against the manifest's sha256, and the ONNX graph is handed to the runtime as the very
+bytes that were hashed; a damaged bundle is refused (``DamagedBundle``, with ``edge status``
+and redeploy/rollback advice), never run and never fallen back from.
 """
 
 from __future__ import annotations
 
 import abc
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +27,12 @@ from cmdfed.errors import CmdfedError
 from edge import bundle
 
 
-
 class BackendUnavailable(Exception):
     """This backend cannot run here; the message says why (shown when it is skipped)."""
+
+
+class DamagedBundle(CmdfedError):
+    """An installed bundle's files no longer match its manifest: refused, never fallen back from."""
 
 
 @dataclass(frozen=True)
@@ -32,11 +41,30 @@ class BundleModel:
 
     path: Path
     manifest: dict
+    home: Path | None = None
 
     @classmethod
-    def load(cls, folder: str | Path) -> "BundleModel":
+    def load(cls, folder: str | Path, home: str | Path | None = None) -> "BundleModel":
+        """The installed bundle in ``folder``, its files checked against the manifest's checksums
+        (every load: a bit flipped on disk must not run); ``home`` names the edge home in the
+        refusal's advice."""
         folder = Path(folder)
-        return cls(folder, bundle.parse_manifest((folder / bundle.MANIFEST).read_bytes(), str(folder)))
+        try:
+            manifest = bundle.verify_bundle(bundle.BundleSource(folder))
+        except CmdfedError as exc:
+            raise DamagedBundle(f"the installed model is damaged: {exc}; {_repair_advice(folder, home)}") from exc
+        return cls(folder, manifest, Path(home) if home is not None else None)
+
+    def read_verified(self, name: str) -> bytes:
+        """The bytes of ``name`` after checking them against the manifest: what is checked is what
+        is loaded, even if the file changes after :meth:`load`."""
+        data = (self.path / name).read_bytes()
+        if hashlib.sha256(data).hexdigest() != self.manifest["files"][name]["sha256"]:
+            raise DamagedBundle(
+                f"the installed model is damaged: {self.path / name} does not match its checksum in the manifest; "
+                f"{_repair_advice(self.path, self.home)}"
+            )
+        return data
 
     @property
     def onnx_path(self) -> Path:
@@ -61,6 +89,14 @@ class BundleModel:
     def golden(self) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         with np.load(self.path / self.manifest["validation"]["golden"]) as data:
             return data["input"], {name: data[f"output_{name}"] for name in self.output_names}
+
+
+def _repair_advice(folder: Path, home) -> str:
+    home = Path(home) if home is not None else folder.parent.parent
+    return (
+        f"refusing to run it. See `cmdfed edge status --home {home}`, then redeploy the bundle "
+        f"(`cmdfed edge deploy BUNDLE --home {home}`) or `cmdfed edge rollback --home {home}`"
+    )
 
 
 def model_input(batch: np.ndarray) -> np.ndarray:
@@ -135,8 +171,10 @@ class OnnxRuntimeBackend(Backend):
         options.log_severity_level = 3  # errors only; fallbacks are reported by us
         try:
             self.session = onnxruntime.InferenceSession(
-                str(model.onnx_path), sess_options=options, providers=self._providers()
+                model.read_verified(model.manifest["graph"]["onnx"]), sess_options=options, providers=self._providers()
             )
+        except DamagedBundle:
+            raise
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise BackendUnavailable(f"ONNX Runtime could not load the model ({str(exc)[:200]})") from exc
         if self.session.get_providers()[0] != self.provider:

@@ -136,7 +136,6 @@ def _run(slide, selection: Selection, out_dir: Path, batch, min_tissue, restart,
         return job.finish()
 
 
-
 @dataclass(frozen=True)
 class ReadGrid:
     """The grid a slide is segmented on (the model's resolution) and how its tiles are read.

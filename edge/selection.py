@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cmdfed.errors import CmdfedError
-from edge.backends import Backend, BackendUnavailable, BundleModel, OrtCpuBackend, OrtCudaBackend
+from edge.backends import Backend, BackendUnavailable, BundleModel, DamagedBundle, OrtCpuBackend, OrtCudaBackend
 from edge.tensorrt import TensorRTBackend
 
 log = logging.getLogger("cmdfed.edge")
@@ -65,12 +65,14 @@ def select_backend(
         raise CmdfedError(f"unknown backend {force!r}; choose one of {', '.join(BACKEND_NAMES)}")
     if trt_source not in TRT_SOURCES:
         raise CmdfedError(f"unknown TensorRT engine source {trt_source!r}; choose one of {', '.join(TRT_SOURCES)}")
-    model = BundleModel.load(bundle_folder)
+    model = BundleModel.load(bundle_folder, home)  # a damaged bundle is refused here, not fallen back from
     skipped: dict[str, str] = {}
     for name in [force] if force else BACKEND_NAMES:
         try:
             backend = _create(name, model, Path(home), threads, trt_source)
             diff = backend.validate()
+        except DamagedBundle:
+            raise  # the bundle itself is damaged: no other backend would run a sound model
         except BackendUnavailable as exc:
             skipped[name] = str(exc)
             log.info("backend %s skipped: %s", name, exc)

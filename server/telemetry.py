@@ -4,8 +4,9 @@ report (``cmdfed edge serve --report-to``), and the tokens that admit them.
     add-workstation NAME --tokens FILE [--token-out TOKEN]   issue a token (shown or written once)
     remove-workstation NAME --tokens FILE                    its token stops working at once
     serve --listen HOST:PORT --db URL --tokens FILE [--certs DIR]   record reports until SIGTERM
+          [--header-timeout S] [--body-timeout S] [--max-connections N]   limits against slow clients
 
-The server itself is ``cmdfed.telemetry.remote.ingest`` (HTTPS + JSON, ``POST /v1/reports``,
+The server itself is ``cmdfed.telemetry.remote.ingest`` (uvicorn; HTTPS + JSON, ``POST /v1/reports``,
 ``GET /healthz``); with ``--certs`` it serves HTTPS with the server certificate of
 ``cmdfed certs init``, the same one the SuperLink uses.
 """
@@ -66,6 +67,9 @@ def serve(
     tokens: Path = typer.Option(..., "--tokens", help=TOKENS_HELP),
     certs: Optional[Path] = typer.Option(None, "--certs", help="Folder of `cmdfed certs init`: serve HTTPS with its server certificate."),
     insecure: bool = typer.Option(False, "--insecure", help="Allow a non-loopback address without TLS."),
+    header_timeout: Optional[float] = typer.Option(None, "--header-timeout", help="Seconds a connection has to send its request headers (default 10)."),
+    body_timeout: Optional[float] = typer.Option(None, "--body-timeout", help="Seconds a request has to send its body (default 30)."),
+    max_connections: Optional[int] = typer.Option(None, "--max-connections", help="Connections open at once; one more is answered 503 (default 256)."),
 ) -> None:
     """Record edge workstations' heartbeats and slide summaries until SIGTERM or Ctrl-C."""
     from cmdfed.telemetry.remote.ingest import IngestServer  # the HTTP server and the store: only when serving
@@ -77,7 +81,9 @@ def serve(
     if certs is not None:
         _, cert, key = server_tls_files(certs)
         tls = (cert, key)
-    server = IngestServer(db, tokens, host=host, port=port, tls=tls).start()
+    limits = {"header_timeout_s": header_timeout, "body_timeout_s": body_timeout, "max_connections": max_connections}
+    server = IngestServer(db, tokens, host=host, port=port, tls=tls,
+                          **{k: v for k, v in limits.items() if v is not None}).start()  # fmt: skip
     console.print(
         f"telemetry server listening on {host}:{server.port} ({'HTTPS' if tls else 'plaintext HTTP'}; "
         f"{server.workstations} workstations in {tokens}; recording into {server.store.target}); Ctrl-C stops it",

@@ -7,6 +7,7 @@ from skimage.segmentation import find_boundaries
 
 from cmdfed.inference.nuclei import type_colour
 
+
 def draw_outlines(image: np.ndarray, instances: np.ndarray, types: np.ndarray | None = None) -> np.ndarray:
     """A copy of ``image`` (uint8 RGB) with each nucleus's inner boundary painted in its type's colour."""
     out = image.copy()

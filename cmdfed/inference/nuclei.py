@@ -51,6 +51,7 @@ from cmdfed.model.targets import check_label_map
 PIXEL_CENTRE = 0.5
 UNCLASSIFIED = "Nucleus"
 
+
 @dataclass(frozen=True)
 class LabelIndex:
     """Instance ids of a map and, for every pixel, the row of its instance.

@@ -51,7 +51,7 @@ def resample_image(
     ``box``: (x0, y0, x1, y1), the part of ``image`` (in its pixel edges, fractions allowed)
     that becomes the output; pixels around it still feed the filter, which is why a tile is
     read with a margin (module docstring). Default: the whole image."""
-    return np.asarray(Image.fromarray(image).resize((shape[1], shape[0]), Image.Resampling.BILINEAR, box=box))
+    return np.array(Image.fromarray(image).resize((shape[1], shape[0]), Image.Resampling.BILINEAR, box=box))
 
 
 def resize_labels(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

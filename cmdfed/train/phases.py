@@ -30,14 +30,13 @@ from cmdfed.data.dataset import MultiStoreDataset, SiteDataset, StepBatchSampler
 from cmdfed.data.store import SiteStore
 from cmdfed.errors import CmdfedError
 from cmdfed.inference.segment import to_model_input
+from cmdfed.model.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from cmdfed.model.config import DiffusionConfig, ModelConfig
-from cmdfed.model.unet import build_model
 from cmdfed.model.diffusion import MaskedDiffusion, make_inpainting_grid
 from cmdfed.model.encoders import frozen_encoder
 from cmdfed.model.losses import hovernet_loss
-from cmdfed.model.unet import count_parameters
+from cmdfed.model.unet import build_model, count_parameters
 from cmdfed.progress import Progress, report
-from cmdfed.model.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from cmdfed.train.device import memory_format, select_device
 from cmdfed.train.loop import LossFn, StepResult, TrainConfig, Trainer
 

@@ -9,9 +9,14 @@ telemetry store, over HTTPS + JSON (the protocol is in ``transport``).
         -> a store that cannot write (locked too long, disk full, database down) -> 503,
            so the workstation keeps the batch and sends it again later
 
-The standard library's ThreadingHTTPServer, with at most ``workers`` requests at once, a
-timeout on every connection, and the TLS handshake done in the request's thread (so a slow or
-plaintext client never holds up the others).
+Served by uvicorn (asyncio, HTTP/1.1 through h11) with Starlette routes, on a thread of its own:
+a connection costs no worker while it waits for its client, so slow clients cannot hold up the
+others. Each connection must deliver its request headers within ``header_timeout_s`` of
+connecting and its body within ``body_timeout_s`` of the headers, or it is closed (the old
+``http.server`` allowed 30 s per read, so one byte every few seconds held a worker for ever);
+at most ``max_connections`` are open at once, and one more is answered 503 and closed at
+once. Token checks and store writes run on a small thread pool (``workers``), since the store
+blocks. One request per connection (``Connection: close``).
 
 Reports carry the time they happened on the workstation (a heartbeat buffered through an
 outage keeps its own time); a time ahead of the server's clock is recorded as now. Delivery
@@ -20,17 +25,25 @@ is at least once: a batch recorded whose answer was lost is sent and recorded ag
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
 import socket
-import socketserver
 import ssl
 import threading
 import time
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+import anyio
+import h11
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from cmdfed.errors import CmdfedError
 from cmdfed.telemetry import TelemetryStore
@@ -48,9 +61,11 @@ from cmdfed.telemetry.remote.transport import (
 
 log = logging.getLogger("cmdfed.telemetry")
 
-DEFAULT_WORKERS = 8
+DEFAULT_WORKERS = 8  # threads for token checks and store writes
 GRACE_S = 5.0
-REQUEST_TIMEOUT_S = 30.0  # TLS handshake, and each read or write of a request
+HEADER_TIMEOUT_S = 10.0  # from connecting (after TLS) to the end of the request headers
+BODY_TIMEOUT_S = 30.0  # from the headers to the end of the body (1 MB even over a slow link)
+MAX_CONNECTIONS = 256  # open at once; one more is answered 503 and closed
 DRAIN_LIMIT_BYTES = 8 * MAX_BODY_BYTES  # an oversized body read and discarded so its client sees the 413
 _INT64 = 1 << 63
 
@@ -139,54 +154,64 @@ class _Refused(Exception):
         self.status, self.message, self.headers = status, message, headers or {}
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: _HTTPServer
-    protocol_version = "HTTP/1.1"
-    server_version = "cmdfed-telemetry"
-    sys_version = ""
-    timeout = REQUEST_TIMEOUT_S
+def _answer(status: HTTPStatus, body: dict, headers: dict[str, str] | None = None) -> JSONResponse:
+    # One request per connection: nothing to time out or keep track of between requests.
+    return JSONResponse(body, status_code=status, headers={"Connection": "close", **(headers or {})})
 
-    def do_GET(self) -> None:
-        if self.path.partition("?")[0] == HEALTH_PATH:
-            self._answer(HTTPStatus.OK, {"status": "serving", "schema": SCHEMA})
-        else:
-            self._answer(HTTPStatus.NOT_FOUND, {"error": f"no {self.path} here: POST reports to {REPORTS_PATH}"})
 
-    def do_POST(self) -> None:
+class _Ingest:
+    """The ASGI application: routes, token check, body limits, the store transaction."""
+
+    def __init__(self, store: TelemetryStore, tokens: WorkstationTokens, *, body_timeout_s: float, workers: int):
+        self.store, self.tokens, self.body_timeout_s = store, tokens, body_timeout_s
+        self.stopping = False
+        self._threads = anyio.CapacityLimiter(workers)
+        self.app = Starlette(
+            routes=[Route(HEALTH_PATH, self.health, methods=["GET"]), Route(REPORTS_PATH, self.reports, methods=["POST"])],
+            exception_handlers={404: self.not_here, 405: self.not_here},
+        )  # fmt: skip
+
+    async def health(self, request: Request) -> JSONResponse:
+        return _answer(HTTPStatus.OK, {"status": "serving", "schema": SCHEMA})
+
+    async def not_here(self, request: Request, exc: Exception) -> JSONResponse:
+        status = getattr(exc, "status_code", HTTPStatus.NOT_FOUND)
+        return _answer(status, {"error": f"no {request.method} {request.url.path} here: POST reports to {REPORTS_PATH}"})
+
+    async def reports(self, request: Request) -> JSONResponse:
+        client = request.client.host if request.client else "?"
         try:
-            workstation, recorded = self._record()
+            workstation, recorded = await self._record(request, client)
         except _Refused as refusal:
-            self._answer(refusal.status, {"error": refusal.message}, refusal.headers)
+            return _answer(refusal.status, {"error": refusal.message}, refusal.headers)
+        except ClientDisconnect:
+            log.info("%s closed the connection before sending its whole body; nothing recorded", client)
+            return _answer(HTTPStatus.BAD_REQUEST, {"error": "incomplete body"})
         except Exception:  # a bug or a store error of a kind not foreseen: the workstation tries again
-            log.exception("could not handle reports from %s", self.client_address[0])
-            self._answer(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "the telemetry server failed; send the reports again later"})
-        else:
-            self._answer(HTTPStatus.OK, {"recorded": recorded, "workstation": workstation})
+            log.exception("could not handle reports from %s", client)
+            return _answer(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "the telemetry server failed; send the reports again later"})
+        return _answer(HTTPStatus.OK, {"recorded": recorded, "workstation": workstation})
 
-    def _record(self) -> tuple[str, int]:
-        if self.path.partition("?")[0] != REPORTS_PATH:
-            raise _Refused(HTTPStatus.NOT_FOUND, f"no {self.path} here: POST reports to {REPORTS_PATH}")
-        if self.server.stopping:
+    async def _record(self, request: Request, client: str) -> tuple[str, int]:
+        if self.stopping:
             raise _Refused(HTTPStatus.SERVICE_UNAVAILABLE, "the telemetry server is stopping; send the reports again later")
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+        if "chunked" in request.headers.get("transfer-encoding", "").lower():
             raise _Refused(HTTPStatus.LENGTH_REQUIRED, "send the body with a Content-Length, not chunked")
         try:
-            length = int(self.headers.get("Content-Length", ""))
+            length = int(request.headers.get("content-length", ""))
             if length < 0:
                 raise ValueError
         except ValueError:
             raise _Refused(HTTPStatus.LENGTH_REQUIRED, "a Content-Length header is required") from None
-        workstation = self._authenticate(length)
+        workstation = await self._authenticate(request, client, length)
         if length > MAX_BODY_BYTES:
-            self._discard(length)
+            await self._discard(request, length)
             raise _Refused(
                 HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                 f"the body has {length} bytes, more than the {MAX_BODY_BYTES} this server accepts; send fewer reports at once",
             )
-        body = self.rfile.read(length)
-        if len(body) != length:
-            raise ConnectionError("the client closed the connection before sending its whole body")
-        content_type = self.headers.get("Content-Type", "").partition(";")[0].strip().lower()
+        body = await self._body(request, length)
+        content_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
         if content_type != "application/json":
             raise _Refused(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, f"the body must be application/json, not {content_type or 'untyped'}")
         try:
@@ -195,11 +220,8 @@ class _Handler(BaseHTTPRequestHandler):
             raise _Refused(HTTPStatus.BAD_REQUEST, f"the body is not JSON ({exc})") from None
         except InvalidReport as exc:
             raise _Refused(HTTPStatus.BAD_REQUEST, str(exc)) from None
-        store = self.server.store
         try:
-            with store.batch():
-                for method, fields in writes:
-                    getattr(store, method)(workstation, **fields)
+            await anyio.to_thread.run_sync(self._write, workstation, writes, limiter=self._threads)
         except CmdfedError as exc:
             log.error("could not record %d reports from %s: %s", len(writes), workstation, exc)
             raise _Refused(HTTPStatus.SERVICE_UNAVAILABLE, "the telemetry store cannot record reports now; send them again later",
@@ -207,17 +229,23 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("recorded %d reports from %s", len(writes), workstation)
         return workstation, len(writes)
 
-    def _authenticate(self, length: int) -> str:
-        token = bearer_token(self.headers.get("Authorization"))
+    def _write(self, workstation: str, writes: list[tuple[str, dict]]) -> None:
+        with self.store.batch():
+            for method, fields in writes:
+                getattr(self.store, method)(workstation, **fields)
+
+    async def _authenticate(self, request: Request, client: str, length: int) -> str:
+        token = bearer_token(request.headers.get("authorization"))
         try:
-            workstation = self.server.tokens.workstation_for(token) if token else None
+            workstation = (await anyio.to_thread.run_sync(self.tokens.workstation_for, token, limiter=self._threads)
+                           if token else None)  # fmt: skip
         except CmdfedError as exc:  # a damaged tokens file: accept nobody until it is fixed
             log.error("refusing reports: %s", exc)
-            self._discard(length)
+            await self._discard(request, length)
             raise _Refused(HTTPStatus.SERVICE_UNAVAILABLE, "the telemetry server cannot read its workstation tokens now") from None
         if workstation is None:
-            log.warning("refused reports from %s: %s token", self.client_address[0], "unknown" if token else "no")
-            self._discard(length)
+            log.warning("refused reports from %s: %s token", client, "unknown" if token else "no")
+            await self._discard(request, length)
             raise _Refused(
                 HTTPStatus.UNAUTHORIZED,
                 "missing or unknown workstation token: send 'Authorization: Bearer <token>' with the token "
@@ -226,103 +254,82 @@ class _Handler(BaseHTTPRequestHandler):
             )
         return workstation
 
-    def _discard(self, length: int) -> None:
+    async def _body(self, request: Request, length: int) -> bytes:
+        """The whole body, within body_timeout_s."""
+        try:
+            body = await asyncio.wait_for(request.body(), self.body_timeout_s)
+        except asyncio.TimeoutError:
+            raise _Refused(HTTPStatus.REQUEST_TIMEOUT, f"the body did not arrive within {self.body_timeout_s:g} s") from None
+        if len(body) != length:
+            raise ClientDisconnect()
+        return body
+
+    async def _discard(self, request: Request, length: int) -> None:
         """Read a body that will not be used, so that its client sees the answer rather than a
         reset connection; one too large even for that is left, and the connection closed."""
-        left = length if length <= DRAIN_LIMIT_BYTES else 0
-        while left > 0:
-            chunk = self.rfile.read(min(left, 64 << 10))
-            if not chunk:
-                break
-            left -= len(chunk)
-
-    def _answer(self, status: HTTPStatus, body: dict, headers: dict[str, str] | None = None) -> None:
-        data = json.dumps(body).encode()
-        self.close_connection = True  # one request per connection: nothing to time out or keep track of
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.send_header("Connection", "close")
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, format: str, *args) -> None:
-        log.debug("%s %s", self.address_string(), format % args)
-
-
-class _HTTPServer(ThreadingHTTPServer):
-    """ThreadingHTTPServer with TLS in each request's thread and at most ``workers`` requests at once."""
-
-    # server_close() must not join the request threads: ThreadingMixIn joins them without a
-    # timeout, and a client that trickles its request in (each read within REQUEST_TIMEOUT_S)
-    # would hold SIGTERM up for ever. block_on_close = False says so outright (socketserver
-    # already skips daemon threads, but only as a detail of its thread list); IngestServer.stop()
-    # waits for requests under way with wait_idle(grace) instead, and a request still running
-    # after that is a daemon thread, which does not keep the process alive.
-    daemon_threads = True
-    block_on_close = False
-
-    def __init__(self, address: tuple[str, int], *, store: TelemetryStore, tokens: WorkstationTokens,
-                 context: ssl.SSLContext | None, workers: int):  # fmt: skip
-        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        self.store, self.tokens, self.context = store, tokens, context
-        self._slots = threading.BoundedSemaphore(workers)
-        self._active = 0
-        self._idle = threading.Condition()
-        self.stopping = False
-        super().__init__(address, _Handler)
-
-    def server_bind(self) -> None:
-        socketserver.TCPServer.server_bind(self)  # not HTTPServer's, which looks the host up in DNS
-        self.server_name, self.server_port = self.server_address[:2]
-
-    def process_request(self, request, client_address) -> None:
-        while not self._slots.acquire(timeout=0.5):  # all workers busy: new connections wait
-            if self.stopping:
-                self.shutdown_request(request)
-                return
-        with self._idle:
-            self._active += 1
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._done()
-            raise
-
-    def process_request_thread(self, request, client_address) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._done()
-
-    def finish_request(self, request, client_address) -> None:
-        if self.context is None:
-            return super().finish_request(request, client_address)
-        request.settimeout(REQUEST_TIMEOUT_S)
-        try:
-            tls = self.context.wrap_socket(request, server_side=True)
-        except (OSError, ssl.SSLError) as exc:  # plaintext, an untrusting client, a port scan ...
-            log.info("TLS handshake with %s failed: %s", client_address[0], exc)
+        if length > DRAIN_LIMIT_BYTES:
             return
+
+        async def drain() -> None:
+            async for _ in request.stream():
+                pass
+
         try:
-            super().finish_request(tls, client_address)
-        finally:
-            tls.close()
+            await asyncio.wait_for(drain(), self.body_timeout_s)
+        except (asyncio.TimeoutError, ClientDisconnect):
+            pass
 
-    def handle_error(self, request, client_address) -> None:
-        log.debug("connection from %s ended badly", client_address[0], exc_info=True)
 
-    def _done(self) -> None:
-        self._slots.release()
-        with self._idle:
-            self._active -= 1
-            self._idle.notify_all()
+class _Protocol(H11Protocol):
+    """uvicorn's h11 protocol with what it lacks against slow clients: a deadline for the request
+    headers, and a limit on open connections (one more is answered 503 and closed)."""
 
-    def wait_idle(self, timeout: float) -> bool:
-        with self._idle:
-            return self._idle.wait_for(lambda: self._active == 0, timeout)
+    header_timeout_s = HEADER_TIMEOUT_S
+    max_connections = MAX_CONNECTIONS
+
+    def connection_made(self, transport) -> None:
+        self._header_timer = None
+        super().connection_made(transport)
+        if len(self.connections) > self.max_connections:
+            log.warning("refused a connection from %s: %d connections are open", (self.client or ("?",))[0],
+                        len(self.connections) - 1)  # fmt: skip
+            body = json.dumps({"error": f"the telemetry server has {self.max_connections} connections open; "
+                                        "send the reports again later"}).encode()  # fmt: skip
+            transport.write(
+                b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 10\r\n"
+                b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
+            transport.close()
+            return
+        self._watch_headers()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self._watch_headers()
+
+    def connection_lost(self, exc) -> None:
+        self._cancel_header_timer()
+        super().connection_lost(exc)
+
+    def _watch_headers(self) -> None:
+        """A timer runs while the client owes this connection a request's headers."""
+        waiting = self.conn.their_state is h11.IDLE and not self.transport.is_closing()
+        if waiting and self._header_timer is None:
+            self._header_timer = self.loop.call_later(self.header_timeout_s, self._headers_too_slow)
+        elif not waiting:
+            self._cancel_header_timer()
+
+    def _cancel_header_timer(self) -> None:
+        if getattr(self, "_header_timer", None) is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _headers_too_slow(self) -> None:
+        self._header_timer = None
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            log.info("closed a connection from %s: no request headers within %gs", (self.client or ("?",))[0],
+                     self.header_timeout_s)  # fmt: skip
+            self.transport.close()
 
 
 class IngestServer:
@@ -337,9 +344,15 @@ class IngestServer:
         port: int,
         tls: tuple[str | Path, str | Path] | None = None,
         workers: int = DEFAULT_WORKERS,
+        header_timeout_s: float = HEADER_TIMEOUT_S,
+        body_timeout_s: float = BODY_TIMEOUT_S,
+        max_connections: int = MAX_CONNECTIONS,
     ):
         """``tls``: (certificate chain, private key) PEM files, e.g. server.crt and server.key of
-        ``cmdfed certs init``; None serves plaintext."""
+        ``cmdfed certs init``; None serves plaintext. ``header_timeout_s``, ``body_timeout_s``,
+        ``max_connections``: see the module's docstring."""
+        if workers < 1 or max_connections < 1 or header_timeout_s <= 0 or body_timeout_s <= 0:
+            raise CmdfedError("workers and max_connections must be at least 1, and the timeouts positive")
         self.tokens = WorkstationTokens(tokens)
         if not self.tokens.path.is_file():
             raise CmdfedError(
@@ -352,26 +365,50 @@ class IngestServer:
         self.store = TelemetryStore.open(db, create=True)
         address = f"{url_host(host)}:{port}"
         try:
-            self._http = _HTTPServer((host, port), store=self.store, tokens=self.tokens, context=context, workers=workers)
+            self._socket = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
         except OSError as exc:
             self.store.close()
             raise CmdfedError(f"cannot listen on {address} ({exc.strerror or exc}); choose another --listen") from exc
-        self.port = self._http.server_address[1]
-        self._thread = threading.Thread(target=self._http.serve_forever, kwargs={"poll_interval": 0.2},
-                                        name="telemetry-http", daemon=True)  # fmt: skip
+        self.port = self._socket.getsockname()[1]
+        self._ingest = _Ingest(self.store, self.tokens, body_timeout_s=body_timeout_s, workers=workers)
+        protocol = type("_ConfiguredProtocol", (_Protocol,), {"header_timeout_s": header_timeout_s,
+                                                              "max_connections": max_connections})  # fmt: skip
+        config = uvicorn.Config(
+            self._ingest.app, http=protocol, ws="none", lifespan="off", access_log=False, log_config=None,
+            server_header=False, proxy_headers=False, timeout_keep_alive=int(max(1, header_timeout_s)),
+        )  # fmt: skip
+        config.load()
+        config.ssl = context  # ours: the federation certificates, TLS 1.2 at least
+        self._uvicorn = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._serve, name="telemetry-http", daemon=True)
+
+    def _serve(self) -> None:
+        try:
+            self._uvicorn.run(sockets=[self._socket])
+        except BaseException:  # pragma: no cover - logged, the caller sees the thread end
+            log.exception("the telemetry server stopped with an error")
 
     def start(self) -> IngestServer:
         self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self._uvicorn.started and self._thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if not self._uvicorn.started:
+            raise CmdfedError(f"the telemetry server did not start on port {self.port}; see the log")
         return self
 
     def stop(self, grace: float = GRACE_S) -> None:
         """Stop accepting, let requests under way finish within ``grace`` seconds, close the store."""
-        self._http.stopping = True
+        self._ingest.stopping = True
+        self._uvicorn.config.timeout_graceful_shutdown = max(int(math.ceil(grace)), 1)
+        self._uvicorn.should_exit = True
         if self._thread.is_alive():
-            self._http.shutdown()
-        self._http.server_close()
-        if not self._http.wait_idle(grace):
-            log.warning("telemetry server stopped with requests still under way after %gs", grace)
+            self._thread.join(grace + 2)
+            if self._thread.is_alive():
+                self._uvicorn.force_exit = True
+                self._thread.join(2)
+                log.warning("telemetry server stopped with requests still under way after %gs", grace)
+        self._socket.close()
         self.store.close()
 
 

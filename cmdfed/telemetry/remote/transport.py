@@ -20,8 +20,8 @@ was issued for; a name inside a report is never read.
 
 Why HTTPS and JSON rather than gRPC: the documents are small (a heartbeat a minute, a summary
 a slide), so a binary encoding buys nothing; ``cmdfed/`` stays free of gRPC, because server and
-edge share this code and the core holds only the standard library's ``http.server``,
-``urllib`` and ``ssl`` here; and a hospital network passes HTTPS to one port through its
+edge share this code and the core holds only uvicorn/Starlette (the server, ``ingest``), the
+standard library's ``urllib`` and ``ssl`` here; and a hospital network passes HTTPS to one port through its
 firewalls and outbound proxies (``https_proxy`` / ``no_proxy`` are honoured) where HTTP/2
 gRPC often needs exceptions. TLS uses the federation CA of ``cmdfed certs init``; plaintext,
 which would carry the tokens in the clear, is for loopback or an explicit ``--insecure``.

@@ -262,3 +262,91 @@ def test_the_core_protocol_loads_no_grpc():
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('grpc', 'flwr', 'streamlit')))")  # fmt: skip
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert loaded.strip() == "[]"
+
+
+class Trickler:
+    """A loopback client that sends the start of a request, then one more byte every ``every``
+    seconds (each well within any per-read timeout) until the server hangs up or it is stopped."""
+
+    def __init__(self, port: int, start: bytes, every: float = 0.2):
+        self.socket = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.start, self.every = start, every
+        self.stopped, self.hung_up = threading.Event(), threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.socket.sendall(self.start)
+            while not self.stopped.wait(self.every):
+                self.socket.sendall(b"a")
+                self.socket.setblocking(False)
+                try:
+                    if self.socket.recv(1024) == b"":
+                        break  # the server closed its side
+                except BlockingIOError:
+                    pass
+                finally:
+                    self.socket.setblocking(True)
+        except OSError:
+            pass  # reset by the server
+        self.hung_up.set()
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.thread.join(5)
+        self.socket.close()
+
+
+SLOW_HEADERS = b"POST /v1/reports HTTP/1.1\r\nHost: x\r\nX-Slow: "
+
+
+def test_slow_clients_do_not_hold_up_other_workstations(ingest):
+    """Finding 5 of issue 14: eight clients trickling their headers held every worker of the old
+    http.server; reports of other workstations waited behind them."""
+    slow = [Trickler(ingest.server.port, SLOW_HEADERS) for _ in range(12)]
+    try:
+        time.sleep(0.5)  # all of them under way
+        started = time.monotonic()
+        assert send(ingest.address, [heartbeat()], ingest.token) == (200, {"recorded": 1, "workstation": "scanner-1"})
+        assert time.monotonic() - started < 3
+    finally:
+        for client in slow:
+            client.close()
+    assert len(ingest.heartbeats()) == 1
+
+
+@pytest.mark.parametrize(
+    "start",
+    [SLOW_HEADERS, b"POST /v1/reports HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                   b"Authorization: Bearer {token}\r\nContent-Length: 1000\r\n\r\n{{"],
+    ids=["headers", "body"],
+)
+def test_a_client_too_slow_with_its_headers_or_body_is_cut_off(ingest, tmp_path, start):
+    server = IngestServer(tmp_path / "slow.db", ingest.tokens.path, port=0, header_timeout_s=0.5, body_timeout_s=0.5).start()
+    try:
+        client = Trickler(server.port, start.replace(b"{token}", ingest.token.encode()), every=0.1)
+        assert client.hung_up.wait(5), "the server kept a trickling client past its timeout"
+        client.close()
+        assert send(f"127.0.0.1:{server.port}", [heartbeat()], ingest.token)[0] == 200
+    finally:
+        server.stop(grace=1)
+
+
+def test_connections_beyond_the_limit_are_refused_with_503_and_the_rest_served(ingest, tmp_path):
+    server = IngestServer(tmp_path / "busy.db", ingest.tokens.path, port=0, max_connections=3).start()
+    address = f"127.0.0.1:{server.port}"
+    idle = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(3)]
+    try:
+        time.sleep(0.3)
+        status, answer, headers = request(address, "POST", "/v1/reports", b"{}", {"Authorization": f"Bearer {ingest.token}"})
+        assert status == 503 and "connections" in answer["error"] and headers["Retry-After"]
+        for sock in idle:
+            sock.close()
+        time.sleep(0.3)
+        assert send(address, [heartbeat()], ingest.token)[0] == 200
+    finally:
+        for sock in idle:
+            sock.close()
+        server.stop(grace=1)
+
