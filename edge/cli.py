@@ -235,6 +235,7 @@ def infer(
     threads: Optional[int] = typer.Option(None, help="CPU threads for ONNX Runtime (default: all available)."),
     trt_source: str = TRT_SOURCE,
     restart: bool = typer.Option(False, help="Discard earlier results in --out and start again."),
+    mpp: Optional[float] = typer.Option(None, help="The slide's micrometres per pixel (0.25 at 40x, 0.5 at 20x) when its file does not record it; the model reads it resampled to its own."),
     telemetry: Optional[str] = typer.Option(None, help=TELEMETRY_HELP + " The slide's summary goes there."),
     report_to: Optional[str] = REPORT_TO,
     report_token: Optional[Path] = REPORT_TOKEN,
@@ -251,7 +252,7 @@ def infer(
     try:
         with progress_bar(f"infer {slide.name}") as progress:
             summary = infer_slide(slide, home, out_dir, backend=backend, batch=batch, min_tissue=min_tissue,
-                                  restart=restart, threads=threads, trt_source=trt_source, telemetry=reports,
+                                  restart=restart, threads=threads, trt_source=trt_source, mpp=mpp, telemetry=reports,
                                   progress=progress)  # fmt: skip
     finally:
         if reports is not None:

@@ -1,23 +1,41 @@
 """Whole-slide inference (`cmdfed edge infer`): slide -> nuclei, streamed and resumable.
 
-One tile's route from the slide to ``cells.geojson``, six files:
+One tile's route from the slide to ``cells.geojson``, seven files:
 
-    1. edge/infer.py                   this job: plan, batch, keep, write, resume
-    2. cmdfed/data/slide.py            open_slide, read_region; plan_tiles: tissue tiles
-                                       at level 0, the bundle's tile size and overlap
-    3. edge/backends.py                Backend.run: uint8 tiles -> NP/HV/NC maps
+    1. edge/infer.py                   this job: read grid, plan, batch, keep, write, resume
+    2. cmdfed/data/slide.py            open_slide, read_level_region; level_for_mpp: the level
+                                       to read; tissue_grid: tissue tiles on the model's grid,
+                                       the bundle's tile size and overlap
+    3. cmdfed/inference/resolution.py  resample_image: a tile read at another resolution
+                                       resampled to the model's (when the slide has no level at it)
+    4. edge/backends.py                Backend.run: uint8 tiles -> NP/HV/NC maps
                                        (ONNX Runtime or TensorRT)
-    4. cmdfed/inference/postprocess.py postprocess: maps -> instance map (HoVer watershed,
+    5. cmdfed/inference/postprocess.py postprocess: maps -> instance map (HoVer watershed,
                                        the manifest's WatershedParams) -> records
-    5. cmdfed/inference/nuclei.py      nucleus_records: centroid, contour, type;
-                                       nucleus_feature: the GeoJSON feature (+0.5 rule);
-                                       write_feature_collection: cells.geojson
-    6. cmdfed/inference/tiling.py      the grid plan_tiles lays out; TileGrid.owned:
+    6. cmdfed/inference/nuclei.py      nucleus_records: centroid, contour, type;
+                                       nucleus_feature: the GeoJSON feature (+0.5 rule, scaled
+                                       to level 0); write_feature_collection: cells.geojson
+    7. cmdfed/inference/tiling.py      the grid the tiles lie on; TileGrid.owned:
                                        which tile keeps a nucleus on a seam
 
     tissue tiles --batches--> backend --per tile--> postprocess --TileGrid.owned--> kept
         -> their pixels into OUT/labels.ome.zarr level 0 (global ids, on disk; edge/outputs.py)
         -> their GeoJSON features appended to OUT/.work/features.jsonl
+
+Resolution (:class:`ReadGrid`): the model sees nuclei at the size it learnt them, the
+bundle's ``preprocessing.mpp`` (tile size and overlap are in its pixels too). Tiles lie on
+a grid of the model's resolution laid over the slide. They are read from the coarsest
+pyramid level at least as fine as the model (``level_for_mpp``): a level within 5 % of it
+is read as it is (its pixels are the grid's; for a slide at the model's resolution that is
+level 0, and nothing below differs from a plain level-0 run); otherwise the tile's square
+is read from that level with a margin and resampled (``resample_image``), which is the case
+for a 40x slide whose pyramid has no 20x level (read from level 0, noted in the summary).
+Everything is segmented, kept and counted on the grid and written in level-0 terms: each
+kept nucleus's grid pixels are nearest-upsampled into the level-0 label image (a level-0
+pixel takes the grid pixel its centre falls in), contours are scaled to level-0
+coordinates (``nucleus_feature``'s ``scale``) and areas are the nucleus's level-0 pixels,
+times level 0's um/px squared. A slide whose resolution is unknown is refused (``--mpp``
+gives it) unless the bundle records none either.
 
 Memory holds one batch of tiles and their maps, whatever the slide size.
 
@@ -25,9 +43,9 @@ Resume: tiles are processed in a fixed order and ``.work/state.json`` (:class:`S
 whose docstring gives the ordering rule) records how far the job got, so a rerun after an
 interruption continues where the last committed batch ended and the result equals an
 uninterrupted run. The state also holds a fingerprint (slide name, size and dimensions,
-model version, tile settings, post-processing parameters): an OUT folder belonging to
-another job is refused unless ``restart`` is given. At the end the label pyramid,
-``cells.geojson`` and ``summary.json`` are written.
+its resolution and the grid read, model version, tile settings, post-processing
+parameters): an OUT folder belonging to another job is refused unless ``restart`` is given.
+At the end the label pyramid, ``cells.geojson`` and ``summary.json`` are written.
 """
 
 from __future__ import annotations
@@ -45,10 +63,11 @@ from typing import Any
 import numpy as np
 
 from cmdfed.atomic import exclusive_lock, write_json_atomic
-from cmdfed.data.slide import open_slide, plan_tiles
+from cmdfed.data.slide import PLAUSIBLE_MPP, SlideReader, level_for_mpp, open_slide, tissue_grid
 from cmdfed.errors import CmdfedError
 from cmdfed.inference.nuclei import nucleus_feature, write_feature_collection
 from cmdfed.inference.postprocess import WatershedParams, postprocess
+from cmdfed.inference.resolution import needs_resampling, resample_image
 from cmdfed.inference.tiling import TileGrid
 from cmdfed.progress import Progress, report
 from cmdfed.slide_outputs import GEOJSON, LABELS_DIR, SUMMARY
@@ -60,7 +79,6 @@ from edge.reports import Reports, reports_to
 WORK_DIR = ".work"
 LOCK_FILE = ".lock"  # held while a job writes OUT, so two jobs never interleave in one folder
 DEFAULT_MIN_TISSUE = 0.1
-MPP_MISMATCH = 1.25  # warn when slide and model resolutions differ by more than this factor
 
 log = logging.getLogger("cmdfed.edge")
 
@@ -76,12 +94,15 @@ def infer_slide(
     restart: bool = False,
     threads: int | None = None,
     trt_source: str = "onnx",
+    mpp: float | None = None,
     selection: Selection | None = None,
     telemetry: str | Path | Reports | None = None,
     progress: Progress | None = None,
 ) -> dict:
     """Segment and classify every nucleus of a slide with the active model; returns the summary.
 
+    ``mpp``: the slide's micrometres per level-0 pixel, for a file that does not record it
+    (or records it wrong); the model reads the slide at its own resolution (module docstring).
     ``selection``: a backend already loaded (the service's), used instead of selecting one for
     the version active now. ``telemetry``: a store (path or URL) or a ``Reports``
     (edge.reports) that gets the slide's summary.
@@ -92,7 +113,7 @@ def infer_slide(
     try:
         if selection is None:
             selection = select_backend(active_bundle(home), home, force=backend, threads=threads, trt_source=trt_source)
-        summary = _run(slide, selection, Path(out_dir), batch, min_tissue, restart, progress)
+        summary = _run(slide, selection, Path(out_dir), batch, min_tissue, restart, mpp, progress)
     except Exception as exc:
         if reports:
             _record(reports, slide_name, None, time.perf_counter() - started, error=exc)
@@ -102,14 +123,97 @@ def infer_slide(
     return summary
 
 
-def _run(slide, selection: Selection, out_dir: Path, batch, min_tissue, restart, progress) -> dict:
+def _run(slide, selection: Selection, out_dir: Path, batch, min_tissue, restart, mpp, progress) -> dict:
     if batch < 1:
         raise CmdfedError(f"--batch must be at least 1, got {batch}")
+    if mpp is not None and not PLAUSIBLE_MPP[0] <= mpp <= PLAUSIBLE_MPP[1]:
+        raise CmdfedError(f"--mpp {mpp}: a scan's resolution lies in {PLAUSIBLE_MPP[0]}..{PLAUSIBLE_MPP[1]} um/px "
+                          "(about 0.25 at 40x, 0.5 at 20x)")
     busy = f"another inference job is writing {out_dir}; wait for it or choose another --out"
-    with open_slide(slide) as reader, exclusive_lock(out_dir / LOCK_FILE, busy=busy):
+    with open_slide(slide, mpp=mpp) as reader, exclusive_lock(out_dir / LOCK_FILE, busy=busy):
         job = _SlideJob(reader, selection, out_dir, min_tissue, restart)
         job.run(batch, progress)
         return job.finish()
+
+
+@dataclass(frozen=True)
+class ReadGrid:
+    """The grid a slide is segmented on (the model's resolution) and how its tiles are read.
+
+    Grid pixel ``(gx, gy)`` covers level-0 ``[gx * scale, (gx + 1) * scale)`` (and the same
+    in y); level-0 pixel ``X`` belongs to grid pixel ``floor((X + 0.5) / scale)``, the one
+    its centre falls in (:meth:`level0_span`, :meth:`grid_index`): one rule for labels,
+    contours and tile reads. ``scale`` 1 and ``level`` 0: the grid is level 0 itself.
+    """
+
+    level: int  # the pyramid level tiles are read from
+    scale: float  # level-0 pixels per grid pixel
+    resample: bool  # tiles are resampled from the level to the grid (else the level's pixels are the grid's)
+    width: int  # the slide in grid pixels
+    height: int
+    level_mpp: float | None  # um/px of the level read
+    model_mpp: float | None
+    note: str | None = None  # how the slide is read, when it is not at the model's resolution
+
+    @classmethod
+    def for_slide(cls, reader: SlideReader, model_mpp: float | None) -> "ReadGrid":
+        width, height = reader.dimensions
+        slide_mpp = reader.mpp if math.isfinite(reader.mpp) else None
+        if not model_mpp:  # a bundle that does not say: level 0 as it is (a warning says so)
+            return cls(0, 1.0, False, width, height, slide_mpp, None)
+        if slide_mpp is None:
+            raise CmdfedError(
+                f"the resolution of {reader.path.name} is unknown (its file records no micrometres per pixel) and the "
+                f"model reads slides at {model_mpp:g} um/px: give the slide's resolution with --mpp (mpp in a "
+                "SegmentSlide request): about 0.25 at 40x, 0.5 at 20x"
+            )
+        level = level_for_mpp(reader, model_mpp)
+        level_mpp = reader.level_mpps[level]
+        down = reader.level_downsamples[level]
+        if not needs_resampling(level_mpp, model_mpp):
+            lw, lh = reader.level_dimensions[level]
+            return cls(level, down, False, lw, lh, level_mpp, model_mpp)
+        scale = model_mpp / slide_mpp
+        how = "enlarged" if level_mpp > model_mpp else "resampled"
+        note = (f"{reader.path.name} has no pyramid level at the model's {model_mpp:g} um/px: tiles are read from "
+                f"level {level} ({level_mpp:.4g} um/px) and {how} to it")
+        return cls(level, scale, True, max(1, round(width / scale)), max(1, round(height / scale)),
+                   level_mpp, model_mpp, note)  # fmt: skip
+
+    def level0_span(self, start: int, stop: int) -> tuple[int, int]:
+        """The level-0 pixels [a, b) whose centres lie in grid pixels [start, stop)."""
+        return math.ceil(start * self.scale - 0.5), math.ceil(stop * self.scale - 0.5)
+
+    def grid_index(self, level0: np.ndarray, start: int, size: int) -> np.ndarray:
+        """For level-0 pixel positions, the grid pixel each belongs to, counted from ``start``
+        and clipped to ``[0, size)`` (against rounding at the ends)."""
+        return np.clip(np.floor((level0 + 0.5) / self.scale).astype(np.int64) - start, 0, size - 1)
+
+    def read_tile(self, reader: SlideReader, gx: int, gy: int, tile: int) -> np.ndarray:
+        """The tile at grid corner (gx, gy), uint8 (tile, tile, 3), white outside the slide."""
+        if not self.resample:
+            return reader.read_level_region(gx, gy, self.level, tile, tile)
+        per = self.scale / reader.level_downsamples[self.level]  # level pixels per grid pixel
+        lw, lh = reader.level_dimensions[self.level]
+        cols, rows = min(tile, self.width - gx), min(tile, self.height - gy)  # the tile's grid pixels on the slide
+        x0, y0 = gx * per, gy * per
+        x1, y1 = min((gx + cols) * per, lw), min((gy + rows) * per, lh)
+        # The bilinear filter reaches ``per`` level pixels around each grid pixel when
+        # shrinking (one when enlarging): a margin of them is read so the tile resamples as
+        # the whole slide would (seams see the same pixels from both sides), and nothing
+        # beyond the slide is, so its edge is filtered as a whole-slide resize filters it.
+        margin = math.ceil(max(per, 1.0)) + 1
+        rx, ry = max(math.floor(x0) - margin, 0), max(math.floor(y0) - margin, 0)
+        rw, rh = min(math.ceil(x1) + margin, lw) - rx, min(math.ceil(y1) + margin, lh) - ry
+        region = reader.read_level_region(rx, ry, self.level, rw, rh)
+        out = np.full((tile, tile, 3), 255, np.uint8)  # beyond the slide: white, as level-0 tiles read it
+        out[:rows, :cols] = resample_image(region, (rows, cols), box=(x0 - rx, y0 - ry, x1 - rx, y1 - ry))
+        return out
+
+    def describe(self) -> dict:
+        return {"model_mpp": self.model_mpp, "level": self.level, "level_mpp": self.level_mpp,
+                "resampled": self.resample, "level0_px_per_model_px": self.scale,
+                "grid": [self.width, self.height], "note": self.note}  # fmt: skip
 
 
 def _no_time_yet() -> dict[str, float]:
@@ -179,12 +283,16 @@ class _SlideJob:
         pre = manifest["preprocessing"]
         self.tile, self.overlap = pre["tile_size"], pre["overlap"]
         self.params = WatershedParams.from_manifest(manifest)
-        self.width, self.height = reader.dimensions
+        self.slide_width, self.slide_height = reader.dimensions  # level 0, where outputs are written
         self.mpp = reader.mpp if math.isfinite(reader.mpp) else None
-        plan = plan_tiles(reader, self.tile, 0, self.overlap, min_tissue)
-        if not plan.corners:
+        self.read = ReadGrid.for_slide(reader, pre.get("mpp"))
+        if self.read.note:
+            log.info("%s", self.read.note)
+        self.width, self.height = self.read.width, self.read.height  # the grid's: tiles, ownership, cells
+        found, _ = tissue_grid(reader, (self.width, self.height), self.read.scale, self.tile, self.overlap, min_tissue)
+        if not found:
             raise CmdfedError(f"no tissue found in {reader.path.name} at --min-tissue {min_tissue}; lower it or check the slide")
-        self.corners = [(x, y) for x, y, _ in plan.corners]
+        self.corners = [(x, y) for x, y, _ in found]  # grid pixels
         self.grid = TileGrid(self.tile, self.overlap, tuple(self.corners))
         self.work = out_dir / WORK_DIR
         self.state_path = self.work / "state.json"
@@ -192,7 +300,9 @@ class _SlideJob:
         fingerprint = {
             "slide": reader.path.name,
             "slide_bytes": reader.path.stat().st_size,
-            "dimensions": [self.width, self.height],
+            "dimensions": [self.slide_width, self.slide_height],
+            "mpp": self.mpp,
+            "read": [self.read.level, self.read.scale, self.read.resample],
             "model_version": manifest["model"]["version"],
             "tile": self.tile,
             "overlap": self.overlap,
@@ -221,7 +331,7 @@ class _SlideJob:
         if (self.out_dir / LABELS_DIR).exists() or (self.out_dir / SUMMARY).exists():
             raise CmdfedError(f"{self.out_dir} already holds outputs of an unknown run; choose another --out or pass --restart")
         self.work.mkdir(parents=True, exist_ok=True)
-        outputs.create_label_zarr(self.out_dir / LABELS_DIR, self.width, self.height)
+        outputs.create_label_zarr(self.out_dir / LABELS_DIR, self.slide_width, self.slide_height)
         self.features_path.write_bytes(b"")
         state = SlideState(fingerprint)
         state.save(self.state_path)
@@ -246,14 +356,14 @@ class _SlideJob:
                 self.state.begin_batch(self.state_path, start, start + len(corners))
                 timings = self.state.timings_s
                 t0 = time.perf_counter()
-                images = np.stack([self.reader.read_region(x, y, 0, self.tile, self.tile) for x, y in corners])
+                images = np.stack([self.read.read_tile(self.reader, x, y, self.tile) for x, y in corners])
                 t1 = time.perf_counter()
                 maps = backend.run(images)
                 timings["read"] += t1 - t0
                 timings["model"] += time.perf_counter() - t1
                 for k, corner in enumerate(corners):
                     self._process_tile(corner, {name: value[k] for name, value in maps.items()}, labels, features)
-                outputs.sync_label_chunks(self.out_dir / LABELS_DIR, [(x, y, self.tile) for x, y in corners])
+                outputs.sync_label_chunks(self.out_dir / LABELS_DIR, [self._level0_square(c) for c in corners])
                 self._commit(features, len(corners))
                 report(progress, self.state.tiles_done, total, "tiles")
 
@@ -263,32 +373,63 @@ class _SlideJob:
         result = postprocess(maps["np"], maps["hv"], maps.get("nc"), self.params)
         kept = [n for n in self.grid.owned(corner, result.nuclei) if self._inside_slide(corner, n)]
         t1 = time.perf_counter()
-        x0, y0 = corner
-        h, w = min(self.tile, self.height - y0), min(self.tile, self.width - x0)
-        region = labels[y0 : y0 + h, x0 : x0 + w] if kept else None
+        x0, y0, x1, y1 = self._level0_rect(corner)
+        region = labels[y0:y1, x0:x1] if kept else None
+        if kept:  # the tile's instances on level 0's pixels (the same array at the model's resolution)
+            gx, gy = corner
+            rows = self.read.grid_index(np.arange(y0, y1), gy, self.tile)
+            cols = self.read.grid_index(np.arange(x0, x1), gx, self.tile)
+            instances = result.instance_map[rows[:, None], cols[None, :]]
         lines = []
         for nucleus in kept:
-            bx0, by0, bx1, by1 = nucleus.bbox_xyxy
-            mine = result.instance_map[by0:by1, bx0:bx1] == nucleus.id
+            bx0, by0, bx1, by1 = self._level0_box(corner, nucleus.bbox_xyxy, (x0, y0, x1, y1))
+            mine = instances[by0:by1, bx0:bx1] == nucleus.id
             there = region[by0:by1, bx0:bx1]
-            if np.count_nonzero(there[mine]) * 2 > np.count_nonzero(mine):
+            area = np.count_nonzero(mine)
+            if not area:
+                continue  # smaller than a level-0 pixel (a grid finer than level 0): not in the label image, so not kept
+            if np.count_nonzero(there[mine]) * 2 > area:
                 state.seam_duplicates += 1
                 continue  # a neighbouring tile already kept this nucleus (see cmdfed.inference.tiling)
             label = state.next_id
             state.next_id += 1
             there[mine & (there == 0)] = label
-            feature = nucleus_feature(nucleus, corner, label, self.class_names, self.mpp)
+            feature = nucleus_feature(nucleus, corner, label, self.class_names, self.mpp, scale=self.read.scale, area=area)
             lines.append(_feature_line(feature))
             name = feature["properties"]["classification"]["name"]
             state.counts[name] = state.counts.get(name, 0) + 1
             if self.grid.touches_inner_edge(corner, nucleus, self.width, self.height):
                 state.touching_tile_edges += 1
         if lines:
-            labels[y0 : y0 + h, x0 : x0 + w] = region
+            labels[y0:y1, x0:x1] = region
             features.write("".join(lines).encode())
         state.area_px += self.grid.nominal_cell_area(corner, self.width, self.height)
         timings["postprocess"] += t1 - t0
         timings["write"] += time.perf_counter() - t1
+
+    def _level0_rect(self, corner) -> tuple[int, int, int, int]:
+        """The level-0 pixels (x0, y0, x1, y1) of the tile at grid ``corner``, within the slide."""
+        gx, gy = corner
+        x0, x1 = self.read.level0_span(gx, gx + self.tile)
+        y0, y1 = self.read.level0_span(gy, gy + self.tile)
+        return max(x0, 0), max(y0, 0), min(x1, self.slide_width), min(y1, self.slide_height)
+
+    def _level0_box(self, corner, bbox, rect) -> tuple[int, int, int, int]:
+        """A tile-pixel box (x0, y0, x1, y1) as level-0 pixels relative to the tile's ``rect``."""
+        gx, gy = corner
+        bx0, by0, bx1, by1 = bbox
+        x0, x1 = self.read.level0_span(gx + bx0, gx + bx1)
+        y0, y1 = self.read.level0_span(gy + by0, gy + by1)
+        rx0, ry0, rx1, ry1 = rect
+        return (min(max(x0, rx0), rx1) - rx0, min(max(y0, ry0), ry1) - ry0,
+                min(max(x1, rx0), rx1) - rx0, min(max(y1, ry0), ry1) - ry0)  # fmt: skip
+
+    def _level0_square(self, corner) -> tuple[int, int, int]:
+        """(x, y, side) of a level-0 square covering the tile, for syncing its label chunks."""
+        gx, gy = corner
+        x0, x1 = self.read.level0_span(gx, gx + self.tile)
+        y0, y1 = self.read.level0_span(gy, gy + self.tile)
+        return x0, y0, max(x1 - x0, y1 - y0)
 
     def _inside_slide(self, corner, nucleus) -> bool:
         """Tiles at the slide's right and bottom edges are padded with white; anything reaching
@@ -309,12 +450,13 @@ class _SlideJob:
         if not self.state.in_flight:
             return
         start, stop = self.state.in_flight
-        for x0, y0 in self.corners[start:stop]:
-            region = labels[y0 : y0 + self.tile, x0 : x0 + self.tile]
+        for corner in self.corners[start:stop]:
+            x0, y0, x1, y1 = self._level0_rect(corner)
+            region = labels[y0:y1, x0:x1]
             stale = region >= self.state.next_id
             if stale.any():
                 region[stale] = 0
-                labels[y0 : y0 + self.tile, x0 : x0 + self.tile] = region
+                labels[y0:y1, x0:x1] = region
         self.state.in_flight = None
 
     # -- outputs -----------------------------------------------------------------------
@@ -323,12 +465,14 @@ class _SlideJob:
         levels = outputs.finish_label_zarr(self.out_dir / LABELS_DIR, self.mpp)
         write_feature_collection(self.features_path, self.out_dir / GEOJSON)
         state = self.state
-        area_mm2 = state.area_px * self.mpp**2 / 1e6 if self.mpp else None
+        area_px = round(state.area_px * self.read.scale**2)  # grid pixels counted, level-0 pixels reported
+        area_mm2 = area_px * self.mpp**2 / 1e6 if self.mpp else None
         n_cells = sum(state.counts.values())
         summary = {
             "slide": self.reader.path.name,
-            "dimensions": [self.width, self.height],
+            "dimensions": [self.slide_width, self.slide_height],
             "mpp": self.mpp,
+            "resolution": self.read.describe(),
             "model_version": self.manifest["model"]["version"],
             "backend": self.selection.report(),
             "backends_used": state.backends,
@@ -337,7 +481,7 @@ class _SlideJob:
             "overlap": self.overlap,
             "n_cells": n_cells,
             "counts_by_type": dict(sorted(state.counts.items())),
-            "area_analysed_px": state.area_px,
+            "area_analysed_px": area_px,
             "area_analysed_mm2": area_mm2,
             "cells_per_mm2": n_cells / area_mm2 if area_mm2 else None,
             "nuclei_touching_tile_edges": state.touching_tile_edges,
@@ -351,12 +495,18 @@ class _SlideJob:
         return summary
 
     def _warnings(self) -> list[str]:
-        model_mpp = self.manifest["preprocessing"].get("mpp")
-        if self.mpp and model_mpp and not 1 / MPP_MISMATCH <= self.mpp / model_mpp <= MPP_MISMATCH:
-            return [f"slide resolution {self.mpp:.3f} um/px differs from the model's {model_mpp:.3f} um/px"]
+        """What may make the results less than they should be (how the slide was read, when it
+        was resampled, is ``resolution.note``: that is expected, not a warning)."""
+        found = []
         if not self.mpp:
-            return ["the slide's resolution (mpp) is unknown: areas are in pixels only"]
-        return []
+            found.append("the slide's resolution (mpp) is unknown: areas are in pixels only")
+        if not self.read.model_mpp:
+            found.append("the bundle does not record the model's resolution, so the slide was read at level 0 as it "
+                         "is; export it with --mpp so slides at other resolutions are resampled to it")
+        elif self.read.resample and self.read.level_mpp > self.read.model_mpp:
+            found.append(f"the slide ({self.mpp:.4g} um/px) is coarser than the model's {self.read.model_mpp:g} um/px: "
+                         "tiles were enlarged, small nuclei may be missed")
+        return found
 
 
 def _feature_line(feature: dict) -> str:

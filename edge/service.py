@@ -13,14 +13,17 @@ SegmentTiles: tiles of any side 1..max_side are accepted. Sides that are not mul
 32 (or below the model's minimum) are padded with white on the right and bottom, as
 whole-slide inference pads a slide's edge tiles; the network's maps are cropped back to
 the tile before the training post-processing runs, so results cover exactly the pixels
-sent. All tiles of a request go through the backend as one batch (padded to the largest).
+sent. A request that states its tiles' resolution (``mpp``) other than the model's has them
+resampled to the model's first (``to_model_resolution``; sides within max_side both as sent
+and as resampled) and the results brought back to the tiles' pixels, as `cmdfed predict`
+does. All tiles of a request go through the backend as one batch (padded to the largest).
 Calls into the backend are serialised (one accelerator, and TensorRT contexts are not
 thread-safe); decoding and post-processing run in parallel on the thread pool.
 
 SegmentSlide runs ``edge.infer.infer_slide`` (resumable, same outputs as `cmdfed edge
 infer`, default folder HOME/outputs/<slide file name>) on a thread of its own with the
 served backend, so a slide is segmented by the model ModelInfo reports even after a new
-deploy, and streams its progress; the last message holds the summary and output paths.
+deploy, and streams its progress (the request's ``mpp`` stands for a slide file's missing resolution); the last message holds the summary and output paths.
 One slide at a time: a second SegmentSlide while one runs gets RESOURCE_EXHAUSTED rather
 than waiting on a worker thread. A client that cancels stops the slide at the next
 batch; rerunning it resumes. With --telemetry or --report-to, each slide's summary is
@@ -69,9 +72,11 @@ import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
+from cmdfed.data.slide import PLAUSIBLE_MPP
 from cmdfed.errors import CmdfedError
 from cmdfed.inference.nuclei import NucleusRecord, class_name, image_xy
 from cmdfed.inference.postprocess import WatershedParams, postprocess
+from cmdfed.inference.resolution import needs_resampling, resample_image, resampled_shape, to_image_pixels
 from edge import infer
 from edge.selection import Selection, select_backend
 from edge.deploy import active_bundle
@@ -218,6 +223,32 @@ def decode_tiles(tiles, limits: Limits) -> list[np.ndarray]:
     return images
 
 
+def to_model_resolution(images: list[np.ndarray], mpp: float, model_mpp: float | None, limits: Limits) -> list[np.ndarray]:
+    """The tiles as the model reads them: resampled to its resolution when the request states
+    another (``mpp``; 0: the model's), else as they are; a RequestError when that cannot be."""
+    if mpp == 0:
+        return images
+    low, high = PLAUSIBLE_MPP
+    if not low <= mpp <= high:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "bad_mpp",
+                           f"mpp {mpp}: a tile's resolution lies in {low}..{high} um/px (0.25 at 40x, 0.5 at 20x), or 0 for the model's")
+    if not model_mpp:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "bad_mpp",
+                           "this model's bundle records no resolution, so tiles cannot be resampled to it: send them at "
+                           "the resolution it was trained at, with mpp 0")  # fmt: skip
+    if not needs_resampling(mpp, model_mpp):
+        return images
+    resampled = []
+    for i, image in enumerate(images):
+        shape = resampled_shape(image.shape[:2], mpp / model_mpp)
+        if max(shape) > limits.max_side:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "bad_tile_size",
+                               f"tile {i}: at the model's {model_mpp:g} um/px it is {shape[0]}x{shape[1]}, above "
+                               f"{limits.max_side}: send smaller tiles")  # fmt: skip
+        resampled.append(resample_image(image, shape))
+    return resampled
+
+
 def padded_batch(images: list[np.ndarray], limits: Limits) -> np.ndarray:
     """One uint8 batch, every tile padded with white to a common side the network accepts."""
     def side(n: int) -> int:
@@ -331,13 +362,16 @@ class EdgeServicer(pb_grpc.EdgeSegmentationServicer):
 
     def _segment_tiles(self, request) -> pb.SegmentTilesResponse:
         images = decode_tiles(request.tiles, self.limits)
-        batch = padded_batch(images, self.limits)
+        seen = to_model_resolution(images, request.mpp, self.manifest["preprocessing"].get("mpp"), self.limits)
+        batch = padded_batch(seen, self.limits)
         maps = self._backend.run(batch)
         results = []
-        for k, image in enumerate(images):
-            h, w = image.shape[:2]
+        for k, (image, at_model) in enumerate(zip(images, seen)):
+            h, w = at_model.shape[:2]
             tile_maps = {name: value[k][..., :h, :w] for name, value in maps.items()}
             processed = postprocess(tile_maps["np"], tile_maps["hv"], tile_maps.get("nc"), self.params)
+            if at_model is not image:  # back in the tile's own pixels
+                processed = to_image_pixels(processed, tile_maps.get("nc"), image.shape[:2])
             results.append(tile_result(processed, self.class_names))
         self.metrics.add_tiles(len(images))
         backend = self.selection.backend.name
@@ -361,7 +395,7 @@ class EdgeServicer(pb_grpc.EdgeSegmentationServicer):
                 summary = infer.infer_slide(
                     slide, self.home, out_dir, selection=self._slide_selection, batch=request.batch or 8,
                     min_tissue=request.min_tissue or infer.DEFAULT_MIN_TISSUE, restart=request.restart,
-                    telemetry=self.reports, progress=progress,
+                    mpp=request.mpp or None, telemetry=self.reports, progress=progress,
                 )  # fmt: skip
                 outcome: pb.SlideProgress | BaseException = _final_progress(summary, out_dir)
             except BaseException as exc:  # handed to the calling thread, which reports it

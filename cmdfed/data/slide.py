@@ -36,6 +36,7 @@ from skimage.color import rgb2hsv
 
 from cmdfed.data.store import SiteStore, StoreInfo, Tile, create_store
 from cmdfed.errors import CmdfedError
+from cmdfed.inference.resolution import SAME_RESOLUTION
 from cmdfed.inference.tiling import grid_starts
 from cmdfed.progress import Progress, report
 
@@ -59,19 +60,33 @@ class SlideReader(abc.ABC):
         w0 = self.level_dimensions[0][0]
         return [w0 / w for w, _ in self.level_dimensions]
 
+    @property
+    def level_mpps(self) -> list[float]:
+        """Micrometres per pixel of each level (NaN when the slide's resolution is unknown)."""
+        return [self.mpp * d for d in self.level_downsamples]
+
     def read_region(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
         """RGB uint8 (height, width, 3); areas outside the slide are white."""
         try:
             return self._read(x, y, level, width, height)
         except Exception as exc:  # decoder errors from a damaged file surface here, mid-slide
-            raise CmdfedError(
-                f"cannot read the region at ({x}, {y}) of {self.path.name}: {type(exc).__name__}: {exc}; "
-                "the slide file may be truncated or corrupt"
-            ) from exc
+            raise _unreadable(self, x, y, exc) from exc
+
+    def read_level_region(self, lx: int, ly: int, level: int, width: int, height: int) -> np.ndarray:
+        """Like :meth:`read_region`, with the corner in the level's own pixels: a level whose
+        downsample is not a whole number cannot be addressed pixel-exactly through level 0's."""
+        try:
+            return self._read_level(lx, ly, level, width, height)
+        except Exception as exc:
+            raise _unreadable(self, lx, ly, exc) from exc
 
     @abc.abstractmethod
     def _read(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
         """The region as RGB uint8, without error translation."""
+
+    def _read_level(self, lx: int, ly: int, level: int, width: int, height: int) -> np.ndarray:
+        d = self.level_downsamples[level]
+        return self._read(round(lx * d), round(ly * d), level, width, height)
 
     def close(self) -> None:
         pass
@@ -150,9 +165,11 @@ class TiffReader(SlideReader):
         self.mpp = _tiff_mpp(self._tif)
 
     def _read(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
-        arr, axes = self._levels[level]
         d = self.level_downsamples[level]
-        lx, ly = int(x / d), int(y / d)
+        return self._read_level(int(x / d), int(y / d), level, width, height)
+
+    def _read_level(self, lx: int, ly: int, level: int, width: int, height: int) -> np.ndarray:
+        arr, axes = self._levels[level]
         lw, lh = self.level_dimensions[level]
         out = np.full((height, width, 3), 255, np.uint8)
         x0, y0, x1, y1 = max(lx, 0), max(ly, 0), min(lx + width, lw), min(ly + height, lh)
@@ -184,6 +201,14 @@ class PlainImageReader(SlideReader):
         if x1 > x0 and y1 > y0:
             out[y0 - y : y1 - y, x0 - x : x1 - x] = self._image[y0:y1, x0:x1]
         return out
+
+
+def _unreadable(reader: SlideReader, x: int, y: int, exc: Exception) -> CmdfedError:
+    """Decoder errors from a damaged file surface mid-slide: one message naming the file."""
+    return CmdfedError(
+        f"cannot read the region at ({x}, {y}) of {reader.path.name}: {type(exc).__name__}: {exc}; "
+        "the slide file may be truncated or corrupt"
+    )
 
 
 def _to_rgb_uint8(region: np.ndarray) -> np.ndarray:
@@ -250,6 +275,19 @@ def open_slide(path: str | Path, mpp: float | None = None) -> SlideReader:
     return reader
 
 
+def level_for_mpp(reader: SlideReader, mpp: float) -> int:
+    """The pyramid level to read for work at ``mpp`` um/px: the coarsest level at least as fine
+    (a level within ``SAME_RESOLUTION`` of ``mpp`` counts as it), so a tile read there is only
+    ever shrunk, never enlarged from a coarser level, which would invent detail the model
+    would read as texture. Level 0 when even level 0 is coarser (it is enlarged then: the
+    finest there is). The slide's resolution must be known."""
+    if not math.isfinite(reader.mpp):
+        raise CmdfedError(f"the resolution of {reader.path.name} is unknown; give it (--mpp)")
+    limit = mpp * (1 + SAME_RESOLUTION)
+    fine_enough = [i for i, level_mpp in enumerate(reader.level_mpps) if level_mpp <= limit]
+    return max(fine_enough, key=lambda i: reader.level_downsamples[i], default=0)
+
+
 def tissue_mask(thumbnail: np.ndarray) -> np.ndarray:
     """Boolean tissue mask of an RGB thumbnail (Otsu on saturation; see module docstring)."""
     hsv = rgb2hsv(thumbnail)
@@ -285,27 +323,40 @@ def plan_tiles(
         )
     if not 0 <= overlap < tile_size:
         raise CmdfedError(f"overlap must be in [0, tile size), got {overlap}")
+    down = reader.level_downsamples[level]
+    found, grid = tissue_grid(reader, reader.level_dimensions[level], down, tile_size, overlap, min_tissue)
+    corners = [(round(lx * down), round(ly * down), fraction) for lx, ly, fraction in found]
+    return TilePlan(level, tile_size, tile_size - overlap, down, corners, grid)
+
+
+def tissue_grid(
+    reader: SlideReader, size: tuple[int, int], downsample: float, tile_size: int, overlap: int, min_tissue: float
+) -> tuple[list[tuple[int, int, float]], int]:
+    """The tiles with tissue of a grid laid over the slide: (x0, y0, tissue fraction) in the
+    grid's pixels, and how many positions the grid has. The grid is ``size`` (width, height)
+    pixels of ``downsample`` level-0 pixels each: a pyramid level's (:func:`plan_tiles`) or the
+    model's resolution, which no level need have (``edge.infer``)."""
+    if not 0 <= overlap < tile_size:
+        raise CmdfedError(f"overlap must be in [0, tile size), got {overlap}")
     thumb, thumb_down = reader.thumbnail()
     mask = tissue_mask(thumb)
-    down = reader.level_downsamples[level]
-    lw, lh = reader.level_dimensions[level]
-    stride = tile_size - overlap
+    width, height = size
     corners = []
     grid = 0
     # Regular positions (the last tile may reach past the edge, read as white): whole-slide
     # inference's ownership of seam nuclei needs every tile on a multiple of the stride.
-    for ly in grid_starts(lh, tile_size, overlap, flush_end=False):
-        for lx in grid_starts(lw, tile_size, overlap, flush_end=False):
+    for ly in grid_starts(height, tile_size, overlap, flush_end=False):
+        for lx in grid_starts(width, tile_size, overlap, flush_end=False):
             grid += 1
             # Footprint of the tile on the thumbnail.
-            t0y, t0x = int(ly * down / thumb_down), int(lx * down / thumb_down)
-            t1y = max(t0y + 1, math.ceil((ly + tile_size) * down / thumb_down))
-            t1x = max(t0x + 1, math.ceil((lx + tile_size) * down / thumb_down))
+            t0y, t0x = int(ly * downsample / thumb_down), int(lx * downsample / thumb_down)
+            t1y = max(t0y + 1, math.ceil((ly + tile_size) * downsample / thumb_down))
+            t1x = max(t0x + 1, math.ceil((lx + tile_size) * downsample / thumb_down))
             footprint = mask[t0y:t1y, t0x:t1x]
             fraction = float(footprint.mean()) if footprint.size else 0.0
             if fraction >= min_tissue:
-                corners.append((round(lx * down), round(ly * down), fraction))
-    return TilePlan(level, tile_size, stride, down, corners, grid)
+                corners.append((lx, ly, fraction))
+    return corners, grid
 
 
 def iter_slide_tiles(reader: SlideReader, plan: TilePlan, slide_id: str) -> Iterator[Tile]:

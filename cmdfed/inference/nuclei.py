@@ -20,6 +20,11 @@ Coordinates: two conventions, and the one place that converts between them.
   ``Nucleus`` messages): pixel centres at ``+0.5``, so pixel ``[row, col]`` covers
   ``[col, col + 1) x [row, row + 1)``. :func:`image_xy` adds ``PIXEL_CENTRE`` and the tile's
   corner to any points, contours and centroids alike, so they stay consistent.
+* A tile segmented at a coarser resolution than the image it describes (a 40x slide read at
+  a 20x model's resolution, ``edge.infer``): image coordinates of the tile's grid are
+  multiplied by ``scale`` (image pixels per tile pixel) after the rule above, so tile pixel
+  ``[row, col]`` covers ``[col * scale, (col + 1) * scale)`` of the image: the same square
+  the label image's nearest upsampling gives it.
 
 GeoJSON (:func:`nucleus_feature`, :func:`write_feature_collection`): one ``Feature`` per
 nucleus with a ``Polygon`` in level-0 image coordinates and ``properties`` as QuPath writes
@@ -186,11 +191,13 @@ def _enclosed_area(polygon: np.ndarray) -> float:
     return abs(float(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1)))) / 2.0
 
 
-def image_xy(points_xy, corner: tuple[int, int] = (0, 0)) -> np.ndarray:
+def image_xy(points_xy, corner: tuple[int, int] = (0, 0), scale: float = 1.0) -> np.ndarray:
     """Tile-pixel (x, y) points, shape (..., 2), as image coordinates of the image whose
-    pixel ``corner`` (x0, y0) is the tile's first: the one pixel-centre rule."""
+    pixel ``corner`` (x0, y0) is the tile's first: the one pixel-centre rule. ``scale``: image
+    pixels per tile pixel, when the tile's grid is coarser (``corner`` is then in that grid)."""
     x0, y0 = corner
-    return np.asarray(points_xy, np.float64) + [x0 + PIXEL_CENTRE, y0 + PIXEL_CENTRE]
+    points = np.asarray(points_xy, np.float64) + [x0 + PIXEL_CENTRE, y0 + PIXEL_CENTRE]
+    return points if scale == 1.0 else points * scale
 
 
 # One colour per class id (0 = background, unused); readable on H&E pink and purple.
@@ -222,13 +229,20 @@ def class_name(type_id: int | None, class_names: list[str]) -> str:
 
 
 def nucleus_feature(
-    nucleus: NucleusRecord, corner: tuple[int, int], label: int, class_names: list[str], mpp: float | None
+    nucleus: NucleusRecord, corner: tuple[int, int], label: int, class_names: list[str], mpp: float | None,
+    *, scale: float = 1.0, area: int | None = None,
 ) -> dict:
-    """A QuPath detection for a nucleus found in the tile whose level-0 corner is ``corner``."""
-    ring = np.round(image_xy(nucleus.contour_xy, corner), 2).tolist()
-    measurements = {"Area px^2": nucleus.area}
+    """A QuPath detection for a nucleus found in the tile whose level-0 corner is ``corner``.
+
+    A tile segmented at a coarser grid than level 0 (``scale`` level-0 pixels per tile pixel,
+    ``corner`` in that grid; see :func:`image_xy`) gives its polygon scaled to level 0, and
+    ``area``, the nucleus's level-0 pixels in the label image, stands for its area in the
+    tile's pixels: ``mpp`` is level 0's, so the areas in um^2 stay right."""
+    ring = np.round(image_xy(nucleus.contour_xy, corner, scale), 2).tolist()
+    area = nucleus.area if area is None else int(area)
+    measurements = {"Area px^2": area}
     if mpp:
-        measurements["Area um^2"] = round(nucleus.area * mpp * mpp, 3)
+        measurements["Area um^2"] = round(area * mpp * mpp, 3)
     if nucleus.type_prob is not None:
         measurements["Class probability"] = round(nucleus.type_prob, 4)
     return {

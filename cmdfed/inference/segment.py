@@ -26,8 +26,7 @@ from cmdfed.atomic import atomic_path, write_json_atomic
 from cmdfed.errors import CmdfedError
 from cmdfed.images import read_rgb
 from cmdfed.inference.postprocess import PostprocessResult, WatershedParams, postprocess, postprocess_for
-from cmdfed.inference.nuclei import nucleus_records
-from cmdfed.inference.resolution import needs_resampling, resample_image, resampled_shape, resize_labels, resize_maps
+from cmdfed.inference.resolution import needs_resampling, resample_image, resampled_shape, to_image_pixels
 from cmdfed.inference.tiling import grid_starts
 from cmdfed.model.checkpoint import load_checkpoint
 from cmdfed.model.config import ModelConfig
@@ -154,10 +153,7 @@ def segment_image(
     small = resample_image(image, resampled_shape(shape, image_mpp / loaded.mpp))
     maps = predict_image_maps(loaded, small)
     at_model = postprocess(maps["np"], maps["hv"], maps.get("nc"), params)
-    instance_map = resize_labels(at_model.instance_map, shape)
-    nc = resize_maps(maps["nc"], shape) if "nc" in maps else None
-    type_map = None if at_model.type_map is None else resize_labels(at_model.type_map, shape)
-    return PostprocessResult(instance_map, type_map, nucleus_records(instance_map, nc))
+    return to_image_pixels(at_model, maps.get("nc"), shape)
 
 
 def write_prediction(out_dir: Path, name: str, result: PostprocessResult, class_names: list[str]) -> dict:

@@ -31,10 +31,12 @@ class Tile(_message.Message):
     def __init__(self, rgb: _Optional[bytes] = ..., height: _Optional[int] = ..., width: _Optional[int] = ...) -> None: ...
 
 class SegmentTilesRequest(_message.Message):
-    __slots__ = ("tiles",)
+    __slots__ = ("tiles", "mpp")
     TILES_FIELD_NUMBER: _ClassVar[int]
+    MPP_FIELD_NUMBER: _ClassVar[int]
     tiles: _containers.RepeatedCompositeFieldContainer[Tile]
-    def __init__(self, tiles: _Optional[_Iterable[_Union[Tile, _Mapping]]] = ...) -> None: ...
+    mpp: float
+    def __init__(self, tiles: _Optional[_Iterable[_Union[Tile, _Mapping]]] = ..., mpp: _Optional[float] = ...) -> None: ...
 
 class Point(_message.Message):
     __slots__ = ("x", "y")
@@ -87,18 +89,20 @@ class SegmentTilesResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[TileResult, _Mapping]]] = ..., model_version: _Optional[str] = ..., backend: _Optional[str] = ...) -> None: ...
 
 class SegmentSlideRequest(_message.Message):
-    __slots__ = ("path", "out_dir", "batch", "min_tissue", "restart")
+    __slots__ = ("path", "out_dir", "batch", "min_tissue", "restart", "mpp")
     PATH_FIELD_NUMBER: _ClassVar[int]
     OUT_DIR_FIELD_NUMBER: _ClassVar[int]
     BATCH_FIELD_NUMBER: _ClassVar[int]
     MIN_TISSUE_FIELD_NUMBER: _ClassVar[int]
     RESTART_FIELD_NUMBER: _ClassVar[int]
+    MPP_FIELD_NUMBER: _ClassVar[int]
     path: str
     out_dir: str
     batch: int
     min_tissue: float
     restart: bool
-    def __init__(self, path: _Optional[str] = ..., out_dir: _Optional[str] = ..., batch: _Optional[int] = ..., min_tissue: _Optional[float] = ..., restart: _Optional[bool] = ...) -> None: ...
+    mpp: float
+    def __init__(self, path: _Optional[str] = ..., out_dir: _Optional[str] = ..., batch: _Optional[int] = ..., min_tissue: _Optional[float] = ..., restart: _Optional[bool] = ..., mpp: _Optional[float] = ...) -> None: ...
 
 class SlideSummary(_message.Message):
     __slots__ = ("slide", "model_version", "backend", "tiles", "n_cells", "counts_by_type", "area_analysed_mm2", "summary_json")

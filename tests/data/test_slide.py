@@ -3,7 +3,9 @@ import pytest
 import tifffile
 from PIL import Image
 
-from cmdfed.data.slide import OpenSlideReader, TiffReader, open_slide, plan_tiles, tile_slide, tissue_mask
+from cmdfed.data.slide import (
+    OpenSlideReader, TiffReader, level_for_mpp, open_slide, plan_tiles, tile_slide, tissue_grid, tissue_mask,
+)
 from cmdfed.data.store import SiteStore
 from cmdfed.data.synth import synth_tiles
 from cmdfed.errors import CmdfedError
@@ -50,6 +52,23 @@ def test_tiff_reader_reads_levels_regions_and_mpp(pyramid_tiff, slide_pixels):
         assert np.array_equal(reader.read_region(200, 100, 1, 16, 16), slide_pixels[::2, ::2][50:66, 100:116])
         edge = reader.read_region(W - 10, H - 10, 0, 32, 32)
         assert np.array_equal(edge[:10, :10], slide_pixels[-10:, -10:]) and (edge[10:] == 255).all()
+
+
+def test_levels_are_read_in_their_own_pixels_and_chosen_for_a_resolution(pyramid_tiff, slide_pixels, tmp_path):
+    with TiffReader(pyramid_tiff) as reader:  # levels at 0.5, 1 and 2 um/px
+        assert reader.level_mpps == pytest.approx([0.5, 1.0, 2.0])
+        assert np.array_equal(reader.read_level_region(25, 10, 2, 8, 8), slide_pixels[::4, ::4][10:18, 25:33])
+        # the coarsest level at least as fine, within 5 %; never a coarser one
+        assert [level_for_mpp(reader, mpp) for mpp in (0.5, 0.9, 0.97, 1.9, 2.0, 8.0)] == [0, 0, 1, 1, 2, 2]
+        assert level_for_mpp(reader, 0.25) == 0  # finer than the slide: its finest level
+        corners, grid = tissue_grid(reader, (W // 2, H // 2), 2.0, 64, 0, 0.5)  # a grid at 1 um/px
+        assert grid == 8 * 6 and corners and all(x < 256 for x, _, _ in corners)
+    with open_slide(pyramid_tiff, mpp=0.25) as reader:
+        assert reader.level_mpps == pytest.approx([0.25, 0.5, 1.0])
+    unknown = tmp_path / "unknown.tif"
+    tifffile.imwrite(unknown, slide_pixels[:64, :64], photometric="rgb")
+    with TiffReader(unknown) as reader, pytest.raises(CmdfedError, match="resolution of unknown.tif is unknown"):
+        level_for_mpp(reader, 0.5)
 
 
 def test_tissue_mask_finds_the_stained_half(slide_pixels):

@@ -21,7 +21,7 @@ from edge.protos import cmdfed_edge_pb2 as pb
 from edge.protos import cmdfed_edge_pb2_grpc as pb_grpc
 from edge.service import EdgeService
 
-from .conftest import OVERLAP, TILE
+from .conftest import OVERLAP, TILE, synthetic_slide_image
 
 
 def export(*args: str):
@@ -82,3 +82,16 @@ def test_exported_post_processing_is_recorded_and_used_by_infer_and_serve(checkp
     finally:
         service.stop(grace=1)
     assert response.results[0].nuclei == [] and not np.frombuffer(response.results[0].instances, "<u2").any()
+
+
+def test_infer_takes_the_resolution_a_slide_file_does_not_record(home, tmp_path):
+    from PIL import Image
+
+    png = tmp_path / "region.png"
+    Image.fromarray(synthetic_slide_image(1, 1, seed=7)).save(png)
+    infer = ["infer", str(png), "--home", str(home), "--out", str(tmp_path / "out"), "--json"]
+    refused = CliRunner().invoke(commands, infer)
+    assert isinstance(refused.exception, CmdfedError) and "give the slide's resolution with --mpp" in str(refused.exception)
+    result = CliRunner().invoke(commands, [*infer, "--mpp", "0.5"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["mpp"] == 0.5

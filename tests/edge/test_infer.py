@@ -9,7 +9,10 @@ import pytest
 import zarr
 from PIL import Image
 
+from cmdfed.data import cpm15
 from cmdfed.errors import CmdfedError
+from cmdfed.evaluate.metrics import evaluate_instances
+from cmdfed.inference.resolution import resize_labels
 from cmdfed.telemetry import TelemetryStore
 from edge.infer import _SlideJob, infer_slide
 
@@ -18,6 +21,10 @@ from .conftest import synthetic_slide_image
 
 def _features(out_dir):
     return json.loads((out_dir / "cells.geojson").read_text())["features"]
+
+
+def _labels(out_dir) -> np.ndarray:
+    return zarr.open_array(str(out_dir / "labels.ome.zarr/labels/nuclei/0"), mode="r")[:]
 
 
 def test_slide_gives_geojson_ome_zarr_and_summary(home, slide_tiff, tmp_path):
@@ -140,16 +147,25 @@ def test_a_telemetry_failure_does_not_fail_the_slide(home, slide_tiff, tmp_path,
     assert "could not record case-001.tif in the telemetry" in caplog.text
 
 
-def test_plain_image_works_and_other_jobs_outputs_are_protected(home, tmp_path):
+def test_plain_image_needs_its_resolution_and_other_jobs_outputs_are_protected(home, tmp_path):
     png = tmp_path / "region.png"
     Image.fromarray(synthetic_slide_image(1, 2, seed=4)).save(png)
-    summary = infer_slide(png, home, tmp_path / "out")
-    assert summary["mpp"] is None and summary["area_analysed_mm2"] is None and summary["warnings"]
+    # A PNG records no resolution, and the model reads slides at 0.5 um/px.
+    with pytest.raises(CmdfedError, match=r"resolution of region.png is unknown.*--mpp"):
+        infer_slide(png, home, tmp_path / "out")
+    assert not (tmp_path / "out" / "labels.ome.zarr").exists()  # refused before anything is written
+    with pytest.raises(CmdfedError, match="--mpp 300"):
+        infer_slide(png, home, tmp_path / "out", mpp=300)  # a screen's 72 dpi, not a scan
+    summary = infer_slide(png, home, tmp_path / "out", mpp=0.5)
+    assert summary["mpp"] == 0.5 and summary["area_analysed_mm2"] > 0 and not summary["warnings"]
+    assert summary["resolution"]["resampled"] is False and summary["resolution"]["note"] is None
     other = tmp_path / "other.png"
     Image.fromarray(synthetic_slide_image(1, 2, seed=5)).save(other)
     with pytest.raises(CmdfedError, match="another slide"):
-        infer_slide(other, home, tmp_path / "out")
-    assert infer_slide(other, home, tmp_path / "out", restart=True)["slide"] == "other.png"
+        infer_slide(other, home, tmp_path / "out", mpp=0.5)
+    with pytest.raises(CmdfedError, match="another slide"):  # the same image said to be at another resolution
+        infer_slide(png, home, tmp_path / "out", mpp=0.25)
+    assert infer_slide(other, home, tmp_path / "out", restart=True, mpp=0.5)["slide"] == "other.png"
 
 
 def test_corrupt_or_unknown_slide_is_one_clear_error(home, tmp_path):
@@ -159,3 +175,107 @@ def test_corrupt_or_unknown_slide_is_one_clear_error(home, tmp_path):
         infer_slide(broken, home, tmp_path / "out")
     with pytest.raises(CmdfedError, match="does not exist"):
         infer_slide(tmp_path / "missing.tif", home, tmp_path / "out")
+
+
+# -- slides at another resolution than the model's (the bundle's: 0.5 um/px) ----------------
+
+
+def pyramid_tiff(path, levels: list[np.ndarray], mpp: float):
+    """A tiled pyramid TIFF with these levels (level 0 first) and level 0's um/px in its tags."""
+    import tifffile
+
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(levels[0], subifds=len(levels) - 1, tile=(64, 64), resolution=(1e4 / mpp, 1e4 / mpp),
+                  resolutionunit="CENTIMETER")  # fmt: skip
+        for level in levels[1:]:
+            tif.write(level, subfiletype=1, tile=(64, 64))
+    return path
+
+
+@pytest.fixture(scope="module")
+def cpm15_slides(tmp_path_factory):
+    """CPM-15 image 08 as scanned (40x, 0.25 um/px), its pyramid with no 20x level (levels at
+    1 and 1/4, as an SVS has), and the same image resized to 20x (0.5 um/px), as slides."""
+    folder = tmp_path_factory.mktemp("cpm15-slides")
+    native, _ = cpm15.load_pair("08", None)
+    at_20x, _ = cpm15.load_pair("08", 0.5)
+    return {
+        "40x": pyramid_tiff(folder / "08-40x.tif", [native, native[::4, ::4]], 0.25),
+        "20x": pyramid_tiff(folder / "08-20x.tif", [at_20x, at_20x[::4, ::4]], 0.5),
+        "40x+20x": pyramid_tiff(folder / "08-40x-20x.tif", [native, at_20x, native[::4, ::4]], 0.25),
+        "native": native,
+    }
+
+
+@pytest.fixture(scope="module")
+def cpm15_runs(home, cpm15_slides, tmp_path_factory):
+    """`edge infer` of the 40x and the 20x slide, uninterrupted: (summary, out folder) each."""
+    folder = tmp_path_factory.mktemp("cpm15-runs")
+    return {name: (infer_slide(cpm15_slides[name], home, folder / name, batch=4, min_tissue=0.0), folder / name)
+            for name in ("40x", "20x")}  # fmt: skip
+
+
+def test_a_40x_slide_gives_the_nuclei_of_the_same_slide_at_20x_in_its_own_pixels(cpm15_runs, cpm15_slides):
+    """The model (here the conftest's briefly trained one: its nuclei are blobs, not nuclei, but
+    the same blobs whatever the slide's resolution) reads the 40x slide resampled to its 0.5
+    um/px; the labels, polygons and areas come back in the 40x slide's level-0 pixels."""
+    (s40, out40), (s20, out20) = cpm15_runs["40x"], cpm15_runs["20x"]
+    native = cpm15_slides["native"]
+    height, width = native.shape[:2]
+    assert s40["dimensions"] == [width, height] and s40["mpp"] == 0.25
+    reading = s40["resolution"]
+    assert reading["level"] == 0 and reading["resampled"] and reading["level0_px_per_model_px"] == 2.0
+    assert "no pyramid level at the model's 0.5 um/px" in reading["note"] and "level 0" in reading["note"]
+    assert not s40["warnings"] and s20["resolution"]["resampled"] is False and s20["resolution"]["note"] is None
+
+    labels40, labels20 = _labels(out40), _labels(out20)
+    assert labels40.shape == (height, width)
+    same = evaluate_instances(resize_labels(labels20, labels40.shape), labels40)
+    assert s20["n_cells"] > 50 and same["pq"] >= 0.9 and same["det_f1"] >= 0.9
+
+    features = _features(out40)
+    assert {f["properties"]["nucleus_id"] for f in features} == set(np.unique(labels40[labels40 > 0]).tolist())
+    rings = [np.array(f["geometry"]["coordinates"][0]) for f in features]
+    assert max(r[:, 0].max() for r in rings) > width / 2 + 10  # 40x pixels, not the model's 20x ones
+    for feature, ring in zip(features, rings):  # each polygon lies around its nucleus's label pixels
+        ys, xs = np.nonzero(labels40 == feature["properties"]["nucleus_id"])
+        assert ring[:, 0].min() <= xs.min() and xs.max() + 1 <= ring[:, 0].max()
+        assert ring[:, 1].min() <= ys.min() and ys.max() + 1 <= ring[:, 1].max()
+        measured = feature["properties"]["measurements"]
+        assert measured["Area px^2"] >= len(xs) and measured["Area um^2"] == round(measured["Area px^2"] * 0.0625, 3)
+    area = {name: np.median([f["properties"]["measurements"]["Area um^2"] for f in _features(out)])
+            for name, (_, out) in cpm15_runs.items()}  # fmt: skip
+    assert area["40x"] == pytest.approx(area["20x"], rel=0.1)  # the same nuclei in um^2, 4x the pixels
+    assert s40["area_analysed_mm2"] == pytest.approx(s20["area_analysed_mm2"], rel=0.01)
+    assert s40["area_analysed_px"] == pytest.approx(4 * s20["area_analysed_px"], rel=0.01)
+
+
+def test_a_pyramid_level_at_the_model_resolution_is_read_as_it_is(home, cpm15_runs, cpm15_slides, tmp_path):
+    summary = infer_slide(cpm15_slides["40x+20x"], home, tmp_path / "out", batch=4, min_tissue=0.0)
+    reading = summary["resolution"]
+    assert reading["level"] == 1 and reading["level_mpp"] == pytest.approx(0.5) and not reading["resampled"]
+    assert reading["note"] is None and summary["dimensions"] == cpm15_runs["40x"][0]["dimensions"]
+    labels, labels20 = _labels(tmp_path / "out"), _labels(cpm15_runs["20x"][1])
+    assert evaluate_instances(resize_labels(labels20, labels.shape), labels)["pq"] >= 0.9
+
+
+def test_a_resampled_slide_resumes_to_the_uninterrupted_result(home, cpm15_runs, cpm15_slides, tmp_path, monkeypatch):
+    commit, calls = _SlideJob._commit, []
+
+    def crash_at_second_commit(job, features, n_tiles):
+        calls.append(n_tiles)
+        if len(calls) == 2:  # the batch's level-0 labels are written, its commit never happens
+            raise KeyboardInterrupt
+        commit(job, features, n_tiles)
+
+    crashed = tmp_path / "crashed"
+    with monkeypatch.context() as patch:
+        patch.setattr(_SlideJob, "_commit", crash_at_second_commit)
+        with pytest.raises(KeyboardInterrupt):
+            infer_slide(cpm15_slides["40x"], home, crashed, batch=4, min_tissue=0.0)
+    summary = infer_slide(cpm15_slides["40x"], home, crashed, batch=4, min_tissue=0.0)
+    whole = cpm15_runs["40x"][1]
+    assert summary["sessions"] == 2 and _features(crashed) == _features(whole)
+    assert np.array_equal(_labels(crashed), _labels(whole))
+    with pytest.raises(CmdfedError, match="another slide"):  # the same slide said to be at 20x is another job
+        infer_slide(cpm15_slides["40x"], home, crashed, mpp=0.5)

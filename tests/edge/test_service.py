@@ -20,13 +20,18 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from cmdfed.data import cpm15
 from cmdfed.data.synth import synth_tiles
+from cmdfed.evaluate.metrics import evaluate_instances
 from cmdfed.inference.nuclei import nucleus_records
+from cmdfed.inference.resolution import resize_labels
 from cmdfed.inference.postprocess import PostprocessResult
 from cmdfed.telemetry import TelemetryStore
 from edge.protos import cmdfed_edge_pb2 as pb
 from edge.protos import cmdfed_edge_pb2_grpc as pb_grpc
 from edge.service import EdgeService, tile_result
+
+from PIL import Image
 
 from .conftest import TILE, synthetic_slide_image, write_pyramid_tiff
 
@@ -114,6 +119,32 @@ def test_segment_tiles_returns_instance_maps_and_nuclei_for_each_tile(service, s
     assert response.results[0].nuclei  # the tuned tiny model finds nucleus-like blobs on a full tile
 
 
+def _instances(result: pb.TileResult) -> np.ndarray:
+    return np.frombuffer(result.instances, "<u2").reshape(result.height, result.width)
+
+
+def test_tiles_at_another_resolution_are_segmented_at_the_model_s_and_answered_in_their_own_pixels(stub):
+    """A 40x tile stated as 0.25 um/px gives the nuclei of the same tissue sent at 20x (the
+    model's 0.5 um/px), in the 40x tile's pixels."""
+    native, _ = cpm15.load_pair("08", None)
+    at_40x = np.ascontiguousarray(native[128:384, 256:512])
+    at_20x = np.asarray(Image.fromarray(at_40x).resize((128, 128), Image.Resampling.BILINEAR))
+    request = pb.SegmentTilesRequest(tiles=[tile(at_40x)], mpp=0.25)
+    [big] = stub.SegmentTiles(request, timeout=60).results
+    [small] = stub.SegmentTiles(pb.SegmentTilesRequest(tiles=[tile(at_20x)], mpp=0.5), timeout=60).results
+    assert (big.height, big.width) == (256, 256) and (small.height, small.width) == (128, 128)
+    instances = _instances(big)
+    same = evaluate_instances(resize_labels(_instances(small), (256, 256)), instances)
+    assert len(small.nuclei) > 5 and same["pq"] >= 0.9
+    assert max(n.centroid.x for n in big.nuclei) > 128  # 40x pixels
+    for nucleus in big.nuclei:
+        assert nucleus.area == int((instances == nucleus.id).sum())
+    for mpp, words in ((300, "mpp 300"), (-1, "mpp -1")):
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.SegmentTiles(pb.SegmentTilesRequest(tiles=[tile(at_20x)], mpp=mpp), timeout=60)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and words in refused.value.details()
+
+
 def test_a_nucleus_centroid_and_contour_follow_the_same_pixel_centre_rule():
     # A 3x3 nucleus at rows 4..6, columns 10..12 covers [10, 13) x [4, 7) in the proto's
     # coordinates (pixel centres at +0.5): its centroid is that square's centre, as is its contour's.
@@ -152,6 +183,18 @@ def test_unknown_and_corrupt_slides_get_clear_errors(stub, tmp_path):
     with pytest.raises(grpc.RpcError) as corrupt:
         list(stub.SegmentSlide(pb.SegmentSlideRequest(path=str(broken), out_dir=str(tmp_path / "o")), timeout=60))
     assert corrupt.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "cannot read slide" in corrupt.value.details()
+
+
+def test_a_slide_of_unknown_resolution_needs_the_request_to_state_it(stub, tmp_path):
+    png = tmp_path / "region.png"  # a PNG records no resolution; the model reads at 0.5 um/px
+    Image.fromarray(synthetic_slide_image(1, 1, seed=6)).save(png)
+    request = pb.SegmentSlideRequest(path=str(png), out_dir=str(tmp_path / "out"))
+    with pytest.raises(grpc.RpcError) as unknown:
+        list(stub.SegmentSlide(request, timeout=60))
+    assert unknown.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "resolution of region.png is unknown" in unknown.value.details()
+    request.mpp = 0.5
+    final = list(stub.SegmentSlide(request, timeout=300))[-1]
+    assert final.stage == "done" and json.loads(final.summary.summary_json)["mpp"] == 0.5
 
 
 def malformed_request(k: int) -> tuple[pb.SegmentTilesRequest, str, grpc.StatusCode]:
