@@ -76,10 +76,10 @@ def score(run: Path, test: dict[str, tuple[np.ndarray, np.ndarray]], params: Wat
 
 
 def git_commit() -> str:
-    here = Path(__file__).resolve().parent
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=here).stdout.strip()
+    root = Path(__file__).resolve().parents[1]
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=root).stdout.strip()
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "cmdfed"],
-                           capture_output=True, text=True, cwd=here).stdout.strip()
+                           capture_output=True, text=True, cwd=root).stdout.strip()
     return head + ("+uncommitted" if dirty else "")
 
 

@@ -56,13 +56,17 @@ def test_released_weights_load_and_carry_their_resolution():
     assert all(torch.isfinite(v).all() for v in nuclei.weights.values())
 
 
-def test_finetuning_starts_from_the_released_backbone_by_default(synthetic_store, tmp_path):
-    result = cmdfed("train", "finetune", "--store", str(synthetic_store), "--out", str(tmp_path / "ft"), "--steps", "1",
-                    "--batch-size", "2", "--device", "cpu", "--json")
-    assert result.returncode == 0, result.stderr
+def test_finetuning_by_default_is_end_to_end_and_init_takes_the_released_backbone(synthetic_store, tmp_path):
+    common = ["--store", str(synthetic_store), "--steps", "1", "--batch-size", "2", "--device", "cpu", "--json"]
+    default = cmdfed("train", "finetune", "--out", str(tmp_path / "ft"), *common)
+    assert default.returncode == 0, default.stderr
     config = json.loads((tmp_path / "ft" / "step-000001" / "config.json").read_text())
+    assert config["init"] is None and config["trainable"] == "all" and config["model"]["preset"] == "tiny"
+    from_backbone = cmdfed("train", "finetune", "--out", str(tmp_path / "ft2"), "--init", "cmd-tiny-he", *common)
+    assert from_backbone.returncode == 0, from_backbone.stderr
+    config = json.loads((tmp_path / "ft2" / "step-000001" / "config.json").read_text())
     assert config["init"].startswith("cmd-tiny-he/") and config["trainable"] == "all"
-    started = load_checkpoint(tmp_path / "ft").weights
+    started = load_checkpoint(tmp_path / "ft2").weights
     backbone = load_checkpoint("cmd-tiny-he").weights
     key = next(k for k in backbone if k.startswith("stem"))
     # one warm-up step (LR 1e-5) away from the backbone's weights, far from any random draw
