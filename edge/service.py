@@ -50,7 +50,8 @@ LATENCY_WINDOW SegmentTiles calls and the errors by reason so far. They go to a 
 workstation writes itself (--telemetry) or, queued and sent in the background so that no call
 waits on the network, to the federation's telemetry server (--report-to; edge.reports).
 
-Errors: a request a client got wrong ends with INVALID_ARGUMENT (bad tile sizes or byte
+Errors: a request a client got wrong ends with INVALID_ARGUMENT (a message that is not the
+method's protobuf, reason ``bad_message``, logged in one line; bad tile sizes or byte
 counts, a corrupt slide or unusable options), NOT_FOUND (slide path), or
 RESOURCE_EXHAUSTED (too many tiles, a slide while another is running, or no memory free for
 the call within ADMISSION_WAIT_S) and one clear
@@ -280,6 +281,57 @@ def _nucleus(nucleus: NucleusRecord, class_names: list[str]) -> pb.Nucleus:
 # -- the service -----------------------------------------------------------------------
 
 
+class Undecodable:
+    """A request whose bytes are not the method's protobuf message (gRPC's own deserialisation
+    would log a traceback and answer INTERNAL; the servicer answers INVALID_ARGUMENT instead)."""
+
+    def __init__(self, message: type, error: Exception):
+        self.message, self.error = message, error
+
+
+def _lenient(message: type):
+    def parse(data: bytes):
+        try:
+            return message.FromString(data)
+        except Exception as exc:  # google.protobuf.message.DecodeError, and whatever upb raises
+            return Undecodable(message, exc)
+
+    return parse
+
+
+def add_servicer(servicer: "EdgeServicer", server: grpc.Server) -> None:
+    """``pb_grpc.add_EdgeSegmentationServicer_to_server`` with request parsing that cannot fail."""
+    handlers = {
+        "SegmentTiles": grpc.unary_unary_rpc_method_handler(
+            servicer.SegmentTiles, request_deserializer=_lenient(pb.SegmentTilesRequest),
+            response_serializer=pb.SegmentTilesResponse.SerializeToString,
+        ),
+        "SegmentSlide": grpc.unary_stream_rpc_method_handler(
+            servicer.SegmentSlide, request_deserializer=_lenient(pb.SegmentSlideRequest),
+            response_serializer=pb.SlideProgress.SerializeToString,
+        ),
+        "ModelInfo": grpc.unary_unary_rpc_method_handler(
+            servicer.ModelInfo, request_deserializer=_lenient(pb.Empty),
+            response_serializer=pb.ModelInfoResponse.SerializeToString,
+        ),
+    }  # fmt: skip
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
+def decoded(request, method: str, context):
+    """The request, or a RequestError (one log line) if its bytes did not parse."""
+    if isinstance(request, Undecodable):
+        log.warning("refused a %s call from %s: not a %s message (%s)", method, context.peer(),
+                    request.message.__name__, str(request.error)[:200] or type(request.error).__name__)  # fmt: skip
+        raise RequestError(
+            grpc.StatusCode.INVALID_ARGUMENT, "bad_message",
+            f"the request is not a {request.message.DESCRIPTOR.full_name} protobuf message; use the client code "
+            "generated from cmdfed_edge.proto",
+        )  # fmt: skip
+    return request
+
+
 class SerialisedBackend:
     """A backend whose ``run`` takes one caller at a time (a TensorRT execution context is
     not thread-safe); everything else is the backend's."""
@@ -320,15 +372,20 @@ class EdgeServicer(pb_grpc.EdgeSegmentationServicer):
     # -- rpcs
 
     def ModelInfo(self, request, context):
-        return self._unary("ModelInfo", context, self._model_info)
+        def work() -> pb.ModelInfoResponse:
+            decoded(request, "ModelInfo", context)
+            return self._model_info()
+
+        return self._unary("ModelInfo", context, work)
 
     def SegmentTiles(self, request, context):
-        return self._unary("SegmentTiles", context, lambda: self._segment_tiles(request, context))
+        return self._unary("SegmentTiles", context,
+                           lambda: self._segment_tiles(decoded(request, "SegmentTiles", context), context))  # fmt: skip
 
     def SegmentSlide(self, request, context):
         started = time.perf_counter()
         try:
-            yield from self._segment_slide(request, context)
+            yield from self._segment_slide(decoded(request, "SegmentSlide", context), context)
         except Exception as exc:
             code, reason, message = _classify(exc, "bad_slide")
             self.metrics.failed("SegmentSlide", code, reason, time.perf_counter() - started)
@@ -592,7 +649,7 @@ class EdgeService:
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="edge-rpc"),
             options=[("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", -1)],
         )
-        pb_grpc.add_EdgeSegmentationServicer_to_server(self.servicer, server)
+        add_servicer(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         try:
             self.port = server.add_insecure_port(f"{host}:{port}")

@@ -1,6 +1,7 @@
 """What the edge service accepts, and that it can finish what it accepts: the memory budget behind
 the advertised limits (a real `cmdfed edge serve` process, its memory read from /proc), large
-tiles in model-sized windows (issue 14, finding 1)."""
+tiles in model-sized windows, and requests that are not protobuf at all (issue 14, findings 1
+and 7)."""
 
 from __future__ import annotations
 
@@ -149,3 +150,40 @@ def test_a_slide_batch_above_what_is_budgeted_is_refused(home, slide_tiff, tmp_p
     finally:
         service.stop(grace=1)
 
+
+def test_requests_that_are_not_protobuf_are_refused_counted_and_logged_once(home, caplog):
+    """Finding 7: random bytes got INTERNAL and a full traceback each in the log."""
+    import logging
+
+    rng = np.random.default_rng(14)
+    payloads = [b"\xff" * 16, b"\x0a\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff", *(rng.bytes(64) for _ in range(8))]
+    undecodable = 0
+    for payload in payloads:
+        try:
+            pb.SegmentTilesRequest.FromString(payload)
+        except Exception:
+            undecodable += 1
+    assert undecodable >= 2
+    service = EdgeService(home, port=0, metrics_port=0, workers=2).start()
+    try:
+        with caplog.at_level(logging.INFO), grpc.insecure_channel(f"127.0.0.1:{service.port}") as channel:
+            raw = channel.unary_unary("/cmdfed.edge.v1.EdgeSegmentation/SegmentTiles")  # bytes in, bytes out
+            codes = []
+            for payload in payloads:
+                with pytest.raises(grpc.RpcError) as refused:
+                    raw(payload, timeout=30)
+                codes.append(refused.value.code())
+            slide = channel.unary_stream("/cmdfed.edge.v1.EdgeSegmentation/SegmentSlide")
+            with pytest.raises(grpc.RpcError) as refused_slide:
+                list(slide(b"\xff" * 16, timeout=30))
+        assert grpc.StatusCode.INTERNAL not in codes and refused_slide.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert codes.count(grpc.StatusCode.INVALID_ARGUMENT) >= undecodable
+        samples = scrape(service)
+        assert counter(samples, "cmdfed_edge_failures_total", method="SegmentTiles", reason="bad_message") == undecodable
+        assert counter(samples, "cmdfed_edge_failures_total", method="SegmentSlide", reason="bad_message") == 1
+        refusals = [r for r in caplog.records if "not a SegmentTilesRequest message" in r.getMessage()]
+        assert len(refusals) == undecodable and all(r.exc_info is None for r in refusals)
+        assert not [r for r in caplog.records if r.exc_info or "deserializ" in r.getMessage()]
+        assert health_status(service.port) == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        service.stop(grace=1)
