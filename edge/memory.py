@@ -170,7 +170,8 @@ class Plan:
 def plan_limits(budget: int, at_rest: int, costs: Costs, *, workers: int, max_tiles: int, min_side: int,
                 max_side: int, multiple: int) -> Plan:  # fmt: skip
     """The largest request (fewest tiles lost first, then the side) whose work fits ``budget``
-    beside the service at rest and ``workers`` received messages; CmdfedError if none does."""
+    beside the service (``at_rest``: resident at rest plus one model run) and ``workers``
+    received messages; CmdfedError if none does."""
     rest = int(at_rest * (1 + REST_MARGIN))
 
     def fits(tiles: int, side: int) -> Plan | None:
@@ -187,7 +188,8 @@ def plan_limits(budget: int, at_rest: int, costs: Costs, *, workers: int, max_ti
     smallest = rest + workers * MESSAGE_COPIES * costs.message(1, min_side) + max(
         costs.request([min_side * min_side]), costs.slide(1))
     raise CmdfedError(
-        f"--max-memory {gib(budget)} is too little: the service takes {gib(at_rest)} at rest with this model, "
+        f"--max-memory {gib(budget)} is too little: the service takes {gib(at_rest)} with this model (at rest, and "
+        "running it), "
         f"and needs {gib(smallest)} to serve even one {min_side} px tile with {workers} workers; "
         "give more (or fewer --workers)"
     )
