@@ -30,8 +30,8 @@ from benchmarks import edge_home
 from benchmarks.common import markdown_table, save
 from cmdfed.data.synth import synth_tiles
 from cmdfed.errors import CmdfedError
-from cmdfed.inference import to_model_input
-from edge.backends import select_backend
+from cmdfed.inference.segment import to_model_input
+from edge.selection import select_backend
 from edge.bundle import PT2_FILE
 from edge.deploy import active_bundle
 

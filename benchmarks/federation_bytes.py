@@ -1,10 +1,12 @@
 """Bytes per round and site in each phase, as a ratio of the full model's fp32 size.
 
-*Measured* (tiny preset): a real federation on loopback (``benchmarks.federation_common``;
-1 pretraining and 2 fine-tuning rounds, 1 local step), its telemetry rounds' ``bytes_sent``
-and ``bytes_received`` (the ServerApp's count of the messages' serialised arrays and
-records) divided by the round's sites. *Computed* (tiny and base, both fine-tuning
-choices): which parameter groups travel (``FederationConfig.sent_groups``, and the frozen
+*Measured* (tiny preset): real federations on loopback (``benchmarks.federation_common``;
+1 local step): one of 1 pretraining and 2 fine-tuning rounds of the heads, then one of 2
+fine-tuning rounds (no pretraining) for each other ``finetune-trainable`` choice
+(``heads+modulation``, ``all``); their telemetry rounds' ``bytes_sent`` and
+``bytes_received`` (the ServerApp's count of the messages' serialised arrays and records)
+divided by the round's sites. *Computed* (tiny and base, every fine-tuning choice): which
+parameter groups travel (``FederationConfig.sent_groups``, and the frozen
 groups a fine-tuning site is sent once, ``frozen_groups``) times 4 bytes per value; no
 training needed. The full model's fp32 size is its parameter count times 4 bytes.
 
@@ -20,8 +22,7 @@ from pathlib import Path
 from benchmarks.common import save
 from benchmarks.federation_common import CLASSES, run_federation
 from cmdfed.federation.config import FINETUNE_TRAINABLE, FederationConfig
-from cmdfed.model.config import build_model
-from cmdfed.model.unet import ConvNeXtUNet
+from cmdfed.model.unet import ConvNeXtUNet, build_model
 
 
 def full_fp32_bytes(config: FederationConfig) -> int:
@@ -50,17 +51,21 @@ def computed_rows(preset: str) -> list[dict]:
 
 
 def measured_rows(sites: int, rounds: int) -> list[dict]:
+    """One federation per fine-tuning choice; the heads' run also pretrains for a round."""
     config = FederationConfig(preset="tiny", classes=CLASSES)
     full = full_fp32_bytes(config)
-    settings = ["preset=tiny", "pretrain-rounds=1", f"finetune-rounds={rounds}", "local-steps=1", "batch-size=2",
-                "eval-every=0", "augment=false"]  # fmt: skip
-    with tempfile.TemporaryDirectory(prefix="cmdfed-bench-") as tmp:
-        federation = run_federation(Path(tmp), sites, settings, isolation="process", tiles=4)
     rows = []
-    for r in federation.rounds:
-        which = "every round" if r["phase"] == "pretrain" else "first round" if r["round"] == 2 else f"round {r['round'] - 1}"
-        rows.append(_row("tiny", "measured", r["phase"] + " (heads)" * (r["phase"] == "finetune"), which,
-                         r["bytes_sent"] / r["n_sites"], r["bytes_received"] / r["n_sites"], full))  # fmt: skip
+    for trainable in FINETUNE_TRAINABLE:
+        pretrain_rounds = 1 if trainable == FINETUNE_TRAINABLE[0] else 0
+        settings = ["preset=tiny", f"pretrain-rounds={pretrain_rounds}", f"finetune-rounds={rounds}", "local-steps=1",
+                    "batch-size=2", "eval-every=0", "augment=false", f'finetune-trainable="{trainable}"']  # fmt: skip
+        with tempfile.TemporaryDirectory(prefix="cmdfed-bench-") as tmp:
+            federation = run_federation(Path(tmp), sites, settings, isolation="process", tiles=4)
+        for r in federation.rounds:
+            phase_round = r["round"] - pretrain_rounds * (r["phase"] == "finetune")
+            which = "every round" if r["phase"] == "pretrain" else "first round" if phase_round == 1 else f"round {phase_round}"
+            phase = r["phase"] if r["phase"] == "pretrain" else f"finetune ({trainable})"
+            rows.append(_row("tiny", "measured", phase, which, r["bytes_sent"] / r["n_sites"], r["bytes_received"] / r["n_sites"], full))
     return rows
 
 
@@ -83,9 +88,10 @@ def main() -> None:
     save("federation_bytes", rows, notes=(
         "Per site and round. 'to a site' = what the ServerApp sends one site, 'from a site' = its reply. Fine-tuning "
         "sends the frozen groups (backbone, and modulation unless trained) once per site and phase, with its first "
-        "round; later rounds carry the trained groups only. Measured = telemetry bytes of a real loopback federation "
-        f"({args.sites} sites; it includes Flower's record keys and the numbers that travel); computed = 4 bytes per value "
-        "of the groups that travel."
+        "round; later rounds carry the trained groups only; 'all' (end to end) freezes nothing, so every round carries "
+        "the whole model both ways. Measured = telemetry bytes of real loopback federations, one per fine-tuning choice "
+        f"({args.sites} sites; they include Flower's record keys and the numbers that travel: layout, model architecture, "
+        "metrics); computed = 4 bytes per value of the groups that travel."
     ))  # fmt: skip
 
 

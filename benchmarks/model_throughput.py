@@ -38,7 +38,8 @@ if preset == "monai-flexibleunet-resnet34":
         return loss
     params = model.parameters()
 else:
-    from cmdfed.model.config import ModelConfig, DiffusionConfig, build_model
+    from cmdfed.model.config import ModelConfig, DiffusionConfig
+    from cmdfed.model.unet import build_model
     from cmdfed.model.diffusion import MaskedDiffusion
     from cmdfed.model.losses import hovernet_loss
     from cmdfed.model.targets import make_targets

@@ -8,7 +8,8 @@ from typing import Optional
 import typer
 from cmdfed.cli import console
 from cmdfed.errors import CmdfedError
-from cmdfed.federation.processes import require_loopback_or_insecure, serve_in_foreground, split_address
+from cmdfed.addresses import split_address
+from cmdfed.federation.processes import require_loopback_or_insecure, serve_in_foreground
 from cmdfed.federation.keys import write_site_keys
 
 commands = typer.Typer(help="Federation site: the SuperNode that trains on this hospital's store.", no_args_is_help=True)

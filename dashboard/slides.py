@@ -3,7 +3,8 @@
 A folder holds ``summary.json`` (slide name, dimensions, counts by type ...), ``cells.geojson``
 (a QuPath FeatureCollection: one Polygon per nucleus in level-0 pixels, its type in
 ``properties.classification`` with a name and an RGB colour) and ``labels.ome.zarr``; see
-:mod:`edge.outputs` and :mod:`edge.infer`. The viewer draws the outlines over the slide when
+:mod:`cmdfed.inference.nuclei` (the features), :mod:`edge.outputs` (the labels) and
+:mod:`edge.infer`. The viewer draws the outlines over the slide when
 the slide file is reachable, else over a blank canvas.
 """
 

@@ -5,21 +5,20 @@ Every backend takes the same batch (uint8 RGB (B, H, W, 3) as read from a slide,
 arrays; batches above the graph's maximum are split. Sides must be multiples of 32 within
 the manifest's min..max shapes.
 
-Selection: each candidate in order is created and immediately run on the bundle's golden
-input; its outputs must match PyTorch's within the manifest's tolerance (fp32 backends:
-``tolerance_fp32``; the FP16 TensorRT engine: ``tolerance_fp16``). The first that passes
-is used. A candidate that is missing (no tensorrt module, no GPU, CPU-only onnxruntime)
-or fails validation is skipped with its reason, and the reasons are logged and reported,
-so a workstation silently falling back to the CPU is visible. ``force`` picks one backend
-and makes its failure an error instead of a fallback.
+Which one a workstation uses is chosen by :mod:`edge.selection`.
+
+Loading: every time a bundle is loaded (deploy, ``edge infer``, ``edge serve``) its files are
+checked against the manifest's sha256, and the ONNX graph is handed to the runtime as the very
+bytes that were hashed; a damaged bundle is refused (``DamagedBundle``, with ``edge status``
+and redeploy/rollback advice), never run and never fallen back from.
 """
 
 from __future__ import annotations
 
 import abc
-import logging
+import hashlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,14 +26,13 @@ import numpy as np
 from cmdfed.errors import CmdfedError
 from edge import bundle
 
-log = logging.getLogger("cmdfed.edge")
-
-BACKEND_NAMES = ("tensorrt", "onnxruntime-cuda", "onnxruntime-cpu")
-TRT_SOURCES = ("onnx", "pt2")
-
 
 class BackendUnavailable(Exception):
     """This backend cannot run here; the message says why (shown when it is skipped)."""
+
+
+class DamagedBundle(CmdfedError):
+    """An installed bundle's files no longer match its manifest: refused, never fallen back from."""
 
 
 @dataclass(frozen=True)
@@ -43,11 +41,30 @@ class BundleModel:
 
     path: Path
     manifest: dict
+    home: Path | None = None
 
     @classmethod
-    def load(cls, folder: str | Path) -> "BundleModel":
+    def load(cls, folder: str | Path, home: str | Path | None = None) -> "BundleModel":
+        """The installed bundle in ``folder``, its files checked against the manifest's checksums
+        (every load: a bit flipped on disk must not run); ``home`` names the edge home in the
+        refusal's advice."""
         folder = Path(folder)
-        return cls(folder, bundle.parse_manifest((folder / bundle.MANIFEST).read_bytes(), str(folder)))
+        try:
+            manifest = bundle.verify_bundle(bundle.BundleSource(folder))
+        except CmdfedError as exc:
+            raise DamagedBundle(f"the installed model is damaged: {exc}; {_repair_advice(folder, home)}") from exc
+        return cls(folder, manifest, Path(home) if home is not None else None)
+
+    def read_verified(self, name: str) -> bytes:
+        """The bytes of ``name`` after checking them against the manifest: what is checked is what
+        is loaded, even if the file changes after :meth:`load`."""
+        data = (self.path / name).read_bytes()
+        if hashlib.sha256(data).hexdigest() != self.manifest["files"][name]["sha256"]:
+            raise DamagedBundle(
+                f"the installed model is damaged: {self.path / name} does not match its checksum in the manifest; "
+                f"{_repair_advice(self.path, self.home)}"
+            )
+        return data
 
     @property
     def onnx_path(self) -> Path:
@@ -74,8 +91,16 @@ class BundleModel:
             return data["input"], {name: data[f"output_{name}"] for name in self.output_names}
 
 
+def _repair_advice(folder: Path, home) -> str:
+    home = Path(home) if home is not None else folder.parent.parent
+    return (
+        f"refusing to run it. See `cmdfed edge status --home {home}`, then redeploy the bundle "
+        f"(`cmdfed edge deploy BUNDLE --home {home}`) or `cmdfed edge rollback --home {home}`"
+    )
+
+
 def model_input(batch: np.ndarray) -> np.ndarray:
-    """uint8 (B, H, W, 3) -> float32 (B, 3, H, W) in [-1, 1], as ``cmdfed.inference.to_model_input``."""
+    """uint8 (B, H, W, 3) -> float32 (B, 3, H, W) in [-1, 1], as ``cmdfed.inference.segment.to_model_input``."""
     if batch.dtype == np.uint8 and batch.ndim == 4 and batch.shape[-1] == 3:
         x = batch.astype(np.float32) / np.float32(255.0) * np.float32(2.0) - np.float32(1.0)
         return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
@@ -148,8 +173,10 @@ class OnnxRuntimeBackend(Backend):
         options.enable_cpu_mem_arena = memory_arena
         try:
             self.session = onnxruntime.InferenceSession(
-                str(model.onnx_path), sess_options=options, providers=self._providers()
+                model.read_verified(model.manifest["graph"]["onnx"]), sess_options=options, providers=self._providers()
             )
+        except DamagedBundle:
+            raise
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise BackendUnavailable(f"ONNX Runtime could not load the model ({str(exc)[:200]})") from exc
         if self.session.get_providers()[0] != self.provider:
@@ -182,71 +209,3 @@ class OrtCudaBackend(OnnxRuntimeBackend):
 
     def _missing_reason(self) -> str:
         return "onnxruntime has no CUDAExecutionProvider (this is the CPU build; install onnxruntime-gpu on a GPU workstation)"
-
-
-@dataclass
-class Selection:
-    backend: Backend
-    max_abs_diff: float
-    skipped: dict[str, str] = field(default_factory=dict)
-
-    def report(self) -> dict:
-        return {
-            "backend": self.backend.name,
-            "device": self.backend.device,
-            "precision": self.backend.precision,
-            "golden_max_abs_diff": self.max_abs_diff,
-            "skipped": self.skipped,
-        }
-
-
-def _create(name: str, model: BundleModel, home: Path, threads: int | None, trt_source: str, memory_arena: bool) -> Backend:
-    if name == "tensorrt":
-        from edge.tensorrt import TensorRTBackend
-
-        return TensorRTBackend(model, home / "engines", source=trt_source)
-    if name == "onnxruntime-cuda":
-        return OrtCudaBackend(model, threads, memory_arena)
-    return OrtCpuBackend(model, threads, memory_arena)
-
-
-def select_backend(
-    bundle_folder: str | Path,
-    home: str | Path,
-    *,
-    force: str | None = None,
-    threads: int | None = None,
-    trt_source: str = "onnx",
-    memory_arena: bool = True,
-) -> Selection:
-    """The first backend, in BACKEND_NAMES order (or ``force``), that loads and passes validation.
-
-    ``trt_source``: build TensorRT engines from the ONNX graph ("onnx") or model.pt2 ("pt2").
-    ``memory_arena``: False gives ONNX Runtime's host memory back after each run (slower on CPU,
-    ~20% at batch 8, but its memory no longer stays at its largest run's or grows with the input
-    shapes it has seen; the edge service, which budgets its memory, turns it off).
-    """
-    if force is not None and force not in BACKEND_NAMES:
-        raise CmdfedError(f"unknown backend {force!r}; choose one of {', '.join(BACKEND_NAMES)}")
-    if trt_source not in TRT_SOURCES:
-        raise CmdfedError(f"unknown TensorRT engine source {trt_source!r}; choose one of {', '.join(TRT_SOURCES)}")
-    model = BundleModel.load(bundle_folder)
-    skipped: dict[str, str] = {}
-    for name in [force] if force else BACKEND_NAMES:
-        try:
-            backend = _create(name, model, Path(home), threads, trt_source, memory_arena)
-            diff = backend.validate()
-        except BackendUnavailable as exc:
-            skipped[name] = str(exc)
-            log.info("backend %s skipped: %s", name, exc)
-            continue
-        except Exception as exc:  # a broken GPU stack (missing torch_tensorrt, CUDA OOM, cuDNN) must not stop the fallback
-            skipped[name] = f"failed while loading or validating ({type(exc).__name__}: {exc})"
-            log.warning("backend %s failed, trying the next one: %s", name, skipped[name])
-            continue
-        log.info("backend %s selected (golden max abs diff %.3g)", name, diff)
-        return Selection(backend, diff, skipped)
-    if force:
-        raise CmdfedError(f"backend {force} cannot be used here: {skipped[force]}; omit --backend to fall back automatically")
-    reasons = "; ".join(f"{k}: {v}" for k, v in skipped.items())
-    raise CmdfedError(f"no backend can run this model here ({reasons})")

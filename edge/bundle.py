@@ -150,14 +150,22 @@ def parse_manifest(data: bytes, where: str) -> dict:
     return manifest
 
 
-def verify_bundle(source: BundleSource, trust_key=None) -> dict:
-    """The manifest of a bundle whose signature (when ``trust_key`` is given) and checksums hold."""
+def check_signature(source: BundleSource, trust_keys) -> str:
+    """The key id of the trusted key (one key, or ``{key_id: key}``) that signed the bundle's
+    manifest; CmdfedError when it is unsigned or not validly signed by one of them."""
     where = str(source.path)
+    if SIGNATURE not in source.names:
+        raise CmdfedError(f"{where} is not signed, but a signature by a trusted key is required; refusing to deploy an unsigned bundle")
+    return signing.verify(source.read_bytes(MANIFEST), source.read_bytes(SIGNATURE), trust_keys, where)
+
+
+def verify_bundle(source: BundleSource, trust_key=None) -> dict:
+    """The manifest of a bundle whose signature (when ``trust_key`` is given: one key or
+    ``{key_id: key}``) and checksums hold."""
+    where = str(source.path)
+    if trust_key is not None and not (isinstance(trust_key, dict) and not trust_key):
+        check_signature(source, trust_key)
     manifest_bytes = source.read_bytes(MANIFEST)
-    if trust_key is not None:
-        if SIGNATURE not in source.names:
-            raise CmdfedError(f"{where} is not signed, but a trusted key was given; refusing to deploy an unsigned bundle")
-        signing.verify(manifest_bytes, source.read_bytes(SIGNATURE), trust_key, where)
     manifest = parse_manifest(manifest_bytes, where)
     listed = set(manifest["files"])
     present = source.names - {MANIFEST, SIGNATURE}

@@ -13,7 +13,7 @@ from cmdfed.cli import emit, out, progress_bar
 from cmdfed.errors import CmdfedError
 
 if TYPE_CHECKING:
-    from cmdfed.evaluate.postprocess import WatershedParams
+    from cmdfed.inference.postprocess import WatershedParams
 
 commands = typer.Typer(help="Edge role: export bundles, deploy them on workstations, run whole slides.", no_args_is_help=True)
 
@@ -90,7 +90,7 @@ def export(
 def watershed_params(mpp: float | None, **given) -> WatershedParams:
     """HoVer-Net's settings scaled to ``mpp`` with the options given; a value it refuses is
     named by its option."""
-    from cmdfed.evaluate.postprocess import WatershedParams
+    from cmdfed.inference.postprocess import WatershedParams
 
     values = {name: value for name, value in given.items() if value is not None}
     for name, value in values.items():
@@ -105,19 +105,27 @@ def watershed_params(mpp: float | None, **given) -> WatershedParams:
 def deploy(
     bundle_path: Path = typer.Argument(..., metavar="BUNDLE", help="Bundle folder or .tar."),
     home: Path = typer.Option(..., "--home", help="Edge home folder on this workstation."),
-    trust_key: Optional[Path] = typer.Option(None, "--trust-key", help="Public key; the bundle must be signed by it."),
+    trust_key: Optional[Path] = typer.Option(
+        None, "--trust-key", help="Publisher's public key; the bundle must be signed by it. A home without a trusted "
+        "key trusts this one from now on; a home that has one accepts only a key it already trusts (`edge trust add`).",
+    ),
+    allow_unsigned: bool = typer.Option(
+        False, "--allow-unsigned", help="Install a bundle without a valid signature by a key this home trusts, or "
+        "replace a signed copy with an unchecked one (recorded in HOME/audit.log).",
+    ),
     backend: Optional[str] = typer.Option(None, help=BACKEND_HELP),
     trt_source: str = TRT_SOURCE,
     telemetry: Optional[str] = typer.Option(None, help=TELEMETRY_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Verify a bundle, install it, check it runs here, and make it the active version."""
+    """Verify a bundle (signature against the home's trusted keys, checksums), install it, check it
+    runs here, and make it the active version."""
     from edge.deploy import deploy as deploy_bundle
 
     _log_backend_choice()
     with progress_bar("deploy") as progress:
-        result = deploy_bundle(bundle_path, home, trust_key=trust_key, backend=backend, trt_source=trt_source,
-                               telemetry=telemetry, progress=progress)  # fmt: skip
+        result = deploy_bundle(bundle_path, home, trust_key=trust_key, allow_unsigned=allow_unsigned, backend=backend,
+                               trt_source=trt_source, telemetry=telemetry, progress=progress)  # fmt: skip
     emit(result, as_json, lambda r: out.print(
         f"active: {r['active']} (previous: {', '.join(r['history']) or 'none'}); backend {r['backend']['backend']}"
     ))  # fmt: skip
@@ -126,13 +134,16 @@ def deploy(
 @commands.command("rollback")
 def rollback(
     home: Path = typer.Option(..., "--home", help="Edge home folder."),
+    allow_unsigned: bool = typer.Option(
+        False, "--allow-unsigned", help="Roll back to a version not signed by a key this home trusts (recorded in HOME/audit.log).",
+    ),
     telemetry: Optional[str] = typer.Option(None, help=TELEMETRY_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Make the previous version active again."""
+    """Make the previous version active again (checked like a deploy)."""
     from edge.deploy import rollback as rollback_home
 
-    result = rollback_home(home, telemetry=telemetry)
+    result = rollback_home(home, allow_unsigned=allow_unsigned, telemetry=telemetry)
     emit(result, as_json, lambda r: out.print(f"active: {r['active']} (rolled back from {r['rolled_back_from']})"))
 
 
@@ -141,14 +152,68 @@ def status(
     home: Path = typer.Option(..., "--home", help="Edge home folder."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Active version, previous versions, verification and cached engines."""
+    """Active version, previous versions, checksums, signature (checked now against the home's
+    trusted keys) and cached engines."""
     from edge.deploy import status as home_status
 
     result = home_status(home)
     emit(result, as_json, lambda r: out.print(
-        f"active: {r['active']} ({'verified' if r['verified'] else 'FAILED: ' + str(r['problem'])}, "
-        f"{'signed' if r['signed'] else 'unsigned'}); previous: {', '.join(r['previous']) or 'none'}; "
+        f"active: {r['active']} ({'intact' if r['intact'] else 'FAILED: ' + str(r['problem'])}; "
+        f"signature: {r['signature']}); previous: {', '.join(r['previous']) or 'none'}; "
         f"engines cached: {len(r['engines'])}"
+    ))  # fmt: skip
+
+
+trust_commands = typer.Typer(
+    help="The publishers' keys this edge home trusts: once it trusts one, every deploy must be signed by a trusted key.",
+    no_args_is_help=True,
+)
+commands.add_typer(trust_commands, name="trust")
+
+
+@trust_commands.command("add")
+def trust_add(
+    key: Path = typer.Argument(..., help="The publisher's public key (the .pub file `cmdfed edge keygen` wrote)."),
+    home: Path = typer.Option(..., "--home", help="Edge home folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Trust a publisher's key in this home (recorded in HOME/audit.log)."""
+    from edge.deploy import add_trusted_key
+
+    result = add_trusted_key(home, key)
+    emit(result, as_json, lambda r: out.print(
+        f"{'now trusts' if r['added'] else 'already trusted'} key {r['key_id']}; trusted: "
+        + ", ".join(k["key_id"] for k in r["trusted"])
+    ))  # fmt: skip
+
+
+@trust_commands.command("list")
+def trust_list(
+    home: Path = typer.Option(..., "--home", help="Edge home folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """The keys this home trusts, with when and how each was added."""
+    from edge.trust import describe
+
+    keys = describe(home)
+    emit({"trusted": keys}, as_json, lambda r: out.print(
+        "\n".join(f"{k['key_id']}  added {k['added_at']} ({k['how']})" for k in r["trusted"])
+        or "no trusted key: this home deploys unsigned bundles (`cmdfed edge trust add KEY` to require signatures)"
+    ))  # fmt: skip
+
+
+@trust_commands.command("remove")
+def trust_remove(
+    key_id: str = typer.Argument(..., help="Key id, as `edge trust list` shows it."),
+    home: Path = typer.Option(..., "--home", help="Edge home folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Stop trusting a key (not the last one: add its replacement first; recorded in HOME/audit.log)."""
+    from edge.deploy import remove_trusted_key
+
+    result = remove_trusted_key(home, key_id)
+    emit(result, as_json, lambda r: out.print(
+        f"removed {r['removed']}; trusted: " + ", ".join(k["key_id"] for k in r["trusted"])
     ))  # fmt: skip
 
 

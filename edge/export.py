@@ -39,7 +39,6 @@ import platform
 import shutil
 import subprocess
 import tempfile
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -52,8 +51,8 @@ from cmdfed.atomic import atomic_path, json_safe, write_bytes_atomic
 from cmdfed.data.slide import PLAUSIBLE_MPP
 from cmdfed.data.synth import synth_tiles
 from cmdfed.errors import CmdfedError
-from cmdfed.evaluate.postprocess import WatershedParams
-from cmdfed.inference import load_model, to_model_input
+from cmdfed.inference.postprocess import WatershedParams
+from cmdfed.inference.segment import load_model, to_model_input
 from cmdfed.progress import Progress, report
 from edge import bundle, signing, trt_ops
 from edge.graph import INPUT_NAME, EdgeGraph
@@ -147,7 +146,7 @@ def export_bundle(
 def trained_mpp(checkpoint: str | Path) -> float | None:
     """The resolution a checkpoint records it was trained at (None: not recorded, or a
     checkpoint that cannot be read, which the export itself then reports)."""
-    from cmdfed.train.checkpoint import resolve_checkpoint
+    from cmdfed.model.checkpoint import resolve_checkpoint
 
     try:
         mpp = json.loads((resolve_checkpoint(checkpoint) / "config.json").read_text()).get("mpp")
@@ -170,7 +169,7 @@ def _check_settings(tile: int, overlap: int, tolerance: float, mpp: float | None
 
 def _model_identity(checkpoint: Path) -> dict:
     """Run, round/step and weights hash of a checkpoint folder, and the version made from them."""
-    from cmdfed.train.checkpoint import load_checkpoint, model_version
+    from cmdfed.model.checkpoint import load_checkpoint, model_version
 
     config = load_checkpoint(checkpoint).config
     weights_file = checkpoint / ("ema.safetensors" if (checkpoint / "ema.safetensors").exists() else "model.safetensors")
@@ -375,8 +374,8 @@ def _manifest(loaded, graph, identity, tile, overlap, mpp, tolerance, agreement,
             "level": 0,
         },
         "postprocessing": {
-            "method": "HoVer-Net marker-controlled watershed (cmdfed.evaluate.postprocess)",
-            "params": asdict(postprocess),
+            "method": "HoVer-Net marker-controlled watershed (cmdfed.inference.postprocess)",
+            "params": postprocess.to_dict(),
             "max_nucleus_diameter_px": overlap,
         },
         "validation": {

@@ -1,7 +1,7 @@
 """The network as the edge runs it: float image in, probabilities out.
 
 The checkpoint's ``segment`` returns logits; every consumer on the edge wants what
-``cmdfed.inference.predict_maps`` computes from them (NP foreground probability, HV maps,
+``cmdfed.inference.segment.predict_maps`` computes from them (NP foreground probability, HV maps,
 NC class probabilities). Putting the softmax into the exported graph means every backend
 (ONNX Runtime, TensorRT, torch-tensorrt) returns exactly the post-processing inputs, and
 the golden data compares the quantities the watershed thresholds, not logits whose scale

@@ -1,50 +1,61 @@
 """Whole-slide inference (`cmdfed edge infer`): slide -> nuclei, streamed and resumable.
 
-    tissue tiles (cmdfed.data.slide.plan_tiles, level 0, the bundle's tile size and
-    overlap) --batches--> backend --per tile--> the training post-processing
-    (cmdfed.evaluate.postprocess) --stitch.TileGrid.owned--> kept nuclei
-        -> their pixels into OUT/labels.ome.zarr level 0 (global ids, on disk)
+One tile's route from the slide to ``cells.geojson``, six files:
+
+    1. edge/infer.py                   this job: plan, batch, keep, write, resume
+    2. cmdfed/data/slide.py            open_slide, read_region; plan_tiles: tissue tiles
+                                       at level 0, the bundle's tile size and overlap
+    3. edge/backends.py                Backend.run: uint8 tiles -> NP/HV/NC maps
+                                       (ONNX Runtime or TensorRT)
+    4. cmdfed/inference/postprocess.py postprocess: maps -> instance map (HoVer watershed,
+                                       the manifest's WatershedParams) -> records
+    5. cmdfed/inference/nuclei.py      nucleus_records: centroid, contour, type;
+                                       nucleus_feature: the GeoJSON feature (+0.5 rule);
+                                       write_feature_collection: cells.geojson
+    6. cmdfed/inference/tiling.py      the grid plan_tiles lays out; TileGrid.owned:
+                                       which tile keeps a nucleus on a seam
+
+    tissue tiles --batches--> backend --per tile--> postprocess --TileGrid.owned--> kept
+        -> their pixels into OUT/labels.ome.zarr level 0 (global ids, on disk; edge/outputs.py)
         -> their GeoJSON features appended to OUT/.work/features.jsonl
 
 Memory holds one batch of tiles and their maps, whatever the slide size.
 
-Resume: tiles are processed in a fixed order. After each batch the label chunks it touched
-and the features file are flushed and fsynced, then ``.work/state.json`` is replaced atomically with the number of
-tiles done, the next nucleus id, the features file's length and the running counts. A
-rerun after an interruption truncates the features file to that length and continues with
-the next tile; label pixels written by an unfinished batch are rewritten with the same
-ids, so the result equals an uninterrupted run. The state also holds a fingerprint (slide
-name, size and dimensions, model version, tile settings, post-processing parameters):
-an OUT folder belonging to another job is refused unless ``restart`` is given.
-At the end the label pyramid, ``cells.geojson`` and ``summary.json`` are written.
+Resume: tiles are processed in a fixed order and ``.work/state.json`` (:class:`SlideState`,
+whose docstring gives the ordering rule) records how far the job got, so a rerun after an
+interruption continues where the last committed batch ended and the result equals an
+uninterrupted run. The state also holds a fingerprint (slide name, size and dimensions,
+model version, tile settings, post-processing parameters): an OUT folder belonging to
+another job is refused unless ``restart`` is given. At the end the label pyramid,
+``cells.geojson`` and ``summary.json`` are written.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import logging
 import math
 import os
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from cmdfed.atomic import write_json_atomic
+from cmdfed.atomic import exclusive_lock, write_json_atomic
 from cmdfed.data.slide import open_slide, plan_tiles
 from cmdfed.errors import CmdfedError
-from cmdfed.slide_outputs import GEOJSON, LABELS_DIR, SUMMARY
-from cmdfed.evaluate.postprocess import WatershedParams, postprocess
+from cmdfed.inference.nuclei import nucleus_feature, write_feature_collection
+from cmdfed.inference.postprocess import WatershedParams, postprocess
+from cmdfed.inference.tiling import TileGrid
 from cmdfed.progress import Progress, report
+from cmdfed.slide_outputs import GEOJSON, LABELS_DIR, SUMMARY
 from edge import outputs
-from edge.backends import Selection, select_backend
+from edge.selection import Selection, select_backend
 from edge.deploy import active_bundle
 from edge.reports import Reports, reports_to
-from edge.stitch import TileGrid
 
 WORK_DIR = ".work"
 LOCK_FILE = ".lock"  # held while a job writes OUT, so two jobs never interleave in one folder
@@ -94,24 +105,69 @@ def infer_slide(
 def _run(slide, selection: Selection, out_dir: Path, batch, min_tissue, restart, progress) -> dict:
     if batch < 1:
         raise CmdfedError(f"--batch must be at least 1, got {batch}")
-    with open_slide(slide) as reader, _exclusive(out_dir):
+    busy = f"another inference job is writing {out_dir}; wait for it or choose another --out"
+    with open_slide(slide) as reader, exclusive_lock(out_dir / LOCK_FILE, busy=busy):
         job = _SlideJob(reader, selection, out_dir, min_tissue, restart)
         job.run(batch, progress)
         return job.finish()
 
 
-@contextlib.contextmanager
-def _exclusive(out_dir: Path):
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / LOCK_FILE, "w") as lock:
+def _no_time_yet() -> dict[str, float]:
+    return {"read": 0.0, "model": 0.0, "postprocess": 0.0, "write": 0.0}
+
+
+@dataclass
+class SlideState:
+    """How far a slide job got: ``.work/state.json``, replaced atomically after every batch.
+
+    The ordering rule that makes a resumed job equal an uninterrupted one:
+
+    1. Before a batch writes anything, ``in_flight`` records its tile range and is saved
+       (:meth:`begin_batch`).
+    2. The batch writes label pixels (ids from ``next_id`` on) and appends its features.
+    3. The label chunks it touched and the features file are flushed and fsynced; only then
+       are ``tiles_done`` and ``features_bytes`` advanced, ``in_flight`` cleared and the state
+       saved (:meth:`commit_batch`). A saved state never counts work that is not on disk.
+
+    On resume the features file is cut back to ``features_bytes`` and, when ``in_flight`` is
+    set, label ids from ``next_id`` on are cleared in those tiles (the batch is redone).
+    ``next_id``, the counts, ``area_px`` and ``timings_s`` are advanced while a batch runs and
+    saved with it, so at a commit they agree with ``tiles_done``.
+    """
+
+    fingerprint: dict[str, Any]
+    tiles_done: int = 0
+    next_id: int = 1  # the label the next kept nucleus gets
+    features_bytes: int = 0  # length of .work/features.jsonl at the last commit
+    counts: dict[str, int] = field(default_factory=dict)  # kept nuclei by class name
+    touching_tile_edges: int = 0
+    seam_duplicates: int = 0
+    in_flight: list[int] | None = None  # [start, stop) of the tiles of a batch not yet committed
+    area_px: int = 0
+    timings_s: dict[str, float] = field(default_factory=_no_time_yet)
+    backends: list[str] = field(default_factory=list)
+    sessions: int = 1
+
+    @classmethod
+    def load(cls, path: Path) -> "SlideState":
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise CmdfedError(f"another inference job is writing {out_dir}; wait for it or choose another --out") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+            return cls(**json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError) as exc:
+            raise CmdfedError(f"{path} is damaged ({exc}); pass --restart to start the slide again") from exc
+
+    def save(self, path: Path) -> None:
+        write_json_atomic(path, asdict(self))
+
+    def begin_batch(self, path: Path, start: int, stop: int) -> None:
+        self.in_flight = [start, stop]  # labels are written before the commit
+        self.save(path)
+
+    def commit_batch(self, path: Path, n_tiles: int, features_bytes: int) -> None:
+        """Record a batch whose labels and features are already on disk (fsynced)."""
+        self.features_bytes = features_bytes
+        self.tiles_done += n_tiles
+        self.in_flight = None
+        self.save(path)
 
 
 class _SlideJob:
@@ -122,7 +178,7 @@ class _SlideJob:
         self.class_names = manifest["model"]["class_names"]
         pre = manifest["preprocessing"]
         self.tile, self.overlap = pre["tile_size"], pre["overlap"]
-        self.params = WatershedParams(**manifest["postprocessing"]["params"])
+        self.params = WatershedParams.from_manifest(manifest)
         self.width, self.height = reader.dimensions
         self.mpp = reader.mpp if math.isfinite(reader.mpp) else None
         plan = plan_tiles(reader, self.tile, 0, self.overlap, min_tissue)
@@ -141,68 +197,54 @@ class _SlideJob:
             "tile": self.tile,
             "overlap": self.overlap,
             "min_tissue": min_tissue,
-            "postprocess": asdict(self.params),
+            "postprocess": self.params.to_dict(),
         }
         self.state = self._start_or_resume(fingerprint, restart)
 
     # -- job state ---------------------------------------------------------------------
 
-    def _start_or_resume(self, fingerprint: dict, restart: bool) -> dict:
+    def _start_or_resume(self, fingerprint: dict, restart: bool) -> SlideState:
         if restart:
             for name in (WORK_DIR, LABELS_DIR):
                 shutil.rmtree(self.out_dir / name, ignore_errors=True)
             for name in (GEOJSON, SUMMARY):
                 (self.out_dir / name).unlink(missing_ok=True)
         if self.state_path.is_file():
-            state = _read_state(self.state_path)
-            if state.get("fingerprint") != fingerprint:
+            state = SlideState.load(self.state_path)
+            if state.fingerprint != fingerprint:
                 raise CmdfedError(
                     f"{self.out_dir} holds results of another slide, model or settings; choose another --out "
                     "or pass --restart to discard them"
                 )
-            state["sessions"] += 1
+            state.sessions += 1
             return state
         if (self.out_dir / LABELS_DIR).exists() or (self.out_dir / SUMMARY).exists():
             raise CmdfedError(f"{self.out_dir} already holds outputs of an unknown run; choose another --out or pass --restart")
         self.work.mkdir(parents=True, exist_ok=True)
         outputs.create_label_zarr(self.out_dir / LABELS_DIR, self.width, self.height)
         self.features_path.write_bytes(b"")
-        state = {
-            "fingerprint": fingerprint,
-            "tiles_done": 0,
-            "next_id": 1,
-            "features_bytes": 0,
-            "counts": {},
-            "touching_tile_edges": 0,
-            "seam_duplicates": 0,
-            "in_flight": None,
-            "area_px": 0,
-            "timings_s": {"read": 0.0, "model": 0.0, "postprocess": 0.0, "write": 0.0},
-            "backends": [],
-            "sessions": 1,
-        }
-        write_json_atomic(self.state_path, state)
+        state = SlideState(fingerprint)
+        state.save(self.state_path)
         return state
 
     # -- tiles -------------------------------------------------------------------------
 
     def run(self, batch: int, progress: Progress | None) -> None:
         backend = self.selection.backend
-        if backend.name not in self.state["backends"]:
-            self.state["backends"].append(backend.name)
+        if backend.name not in self.state.backends:
+            self.state.backends.append(backend.name)
         labels = outputs.open_label_level0(self.out_dir / LABELS_DIR)
         self._clear_interrupted_batch(labels)
         total = len(self.corners)
         with open(self.features_path, "r+b") as features:
-            features.truncate(self.state["features_bytes"])
-            features.seek(self.state["features_bytes"])
-            report(progress, self.state["tiles_done"], total, "tiles")
-            while self.state["tiles_done"] < total:
-                start = self.state["tiles_done"]
+            features.truncate(self.state.features_bytes)
+            features.seek(self.state.features_bytes)
+            report(progress, self.state.tiles_done, total, "tiles")
+            while self.state.tiles_done < total:
+                start = self.state.tiles_done
                 corners = self.corners[start : start + batch]
-                self.state["in_flight"] = [start, start + len(corners)]  # labels written before the commit
-                write_json_atomic(self.state_path, self.state)
-                timings = self.state["timings_s"]
+                self.state.begin_batch(self.state_path, start, start + len(corners))
+                timings = self.state.timings_s
                 t0 = time.perf_counter()
                 images = np.stack([self.reader.read_region(x, y, 0, self.tile, self.tile) for x, y in corners])
                 t1 = time.perf_counter()
@@ -213,10 +255,10 @@ class _SlideJob:
                     self._process_tile(corner, {name: value[k] for name, value in maps.items()}, labels, features)
                 outputs.sync_label_chunks(self.out_dir / LABELS_DIR, [(x, y, self.tile) for x, y in corners])
                 self._commit(features, len(corners))
-                report(progress, self.state["tiles_done"], total, "tiles")
+                report(progress, self.state.tiles_done, total, "tiles")
 
     def _process_tile(self, corner, maps: dict, labels, features) -> None:
-        timings = self.state["timings_s"]
+        state, timings = self.state, self.state.timings_s
         t0 = time.perf_counter()
         result = postprocess(maps["np"], maps["hv"], maps.get("nc"), self.params)
         kept = [n for n in self.grid.owned(corner, result.nuclei) if self._inside_slide(corner, n)]
@@ -230,21 +272,21 @@ class _SlideJob:
             mine = result.instance_map[by0:by1, bx0:bx1] == nucleus.id
             there = region[by0:by1, bx0:bx1]
             if np.count_nonzero(there[mine]) * 2 > np.count_nonzero(mine):
-                self.state["seam_duplicates"] += 1
-                continue  # a neighbouring tile already kept this nucleus (see edge.stitch)
-            label = self.state["next_id"]
-            self.state["next_id"] += 1
+                state.seam_duplicates += 1
+                continue  # a neighbouring tile already kept this nucleus (see cmdfed.inference.tiling)
+            label = state.next_id
+            state.next_id += 1
             there[mine & (there == 0)] = label
-            feature = outputs.nucleus_feature(nucleus, corner, label, self.class_names, self.mpp)
+            feature = nucleus_feature(nucleus, corner, label, self.class_names, self.mpp)
             lines.append(_feature_line(feature))
             name = feature["properties"]["classification"]["name"]
-            self.state["counts"][name] = self.state["counts"].get(name, 0) + 1
+            state.counts[name] = state.counts.get(name, 0) + 1
             if self.grid.touches_inner_edge(corner, nucleus, self.width, self.height):
-                self.state["touching_tile_edges"] += 1
+                state.touching_tile_edges += 1
         if lines:
             labels[y0 : y0 + h, x0 : x0 + w] = region
             features.write("".join(lines).encode())
-        self.state["area_px"] += self.grid.nominal_cell_area(corner, self.width, self.height)
+        state.area_px += self.grid.nominal_cell_area(corner, self.width, self.height)
         timings["postprocess"] += t1 - t0
         timings["write"] += time.perf_counter() - t1
 
@@ -258,53 +300,50 @@ class _SlideJob:
     def _commit(self, features, n_tiles: int) -> None:
         features.flush()
         os.fsync(features.fileno())
-        self.state["features_bytes"] = features.tell()
-        self.state["tiles_done"] += n_tiles
-        self.state["in_flight"] = None
-        write_json_atomic(self.state_path, self.state)
+        self.state.commit_batch(self.state_path, n_tiles, features.tell())
 
     def _clear_interrupted_batch(self, labels) -> None:
         """Labels a batch wrote before an interruption stopped it short of its commit: ids from the
         committed ``next_id`` on, in that batch's tiles. The batch is redone, so they are removed
         first (else the redo would take its own nuclei for ones a neighbour already kept)."""
-        if not self.state.get("in_flight"):
+        if not self.state.in_flight:
             return
-        start, stop = self.state["in_flight"]
+        start, stop = self.state.in_flight
         for x0, y0 in self.corners[start:stop]:
             region = labels[y0 : y0 + self.tile, x0 : x0 + self.tile]
-            stale = region >= self.state["next_id"]
+            stale = region >= self.state.next_id
             if stale.any():
                 region[stale] = 0
                 labels[y0 : y0 + self.tile, x0 : x0 + self.tile] = region
-        self.state["in_flight"] = None
+        self.state.in_flight = None
 
     # -- outputs -----------------------------------------------------------------------
 
     def finish(self) -> dict:
         levels = outputs.finish_label_zarr(self.out_dir / LABELS_DIR, self.mpp)
-        outputs.write_feature_collection(self.features_path, self.out_dir / GEOJSON)
+        write_feature_collection(self.features_path, self.out_dir / GEOJSON)
         state = self.state
-        area_mm2 = state["area_px"] * self.mpp**2 / 1e6 if self.mpp else None
-        n_cells = sum(state["counts"].values())
+        area_mm2 = state.area_px * self.mpp**2 / 1e6 if self.mpp else None
+        n_cells = sum(state.counts.values())
         summary = {
             "slide": self.reader.path.name,
             "dimensions": [self.width, self.height],
             "mpp": self.mpp,
             "model_version": self.manifest["model"]["version"],
             "backend": self.selection.report(),
-            "backends_used": state["backends"],
+            "backends_used": state.backends,
             "tiles": len(self.corners),
             "tile_size": self.tile,
             "overlap": self.overlap,
             "n_cells": n_cells,
-            "counts_by_type": dict(sorted(state["counts"].items())),
-            "area_analysed_px": state["area_px"],
+            "counts_by_type": dict(sorted(state.counts.items())),
+            "area_analysed_px": state.area_px,
             "area_analysed_mm2": area_mm2,
             "cells_per_mm2": n_cells / area_mm2 if area_mm2 else None,
-            "nuclei_touching_tile_edges": state["touching_tile_edges"],
-            "seam_duplicates_dropped": state["seam_duplicates"],
-            "timings_s": {k: round(v, 3) for k, v in state["timings_s"].items()},
-            "sessions": state["sessions"],
+            "nuclei_touching_tile_edges": state.touching_tile_edges,
+            "seam_duplicates_dropped": state.seam_duplicates,
+            "timings_s": {k: round(v, 3) for k, v in state.timings_s.items()},
+            "sessions": state.sessions,
             "warnings": self._warnings(),
             "outputs": {"labels": LABELS_DIR, "label_levels": levels, "geojson": GEOJSON},
         }
@@ -318,13 +357,6 @@ class _SlideJob:
         if not self.mpp:
             return ["the slide's resolution (mpp) is unknown: areas are in pixels only"]
         return []
-
-
-def _read_state(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise CmdfedError(f"{path} is damaged ({exc}); pass --restart to start the slide again") from exc
 
 
 def _feature_line(feature: dict) -> str:

@@ -1,13 +1,7 @@
-"""Slide-level outputs: QuPath GeoJSON features and OME-Zarr instance labels.
+"""Whole-slide inference's instance labels as OME-Zarr (its GeoJSON features are
+``cmdfed.inference.nuclei``'s).
 
-GeoJSON: one ``Feature`` per nucleus with a ``Polygon`` in level-0 pixel coordinates,
-QuPath's convention (pixel centres at +0.5, see ``cmdfed.evaluate.postprocess``), and
-``properties`` as QuPath writes and reads them: ``objectType: "detection"``,
-``classification: {"name", "color": [r, g, b]}`` and numeric ``measurements``.
-Features are appended to a JSON-lines file while tiles finish and assembled into one
-FeatureCollection at the end by streaming, so memory does not grow with the slide.
-
-OME-Zarr: NGFF 0.4 on Zarr format 2 (the version napari-ome-zarr, ome-zarr-py and most
+NGFF 0.4 on Zarr format 2 (the version napari-ome-zarr, ome-zarr-py and most
 viewers read today), written with zarr 3's v2 support: ``labels.ome.zarr/labels/nuclei``
 is a multiscales label image (uint32 ids equal to the GeoJSON ``nucleus_id``; axes y, x
 with the slide's micrometres per pixel when known) and ``labels/.zattrs`` lists it. The
@@ -23,58 +17,10 @@ import os
 import shutil
 from pathlib import Path
 
-import numpy as np
 import zarr
-
-from cmdfed.atomic import atomic_path
-from cmdfed.evaluate.postprocess import NucleusRecord
-from cmdfed.evaluate.visualize import type_colour
 
 LABEL_NAME = "nuclei"
 CHUNK = 1024
-UNCLASSIFIED = "Nucleus"
-
-
-def class_name(type_id: int | None, class_names: list[str]) -> str:
-    if not type_id or type_id >= len(class_names):
-        return UNCLASSIFIED
-    return class_names[type_id]
-
-
-def nucleus_feature(
-    nucleus: NucleusRecord, corner: tuple[int, int], label: int, class_names: list[str], mpp: float | None
-) -> dict:
-    """A QuPath detection for a nucleus found in the tile whose level-0 corner is ``corner``."""
-    x0, y0 = corner
-    ring = np.round(nucleus.contour_xy + [x0 + 0.5, y0 + 0.5], 2).tolist()
-    measurements = {"Area px^2": nucleus.area}
-    if mpp:
-        measurements["Area um^2"] = round(nucleus.area * mpp * mpp, 3)
-    if nucleus.type_prob is not None:
-        measurements["Class probability"] = round(nucleus.type_prob, 4)
-    return {
-        "type": "Feature",
-        "geometry": {"type": "Polygon", "coordinates": [ring]},
-        "properties": {
-            "objectType": "detection",
-            "isLocked": False,
-            "classification": {"name": class_name(nucleus.type, class_names), "color": list(type_colour(nucleus.type))},
-            "measurements": measurements,
-            "nucleus_id": label,
-        },
-    }
-
-
-def write_feature_collection(lines_path: Path, out_path: Path) -> None:
-    """Assemble the JSON-lines features into one GeoJSON FeatureCollection, streaming."""
-    with atomic_path(out_path) as tmp, open(tmp, "w") as out, open(lines_path) as lines:
-        out.write('{"type": "FeatureCollection", "features": [\n')
-        first = True
-        for line in lines:
-            if line.strip():
-                out.write(("" if first else ",\n") + line.rstrip("\n"))
-                first = False
-        out.write("\n]}\n")
 
 
 def create_label_zarr(path: Path, width: int, height: int) -> zarr.Array:

@@ -87,13 +87,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
 from cmdfed.errors import CmdfedError
-from cmdfed.evaluate.postprocess import NucleusRecord, WatershedParams, postprocess
-from edge import infer, outputs
-from edge.backends import Selection, select_backend
+from cmdfed.inference.nuclei import NucleusRecord, class_name, image_xy
+from cmdfed.inference.postprocess import WatershedParams, postprocess
+from edge import infer
 from edge.memory import (
     DEFAULT_FRACTION, Costs, MemoryBudget, MemoryBusy, gib, machine_memory, peak_resident_bytes, plan_limits,
     release_freed_memory, reset_peak_resident, resident_bytes,
 )  # fmt: skip
+from edge.selection import Selection, select_backend
 from edge.windows import padded_side, windowed_maps
 from edge.deploy import active_bundle
 from edge.protos import cmdfed_edge_pb2 as pb
@@ -269,10 +270,11 @@ def tile_result(result, class_names: list[str]) -> pb.TileResult:
 
 
 def _nucleus(nucleus: NucleusRecord, class_names: list[str]) -> pb.Nucleus:
-    x, y = nucleus.centroid_xy
-    contour = np.asarray(nucleus.contour_xy, np.float64) + 0.5
+    # The proto promises image coordinates (pixel centres at +0.5): centroid and contour alike.
+    x, y = image_xy(nucleus.centroid_xy).tolist()
+    contour = image_xy(nucleus.contour_xy)
     return pb.Nucleus(
-        id=nucleus.id, type=nucleus.type or 0, type_name=outputs.class_name(nucleus.type, class_names),
+        id=nucleus.id, type=nucleus.type or 0, type_name=class_name(nucleus.type, class_names),
         type_probability=nucleus.type_prob or 0.0, centroid=pb.Point(x=x, y=y), area=nucleus.area,
         contour=[pb.Point(x=px, y=py) for px, py in contour.tolist()],
     )  # fmt: skip
@@ -359,7 +361,7 @@ class EdgeServicer(pb_grpc.EdgeSegmentationServicer):
         self.manifest = manifest
         self.overlap = manifest["preprocessing"]["overlap"]
         self.class_names = manifest["model"]["class_names"]
-        self.params = WatershedParams(**manifest["postprocessing"]["params"])
+        self.params = WatershedParams.from_manifest(manifest)
         # One model on the device, shared by tile calls and slide jobs, one call into it at a time.
         self._backend = SerialisedBackend(selection.backend)
         self._slide_selection = replace(selection, backend=self._backend)

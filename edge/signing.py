@@ -89,8 +89,10 @@ def sign(message: bytes, private_key: Ed25519PrivateKey) -> dict:
     }
 
 
-def verify(message: bytes, record_bytes: bytes, public_key: Ed25519PublicKey, where: str) -> None:
-    """Raise CmdfedError unless ``record_bytes`` (a manifest.sig) signs ``message`` with ``public_key``."""
+def verify(message: bytes, record_bytes: bytes, public_key, where: str) -> str:
+    """Raise CmdfedError unless ``record_bytes`` (a manifest.sig) signs ``message`` with
+    ``public_key`` (or with one of the keys of a ``{key_id: key}`` dict); the signer's key id."""
+    keys = public_key if isinstance(public_key, dict) else {key_id(public_key): public_key}
     try:
         record = json.loads(record_bytes)
         signature = base64.b64decode(record["signature"], validate=True)
@@ -99,15 +101,16 @@ def verify(message: bytes, record_bytes: bytes, public_key: Ed25519PublicKey, wh
         raise CmdfedError(f"{where}: manifest.sig is malformed ({exc}); re-export the bundle") from exc
     if algorithm != ALGORITHM:
         raise CmdfedError(f"{where}: signature algorithm {algorithm!r} is not supported (only {ALGORITHM})")
-    trusted = key_id(public_key)
+    if signer not in keys:
+        trusted = ", ".join(sorted(keys))
+        raise CmdfedError(
+            f"{where}: signed by key {signer}, but the trusted key{' is' if len(keys) == 1 else 's are'} {trusted}; "
+            "refusing to deploy (get the bundle from its publisher or the right public key)"
+        )
     try:
-        public_key.verify(signature, message)
+        keys[signer].verify(signature, message)
     except InvalidSignature:
-        if signer != trusted:
-            raise CmdfedError(
-                f"{where}: signed by key {signer}, but the trusted key is {trusted}; refusing to deploy "
-                "(get the bundle from its publisher or the right public key)"
-            ) from None
         raise CmdfedError(
             f"{where}: the signature does not match manifest.json, which was changed after signing; refusing to deploy"
         ) from None
+    return signer

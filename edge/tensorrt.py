@@ -29,6 +29,7 @@ Not exercised in this repository's CI (no GPU there); see tests/edge/test_tensor
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import shutil
@@ -131,7 +132,7 @@ class TensorRTBackend(Backend):
         builder = trt.Builder(self.logger)
         network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
         parser = trt.OnnxParser(network, self.logger)
-        if not parser.parse_from_file(str(self.model.onnx_path)):
+        if not parser.parse(self.model.read_verified(self.model.manifest["graph"]["onnx"])):  # the bytes checked
             errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
             raise BackendUnavailable(f"TensorRT's ONNX parser rejected the model: {errors[:300]}")
         config = builder.create_builder_config()
@@ -154,7 +155,7 @@ class TensorRTBackend(Backend):
         import torch_tensorrt
 
         torch = self.torch
-        program = torch.export.load(str(self.model.pt2_path))
+        program = torch.export.load(io.BytesIO(self.model.read_verified(self.model.manifest["graph"]["pt2"])))
         program = torch.export.passes.move_to_device_pass(program, "cuda")
         spec = self.model.input_spec
         shape = torch_tensorrt.Input(

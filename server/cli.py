@@ -12,13 +12,13 @@ import typer
 
 from cmdfed.cli import console
 from cmdfed.errors import CmdfedError
+from cmdfed.addresses import split_address
 from cmdfed.federation.processes import (
     SERVE_TLS,
     flower_env,
     flower_executable,
     require_loopback_or_insecure,
     serve_in_foreground,
-    split_address,
 )
 from server.federate import CONNECTION, write_connection
 from server.superlink import SuperLink

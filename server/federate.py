@@ -36,7 +36,8 @@ import cmdfed
 from cmdfed.cli import console, emit, out
 from cmdfed.errors import CmdfedError
 from cmdfed.federation.events import EVENT_PREFIX
-from cmdfed.federation.processes import flower_env, flower_executable, require_loopback_or_insecure, split_address
+from cmdfed.addresses import split_address
+from cmdfed.federation.processes import flower_env, flower_executable, require_loopback_or_insecure
 
 if TYPE_CHECKING:  # the run config needs the model's (torch); commands that never build one start without it
     from cmdfed.federation.config import FederationConfig
@@ -197,6 +198,9 @@ def render_event(event: dict) -> None:
         rounds = ", ".join(f"{n} {phase}" for phase, n in event["rounds"].items())
         resumed = f", resuming after round {event['resumed_after']}" if event["resumed_after"] else ""
         console.print(f"run {event['run_id'][:8]}: {rounds} rounds{resumed}; checkpoints in {event['run_dir']}")
+        if event.get("init"):
+            init = event["init"]
+            console.print(f"initial weights: {init['init']} (sha256 {init['sha256'][:12]}, heads {init['heads']})", highlight=False)
     elif kind == "waiting":
         console.print(f"waiting for sites: {event['connected']} of {event['needed']} connected")
     elif kind == "round":
@@ -214,15 +218,35 @@ def render_event(event: dict) -> None:
                 out.print(f"  {site['site']}: {site['n_examples']} tiles" + (f", loss {site_loss:.4f}" if site_loss is not None else ""))
             else:
                 out.print(f"  {site['site']}: [red]{site['status']}[/] {site['error'] or ''}", highlight=False)
-        extra = {k: v for k, v in metrics.items() if k.startswith(("eval_", "server_")) and isinstance(v, (int, float))}
-        if extra:
-            out.print("  " + ", ".join(f"{k} {v:.4f}" for k, v in extra.items()))
+        for line in evaluation_lines(metrics):
+            out.print("  " + line, highlight=False)
     elif kind == "rejected":
         console.print(f"[yellow]{event['site']}: update rejected in {event['phase']} round {event['round']}[/]: {event['reason']}")
     elif kind in ("warning", "evaluation_failed"):
         console.print(f"[yellow]warning[/]: {event.get('message') or event.get('error')}")
     elif kind == "error":
         console.print(f"[bold red]run failed[/]: {event['message']}", highlight=False)
+
+
+# How a round's evaluation scores are shown, in this order (the rest follow under their own names).
+SCORES = {"pq": "PQ", "mpq": "mPQ", "aji": "AJI", "dice": "Dice", "masked_mse": "masked MSE"}
+
+
+def evaluation_lines(metrics: dict[str, Any]) -> list[str]:
+    """A round's scores as ``cmdfed federate`` prints them: the server's central evaluation
+    (``server-eval-store``) and the sites' federated one, each on a line of its own with PQ,
+    AJI and Dice first, as the segmentation is judged by them."""
+    lines = []
+    for prefix, title in (("server_", "server evaluation"), ("eval_", "site evaluation")):
+        found = {k.removeprefix(prefix): v for k, v in metrics.items()
+                 if k.startswith(prefix) and isinstance(v, (int, float)) and not isinstance(v, bool)}  # fmt: skip
+        tiles = found.pop("tiles", None)
+        if not found:
+            continue
+        names = [k for k in SCORES if k in found] + sorted(k for k in found if k not in SCORES)
+        where = f" on {int(tiles)} tiles" if tiles is not None else ""
+        lines.append(f"{title}{where}: " + ", ".join(f"{SCORES.get(k, k)} {found[k]:.4f}" for k in names))
+    return lines
 
 
 def _toml_value(text: str) -> Any:

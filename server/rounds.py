@@ -4,20 +4,25 @@ Flower's ``Strategy.start`` runs all rounds in one loop with nowhere to checkpoi
 or refuse a bad update, so this module drives the strategy round by round itself:
 
 1. wait (up to the round timeout) until ``min-sites`` sites are connected;
-2. ``strategy.configure_train`` samples sites (through ``SamplingGrid``: Flower's sampling
-   itself waits for sites with no end) and builds messages of the phase's sent
+2. ``strategy.configure_train`` samples sites (through ``server.sampling.SamplingGrid``:
+   Flower's sampling itself waits for sites with no end) and builds messages of the phase's sent
    weights, packed into one vector with its layout in the config (``cmdfed.federation.wire``:
    Flower moves every array as objects of its own); in fine-tuning a site that does not hold
    the frozen backbone yet gets it too, packed the same way;
 3. send, and wait up to the round timeout for replies;
 4. sort the replies: error replies and silent sites are logged as failed or timed out,
    every received content is audited, unpacked with the layout sent, and updates are
-   screened (``RunCoordinator.screen``);
+   screened (``RunCoordinator.screen``; ``PhaseRounds._screen``);
    a node replying under a site name another connected node holds is refused
    (``coordinator.SiteNames``);
-5. ``strategy.aggregate_train`` averages the accepted updates (weighted by examples);
+5. ``strategy.aggregate_train`` averages the accepted updates (weighted by examples;
+   ``PhaseRounds._aggregate``, which first tells a central-DP wrapper how many it averages
+   and drops the metrics not every reply has, since Flower averages only common keys);
+   the store resolution a site reports beside its example count (``mpp``) is taken out first
+   (an average of resolutions means nothing) and handed to the coordinator, which records
+   the phase's training resolution when the sites agree on one;
    a round without one usable update is an error that fails the run, because Flower
-   itself would carry on with unchanged weights;
+   itself would carry on with unchanged weights (``PhaseRounds._end_without_updates``);
 6. optional federated evaluation, then the coordinator checkpoints and records the round.
    Evaluation waits for ``min-sites`` sites like training; when too few are connected within
    the round timeout (a site crashed after training), that round's federated evaluation is
@@ -42,32 +47,32 @@ sender, and such a site is recorded as failed, gone offline.
 
 from __future__ import annotations
 
+import json
+import math
 import re
 import time
+from typing import NoReturn
 
 import numpy as np
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, Strategy
+from flwr.serverapp.strategy import Strategy
 
 from cmdfed.errors import CmdfedError
 from cmdfed.federation.config import PHASES, FederationConfig
 from cmdfed.federation.coordinator import RoundReport, RunCoordinator, SiteReport
 from cmdfed.federation.events import emit_event
-from cmdfed.federation.wire import LAYOUT_PREFIX, WEIGHTS_KEY, Layout
-from server.strategies import build_strategy, restore_strategy_state, strategy_state
+from cmdfed.federation.wire import ARCHITECTURE_KEY, LAYOUT_PREFIX, RESOLUTION_KEY, WEIGHTS_KEY, Layout
+from server.sampling import SamplingGrid, SitesMissing, wait_for_sites
+from server.strategies import build_strategy, restore_strategy_state, set_updates_averaged, strategy_state
 
 SITE_IN_REASON = re.compile(r"^\[([A-Za-z0-9][A-Za-z0-9._-]*)\] ")
 
 
 class BudgetsSpent(CmdfedError):
     """Every sampled site declined the round: their privacy budgets are spent."""
-
-
-class SitesMissing(CmdfedError):
-    """Fewer sites than ``min-sites`` were connected within the round timeout."""
 
 
 def run_federation(grid: Grid, config: FederationConfig) -> None:
@@ -119,39 +124,59 @@ class PhaseRounds:
         messages = self._with_frozen(list(self.strategy.configure_train(phase_round, _packed(layout, sent), instructions, sampling)))
         replies, refused = self._exchange(messages, phase_round)
         reports, usable = self._sort(messages, replies, refused, phase_round, layout)
+        accepted = self._screen(phase_round, reports, usable, layout)
+        accepted_sites = {self._name(r) for r in accepted}
+        resolutions = [_resolution(r.metrics) for r in reports if r.site in accepted_sites]
+        _drop_metric(usable, RESOLUTION_KEY)
+        if not accepted:
+            self._end_without_updates(phase_round, reports, connected=len(sampling.get_node_ids()))
+        new_weights, train_metrics = self._aggregate(phase_round, accepted, layout)
+        eval_metrics = self._evaluate(phase_round, _packed(layout, new_weights), layout) if self.coordinator.evaluation_due(self.phase, phase_round) else {}
+        report = RoundReport(
+            started, reports, bytes_sent=sum(_payload_bytes(m.content) for m in messages),
+            bytes_received=sum(_payload_bytes(r.content) for r in replies.values() if r.has_content()),
+            train_metrics=train_metrics, eval_metrics=eval_metrics, resolutions=resolutions,
+        )  # fmt: skip
+        self.coordinator.complete_round(self.phase, phase_round, new_weights, strategy_state(self.strategy), report)
+
+    # -- the round's steps after the replies ---------------------------------------------
+
+    def _screen(self, phase_round: int, reports: list[SiteReport], usable: list[Message], layout: Layout) -> list[Message]:
+        """The usable replies whose updates pass the coordinator's screening; the reports of
+        the others say why they were rejected."""
         updates = {self._name(r): layout.unpack(r.content["arrays"][WEIGHTS_KEY].numpy()) for r in usable}
         accepted, rejected = self.coordinator.screen(self.phase, phase_round, updates)
         for report in reports:
             if report.site in rejected:
                 report.status, report.error = "failed", f"update rejected: {rejected[report.site]}"
-        accepted_replies = [r for r in usable if self._name(r) in accepted]
-        if not accepted_replies:
-            # No round to checkpoint, but the sites' part in it (and the privacy they spent) is recorded.
-            self.coordinator.record_sites(self.phase, phase_round, reports)
-            if _budgets_spent(reports, connected=len(sampling.get_node_ids())):
-                raise BudgetsSpent(f"{self.phase} round {phase_round}: every site has spent its privacy budget")
-            errors = "; ".join(f"{r.site}: {r.error or r.status}" for r in reports) or "no site was sampled"
-            raise CmdfedError(f"{self.phase} round {phase_round}: no site delivered a usable update ({errors})")
-        if isinstance(self.strategy, DifferentialPrivacyServerSideFixedClipping):
-            self.strategy.num_sampled_clients = len(accepted_replies)  # noise std = sigma * clip / updates averaged
-        _keep_common_metrics(accepted_replies)
-        aggregated, train_metrics = self.strategy.aggregate_train(phase_round, accepted_replies)
+        return [r for r in usable if self._name(r) in accepted]
+
+    def _end_without_updates(self, phase_round: int, reports: list[SiteReport], connected: int) -> NoReturn:
+        """A round without one usable update ends the run (Flower would carry on with unchanged
+        weights): completed when every site's budget is spent, failed (resumably) otherwise. No
+        round to checkpoint, but the sites' part in it (and the privacy they spent) is recorded."""
+        self.coordinator.record_sites(self.phase, phase_round, reports)
+        if _budgets_spent(reports, connected=connected):
+            raise BudgetsSpent(f"{self.phase} round {phase_round}: every site has spent its privacy budget")
+        errors = "; ".join(f"{r.site}: {r.error or r.status}" for r in reports) or "no site was sampled"
+        raise CmdfedError(f"{self.phase} round {phase_round}: no site delivered a usable update ({errors})")
+
+    def _aggregate(self, phase_round: int, accepted: list[Message], layout: Layout) -> tuple[dict, dict]:
+        """The new weights and the averaged training metrics of the accepted replies."""
+        set_updates_averaged(self.strategy, len(accepted))  # central DP's noise scales with it
+        _keep_common_metrics(accepted)  # Flower averages only metrics every reply has
+        aggregated, train_metrics = self.strategy.aggregate_train(phase_round, accepted)
         if aggregated is None:
             raise CmdfedError(f"{self.phase} round {phase_round}: the strategy could not aggregate the updates")
-        new_weights = layout.unpack(aggregated[WEIGHTS_KEY].numpy())
-        eval_metrics = self._evaluate(phase_round, _packed(layout, new_weights), layout) if self.coordinator.evaluation_due(self.phase, phase_round) else {}
-        report = RoundReport(
-            started, reports, bytes_sent=sum(_payload_bytes(m.content) for m in messages),
-            bytes_received=sum(_payload_bytes(r.content) for r in replies.values() if r.has_content()),
-            train_metrics=dict(train_metrics or {}), eval_metrics=eval_metrics,
-        )  # fmt: skip
-        self.coordinator.complete_round(self.phase, phase_round, new_weights, strategy_state(self.strategy), report)
+        return layout.unpack(aggregated[WEIGHTS_KEY].numpy()), dict(train_metrics or {})
 
     # -- messages ------------------------------------------------------------------------
 
     def _instructions(self, phase_round: int, layout: Layout) -> ConfigRecord:
         values = {"phase": self.phase, "phase-round": phase_round, "round": self.config.global_round(self.phase, phase_round),
-                  "run-id": self.coordinator.run_id, **layout.to_values(LAYOUT_PREFIX)}  # fmt: skip
+                  "run-id": self.coordinator.run_id, **layout.to_values(LAYOUT_PREFIX),
+                  # The model the sites build: the preset's, or the init checkpoint's, which only the server can read.
+                  ARCHITECTURE_KEY: json.dumps(self.coordinator.architecture.to_dict())}  # fmt: skip
         if self.frozen_sha:
             values["frozen-sha"] = self.frozen_sha
         return ConfigRecord(values)
@@ -256,6 +281,21 @@ class PhaseRounds:
         return dict(metrics or {})
 
 
+def _resolution(metrics: dict) -> float:
+    """A site's reported store resolution; NaN when it reported none (unknown) or nonsense."""
+    value = metrics.get(RESOLUTION_KEY)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    return float(value) if ok else float("nan")
+
+
+def _drop_metric(replies: list[Message], key: str) -> None:
+    """Remove ``key`` from the replies' metric records, in place (the site reports keep it)."""
+    for reply in replies:
+        record = reply.content["metrics"]
+        if key in record:
+            del record[key]
+
+
 def _keep_common_metrics(replies: list[Message]) -> None:
     """Drop, in place, the metrics not every reply has: Flower averages only replies whose
     metric records have the same keys, and under local DP a site sharing its metrics
@@ -272,48 +312,6 @@ def _budgets_spent(reports: list[SiteReport], connected: int) -> bool:
     A site that failed, timed out or was not sampled may still have budget and train next
     time, so such a round fails (resumably) rather than ending the run."""
     return len(reports) >= connected > 0 and all(r.status == "declined_budget" for r in reports)
-
-
-def wait_for_sites(grid: Grid, minimum: int, timeout: float) -> list[int]:
-    """Block until ``minimum`` sites are connected and return their node ids; ``SitesMissing``
-    after ``timeout`` seconds."""
-    deadline, announced = time.monotonic() + timeout, -1
-    while len(nodes := list(grid.get_node_ids())) < minimum:
-        if time.monotonic() > deadline:
-            raise _sites_missing(len(nodes), minimum, timeout)
-        if len(nodes) != announced:
-            emit_event("waiting", connected=len(nodes), needed=minimum)
-            announced = len(nodes)
-        time.sleep(1.0)
-    return nodes
-
-
-class SamplingGrid:
-    """The grid as a strategy samples sites from it: one snapshot of the connected sites.
-
-    Flower's strategies count the connected nodes, then ``sample_nodes``
-    (``flwr.serverapp.strategy.strategy_utils``) waits, without a timeout, until that many
-    are connected; a site leaving between the two calls would hold the run forever. Both
-    calls see the snapshot :func:`wait_for_sites` took instead; a site gone since is sent
-    its message, does not answer, and is recorded as timed out, like any site that leaves
-    mid-round.
-    """
-
-    def __init__(self, grid: Grid, nodes: list[int]):
-        self._grid, self._nodes = grid, list(nodes)
-
-    def get_node_ids(self) -> list[int]:
-        return list(self._nodes)
-
-    def __getattr__(self, name: str):
-        return getattr(self._grid, name)
-
-
-def _sites_missing(connected: int, minimum: int, timeout: float) -> SitesMissing:
-    return SitesMissing(
-        f"only {connected} of the {minimum} sites the run needs connected within {timeout:.0f} s; "
-        "start more sites (`cmdfed client start`) or lower min-sites"
-    )
 
 
 def _packed(layout: Layout, weights: dict) -> ArrayRecord:

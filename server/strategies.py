@@ -10,7 +10,8 @@ Central differential privacy (``dp-mode = "central"``) wraps the strategy in Flo
 ``DifferentialPrivacyServerSideFixedClipping``: the server clips each site's update
 ``w_site - w_global`` to ``dp-clip-norm`` and adds Gaussian noise of std
 ``dp-noise-multiplier * dp-clip-norm / m`` to the average of the ``m`` accepted updates
-(``server.rounds`` sets ``m`` each round to the updates actually averaged). This protects
+(:func:`set_updates_averaged`, called by ``server.rounds`` each round, sets ``m`` to the
+updates actually averaged). This protects
 what leaves the server (checkpoints, other sites), not what a site sends to it; and with
 sites weighted by their example counts the bound is per site only approximately (Flower's
 accounted mode needs equal weights; cmdfed reports no central epsilon).
@@ -53,6 +54,15 @@ def build_strategy(config: FederationConfig, phase: str) -> Strategy:
 def base_strategy(strategy: Strategy) -> FedAvg:
     """The aggregation strategy itself, inside a DP wrapper or not."""
     return strategy.strategy if isinstance(strategy, DifferentialPrivacyServerSideFixedClipping) else strategy
+
+
+def set_updates_averaged(strategy: Strategy, count: int) -> None:
+    """Tell a central-DP wrapper how many updates this round averages: Flower sets its
+    ``num_sampled_clients`` once, from the sampled sites, but the noise std
+    ``sigma * clip / m`` must use the ``m`` updates actually averaged (some sites fail or are
+    rejected). Other strategies need nothing."""
+    if isinstance(strategy, DifferentialPrivacyServerSideFixedClipping):
+        strategy.num_sampled_clients = count
 
 
 def _aggregation(config: FederationConfig, phase: str) -> FedAvg:

@@ -22,7 +22,7 @@ from typing import Optional
 import typer
 
 from cmdfed.cli import console, out
-from cmdfed.federation.processes import split_address
+from cmdfed.addresses import split_address
 from cmdfed.telemetry.remote.tokens import WorkstationTokens, write_token_file
 from cmdfed.telemetry.remote.transport import require_tls_off_loopback
 from server.certs import server_tls_files

@@ -6,7 +6,8 @@ import os
 
 import pytest
 
-from cmdfed.atomic import atomic_dir
+from cmdfed.atomic import atomic_dir, exclusive_lock
+from cmdfed.errors import CmdfedError
 
 
 def _fill(folder, text: str) -> None:
@@ -56,3 +57,13 @@ def test_a_failure_while_writing_leaves_the_old_folder_alone(tmp_path):
             raise RuntimeError("interrupted")
     assert (target / "weights.bin").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["round-0001"]
+
+
+def test_a_held_lock_refuses_a_second_holder_that_will_not_wait(tmp_path):
+    lock = tmp_path / "out" / ".lock"
+    with exclusive_lock(lock):
+        with pytest.raises(CmdfedError, match="busy here"):
+            with exclusive_lock(lock, busy="busy here"):
+                pass
+    with exclusive_lock(lock, busy="busy here"):  # released when the first block ended
+        pass

@@ -73,7 +73,7 @@ def test_train_evaluate_predict_chain(tmp_path):
     ft = cmdfed("train", "finetune", "--store", str(store), "--init", str(tmp_path / "pre"), "--out", str(tmp_path / "ft"), *common)
     assert ft.returncode == 0, ft.stderr
     result = json.loads(ft.stdout)
-    assert result["trainable_parameters"] < 0.05 * result["total_parameters"]
+    assert result["trainable_parameters"] == result["total_parameters"]  # the default recipe: end to end
     ev = cmdfed("train", "evaluate", "--checkpoint", str(tmp_path / "ft"), "--store", str(store), "--device", "cpu", "--json")
     metrics = json.loads(ev.stdout)
     assert ev.returncode == 0 and metrics["tiles"] == 4 and {"mean_dice", "mean_aji", "mean_pq", "mean_det_f1"} <= set(metrics)
@@ -81,15 +81,22 @@ def test_train_evaluate_predict_chain(tmp_path):
     import numpy as np
 
     Image.fromarray(np.full((50, 70, 3), 200, np.uint8)).save(tmp_path / "img.png")
-    pr = cmdfed("predict", str(tmp_path / "img.png"), "--checkpoint", str(tmp_path / "ft"), "--out", str(tmp_path / "pred"), "--device", "cpu")
-    assert pr.returncode == 0, pr.stderr and (tmp_path / "pred" / "img_inst.png").is_file()
+    predict = ["predict", str(tmp_path / "img.png"), "--checkpoint", str(tmp_path / "ft"), "--out", str(tmp_path / "pred"), "--device", "cpu"]
+    unknown = cmdfed(*predict)  # the model records 0.5 um/px; a PNG records nothing
+    assert unknown.returncode == 1 and "give --mpp" in unknown.stderr and not (tmp_path / "pred").exists()
+    pr = cmdfed(*predict, "--mpp", "0.5")
+    assert pr.returncode == 0, pr.stderr
+    assert (tmp_path / "pred" / "img_inst.png").is_file()
 
 
 def test_training_bad_input_is_one_line(tmp_path):
-    result = cmdfed("train", "finetune", "--store", str(tmp_path / "s.zarr"), "--out", str(tmp_path / "o"))
-    assert result.returncode == 1 and "exactly one of --init" in result.stderr
-    (tmp_path / "cfg.json").write_text('{"train": {"stepz": 1}}')
+    result = cmdfed("train", "finetune", "--store", str(tmp_path / "s.zarr"), "--out", str(tmp_path / "o"),
+                    "--init", "cmd-tiny-he", "--preset", "tiny")
+    assert result.returncode == 1 and "not both" in result.stderr
     assert cmdfed("data", "synth", str(tmp_path / "s.zarr"), "--n", "2", "--tile", "64").returncode == 0
+    result = cmdfed("train", "finetune", "--store", str(tmp_path / "s.zarr"), "--out", str(tmp_path / "o"), "--init", "cmd-nope")
+    assert result.returncode == 1 and "no released model named 'cmd-nope'" in result.stderr and "cmd-tiny-he" in result.stderr
+    (tmp_path / "cfg.json").write_text('{"train": {"stepz": 1}}')
     result = cmdfed("train", "pretrain", "--store", str(tmp_path / "s.zarr"), "--out", str(tmp_path / "o"), "--config", str(tmp_path / "cfg.json"))
     assert result.returncode == 1 and "unknown TrainConfig keys ['stepz']" in result.stderr
 

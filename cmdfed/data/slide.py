@@ -12,7 +12,8 @@ Tissue detection (``tissue_mask``): on a thumbnail, the HSV saturation of staine
 high and that of glass is near zero, so Otsu's threshold on saturation separates them for
 H&E without tuning (the approach of e.g. CLAM and HistoQC). Very dark pixels (pen marks,
 scanner debris) are dropped; small holes are closed and specks removed. A tile is kept when
-the tissue fraction of its footprint reaches ``min_tissue``.
+the tissue fraction of its footprint reaches ``min_tissue``. Tiles lie on the grid of
+:mod:`cmdfed.inference.tiling`.
 
 Memory stays bounded whatever the slide size: the thumbnail is built band by band from the
 lowest pyramid level that is large enough, tiles are read one at a time, and the store
@@ -35,6 +36,7 @@ from skimage.color import rgb2hsv
 
 from cmdfed.data.store import SiteStore, StoreInfo, Tile, create_store
 from cmdfed.errors import CmdfedError
+from cmdfed.inference.tiling import grid_starts
 from cmdfed.progress import Progress, report
 
 PLAIN_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
@@ -292,8 +294,10 @@ def plan_tiles(
     stride = tile_size - overlap
     corners = []
     grid = 0
-    for ly in range(0, max(lh - overlap, 1), stride):
-        for lx in range(0, max(lw - overlap, 1), stride):
+    # Regular positions (the last tile may reach past the edge, read as white): whole-slide
+    # inference's ownership of seam nuclei needs every tile on a multiple of the stride.
+    for ly in grid_starts(lh, tile_size, overlap, flush_end=False):
+        for lx in grid_starts(lw, tile_size, overlap, flush_end=False):
             grid += 1
             # Footprint of the tile on the thumbnail.
             t0y, t0x = int(ly * down / thumb_down), int(lx * down / thumb_down)

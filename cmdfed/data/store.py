@@ -25,6 +25,15 @@ Why this shape:
   leaves a store that reads at its previous length; the next writer trims the uncommitted
   tail. A new store is built beside its final path and renamed into place
   (:func:`create_store`), so a failed import leaves nothing behind.
+* A store knows its own completeness: with ``n_tiles``, each commit records in ``chunks``
+  which chunk (shard) files of each array exist (ranges of chunk indices along the tile axis;
+  zarr writes no file for an all-empty chunk, so "absent" is legitimate and recorded too).
+  Opening a store (training, federation, ``data info``) checks that every recorded file of the
+  committed tiles still exists: one ``stat`` per file, no data read. A deleted chunk would
+  otherwise read as zeros (empty masks, "unlabelled" tiles); it is refused, naming the array,
+  the tiles and how to re-import. Damaged bytes inside a file surface as a read error naming
+  the store (:meth:`SiteStore._read`). Stores written before the record existed open with one
+  warning per process and are not checked; re-importing them (or appending a tile) records it.
 * Everything a reader needs to interpret labels (class names, mpp, tile size) lives in
   the group attributes, so a store is self-describing when it is moved between machines.
 """
@@ -32,7 +41,9 @@ Why this shape:
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
+import os
 import shutil
 import uuid
 from dataclasses import dataclass, field
@@ -63,6 +74,13 @@ META_FIELDS: dict[str, str] = {
     "labelled": "bool",
 }
 META_CHUNK = 4096
+REIMPORT = (
+    "re-import the store from its source with the command that made it (`cmdfed data import ... --overwrite`, "
+    "`cmdfed data tile-slide` or `cmdfed data synth`), or restore it from a backup"
+)
+
+log = logging.getLogger("cmdfed.data")
+_warned_unrecorded: set[str] = set()
 
 
 @dataclass
@@ -180,13 +198,17 @@ class SiteStore:
                 "class_names": list(class_names),
                 "has_types": bool(has_types),
                 "shard_tiles": shard_tiles,
+                "chunks": {},
             }
         )
         return cls(path, group, "r+")
 
     @classmethod
-    def open(cls, path: str | Path, mode: str = "r") -> "SiteStore":
-        """Open an existing store; ``mode`` is ``"r"`` (default) or ``"r+"`` to append."""
+    def open(cls, path: str | Path, mode: str = "r", *, check: bool = True) -> "SiteStore":
+        """Open an existing store; ``mode`` is ``"r"`` (default) or ``"r+"`` to append.
+
+        ``check``: refuse a store whose recorded chunk files are not all there (see the module
+        docstring); only replacing a store skips it."""
         path = Path(path)
         if not path.exists():
             raise CmdfedError(f"site store {path} does not exist")
@@ -208,7 +230,10 @@ class SiteStore:
         missing = [k for k in ("images", "instances", *META_FIELDS) if k not in group]
         if missing:
             raise _not_a_store(path, f"missing arrays: {', '.join(missing)}")
-        return cls(path, group, mode)
+        store = cls(path, group, mode)
+        if check:
+            store.check_complete()
+        return store
 
     # -- facts --------------------------------------------------------------------------
 
@@ -326,6 +351,55 @@ class SiteStore:
             size_bytes=size,
         )
 
+    # -- completeness -------------------------------------------------------------------
+
+    def _tiles_per_file(self, key: str) -> int:
+        arr = self._group[key]
+        return int(arr.shards[0] if arr.shards else arr.chunks[0])
+
+    def _chunk_file(self, key: str, index: int) -> Path:
+        arr = self._group[key]
+        return self.path / key / arr.metadata.encode_chunk_key((index, *[0] * (arr.ndim - 1)))
+
+    def _present_chunks(self, length: int) -> dict[str, list[list[int]]]:
+        """{array: [[first, stop), ...]} of the chunk files that exist for the first ``length`` tiles."""
+        record = {}
+        for key in self._array_keys():
+            n_files = -(-length // self._tiles_per_file(key))
+            present = [i for i in range(n_files) if self._chunk_file(key, i).is_file()]
+            record[key] = _ranges(present)
+        return record
+
+    def check_complete(self) -> None:
+        """Refuse the store if a chunk file recorded at its last commit is gone (stats only)."""
+        recorded = self.attrs.get("chunks")
+        if recorded is None:
+            if str(self.path) not in _warned_unrecorded:
+                _warned_unrecorded.add(str(self.path))
+                log.warning(
+                    "%s was written by an older cmdfed and records no chunk list, so a deleted chunk file would read "
+                    "as empty tiles; re-import it (or append a tile to it) to have it checked", self.path,
+                )  # fmt: skip
+            return
+        gone = []
+        for key, ranges in recorded.items():
+            if key not in self._group:
+                gone.append(f"'{key}' (the whole array)")
+                continue
+            per = self._tiles_per_file(key)
+            n_files = -(-self._length // per)
+            lost = [i for start, stop in ranges for i in range(start, min(stop, n_files)) if not self._chunk_file(key, i).is_file()]
+            if lost:
+                tiles = ", ".join(
+                    f"tiles {a * per}-{min(b * per, self._length) - 1}" for a, b in _ranges(lost)[:5]
+                ) + (" ..." if len(_ranges(lost)) > 5 else "")
+                gone.append(f"'{key}' {len(lost)} file(s), {tiles}")
+        if gone:
+            raise CmdfedError(
+                f"{self.path} is incomplete (damaged): chunk files written to it are missing ({'; '.join(gone)}), and those tiles "
+                f"would read as empty images or labels; {REIMPORT}"
+            )
+
     # -- writing ------------------------------------------------------------------------
 
     def writer(self) -> "StoreWriter":
@@ -334,8 +408,9 @@ class SiteStore:
         return StoreWriter(self)
 
     def _commit(self, new_length: int) -> None:
-        self._group.attrs["n_tiles"] = new_length
-        self.attrs["n_tiles"] = new_length
+        chunks = self._present_chunks(new_length)
+        self._group.attrs.update({"n_tiles": new_length, "chunks": chunks})  # one write of zarr.json
+        self.attrs.update({"n_tiles": new_length, "chunks": chunks})
         self._length = new_length
         self._metadata = {}
 
@@ -392,7 +467,7 @@ class StoreWriter:
 
     def close(self) -> None:
         self._flush()
-        if self._written != len(self.store):
+        if self._written != len(self.store) or "chunks" not in self.store.attrs:
             self.store._commit(self._written)
 
     def _validate(self, tile: Tile) -> None:
@@ -449,6 +524,17 @@ class StoreWriter:
         self._buffer = []
 
 
+def _ranges(indices: list[int]) -> list[list[int]]:
+    """Sorted indices as [[first, stop), ...] runs."""
+    runs: list[list[int]] = []
+    for i in indices:
+        if runs and runs[-1][1] == i:
+            runs[-1][1] = i + 1
+        else:
+            runs.append([i, i + 1])
+    return runs
+
+
 def check_target(path: Path, overwrite: bool) -> None:
     """Refuse a target that exists, unless ``overwrite`` and it is a cmdfed site store.
 
@@ -460,7 +546,7 @@ def check_target(path: Path, overwrite: bool) -> None:
     if not overwrite:
         raise CmdfedError(f"{path} already exists; choose another path or pass --overwrite")
     try:
-        SiteStore.open(path)  # checks the cmdfed store attributes
+        SiteStore.open(path, check=False)  # checks the cmdfed store attributes (a damaged store may be replaced)
     except CmdfedError:
         raise CmdfedError(f"{path} exists and is not a cmdfed site store; refusing to replace it, choose another path") from None
 

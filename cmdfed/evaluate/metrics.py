@@ -73,7 +73,7 @@ from scipy.optimize import linear_sum_assignment
 from scipy.spatial.distance import cdist
 
 from cmdfed.errors import CmdfedError
-from cmdfed.evaluate.labels import LabelIndex
+from cmdfed.inference.nuclei import LabelIndex
 
 PQ_IOU_THRESHOLD = 0.5
 DETECTION_RADIUS = 12.0

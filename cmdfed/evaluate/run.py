@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +10,8 @@ import torch
 from cmdfed.data.store import SiteStore
 from cmdfed.errors import CmdfedError
 from cmdfed.evaluate.metrics import aggregate_panoptic, evaluate_instances, summarize
-from cmdfed.evaluate.postprocess import WatershedParams, postprocess
-from cmdfed.inference import LoadedModel, load_model, predict_maps
+from cmdfed.inference.postprocess import WatershedParams, postprocess, postprocess_for
+from cmdfed.inference.segment import LoadedModel, load_model, predict_maps
 from cmdfed.progress import Progress, report
 
 
@@ -30,7 +29,8 @@ def evaluate_model(
     When the store records each tile's tissue, ``summary["pannuke"]`` also holds bPQ and mPQ
     aggregated as PanNuke does (per tissue, then over tissues; ``aggregate_panoptic``), which
     differs from ``mean_mpq``, the mean over tiles. ``params``: the post-processing; by
-    default HoVer-Net's scaled to the store's resolution (``WatershedParams.for_mpp``).
+    default the settings ``cmdfed train tune`` chose for the checkpoint, else HoVer-Net's
+    scaled to the store's resolution (``WatershedParams.for_mpp``).
     """
     if batch_size < 1:
         raise CmdfedError(f"--batch-size must be at least 1, got {batch_size}")
@@ -38,7 +38,10 @@ def evaluate_model(
     indices = site.labelled_indices() if indices is None else np.asarray(indices)
     if indices.size == 0:
         raise CmdfedError(f"{store} has no labelled tiles to evaluate on")
-    params = WatershedParams.for_mpp(site.mpp) if params is None else params
+    if params is None:
+        params, source = postprocess_for(loaded.checkpoint, site.mpp)
+    else:
+        source = "given"
     with_types = site.has_types and loaded.config.n_classes > 0
     if with_types and loaded.class_names != site.class_names:
         raise CmdfedError(
@@ -66,7 +69,8 @@ def evaluate_model(
     tissues = [str(site.metadata("tissue")[i]) for i in indices]
     if all(tissues):
         summary["pannuke"] = aggregate_panoptic(per_image, tissues)
-    summary["postprocess"] = asdict(params)
+    summary["postprocess"] = params.to_dict()
+    summary["postprocess_source"] = source
     summary["tiles"] = int(len(indices))
     summary["store"] = site.name
     summary["checkpoint"] = str(loaded.checkpoint)

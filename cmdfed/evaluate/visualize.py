@@ -5,26 +5,7 @@ from __future__ import annotations
 import numpy as np
 from skimage.segmentation import find_boundaries
 
-# One colour per class id (0 = background, unused); readable on H&E pink and purple.
-TYPE_COLOURS = np.array(
-    [
-        (0, 0, 0),
-        (0, 200, 0),  # 1
-        (255, 200, 0),  # 2
-        (0, 160, 255),  # 3
-        (255, 60, 60),  # 4
-        (190, 0, 255),  # 5
-        (0, 230, 230),  # 6
-        (255, 120, 0),  # 7
-    ],
-    dtype=np.uint8,
-)
-
-
-def type_colour(type_id: int | None) -> tuple[int, int, int]:
-    if not type_id:
-        return (0, 200, 0)
-    return tuple(int(c) for c in TYPE_COLOURS[1 + (type_id - 1) % (len(TYPE_COLOURS) - 1)])
+from cmdfed.inference.nuclei import type_colour
 
 
 def draw_outlines(image: np.ndarray, instances: np.ndarray, types: np.ndarray | None = None) -> np.ndarray:

@@ -7,7 +7,9 @@ run: fine-tuning continues after pretraining)::
       model.safetensors      the global model, all groups (heads too, before fine-tuning)
       strategy.safetensors   the strategy's state (FedAdam/FedYogi moments), when it has one
       config.json            phase, round in phase, model config, class names, run config,
-                             the round's metrics; cmdfed checkpoint format
+                             the round's metrics, the phase's training resolution (mpp, when
+                             the sites agreed on one), the init it started from; cmdfed
+                             checkpoint format
 
 The folder is written under a temporary name and renamed, then ``RUN_DIR/latest`` is
 replaced, both atomically: a crash leaves either the whole round or none of it. A round
@@ -27,7 +29,7 @@ from __future__ import annotations
 import re
 import shutil
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -37,7 +39,7 @@ from safetensors.torch import load_file, save_file
 from cmdfed.atomic import atomic_dir, write_bytes_atomic, write_json_atomic
 from cmdfed.errors import CmdfedError
 from cmdfed.federation.events import emit_event
-from cmdfed.train.checkpoint import CHECKPOINT_FORMAT, CheckpointFormatError, load_checkpoint
+from cmdfed.model.checkpoint import CHECKPOINT_FORMAT, CheckpointFormatError, load_checkpoint, verify_files, write_checksums
 
 ROUND_PATTERN = re.compile(r"round-(\d{4,})")
 STRATEGY_FILE = "strategy.safetensors"
@@ -52,6 +54,7 @@ class RoundCheckpoint:
     weights: dict[str, torch.Tensor]
     strategy_state: dict[str, torch.Tensor]
     metrics: dict
+    config: dict = field(default_factory=dict)  # the whole config.json (training resolution, init, ...)
 
 
 def round_name(round: int) -> str:
@@ -86,6 +89,7 @@ def save_round(
             **config, "phase": phase, "phase_round": phase_round, "round": round, "step": round,
             "metrics": metrics, "strategy_state": bool(strategy_state), "format": CHECKPOINT_FORMAT,
         })  # fmt: skip
+        write_checksums(tmp)  # verified on load (cmdfed.model.checkpoint)
     write_bytes_atomic(run_dir / "latest", final.name.encode())
     return final
 
@@ -101,10 +105,11 @@ def load_round(path: str | Path) -> RoundCheckpoint:
         strategy_path = checkpoint.path / STRATEGY_FILE
         if not strategy_path.is_file():
             raise CmdfedError(f"{strategy_path} is missing; the round checkpoint is incomplete")
+        verify_files(checkpoint.path, [STRATEGY_FILE])
         strategy_state = _load_tensors(strategy_path)
     return RoundCheckpoint(
         checkpoint.path, int(config["round"]), str(config["phase"]), int(config["phase_round"]),
-        checkpoint.weights, strategy_state, dict(config.get("metrics") or {}),
+        checkpoint.weights, strategy_state, dict(config.get("metrics") or {}), dict(config),
     )  # fmt: skip
 
 

@@ -17,7 +17,7 @@ from cmdfed.train.phases import finetune_model_config
 
 PHASES = ("pretrain", "finetune")
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi")
-FINETUNE_TRAINABLE = ("heads", "heads+modulation")
+FINETUNE_TRAINABLE = ("heads", "heads+modulation", "all")
 DP_MODES = ("off", "local", "central")
 
 
@@ -28,7 +28,10 @@ class FederationConfig(ConfigBase):
     name: str = "cmdfed"  # the run's name in telemetry
     run_dir: str = "cmdfed-run"  # on the server: round checkpoints, run.json, received.jsonl
     telemetry: str = ""  # telemetry store path or URL; "" = RUN_DIR/telemetry.db
-    preset: str = "tiny"
+    # Initial global weights: "" = random (seeded), else a checkpoint or run folder on the server or a
+    # released model's name (``cmdfed models list``); its architecture is the run's (see ``cmdfed.federation.init``).
+    init: str = ""
+    preset: str = "tiny"  # with init: must name the preset the checkpoint was built from
     classes: str = ""  # comma-separated nucleus types of the NC head ("" = no NC head)
     pretrain_rounds: int = 10
     finetune_rounds: int = 10
@@ -40,7 +43,7 @@ class FederationConfig(ConfigBase):
     grad_clip: float = 1.0
     augment: bool = True
     label_fraction: float = 1.0
-    finetune_trainable: str = "heads"  # heads | heads+modulation
+    finetune_trainable: str = "heads"  # heads | heads+modulation | all (end to end)
     strategy: str = "fedavg"  # fedavg | fedprox | fedadam | fedyogi
     proximal_mu: float = 0.01  # fedprox
     server_lr: float = 0.01  # fedadam/fedyogi: eta
@@ -126,17 +129,29 @@ class FederationConfig(ConfigBase):
         """Rounds are numbered through the run: fine-tuning continues after pretraining."""
         return phase_round if phase == "pretrain" else self.pretrain_rounds + phase_round
 
-    def model_config(self, phase: str) -> ModelConfig:
-        """The architecture both sides build; fine-tuning drops drop-path (frozen backbone)."""
-        n_classes = len(self.class_names) if len(self.class_names) > 1 else 0
-        base = ModelConfig.from_preset(self.preset, n_classes=n_classes)
-        return base if phase == "pretrain" else finetune_model_config(base, n_classes, self.finetune_trainable)
+    @property
+    def n_classes(self) -> int:
+        """NC channels of the run's model (0 = no NC head)."""
+        return len(self.class_names) if len(self.class_names) > 1 else 0
+
+    def architecture(self) -> ModelConfig:
+        """The preset's architecture with the run's NC head: the run's model unless ``init`` gives one."""
+        return ModelConfig.from_preset(self.preset, n_classes=self.n_classes)
+
+    def model_config(self, phase: str, architecture: ModelConfig | None = None) -> ModelConfig:
+        """The model both sides build in ``phase``: ``architecture`` (the init checkpoint's, which the
+        server sends the sites with every round; None = the preset's) with the run's NC head;
+        fine-tuning drops drop-path unless it trains end to end (frozen branches only add noise)."""
+        base = architecture if architecture is not None else self.architecture()
+        base = ModelConfig.from_dict({**base.to_dict(), "n_classes": self.n_classes})
+        return base if phase == "pretrain" else finetune_model_config(base, self.n_classes, self.finetune_trainable)
 
     def sent_groups(self, phase: str) -> tuple[str, ...]:
         """Parameter groups a round trains and sends both ways."""
         if phase == "pretrain":
             return ("backbone", "modulation")
-        return ("heads", "modulation") if self.finetune_trainable == "heads+modulation" else ("heads",)
+        return {"heads": ("heads",), "heads+modulation": ("heads", "modulation"),
+                "all": ("backbone", "modulation", "heads")}[self.finetune_trainable]  # fmt: skip
 
     def frozen_groups(self, phase: str) -> tuple[str, ...]:
         """Groups a fine-tuning site needs but never trains; delivered once per phase, not per round."""

@@ -3,7 +3,9 @@
 The Flower ServerApp (``server/``) moves messages and runs the strategy; everything it
 decides with or records goes through this object:
 
-* **where to start**: a new run initialises the model from the run seed; a run folder with
+* **where to start**: a new run initialises the model from the run seed, or from the
+  checkpoint ``init`` names (``init.py``: its architecture and weights, pinned in run.json
+  and recorded in every round checkpoint); a run folder with
   round checkpoints resumes after the last complete one (``checkpoints.py``), with the
   strategy state saved beside it, so no round is lost or counted twice. ``run.json`` pins
   the settings a resumed run must keep (``FederationConfig.resume_key``) and the run's
@@ -14,7 +16,9 @@ decides with or records goes through this object:
   name, so two sites started with the same name are not mixed up in averaging or telemetry.
 * **what is accepted**: updates are screened (``updates.screen_updates``) before averaging.
 * **what is kept**: after each round the global weights and strategy state (checkpoint),
-  round and per-site rows with timings and bytes (telemetry), a line per received message
+  round and per-site rows with timings and bytes (telemetry), the phase's training
+  resolution (``mpp``, when every site whose update was averaged reported the same one,
+  so ``cmdfed edge export`` of a round needs no ``--mpp``), a line per received message
   in ``received.jsonl`` (which keys, dtypes and numbers each site sent: an audit that no
   image or path left a site), and a progress event on stdout for ``cmdfed federate``.
 
@@ -43,14 +47,16 @@ from cmdfed.errors import CmdfedError
 from cmdfed.federation.checkpoints import last_complete_round, prune_rounds, save_round
 from cmdfed.federation.config import PHASES, FederationConfig
 from cmdfed.federation.events import emit_event
+from cmdfed.federation.init import check_pinned_init, load_initial_weights
 from cmdfed.federation.local import evaluate_on_store, open_site, site_model
 from cmdfed.federation.site import weights_fingerprint
 from cmdfed.federation.updates import screen_updates
-from cmdfed.model.config import build_model
-from cmdfed.model.unet import ConvNeXtUNet
+from cmdfed.model.checkpoint import model_version
+from cmdfed.model.config import ModelConfig
+from cmdfed.model.unet import ConvNeXtUNet, build_model
 from cmdfed.telemetry import TelemetryStore
-from cmdfed.train.checkpoint import model_version
 from cmdfed.train.device import select_device
+from cmdfed.train.phases import training_mpp
 
 NumpyWeights = dict[str, np.ndarray]
 
@@ -73,6 +79,7 @@ class RoundReport:
     bytes_received: int
     train_metrics: dict[str, float] = field(default_factory=dict)
     eval_metrics: dict[str, float] = field(default_factory=dict)
+    resolutions: list[float] = field(default_factory=list)  # mpp of each averaged site's store, NaN when unknown
 
 
 class SiteNames:
@@ -124,24 +131,37 @@ class RunCoordinator:
         self.config = config
         check_server_eval_store(config)  # before any site spends compute (or privacy) on a run that would fail
         self.run_dir = Path(config.run_dir).expanduser().absolute()
+        last = last_complete_round(self.run_dir)
+        # A new run's init is checked before the run folder is made; a resumed one needs it no more.
+        initial = load_initial_weights(config) if last is None and config.init else None
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.run_id = self._pin_run()
+        self.run_id, self.init = self._pin_run(initial.record if initial else None)
+        self.architecture = ModelConfig.from_dict(self.init["architecture"]) if self.init else config.architecture()
         self.sites = SiteNames()
         self._telemetry_failed = False
         self.telemetry = self._open_telemetry()
-        last = last_complete_round(self.run_dir)
+        self._resolutions: dict[str, list[float]] = {phase: [] for phase in PHASES}
         if last is None:
-            torch.manual_seed(config.seed)
-            self.weights = {k: v.detach().clone() for k, v in build_model(config.model_config("pretrain")).state_dict().items()}
+            torch.manual_seed(config.seed)  # fresh groups (all, or the heads of a pretrained init) come from the seed
+            model = build_model(config.model_config("pretrain", self.architecture))
+            if initial is not None:
+                try:
+                    model.load_partial_state_dict(initial.weights, initial.groups)
+                except CmdfedError as exc:
+                    raise CmdfedError(f"init {config.init}: {exc}") from exc
+            self.weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
             self.done: tuple[str, int] = ("pretrain", 0)
             self.last_round, self.strategy_state = 0, {}
         else:
             self.weights, self.done = last.weights, (last.phase, last.phase_round)
             self.last_round, self.strategy_state = last.round, last.strategy_state
+            mpp = last.config.get("mpp")  # the phase so far agreed on it, or did not (None, or a round before mpp was kept)
+            self._resolutions[last.phase] = [float(mpp) if isinstance(mpp, (int, float)) else float("nan")]
         self._record("start_run", self.run_id, name=config.name, config=config.to_dict(), strategy=config.strategy,
                      phases=[p for p in PHASES if config.rounds(p)])  # fmt: skip
         emit_event("start", run_id=self.run_id, resumed_after=self.last_round, run_dir=str(self.run_dir),
-                   rounds={p: config.rounds(p) for p in PHASES})  # fmt: skip
+                   rounds={p: config.rounds(p) for p in PHASES},
+                   **({"init": {k: self.init[k] for k in ("init", "sha256", "heads")}} if self.init else {}))  # fmt: skip
 
     # -- plan ----------------------------------------------------------------------------
 
@@ -205,13 +225,16 @@ class RunCoordinator:
         server_metrics = self.server_evaluate(phase, phase_round)
         metrics = {**{f"train_{k}": v for k, v in report.train_metrics.items()},
                    **{f"eval_{k}": v for k, v in report.eval_metrics.items()}, **server_metrics}  # fmt: skip
-        model_config = self.config.model_config(phase)
+        model_config = self.config.model_config(phase, self.architecture)
+        resolutions = [*self._resolutions[phase], *(report.resolutions or [float("nan")])]
         path = save_round(
             self.run_dir, round=round, phase=phase, phase_round=phase_round, weights=self.weights,
             strategy_state=strategy_state, metrics=metrics,
             config={"model": model_config.to_dict(), "class_names": self.config.class_names,
-                    "federation": self.config.to_dict(), "name": self.config.name, "run_id": self.run_id},
+                    "federation": self.config.to_dict(), "name": self.config.name, "run_id": self.run_id,
+                    "mpp": training_mpp(resolutions), "init": self.init},
         )  # fmt: skip
+        self._resolutions[phase] = resolutions
         prune_rounds(self.run_dir, self.config.keep_rounds, protected={self.config.global_round("pretrain", self.config.pretrain_rounds)})
         self.done, self.last_round, self.strategy_state = (phase, phase_round), round, strategy_state
         finished = time.time()
@@ -251,7 +274,7 @@ class RunCoordinator:
             return {}
         sent = {k: v for k, v in self.weights.items() if ConvNeXtUNet.group_of(k) in config.sent_groups(phase)}
         frozen = {k: v for k, v in self.weights.items() if ConvNeXtUNet.group_of(k) in config.frozen_groups(phase)}
-        model = site_model(config, phase, sent, frozen, select_device("auto"))
+        model = site_model(config, phase, sent, frozen, select_device("auto"), self.architecture)
         tiles, metrics = evaluate_on_store(model, phase, config.server_eval_store, config, remedy=SERVER_STORE_REMEDY)
         return {"server_tiles": tiles, **{f"server_{k}": v for k, v in metrics.items()}}
 
@@ -274,7 +297,10 @@ class RunCoordinator:
 
     # -- internals -----------------------------------------------------------------------
 
-    def _pin_run(self) -> str:
+    def _pin_run(self, init: dict | None) -> tuple[str, dict | None]:
+        """The run's id and init record: pinned in ``run.json`` by a new run, read back by a resumed one.
+
+        ``init``: the record of the weights a run with no round yet starts from (None otherwise)."""
         path = self.run_dir / "run.json"
         key = self.config.resume_key()
         if path.is_file():
@@ -282,16 +308,20 @@ class RunCoordinator:
                 pinned = json.loads(path.read_text())
             except (OSError, json.JSONDecodeError) as exc:
                 raise CmdfedError(f"{path} is unreadable ({exc}); the run folder is damaged") from exc
-            changed = sorted(k for k in set(key) | set(pinned["config"]) if key.get(k) != pinned["config"].get(k))
+            # A key a run folder predates holds its default there (e.g. init, added later).
+            before = {**FederationConfig().resume_key(), **pinned["config"]}
+            changed = sorted(k for k in set(key) | set(before) if key.get(k) != before.get(k))
             if changed:
                 raise CmdfedError(
                     f"{self.run_dir} holds a run whose settings differ in {', '.join(changed)}; "
                     "resume it with the same settings or choose a new run folder"
                 )
-            return str(pinned["run_id"])
+            if init is not None:
+                check_pinned_init(pinned.get("init"), init, path)
+            return str(pinned["run_id"]), pinned.get("init") or init
         run_id = uuid.uuid4().hex
-        write_json_atomic(path, {"run_id": run_id, "config": key, "created_at": time.time()})
-        return run_id
+        write_json_atomic(path, {"run_id": run_id, "config": key, "created_at": time.time(), **({"init": init} if init else {})})
+        return run_id, init
 
     def _open_telemetry(self) -> TelemetryStore | None:
         target = self.config.telemetry or str(self.run_dir / "telemetry.db")

@@ -2,7 +2,12 @@
 
 Only the phase's *sent* groups (``FederationConfig.sent_groups``) come in and go out; in
 fine-tuning the frozen backbone is passed separately (the site keeps it from the phase's
-first round, see ``client.client_app``), so a round's traffic is the heads alone.
+first round, see ``client.client_app``), so a round's traffic is the heads alone (with
+``finetune-trainable = "all"`` nothing is frozen and the whole model travels).
+
+The model's architecture is the run's preset, or the initial checkpoint's when the run
+starts from one (``init``); the site cannot read that checkpoint, so the server sends the
+architecture with every message and the round functions take it as ``architecture``.
 
 Every random choice of a local round (batches, augmentation, masks, noise) is seeded by
 ``(run seed, phase, round, site name)``: a round re-run after a crash trains exactly as it
@@ -24,6 +29,7 @@ standard estimate, not a formal guarantee for shuffled batches.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 import zlib
 from pathlib import Path
@@ -38,10 +44,10 @@ from cmdfed.data.store import SiteStore
 from cmdfed.errors import CmdfedError
 from cmdfed.evaluate.run import evaluate_model
 from cmdfed.federation.config import PHASES, FederationConfig, check_phase
-from cmdfed.inference import LoadedModel, to_model_input
-from cmdfed.model.config import DiffusionConfig, build_model
+from cmdfed.inference.segment import LoadedModel, to_model_input
+from cmdfed.model.config import DiffusionConfig, ModelConfig
 from cmdfed.model.diffusion import MaskedDiffusion
-from cmdfed.model.unet import ConvNeXtUNet
+from cmdfed.model.unet import ConvNeXtUNet, build_model
 from cmdfed.privacy.accounting import PrivacyLedger, PrivateSteps, noise_for_budget
 from cmdfed.train.device import memory_format, select_device
 from cmdfed.train.loop import LossFn, TrainConfig, Trainer
@@ -51,11 +57,20 @@ Weights = dict[str, Tensor]
 
 
 class LocalUpdate(NamedTuple):
-    """What a site sends back: trained weights of the sent groups, its example count, numbers."""
+    """What a site sends back: trained weights of the sent groups, its example count, numbers,
+    and its store's resolution (None when the store does not know it): the server records the
+    run's training resolution in its round checkpoints when every site's agrees."""
 
     weights: Weights
     n_examples: int
     metrics: dict[str, float]
+    mpp: float | None = None
+
+
+def store_mpp(site_store: str | Path) -> float | None:
+    """A store's resolution in um/px, None when unknown (its metadata holds no mpp)."""
+    mpp = SiteStore.open(site_store).mpp
+    return float(mpp) if math.isfinite(mpp) and mpp > 0 else None
 
 
 def round_seed(seed: int, phase: str, round: int, site: str) -> int:
@@ -76,15 +91,17 @@ def local_pretrain_round(
     batch_size: int | None = None,
     proximal_mu: float = 0.0,
     ledger: PrivacyLedger | None = None,
+    architecture: ModelConfig | None = None,
 ) -> LocalUpdate:
     """``config.local_steps`` masked-diffusion steps on all tiles of the site's store
     (DP-SGD spending from ``ledger`` when the run uses local DP)."""
     dev = select_device(device)
-    model = site_model(config, "pretrain", global_weights, {}, dev)
+    model = site_model(config, "pretrain", global_weights, {}, dev, architecture)
     dataset = SiteDataset(site_store, augment=config.augment)
     diffusion = MaskedDiffusion(DiffusionConfig())
     loss_fn = _dpsgd().per_sample_pretrain_loss(model, diffusion) if ledger else pretrain_loss(model, diffusion, None)
-    return _train(model, loss_fn, dataset, config, "pretrain", round, site_name, dev, batch_size, proximal_mu, ledger)
+    update = _train(model, loss_fn, dataset, config, "pretrain", round, site_name, dev, batch_size, proximal_mu, ledger)
+    return update._replace(mpp=store_mpp(site_store))
 
 
 def local_finetune_round(
@@ -99,17 +116,20 @@ def local_finetune_round(
     batch_size: int | None = None,
     proximal_mu: float = 0.0,
     ledger: PrivacyLedger | None = None,
+    architecture: ModelConfig | None = None,
 ) -> LocalUpdate:
-    """``config.local_steps`` head fine-tuning steps over the frozen backbone, on the
-    run's reproducible ``label_fraction`` of the site's labelled tiles (DP-SGD spending
-    from ``ledger`` when the run uses local DP)."""
+    """``config.local_steps`` fine-tuning steps of the trainable groups (the heads over the
+    frozen backbone by default; ``finetune-trainable``), on the run's reproducible
+    ``label_fraction`` of the site's labelled tiles (DP-SGD spending from ``ledger`` when
+    the run uses local DP)."""
     dev = select_device(device)
     site = open_site(site_store, config)
-    model = site_model(config, "finetune", global_weights, frozen_weights, dev)
+    model = site_model(config, "finetune", global_weights, frozen_weights, dev, architecture)
     dataset = SiteDataset(site_store, indices=training_tiles(site, config.label_fraction, config.seed),
                           augment=config.augment, targets=True)  # fmt: skip
     loss_fn = _dpsgd().per_sample_finetune_loss(model) if ledger else finetune_loss(model, None)
-    return _train(model, loss_fn, dataset, config, "finetune", round, site_name, dev, batch_size, proximal_mu, ledger)
+    update = _train(model, loss_fn, dataset, config, "finetune", round, site_name, dev, batch_size, proximal_mu, ledger)
+    return update._replace(mpp=store_mpp(site_store))
 
 
 def open_privacy_ledger(config: FederationConfig, site_store: str | Path, work_dir: Path, run_id: str,
@@ -167,15 +187,22 @@ def open_site(site_store: str | Path, config: FederationConfig, *,
     return site
 
 
-def site_model(config: FederationConfig, phase: str, sent: Weights, frozen: Weights, device: torch.device) -> ConvNeXtUNet:
-    """The run's model with the phase's sent (and frozen) groups loaded, only the sent ones trainable."""
+def site_model(config: FederationConfig, phase: str, sent: Weights, frozen: Weights, device: torch.device,
+               architecture: ModelConfig | None = None) -> ConvNeXtUNet:  # fmt: skip
+    """The run's model (``architecture``: the server's, see the module docstring) with the
+    phase's sent (and frozen) groups loaded, only the sent ones trainable."""
     torch.manual_seed(config.seed)  # the groups nobody sends (heads in pretraining) start alike everywhere
-    model = build_model(config.model_config(phase))
+    model = build_model(config.model_config(phase, architecture))
     model.load_partial_state_dict(sent, config.sent_groups(phase))
     if config.frozen_groups(phase):
         model.load_partial_state_dict(frozen, config.frozen_groups(phase))
     model.freeze(("backbone", "modulation", "heads"))
     model.unfreeze(config.sent_groups(phase))
+    if phase == "finetune":
+        # The diffusion output layer (and its modulation) is no part of segment(): it gets no gradient, which
+        # AdamW skips but DP-SGD refuses (a trainable parameter without per-tile gradients). It still travels,
+        # unchanged, with the groups that hold it (`all`, `heads+modulation`), so pretraining can go on from the result.
+        model.final_layer.requires_grad_(False)
     return model.to(device, memory_format=memory_format(device))
 
 
@@ -211,6 +238,9 @@ def _train(
         weight_decay=config.weight_decay, warmup_steps=0, min_lr_ratio=1.0, grad_clip=0.0 if ledger else config.grad_clip,
         seed=_dpsgd().secret_seed() if ledger else round_seed(config.seed, phase, round, site_name), augment=config.augment,
         checkpoint_every=config.local_steps, sample_every=0,
+        # DP-SGD in fp32: under bf16 autocast Opacus's per-sample gradient hooks meet bf16 activations and fp32
+        # output gradients (its LayerScale sampler fails outright), and per-tile clipping norms want fp32 anyway.
+        precision="fp32" if ledger else "auto",
     )  # fmt: skip
     spending = None
     if ledger is not None:
@@ -316,7 +346,8 @@ def local_evaluate(
     config: FederationConfig,
     *,
     device: str = "auto",
+    architecture: ModelConfig | None = None,
 ) -> tuple[int, dict[str, float]]:
     """A site's evaluation of the global weights of ``phase`` (see :func:`evaluate_on_store`)."""
-    model = site_model(config, phase, global_weights, frozen_weights, select_device(device))
+    model = site_model(config, phase, global_weights, frozen_weights, select_device(device), architecture)
     return evaluate_on_store(model, phase, site_store, config)

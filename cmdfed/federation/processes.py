@@ -23,11 +23,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from cmdfed.addresses import LOOPBACK
 from cmdfed.errors import CmdfedError
 
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")  # Flower colours its log levels
-
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def flower_env(flwr_home: Path) -> dict[str, str]:
@@ -101,13 +100,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
-
-
-def split_address(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise CmdfedError(f"address {address!r} must be host:port, e.g. 127.0.0.1:9092")
-    return host.strip("[]"), int(port)
 
 
 CONNECT_WITH_TLS = "pass --ca with the federation's ca.crt (made on the server by `cmdfed certs init`)"

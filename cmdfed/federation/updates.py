@@ -1,4 +1,4 @@
-"""Screening what sites send before it is averaged, and keeping paths out of what they say.
+"""Screening what sites send before it is averaged.
 
 A single bad update (a diverged site, a bug, a malicious node) would poison the average, so
 the server checks every update against the global weights it sent before aggregation:
@@ -10,7 +10,6 @@ outlier halfway). A rejected update is logged and dropped; the round goes on wit
 
 from __future__ import annotations
 
-import re
 from typing import Mapping
 
 import numpy as np
@@ -60,12 +59,3 @@ def _malformed(reference: Mapping[str, ArrayLike], weights: Mapping[str, ArrayLi
         if not np.isfinite(value).all():
             return f"{key} holds NaN or infinite values"
     return None
-
-
-# A token with a path separator in it, e.g. /data/site-a/site.zarr or C:\stores\a.zarr.
-_PATH_TOKEN = re.compile(r"""(?:\b[A-Za-z]:)?[^\s'"()<>\[\]{},;:]*[\\/][^\s'"()<>\[\]{},;]*""")
-
-
-def redact_paths(text: str) -> str:
-    """``text`` with every path-like token cut to its last part: what a site may tell the server."""
-    return _PATH_TOKEN.sub(lambda m: re.split(r"[\\/]", m.group().rstrip("\\/"))[-1] or "<path>", text)

@@ -31,6 +31,12 @@ from cmdfed.errors import CmdfedError
 
 WEIGHTS_KEY = "weights"  # the vector's key in an ArrayRecord
 LAYOUT_PREFIX = "layout-"  # the sent vector's layout values in a message's config record
+# The model config (JSON) the server sends in every message's config record: a run started from a
+# checkpoint (``init``) has its architecture, which the sites cannot read from the checkpoint themselves.
+ARCHITECTURE_KEY = "architecture"
+# A site's store resolution (um/px) in a training reply's metrics, beside num-examples: the one piece
+# of store metadata a site sends, so round checkpoints can record the resolution the model trained at.
+RESOLUTION_KEY = "mpp"
 
 
 @dataclass(frozen=True)

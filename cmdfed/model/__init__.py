@@ -16,7 +16,8 @@ from cmdfed.model.config import (
     MODEL_PRESETS,
     DiffusionConfig,
     ModelConfig,
-    build_model,
+    cmd_base,
+    cmd_tiny,
 )
 from cmdfed.model.diffusion import (
     DiffusionLoss,
@@ -32,6 +33,7 @@ from cmdfed.model.unet import (
     ConvNeXtUNet,
     DiffusionOutput,
     SegmentationGraph,
+    build_model,
     count_parameters,
 )
 
@@ -51,6 +53,8 @@ __all__ = [
     "SegmentationGraph",
     "build_encoder",
     "build_model",
+    "cmd_base",
+    "cmd_tiny",
     "cosine_alphas_cumprod",
     "count_parameters",
     "hovernet_loss",

@@ -4,8 +4,10 @@ The CMD paper fixes the design (ConvNeXt U-Net, masked pixel-space diffusion, ad
 normalisation on frozen FM features, small task heads) but few numbers, so every recipe
 number is a field here, and each default says where it comes from:
 
-* ``base`` = ConvNeXt-T encoder (widths 96-192-384-768, depths 3-3-9-3; Liu et al. 2022),
-  so its cost and behaviour are known; ``tiny`` exists for CPU tests and demos (< 5 M).
+* Presets are size factories, one function each (``cmd_tiny``, ``cmd_base``; by name in
+  ``MODEL_PRESETS``), as DiT's ``DiT_S_2``... are. ``base`` = ConvNeXt-T encoder (widths
+  96-192-384-768, depths 3-3-9-3; Liu et al. 2022), so its cost and behaviour are known;
+  ``tiny`` (ModelConfig's defaults) exists for CPU tests and demos (< 5 M).
 * ``decoder_depths`` (blocks per decoder level, listed finest first: 1/4, 1/8, 1/16) is
   2 in ``base``: two 7x7 blocks at 1/4 resolution reach +-24 px, enough to carry context
   into the middle of a 32-px hole.
@@ -34,15 +36,9 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from cmdfed.errors import CmdfedError
-from cmdfed.model.unet import ConvNeXtUNet
-
-MODEL_PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(widths=(32, 64, 128, 256), depths=(2, 2, 2, 2), decoder_depths=(1, 1, 1), full_res_width=16, full_res_depth=1, drop_path=0.0, cond_dim=32, head_width=32),
-    "base": dict(widths=(96, 192, 384, 768), depths=(3, 3, 9, 3), decoder_depths=(2, 2, 2), full_res_width=32, full_res_depth=2, drop_path=0.1, cond_dim=32, head_width=64),
-}
 
 FM_VECTORS = ("cls", "cls_mean", "none")
 PREDICTIONS = ("x0", "eps", "v")
@@ -107,33 +103,35 @@ def require(condition: bool, message: str) -> None:
 class ModelConfig(ConfigBase):
     """Architecture of the ConvNeXt U-Net, its conditioning and its task heads."""
 
+    # The sizes' defaults are the ``tiny`` preset's; other presets are factories below.
     preset: str = "tiny"  # the preset these sizes came from; informational
-    widths: tuple[int, ...] = MODEL_PRESETS["tiny"]["widths"]  # encoder stage widths at 1/4..1/32
-    depths: tuple[int, ...] = MODEL_PRESETS["tiny"]["depths"]  # ConvNeXt blocks per encoder stage
-    decoder_depths: tuple[int, ...] = MODEL_PRESETS["tiny"]["decoder_depths"]  # at 1/4, 1/8, 1/16
-    full_res_width: int = MODEL_PRESETS["tiny"]["full_res_width"]
-    full_res_depth: int = MODEL_PRESETS["tiny"]["full_res_depth"]
+    widths: tuple[int, ...] = (32, 64, 128, 256)  # encoder stage widths at 1/4..1/32
+    depths: tuple[int, ...] = (2, 2, 2, 2)  # ConvNeXt blocks per encoder stage
+    decoder_depths: tuple[int, ...] = (1, 1, 1)  # at 1/4, 1/8, 1/16
+    full_res_width: int = 16
+    full_res_depth: int = 1
     in_channels: int = 3  # image channels; the binary mask is appended, so the stem sees in_channels + 1
-    drop_path: float = MODEL_PRESETS["tiny"]["drop_path"]
+    drop_path: float = 0.0
     layer_scale_init: float = 1e-6
-    cond_dim: int = MODEL_PRESETS["tiny"]["cond_dim"]
+    cond_dim: int = 32
     fm_kind: str = "none"  # encoder kind for build_encoder: none | timm:<preset> | hf:<dir>
     fm_dim: int = 0  # FM token width (0 with fm_kind none)
     fm_vector: str = "cls_mean"  # FM summary fed to adaLN: cls | cls_mean | none
     use_patch_grid: bool = False  # per-pixel scale/shift from the FM patch-token grid
     grid_dim: int = 16
-    head_width: int = MODEL_PRESETS["tiny"]["head_width"]
+    head_width: int = 32
     np_channels: int = 2  # 2 = background/nucleus softmax (HoVer-Net), 1 = one sigmoid logit
     n_classes: int = 0  # NC channels including background; 0 = no NC head
     finetune_timestep: int = 50
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> ModelConfig:
+        """The preset ``name`` (a key of ``MODEL_PRESETS``) with ``overrides`` replacing single settings."""
         if name not in MODEL_PRESETS:
             raise CmdfedError(f"unknown model preset {name!r}; choose one of {', '.join(MODEL_PRESETS)}")
         if overrides.get("preset", name) != name:
             raise CmdfedError(f"preset {name!r} was asked for but the overrides say preset={overrides['preset']!r}")
-        return cls.from_dict({**MODEL_PRESETS[name], **overrides, "preset": name})
+        return MODEL_PRESETS[name](**{k: v for k, v in overrides.items() if k != "preset"})
 
     def validate(self) -> None:
         require(len(self.widths) == 4 and min(self.widths) > 0, f"widths must be 4 positive integers, got {self.widths}")
@@ -160,6 +158,23 @@ class ModelConfig(ConfigBase):
         require(self.finetune_timestep >= 0, f"finetune_timestep must be >= 0, got {self.finetune_timestep}")
 
 
+def cmd_tiny(**overrides: Any) -> ModelConfig:
+    """Under 5 M parameters, for CPU tests and demos: ModelConfig's default sizes."""
+    return ModelConfig.from_dict({**overrides, "preset": "tiny"})
+
+
+def cmd_base(**overrides: Any) -> ModelConfig:
+    """ConvNeXt-T's encoder (widths 96-192-384-768, depths 3-3-9-3; Liu et al. 2022) with two
+    blocks per decoder level and its ImageNet drop-path rate (see the module docstring)."""
+    sizes = dict(widths=(96, 192, 384, 768), depths=(3, 3, 9, 3), decoder_depths=(2, 2, 2), full_res_width=32,
+                 full_res_depth=2, drop_path=0.1, cond_dim=32, head_width=64)  # fmt: skip
+    return ModelConfig.from_dict({**sizes, **overrides, "preset": "base"})
+
+
+# Preset name (as configs and the CLI give it) -> its factory.
+MODEL_PRESETS: dict[str, Callable[..., ModelConfig]] = {"tiny": cmd_tiny, "base": cmd_base}
+
+
 @dataclass(frozen=True)
 class DiffusionConfig(ConfigBase):
     """Masked pixel-space diffusion: schedule, masking, loss and sampler settings."""
@@ -167,7 +182,8 @@ class DiffusionConfig(ConfigBase):
     timesteps: int = 1000
     cosine_offset: float = 0.008  # s in Nichol & Dhariwal's cosine schedule
     prediction: str = "x0"  # network output: x0 | eps | v
-    mask_ratio: float = 0.6
+    mask_ratio: float = 0.6  # the largest share of blocks hidden
+    mask_ratio_min: float = 0.0  # > 0: each tile hides a share drawn uniformly from [mask_ratio_min, mask_ratio]
     mask_block_size: int = 32
     visible_loss_weight: float = 0.1
     sampling_steps: int = 10
@@ -179,14 +195,12 @@ class DiffusionConfig(ConfigBase):
         require(self.cosine_offset >= 0, f"cosine_offset must be >= 0, got {self.cosine_offset}")
         require(self.prediction in PREDICTIONS, f"prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
         require(0.0 < self.mask_ratio < 1.0, f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        require(0.0 <= self.mask_ratio_min <= self.mask_ratio,
+                f"mask_ratio_min must be 0 (every tile hides mask_ratio) or in (0, mask_ratio], got "
+                f"{self.mask_ratio_min} with mask_ratio {self.mask_ratio}")
         require(self.mask_block_size in MASK_BLOCK_SIZES,
                  f"mask_block_size must be one of {MASK_BLOCK_SIZES}, got {self.mask_block_size}")
         require(self.visible_loss_weight >= 0, f"visible_loss_weight must be >= 0, got {self.visible_loss_weight}")
         require(1 <= self.sampling_steps <= self.timesteps,
                  f"sampling_steps must be in [1, timesteps], got {self.sampling_steps}")
         require(self.sampling_eta >= 0, f"sampling_eta must be >= 0, got {self.sampling_eta}")
-
-
-def build_model(config: ModelConfig) -> ConvNeXtUNet:
-    """A freshly initialised CMD model for ``config``."""
-    return ConvNeXtUNet(config)

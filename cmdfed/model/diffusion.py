@@ -124,7 +124,12 @@ class MaskedDiffusion:
         rows, cols = height // block, width // block
         cells = rows * cols
         jitter = torch.rand(batch, generator=generator, device=_generator_device(generator))
-        counts = torch.floor(self.config.mask_ratio * cells + jitter).clamp(1, max(cells - 1, 1))
+        low, high = self.config.mask_ratio_min or self.config.mask_ratio, self.config.mask_ratio
+        if low < high:  # a ratio per tile; the fixed-ratio draw stays as it was (same seeds, same masks)
+            ratio = low + (high - low) * torch.rand(batch, generator=generator, device=_generator_device(generator))
+        else:
+            ratio = torch.full((batch,), high, device=_generator_device(generator))
+        counts = torch.floor(ratio * cells + jitter).clamp(1, max(cells - 1, 1))
         scores = torch.rand(batch, cells, generator=generator, device=_generator_device(generator))
         ranks = scores.argsort(dim=1).argsort(dim=1)
         hidden = (ranks < counts[:, None]).float().view(batch, 1, rows, cols)

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cmdfed.errors import CmdfedError
+from cmdfed.model.checkpoint import state_dict_mismatch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -261,17 +262,9 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
 
 
 def _load_exact(model: nn.Module, state_dict: dict[str, Tensor], what: str, path: Path) -> None:
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    wrong_shape = sorted(k for k in set(expected) & set(state_dict) if expected[k].shape != state_dict[k].shape)
-    if missing or unexpected or wrong_shape:
-        raise CmdfedError(
-            f"{what}: {path} does not match {type(model).__name__}: {len(missing)} missing "
-            f"(e.g. {', '.join(missing[:3]) or '-'}), {len(unexpected)} unexpected "
-            f"(e.g. {', '.join(unexpected[:3]) or '-'}), {len(wrong_shape)} of the wrong shape "
-            f"(e.g. {', '.join(wrong_shape[:3]) or '-'})"
-        )
+    mismatch = state_dict_mismatch(model.state_dict(), state_dict)
+    if mismatch:
+        raise CmdfedError(f"{what}: {path} does not match {type(model).__name__}: {mismatch}")
     model.load_state_dict(state_dict)
 
 

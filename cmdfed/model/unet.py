@@ -60,6 +60,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cmdfed.errors import CmdfedError
+from cmdfed.model.checkpoint import state_dict_mismatch
 from cmdfed.model.conditioning import AdaptiveModulation, Conditioning, grid_at, modulate
 from cmdfed.model.encoders import FMFeatures
 from cmdfed.model.heads import SegmentationHeads
@@ -316,15 +317,11 @@ class ConvNeXtUNet(nn.Module):
         """Overwrite exactly the named groups; the rest of the model is untouched."""
         wanted = _check_groups(groups)
         current = {k: v for k, v in self.state_dict().items() if self.group_of(k) in wanted}
-        missing = sorted(set(current) - set(state_dict))
-        unexpected = sorted(set(state_dict) - set(current))
-        wrong_shape = sorted(k for k in set(current) & set(state_dict) if current[k].shape != state_dict[k].shape)
-        if missing or unexpected or wrong_shape:
+        mismatch = state_dict_mismatch(current, state_dict)
+        if mismatch:
             raise CmdfedError(
-                f"state dict does not match groups {sorted(wanted)} of this model: {len(missing)} missing "
-                f"(e.g. {', '.join(missing[:3]) or '-'}), {len(unexpected)} unexpected "
-                f"(e.g. {', '.join(unexpected[:3]) or '-'}), {len(wrong_shape)} of the wrong shape "
-                f"(e.g. {', '.join(wrong_shape[:3]) or '-'}); was it saved from the same config?"
+                f"state dict does not match groups {sorted(wanted)} of this model: {mismatch}; "
+                "was it saved from the same config?"
             )
         with torch.no_grad():
             for key, tensor in current.items():
@@ -381,3 +378,8 @@ def _check_groups(groups: Iterable[str]) -> set[str]:
     if unknown:
         raise CmdfedError(f"unknown parameter groups {unknown}; choose from {', '.join(PARAMETER_GROUPS)}")
     return wanted
+
+
+def build_model(config: ModelConfig) -> ConvNeXtUNet:
+    """A freshly initialised CMD model for ``config``."""
+    return ConvNeXtUNet(config)

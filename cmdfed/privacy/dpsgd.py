@@ -39,7 +39,7 @@ from opacus.validators import ModuleValidator
 from torch import Tensor, nn
 
 from cmdfed.errors import CmdfedError
-from cmdfed.inference import to_model_input
+from cmdfed.inference.segment import to_model_input
 from cmdfed.model.diffusion import MaskedDiffusion, masked_diffusion_loss
 from cmdfed.model.layers import LayerScale
 from cmdfed.model.losses import hovernet_loss

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import sqlite3
 import threading
 import time
@@ -21,6 +20,7 @@ from sqlalchemy.dialects import sqlite as sqlite_dialect
 
 import cmdfed
 from cmdfed.errors import CmdfedError
+from cmdfed.redaction import file_name_only, redact_paths
 from cmdfed.telemetry.schema import DATA_TABLES, SCHEMA_VERSION, T, current_version, upgrade
 
 SITE_STATUSES = ("trained", "failed", "timed_out", "declined_budget")
@@ -668,24 +668,15 @@ def _check_choice(what: str, value: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{what} {value!r} is not one of {', '.join(choices)}")
 
 
-def file_name_only(name: str) -> str:
-    return re.split(r"[\\/]", name.rstrip("\\/"))[-1]
-
-
-# A token with a path separator in it, e.g. /data/patient7/slide.svs or C:\scans\a.ndpi.
-_PATH_TOKEN = re.compile(r"""[^\s'"()<>\[\]{},;]*[\\/][^\s'"()<>\[\]{},;]*""")
-
-
 def scrub_paths(error: str | None) -> str | None:
-    """Error text without folders: every path-like token is cut to its last part."""
+    """Error text without folders (``cmdfed.redaction``), cut to the column's length."""
     if error is None:
         return None
-    text = _PATH_TOKEN.sub(lambda m: file_name_only(m.group()), str(error))
-    return text[:_MAX_ERROR_CHARS]
+    return redact_paths(str(error))[:_MAX_ERROR_CHARS]
 
 
 def _one_line(error: BaseException | None) -> str:
     return " ".join(str(error).split())
 
 
-__all__ = ["BUSY_TIMEOUT_S", "RUN_STATUSES", "SITE_STATUSES", "TelemetryStore", "file_name_only", "scrub_paths"]
+__all__ = ["BUSY_TIMEOUT_S", "RUN_STATUSES", "SITE_STATUSES", "TelemetryStore", "scrub_paths"]

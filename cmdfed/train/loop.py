@@ -3,7 +3,8 @@
 Recipe (each a ``TrainConfig`` value): AdamW (decoupled weight decay, the ConvNeXt/DiT
 default) with no decay on norms, biases and LayerScale gammas; linear warm-up then cosine
 decay to ``min_lr_ratio`` of the peak; gradient-norm clipping; optional EMA of the weights
-(``torch.optim.swa_utils``, as DiT keeps one for sampling); bf16 autocast on GPUs.
+(``torch.optim.swa_utils``, as DiT keeps one for sampling); bf16 autocast where the
+hardware has native bf16 (``precision``, see ``device.py``).
 
 Determinism and exact resume. Each step reseeds torch's global RNG with a function of
 ``(seed, step)`` and draws that step's batch from ``StepBatchSampler``; masks, timesteps,
@@ -31,7 +32,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from cmdfed.errors import CmdfedError
 from cmdfed.model.config import ConfigBase, require
-from cmdfed.train.device import autocast
+from cmdfed.train.device import PRECISIONS, autocast, memory_format
 
 LossFn = Callable[[dict[str, Tensor]], tuple[Tensor, dict[str, float]]]
 
@@ -54,6 +55,7 @@ class TrainConfig(ConfigBase):
     checkpoint_every: int = 500
     sample_every: int = 500  # pretraining: write an inpainting grid every N steps (0 = never)
     keep_checkpoints: int = 3
+    precision: str = "auto"  # auto | bf16 | fp32; auto = bf16 where the device computes it natively
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "checkpoint_every"):
@@ -63,6 +65,7 @@ class TrainConfig(ConfigBase):
         require(self.lr > 0, f"lr must be positive, got {self.lr}")
         require(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         require(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        require(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         require(self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
 
 
@@ -76,6 +79,11 @@ def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float
 
 def _no_decay(name: str, param: nn.Parameter) -> bool:
     return param.ndim <= 1 or name.endswith(".gamma")
+
+
+def _to_device(tensor: Tensor, device: torch.device) -> Tensor:
+    layout = memory_format(device) if tensor.ndim == 4 else torch.preserve_format
+    return tensor.to(device, non_blocking=True, memory_format=layout)
 
 
 class NonFiniteLoss(CmdfedError):
@@ -130,8 +138,8 @@ class Trainer:
         start = time.perf_counter()
         self.seed_step(self.step)
         self.model.train()
-        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        with autocast(self.device):
+        batch = {k: _to_device(v, self.device) for k, v in batch.items()}
+        with autocast(self.device, self.config.precision):
             loss, metrics = self.loss_fn(batch)
         value = float(loss.detach())
         if not math.isfinite(value):

@@ -29,14 +29,14 @@ from cmdfed.atomic import atomic_path, write_bytes_atomic
 from cmdfed.data.dataset import MultiStoreDataset, SiteDataset, StepBatchSampler
 from cmdfed.data.store import SiteStore
 from cmdfed.errors import CmdfedError
-from cmdfed.inference import to_model_input
-from cmdfed.model.config import DiffusionConfig, ModelConfig, build_model
+from cmdfed.inference.segment import to_model_input
+from cmdfed.model.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from cmdfed.model.config import DiffusionConfig, ModelConfig
 from cmdfed.model.diffusion import MaskedDiffusion, make_inpainting_grid
 from cmdfed.model.encoders import frozen_encoder
 from cmdfed.model.losses import hovernet_loss
-from cmdfed.model.unet import count_parameters
+from cmdfed.model.unet import build_model, count_parameters
 from cmdfed.progress import Progress, report
-from cmdfed.train.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from cmdfed.train.device import memory_format, select_device
 from cmdfed.train.loop import LossFn, StepResult, TrainConfig, Trainer
 
@@ -74,7 +74,7 @@ def _existing_run(run_dir: Path) -> dict | None:
 
 # Settings a resumed run may change: they do not change what is trained (the batches are
 # fixed by the seed whatever the worker count) and their old values remain in the config.
-RESUME_FREE_TRAIN_KEYS = ("num_workers", "keep_checkpoints", "checkpoint_every", "sample_every")
+RESUME_FREE_TRAIN_KEYS = ("num_workers", "keep_checkpoints", "checkpoint_every", "sample_every", "precision")
 
 
 def _check_resume(config: dict, saved: dict, keys: tuple[str, ...], run_dir: Path) -> None:
@@ -185,7 +185,8 @@ def finetune_loss(model, encoder) -> LossFn:
     def loss_fn(batch):
         images = to_model_input(batch["image"])
         fm = None if encoder is None else encoder(images, None)
-        outputs = model.segment(images, fm)
+        # The losses in fp32 whatever the autocast precision (soft Dice sums over the batch).
+        outputs = {k: None if v is None else v.float() for k, v in model.segment(images, fm).items()}
         targets = {"np": batch["np"], "hv": batch["hv"], "nc": batch["nc"]}
         total, terms = hovernet_loss(outputs, targets)
         return total, {k: float(v) for k, v in terms.items()}

@@ -20,7 +20,7 @@ from cmdfed.data.synth import write_synthetic_store
 from cmdfed.federation.config import FederationConfig
 from cmdfed.federation.site import SiteSettings, weights_fingerprint
 from cmdfed.federation.wire import LAYOUT_PREFIX, WEIGHTS_KEY, Layout
-from cmdfed.model.config import build_model
+from cmdfed.model.unet import build_model
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
@@ -103,6 +103,29 @@ def test_finetune_receives_the_frozen_backbone_once_then_only_heads(store, tmp_p
     assert stranger.has_error() and "resends them next round" in stranger.error.reason
 
 
+def test_end_to_end_finetuning_of_the_servers_architecture_needs_no_frozen_weights_and_reports_the_resolution(store, tmp_path):
+    import json
+
+    from cmdfed.model.config import ModelConfig
+
+    config = FederationConfig(classes="epithelial,lymphocyte,stromal", local_steps=1, batch_size=2, eval_tiles=2,
+                              augment=False, finetune_trainable="all")  # fmt: skip
+    # A model of the tiny preset with narrower heads, as a run started from such a checkpoint builds it.
+    architecture = ModelConfig.from_preset("tiny", head_width=16, n_classes=4)
+    torch.manual_seed(0)
+    model = build_model(config.model_config("finetune", architecture))
+    arrays, layout = packed(model.state_dict_for(config.sent_groups("finetune")))
+    values = {"phase": "finetune", "phase-round": 1, "round": 1, **layout.to_values(LAYOUT_PREFIX),
+              "architecture": json.dumps(architecture.to_dict())}  # no frozen-sha: nothing is frozen
+    train = Message(RecordDict({"arrays": arrays, "config": ConfigRecord(values)}), dst_node_id=7, message_type=MessageType.TRAIN)
+    node_config = {"store": str(store), "name": "site-a", "work-dir": str(tmp_path), "device": "cpu"}
+    reply = app(train, Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config=config.to_run_config()))
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    (vector,) = reply.content["arrays"].values()
+    assert vector.shape == (layout.size,)  # the whole model, in the server's architecture
+    assert reply.content["metrics"]["mpp"] == 0.5
+
+
 def test_a_missing_store_gives_an_error_reply_naming_the_site_not_the_folder(tmp_path):
     torch.manual_seed(0)
     model = build_model(CONFIG.model_config("pretrain"))
@@ -136,7 +159,8 @@ def test_under_local_dp_a_site_sends_only_privacy_numbers_unless_its_admin_opts_
     train = message(MessageType.TRAIN, "pretrain", model, {"run-id": "run-1"})
     reply = app(train, dp_context(store, tmp_path))
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
-    assert set(reply.content["metrics"]) == {"num-examples", "train_seconds", *DP_KEYS}  # no loss, masked_mse
+    # No loss, masked_mse; the store's resolution goes (the scanner's, not a statistic of the tiles).
+    assert set(reply.content["metrics"]) == {"num-examples", "train_seconds", "mpp", *DP_KEYS}
     evaluation = app(message(MessageType.EVALUATE, "pretrain", model), dp_context(store, tmp_path))
     assert not evaluation.has_error() and "metrics" not in evaluation.content.metric_records  # not evaluated
 

@@ -18,7 +18,7 @@ from PIL import Image
 
 from cmdfed.telemetry import TelemetryStore
 
-NOW = time.time()
+NOW = time.time()  # reset when the store is seeded: the app judges staleness by the real clock
 HOUR = 3600.0
 SITES = ("hosp-a", "hosp-b", "hosp-c")
 RUN_A, RUN_B = "run-a", "run-b"
@@ -122,13 +122,15 @@ def seed(store: TelemetryStore) -> None:
 
 
 @pytest.fixture(scope="session")
-def now() -> float:
+def now(telemetry_db) -> float:
     """The time the seeded store's data is relative to."""
     return NOW
 
 
 @pytest.fixture(scope="session")
 def telemetry_db(tmp_path_factory) -> Path:
+    global NOW
+    NOW = time.time()  # not the collection time: a long suite before these tests would age every heartbeat
     path = tmp_path_factory.mktemp("dashboard") / "telemetry.db"
     with TelemetryStore.open(path, create=True) as store:
         seed(store)
@@ -136,7 +138,7 @@ def telemetry_db(tmp_path_factory) -> Path:
 
 
 def _feature(ring: list[list[float]], name: str, colour: list[int], nucleus_id: int) -> dict:
-    """A nucleus as `edge.outputs.nucleus_feature` writes it."""
+    """A nucleus as `cmdfed.inference.nuclei.nucleus_feature` writes it."""
     return {
         "type": "Feature",
         "geometry": {"type": "Polygon", "coordinates": [ring]},

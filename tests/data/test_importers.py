@@ -20,7 +20,7 @@ from cmdfed.data.importers import (
     import_monuseg,
     import_pannuke,
 )
-from cmdfed.data.importers.common import cut_tiles, grid_starts, to_rgb_uint8
+from cmdfed.data.importers.common import cut_tiles
 from cmdfed.data.store import SiteStore
 from cmdfed.errors import CmdfedError
 
@@ -52,13 +52,6 @@ def no_leftovers(folder: Path) -> list[str]:
 
 
 # -- tiling ----------------------------------------------------------------------------------
-
-
-def test_grid_starts_end_flush_with_the_edge():
-    assert grid_starts(100, 32, 32) == [0, 32, 64, 68]
-    assert grid_starts(64, 32, 32) == [0, 32]
-    assert grid_starts(64, 32, 16) == [0, 16, 32]
-    assert grid_starts(20, 32, 32) == [0]
 
 
 def test_cut_tiles_covers_the_image_with_crops_of_it():
@@ -106,20 +99,6 @@ def test_small_image_is_padded_with_white_background():
 def test_overlap_must_leave_a_positive_stride(overlap):
     with pytest.raises(CmdfedError, match="overlap"):
         list(cut_tiles(random_rgb(64, 64), None, None, 32, overlap))
-
-
-def test_rgb_conversion():
-    grey = np.array([[0, 128, 255]], np.uint8)
-    np.testing.assert_array_equal(to_rgb_uint8(grey, Path("g.png"))[0, 1], [128, 128, 128])
-    rgba = np.zeros((1, 1, 4), np.uint8)
-    rgba[0, 0] = [10, 20, 30, 0]
-    np.testing.assert_array_equal(to_rgb_uint8(rgba, Path("a.png"))[0, 0], [10, 20, 30])
-    deep = np.array([[[0, 128 * 257, 65535]]], np.uint16)
-    np.testing.assert_array_equal(to_rgb_uint8(deep, Path("d.tif"))[0, 0], [0, 128, 255])
-    unit = np.array([[[0.0, 0.5, 1.0]]])
-    np.testing.assert_array_equal(to_rgb_uint8(unit, Path("f.npy"))[0, 0], [0, 128, 255])
-    with pytest.raises(CmdfedError, match="x.tif"):
-        to_rgb_uint8(np.zeros((4, 4, 5), np.uint8), Path("x.tif"))
 
 
 # -- PanNuke ---------------------------------------------------------------------------------

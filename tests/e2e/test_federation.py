@@ -19,7 +19,7 @@ from cmdfed.data.synth import write_synthetic_store
 from cmdfed.federation.checkpoints import last_complete_round
 from cmdfed.federation.processes import free_port
 from cmdfed.federation.site import SiteSettings
-from cmdfed.inference import load_model
+from cmdfed.inference.segment import load_model
 from server.superlink import SuperLink
 
 pytestmark = pytest.mark.slow

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from cmdfed.data.synth import synth_tiles
-from cmdfed.evaluate.postprocess import WatershedParams
-from cmdfed.inference import load_model, predict_maps
+from cmdfed.inference.postprocess import WatershedParams
+from cmdfed.inference.segment import load_model, predict_maps
 from cmdfed.model.config import ModelConfig
 from cmdfed.train.loop import TrainConfig
 from cmdfed.train.phases import finetune

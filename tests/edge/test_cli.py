@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from cmdfed.data.synth import synth_tiles
 from cmdfed.errors import CmdfedError
-from cmdfed.evaluate.postprocess import WatershedParams
+from cmdfed.inference.postprocess import WatershedParams
 from edge.cli import commands
 from edge.deploy import deploy
 from edge.infer import infer_slide

@@ -107,7 +107,10 @@ def test_the_same_weights_exported_again_replace_the_installed_copy(signed_bundl
     assert not status(home)["signed"]
     assert deploy(signed_bundle, home)["version"] == version  # now signed: replaces, no error
     assert status(home)["signed"] and status(home)["installed"] == [version]
-    deploy(_edited(signed_bundle, tmp_path, "retuned", lambda m: m["postprocessing"]["params"].update(sobel_kernel_size=21)), home)
+    retuned = _edited(signed_bundle, tmp_path, "retuned", lambda m: m["postprocessing"]["params"].update(sobel_kernel_size=21))
+    with pytest.raises(CmdfedError, match="installed .* with a signature"):  # unsigned does not replace signed unasked
+        deploy(retuned, home)
+    deploy(retuned, home, allow_unsigned=True)
     installed = json.loads((home / "models" / version / "manifest.json").read_text())
     assert installed["postprocessing"]["params"]["sobel_kernel_size"] == 21
     assert read_state(home) == {"active": version, "history": []}
@@ -126,7 +129,7 @@ def test_status_of_a_damaged_active_version_says_what_to_do(signed_bundle, tmp_p
     version = deploy(signed_bundle, home)["version"]
     (home / "models" / version / "manifest.json").unlink()
     info = status(home)
-    assert not info["verified"] and "redeploy the bundle or roll back" in info["problem"]
+    assert not info["intact"] and not info["verified"] and "redeploy the bundle or roll back" in info["problem"]
 
 
 def test_a_failed_replacement_leaves_the_installed_copy_in_place(signed_bundle, tmp_path, monkeypatch):
@@ -144,9 +147,9 @@ def test_a_failed_replacement_leaves_the_installed_copy_in_place(signed_bundle, 
     monkeypatch.setattr(os, "replace", failing_replace)
     retuned = _edited(signed_bundle, tmp_path, "retuned", lambda m: m["postprocessing"]["params"].update(sobel_kernel_size=21))
     with pytest.raises(OSError, match="injected"):
-        deploy(retuned, home)
+        deploy(retuned, home, allow_unsigned=True)
     monkeypatch.undo()
-    assert status(home)["verified"] and status(home)["active"] == version
+    assert status(home)["intact"] and status(home)["signed"] and status(home)["active"] == version
     assert sorted(p.name for p in (home / "models").iterdir()) == [version]
     # What an install cut short by a crash leaves is cleared by the next deploy.
     (home / "models" / f".{version}.0badf00d.old").mkdir()

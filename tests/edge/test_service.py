@@ -21,10 +21,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from cmdfed.data.synth import synth_tiles
+from cmdfed.inference.nuclei import nucleus_records
+from cmdfed.inference.postprocess import PostprocessResult
 from cmdfed.telemetry import TelemetryStore
 from edge.protos import cmdfed_edge_pb2 as pb
 from edge.protos import cmdfed_edge_pb2_grpc as pb_grpc
-from edge.service import EdgeService
+from edge.service import EdgeService, tile_result
 
 from .conftest import TILE, synthetic_slide_image, write_pyramid_tiff
 
@@ -110,6 +112,18 @@ def test_segment_tiles_returns_instance_maps_and_nuclei_for_each_tile(service, s
             assert nucleus.type_name and len(nucleus.contour) >= 4
             assert 0 <= nucleus.centroid.x < result.width and 0 <= nucleus.centroid.y < result.height
     assert response.results[0].nuclei  # the tuned tiny model finds nucleus-like blobs on a full tile
+
+
+def test_a_nucleus_centroid_and_contour_follow_the_same_pixel_centre_rule():
+    # A 3x3 nucleus at rows 4..6, columns 10..12 covers [10, 13) x [4, 7) in the proto's
+    # coordinates (pixel centres at +0.5): its centroid is that square's centre, as is its contour's.
+    instances = np.zeros((16, 16), np.int32)
+    instances[4:7, 10:13] = 1
+    result = tile_result(PostprocessResult(instances, None, nucleus_records(instances)), ["background", "nucleus"])
+    (nucleus,) = result.nuclei
+    xs, ys = [p.x for p in nucleus.contour], [p.y for p in nucleus.contour]
+    assert (min(xs), max(xs), min(ys), max(ys)) == (10.0, 13.0, 4.0, 7.0)
+    assert (nucleus.centroid.x, nucleus.centroid.y) == (11.5, 5.5)
 
 
 def test_segment_slide_streams_progress_then_summary_and_outputs(service, stub, slide_tiff, telemetry, tmp_path):

@@ -12,7 +12,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 
 def test_engine_is_built_cached_validated_and_reused(signed_bundle, tmp_path):
-    from edge.backends import select_backend
+    from edge.selection import select_backend
 
     first = select_backend(signed_bundle, tmp_path, force="tensorrt")
     assert first.backend.precision == "fp16" and not first.backend.from_cache
@@ -24,7 +24,7 @@ def test_engine_is_built_cached_validated_and_reused(signed_bundle, tmp_path):
 
 
 def test_engine_from_another_gpu_is_rebuilt(signed_bundle, tmp_path):
-    from edge.backends import select_backend
+    from edge.selection import select_backend
 
     select_backend(signed_bundle, tmp_path, force="tensorrt")
     [engine_dir] = (tmp_path / "engines").iterdir()

@@ -7,7 +7,7 @@ import torch
 
 from cmdfed.errors import CmdfedError
 from cmdfed.federation.checkpoints import last_complete_round, save_round
-from cmdfed.train.checkpoint import load_checkpoint, resolve_checkpoint
+from cmdfed.model.checkpoint import load_checkpoint, resolve_checkpoint
 
 
 def save(run_dir, round, phase="pretrain", strategy_state=None):

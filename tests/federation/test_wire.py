@@ -8,7 +8,8 @@ import torch
 
 from cmdfed.errors import CmdfedError
 from cmdfed.federation.wire import Layout
-from cmdfed.model.config import ModelConfig, build_model
+from cmdfed.model.config import ModelConfig
+from cmdfed.model.unet import build_model
 
 
 @pytest.fixture(scope="module")

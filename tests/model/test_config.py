@@ -7,7 +7,7 @@ import json
 import pytest
 
 from cmdfed.errors import CmdfedError
-from cmdfed.model import MODEL_PRESETS, DiffusionConfig, ModelConfig
+from cmdfed.model import MODEL_PRESETS, DiffusionConfig, ModelConfig, cmd_base, cmd_tiny
 
 
 @pytest.mark.parametrize("config", [
@@ -32,6 +32,12 @@ def test_presets():
         ModelConfig.from_preset("tiny", depth=3)
     with pytest.raises(CmdfedError, match="overrides say preset='tiny'"):
         ModelConfig.from_preset("base", **ModelConfig().to_dict())
+
+
+def test_presets_are_factories_with_overrides():
+    assert cmd_base(n_classes=5) == ModelConfig.from_preset("base", n_classes=5)
+    assert cmd_tiny() == ModelConfig() and cmd_tiny(drop_path=0.2).drop_path == 0.2
+    assert {name: factory().preset for name, factory in MODEL_PRESETS.items()} == {"tiny": "tiny", "base": "base"}
 
 
 def test_unknown_keys_are_rejected():

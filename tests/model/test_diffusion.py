@@ -201,3 +201,24 @@ def test_inpainting_grid_layout(make_tiny, make_images):
     assert (grid[66:98, 66:] == original[:32]).all()  # row 2 keeps the visible half
     assert (grid[66 + 32:130, :64] == 128).all()  # hidden half shown grey
     assert (grid[64:66] == 255).all()  # white gap between rows
+
+
+def test_mask_ratio_range_draws_a_ratio_per_tile():
+    diffusion = MaskedDiffusion(DiffusionConfig(mask_ratio=0.6, mask_ratio_min=0.1, mask_block_size=16))
+    masks = diffusion.sample_mask(400, 128, 128, generator=torch.Generator().manual_seed(0))
+    per_image = masks.mean(dim=(1, 2, 3))
+    # 64 cells a tile: ratios spread over [0.1, 0.6], mean near 0.35 (a fixed ratio gives 0.6 +- 1/64)
+    assert per_image.min() < 0.15 and per_image.max() > 0.55
+    assert abs(per_image.mean().item() - 0.35) < 0.03
+
+
+def test_fixed_ratio_masks_are_unchanged_by_the_range_option():
+    """Runs made before the option (mask_ratio_min 0) draw the very same masks."""
+    fixed = MaskedDiffusion(DiffusionConfig()).sample_mask(8, 64, 64, generator=torch.Generator().manual_seed(3), )
+    same = MaskedDiffusion(DiffusionConfig(mask_ratio_min=0.6)).sample_mask(8, 64, 64, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(fixed, same)
+
+
+def test_mask_ratio_min_above_the_ratio_is_refused():
+    with pytest.raises(CmdfedError, match="mask_ratio_min"):
+        DiffusionConfig(mask_ratio=0.5, mask_ratio_min=0.6)

@@ -5,8 +5,9 @@ import torch
 
 from cmdfed.data.dataset import SiteDataset
 from cmdfed.federation.config import FederationConfig
-from cmdfed.inference import to_model_input
-from cmdfed.model.config import DiffusionConfig, build_model
+from cmdfed.inference.segment import to_model_input
+from cmdfed.model.config import DiffusionConfig
+from cmdfed.model.unet import build_model
 from cmdfed.model.diffusion import MaskedDiffusion, masked_diffusion_loss
 from cmdfed.privacy.dpsgd import check_private_model, per_sample_finetune_loss, per_sample_pretrain_loss, private_trainer
 from cmdfed.train.loop import TrainConfig, Trainer

@@ -13,7 +13,7 @@ from opacus.accountants.utils import get_noise_multiplier
 
 from cmdfed.federation.coordinator import RoundReport, RunCoordinator, SiteReport
 from cmdfed.federation.local import local_pretrain_round, open_privacy_ledger
-from cmdfed.model.config import build_model
+from cmdfed.model.unet import build_model
 from cmdfed.errors import CmdfedError
 from cmdfed.privacy.accounting import BudgetExhausted, PrivacyLedger, PrivateSteps
 

@@ -9,6 +9,7 @@ import threading
 import uuid
 
 import numpy as np
+import torch
 import pytest
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -212,3 +213,55 @@ def test_privacy_spent_in_a_round_whose_updates_were_all_rejected_is_recorded(st
     assert db.execute("SELECT site, status FROM site_rounds ORDER BY site").fetchall() == [("site-1", "failed"), ("site-2", "failed")]
     spent = db.execute("SELECT site, round, epsilon, budget_epsilon FROM privacy ORDER BY site").fetchall()
     assert [(s, r, b) for s, r, _, b in spent] == [("site-1", 1, 50.0), ("site-2", 1, 50.0)] and all(e > 0 for _, _, e, _ in spent)
+
+
+# -- starting from a checkpoint, fine-tuning end to end --------------------------------------
+
+
+def pretrained_checkpoint(path, **overrides):
+    """A pretraining checkpoint as `cmdfed train pretrain` writes it, of a tiny model with ``overrides``."""
+    from cmdfed.model.config import ModelConfig
+    from cmdfed.model.unet import build_model
+    from cmdfed.model.checkpoint import save_checkpoint
+
+    config = ModelConfig.from_preset("tiny", **overrides)
+    torch.manual_seed(42)
+    save_checkpoint(path, 5, config={"phase": "pretrain", "model": config.to_dict(), "class_names": ["background", "nucleus"]},
+                    weights=build_model(config).state_dict())  # fmt: skip
+    return path
+
+
+def test_a_run_from_a_checkpoint_fine_tunes_it_end_to_end_and_records_where_it_started(stores, tmp_path, capsys):
+    from cmdfed.model.checkpoint import load_checkpoint
+    from server.federate import evaluation_lines
+
+    # Heads narrower than the preset's: the sites build the server's architecture, not the preset's.
+    init = pretrained_checkpoint(tmp_path / "pretrained", head_width=16)
+    config = run_config(tmp_path, init=str(init), pretrain_rounds=0, finetune_rounds=1, finetune_trainable="all",
+                        server_eval_store=str(stores / "site1.zarr"), eval_every=1)  # fmt: skip
+    assert run_within(InProcessGrid(sites(stores, tmp_path, "site1.zarr", "site2.zarr"), config), config, 300) is None
+    start = load_checkpoint(init).weights
+    last = load_checkpoint(config.run_dir)
+    assert last.config["phase"] == "finetune" and last.config["model"]["head_width"] == 16
+    assert last.config["init"]["init"] == str(init) and len(last.config["init"]["sha256"]) == 64
+    assert last.config["mpp"] == 0.5  # both sites' stores are at 0.5 um/px: edge export needs no --mpp
+    backbone = [k for k in start if not k.startswith("heads.") and k in last.weights]
+    assert any(not torch.equal(start[k], last.weights[k]) for k in backbone)  # trained end to end
+    (round_event,) = [e for e in events(capsys) if e["event"] == "round"]
+    lines = evaluation_lines(round_event["metrics"])
+    assert lines[0].startswith("server evaluation on 2 tiles: PQ ") and ", AJI " in lines[0] and ", Dice " in lines[0]
+    assert lines[1].startswith("site evaluation") and "PQ " in lines[1]
+    db = sqlite3.connect(tmp_path / "run" / "telemetry.db")
+    (metrics,) = db.execute("SELECT metrics FROM rounds").fetchone()
+    assert {"server_pq", "server_aji", "server_dice"} <= set(json.loads(metrics))  # and in telemetry, as before
+    assert "train_mpp" not in json.loads(metrics)  # resolutions are recorded, never averaged
+
+
+@pytest.mark.parametrize("dp, trainable", [("local", "all"), ("central", "all"), ("local", "heads+modulation")])
+def test_finetuning_more_than_the_heads_works_under_differential_privacy(stores, tmp_path, dp, trainable):
+    # DP-SGD needs a per-tile gradient of every trainable parameter: the diffusion output layer, which
+    # segmentation does not use, stays frozen in fine-tuning (it travels unchanged).
+    privacy = dict(dp_mode=dp, dp_noise_multiplier=1.0) | ({"dp_epsilon": 50.0} if dp == "local" else {})
+    config = run_config(tmp_path, pretrain_rounds=0, finetune_rounds=1, finetune_trainable=trainable, eval_every=0, **privacy)
+    assert run_within(InProcessGrid(sites(stores, tmp_path, "site1.zarr", "site2.zarr"), config), config, 300) is None
+    assert last_complete_round(config.run_dir).phase == "finetune"

@@ -11,7 +11,7 @@ from cmdfed.errors import CmdfedError
 from cmdfed.federation.checkpoints import last_complete_round, save_round
 from cmdfed.federation.config import FederationConfig
 from cmdfed.federation.wire import WEIGHTS_KEY
-from server.strategies import build_strategy, restore_strategy_state, strategy_state
+from server.strategies import build_strategy, restore_strategy_state, set_updates_averaged, strategy_state
 
 
 @pytest.mark.parametrize("name, kind", [("fedavg", FedAvg), ("fedprox", FedProx), ("fedadam", FedAdam), ("fedyogi", FedYogi)])
@@ -56,6 +56,15 @@ def task_identity():
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     yield
     TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+def test_the_central_dp_wrapper_is_told_how_many_updates_it_averages():
+    central = build_strategy(FederationConfig(dp_mode="central", dp_noise_multiplier=0.5, min_sites=3), "pretrain")
+    set_updates_averaged(central, 2)  # three sampled, one rejected
+    assert central.num_sampled_clients == 2
+    plain = build_strategy(FederationConfig(), "pretrain")
+    set_updates_averaged(plain, 2)
+    assert not hasattr(plain, "num_sampled_clients")
 
 
 def test_central_dp_clips_each_site_update_and_noises_the_average(task_identity):

@@ -1,9 +1,15 @@
 """What every dataset importer shares: reading and checking files, cutting tiles, writing stores.
 
+The skeleton (:func:`run_import`)
+    Every importer is ``require_dir -> check grid and target -> find and pair the source's
+    files -> read each image with its labels -> cut tiles -> write the store``. Only the
+    middle differs between formats, so an importer gives :func:`run_import` a ``plan``
+    function: from the source folder to an :class:`ImportPlan` (the items to read, how to
+    read one into a :class:`SourceImage`, and the store's class names and resolution).
+
 Tiling (:func:`cut_tiles`)
-    Tiles sit on a grid with stride ``tile_size - overlap``. The last row and column are
-    moved back to end exactly at the image edge, so an image at least one tile large is
-    covered without padding (the last tiles overlap their neighbours a little more).
+    Tiles sit on :mod:`cmdfed.inference.tiling`'s grid, its last row and column flush with
+    the image edge, so an image at least one tile large is covered without padding.
     Images smaller than a tile are padded at the bottom/right with constant white, not by
     reflection: reflection would mirror real nuclei into the padding while the labels there
     say background, teaching the model that nuclei are background. White is what empty
@@ -16,10 +22,7 @@ Labels
     tile edge therefore appears in both tiles, under whatever id each tile gives it.
     Type maps are cropped unchanged.
 
-Images (:func:`to_rgb_uint8`)
-    Alpha is dropped, grey becomes RGB, uint16 is scaled by 255/65535 (rounded; an H&E RGB
-    image uses the full 16-bit range), floats are read as 0-255 (PanNuke's convention) or,
-    when no value exceeds 1, as 0-1.
+Images are read by :mod:`cmdfed.images`.
 
 Writing (:func:`write_store`)
     Through :func:`cmdfed.data.store.create_store`: the store is built at a hidden sibling of
@@ -31,21 +34,21 @@ Writing (:func:`write_store`)
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import scipy.io
-import tifffile
-from PIL import Image
 from skimage.segmentation import relabel_sequential
 
 from cmdfed.data.store import SiteStore, StoreInfo, Tile, check_target, create_store
 from cmdfed.errors import CmdfedError
+from cmdfed.inference.tiling import grid_starts
+from cmdfed.progress import Progress, report
 
 PAD_VALUE = 255
-TIFF_SUFFIXES = (".tif", ".tiff")
 INT32_MAX = np.iinfo(np.int32).max
 
 
@@ -102,69 +105,6 @@ def as_label_map(array: np.ndarray, file: Path, what: str) -> np.ndarray:
 
 
 # -- reading -------------------------------------------------------------------------------
-
-
-def to_rgb_uint8(array: np.ndarray, file: Path) -> np.ndarray:
-    """An image of any common layout and dtype as uint8 (H, W, 3); see the module docstring."""
-    array = np.asarray(array)
-    if array.ndim == 3 and array.shape[-1] in (1, 2):  # grey, grey + alpha
-        array = array[..., 0]
-    if array.ndim == 2:
-        array = np.repeat(array[..., None], 3, axis=-1)
-    if array.ndim != 3 or array.shape[-1] not in (3, 4):
-        raise CmdfedError(
-            f"{file}: expected a grey, RGB or RGBA image, got an array of shape {array.shape}"
-        )
-    array = array[..., :3]
-    if array.dtype == np.uint8:
-        return np.ascontiguousarray(array)
-    if array.dtype == np.uint16:
-        return ((array.astype(np.uint32) + 128) // 257).astype(np.uint8)
-    if array.dtype == bool:
-        return array.astype(np.uint8) * 255
-    if np.issubdtype(array.dtype, np.floating):
-        if not np.isfinite(array).all():
-            raise CmdfedError(f"{file}: image holds NaN or infinite values")
-        scale = 255.0 if array.max() <= 1.0 else 1.0
-        return np.clip(np.rint(array * scale), 0, 255).astype(np.uint8)
-    if np.issubdtype(array.dtype, np.integer) and array.min() >= 0 and array.max() <= 255:
-        return array.astype(np.uint8)
-    raise CmdfedError(f"{file}: cannot read {array.dtype} pixel values as an 8-bit RGB image")
-
-
-def read_image_file(path: Path, *, labels: bool = False) -> np.ndarray:
-    """The pixel array of a PNG/JPEG (Pillow) or TIFF (tifffile, first page).
-
-    Palette and other non-RGB colour modes are converted to RGB for images; for label files
-    (``labels=True``) the stored values are returned as they are, since a palette PNG's
-    indices are its labels.
-    """
-    try:
-        if path.suffix.lower() in TIFF_SUFFIXES:
-            with tifffile.TiffFile(path) as tif:
-                page = tif.pages[0]
-                array = page.asarray()
-                if page.axes.startswith("S") and array.ndim == 3:  # planar RGB: samples first
-                    array = np.moveaxis(array, 0, -1)
-                return array
-        with Image.open(path) as image:
-            if not labels and image.mode in ("P", "CMYK", "YCbCr", "LAB", "HSV"):
-                image = image.convert("RGB")
-            return np.asarray(image)
-    except Image.DecompressionBombError as exc:
-        raise CmdfedError(
-            f"{path} is too large to read as one image ({exc}); "
-            "tile it with `cmdfed data tile-slide`"
-        ) from exc
-    except Exception as exc:  # decoders report damaged files with many exception types
-        raise CmdfedError(
-            f"cannot read image {path} ({type(exc).__name__}: {exc}); "
-            "the file is damaged or not an image"
-        ) from exc
-
-
-def read_rgb(path: Path) -> np.ndarray:
-    return to_rgb_uint8(read_image_file(path), path)
 
 
 def load_mat(path: Path, keys: Sequence[str], dataset: str) -> dict[str, np.ndarray]:
@@ -237,15 +177,6 @@ class TileCut(NamedTuple):
     types: np.ndarray | None
 
 
-def grid_starts(length: int, tile_size: int, stride: int) -> list[int]:
-    """Tile offsets along one axis: every ``stride`` px, the last one flush with the edge."""
-    if length <= tile_size:
-        return [0]
-    starts = list(range(0, length - tile_size, stride))
-    starts.append(length - tile_size)
-    return starts
-
-
 def covered_fraction(height: int, width: int, tile_size: int) -> float:
     """Share of each tile's pixels that are real image rather than padding."""
     return min(height, tile_size) * min(width, tile_size) / tile_size**2
@@ -271,9 +202,8 @@ def cut_tiles(
         image = _pad_to(image, padded_h, padded_w, PAD_VALUE)
         instances = None if instances is None else _pad_to(instances, padded_h, padded_w, 0)
         types = None if types is None else _pad_to(types, padded_h, padded_w, 0)
-    stride = tile_size - overlap
-    for y in grid_starts(image.shape[0], tile_size, stride):
-        for x in grid_starts(image.shape[1], tile_size, stride):
+    for y in grid_starts(image.shape[0], tile_size, overlap, flush_end=True):
+        for x in grid_starts(image.shape[1], tile_size, overlap, flush_end=True):
             window = np.s_[y : y + tile_size, x : x + tile_size]
             yield TileCut(
                 x=x,
@@ -342,3 +272,81 @@ def write_store(
                 f"no tiles were produced for {store_path}; the source holds no images"
             )
     return store.info()
+
+
+# -- the skeleton ---------------------------------------------------------------------------
+
+
+class SourceImage(NamedTuple):
+    """One image of a dataset with its labels, and what its tiles record about it."""
+
+    image: np.ndarray
+    instances: np.ndarray | None
+    types: np.ndarray | None
+    slide_id: str
+    tissue: str
+    mpp: float
+
+
+@dataclass(frozen=True)
+class ImportPlan:
+    """What an importer found in its source folder.
+
+    ``items``: one per source image (file pairs, array indices...), read in this order by
+    ``read``. ``source``: every tile's ``source``. ``class_names``, ``has_types``, ``mpp``:
+    the store's. ``unit``: what the progress bar counts.
+    """
+
+    items: Sequence[Any]
+    read: Callable[[Any], SourceImage]
+    source: str
+    class_names: Sequence[str]
+    has_types: bool
+    mpp: float
+    unit: str = "images"
+
+
+def run_import(
+    source_path: str | Path,
+    store_path: str | Path,
+    plan: Callable[[Path], ImportPlan],
+    *,
+    what: str,
+    tile_size: int,
+    overlap: int,
+    overwrite: bool,
+    progress: Progress | None,
+) -> StoreInfo:
+    """Import a dataset folder into a new store (see the module docstring). ``what`` names the
+    folder expected at ``source_path`` in the error when it is missing."""
+    root = require_dir(Path(source_path), what)
+    store_path = Path(store_path)
+    check_grid(tile_size, overlap)
+    check_target(store_path, overwrite)
+    found = plan(root)
+
+    def tiles() -> Iterator[Tile]:
+        for done, item in enumerate(found.items, start=1):
+            sample = found.read(item)
+            yield from image_tiles(
+                sample.image,
+                sample.instances,
+                sample.types,
+                tile_size=tile_size,
+                overlap=overlap,
+                source=found.source,
+                slide_id=sample.slide_id,
+                tissue=sample.tissue,
+                mpp=sample.mpp,
+            )
+            report(progress, done, len(found.items), found.unit)
+
+    return write_store(
+        store_path,
+        tiles(),
+        overwrite=overwrite,
+        tile_size=tile_size,
+        class_names=found.class_names,
+        has_types=found.has_types,
+        mpp=found.mpp,
+    )

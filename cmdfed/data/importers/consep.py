@@ -25,26 +25,23 @@ Images were scanned at 40x (mpp 0.25) and are cut into tiles; CoNSeP is colon ti
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from cmdfed.data.importers.common import (
+    ImportPlan,
+    SourceImage,
     as_label_map,
-    check_grid,
     check_same_shape,
-    check_target,
-    image_tiles,
     load_mat,
     pair_by_stem,
-    read_rgb,
-    require_dir,
-    write_store,
+    run_import,
 )
-from cmdfed.data.store import StoreInfo, Tile
+from cmdfed.data.store import StoreInfo
 from cmdfed.errors import CmdfedError
-from cmdfed.progress import Progress, report
+from cmdfed.images import read_rgb
+from cmdfed.progress import Progress
 
 ORIGINAL_CLASS_NAMES = [
     "background",
@@ -111,39 +108,29 @@ def import_consep(
     merge_classes: bool = True,
 ) -> StoreInfo:
     """Import one CoNSeP split folder into a new site store; see the module docstring."""
-    split = require_dir(Path(source_path), "CoNSeP split folder (e.g. CoNSeP/Train)")
-    store_path = Path(store_path)
-    check_grid(tile_size, overlap)
-    check_target(store_path, overwrite)
-    image_dir, label_dir = find_split_folders(split)
-    pairs = pair_by_stem(
-        image_dir.glob("*.png"), label_dir.glob("*.mat"), split, "Labels/*.mat file"
-    )
 
-    def tiles() -> Iterator[Tile]:
-        for done, (image_file, label_file) in enumerate(pairs, start=1):
-            image = read_rgb(image_file)
-            instances, types = read_labels(label_file, merge_classes)
-            check_same_shape(image, instances, image_file, label_file)
-            yield from image_tiles(
-                image,
-                instances,
-                types,
-                tile_size=tile_size,
-                overlap=overlap,
-                source="consep",
-                slide_id=image_file.stem,
-                tissue=TISSUE,
-                mpp=MPP,
-            )
-            report(progress, done, len(pairs), "images")
+    def plan(split: Path) -> ImportPlan:
+        image_dir, label_dir = find_split_folders(split)
+        pairs = pair_by_stem(
+            image_dir.glob("*.png"), label_dir.glob("*.mat"), split, "Labels/*.mat file"
+        )
+        return ImportPlan(
+            items=pairs,
+            read=lambda pair: read_pair(*pair, merge_classes),
+            source="consep",
+            class_names=MERGED_CLASS_NAMES if merge_classes else ORIGINAL_CLASS_NAMES,
+            has_types=True,
+            mpp=MPP,
+        )
 
-    return write_store(
-        store_path,
-        tiles(),
-        overwrite=overwrite,
-        tile_size=tile_size,
-        class_names=MERGED_CLASS_NAMES if merge_classes else ORIGINAL_CLASS_NAMES,
-        has_types=True,
-        mpp=MPP,
-    )
+    return run_import(
+        source_path, store_path, plan, what="CoNSeP split folder (e.g. CoNSeP/Train)",
+        tile_size=tile_size, overlap=overlap, overwrite=overwrite, progress=progress,
+    )  # fmt: skip
+
+
+def read_pair(image_file: Path, label_file: Path, merge_classes: bool) -> SourceImage:
+    image = read_rgb(image_file)
+    instances, types = read_labels(label_file, merge_classes)
+    check_same_shape(image, instances, image_file, label_file)
+    return SourceImage(image, instances, types, image_file.stem, TISSUE, MPP)

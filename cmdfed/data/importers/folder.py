@@ -20,26 +20,23 @@ Example: the MICCAI 2015 nuclei-segmentation images as ``image01.png`` +
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from cmdfed.data.importers.common import (
+    ImportPlan,
+    SourceImage,
     as_label_map,
-    check_grid,
     check_same_shape,
-    check_target,
-    image_tiles,
-    read_image_file,
-    read_rgb,
-    require_dir,
-    write_store,
+    run_import,
 )
-from cmdfed.data.store import StoreInfo, Tile
+from cmdfed.data.store import StoreInfo
 from cmdfed.errors import CmdfedError
-from cmdfed.progress import Progress, report
+from cmdfed.images import read_image_file, read_rgb
+from cmdfed.progress import Progress
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
 MASK_SUFFIXES = (".png", ".tif", ".tiff")
@@ -164,54 +161,40 @@ def import_folder(
     allow_unlabelled: bool = False,
 ) -> StoreInfo:
     """Import a folder of images with NAME_inst (and NAME_types) masks; see the module docstring."""
-    folder = require_dir(Path(source_path), "folder of images and their masks")
-    store_path = Path(store_path)
     if not inst_suffix or not types_suffix or inst_suffix == types_suffix:
         raise CmdfedError(
             "mask suffixes must be non-empty and different "
             f"(got {inst_suffix!r} and {types_suffix!r})"
         )
-    check_grid(tile_size, overlap)
-    check_target(store_path, overwrite)
-    samples = find_samples(folder, inst_suffix, types_suffix)
-    _check_labelling(samples, folder, inst_suffix, types_suffix, allow_unlabelled)
-    has_types = any(s.types is not None for s in samples)
-    if has_types and class_names is None:
-        raise CmdfedError(
-            f"{folder} has type maps ({types_suffix}); pass class_names (background first) "
-            "to say what each class number means"
-        )
-    if class_names is not None and not has_types:
-        raise CmdfedError(
-            f"class_names were given but {folder} has no type maps (NAME{types_suffix})"
-        )
-    names = list(class_names) if class_names is not None else list(DEFAULT_CLASS_NAMES)
-    if mpp is not None and not mpp > 0:
-        raise CmdfedError(f"mpp must be positive (got {mpp})")
-    store_mpp = float("nan") if mpp is None else float(mpp)
 
-    def tiles() -> Iterator[Tile]:
-        for done, sample in enumerate(samples, start=1):
-            image, instances, types = read_sample(sample, len(names))
-            yield from image_tiles(
-                image,
-                instances,
-                types,
-                tile_size=tile_size,
-                overlap=overlap,
-                source=folder.name,
-                slide_id=sample.image.stem,
-                tissue=tissue,
-                mpp=store_mpp,
+    def plan(folder: Path) -> ImportPlan:
+        samples = find_samples(folder, inst_suffix, types_suffix)
+        _check_labelling(samples, folder, inst_suffix, types_suffix, allow_unlabelled)
+        has_types = any(s.types is not None for s in samples)
+        if has_types and class_names is None:
+            raise CmdfedError(
+                f"{folder} has type maps ({types_suffix}); pass class_names (background first) "
+                "to say what each class number means"
             )
-            report(progress, done, len(samples), "images")
+        if class_names is not None and not has_types:
+            raise CmdfedError(
+                f"class_names were given but {folder} has no type maps (NAME{types_suffix})"
+            )
+        names = list(class_names) if class_names is not None else list(DEFAULT_CLASS_NAMES)
+        if mpp is not None and not mpp > 0:
+            raise CmdfedError(f"mpp must be positive (got {mpp})")
+        store_mpp = float("nan") if mpp is None else float(mpp)
 
-    return write_store(
-        store_path,
-        tiles(),
-        overwrite=overwrite,
-        tile_size=tile_size,
-        class_names=names,
-        has_types=has_types,
-        mpp=store_mpp,
-    )
+        def read(sample) -> SourceImage:
+            image, instances, types = read_sample(sample, len(names))
+            return SourceImage(image, instances, types, sample.image.stem, tissue, store_mpp)
+
+        return ImportPlan(
+            items=samples, read=read, source=folder.name,
+            class_names=names, has_types=has_types, mpp=store_mpp,
+        )  # fmt: skip
+
+    return run_import(
+        source_path, store_path, plan, what="folder of images and their masks",
+        tile_size=tile_size, overlap=overlap, overwrite=overwrite, progress=progress,
+    )  # fmt: skip

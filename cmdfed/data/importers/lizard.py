@@ -24,26 +24,23 @@ All regions are from colon at 20x (mpp 0.5).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from cmdfed.data.importers.common import (
+    ImportPlan,
+    SourceImage,
     as_label_map,
-    check_grid,
     check_same_shape,
-    check_target,
-    image_tiles,
     load_mat,
     pair_by_stem,
-    read_rgb,
-    require_dir,
-    write_store,
+    run_import,
 )
-from cmdfed.data.store import StoreInfo, Tile
+from cmdfed.data.store import StoreInfo
 from cmdfed.errors import CmdfedError
-from cmdfed.progress import Progress, report
+from cmdfed.images import read_rgb
+from cmdfed.progress import Progress
 
 CLASS_NAMES = [
     "background",
@@ -105,41 +102,27 @@ def import_lizard(
     progress: Progress | None = None,
 ) -> StoreInfo:
     """Import a Lizard folder (images and labels) into a new site store; see module docstring."""
-    root = require_dir(Path(source_path), "Lizard folder holding the image and label folders")
-    store_path = Path(store_path)
-    check_grid(tile_size, overlap)
-    check_target(store_path, overwrite)
-    pairs = pair_by_stem(
-        _under_folder_named(root, "*.png", "images"),
-        _under_folder_named(root, "*.mat", "labels"),
-        root,
-        "label .mat file",
-    )
 
-    def tiles() -> Iterator[Tile]:
-        for done, (image_file, label_file) in enumerate(pairs, start=1):
-            image = read_rgb(image_file)
-            instances, types = read_labels(label_file)
-            check_same_shape(image, instances, image_file, label_file)
-            yield from image_tiles(
-                image,
-                instances,
-                types,
-                tile_size=tile_size,
-                overlap=overlap,
-                source="lizard",
-                slide_id=image_file.stem,
-                tissue=TISSUE,
-                mpp=MPP,
-            )
-            report(progress, done, len(pairs), "images")
+    def plan(root: Path) -> ImportPlan:
+        pairs = pair_by_stem(
+            _under_folder_named(root, "*.png", "images"),
+            _under_folder_named(root, "*.mat", "labels"),
+            root,
+            "label .mat file",
+        )
+        return ImportPlan(
+            items=pairs, read=lambda pair: read_pair(*pair), source="lizard",
+            class_names=CLASS_NAMES, has_types=True, mpp=MPP,
+        )  # fmt: skip
 
-    return write_store(
-        store_path,
-        tiles(),
-        overwrite=overwrite,
-        tile_size=tile_size,
-        class_names=CLASS_NAMES,
-        has_types=True,
-        mpp=MPP,
-    )
+    return run_import(
+        source_path, store_path, plan, what="Lizard folder holding the image and label folders",
+        tile_size=tile_size, overlap=overlap, overwrite=overwrite, progress=progress,
+    )  # fmt: skip
+
+
+def read_pair(image_file: Path, label_file: Path) -> SourceImage:
+    image = read_rgb(image_file)
+    instances, types = read_labels(label_file)
+    check_same_shape(image, instances, image_file, label_file)
+    return SourceImage(image, instances, types, image_file.stem, TISSUE, MPP)

@@ -23,7 +23,6 @@ MoNuSeg labels nuclei without classes, so the store has no type maps.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from xml.etree import ElementTree
 
@@ -31,17 +30,15 @@ import numpy as np
 from skimage.draw import polygon
 
 from cmdfed.data.importers.common import (
-    check_grid,
-    check_target,
-    image_tiles,
+    ImportPlan,
+    SourceImage,
     pair_by_stem,
-    read_rgb,
-    require_dir,
-    write_store,
+    run_import,
 )
-from cmdfed.data.store import StoreInfo, Tile
+from cmdfed.data.store import StoreInfo
 from cmdfed.errors import CmdfedError
-from cmdfed.progress import Progress, report
+from cmdfed.images import read_rgb
+from cmdfed.progress import Progress
 
 CLASS_NAMES = ["background", "nucleus"]
 MPP = 0.25
@@ -118,40 +115,26 @@ def import_monuseg(
     mpp: float = MPP,
 ) -> StoreInfo:
     """Import a MoNuSeg folder (.tif images + ImageScope .xml) into a new site store."""
-    root = require_dir(
-        Path(source_path), "MoNuSeg folder holding the .tif images and .xml annotations"
-    )
-    store_path = Path(store_path)
-    check_grid(tile_size, overlap)
-    check_target(store_path, overwrite)
-    images = [p for p in root.rglob("*") if p.suffix.lower() in (".tif", ".tiff")]
-    pairs = pair_by_stem(images, root.rglob("*.xml"), root, "annotation .xml file")
 
-    def tiles() -> Iterator[Tile]:
-        for done, (image_file, xml_file) in enumerate(pairs, start=1):
-            image = read_rgb(image_file)
-            polygons, xml_mpp = read_annotation(xml_file)
-            check_polygons_fit(polygons, image.shape[:2], xml_file, image_file)
-            instances = rasterise(polygons, image.shape[:2])
-            yield from image_tiles(
-                image,
-                instances,
-                None,
-                tile_size=tile_size,
-                overlap=overlap,
-                source="monuseg",
-                slide_id=image_file.stem,
-                tissue="",
-                mpp=xml_mpp or mpp,
-            )
-            report(progress, done, len(pairs), "images")
+    def plan(root: Path) -> ImportPlan:
+        images = [p for p in root.rglob("*") if p.suffix.lower() in (".tif", ".tiff")]
+        pairs = pair_by_stem(images, root.rglob("*.xml"), root, "annotation .xml file")
+        return ImportPlan(
+            items=pairs, read=lambda pair: read_pair(*pair, mpp), source="monuseg",
+            class_names=CLASS_NAMES, has_types=False, mpp=mpp,
+        )  # fmt: skip
 
-    return write_store(
-        store_path,
-        tiles(),
-        overwrite=overwrite,
-        tile_size=tile_size,
-        class_names=CLASS_NAMES,
-        has_types=False,
-        mpp=mpp,
-    )
+    return run_import(
+        source_path, store_path, plan, what="MoNuSeg folder holding the .tif images and .xml annotations",
+        tile_size=tile_size, overlap=overlap, overwrite=overwrite, progress=progress,
+    )  # fmt: skip
+
+
+def read_pair(image_file: Path, xml_file: Path, default_mpp: float) -> SourceImage:
+    """An image and its rasterised annotation; the annotation's resolution, when it states one,
+    wins over ``default_mpp``."""
+    image = read_rgb(image_file)
+    polygons, xml_mpp = read_annotation(xml_file)
+    check_polygons_fit(polygons, image.shape[:2], xml_file, image_file)
+    instances = rasterise(polygons, image.shape[:2])
+    return SourceImage(image, instances, None, image_file.stem, "", xml_mpp or default_mpp)

@@ -27,23 +27,20 @@ patch is in memory at a time.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from cmdfed.data.importers.common import (
+    ImportPlan,
+    SourceImage,
     as_label_map,
-    check_grid,
-    check_target,
-    image_tiles,
-    require_dir,
-    to_rgb_uint8,
-    write_store,
+    run_import,
 )
-from cmdfed.data.store import StoreInfo, Tile
+from cmdfed.data.store import StoreInfo
 from cmdfed.errors import CmdfedError
-from cmdfed.progress import Progress, report
+from cmdfed.images import to_rgb_uint8
+from cmdfed.progress import Progress
 
 CLASS_NAMES = ["background", "neoplastic", "inflammatory", "connective", "dead", "epithelial"]
 CLASS_CHANNELS = 5  # channels 0-4 are classes; channel 5 is background
@@ -133,42 +130,25 @@ def import_pannuke(
     progress: Progress | None = None,
 ) -> StoreInfo:
     """Import one PanNuke fold folder into a new site store; see the module docstring."""
-    fold = require_dir(Path(source_path), "PanNuke fold folder (e.g. 'Fold 1')")
-    store_path = Path(store_path)
-    check_grid(tile_size, overlap)
-    check_target(store_path, overwrite)
-    files = {key: find_fold_file(fold, f"{key}.npy") for key in ("images", "masks", "types")}
-    images = load_array(files["images"], mmap=True)
-    masks = load_array(files["masks"], mmap=True)
-    tissues = load_array(files["types"], mmap=False)
-    _check_arrays(images, masks, tissues, files)
 
-    def tiles() -> Iterator[Tile]:
-        total = images.shape[0]
-        for index in range(total):
+    def plan(fold: Path) -> ImportPlan:
+        files = {key: find_fold_file(fold, f"{key}.npy") for key in ("images", "masks", "types")}
+        images = load_array(files["images"], mmap=True)
+        masks = load_array(files["masks"], mmap=True)
+        tissues = load_array(files["types"], mmap=False)
+        _check_arrays(images, masks, tissues, files)
+
+        def read(index: int) -> SourceImage:
             image = to_rgb_uint8(images[index], files["images"])
-            instances, types = combine_class_channels(
-                np.asarray(masks[index]), files["masks"], index
-            )
-            yield from image_tiles(
-                image,
-                instances,
-                types,
-                tile_size=tile_size,
-                overlap=overlap,
-                source="pannuke",
-                slide_id=f"{fold.name}/{index}",
-                tissue=str(tissues[index]),
-                mpp=MPP,
-            )
-            report(progress, index + 1, total, "patches")
+            instances, types = combine_class_channels(np.asarray(masks[index]), files["masks"], index)
+            return SourceImage(image, instances, types, f"{fold.name}/{index}", str(tissues[index]), MPP)
 
-    return write_store(
-        store_path,
-        tiles(),
-        overwrite=overwrite,
-        tile_size=tile_size,
-        class_names=CLASS_NAMES,
-        has_types=True,
-        mpp=MPP,
-    )
+        return ImportPlan(
+            items=range(images.shape[0]), read=read, source="pannuke",
+            class_names=CLASS_NAMES, has_types=True, mpp=MPP, unit="patches",
+        )  # fmt: skip
+
+    return run_import(
+        source_path, store_path, plan, what="PanNuke fold folder (e.g. 'Fold 1')",
+        tile_size=tile_size, overlap=overlap, overwrite=overwrite, progress=progress,
+    )  # fmt: skip

@@ -34,7 +34,7 @@ import logging
 import math
 
 from cmdfed.errors import CmdfedError
-from cmdfed.federation.processes import LOOPBACK
+from cmdfed.addresses import LOOPBACK
 
 log = logging.getLogger("cmdfed.telemetry")
 

@@ -1,12 +1,13 @@
-"""From an image to nuclei: the one path that training evaluation, `cmdfed predict` and the
-edge share (the edge swaps the PyTorch forward for ONNX Runtime / TensorRT).
+"""From an image to nuclei with the PyTorch model: what evaluation and `cmdfed predict` run
+(the edge swaps the forward for ONNX Runtime / TensorRT, edge.backends, and keeps the rest).
 
     uint8 RGB image --to_model_input--> [-1, 1] tensor --model.segment--> NP/HV/NC maps
         --postprocess (HoVer-Net watershed)--> instance map, type map, per-nucleus records
 
 Images of any size: sides are padded up to the network's stride (32) by reflection, which
 keeps texture at the border statistically like tissue. Images larger than ``window`` are
-run as overlapping windows and the maps are blended with a weight that falls towards each
+run as overlapping windows (:mod:`cmdfed.inference.tiling`'s grid, flush with the far
+edges) and the maps are blended with a weight that falls towards each
 window's edge (border pixels see less context), then post-processed once as a whole, so
 nuclei on window seams are neither cut nor duplicated.
 """
@@ -24,11 +25,16 @@ from PIL import Image
 
 from cmdfed.atomic import atomic_path, write_json_atomic
 from cmdfed.errors import CmdfedError
-from cmdfed.evaluate.postprocess import PostprocessResult, WatershedParams, postprocess
-from cmdfed.model.config import ModelConfig, build_model
+from cmdfed.images import read_rgb
+from cmdfed.inference.postprocess import PostprocessResult, WatershedParams, postprocess, postprocess_for
+from cmdfed.inference.nuclei import nucleus_records
+from cmdfed.inference.resolution import needs_resampling, resample_image, resampled_shape, resize_labels, resize_maps
+from cmdfed.inference.tiling import grid_starts
+from cmdfed.model.checkpoint import load_checkpoint
+from cmdfed.model.config import ModelConfig
+from cmdfed.model.unet import build_model
 from cmdfed.model.encoders import frozen_encoder
 from cmdfed.progress import Progress, report
-from cmdfed.train.checkpoint import load_checkpoint
 
 STRIDE = 32
 
@@ -50,6 +56,7 @@ class LoadedModel:
     checkpoint: Path
     device: torch.device
     encoder: torch.nn.Module | None = None  # the frozen FM encoder of an FM-conditioned model
+    mpp: float | None = None  # the resolution it was trained at (um/px), when its checkpoint records it
 
 
 def load_model(checkpoint: str | Path, device: torch.device, *, use_ema: bool = True,
@@ -69,7 +76,9 @@ def load_model(checkpoint: str | Path, device: torch.device, *, use_ema: bool = 
         raise CmdfedError(f"{ckpt.path}: the weights do not match the config in config.json ({str(exc)[:300]})") from exc
     model.to(device).eval()
     names = ckpt.config.get("class_names") or ["background", "nucleus"]
-    return LoadedModel(model, config, list(names), ckpt.path, device, frozen_encoder(config.fm_kind, fm_weights, device))
+    mpp = ckpt.config.get("mpp")
+    return LoadedModel(model, config, list(names), ckpt.path, device, frozen_encoder(config.fm_kind, fm_weights, device),
+                       float(mpp) if mpp else None)
 
 
 @torch.no_grad()
@@ -114,14 +123,11 @@ def predict_image_maps(
         maps = predict_maps(loaded.model, padded[None], loaded.device, loaded.encoder)
         return {k: v[0][..., :h, :w] for k, v in maps.items()}
     window = window - window % STRIDE
-    step = window - overlap
     weight = _window_weight(window, overlap)
     sums: dict[str, np.ndarray] = {}
     total = np.zeros((H, W), np.float32)
-    ys = sorted({*range(0, max(H - window, 0) + 1, step), max(H - window, 0)})
-    xs = sorted({*range(0, max(W - window, 0) + 1, step), max(W - window, 0)})
-    for y in ys:
-        for x in xs:
+    for y in grid_starts(H, window, overlap, flush_end=True):
+        for x in grid_starts(W, window, overlap, flush_end=True):
             crop = padded[y : y + window, x : x + window]
             maps = predict_maps(loaded.model, crop[None], loaded.device, loaded.encoder)
             ch, cw = crop.shape[:2]
@@ -136,12 +142,23 @@ def predict_image_maps(
 
 
 def segment_image(
-    loaded: LoadedModel, image: np.ndarray, params: WatershedParams = WatershedParams()
+    loaded: LoadedModel, image: np.ndarray, params: WatershedParams = WatershedParams(), *,
+    image_mpp: float | None = None,
 ) -> PostprocessResult:
-    maps = predict_image_maps(loaded, image)
-    return postprocess(maps["np"], maps["hv"], maps.get("nc"), params)
-
-
+    """Nuclei of one image. At ``image_mpp`` other than the model's, the image is segmented
+    at the model's resolution and the result brought back to its pixels (resolution.py);
+    ``params`` then hold at the model's resolution."""
+    if not needs_resampling(image_mpp, loaded.mpp):
+        maps = predict_image_maps(loaded, image)
+        return postprocess(maps["np"], maps["hv"], maps.get("nc"), params)
+    shape = image.shape[:2]
+    small = resample_image(image, resampled_shape(shape, image_mpp / loaded.mpp))
+    maps = predict_image_maps(loaded, small)
+    at_model = postprocess(maps["np"], maps["hv"], maps.get("nc"), params)
+    instance_map = resize_labels(at_model.instance_map, shape)
+    nc = resize_maps(maps["nc"], shape) if "nc" in maps else None
+    type_map = None if at_model.type_map is None else resize_labels(at_model.type_map, shape)
+    return PostprocessResult(instance_map, type_map, nucleus_records(instance_map, nc))
 
 
 def write_prediction(out_dir: Path, name: str, result: PostprocessResult, class_names: list[str]) -> dict:
@@ -171,10 +188,12 @@ def predict_files(
     *, fm_weights: str | Path | None = None, mpp: float | None = None,
 ) -> list[dict]:
     """`cmdfed predict`: NAME_inst.png and NAME_types.json for each image (any dtype the
-    importers read: 16-bit scans are scaled, not clipped); ``mpp``, the images' resolution,
-    scales the post-processing (``WatershedParams.for_mpp``; unknown: HoVer-Net's 40x values)."""
-    from cmdfed.data.importers.common import read_rgb
+    importers read: 16-bit scans are scaled, not clipped), in the images' own pixels.
 
+    ``mpp``, the images' resolution: a model that records the resolution it was trained at
+    reads the images resampled to it (resolution.py), and then needs ``mpp`` (image files
+    rarely say theirs). The post-processing is the checkpoint's tuned one, else HoVer-Net's
+    scaled to the resolution segmented at (``WatershedParams.for_mpp``; unknown: its 40x values)."""
     missing = [str(p) for p in images if not Path(p).is_file()]
     if missing:
         raise CmdfedError(f"image(s) not found: {', '.join(missing)}")
@@ -184,9 +203,13 @@ def predict_files(
         raise CmdfedError(f"several images are named {', '.join(clashes)} (outputs are NAME_inst.png): "
                           "rename them or predict them into different --out folders")
     loaded = load_model(checkpoint, device, fm_weights=fm_weights)
+    if loaded.mpp is not None and mpp is None:
+        raise CmdfedError(f"the model reads images at {loaded.mpp} um/px and resamples others to it, but these "
+                          "images' resolution is unknown: give --mpp (about 0.5 at 20x, 0.25 at 40x)")
+    params, _ = postprocess_for(loaded.checkpoint, loaded.mpp or mpp)
     results = []
     for done, path in enumerate(images, start=1):
-        result = segment_image(loaded, read_rgb(path), WatershedParams.for_mpp(mpp))
+        result = segment_image(loaded, read_rgb(path), params, image_mpp=mpp)
         results.append(write_prediction(out_dir, Path(path).stem, result, loaded.class_names))
         report(progress, done, len(images), "images")
     return results

@@ -7,6 +7,7 @@ A checkpoint is a folder::
       ema.safetensors        exponential moving average of the weights, when enabled
       config.json            model + diffusion + training config, phase, step, metrics
       trainer.pt             optimizer and LR-scheduler state and RNG states, for exact resume
+      checksums.json         sha256 and size of each file above but config.json, written last
 
 Weights use safetensors, which cannot execute code when loaded, because checkpoints travel
 between hospitals and to scanner workstations. ``trainer.pt`` holds nested optimizer state
@@ -14,15 +15,26 @@ that safetensors cannot express; it is read with ``torch.load(weights_only=True)
 also refuses code. The folder is written under a temporary name and renamed, and the run
 folder's ``latest`` file is replaced atomically after it, so a crash mid-write leaves the
 previous checkpoint as the latest.
+
+Weights that do not fit a model are reported the same way wherever they are loaded
+(checkpoints, parameter groups, encoder weights): :func:`state_dict_mismatch`.
+
+Every load checks the files it reads against ``checksums.json`` (hashing a checkpoint is
+cheap next to training on it): damage on disk (a bit flip, an overwritten block) that would
+still parse as tensors is refused with the damaged file's name and the newest earlier
+checkpoint of the run that still verifies. Checkpoints written before checksums were
+recorded (no ``checksums.json``) load unchecked, as before.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping
 
 import torch
 from safetensors import SafetensorError
@@ -36,6 +48,8 @@ CHECKPOINT_FORMAT = 2
 # Formats whose backbone and modulation weights are laid out as now: a fine-tuning run may start
 # from them (it replaces the heads), so a costly pretraining survives a change to the heads.
 BACKBONE_FORMATS = (1, 2)
+CHECKSUMS = "checksums.json"
+_CHUNK = 1 << 20
 
 
 class CheckpointFormatError(CmdfedError):
@@ -91,6 +105,7 @@ def save_checkpoint(
         if trainer is not None:
             torch.save(trainer, tmp / "trainer.pt")
         write_json_atomic(tmp / "config.json", {**config, "step": step, "format": CHECKPOINT_FORMAT})
+        write_checksums(tmp)
     write_bytes_atomic(run_dir / "latest", final.name.encode())
     _prune(run_dir, keep_last, protect=final.name)
     return final
@@ -107,9 +122,96 @@ def _prune(run_dir: Path, keep_last: int, protect: str) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
+def write_checksums(folder: Path) -> None:
+    """Record the sha256 and size of every file in ``folder`` but config.json (which is parsed,
+    and read by tools that edit it); call last, when the files are complete."""
+    files = {p.name: _file_record(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name not in (CHECKSUMS, "config.json")}
+    write_json_atomic(folder / CHECKSUMS, {"algorithm": "sha256", "files": files})
+
+
+def _file_record(path: Path) -> dict:
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return {"sha256": digest.hexdigest(), "bytes": size}
+
+
+def _recorded(folder: Path) -> dict | None:
+    """The checksums recorded when ``folder`` was written; None for a checkpoint from before they were."""
+    path = folder / CHECKSUMS
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        files = record["files"]
+        if record.get("algorithm") != "sha256" or not isinstance(files, dict):
+            raise ValueError("not a sha256 file list")
+        return files
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CmdfedError(f"{path} is damaged ({exc}); {_previous_good_advice(folder)}") from exc
+
+
+def verify_files(folder: Path, names) -> None:
+    """Check the named files of a checkpoint against its recorded checksums (none recorded: no check)."""
+    recorded = _recorded(folder)
+    if recorded is None:
+        return
+    for name in names:
+        path = folder / name
+        if name not in recorded:
+            if path.exists():
+                raise CmdfedError(f"{path} is not listed in {folder / CHECKSUMS}; {_previous_good_advice(folder)}")
+            continue
+        if not path.is_file():
+            raise CmdfedError(f"{path} is missing; the checkpoint is incomplete; {_previous_good_advice(folder)}")
+        if _file_record(path) != recorded[name]:
+            raise CmdfedError(
+                f"{path} is damaged: it does not match its checksum recorded when the checkpoint was written; "
+                f"{_previous_good_advice(folder)}"
+            )
+
+
+def _intact(folder: Path) -> bool:
+    try:
+        recorded = _recorded(folder)
+        config = json.loads((folder / "config.json").read_text())
+    except (CmdfedError, OSError, ValueError):
+        return False
+    if recorded is None or not isinstance(config, dict):
+        return False  # nothing to vouch for it
+    return all((folder / n).is_file() and _file_record(folder / n) == r for n, r in recorded.items())
+
+
+def _previous_good_advice(folder: Path) -> str:
+    """Names the newest earlier checkpoint of the run that verifies, and how to resume from it."""
+    run = folder.parent
+    earlier = sorted((p for p in run.glob("step-*") if p.is_dir() and p.name < folder.name), reverse=True)
+    good = next((p for p in earlier if _intact(p)), None)
+    if good is None:
+        return f"no earlier checkpoint in {run} verifies: restore the run from a backup or start it again in a new folder"
+    return (
+        f"the previous good checkpoint is {good}: to resume from it, delete {folder} and write "
+        f"'{good.name}' into {run / 'latest'} (or use {good} directly)"
+    )
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder from itself or from a run folder (its ``latest``)."""
+    """A checkpoint folder from itself, from a run folder (its ``latest``) or from the name of
+    a released model (``cmdfed models list``) when no such path exists."""
     path = Path(path)
+    if not path.exists():
+        from cmdfed.models import released_model, released_model_dir
+
+        released = released_model_dir(str(path))
+        if released is not None:
+            path = released
+        elif len(path.parts) == 1:  # a bare name: say which released models there are
+            try:
+                released_model(str(path))
+            except CmdfedError as exc:
+                raise CmdfedError(f"checkpoint {path} does not exist, and {exc}") from None
     if (path / "config.json").is_file():
         return path
     latest = path / "latest"
@@ -142,6 +244,8 @@ def load_checkpoint(path: str | Path, *, with_trainer: bool = False, backbone_on
             f"{folder} is a cmdfed checkpoint of format {config['format']}, this cmdfed reads format {CHECKPOINT_FORMAT} "
             f"(the task heads changed in format 2); train or fine-tune it again with this version, or use the cmdfed that wrote it"
         )
+    ema_present = (folder / "ema.safetensors").exists()
+    verify_files(folder, ["model.safetensors", *(["ema.safetensors"] if ema_present else []), *(["trainer.pt"] if with_trainer else [])])
     weights = _load_tensors(folder / "model.safetensors")
     ema = _load_tensors(folder / "ema.safetensors") if (folder / "ema.safetensors").exists() else None
     trainer = None
@@ -154,6 +258,21 @@ def load_checkpoint(path: str | Path, *, with_trainer: bool = False, backbone_on
         except Exception as exc:
             raise CmdfedError(f"{trainer_path} is damaged ({type(exc).__name__}: {exc})") from exc
     return Checkpoint(folder, config, weights, ema, trainer)
+
+
+def state_dict_mismatch(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor]) -> str | None:
+    """Why ``given`` does not load into a model whose state dict is ``expected`` (how many entries
+    are missing, unexpected or of the wrong shape, with examples), or None when it does."""
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    wrong_shape = sorted(k for k in set(expected) & set(given) if expected[k].shape != given[k].shape)
+    if not (missing or unexpected or wrong_shape):
+        return None
+    return (
+        f"{len(missing)} missing (e.g. {', '.join(missing[:3]) or '-'}), {len(unexpected)} unexpected "
+        f"(e.g. {', '.join(unexpected[:3]) or '-'}), {len(wrong_shape)} of the wrong shape "
+        f"(e.g. {', '.join(wrong_shape[:3]) or '-'})"
+    )
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -1,4 +1,5 @@
-"""Seams: synthetic nuclei straddling tile borders are kept exactly once, and whole."""
+"""The grid (where tiles start) and seams: synthetic nuclei straddling tile borders are kept
+exactly once, and whole."""
 
 from __future__ import annotations
 
@@ -6,11 +7,26 @@ import numpy as np
 import pytest
 from skimage.draw import disk
 
-from cmdfed.evaluate.postprocess import nucleus_records
-from edge.stitch import TileGrid
+from cmdfed.inference.nuclei import nucleus_records
+from cmdfed.inference.tiling import TileGrid, grid_starts
 
 TILE, OVERLAP, SIDE = 128, 32, 400
 STRIDE = TILE - OVERLAP
+
+
+def test_grid_starts_flush_with_the_edge():
+    assert grid_starts(100, 32, 0, flush_end=True) == [0, 32, 64, 68]
+    assert grid_starts(64, 32, 0, flush_end=True) == [0, 32]
+    assert grid_starts(64, 32, 16, flush_end=True) == [0, 16, 32]
+    assert grid_starts(20, 32, 0, flush_end=True) == [0]
+
+
+def test_grid_starts_on_the_regular_grid_pad_the_last_tile():
+    # Every start a multiple of the stride; the last tile still reaches uncovered pixels.
+    assert grid_starts(100, 32, 0, flush_end=False) == [0, 32, 64, 96]
+    assert grid_starts(64, 32, 16, flush_end=False) == [0, 16, 32]
+    assert grid_starts(20, 32, 8, flush_end=False) == [0]
+    assert grid_starts(400, TILE, OVERLAP, flush_end=False) == [0, 96, 192, 288]
 
 
 def _truth(seed: int) -> np.ndarray:

@@ -3,12 +3,12 @@ import pytest
 from scipy import ndimage
 
 from cmdfed.errors import CmdfedError
-from cmdfed.evaluate.postprocess import (
+from cmdfed.inference.nuclei import nucleus_records
+from cmdfed.inference.postprocess import (
     WatershedParams,
     _opencv_ellipse,
     _sobel_kernels,
     hover_watershed,
-    nucleus_records,
     postprocess,
     remove_small_instances,
 )
@@ -160,3 +160,12 @@ def test_settings_scale_from_hovernets_40x_to_the_image_resolution():
     assert at_20x.foreground_threshold == 0.5 and at_20x.marker_gradient_threshold == 0.4
     assert WatershedParams.for_mpp(0.1).sobel_kernel_size == 31  # clipped to the valid aperture range
     assert WatershedParams.for_mpp(0.5, sobel_kernel_size=7).sobel_kernel_size == 7
+
+
+def test_settings_round_trip_through_a_dict_and_a_manifest():
+    params = WatershedParams.for_mpp(0.5, foreground_threshold=0.6)
+    assert WatershedParams.from_dict(params.to_dict()) == params
+    manifest = {"postprocessing": {"params": params.to_dict()}}
+    assert WatershedParams.from_manifest(manifest) == params
+    with pytest.raises(CmdfedError, match="unknown post-processing setting.*sobel_size"):
+        WatershedParams.from_dict({**params.to_dict(), "sobel_size": 3})

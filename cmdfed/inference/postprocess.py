@@ -23,32 +23,28 @@ re-implemented without OpenCV:
    the foreground. Foreground blobs that received no marker are left out, as in
    HoVer-Net. Output ids are renumbered 1..n.
 
-Types: each instance takes the majority of the per-pixel NC argmax inside it,
-ignoring background (class 0) unless nothing else is present, and ``type_prob`` is the
-share of the instance's pixels that voted for that type, as HoVer-Net's ``process``
-reports it (a vote share, not a mean softmax probability).
+Types and records: :func:`cmdfed.inference.nuclei.nucleus_records` (each instance takes
+the majority of the per-pixel NC argmax inside it, as HoVer-Net's ``process`` does; its
+coordinates convention is described there).
 
-Coordinates are numpy pixel indices: pixel ``[row, col]`` has its centre at
-``x = col, y = row``. Polygons trace the level-0.5 line of the instance mask
-(``skimage.measure.find_contours``), i.e. they run half-way between the outermost
-nucleus pixel centres and the first background pixel centres. A consumer whose
-convention puts pixel centres at ``+0.5`` (QuPath, GeoJSON over image pixels) adds 0.5
-to every x and y.
+Settings travel as a plain dict (:meth:`WatershedParams.to_dict` / :meth:`from_dict`): in a
+bundle's manifest, in the whole-slide job's fingerprint and in evaluation summaries.
 """
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass
+from pathlib import Path
+from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
-from skimage.measure import find_contours
 from skimage.segmentation import relabel_sequential, watershed
 
 from cmdfed.errors import CmdfedError
-from cmdfed.evaluate.labels import LabelIndex
-from cmdfed.model.targets import check_label_map
+from cmdfed.inference.nuclei import LabelIndex, NucleusRecord, nucleus_records
 
 # Micrometres per pixel HoVer-Net's post-processing settings were tuned at (40x).
 REFERENCE_MPP = 0.25
@@ -98,6 +94,23 @@ class WatershedParams:
         }
         return cls(**{**scaled, **overrides})
 
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "WatershedParams":
+        """The settings a :meth:`to_dict` wrote; names it does not know are an error, not ignored."""
+        unknown = sorted(set(values) - {f.name for f in fields(cls)})
+        if unknown:
+            raise CmdfedError(f"unknown post-processing setting(s) {', '.join(unknown)}; "
+                              f"known: {', '.join(f.name for f in fields(cls))}")
+        return cls(**values)
+
+    @classmethod
+    def from_manifest(cls, manifest: dict[str, Any]) -> "WatershedParams":
+        """The settings an edge bundle's manifest was exported with."""
+        return cls.from_dict(manifest["postprocessing"]["params"])
+
     def __post_init__(self) -> None:
         if not 0.0 < self.foreground_threshold <= 1.0:
             raise CmdfedError("foreground_threshold must be in (0, 1]; HoVer-Net uses 0.5")
@@ -109,26 +122,6 @@ class WatershedParams:
             raise CmdfedError("marker_gradient_threshold must be in (0, 1); HoVer-Net uses 0.4")
         if self.marker_opening_size < 1:
             raise CmdfedError("marker_opening_size must be >= 1 pixel; HoVer-Net uses 5")
-
-
-@dataclass(frozen=True)
-class NucleusRecord:
-    """One nucleus, in pixel coordinates of the tile (see the module docstring).
-
-    ``bbox_xyxy`` is (x_min, y_min, x_max, y_max) with the max exclusive (slice bounds).
-    ``contour_xy`` is an (N, 2) float closed polygon (first point == last point): the
-    outer boundary of the instance's largest 4-connected part (watershed instances have
-    only one); holes are not represented.
-    ``type`` and ``type_prob`` are None when no NC output was given.
-    """
-
-    id: int
-    centroid_xy: tuple[float, float]
-    bbox_xyxy: tuple[int, int, int, int]
-    area: int
-    type: int | None
-    type_prob: float | None
-    contour_xy: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -242,60 +235,6 @@ def _open_like_opencv(mask: np.ndarray, element: np.ndarray) -> np.ndarray:
     return ndimage.binary_dilation(eroded, structure=element, border_value=0)
 
 
-def _pixel_types(nc: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    nc = np.asarray(nc)
-    if nc.ndim == 3 and nc.shape[1:] == shape:
-        return nc.argmax(axis=0)
-    if nc.ndim == 2 and nc.shape == shape:
-        check_label_map(nc, "NC type map")
-        return nc
-    raise CmdfedError(
-        f"NC output must be (C, H, W) class scores or an (H, W) type map for a {shape} "
-        f"tile, got shape {nc.shape}"
-    )
-
-
-def nucleus_records(instance_map: np.ndarray, nc: np.ndarray | None = None) -> list[NucleusRecord]:
-    """One record per instance (ids ascending): centroid, box, area, type, polygon."""
-    labels = LabelIndex.of(instance_map)
-    if nc is None:
-        types = shares = None
-    else:
-        types, shares = labels.majority_types(_pixel_types(nc, instance_map.shape))
-    centroids = labels.centroids_xy()
-    sequential = (labels.pixel_rows + 1).reshape(instance_map.shape)
-    records = []
-    for row, box in enumerate(ndimage.find_objects(sequential)):
-        mask = sequential[box] == row + 1
-        y0, x0 = box[0].start, box[1].start
-        records.append(
-            NucleusRecord(
-                id=int(labels.ids[row]),
-                centroid_xy=(float(centroids[row, 0]), float(centroids[row, 1])),
-                bbox_xyxy=(x0, y0, box[1].stop, box[0].stop),
-                area=int(labels.areas[row]),
-                type=None if types is None else int(types[row]),
-                type_prob=None if shares is None else float(shares[row]),
-                contour_xy=_outer_contour_xy(mask) + [x0, y0],
-            )
-        )
-    return records
-
-
-def _outer_contour_xy(mask: np.ndarray) -> np.ndarray:
-    """Closed (N, 2) x, y polygon around the largest part of a boolean mask."""
-    # A background frame makes every contour closed; it shifts coordinates by one.
-    padded = np.pad(mask, 1).astype(np.float32)
-    contours = find_contours(padded, 0.5)
-    outer = max(contours, key=_enclosed_area)
-    return outer[:, ::-1] - 1.0
-
-
-def _enclosed_area(polygon: np.ndarray) -> float:
-    y, x = polygon[:, 0], polygon[:, 1]
-    return abs(float(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1)))) / 2.0
-
-
 def postprocess(
     np_prob: np.ndarray,
     hv: np.ndarray,
@@ -311,3 +250,41 @@ def postprocess(
         type_of_id[1:] = [nucleus.type for nucleus in nuclei]
         type_map = type_of_id[instance_map]
     return PostprocessResult(instance_map, type_map, nuclei)
+
+
+# -- settings chosen per model ---------------------------------------------------------------
+
+# `cmdfed train tune` (cmdfed/evaluate/tune.py) writes the watershed settings it chose for a
+# checkpoint beside its weights; predict, evaluate and edge export read them from here.
+TUNED_FILE = "postprocess.json"
+# A resolution within this relative distance of the tuned one counts as the same.
+MPP_TOLERANCE = 0.1
+
+
+def tuned_postprocess(checkpoint: Path) -> tuple[WatershedParams, float] | None:
+    """The settings ``cmdfed train tune`` chose for this checkpoint folder and the resolution
+    they hold at; None when it was not tuned."""
+    path = Path(checkpoint) / TUNED_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        return WatershedParams.from_dict(record["params"]), float(record["mpp"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CmdfedError(f"{path} is damaged ({exc}); delete it and run cmdfed train tune again") from exc
+
+
+def postprocess_for(checkpoint: Path, mpp: float | None) -> tuple[WatershedParams, str]:
+    """The post-processing for images at ``mpp`` (None: unknown) and where it came from:
+    the tuned settings when the checkpoint has them (refused at another resolution), else
+    HoVer-Net's scaled to ``mpp``."""
+    tuned = tuned_postprocess(checkpoint)
+    if tuned is None:
+        return WatershedParams.for_mpp(mpp), "scaled" if mpp else "hovernet-40x"
+    params, tuned_mpp = tuned
+    if mpp is not None and abs(mpp - tuned_mpp) > MPP_TOLERANCE * tuned_mpp:
+        raise CmdfedError(
+            f"{checkpoint} was tuned for {tuned_mpp} um/px but these images are {mpp} um/px: give images at the "
+            f"tuned resolution, or tune it on a validation store at {mpp} um/px (cmdfed train tune)"
+        )
+    return params, "tuned"

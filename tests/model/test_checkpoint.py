@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cmdfed.errors import CmdfedError
-from cmdfed.train.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from cmdfed.model.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 
 
 def weights(value: float) -> dict[str, torch.Tensor]:

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from cmdfed.errors import CmdfedError
-from cmdfed.inference import _window_weight, load_model, predict_files, predict_image_maps, to_model_input
+from cmdfed.inference.segment import _window_weight, load_model, predict_files, predict_image_maps, to_model_input
 from cmdfed.model.config import ModelConfig
 from cmdfed.train.loop import TrainConfig
 from cmdfed.train.phases import finetune
@@ -60,7 +60,7 @@ def test_window_weight_falls_towards_the_edges():
 
 def test_predict_files_writes_uint16_instances_and_types(checkpoint, tmp_path):
     Image.fromarray(np.random.default_rng(2).integers(0, 255, (64, 96, 3), dtype=np.uint8)).save(tmp_path / "a.png")
-    results = predict_files([tmp_path / "a.png"], checkpoint, tmp_path / "out", CPU)
+    results = predict_files([tmp_path / "a.png"], checkpoint, tmp_path / "out", CPU, mpp=0.5)
     inst = np.asarray(Image.open(tmp_path / "out" / "a_inst.png"))
     types = json.loads((tmp_path / "out" / "a_types.json").read_text())
     assert inst.shape == (64, 96) and inst.dtype == np.uint16
@@ -86,7 +86,7 @@ def test_a_16_bit_image_is_scaled_not_clipped(checkpoint, tmp_path):
     grey = np.random.default_rng(3).integers(0, 256, (64, 64), dtype=np.uint8)
     Image.fromarray(grey).save(tmp_path / "eight.png")
     Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "sixteen.png")  # same picture, 16 bits
-    predict_files([tmp_path / "eight.png", tmp_path / "sixteen.png"], checkpoint, tmp_path / "out", CPU)
+    predict_files([tmp_path / "eight.png", tmp_path / "sixteen.png"], checkpoint, tmp_path / "out", CPU, mpp=0.5)
     eight, sixteen = (np.asarray(Image.open(tmp_path / "out" / f"{n}_inst.png")) for n in ("eight", "sixteen"))
     assert np.array_equal(eight, sixteen)
 
@@ -110,7 +110,7 @@ def test_a_model_conditioned_on_a_foundation_model_predicts_and_evaluates(synthe
     assert 0 <= summary["mean_dice"] <= 1 and summary["tiles"] > 0
     assert summary["postprocess"]["sobel_kernel_size"] == 11  # scaled to the store's 0.5 um/px
     Image.fromarray(np.random.default_rng(2).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "a.png")
-    assert predict_files([tmp_path / "a.png"], tmp_path / "ft", tmp_path / "out", CPU)[0]["image"] == "a"
+    assert predict_files([tmp_path / "a.png"], tmp_path / "ft", tmp_path / "out", CPU, mpp=0.5)[0]["image"] == "a"
 
 
 def test_evaluation_refuses_a_store_labelled_with_other_classes(checkpoint, tmp_path):

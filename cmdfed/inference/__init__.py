@@ -1,0 +1,12 @@
+"""The one path from pixels to nuclei, shared by evaluation, `cmdfed predict` and the edge.
+
+    tiling.py       where tiles are cut (one grid) and which tile keeps a seam nucleus
+    segment.py      image -> NP/HV/NC maps (PyTorch; sliding windows for large images)
+                    -> instances; `cmdfed predict`
+    postprocess.py  maps -> instance map: HoVer-Net's watershed and its WatershedParams
+    nuclei.py       instance map -> per-nucleus records (centroid, contour, type) and
+                    their QuPath GeoJSON features; the +0.5 pixel-centre rule
+
+The edge swaps segment.py's PyTorch forward for ONNX Runtime / TensorRT (edge.backends)
+and uses the rest as it is. Nothing here imports ``cmdfed.evaluate``, which only scores.
+"""
