@@ -258,15 +258,26 @@ def data_subset(
 # -- train / predict -------------------------------------------------------------------
 
 
-def _load_config_file(path: Optional[Path]) -> dict:
+def _load_config_file(path: Optional[Path], sections: tuple[str, ...] = ("model", "diffusion", "train"),
+                      why: str = "") -> dict:  # fmt: skip
+    """The JSON config file: an object of sections, each an object of settings; ``sections``: the
+    ones this command uses (any other is refused, not ignored; ``why`` says why it is not used)."""
     if path is None:
         return {}
     try:
         data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError
         raise CmdfedError(f"cannot read config file {path}: {exc}") from exc
-    if not isinstance(data, dict) or set(data) - {"model", "diffusion", "train"}:
-        raise CmdfedError(f"{path} must be a JSON object with optional keys model, diffusion, train")
+    if not isinstance(data, dict):
+        raise CmdfedError(f"{path} must be a JSON object with optional sections {', '.join(sections)}")
+    unused = [key for key in data if key not in sections]
+    if unused:
+        raise CmdfedError(f"{path}: this command does not use the {', '.join(map(repr, unused))} section"
+                          f"{'s' if len(unused) > 1 else ''}{why}; remove it (sections it reads: {', '.join(sections)})")
+    for key, value in data.items():
+        if not isinstance(value, dict):
+            raise CmdfedError(f"{path}: the {key!r} section must be a JSON object of settings, "
+                              f'e.g. {{"{key}": {{...}}}}, not {type(value).__name__}')
     return data
 
 
@@ -364,7 +375,10 @@ def train_finetune(
         raise CmdfedError("give one of --init (a pretrained backbone) or --preset (random initialisation), not both")
     if init is None and preset is None:
         preset = DEFAULT_PRESET
-    file = _load_config_file(config_file)
+    if init is not None:
+        file = _load_config_file(config_file, ("train",), " with --init (the model is the pretraining run's)")
+    else:
+        file = _load_config_file(config_file, ("model", "train"), " when fine-tuning")
     train = _train_config("finetune", file, steps=steps, batch_size=batch_size, lr=lr, seed=seed, num_workers=workers,
                           ema_decay=ema, checkpoint_every=checkpoint_every)  # fmt: skip
     model = ModelConfig.from_preset(preset, **file.get("model", {})) if preset else None

@@ -159,7 +159,7 @@ class Backend(abc.ABC):
 class OnnxRuntimeBackend(Backend):
     provider: str
 
-    def __init__(self, model: BundleModel, threads: int | None = None):
+    def __init__(self, model: BundleModel, threads: int | None = None, memory_arena: bool = True):
         super().__init__(model)
         import onnxruntime
 
@@ -169,6 +169,8 @@ class OnnxRuntimeBackend(Backend):
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
         options.log_severity_level = 3  # errors only; fallbacks are reported by us
+        # The CPU arena keeps the largest run's memory, and grows again with each new input shape.
+        options.enable_cpu_mem_arena = memory_arena
         try:
             self.session = onnxruntime.InferenceSession(
                 model.read_verified(model.manifest["graph"]["onnx"]), sess_options=options, providers=self._providers()

@@ -277,21 +277,25 @@ def serve(
     report_ca: Optional[Path] = REPORT_CA,
     report_insecure: bool = REPORT_INSECURE,
     heartbeat: float = typer.Option(60.0, help="Seconds between telemetry heartbeats."),
-    max_tiles: int = typer.Option(16, help="Most tiles accepted in one SegmentTiles request."),
+    max_tiles: int = typer.Option(16, help="Most tiles accepted in one SegmentTiles request (fewer if --max-memory needs)."),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Memory the service may use, e.g. 4G or 1500M "
+                                             "(default: half the machine's); the largest request it accepts is derived from it."),
     workers: int = typer.Option(8, help="Calls served at once."),
     backend: Optional[str] = typer.Option(None, help=BACKEND_HELP),
     threads: Optional[int] = typer.Option(None, help="CPU threads for ONNX Runtime (default: all available)."),
     trt_source: str = TRT_SOURCE,
 ) -> None:
     """Serve the active model over gRPC (SegmentTiles, SegmentSlide, ModelInfo, health) until SIGTERM."""
+    from edge.memory import parse_size
     from edge.reports import open_reports
     from edge.service import EdgeService
 
+    budget = None if max_memory is None else parse_size(max_memory)
     _log_backend_choice()
     reports = open_reports(telemetry, report_to, report_token, report_ca, report_insecure)
     service = EdgeService(home, port=port, host=host, metrics_port=metrics_port, metrics_host=metrics_host, telemetry=reports,
                           heartbeat_s=heartbeat, max_tiles=max_tiles, workers=workers, backend=backend,
-                          threads=threads, trt_source=trt_source)  # fmt: skip
+                          threads=threads, trt_source=trt_source, max_memory=budget)  # fmt: skip
     metrics = "" if service.metrics_port is None else f", metrics on {metrics_host}:{service.metrics_port}"
     out.print(f"serving {service.version} ({service.selection.backend.name}) on {host}:{service.port}{metrics}")
     service.serve_until_signalled()

@@ -16,9 +16,21 @@ the tile before the training post-processing runs, so results cover exactly the 
 sent. A request that states its tiles' resolution (``mpp``) other than the model's has them
 resampled to the model's first (``to_model_resolution``; sides within max_side both as sent
 and as resampled) and the results brought back to the tiles' pixels, as `cmdfed predict`
-does. All tiles of a request go through the backend as one batch (padded to the largest).
-Calls into the backend are serialised (one accelerator, and TensorRT contexts are not
-thread-safe); decoding and post-processing run in parallel on the thread pool.
+does. Tiles no larger than the bundle's tile size go through the backend together, at most
+WINDOW_BATCH at a time (padded to the largest); a larger tile is run in windows of the
+bundle's tile size and overlap, their maps blended (``edge.windows``), so no backend call
+is larger than a slide's batch whatever the request. Calls into the backend are serialised
+(one accelerator, and TensorRT contexts are not thread-safe); decoding and post-processing
+run in parallel on the thread pool.
+
+Memory (``edge.memory``): the service has a budget (``--max-memory``, default half the
+machine's memory). At start it measures itself at rest, with the model loaded and one batch
+of windows run; the advertised limits (max_side, max_tiles_per_request, and so the message
+size) are the largest whose request fits the budget beside that and ``workers`` received
+messages. Each SegmentTiles and SegmentSlide reserves what it needs before working and
+waits up to ADMISSION_WAIT_S for it (then RESOURCE_EXHAUSTED, reason ``memory_busy``), so
+calls at once cannot together outgrow the budget, and every request the service accepts it
+can finish. A SegmentSlide batch is at most WINDOW_BATCH tiles.
 
 SegmentSlide runs ``edge.infer.infer_slide`` (resumable, same outputs as `cmdfed edge
 infer`, default folder HOME/outputs/<slide file name>) on a thread of its own with the
@@ -30,7 +42,8 @@ batch; rerunning it resumes. With --telemetry or --report-to, each slide's summa
 reported too.
 
 Metrics (own registry, so several services can live in one process):
-``cmdfed_edge_requests_total{method,code}``, ``cmdfed_edge_failures_total{method,reason}``,
+``cmdfed_edge_memory_budget_bytes`` and ``cmdfed_edge_memory_reserved_bytes`` (what calls
+under way hold of what is left for them), ``cmdfed_edge_requests_total{method,code}``, ``cmdfed_edge_failures_total{method,reason}``,
 ``cmdfed_edge_request_duration_seconds{method}`` (histogram: p50/p95 by
 histogram_quantile), ``cmdfed_edge_tiles_total`` (rate() = tiles/s),
 ``cmdfed_edge_model_info{version,backend,device,precision}`` and, on a CUDA backend,
@@ -40,9 +53,11 @@ LATENCY_WINDOW SegmentTiles calls and the errors by reason so far. They go to a 
 workstation writes itself (--telemetry) or, queued and sent in the background so that no call
 waits on the network, to the federation's telemetry server (--report-to; edge.reports).
 
-Errors: a request a client got wrong ends with INVALID_ARGUMENT (bad tile sizes or byte
+Errors: a request a client got wrong ends with INVALID_ARGUMENT (a message that is not the
+method's protobuf, reason ``bad_message``, logged in one line; bad tile sizes or byte
 counts, a corrupt slide or unusable options), NOT_FOUND (slide path), or
-RESOURCE_EXHAUSTED (too many tiles, or a slide while another is running) and one clear
+RESOURCE_EXHAUSTED (too many tiles, a slide while another is running, or no memory free for
+the call within ADMISSION_WAIT_S) and one clear
 message; anything else is INTERNAL and
 logged. Every call is counted by method and status code and every failure by reason. A
 message above the size limit is refused by gRPC itself (RESOURCE_EXHAUSTED) before it
@@ -55,6 +70,7 @@ bind it to other interfaces only on a trusted network.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -64,6 +80,7 @@ import threading
 import time
 from collections import deque
 from concurrent import futures
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -78,7 +95,12 @@ from cmdfed.inference.nuclei import NucleusRecord, class_name, image_xy
 from cmdfed.inference.postprocess import WatershedParams, postprocess
 from cmdfed.inference.resolution import needs_resampling, resample_image, resampled_shape, to_image_pixels
 from edge import infer
+from edge.memory import (
+    DEFAULT_FRACTION, Costs, MemoryBudget, MemoryBusy, gib, machine_memory, peak_resident_bytes, plan_limits,
+    release_freed_memory, reset_peak_resident, resident_bytes,
+)  # fmt: skip
 from edge.selection import Selection, select_backend
+from edge.windows import padded_side, windowed_maps
 from edge.deploy import active_bundle
 from edge.protos import cmdfed_edge_pb2 as pb
 from edge.protos import cmdfed_edge_pb2_grpc as pb_grpc
@@ -94,6 +116,8 @@ GRACE_S = 10.0
 LATENCY_WINDOW = 1000  # recent SegmentTiles latencies kept for the heartbeat's p50/p95
 MESSAGE_SLACK = 64 * 1024  # protobuf framing on top of the tiles' pixel bytes
 SLIDE_OUTPUTS = "outputs"
+WINDOW_BATCH = 8  # model-sized windows (or small tiles, or slide tiles) per backend call
+ADMISSION_WAIT_S = 60.0  # longest a call waits for its memory (or its deadline, if sooner)
 
 
 class RequestError(CmdfedError):
@@ -136,6 +160,10 @@ class Metrics:
             registry=registry,
         )  # fmt: skip
         self.tiles = Counter("cmdfed_edge_tiles", "Tiles segmented (requests and slides).", registry=registry)
+        self.memory_budget = Gauge("cmdfed_edge_memory_budget_bytes", "What calls may reserve: the budget less the service at rest and received messages.",
+                                   registry=registry)  # fmt: skip
+        self.memory_reserved = Gauge("cmdfed_edge_memory_reserved_bytes", "Memory the calls under way reserved.",
+                                     registry=registry)  # fmt: skip
         backend = selection.backend
         model = Info("cmdfed_edge_model", "The model being served.", registry=self.registry)
         model.info({"version": backend.model.manifest["model"]["version"], "backend": backend.name,
@@ -286,6 +314,57 @@ def _nucleus(nucleus: NucleusRecord, class_names: list[str]) -> pb.Nucleus:
 # -- the service -----------------------------------------------------------------------
 
 
+class Undecodable:
+    """A request whose bytes are not the method's protobuf message (gRPC's own deserialisation
+    would log a traceback and answer INTERNAL; the servicer answers INVALID_ARGUMENT instead)."""
+
+    def __init__(self, message: type, error: Exception):
+        self.message, self.error = message, error
+
+
+def _lenient(message: type):
+    def parse(data: bytes):
+        try:
+            return message.FromString(data)
+        except Exception as exc:  # google.protobuf.message.DecodeError, and whatever upb raises
+            return Undecodable(message, exc)
+
+    return parse
+
+
+def add_servicer(servicer: "EdgeServicer", server: grpc.Server) -> None:
+    """``pb_grpc.add_EdgeSegmentationServicer_to_server`` with request parsing that cannot fail."""
+    handlers = {
+        "SegmentTiles": grpc.unary_unary_rpc_method_handler(
+            servicer.SegmentTiles, request_deserializer=_lenient(pb.SegmentTilesRequest),
+            response_serializer=pb.SegmentTilesResponse.SerializeToString,
+        ),
+        "SegmentSlide": grpc.unary_stream_rpc_method_handler(
+            servicer.SegmentSlide, request_deserializer=_lenient(pb.SegmentSlideRequest),
+            response_serializer=pb.SlideProgress.SerializeToString,
+        ),
+        "ModelInfo": grpc.unary_unary_rpc_method_handler(
+            servicer.ModelInfo, request_deserializer=_lenient(pb.Empty),
+            response_serializer=pb.ModelInfoResponse.SerializeToString,
+        ),
+    }  # fmt: skip
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
+def decoded(request, method: str, context):
+    """The request, or a RequestError (one log line) if its bytes did not parse."""
+    if isinstance(request, Undecodable):
+        log.warning("refused a %s call from %s: not a %s message (%s)", method, context.peer(),
+                    request.message.__name__, str(request.error)[:200] or type(request.error).__name__)  # fmt: skip
+        raise RequestError(
+            grpc.StatusCode.INVALID_ARGUMENT, "bad_message",
+            f"the request is not a {request.message.DESCRIPTOR.full_name} protobuf message; use the client code "
+            "generated from cmdfed_edge.proto",
+        )  # fmt: skip
+    return request
+
+
 class SerialisedBackend:
     """A backend whose ``run`` takes one caller at a time (a TensorRT execution context is
     not thread-safe); everything else is the backend's."""
@@ -302,11 +381,16 @@ class SerialisedBackend:
 
 
 class EdgeServicer(pb_grpc.EdgeSegmentationServicer):
-    def __init__(self, home: Path, selection: Selection, limits: Limits, metrics: Metrics, reports: Reports | None):
+    def __init__(self, home: Path, selection: Selection, limits: Limits, metrics: Metrics, reports: Reports | None,
+                 costs: Costs, memory: MemoryBudget):  # fmt: skip
         self.home, self.selection, self.limits, self.metrics = home, selection, limits, metrics
         self.reports = reports
+        self.costs, self.memory = costs, memory
+        metrics.memory_budget.set(memory.total)
+        metrics.memory_reserved.set_function(lambda: memory.reserved)
         manifest = selection.backend.model.manifest
         self.manifest = manifest
+        self.overlap = manifest["preprocessing"]["overlap"]
         self.class_names = manifest["model"]["class_names"]
         self.params = WatershedParams.from_manifest(manifest)
         # One model on the device, shared by tile calls and slide jobs, one call into it at a time.
@@ -321,15 +405,20 @@ class EdgeServicer(pb_grpc.EdgeSegmentationServicer):
     # -- rpcs
 
     def ModelInfo(self, request, context):
-        return self._unary("ModelInfo", context, self._model_info)
+        def work() -> pb.ModelInfoResponse:
+            decoded(request, "ModelInfo", context)
+            return self._model_info()
+
+        return self._unary("ModelInfo", context, work)
 
     def SegmentTiles(self, request, context):
-        return self._unary("SegmentTiles", context, lambda: self._segment_tiles(request))
+        return self._unary("SegmentTiles", context,
+                           lambda: self._segment_tiles(decoded(request, "SegmentTiles", context), context))  # fmt: skip
 
     def SegmentSlide(self, request, context):
         started = time.perf_counter()
         try:
-            yield from self._segment_slide(request, context)
+            yield from self._segment_slide(decoded(request, "SegmentSlide", context), context)
         except Exception as exc:
             code, reason, message = _classify(exc, "bad_slide")
             self.metrics.failed("SegmentSlide", code, reason, time.perf_counter() - started)
@@ -360,25 +449,66 @@ class EdgeServicer(pb_grpc.EdgeSegmentationServicer):
             ),
         )  # fmt: skip
 
-    def _segment_tiles(self, request) -> pb.SegmentTilesResponse:
+    def _segment_tiles(self, request, context) -> pb.SegmentTilesResponse:
         images = decode_tiles(request.tiles, self.limits)
         seen = to_model_resolution(images, request.mpp, self.manifest["preprocessing"].get("mpp"), self.limits)
-        batch = padded_batch(seen, self.limits)
-        maps = self._backend.run(batch)
-        results = []
-        for k, (image, at_model) in enumerate(zip(images, seen)):
-            h, w = at_model.shape[:2]
-            tile_maps = {name: value[k][..., :h, :w] for name, value in maps.items()}
-            processed = postprocess(tile_maps["np"], tile_maps["hv"], tile_maps.get("nc"), self.params)
-            if at_model is not image:  # back in the tile's own pixels
-                processed = to_image_pixels(processed, tile_maps.get("nc"), image.shape[:2])
-            results.append(tile_result(processed, self.class_names))
+        limits, window = self.limits, self.costs.window
+
+        def side(n: int) -> int:
+            return padded_side(n, limits.multiple, limits.min_side)
+
+        pixels = [side(i.shape[0]) * side(i.shape[1]) for i in seen]
+        small = [k for k, i in enumerate(seen) if side(i.shape[0]) <= window and side(i.shape[1]) <= window]
+        results: list[pb.TileResult | None] = [None] * len(seen)
+        with self._reserved(self.costs.request(pixels), context):
+            for start in range(0, len(small), self.costs.batch):
+                chunk = small[start : start + self.costs.batch]
+                maps = self._backend.run(padded_batch([seen[k] for k in chunk], limits))
+                for j, k in enumerate(chunk):
+                    h, w = seen[k].shape[:2]
+                    results[k] = self._tile_result({name: value[j][..., :h, :w] for name, value in maps.items()},
+                                                   images[k].shape[:2])
+                del maps
+            for k in sorted(set(range(len(seen))) - set(small)):
+                maps = windowed_maps(self._backend.run, seen[k], window=window, overlap=self.overlap,
+                                     multiple=limits.multiple, min_side=limits.min_side, batch=self.costs.batch)  # fmt: skip
+                results[k] = self._tile_result(maps, images[k].shape[:2])
+                del maps
         self.metrics.add_tiles(len(images))
         backend = self.selection.backend.name
         return pb.SegmentTilesResponse(results=results, model_version=self.version, backend=backend)
 
+    def _tile_result(self, maps: dict[str, np.ndarray], shape: tuple[int, int]) -> pb.TileResult:
+        """Nuclei of one tile from its maps at the model's resolution, in the tile's own ``shape``."""
+        processed = postprocess(maps["np"], maps["hv"], maps.get("nc"), self.params)
+        if processed.instance_map.shape != tuple(shape):  # resampled to the model's resolution: bring it back
+            processed = to_image_pixels(processed, maps.get("nc"), shape)
+        return tile_result(processed, self.class_names)
+
+    @contextmanager
+    def _reserved(self, nbytes: int, context):
+        """Hold ``nbytes`` of the memory budget while the block runs (waiting for them)."""
+        self._acquire(nbytes, context)
+        try:
+            yield
+        finally:
+            self.memory.release(nbytes)
+
+    def _acquire(self, nbytes: int, context) -> None:
+        remaining = context.time_remaining()
+        wait = ADMISSION_WAIT_S if remaining is None else max(0.0, min(ADMISSION_WAIT_S, remaining))
+        try:
+            self.memory.acquire(nbytes, wait, context.is_active)
+        except MemoryBusy:
+            raise RequestError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, "memory_busy",
+                "the service's memory is held by other requests; retry shortly, or send fewer or smaller tiles",
+            ) from None  # fmt: skip
+
     def _segment_slide(self, request, context):
         slide, out_dir = self._slide_arguments(request)
+        batch = request.batch or min(8, self.costs.batch)
+        reserved = self.costs.slide(batch)
         updates: queue.Queue = queue.Queue()
         counted: list[int] = []  # tiles done at the previous report; a resumed slide starts above 0
 
@@ -393,13 +523,14 @@ class EdgeServicer(pb_grpc.EdgeSegmentationServicer):
         def run() -> None:
             try:
                 summary = infer.infer_slide(
-                    slide, self.home, out_dir, selection=self._slide_selection, batch=request.batch or 8,
+                    slide, self.home, out_dir, selection=self._slide_selection, batch=batch,
                     min_tissue=request.min_tissue or infer.DEFAULT_MIN_TISSUE, restart=request.restart,
                     mpp=request.mpp or None, telemetry=self.reports, progress=progress,
                 )  # fmt: skip
                 outcome: pb.SlideProgress | BaseException = _final_progress(summary, out_dir)
             except BaseException as exc:  # handed to the calling thread, which reports it
                 outcome = exc
+            self.memory.release(reserved)
             self._slide_lock.release()  # before the client hears the end, so its next slide is not "busy"
             updates.put(outcome)
 
@@ -408,8 +539,14 @@ class EdgeServicer(pb_grpc.EdgeSegmentationServicer):
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, "busy",
                                "this workstation is segmenting another slide; retry when it is done")
         try:
+            self._acquire(reserved, context)
+        except BaseException:
+            self._slide_lock.release()
+            raise
+        try:
             threading.Thread(target=run, name=f"slide-{slide.name}", daemon=True).start()
         except BaseException:
+            self.memory.release(reserved)
             self._slide_lock.release()
             raise
         while True:
@@ -432,6 +569,11 @@ class EdgeServicer(pb_grpc.EdgeSegmentationServicer):
             raise RequestError(
                 grpc.StatusCode.INVALID_ARGUMENT, "bad_options", f"min_tissue must be in 0..1, got {request.min_tissue}"
             )
+        if request.batch > self.costs.batch:
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT, "bad_options",
+                f"batch must be at most {self.costs.batch} tiles on this service (the memory it budgets), got {request.batch}",
+            )  # fmt: skip
         out_dir = Path(request.out_dir) if request.out_dir else self.home / SLIDE_OUTPUTS / slide.name
         return slide, out_dir
 
@@ -484,18 +626,36 @@ class EdgeService:
         backend: str | None = None,
         threads: int | None = None,
         trt_source: str = "onnx",
+        max_memory: int | None = None,
     ):
+        """``max_memory``: the service's memory budget in bytes (default DEFAULT_FRACTION of the
+        machine's); the advertised limits are derived from it (``edge.memory``)."""
         if max_tiles < 1 or workers < 1 or heartbeat_s <= 0:
             raise CmdfedError("--max-tiles and --workers must be at least 1 and --heartbeat positive")
+        if max_memory is not None and max_memory <= 0:
+            raise CmdfedError(f"--max-memory must be positive, got {max_memory}")
+        release_freed_memory()
         self.home = Path(home)
         self.reports = reports_to(telemetry)
         self.heartbeat_s = heartbeat_s
         self.selection = select_backend(active_bundle(self.home), self.home, force=backend, threads=threads,
-                                        trt_source=trt_source)  # fmt: skip
+                                        trt_source=trt_source, memory_arena=False)  # fmt: skip
         spec = self.selection.backend
-        self.limits = Limits(spec.min_shape[2], spec.max_shape[2], spec.multiple, max_tiles)
+        self.budget = int(max_memory if max_memory is not None else DEFAULT_FRACTION * machine_memory())
+        loading_peak = peak_resident_bytes()
+        costs, at_rest, model_run = self._probe(spec)
+        if loading_peak > self.budget:
+            raise CmdfedError(f"--max-memory {gib(self.budget)} is too little: loading this model took {gib(loading_peak)}; give more")
+        self.memory_plan = plan_limits(self.budget, at_rest + model_run, costs, workers=workers, max_tiles=max_tiles,
+                                       min_side=spec.min_shape[2], max_side=spec.max_shape[2], multiple=spec.multiple)  # fmt: skip
+        plan = self.memory_plan
+        self.limits = Limits(spec.min_shape[2], plan.max_side, spec.multiple, plan.max_tiles)
+        log.info("memory: budget %s; loading peaked at %s; %s at rest and %s while the model runs; %s for calls; "
+                 "largest request %d tiles of %d px", gib(plan.budget), gib(loading_peak), gib(at_rest), gib(model_run),
+                 gib(plan.for_calls), plan.max_tiles, plan.max_side)  # fmt: skip
         self.metrics = Metrics(self.selection)
-        self.servicer = EdgeServicer(self.home, self.selection, self.limits, self.metrics, self.reports)
+        self.servicer = EdgeServicer(self.home, self.selection, self.limits, self.metrics, self.reports, costs,
+                                     MemoryBudget(plan.for_calls))  # fmt: skip
         self.health = health.HealthServicer()
         self.server = self._make_server(host, port, workers)
         self.metrics_host = metrics_host
@@ -503,13 +663,31 @@ class EdgeService:
         self._stopped = threading.Event()
         self._heartbeat_thread: threading.Thread | None = None
 
+    def _probe(self, backend) -> tuple[Costs, int, int]:
+        """Run the largest batch the service gives the backend: the costs of calls (from the
+        outputs' shapes), the bytes resident at rest after it, and what the run held at its peak
+        above that (calls into the backend are one at a time, so this is needed once)."""
+        window = backend.model.manifest["preprocessing"]["tile_size"]
+        batch = min(WINDOW_BATCH, backend.max_shape[0])
+        gc.collect()
+        before = resident_bytes()
+        reset_peak_resident()
+        maps = backend.run(np.full((batch, window, window, 3), 255, np.uint8))
+        channels = sum(value.shape[1] if value.ndim == 4 else 1 for value in maps.values())
+        del maps
+        gc.collect()
+        at_rest = resident_bytes()
+        # Where the peak could not be reset, the process's peak so far: more than the run's, never less.
+        model_run = max(0, peak_resident_bytes() - min(before, at_rest))
+        return Costs(window=window, batch=batch, maps=channels), at_rest, model_run
+
     def _make_server(self, host: str, port: int, workers: int) -> grpc.Server:
         size = self.limits.max_message_bytes
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="edge-rpc"),
             options=[("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", -1)],
         )
-        pb_grpc.add_EdgeSegmentationServicer_to_server(self.servicer, server)
+        add_servicer(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         try:
             self.port = server.add_insecure_port(f"{host}:{port}")

@@ -321,6 +321,8 @@ def plan_tiles(
         raise CmdfedError(
             f"{reader.path.name} has levels 0..{len(reader.level_dimensions) - 1}; level {level} does not exist"
         )
+    if tile_size <= 0 or tile_size % 32:
+        raise CmdfedError(f"tile size must be a positive multiple of 32 (got {tile_size}); e.g. --tile 256")
     if not 0 <= overlap < tile_size:
         raise CmdfedError(f"overlap must be in [0, tile size), got {overlap}")
     down = reader.level_downsamples[level]

@@ -60,6 +60,12 @@ def find_samples(folder: Path, inst_suffix: str, types_suffix: str) -> list[Samp
     files: dict[str, dict[str, Path]] = {"image": {}, "instances": {}, "types": {}}
     for path in sorted(p for p in folder.iterdir() if p.is_file()):
         suffix, stem = path.suffix.lower(), path.stem
+        is_mask = stem.endswith(inst_suffix) or stem.endswith(types_suffix)
+        if is_mask and suffix in IMAGE_SUFFIXES and suffix not in MASK_SUFFIXES:
+            raise CmdfedError(
+                f"{path.name} is named as a mask but is {suffix[1:].upper()}, which is lossy: its nucleus ids "
+                f"are not kept exactly; save the mask as {' or '.join(MASK_SUFFIXES)} (or rename it if it is an image)"
+            )
         if stem.endswith(inst_suffix) and suffix in MASK_SUFFIXES:
             kind, name = "instances", stem[: -len(inst_suffix)]
         elif stem.endswith(types_suffix) and suffix in MASK_SUFFIXES:
