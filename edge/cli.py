@@ -67,16 +67,21 @@ def export(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Export a checkpoint to a verified bundle (ONNX + torch.export program + manifest + golden data)."""
-    from edge.export import export_bundle, trained_mpp
+    from cmdfed.inference.postprocess import WatershedParams, postprocess_for
+    from cmdfed.model.checkpoint import resolve_checkpoint
+    from edge.export import check_settings, export_bundle, trained_mpp
 
     mpp = trained_mpp(checkpoint) if mpp is None else mpp
     if mpp is None:
         out.print("[yellow]no --mpp, and the checkpoint does not record its training resolution: post-processing "
                   "uses HoVer-Net's 40x settings; give the resolution the model was trained at (0.5 at 20x)[/]")
-    params = watershed_params(
-        mpp, foreground_threshold=foreground_threshold, min_object_size=min_object_size, sobel_kernel_size=sobel_kernel_size,
-        marker_gradient_threshold=marker_gradient_threshold, marker_opening_size=marker_opening_size,
-    )  # fmt: skip
+    given = dict(foreground_threshold=foreground_threshold, min_object_size=min_object_size,
+                 sobel_kernel_size=sobel_kernel_size, marker_gradient_threshold=marker_gradient_threshold,
+                 marker_opening_size=marker_opening_size)  # fmt: skip
+    watershed_params(WatershedParams(), **given)  # every option checked before any work
+    check_settings(tile, overlap, tolerance, mpp)
+    tuned_or_scaled, _ = postprocess_for(resolve_checkpoint(checkpoint), mpp)  # `cmdfed train tune`'s choice when made
+    params = watershed_params(tuned_or_scaled, **given)
     with progress_bar("export") as progress:
         result = export_bundle(checkpoint, out_path, tile=tile, overlap=overlap, mpp=mpp, sign_key=sign_key,
                                tolerance=tolerance, postprocess=params, overwrite=overwrite, telemetry=telemetry,
@@ -87,9 +92,11 @@ def export(
     ))  # fmt: skip
 
 
-def watershed_params(mpp: float | None, **given) -> WatershedParams:
-    """HoVer-Net's settings scaled to ``mpp`` with the options given; a value it refuses is
-    named by its option."""
+def watershed_params(base: WatershedParams, **given) -> WatershedParams:
+    """``base`` (the checkpoint's tuned settings, else HoVer-Net's scaled to the resolution)
+    with the options given; a value it refuses is named by its option."""
+    import dataclasses
+
     from cmdfed.inference.postprocess import WatershedParams
 
     values = {name: value for name, value in given.items() if value is not None}
@@ -98,7 +105,7 @@ def watershed_params(mpp: float | None, **given) -> WatershedParams:
             WatershedParams(**{name: value})
         except CmdfedError as exc:
             raise CmdfedError(f"--{name.replace('_', '-')} {value}: {exc}") from exc
-    return WatershedParams.for_mpp(mpp, **values)
+    return dataclasses.replace(base, **values)
 
 
 @commands.command("deploy")

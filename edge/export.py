@@ -87,7 +87,7 @@ def export_bundle(
     ``postprocess``: the watershed settings the workstation will use with this model (tuned
     per model and magnification; by default HoVer-Net's scaled to ``mpp``).
     """
-    _check_settings(tile, overlap, tolerance, mpp)
+    check_settings(tile, overlap, tolerance, mpp)
     postprocess = WatershedParams.for_mpp(mpp) if postprocess is None else postprocess
     out = Path(out)
     tar_path = out.with_name(out.name + ".tar")
@@ -155,7 +155,7 @@ def trained_mpp(checkpoint: str | Path) -> float | None:
     return float(mpp) if isinstance(mpp, (int, float)) and not isinstance(mpp, bool) else None
 
 
-def _check_settings(tile: int, overlap: int, tolerance: float, mpp: float | None) -> None:
+def check_settings(tile: int, overlap: int, tolerance: float, mpp: float | None) -> None:
     if mpp is not None and not PLAUSIBLE_MPP[0] <= mpp <= PLAUSIBLE_MPP[1]:
         raise CmdfedError(f"--mpp must be a scan resolution in {PLAUSIBLE_MPP[0]}..{PLAUSIBLE_MPP[1]} um/px "
                           f"(0.5 at 20x, 0.25 at 40x), got {mpp}")

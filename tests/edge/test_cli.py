@@ -54,9 +54,30 @@ def test_post_processing_defaults_follow_the_model_resolution(checkpoint):
 
     assert trained_mpp(checkpoint) == 0.5  # fine-tuned on a 0.5 um/px store, recorded in its config
 
-    assert watershed_params(None) == WatershedParams()  # unknown resolution: HoVer-Net's 40x settings
-    at_20x = watershed_params(0.5, marker_opening_size=4)
+    assert watershed_params(WatershedParams.for_mpp(None)) == WatershedParams()  # unknown resolution: 40x settings
+    at_20x = watershed_params(WatershedParams.for_mpp(0.5), marker_opening_size=4)
     assert (at_20x.sobel_kernel_size, at_20x.min_object_size, at_20x.marker_opening_size) == (11, 3, 4)
+
+
+def test_export_takes_the_settings_tune_chose(checkpoint, tmp_path):
+    """`cmdfed train tune` wrote postprocess.json beside the weights: the bundle carries it, and
+    an option given on the command line still wins for its one value."""
+    import shutil
+
+    from cmdfed.inference.postprocess import TUNED_FILE
+
+    run = tmp_path / "run"
+    shutil.copytree(checkpoint, run)
+    folder = run / (run / "latest").read_text().strip()
+    tuned = {**asdict(WatershedParams.for_mpp(0.5)), "marker_gradient_threshold": 0.3, "foreground_threshold": 0.6}
+    (folder / TUNED_FILE).write_text(json.dumps({"params": tuned, "mpp": 0.5}))
+    result = export("--checkpoint", str(run), "--out", str(tmp_path / "bundle"), "--tile", str(TILE), "--overlap",
+                    str(OVERLAP), "--min-object-size", "4")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    params = json.loads((tmp_path / "bundle" / "manifest.json").read_text())["postprocessing"]["params"]
+    assert params == {**tuned, "min_object_size": 4}
+    refused = export("--checkpoint", str(run), "--out", str(tmp_path / "b2"), "--mpp", "0.25")
+    assert refused.exit_code != 0 and "tuned for 0.5 um/px" in str(refused.exception or refused.output)
 
 
 @pytest.mark.slow
