@@ -144,7 +144,9 @@ def main() -> None:
         f"watershed settings scaled to 0.5 um/px, 'tuned' = cmdfed train tune on the run's training tiles; "
         f"code at commit {git_commit()}; wall time {(time.time() - started) / 60:.0f} min on this CPU (finished runs reused)"
     )
-    save("model_quality", rows, notes=notes)
+    path = save("model_quality", rows, notes=notes)
+    result = json.loads(path.read_text())
+    path.write_text(json.dumps({**result, "commit": git_commit()}, indent=2) + "\n")  # the released models' cards cite it
 
 
 if __name__ == "__main__":
