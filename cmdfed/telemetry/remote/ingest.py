@@ -287,8 +287,11 @@ class _Protocol(H11Protocol):
     header_timeout_s = HEADER_TIMEOUT_S
     max_connections = MAX_CONNECTIONS
 
+    refusal_linger_s = 2.0  # a refused connection is read and discarded this long before it is closed
+
     def connection_made(self, transport) -> None:
         self._header_timer = None
+        self._refused = False
         super().connection_made(transport)
         if len(self.connections) > self.max_connections:
             log.warning("refused a connection from %s: %d connections are open", (self.client or ("?",))[0],
@@ -299,11 +302,18 @@ class _Protocol(H11Protocol):
                 b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 10\r\n"
                 b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
             )
-            transport.close()
+            # A close with the client's request unread would send a reset, which can destroy the 503
+            # before the client reads it: stop writing, discard what arrives, close a little later.
+            self._refused = True
+            if transport.can_write_eof():
+                transport.write_eof()
+            self.loop.call_later(self.refusal_linger_s, transport.close)
             return
         self._watch_headers()
 
     def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return  # the request of a refused connection is read and dropped
         super().data_received(data)
         self._watch_headers()
 
