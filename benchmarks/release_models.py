@@ -13,13 +13,18 @@
    the same PQ and a lower AJI than the scaled ones. The recipe starts from random
    initialisation, not from the backbone: on the dev split that measured better (PQ 0.569
    against 0.501 from the CMD pretraining, seed 0); the card says so.
+3. ``cmd-tiny-he-nuclei-dev`` (segmenter, development split): the same recipe on CPM-15
+   01-07 only, seed 0: the run ``benchmarks/model_quality`` scores as ``scratch-e2e`` (with
+   ``--workdir`` pointing at that benchmark's folder it is that very run, reused), so
+   08-10 stay unseen. ``cmdfed demo`` starts its federation from it: the sites hold 01-07
+   and the server scores on 08-10, which no weight of the demo has trained on.
 
 Each model is written as a run folder with weights only (no optimizer state) and a card:
 the data and its origin and terms, the command, the steps, and the development-split
 scores of the same recipe (``benchmarks/results/model_quality.json``, cpm15 01-07 -> 08-10)
 with the commit that produced them.
 
-    python -m benchmarks.release_models [--stage backbone|nuclei|all] [--workdir DIR]
+    python -m benchmarks.release_models [--stage backbone|nuclei|nuclei-dev|all] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -34,14 +39,13 @@ from pathlib import Path
 from cmdfed.data import cpm15
 from cmdfed.data.samples import SAMPLES, fetch_samples
 from cmdfed.data.slide import tile_slide
-from cmdfed.inference.postprocess import TUNED_FILE
 from cmdfed.model.config import ModelConfig
 from cmdfed.models import CARD_FILE, models_dir
 from cmdfed.model.checkpoint import load_checkpoint, save_checkpoint
 from cmdfed.train.phases import finetune, pretrain
 from cmdfed.train.recipe import DEFAULT_PRESET, RECIPE_TILE, finetune_config, pretrain_config, pretrain_diffusion
 
-BACKBONE, NUCLEI = "cmd-tiny-he", "cmd-tiny-he-nuclei"
+BACKBONE, NUCLEI, NUCLEI_DEV = "cmd-tiny-he", "cmd-tiny-he-nuclei", "cmd-tiny-he-nuclei-dev"
 RESULTS = Path(__file__).resolve().parent / "results" / "model_quality.json"
 SLIDE = "cmu_small_region.svs"
 TERMS = {
@@ -68,7 +72,10 @@ def dev_split_scores(arm: str) -> dict:
 
 
 def release(run: Path, name: str, card: dict) -> Path:
-    """Copy ``run``'s final weights (its EMA when kept) into ``cmdfed/models/NAME`` with ``card``."""
+    """Copy ``run``'s final weights (its EMA when kept) into ``cmdfed/models/NAME`` with ``card``.
+
+    Watershed settings a run was tuned with stay behind: the released models ship the scaled ones
+    (settings tuned on training tiles did not transfer on the dev split, see the cards)."""
     source = load_checkpoint(run)
     target = models_dir() / name
     staging = target.with_name(f".{name}.new")
@@ -76,9 +83,7 @@ def release(run: Path, name: str, card: dict) -> Path:
     weights = source.ema if source.ema is not None else source.weights
     weights = {k.removeprefix("module."): v for k, v in weights.items() if k != "n_averaged"}
     config = {k: v for k, v in source.config.items() if k not in ("step", "format")}
-    written = save_checkpoint(staging, source.step, config=config, weights=weights, keep_last=1)
-    if (source.path / TUNED_FILE).is_file():
-        shutil.copy2(source.path / TUNED_FILE, written / TUNED_FILE)
+    save_checkpoint(staging, source.step, config=config, weights=weights, keep_last=1)
     (staging / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
     if target.exists():
         shutil.rmtree(target)
@@ -159,16 +164,53 @@ def make_nuclei(work: Path) -> Path:
     return release(result.run_dir, NUCLEI, card)
 
 
+def make_nuclei_dev(work: Path) -> Path:
+    # The names benchmarks/model_quality gives its store and its scratch-e2e seed-0 run, so that
+    # that benchmark's --workdir holds this run already (same settings: reused, not retrained).
+    store = work / f"cpm15-train-{RECIPE_TILE}-0.zarr"
+    if not store.exists():
+        cpm15.write_store(store, list(cpm15.TRAIN_IDS), tile_size=RECIPE_TILE)
+    train = finetune_config(seed=0)
+    started = time.time()
+    result = finetune(store, work / "scratch-e2e-f1.0-s0", init=None, model_config=ModelConfig.from_preset(DEFAULT_PRESET),
+                      trainable="all", label_fraction=1.0, train_config=train, device="auto")
+    card = {
+        "kind": "nuclei segmentation (development split)",
+        "summary": "CMD tiny trained end to end by the default recipe on CPM-15 images 01-07 only, so that 08-10 "
+                   "stay unseen: the demo's starting point and the run the dev-split benchmark scores.",
+        "preset": "tiny",
+        "mpp": 0.5,
+        "classes": ["background", "nucleus"],
+        "init": "random (the default recipe)",
+        "data": {"cpm15": "images 01-07 with their instance labels, 0.5 um/px (08-10 held out for scoring)"},
+        "origin_and_terms": {"cpm15": TERMS["cpm15"]},
+        "command": "python -m benchmarks.release_models --stage nuclei-dev --workdir /tmp/quality",
+        "commit": CODE_COMMIT,
+        "tile": RECIPE_TILE,
+        "steps": result.steps,
+        "training": {"train": train.to_dict(), "trainable": "all"},
+        "postprocess": "HoVer-Net's watershed settings scaled to 0.5 um/px (WatershedParams.for_mpp)",
+        "train_minutes_this_machine": round((time.time() - started) / 60, 1),
+        "dev_split_scores": dev_split_scores("scratch-e2e"),
+        "good_for": "scoring on CPM-15 08-10 and demonstrations on data it has not seen; "
+                    "for real slides use cmd-tiny-he-nuclei, trained on all ten images",
+        "not_for": "nucleus types (no classes), clinical use, other resolutions without resampling",
+    }
+    return release(result.run_dir, NUCLEI_DEV, card)
+
+
+STAGES = {"backbone": make_backbone, "nuclei": make_nuclei, "nuclei-dev": make_nuclei_dev}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stage", choices=("backbone", "nuclei", "all"), default="all")
+    parser.add_argument("--stage", choices=(*STAGES, "all"), default="all")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/cmdfed-release"))
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    if args.stage in ("backbone", "all"):
-        print(f"released {make_backbone(args.workdir)}", flush=True)
-    if args.stage in ("nuclei", "all"):
-        print(f"released {make_nuclei(args.workdir)}", flush=True)
+    for stage, make in STAGES.items():
+        if args.stage in (stage, "all"):
+            print(f"released {make(args.workdir)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -54,7 +54,10 @@ SLIDE = "cmu_small_region.svs"
 # Each site's labelled CPM-15 images (01-07; 08-10 are the server's held-out evaluation).
 SITE_IMAGES = {"site-a": ("01", "02"), "site-b": ("03", "04", "05"), "site-c": ("06", "07")}
 DEMO_MPP = 0.5  # the sample slide's resolution and the released backbone's
-DEMO_INIT = "cmd-tiny-he"  # the released backbone the federation starts from
+# The federation starts from the released development-split segmenter: the recipe's model trained
+# on CPM-15 01-07 only (the sites' images), so the server's 08-10 stay unseen and the few rounds a
+# 2-core demo affords continue a model that finds nuclei instead of starting one.
+DEMO_INIT = "cmd-tiny-he-nuclei-dev"
 # What a demo leaves in its folder; a rerun removes these first (a federation would otherwise resume).
 # The -wal/-shm files are SQLite's, left beside the store once a reader (the dashboard) opened it.
 DEMO_PARTS = ("stores", "federation", "sites", "keys", "bundles", "edge-home", "slides", "logs", "telemetry.db",
