@@ -94,8 +94,12 @@ def matmul_peak_gflops(n: int = 4096, repeats: int = 5) -> float:
 
 
 def measure(preset: str, phase: str, batch: int, tile: int, steps: int) -> dict:
-    out = subprocess.run([sys.executable, "-c", CHILD, preset, phase, str(batch), str(tile), str(steps)],
-                         capture_output=True, text=True, check=True)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, preset, phase, str(batch), str(tile), str(steps)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -112,23 +116,41 @@ def main() -> None:
         for phase in ("pretrain", "finetune"):
             m = measure(preset, phase, args.batch, args.tile, args.steps)
             gflops = m["flops"] / m["seconds"] / 1e9
-            rows.append({
-                "model": f"CMD {preset}", "phase": phase, "params M": round(m["params"] / 1e6, 2),
-                "images/s": round(args.batch / m["seconds"], 2), "step s": round(m["seconds"], 3),
-                "GFLOP/step": round(m["flops"] / 1e9, 1), "GFLOP/s": round(gflops, 1),
-                "% of matmul peak": round(100 * gflops / peak, 1), "peak RSS MB": round(m["peak_rss_mb"]),
-                "step time / FlexibleUNet-R34": round(m["seconds"] / reference["seconds"], 2),
-            })  # fmt: skip
+            rows.append(
+                {
+                    "model": f"CMD {preset}",
+                    "phase": phase,
+                    "params M": round(m["params"] / 1e6, 2),
+                    "images/s": round(args.batch / m["seconds"], 2),
+                    "step s": round(m["seconds"], 3),
+                    "GFLOP/step": round(m["flops"] / 1e9, 1),
+                    "GFLOP/s": round(gflops, 1),
+                    "% of matmul peak": round(100 * gflops / peak, 1),
+                    "peak RSS MB": round(m["peak_rss_mb"]),
+                    "step time / FlexibleUNet-R34": round(m["seconds"] / reference["seconds"], 2),
+                }
+            )
     ref_gflops = reference["flops"] / reference["seconds"] / 1e9
-    rows.append({
-        "model": "MONAI FlexibleUNet ResNet-34", "phase": "train (full backward)", "params M": round(reference["params"] / 1e6, 2),
-        "images/s": round(args.batch / reference["seconds"], 2), "step s": round(reference["seconds"], 3),
-        "GFLOP/step": round(reference["flops"] / 1e9, 1), "GFLOP/s": round(ref_gflops, 1),
-        "% of matmul peak": round(100 * ref_gflops / peak, 1), "peak RSS MB": round(reference["peak_rss_mb"]),
-        "step time / FlexibleUNet-R34": 1.0,
-    })  # fmt: skip
-    save("model_throughput", rows, notes=f"batch {args.batch}, {args.tile} px, median of {args.steps} steps; "
-         f"fp32 matmul peak {peak:.0f} GFLOP/s ({torch.get_num_threads()} threads)")  # fmt: skip
+    rows.append(
+        {
+            "model": "MONAI FlexibleUNet ResNet-34",
+            "phase": "train (full backward)",
+            "params M": round(reference["params"] / 1e6, 2),
+            "images/s": round(args.batch / reference["seconds"], 2),
+            "step s": round(reference["seconds"], 3),
+            "GFLOP/step": round(reference["flops"] / 1e9, 1),
+            "GFLOP/s": round(ref_gflops, 1),
+            "% of matmul peak": round(100 * ref_gflops / peak, 1),
+            "peak RSS MB": round(reference["peak_rss_mb"]),
+            "step time / FlexibleUNet-R34": 1.0,
+        }
+    )
+    save(
+        "model_throughput",
+        rows,
+        notes=f"batch {args.batch}, {args.tile} px, median of {args.steps} steps; "
+        f"fp32 matmul peak {peak:.0f} GFLOP/s ({torch.get_num_threads()} threads)",
+    )
 
 
 if __name__ == "__main__":

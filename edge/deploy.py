@@ -242,8 +242,16 @@ def _readable_manifest(folder: Path) -> dict:
     return manifest if isinstance(manifest, dict) else {}
 
 
-def _install(source: bundle.BundleSource, manifest: dict, home: Path, keys: dict, signer: str | None,
-             allow_unsigned: bool, backend: str | None, trt_source: str):
+def _install(
+    source: bundle.BundleSource,
+    manifest: dict,
+    home: Path,
+    keys: dict,
+    signer: str | None,
+    allow_unsigned: bool,
+    backend: str | None,
+    trt_source: str,
+):
     """Install (or find installed) the bundle and check it runs here; returns the backend selection."""
     models = home / "models"
     models.mkdir(parents=True, exist_ok=True)
@@ -253,8 +261,14 @@ def _install(source: bundle.BundleSource, manifest: dict, home: Path, keys: dict
         bundle.verify_bundle(bundle.BundleSource(target), keys if signer else None)
         selection = select_backend(target, home, force=backend, trt_source=trt_source)
         if signer is None and keys:
-            trust.audit(home, "deploy_without_verified_signature", version=version, bundle=str(source.path),
-                        trusted_keys=sorted(keys), replaced_signed_copy=False)  # fmt: skip
+            trust.audit(
+                home,
+                "deploy_without_verified_signature",
+                version=version,
+                bundle=str(source.path),
+                trusted_keys=sorted(keys),
+                replaced_signed_copy=False,
+            )
         return selection
     replaces_signed = target.exists() and (target / bundle.SIGNATURE).is_file()
     if replaces_signed and signer is None and not allow_unsigned:
@@ -274,8 +288,14 @@ def _install(source: bundle.BundleSource, manifest: dict, home: Path, keys: dict
         # A bundle this workstation cannot run correctly is refused before it is installed.
         selection = select_backend(staging, home, force=backend, trt_source=trt_source)
         if signer is None and (keys or replaces_signed):
-            trust.audit(home, "deploy_without_verified_signature", version=version, bundle=str(source.path),
-                        trusted_keys=sorted(keys), replaced_signed_copy=replaces_signed)  # fmt: skip
+            trust.audit(
+                home,
+                "deploy_without_verified_signature",
+                version=version,
+                bundle=str(source.path),
+                trusted_keys=sorted(keys),
+                replaced_signed_copy=replaces_signed,
+            )
         replace_dir(staging, target)  # a re-export of the same weights (other settings, or now signed) replaces it
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -302,7 +322,7 @@ def _activate(home: Path, version: str) -> dict:
         history = [v for v in state["history"] if v != version]
         if state["active"] is not None:
             history.append(state["active"])
-        state = {"active": version, "history": history[-(KEEP_VERSIONS - 1):]}
+        state = {"active": version, "history": history[-(KEEP_VERSIONS - 1) :]}
         write_json_atomic(home / STATE_FILE, state)
     _prune(home, keep={state["active"], *state["history"]})
     return state

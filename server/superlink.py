@@ -58,10 +58,19 @@ class SuperLink:
             ca, cert, key = server_tls_files(Path(self.certs))
             transport = ["--ssl-ca-certfile", str(ca), "--ssl-certfile", str(cert), "--ssl-keyfile", str(key)]
         return [
-            sys.executable, "-m", "server.superlink_process", *transport, "--host", self.host, "--port", str(self.port),
-            "--database", str(self.state_dir / "state.db"), "--disable-runtime-dependency-installation",
+            sys.executable,
+            "-m",
+            "server.superlink_process",
+            *transport,
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--database",
+            str(self.state_dir / "state.db"),
+            "--disable-runtime-dependency-installation",
             *(["--enable-supernode-auth"] if self.site_auth else []),
-        ]  # fmt: skip
+        ]
 
     def start(self, timeout: float = 60.0) -> SuperLink:
         self.state_dir.mkdir(parents=True, exist_ok=True)

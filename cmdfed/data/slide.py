@@ -102,9 +102,7 @@ class SlideReader(abc.ABC):
         w0, h0 = self.dimensions
         scale = max(w0, h0) / max_side if max(w0, h0) > max_side else 1.0
         # The coarsest level still at least as fine as the thumbnail.
-        level = max(
-            (i for i, d in enumerate(self.level_downsamples) if d <= scale + 1e-6), key=lambda i: i, default=0
-        )
+        level = max((i for i, d in enumerate(self.level_downsamples) if d <= scale + 1e-6), key=lambda i: i, default=0)
         lw, lh = self.level_dimensions[level]
         out_w, out_h = max(1, round(w0 / scale)), max(1, round(h0 / scale))
         ratio = self.level_downsamples[level] / scale  # level px -> thumbnail px

@@ -377,8 +377,9 @@ class SiteStore:
                 _warned_unrecorded.add(str(self.path))
                 log.warning(
                     "%s was written by an older cmdfed and records no chunk list, so a deleted chunk file would read "
-                    "as empty tiles; re-import it (or append a tile to it) to have it checked", self.path,
-                )  # fmt: skip
+                    "as empty tiles; re-import it (or append a tile to it) to have it checked",
+                    self.path,
+                )
             return
         gone = []
         for key, ranges in recorded.items():
@@ -387,11 +388,16 @@ class SiteStore:
                 continue
             per = self._tiles_per_file(key)
             n_files = -(-self._length // per)
-            lost = [i for start, stop in ranges for i in range(start, min(stop, n_files)) if not self._chunk_file(key, i).is_file()]
+            lost = [
+                i
+                for start, stop in ranges
+                for i in range(start, min(stop, n_files))
+                if not self._chunk_file(key, i).is_file()
+            ]
             if lost:
-                tiles = ", ".join(
-                    f"tiles {a * per}-{min(b * per, self._length) - 1}" for a, b in _ranges(lost)[:5]
-                ) + (" ..." if len(_ranges(lost)) > 5 else "")
+                tiles = ", ".join(f"tiles {a * per}-{min(b * per, self._length) - 1}" for a, b in _ranges(lost)[:5]) + (
+                    " ..." if len(_ranges(lost)) > 5 else ""
+                )
                 gone.append(f"'{key}' {len(lost)} file(s), {tiles}")
         if gone:
             raise CmdfedError(
@@ -473,9 +479,7 @@ class StoreWriter:
         t = self.store.tile_size
         img = tile.image
         if img.dtype != np.uint8 or img.shape != (t, t, 3):
-            raise CmdfedError(
-                f"tile image must be uint8 of shape ({t}, {t}, 3), got {img.dtype} {img.shape}"
-            )
+            raise CmdfedError(f"tile image must be uint8 of shape ({t}, {t}, 3), got {img.dtype} {img.shape}")
         if tile.instances is not None and tile.instances.shape != (t, t):
             raise CmdfedError(f"instance map must have shape ({t}, {t}), got {tile.instances.shape}")
         if tile.types is not None:
@@ -547,7 +551,9 @@ def check_target(path: Path, overwrite: bool) -> None:
     try:
         SiteStore.open(path, check=False)  # checks the cmdfed store attributes (a damaged store may be replaced)
     except CmdfedError:
-        raise CmdfedError(f"{path} exists and is not a cmdfed site store; refusing to replace it, choose another path") from None
+        raise CmdfedError(
+            f"{path} exists and is not a cmdfed site store; refusing to replace it, choose another path"
+        ) from None
 
 
 @contextlib.contextmanager

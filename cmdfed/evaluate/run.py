@@ -77,6 +77,7 @@ def evaluate_model(
     return summary
 
 
-def evaluate_checkpoint(checkpoint: str | Path, store: str | Path, *, device: torch.device,
-                        fm_weights: str | Path | None = None, **options) -> dict:
+def evaluate_checkpoint(
+    checkpoint: str | Path, store: str | Path, *, device: torch.device, fm_weights: str | Path | None = None, **options
+) -> dict:
     return evaluate_model(load_model(checkpoint, device, fm_weights=fm_weights), store, **options)

@@ -102,8 +102,10 @@ class WatershedParams:
         """The settings a :meth:`to_dict` wrote; names it does not know are an error, not ignored."""
         unknown = sorted(set(values) - {f.name for f in fields(cls)})
         if unknown:
-            raise CmdfedError(f"unknown post-processing setting(s) {', '.join(unknown)}; "
-                              f"known: {', '.join(f.name for f in fields(cls))}")
+            raise CmdfedError(
+                f"unknown post-processing setting(s) {', '.join(unknown)}; "
+                f"known: {', '.join(f.name for f in fields(cls))}"
+            )
         return cls(**values)
 
     @classmethod
@@ -145,9 +147,7 @@ def remove_small_instances(instance_map: np.ndarray, min_size: int) -> np.ndarra
     return cleaned
 
 
-def hover_watershed(
-    np_prob: np.ndarray, hv: np.ndarray, params: WatershedParams = WatershedParams()
-) -> np.ndarray:
+def hover_watershed(np_prob: np.ndarray, hv: np.ndarray, params: WatershedParams = WatershedParams()) -> np.ndarray:
     """Instance map (int32, ids 1..n) from NP probability (H, W) and HV maps (2, H, W)."""
     np_prob = np.asarray(np_prob, dtype=np.float32)
     hv = np.asarray(hv, dtype=np.float32)
@@ -205,9 +205,7 @@ def _sobel_kernels(size: int) -> tuple[np.ndarray, np.ndarray]:
     return smooth, np.convolve(derive, [-1.0, 1.0])
 
 
-def _sobel(
-    image: np.ndarray, derive_axis: int, smooth: np.ndarray, derive: np.ndarray
-) -> np.ndarray:
+def _sobel(image: np.ndarray, derive_axis: int, smooth: np.ndarray, derive: np.ndarray) -> np.ndarray:
     # "mirror" is OpenCV's default BORDER_REFLECT_101.
     derived = ndimage.correlate1d(image, derive, axis=derive_axis, mode="mirror")
     return ndimage.correlate1d(derived, smooth, axis=1 - derive_axis, mode="mirror")

@@ -4,7 +4,14 @@ import tifffile
 from PIL import Image
 
 from cmdfed.data.slide import (
-    OpenSlideReader, TiffReader, level_for_mpp, open_slide, plan_tiles, tile_slide, tissue_grid, tissue_mask,
+    OpenSlideReader,
+    TiffReader,
+    level_for_mpp,
+    open_slide,
+    plan_tiles,
+    tile_slide,
+    tissue_grid,
+    tissue_mask,
 )
 from cmdfed.data.store import SiteStore
 from cmdfed.data.synth import synth_tiles

@@ -35,7 +35,9 @@ def make_tile(i: int, labelled: bool = True) -> Tile:
 
 
 def new_store(path: Path, n: int, shard: int = 4, labelled=lambda i: True) -> SiteStore:
-    store = SiteStore.create(path, tile_size=T, class_names=["background", "a", "b"], has_types=True, shard_tiles=shard, mpp=0.25)
+    store = SiteStore.create(
+        path, tile_size=T, class_names=["background", "a", "b"], has_types=True, shard_tiles=shard, mpp=0.25
+    )
     with store.writer() as writer:
         for i in range(n):
             writer.add(make_tile(i, labelled(i)))
@@ -53,7 +55,13 @@ def test_round_trip_keeps_pixels_labels_and_metadata(tmp_path):
         if expected.labelled:
             assert np.array_equal(tile.instances, expected.instances)
             assert np.array_equal(tile.types, expected.types)
-        assert (tile.source, tile.slide_id, tile.tissue, tile.x, tile.y) == ("test", f"slide-{i // 4}", expected.tissue, i * T, 7)
+        assert (tile.source, tile.slide_id, tile.tissue, tile.x, tile.y) == (
+            "test",
+            f"slide-{i // 4}",
+            expected.tissue,
+            i * T,
+            7,
+        )
         assert tile.mpp == pytest.approx(0.25) and tile.tissue_fraction == pytest.approx(0.5)
     info = store.info()
     assert (info.tiles, info.labelled, info.nuclei) == (10, 6, 12)
@@ -145,7 +153,13 @@ def test_bad_tiles_are_refused_with_the_reason(tmp_path):
     with pytest.raises(CmdfedError, match=r"instance map must have shape"):
         writer.add(Tile(image=np.zeros((T, T, 3), np.uint8), instances=np.zeros((T, 5), np.int32)))
     with pytest.raises(CmdfedError, match=r"class 3 but the store has only 2 classes"):
-        writer.add(Tile(image=np.zeros((T, T, 3), np.uint8), instances=np.zeros((T, T), np.int32), types=np.full((T, T), 3, np.uint8)))
+        writer.add(
+            Tile(
+                image=np.zeros((T, T, 3), np.uint8),
+                instances=np.zeros((T, T), np.int32),
+                types=np.full((T, T), 3, np.uint8),
+            )
+        )
 
 
 def test_tile_size_must_be_a_multiple_of_32(tmp_path):
@@ -171,7 +185,9 @@ def test_opening_something_else_names_the_path(tmp_path):
 def test_newer_schema_is_refused(tmp_path):
     new_store(tmp_path / "s.zarr", 2)
     zarr.open_group(str(tmp_path / "s.zarr"), mode="r+").attrs["schema_version"] = SCHEMA_VERSION + 1
-    with pytest.raises(CmdfedError, match=rf"s.zarr has store schema version {SCHEMA_VERSION + 1}, newer .* upgrade cmdfed"):
+    with pytest.raises(
+        CmdfedError, match=rf"s.zarr has store schema version {SCHEMA_VERSION + 1}, newer .* upgrade cmdfed"
+    ):
         SiteStore.open(tmp_path / "s.zarr")
 
 

@@ -136,7 +136,9 @@ def write_token_file(path: str | Path, token: str) -> None:
             os.chmod(tmp, 0o600)  # before writing: the token is a credential even for a moment
             tmp.write_text(token + "\n")
     except OSError as exc:
-        raise CmdfedError(f"cannot write the token file {path} ({exc.strerror or exc}); choose another --token-out") from exc
+        raise CmdfedError(
+            f"cannot write the token file {path} ({exc.strerror or exc}); choose another --token-out"
+        ) from exc
 
 
 def read_token_file(path: str | Path) -> str:
@@ -149,5 +151,7 @@ def read_token_file(path: str | Path) -> str:
             "`cmdfed server telemetry add-workstation NAME --token-out FILE`"
         ) from exc
     if not token or any(c.isspace() for c in token):
-        raise CmdfedError(f"{path} does not hold a telemetry token (one line, no spaces); ask the federation operator for it")
+        raise CmdfedError(
+            f"{path} does not hold a telemetry token (one line, no spaces); ask the federation operator for it"
+        )
     return token
