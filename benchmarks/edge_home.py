@@ -31,9 +31,9 @@ def edge_home(args: argparse.Namespace, work: Path, quick_preset: str = "tiny") 
     if args.home is not None:
         return args.home
     from cmdfed.data.synth import CLASS_NAMES
+    from cmdfed.model.checkpoint import save_checkpoint
     from cmdfed.model.config import ModelConfig
     from cmdfed.model.unet import build_model
-    from cmdfed.model.checkpoint import save_checkpoint
     from edge.deploy import deploy
     from edge.export import export_bundle
 

@@ -31,9 +31,9 @@ from benchmarks.common import markdown_table, save
 from cmdfed.data.synth import synth_tiles
 from cmdfed.errors import CmdfedError
 from cmdfed.inference.segment import to_model_input
-from edge.selection import select_backend
 from edge.bundle import PT2_FILE
 from edge.deploy import active_bundle
+from edge.selection import select_backend
 
 BATCHES = (1, 8)
 SIDE = 256

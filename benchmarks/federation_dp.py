@@ -36,8 +36,7 @@ def child(preset: str, phase: str, dp: bool, tile: int, batch: int, steps: int) 
     from cmdfed.data.synth import write_synthetic_store
     from cmdfed.federation.config import FederationConfig
     from cmdfed.federation.local import local_finetune_round, local_pretrain_round, open_privacy_ledger
-    from cmdfed.model.unet import build_model
-    from cmdfed.model.unet import ConvNeXtUNet
+    from cmdfed.model.unet import ConvNeXtUNet, build_model
 
     with tempfile.TemporaryDirectory(prefix="cmdfed-bench-") as tmp:
         store = Path(tmp) / "site.zarr"

@@ -45,12 +45,12 @@ from benchmarks.common import save
 from cmdfed.data import cpm15
 from cmdfed.data.samples import fetch_samples
 from cmdfed.data.slide import tile_slide
+from cmdfed.data.store import SiteStore
 from cmdfed.evaluate.metrics import evaluate_instances, summarize
 from cmdfed.evaluate.tune import tune_postprocess
 from cmdfed.inference.postprocess import WatershedParams, postprocess, tuned_postprocess
 from cmdfed.inference.segment import load_model, predict_image_maps
 from cmdfed.model.config import ModelConfig
-from cmdfed.data.store import SiteStore
 from cmdfed.train.phases import finetune, pretrain, training_tiles
 from cmdfed.train.recipe import RECIPE_TILE, finetune_config, pretrain_config, pretrain_diffusion
 

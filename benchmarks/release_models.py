@@ -35,9 +35,9 @@ from cmdfed.data import cpm15
 from cmdfed.data.samples import SAMPLES, fetch_samples
 from cmdfed.data.slide import tile_slide
 from cmdfed.inference.postprocess import TUNED_FILE
+from cmdfed.model.checkpoint import load_checkpoint, save_checkpoint
 from cmdfed.model.config import ModelConfig
 from cmdfed.models import CARD_FILE, models_dir
-from cmdfed.model.checkpoint import load_checkpoint, save_checkpoint
 from cmdfed.train.phases import finetune, pretrain
 from cmdfed.train.recipe import DEFAULT_PRESET, RECIPE_TILE, finetune_config, pretrain_config, pretrain_diffusion
 

@@ -11,7 +11,6 @@ not grow with the slide: the ratio of the 4x slide's peak RSS to the 1x TIFF's s
 from __future__ import annotations
 
 import json
-import resource
 import shutil
 import subprocess
 import sys

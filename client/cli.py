@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
+
+from cmdfed.addresses import split_address
 from cmdfed.cli import console
 from cmdfed.errors import CmdfedError
-from cmdfed.addresses import split_address
-from cmdfed.federation.processes import require_loopback_or_insecure, serve_in_foreground
 from cmdfed.federation.keys import write_site_keys
+from cmdfed.federation.processes import require_loopback_or_insecure, serve_in_foreground
 
 commands = typer.Typer(
     help="Federation site: the SuperNode that trains on this hospital's store.", no_args_is_help=True
@@ -24,14 +24,14 @@ def start(
     superlink: str = typer.Option("127.0.0.1:9092", help="The SuperLink's host:port."),
     device: str = typer.Option("auto", help="auto (CUDA if present), cpu, cuda, cuda:N."),
     batch_size: int = typer.Option(0, help="Tiles per step here (0 = the run's batch size)."),
-    work_dir: Optional[Path] = typer.Option(
+    work_dir: Path | None = typer.Option(
         None, help="Folder for the SuperNode's files and cache (default ./cmdfed-site-NAME)."
     ),
     port: int = typer.Option(0, help="Local port of the SuperNode's API for its ClientApps (0 = any free one)."),
-    ca: Optional[Path] = typer.Option(
+    ca: Path | None = typer.Option(
         None, "--ca", help="The federation CA certificate (from the server's `cmdfed certs init`): TLS."
     ),
-    key: Optional[Path] = typer.Option(
+    key: Path | None = typer.Option(
         None,
         "--key",
         help="This site's private key (`cmdfed client keygen`), for a server that admits registered sites only.",

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import traceback
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
@@ -47,8 +47,8 @@ from cmdfed.federation.local import (
 from cmdfed.federation.site import SiteSettings, check_site_store, keep_frozen, load_frozen
 from cmdfed.federation.wire import ARCHITECTURE_KEY, LAYOUT_PREFIX, RESOLUTION_KEY, WEIGHTS_KEY, Layout
 from cmdfed.model.config import ModelConfig
-from cmdfed.redaction import redact_paths
 from cmdfed.privacy.accounting import BudgetExhausted
+from cmdfed.redaction import redact_paths
 
 app = ClientApp()
 

@@ -40,11 +40,11 @@ POLL_SECONDS = 0.25  # flower-superexec's default is 1 s
 
 def preload() -> None:
     """Import what each ClientApp process would import (torch, Opacus, cmdfed, Flower)."""
+    import flwr.supernode.runtime.run_clientapp  # noqa: F401
     import torch
-    import torch._dynamo  # noqa: F401  (torch.optim imports it on the first optimiser: seconds)
+    import torch._dynamo  # torch.optim imports it on the first optimiser: seconds
 
     import client.client_app  # noqa: F401
-    import flwr.supernode.runtime.run_clientapp  # noqa: F401
 
     if torch.cuda.is_initialized():
         raise RuntimeError("CUDA was initialised while preloading; a forked ClientApp could not use it")

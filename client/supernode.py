@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cmdfed.errors import CmdfedError
 from cmdfed.federation.processes import (
     flower_env,
     flower_executable,
@@ -36,7 +37,6 @@ from cmdfed.federation.processes import (
     stop_process,
     wait_for_port,
 )
-from cmdfed.errors import CmdfedError
 from cmdfed.federation.site import SiteSettings
 
 ISOLATION_MODES = ("subprocess", "process")

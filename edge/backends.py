@@ -44,7 +44,7 @@ class BundleModel:
     home: Path | None = None
 
     @classmethod
-    def load(cls, folder: str | Path, home: str | Path | None = None) -> "BundleModel":
+    def load(cls, folder: str | Path, home: str | Path | None = None) -> BundleModel:
         """The installed bundle in ``folder``, its files checked against the manifest's checksums
         (every load: a bit flipped on disk must not run); ``home`` names the edge home in the
         refusal's advice."""

@@ -102,7 +102,7 @@ class BundleSource:
         if self._tar is not None:
             self._tar.close()
 
-    def __enter__(self) -> "BundleSource":
+    def __enter__(self) -> BundleSource:
         return self
 
     def __exit__(self, *exc) -> None:

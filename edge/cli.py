@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 import typer
 
@@ -44,41 +44,41 @@ def keygen(prefix: Path = typer.Argument(..., help="Writes PREFIX.key (private, 
 def export(
     checkpoint: Path = typer.Option(..., "--checkpoint", help="Fine-tuned run or checkpoint folder."),
     out_path: Path = typer.Option(..., "--out", help="Bundle folder to create (BUNDLE.tar is written beside it)."),
-    sign_key: Optional[Path] = typer.Option(None, "--sign-key", help="ed25519 private key to sign the manifest with."),
+    sign_key: Path | None = typer.Option(None, "--sign-key", help="ed25519 private key to sign the manifest with."),
     tile: int = typer.Option(256, help="Tile side the workstation runs (multiple of 32)."),
     overlap: int = typer.Option(64, help="Tile overlap in pixels: at least the largest nucleus diameter."),
-    mpp: Optional[float] = typer.Option(
+    mpp: float | None = typer.Option(
         None,
         help="Micrometres per pixel the model was trained at (0.5 at 20x; default: what the checkpoint records); also scales the post-processing.",
     ),
     tolerance: float = typer.Option(1e-3, help="Largest ONNX Runtime vs PyTorch difference accepted."),
-    foreground_threshold: Optional[float] = typer.Option(
+    foreground_threshold: float | None = typer.Option(
         None,
         rich_help_panel=POSTPROCESS_PANEL,
         help="Nucleus probability from which a pixel is nucleus, in (0, 1] (default 0.5).",
     ),
-    min_object_size: Optional[int] = typer.Option(
+    min_object_size: int | None = typer.Option(
         None,
         rich_help_panel=POSTPROCESS_PANEL,
         help="Nuclei and markers with fewer pixels are dropped (default 10 at 40x, scaled to --mpp: 3 at 20x).",
     ),
-    sobel_kernel_size: Optional[int] = typer.Option(
+    sobel_kernel_size: int | None = typer.Option(
         None,
         rich_help_panel=POSTPROCESS_PANEL,
         help="Odd Sobel size, 3..31, for the HV gradients (default 21 at 40x, scaled to --mpp: 11 at 20x).",
     ),
-    marker_gradient_threshold: Optional[float] = typer.Option(
+    marker_gradient_threshold: float | None = typer.Option(
         None,
         rich_help_panel=POSTPROCESS_PANEL,
         help="HV gradient from which a pixel is boundary, not marker, in (0, 1) (default 0.4).",
     ),
-    marker_opening_size: Optional[int] = typer.Option(
+    marker_opening_size: int | None = typer.Option(
         None,
         rich_help_panel=POSTPROCESS_PANEL,
         help="Diameter of the opening that cleans markers (default 5 at 40x, scaled to --mpp: 3 at 20x).",
     ),
     overwrite: bool = typer.Option(False, help="Replace an existing bundle."),
-    telemetry: Optional[str] = typer.Option(None, help=TELEMETRY_HELP),
+    telemetry: str | None = typer.Option(None, help=TELEMETRY_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Export a checkpoint to a verified bundle (ONNX + torch.export program + manifest + golden data)."""
@@ -147,7 +147,7 @@ def watershed_params(base: WatershedParams, **given) -> WatershedParams:
 def deploy(
     bundle_path: Path = typer.Argument(..., metavar="BUNDLE", help="Bundle folder or .tar."),
     home: Path = typer.Option(..., "--home", help="Edge home folder on this workstation."),
-    trust_key: Optional[Path] = typer.Option(
+    trust_key: Path | None = typer.Option(
         None,
         "--trust-key",
         help="Publisher's public key; the bundle must be signed by it. A home without a trusted "
@@ -159,9 +159,9 @@ def deploy(
         help="Install a bundle without a valid signature by a key this home trusts, or "
         "replace a signed copy with an unchecked one (recorded in HOME/audit.log).",
     ),
-    backend: Optional[str] = typer.Option(None, help=BACKEND_HELP),
+    backend: str | None = typer.Option(None, help=BACKEND_HELP),
     trt_source: str = TRT_SOURCE,
-    telemetry: Optional[str] = typer.Option(None, help=TELEMETRY_HELP),
+    telemetry: str | None = typer.Option(None, help=TELEMETRY_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Verify a bundle (signature against the home's trusted keys, checksums), install it, check it
@@ -197,7 +197,7 @@ def rollback(
         "--allow-unsigned",
         help="Roll back to a version not signed by a key this home trusts (recorded in HOME/audit.log).",
     ),
-    telemetry: Optional[str] = typer.Option(None, help=TELEMETRY_HELP),
+    telemetry: str | None = typer.Option(None, help=TELEMETRY_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Make the previous version active again (checked like a deploy)."""
@@ -309,20 +309,20 @@ def infer(
     slide: Path = typer.Argument(..., help="Whole-slide image (SVS, NDPI, MRXS, TIFF) or plain image."),
     home: Path = typer.Option(..., "--home", help="Edge home folder with an active model."),
     out_dir: Path = typer.Option(..., "--out", help="Output folder (rerun with the same folder to resume)."),
-    backend: Optional[str] = typer.Option(None, help=BACKEND_HELP),
+    backend: str | None = typer.Option(None, help=BACKEND_HELP),
     batch: int = typer.Option(8, help="Tiles per forward pass."),
     min_tissue: float = typer.Option(0.1, help="Skip tiles with less tissue than this fraction."),
-    threads: Optional[int] = typer.Option(None, help="CPU threads for ONNX Runtime (default: all available)."),
+    threads: int | None = typer.Option(None, help="CPU threads for ONNX Runtime (default: all available)."),
     trt_source: str = TRT_SOURCE,
     restart: bool = typer.Option(False, help="Discard earlier results in --out and start again."),
-    mpp: Optional[float] = typer.Option(
+    mpp: float | None = typer.Option(
         None,
         help="The slide's micrometres per pixel (0.25 at 40x, 0.5 at 20x) when its file does not record it; the model reads it resampled to its own.",
     ),
-    telemetry: Optional[str] = typer.Option(None, help=TELEMETRY_HELP + " The slide's summary goes there."),
-    report_to: Optional[str] = REPORT_TO,
-    report_token: Optional[Path] = REPORT_TOKEN,
-    report_ca: Optional[Path] = REPORT_CA,
+    telemetry: str | None = typer.Option(None, help=TELEMETRY_HELP + " The slide's summary goes there."),
+    report_to: str | None = REPORT_TO,
+    report_token: Path | None = REPORT_TOKEN,
+    report_ca: Path | None = REPORT_CA,
     report_insecure: bool = REPORT_INSECURE,
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
@@ -368,28 +368,28 @@ def serve(
     home: Path = typer.Option(..., "--home", help="Edge home folder with an active model."),
     port: int = typer.Option(..., "--port", help="gRPC port."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface)."),
-    metrics_port: Optional[int] = typer.Option(None, "--metrics-port", help="Serve Prometheus metrics on this port."),
+    metrics_port: int | None = typer.Option(None, "--metrics-port", help="Serve Prometheus metrics on this port."),
     metrics_host: str = typer.Option(
         "127.0.0.1", help="Address the metrics listen on (0.0.0.0 for a Prometheus on another machine)."
     ),
-    telemetry: Optional[str] = typer.Option(None, help=TELEMETRY_HELP + " Heartbeats and slide summaries go there."),
-    report_to: Optional[str] = REPORT_TO,
-    report_token: Optional[Path] = REPORT_TOKEN,
-    report_ca: Optional[Path] = REPORT_CA,
+    telemetry: str | None = typer.Option(None, help=TELEMETRY_HELP + " Heartbeats and slide summaries go there."),
+    report_to: str | None = REPORT_TO,
+    report_token: Path | None = REPORT_TOKEN,
+    report_ca: Path | None = REPORT_CA,
     report_insecure: bool = REPORT_INSECURE,
     heartbeat: float = typer.Option(60.0, help="Seconds between telemetry heartbeats."),
     max_tiles: int = typer.Option(
         16, help="Most tiles accepted in one SegmentTiles request (fewer if --max-memory needs)."
     ),
-    max_memory: Optional[str] = typer.Option(
+    max_memory: str | None = typer.Option(
         None,
         "--max-memory",
         help="Memory the service may use, e.g. 4G or 1500M "
         "(default: half the machine's); the largest request it accepts is derived from it.",
     ),
     workers: int = typer.Option(8, help="Calls served at once."),
-    backend: Optional[str] = typer.Option(None, help=BACKEND_HELP),
-    threads: Optional[int] = typer.Option(None, help="CPU threads for ONNX Runtime (default: all available)."),
+    backend: str | None = typer.Option(None, help=BACKEND_HELP),
+    threads: int | None = typer.Option(None, help="CPU threads for ONNX Runtime (default: all available)."),
     trt_source: str = TRT_SOURCE,
 ) -> None:
     """Serve the active model over gRPC (SegmentTiles, SegmentSlide, ModelInfo, health) until SIGTERM."""

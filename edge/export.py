@@ -324,9 +324,8 @@ def _write_golden(graph: EdgeGraph, path: Path, tile: int) -> None:
     with torch.no_grad():
         outputs = graph(to_model_input(images))
     arrays = {"input": images, **{f"output_{n}": o.numpy() for n, o in zip(graph.output_names, outputs)}}
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez_compressed(f, **arrays)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, **arrays)
 
 
 def _io_specs(graph: EdgeGraph, tile: int, n_classes: int) -> tuple[list[dict], list[dict]]:
@@ -354,7 +353,7 @@ def _manifest(loaded, graph, identity, tile, overlap, mpp, tolerance, agreement,
     inputs, outputs = _io_specs(graph, tile, loaded.config.n_classes)
     return {
         "schema_version": bundle.SCHEMA_VERSION,
-        "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "model": {
             "name": "CMD",
             **{k: v for k, v in identity.items() if k != "metrics"},

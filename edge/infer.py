@@ -72,9 +72,9 @@ from cmdfed.inference.tiling import TileGrid
 from cmdfed.progress import Progress, report
 from cmdfed.slide_outputs import GEOJSON, LABELS_DIR, SUMMARY
 from edge import outputs
-from edge.selection import Selection, select_backend
 from edge.deploy import active_bundle
 from edge.reports import Reports, reports_to
+from edge.selection import Selection, select_backend
 
 WORK_DIR = ".work"
 LOCK_FILE = ".lock"  # held while a job writes OUT, so two jobs never interleave in one folder
@@ -158,7 +158,7 @@ class ReadGrid:
     note: str | None = None  # how the slide is read, when it is not at the model's resolution
 
     @classmethod
-    def for_slide(cls, reader: SlideReader, model_mpp: float | None) -> "ReadGrid":
+    def for_slide(cls, reader: SlideReader, model_mpp: float | None) -> ReadGrid:
         width, height = reader.dimensions
         slide_mpp = reader.mpp if math.isfinite(reader.mpp) else None
         if not model_mpp:  # a bundle that does not say: level 0 as it is (a warning says so)
@@ -264,7 +264,7 @@ class SlideState:
     sessions: int = 1
 
     @classmethod
-    def load(cls, path: Path) -> "SlideState":
+    def load(cls, path: Path) -> SlideState:
         try:
             return cls(**json.loads(path.read_text()))
         except (OSError, ValueError, TypeError) as exc:

@@ -95,6 +95,7 @@ from cmdfed.inference.nuclei import NucleusRecord, class_name, image_xy
 from cmdfed.inference.postprocess import WatershedParams, postprocess
 from cmdfed.inference.resolution import needs_resampling, resample_image, resampled_shape, to_image_pixels
 from edge import infer
+from edge.deploy import active_bundle
 from edge.memory import (
     DEFAULT_FRACTION,
     Costs,
@@ -108,12 +109,11 @@ from edge.memory import (
     reset_peak_resident,
     resident_bytes,
 )
-from edge.selection import Selection, select_backend
-from edge.windows import padded_side, windowed_maps
-from edge.deploy import active_bundle
 from edge.protos import cmdfed_edge_pb2 as pb
 from edge.protos import cmdfed_edge_pb2_grpc as pb_grpc
 from edge.reports import Reports, reports_to
+from edge.selection import Selection, select_backend
+from edge.windows import padded_side, windowed_maps
 
 log = logging.getLogger("cmdfed.edge")
 
@@ -375,7 +375,7 @@ def _lenient(message: type):
     return parse
 
 
-def add_servicer(servicer: "EdgeServicer", server: grpc.Server) -> None:
+def add_servicer(servicer: EdgeServicer, server: grpc.Server) -> None:
     """``pb_grpc.add_EdgeSegmentationServicer_to_server`` with request parsing that cannot fail."""
     handlers = {
         "SegmentTiles": grpc.unary_unary_rpc_method_handler(
@@ -834,7 +834,7 @@ class EdgeService:
     def version(self) -> str:
         return self.servicer.version
 
-    def start(self) -> "EdgeService":
+    def start(self) -> EdgeService:
         self.server.start()
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -17,7 +17,7 @@ plus the tile's maps, ``(1 + 2 + classes + 1) * 4`` bytes per pixel.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

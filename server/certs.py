@@ -60,7 +60,7 @@ def write_certificates(directory: Path, hosts: list[str], *, days: int = 825, fo
         raise CmdfedError(
             f"{directory} already holds {', '.join(existing)}; pass --force to replace them (sites then need the new ca.crt)"
         )
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "cmdfed federation CA")])
     ca_cert = (

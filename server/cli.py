@@ -6,13 +6,12 @@ import json
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Optional
 
 import typer
 
+from cmdfed.addresses import split_address
 from cmdfed.cli import console
 from cmdfed.errors import CmdfedError
-from cmdfed.addresses import split_address
 from cmdfed.federation.processes import (
     SERVE_TLS,
     flower_env,
@@ -35,7 +34,7 @@ def start(
     ),
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
     port: int = typer.Option(9092, help="Port for sites, `cmdfed federate` and the ServerApp (one HTTP port)."),
-    certs: Optional[Path] = typer.Option(
+    certs: Path | None = typer.Option(
         None, "--certs", help="Folder of `cmdfed certs init`: serve TLS with its server certificate."
     ),
     site_auth: bool = typer.Option(
@@ -58,9 +57,7 @@ def register_site(
     public_key: Path = typer.Argument(..., help="The site's public key (its `cmdfed client keygen` .pub file)."),
     name: str = typer.Option(..., "--name", help="The site's name, e.g. site-a."),
     superlink: str = typer.Option("127.0.0.1:9092", help="The SuperLink's host:port."),
-    ca: Optional[Path] = typer.Option(
-        None, "--ca", help="The federation CA certificate, when the SuperLink serves TLS."
-    ),
+    ca: Path | None = typer.Option(None, "--ca", help="The federation CA certificate, when the SuperLink serves TLS."),
     insecure: bool = typer.Option(False, "--insecure", help="Allow a non-loopback SuperLink without TLS."),
 ) -> None:
     """Admit a site to a SuperLink started with --site-auth: its SuperNode may then join."""

@@ -27,16 +27,16 @@ import tempfile
 import tomllib
 from collections import deque
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 import tomli_w
 import typer
 
 import cmdfed
+from cmdfed.addresses import split_address
 from cmdfed.cli import console, emit, out
 from cmdfed.errors import CmdfedError
 from cmdfed.federation.events import EVENT_PREFIX
-from cmdfed.addresses import split_address
 from cmdfed.federation.processes import flower_env, flower_executable, require_loopback_or_insecure
 
 if TYPE_CHECKING:  # the run config needs the model's (torch); commands that never build one start without it
@@ -54,13 +54,13 @@ def federate(
     run_dir: Path = typer.Option(
         ..., "--run-dir", help="Run folder on the server machine; an existing one is resumed."
     ),
-    config_file: Optional[Path] = typer.Option(
+    config_file: Path | None = typer.Option(
         None, "--config", help="TOML file of run-config keys (those of pyproject.toml's tool.flwr.app.config table)."
     ),
     settings: list[str] = typer.Option(
         [], "--set", help="One run-config value, e.g. --set pretrain-rounds=5 (repeatable)."
     ),
-    ca: Optional[Path] = typer.Option(
+    ca: Path | None = typer.Option(
         None, "--ca", help="The federation CA certificate (`cmdfed certs init`): connect with TLS."
     ),
     insecure: bool = typer.Option(False, "--insecure", help="Allow a non-loopback SuperLink without TLS."),

@@ -54,7 +54,6 @@ import time
 from typing import NoReturn
 
 import numpy as np
-
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid

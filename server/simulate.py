@@ -22,7 +22,7 @@ import io
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -49,7 +49,7 @@ def simulate(
     out: Path = typer.Option(
         Path("cmdfed-simulation"), "--out", help="Folder for the stores, the sites' files and the run."
     ),
-    config_file: Optional[Path] = typer.Option(None, "--config", help="TOML file of run-config keys."),
+    config_file: Path | None = typer.Option(None, "--config", help="TOML file of run-config keys."),
     settings: list[str] = typer.Option(
         [], "--set", help="One run-config value, e.g. --set pretrain-rounds=2 (repeatable)."
     ),

@@ -17,12 +17,11 @@ import logging
 import signal
 import threading
 from pathlib import Path
-from typing import Optional
 
 import typer
 
-from cmdfed.cli import console, out
 from cmdfed.addresses import split_address
+from cmdfed.cli import console, out
 from cmdfed.telemetry.remote.tokens import WorkstationTokens, write_token_file
 from cmdfed.telemetry.remote.transport import require_tls_off_loopback
 from server.certs import server_tls_files
@@ -36,7 +35,7 @@ TOKENS_HELP = "The server's workstation tokens file (JSON of names and token has
 def add_workstation(
     name: str = typer.Argument(..., help="The workstation's name, e.g. scanner-3; its reports are recorded under it."),
     tokens: Path = typer.Option(..., "--tokens", help=TOKENS_HELP + " Created if missing."),
-    token_out: Optional[Path] = typer.Option(
+    token_out: Path | None = typer.Option(
         None, "--token-out", help="Write the token here (owner-only) instead of printing it."
     ),
     replace: bool = typer.Option(
@@ -71,17 +70,17 @@ def serve(
         ..., "--db", help="Telemetry store to record into (SQLite path or postgresql:// URL); created if missing."
     ),
     tokens: Path = typer.Option(..., "--tokens", help=TOKENS_HELP),
-    certs: Optional[Path] = typer.Option(
+    certs: Path | None = typer.Option(
         None, "--certs", help="Folder of `cmdfed certs init`: serve HTTPS with its server certificate."
     ),
     insecure: bool = typer.Option(False, "--insecure", help="Allow a non-loopback address without TLS."),
-    header_timeout: Optional[float] = typer.Option(
+    header_timeout: float | None = typer.Option(
         None, "--header-timeout", help="Seconds a connection has to send its request headers (default 10)."
     ),
-    body_timeout: Optional[float] = typer.Option(
+    body_timeout: float | None = typer.Option(
         None, "--body-timeout", help="Seconds a request has to send its body (default 30)."
     ),
-    max_connections: Optional[int] = typer.Option(
+    max_connections: int | None = typer.Option(
         None, "--max-connections", help="Connections open at once; one more is answered 503 (default 256)."
     ),
 ) -> None:

@@ -12,8 +12,9 @@ def cmdfed(*args: str, cwd=None) -> subprocess.CompletedProcess:
 
 
 def command_paths() -> list[list[str]]:
-    from cmdfed.cli import _add_role_commands, app
     import typer.main
+
+    from cmdfed.cli import _add_role_commands, app
 
     _add_role_commands()
     root = typer.main.get_command(app)
@@ -95,8 +96,8 @@ def test_train_evaluate_predict_chain(tmp_path):
         and metrics["tiles"] == 4
         and {"mean_dice", "mean_aji", "mean_pq", "mean_det_f1"} <= set(metrics)
     )
-    from PIL import Image
     import numpy as np
+    from PIL import Image
 
     Image.fromarray(np.full((50, 70, 3), 200, np.uint8)).save(tmp_path / "img.png")
     predict = [

@@ -94,21 +94,20 @@ def write_store(
     from cmdfed.data.importers.common import image_tiles
     from cmdfed.data.store import create_store
 
-    with create_store(path, tile_size=tile_size, mpp=mpp, overwrite=overwrite) as store:
-        with store.writer() as writer:
-            for image_id in image_ids:
-                image, labels = load_pair(image_id, mpp)
-                writer.extend(
-                    image_tiles(
-                        image,
-                        labels,
-                        None,
-                        tile_size=tile_size,
-                        overlap=overlap,
-                        source="cpm15",
-                        slide_id=f"cpm15-image{image_id}",
-                        tissue="brain",
-                        mpp=mpp,
-                    )
+    with create_store(path, tile_size=tile_size, mpp=mpp, overwrite=overwrite) as store, store.writer() as writer:
+        for image_id in image_ids:
+            image, labels = load_pair(image_id, mpp)
+            writer.extend(
+                image_tiles(
+                    image,
+                    labels,
+                    None,
+                    tile_size=tile_size,
+                    overlap=overlap,
+                    source="cpm15",
+                    slide_id=f"cpm15-image{image_id}",
+                    tissue="brain",
+                    mpp=mpp,
                 )
+            )
     return Path(path)

@@ -25,9 +25,9 @@ from __future__ import annotations
 import abc
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from PIL import Image
@@ -91,7 +91,7 @@ class SlideReader(abc.ABC):
     def close(self) -> None:
         pass
 
-    def __enter__(self) -> "SlideReader":
+    def __enter__(self) -> SlideReader:
         return self
 
     def __exit__(self, *exc) -> None:

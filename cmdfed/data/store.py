@@ -45,9 +45,9 @@ import logging
 import math
 import shutil
 import uuid
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import zarr
@@ -160,7 +160,7 @@ class SiteStore:
         name: str | None = None,
         shard_tiles: int | None = DEFAULT_SHARD_TILES,
         overwrite: bool = False,
-    ) -> "SiteStore":
+    ) -> SiteStore:
         """Create an empty store. ``class_names[0]`` is always the background.
 
         ``shard_tiles=None`` stores one file per tile chunk (no sharding); kept for comparison
@@ -203,7 +203,7 @@ class SiteStore:
         return cls(path, group, "r+")
 
     @classmethod
-    def open(cls, path: str | Path, mode: str = "r", *, check: bool = True) -> "SiteStore":
+    def open(cls, path: str | Path, mode: str = "r", *, check: bool = True) -> SiteStore:
         """Open an existing store; ``mode`` is ``"r"`` (default) or ``"r+"`` to append.
 
         ``check``: refuse a store whose recorded chunk files are not all there (see the module
@@ -407,7 +407,7 @@ class SiteStore:
 
     # -- writing ------------------------------------------------------------------------
 
-    def writer(self) -> "StoreWriter":
+    def writer(self) -> StoreWriter:
         if self.mode == "r":
             raise CmdfedError(f"{self.path} is open read-only; open it with mode='r+' to append")
         return StoreWriter(self)
@@ -445,7 +445,7 @@ class StoreWriter:
         store._trim_uncommitted()
         self._written = len(store)
 
-    def __enter__(self) -> "StoreWriter":
+    def __enter__(self) -> StoreWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

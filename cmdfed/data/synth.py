@@ -28,9 +28,9 @@ pure function of the site number, so site 3 looks the same on every machine.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from scipy import ndimage
@@ -65,7 +65,7 @@ class SiteStyle:
     noise: float
 
     @classmethod
-    def for_site(cls, site: int) -> "SiteStyle":
+    def for_site(cls, site: int) -> SiteStyle:
         if site == 0:  # the reference site: textbook stain vectors, sharp scanner
             return cls(H_VECTOR, E_VECTOR, 1.0, 1.0, 0.6, 1.0, 2.0)
         rng = np.random.default_rng(10_000 + site)
@@ -191,9 +191,8 @@ def write_synthetic_store(
     if n <= 0:
         raise CmdfedError(f"number of tiles must be positive, got {n}")
     options = dict(tile_size=tile_size, class_names=CLASS_NAMES, has_types=True, mpp=0.5)
-    with create_store(path, overwrite=overwrite, **options) as store:
-        with store.writer() as writer:
-            for i, tile in enumerate(synth_tiles(n, tile_size, site, seed), start=1):
-                writer.add(tile)
-                report(progress, i, n, "synthetic tiles")
+    with create_store(path, overwrite=overwrite, **options) as store, store.writer() as writer:
+        for i, tile in enumerate(synth_tiles(n, tile_size, site, seed), start=1):
+            writer.add(tile)
+            report(progress, i, n, "synthetic tiles")
     return store.info()

@@ -71,7 +71,7 @@ def evaluate_model(
         summary["pannuke"] = aggregate_panoptic(per_image, tissues)
     summary["postprocess"] = params.to_dict()
     summary["postprocess_source"] = source
-    summary["tiles"] = int(len(indices))
+    summary["tiles"] = len(indices)
     summary["store"] = site.name
     summary["checkpoint"] = str(loaded.checkpoint)
     return summary

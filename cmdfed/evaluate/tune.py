@@ -133,7 +133,7 @@ def tune_postprocess(
         "params": asdict(best),
         "mpp": float(site.mpp),
         "store": site.name,
-        "tiles": int(len(indices)),
+        "tiles": len(indices),
         "pq_scaled_defaults": trail[0]["pq"],
         "aji_scaled_defaults": trail[0]["aji"],
         "pq": max(t["pq"] for t in trail),

@@ -8,8 +8,9 @@ written into ``pyproject.toml`` come from here.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from cmdfed.errors import CmdfedError
 from cmdfed.model.config import MODEL_PRESETS, ConfigBase, ModelConfig, require

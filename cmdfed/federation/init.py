@@ -38,9 +38,9 @@ import torch
 
 from cmdfed.errors import CmdfedError
 from cmdfed.federation.config import FederationConfig
+from cmdfed.model.checkpoint import CHECKPOINT_FORMAT, load_checkpoint
 from cmdfed.model.config import ModelConfig
 from cmdfed.model.unet import ConvNeXtUNet
-from cmdfed.model.checkpoint import CHECKPOINT_FORMAT, load_checkpoint
 
 
 @dataclass(frozen=True)

@@ -80,11 +80,13 @@ def write_simulated_sites(
     for k, site_tiles in enumerate(tiles):
         name = f"site-{k + 1:02d}"
         path = root / "stores" / f"{name}.zarr"
-        with create_store(
-            path, overwrite=True, tile_size=tile_size, class_names=CLASS_NAMES, has_types=True, mpp=0.5
-        ) as store:
-            with store.writer() as writer:
-                writer.extend(site_tiles)
+        with (
+            create_store(
+                path, overwrite=True, tile_size=tile_size, class_names=CLASS_NAMES, has_types=True, mpp=0.5
+            ) as store,
+            store.writer() as writer,
+        ):
+            writer.extend(site_tiles)
         sites.append(SiteSettings(path, name, root / "sites" / name, device="cpu"))
     return sites
 

@@ -10,7 +10,7 @@ outlier halfway). A rejected update is logged and dropped; the round goes on wit
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 

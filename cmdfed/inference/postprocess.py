@@ -35,8 +35,8 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -79,7 +79,7 @@ class WatershedParams:
     marker_opening_size: int = 5
 
     @classmethod
-    def for_mpp(cls, mpp: float | None, **overrides) -> "WatershedParams":
+    def for_mpp(cls, mpp: float | None, **overrides) -> WatershedParams:
         """HoVer-Net's settings scaled from their 40x (``REFERENCE_MPP``) to ``mpp`` micrometres
         per pixel: lengths (Sobel aperture, kept odd; opening diameter) by 0.25 / mpp, the
         minimum size, an area, by its square. Unknown ``mpp`` (None or NaN): the defaults.
@@ -98,7 +98,7 @@ class WatershedParams:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "WatershedParams":
+    def from_dict(cls, values: dict[str, Any]) -> WatershedParams:
         """The settings a :meth:`to_dict` wrote; names it does not know are an error, not ignored."""
         unknown = sorted(set(values) - {f.name for f in fields(cls)})
         if unknown:
@@ -109,7 +109,7 @@ class WatershedParams:
         return cls(**values)
 
     @classmethod
-    def from_manifest(cls, manifest: dict[str, Any]) -> "WatershedParams":
+    def from_manifest(cls, manifest: dict[str, Any]) -> WatershedParams:
         """The settings an edge bundle's manifest was exported with."""
         return cls.from_dict(manifest["postprocessing"]["params"])
 

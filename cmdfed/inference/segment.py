@@ -30,8 +30,8 @@ from cmdfed.inference.resolution import needs_resampling, resample_image, resamp
 from cmdfed.inference.tiling import grid_starts
 from cmdfed.model.checkpoint import load_checkpoint
 from cmdfed.model.config import ModelConfig
-from cmdfed.model.unet import build_model
 from cmdfed.model.encoders import frozen_encoder
+from cmdfed.model.unet import build_model
 from cmdfed.progress import Progress, report
 
 STRIDE = 32

@@ -29,12 +29,12 @@ recorded (no ``checksums.json``) load unchecked, as before.
 from __future__ import annotations
 
 import hashlib
-import re
 import json
+import re
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
 
 import torch
 from safetensors import SafetensorError

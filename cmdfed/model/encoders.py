@@ -266,7 +266,7 @@ def _build_hf(path: Path, input_size: int | None) -> FrozenEncoder:
         backbone, info = AutoModel.from_pretrained(
             str(path), local_files_only=True, output_loading_info=True, trust_remote_code=False
         )
-    except Exception as error:  # noqa: BLE001 - any loader failure means a bad directory to the user
+    except Exception as error:  # any loader failure means a bad directory to the user
         raise CmdfedError(f"hf:{path}: could not load the model ({type(error).__name__}: {error})") from error
     # mask_token is only used for masked-image-modelling inputs, which are never passed.
     missing = sorted(k for k in info["missing_keys"] if not k.endswith("mask_token"))
@@ -306,7 +306,7 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
 
             return load_file(str(path))
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - unreadable weights are a user error
+    except Exception as error:  # unreadable weights are a user error
         raise CmdfedError(f"could not read weights {path} ({type(error).__name__}: {error})") from error
 
 

@@ -52,8 +52,9 @@ Fine-tuning/inference: ``segment(x, fm)`` runs the clean image with an all-zero 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -204,7 +205,7 @@ class ConvNeXtUNet(nn.Module):
         nn.init.zeros_(self.final_layer.linear.bias)
 
     def forward(
-        self, x: Tensor, t: Tensor | int | float, mask: Tensor | None = None, fm: FMFeatures | None = None
+        self, x: Tensor, t: Tensor | float, mask: Tensor | None = None, fm: FMFeatures | None = None
     ) -> DiffusionOutput:
         """Pre-training forward: mixture image (clean where visible, x_t where hidden), timestep,
         mask (B, 1, H, W; nonzero = hidden; None = nothing hidden) and FM features computed
@@ -253,7 +254,7 @@ class ConvNeXtUNet(nn.Module):
         return [d1, d4, d8, d16], cond, grids
 
     def _check_inputs(
-        self, x: Tensor, t: Tensor | int | float, mask: Tensor | None, fm: FMFeatures | None
+        self, x: Tensor, t: Tensor | float, mask: Tensor | None, fm: FMFeatures | None
     ) -> tuple[Tensor, Tensor, Tensor | None, FMFeatures | None]:
         channels = self.config.in_channels
         if not isinstance(x, Tensor) or x.ndim != 4:

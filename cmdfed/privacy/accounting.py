@@ -24,9 +24,9 @@ import json
 import math
 import re
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from cmdfed.atomic import write_json_atomic
 from cmdfed.errors import CmdfedError

@@ -106,11 +106,10 @@ def test_append_to_partial_shard_keeps_earlier_tiles(tmp_path):
 def test_exception_inside_writer_leaves_previous_length(tmp_path):
     new_store(tmp_path / "s.zarr", 5)
     store = SiteStore.open(tmp_path / "s.zarr", mode="r+")
-    with pytest.raises(RuntimeError):
-        with store.writer() as writer:
-            for i in range(5, 14):
-                writer.add(make_tile(i))
-            raise RuntimeError("import failed half way")
+    with pytest.raises(RuntimeError), store.writer() as writer:
+        for i in range(5, 14):
+            writer.add(make_tile(i))
+        raise RuntimeError("import failed half way")
     reread = SiteStore.open(tmp_path / "s.zarr")
     assert len(reread) == 5
     assert reread._group["images"].shape[0] == 5  # uncommitted tail trimmed
@@ -228,26 +227,22 @@ def test_write_subset_copies_the_chosen_tiles(tmp_path):
 
 
 def test_failed_create_store_leaves_nothing(tmp_path):
-    with pytest.raises(RuntimeError):
-        with create_store(tmp_path / "new.zarr", tile_size=T, has_types=True) as store:
-            with store.writer() as writer:
-                writer.add(make_tile(0))
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), create_store(tmp_path / "new.zarr", tile_size=T, has_types=True) as store:
+        with store.writer() as writer:
+            writer.add(make_tile(0))
+        raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_create_store_replaces_only_on_success_with_overwrite(tmp_path):
     new_store(tmp_path / "s.zarr", 3)
-    with pytest.raises(CmdfedError, match="already exists"):
-        with create_store(tmp_path / "s.zarr", tile_size=T):
-            pass
-    with pytest.raises(RuntimeError):
-        with create_store(tmp_path / "s.zarr", tile_size=T, overwrite=True):
-            raise RuntimeError("boom")
+    with pytest.raises(CmdfedError, match="already exists"), create_store(tmp_path / "s.zarr", tile_size=T):
+        pass
+    with pytest.raises(RuntimeError), create_store(tmp_path / "s.zarr", tile_size=T, overwrite=True):
+        raise RuntimeError("boom")
     assert len(SiteStore.open(tmp_path / "s.zarr")) == 3
-    with create_store(tmp_path / "s.zarr", tile_size=T, overwrite=True) as store:
-        with store.writer() as writer:
-            writer.add(Tile(image=np.full((T, T, 3), 9, np.uint8)))
+    with create_store(tmp_path / "s.zarr", tile_size=T, overwrite=True) as store, store.writer() as writer:
+        writer.add(Tile(image=np.full((T, T, 3), 9, np.uint8)))
     assert len(store) == 1 and store.path == tmp_path / "s.zarr" and store.image(0)[0, 0, 0] == 9
 
 

@@ -18,20 +18,19 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from cmdfed.data import cpm15
 from cmdfed.data.synth import synth_tiles
 from cmdfed.evaluate.metrics import evaluate_instances
 from cmdfed.inference.nuclei import nucleus_records
-from cmdfed.inference.resolution import resize_labels
 from cmdfed.inference.postprocess import PostprocessResult
+from cmdfed.inference.resolution import resize_labels
 from cmdfed.telemetry import TelemetryStore
 from edge.protos import cmdfed_edge_pb2 as pb
 from edge.protos import cmdfed_edge_pb2_grpc as pb_grpc
 from edge.service import EdgeService, tile_result
-
-from PIL import Image
 
 from .conftest import TILE, synthetic_slide_image, write_pyramid_tiff
 

@@ -12,9 +12,9 @@ import torch
 
 from cmdfed.errors import CmdfedError
 from cmdfed.federation.coordinator import RoundReport, RunCoordinator, SiteReport
+from cmdfed.model.checkpoint import load_checkpoint, save_checkpoint
 from cmdfed.model.config import ModelConfig
 from cmdfed.model.unet import build_model
-from cmdfed.model.checkpoint import load_checkpoint, save_checkpoint
 
 CLASSES = "epithelial,lymphocyte,stromal"  # the quick_config fixture's
 
@@ -152,7 +152,7 @@ def test_a_resumed_run_needs_its_init_no_more_and_keeps_recording_it(quick_confi
 def test_the_training_resolution_is_recorded_only_while_every_averaged_site_agrees(quick_config):
     config = quick_config(eval_every=0, pretrain_rounds=2, finetune_rounds=2)
     coordinator = RunCoordinator(config)
-    mpp = lambda path: json.loads((path / "config.json").read_text())["mpp"]  # noqa: E731
+    mpp = lambda path: json.loads((path / "config.json").read_text())["mpp"]
     assert mpp(complete(coordinator, "pretrain", 1, [0.25, 0.5])) is None  # pretraining on mixed scanners
     assert mpp(complete(coordinator, "pretrain", 2, [0.5])) is None  # the phase's weights saw both
     assert mpp(complete(coordinator, "finetune", 1, [0.5, 0.5])) == 0.5  # fine-tuning is judged on its own sites

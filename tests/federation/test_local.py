@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 
-from cmdfed.data.synth import write_synthetic_store
 from cmdfed.errors import CmdfedError
 from cmdfed.federation.local import local_evaluate, local_finetune_round, local_pretrain_round, round_seed
 from cmdfed.model.unet import build_model

@@ -121,11 +121,13 @@ def test_evaluation_refuses_a_store_labelled_with_other_classes(checkpoint, tmp_
     from cmdfed.evaluate.run import evaluate_checkpoint
 
     other = tmp_path / "other.zarr"
-    with create_store(
-        other, tile_size=64, class_names=["background", "tumour", "immune", "other"], has_types=True
-    ) as store:
-        with store.writer() as writer:
-            writer.extend(synth_tiles(2, 64, 0, 1))
+    with (
+        create_store(
+            other, tile_size=64, class_names=["background", "tumour", "immune", "other"], has_types=True
+        ) as store,
+        store.writer() as writer,
+    ):
+        writer.extend(synth_tiles(2, 64, 0, 1))
     with pytest.raises(CmdfedError, match="type ids would be compared across different classes"):
         evaluate_checkpoint(checkpoint, other, device=CPU)
     with pytest.raises(CmdfedError, match="--batch-size must be at least 1"):

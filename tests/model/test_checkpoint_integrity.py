@@ -4,13 +4,12 @@ previous good checkpoint, and nothing is trained or written on top of them."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
 from cmdfed.errors import CmdfedError
-from cmdfed.model.config import ModelConfig
 from cmdfed.model.checkpoint import load_checkpoint, save_checkpoint
+from cmdfed.model.config import ModelConfig
 from cmdfed.train.loop import TrainConfig
 from cmdfed.train.phases import finetune
 

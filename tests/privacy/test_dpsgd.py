@@ -2,13 +2,14 @@
 
 import numpy as np
 import torch
+from opacus import GradSampleModule
 
 from cmdfed.data.dataset import SiteDataset
 from cmdfed.federation.config import FederationConfig
 from cmdfed.inference.segment import to_model_input
 from cmdfed.model.config import DiffusionConfig
-from cmdfed.model.unet import build_model
 from cmdfed.model.diffusion import MaskedDiffusion, masked_diffusion_loss
+from cmdfed.model.unet import build_model
 from cmdfed.privacy.dpsgd import (
     check_private_model,
     per_sample_finetune_loss,
@@ -17,7 +18,6 @@ from cmdfed.privacy.dpsgd import (
 )
 from cmdfed.train.loop import TrainConfig, Trainer
 from cmdfed.train.phases import batch_loader
-from opacus import GradSampleModule
 
 CONFIG = FederationConfig(classes="epithelial,lymphocyte,stromal")
 

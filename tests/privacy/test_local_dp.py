@@ -11,10 +11,10 @@ import torch
 from opacus.accountants import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
+from cmdfed.errors import CmdfedError
 from cmdfed.federation.coordinator import RoundReport, RunCoordinator, SiteReport
 from cmdfed.federation.local import local_pretrain_round, open_privacy_ledger
 from cmdfed.model.unet import build_model
-from cmdfed.errors import CmdfedError
 from cmdfed.privacy.accounting import BudgetExhausted, PrivacyLedger, PrivateSteps
 
 RUN_ID = "0123abcd"

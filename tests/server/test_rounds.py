@@ -9,8 +9,8 @@ import threading
 import uuid
 
 import numpy as np
-import torch
 import pytest
+import torch
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
@@ -261,9 +261,9 @@ def test_privacy_spent_in_a_round_whose_updates_were_all_rejected_is_recorded(st
 
 def pretrained_checkpoint(path, **overrides):
     """A pretraining checkpoint as `cmdfed train pretrain` writes it, of a tiny model with ``overrides``."""
+    from cmdfed.model.checkpoint import save_checkpoint
     from cmdfed.model.config import ModelConfig
     from cmdfed.model.unet import build_model
-    from cmdfed.model.checkpoint import save_checkpoint
 
     config = ModelConfig.from_preset("tiny", **overrides)
     torch.manual_seed(42)

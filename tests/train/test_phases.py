@@ -9,8 +9,8 @@ from PIL import Image
 
 from cmdfed.data.store import SiteStore, Tile
 from cmdfed.errors import CmdfedError
-from cmdfed.model.config import ModelConfig
 from cmdfed.model.checkpoint import load_checkpoint, resolve_checkpoint
+from cmdfed.model.config import ModelConfig
 from cmdfed.train.loop import NonFiniteLoss, TrainConfig
 from cmdfed.train.phases import finetune, pretrain
 

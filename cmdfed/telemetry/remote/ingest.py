@@ -277,7 +277,7 @@ class _Ingest:
         """The whole body, within body_timeout_s."""
         try:
             body = await asyncio.wait_for(request.body(), self.body_timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise _Refused(
                 HTTPStatus.REQUEST_TIMEOUT, f"the body did not arrive within {self.body_timeout_s:g} s"
             ) from None
@@ -297,7 +297,7 @@ class _Ingest:
 
         try:
             await asyncio.wait_for(drain(), self.body_timeout_s)
-        except (asyncio.TimeoutError, ClientDisconnect):
+        except (TimeoutError, ClientDisconnect):
             pass
 
 

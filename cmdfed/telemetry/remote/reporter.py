@@ -36,8 +36,9 @@ from collections import deque
 from pathlib import Path
 
 import cmdfed
-from cmdfed.errors import CmdfedError
 from cmdfed.addresses import LOOPBACK, split_address
+from cmdfed.errors import CmdfedError
+from cmdfed.redaction import file_name_only
 from cmdfed.telemetry.remote.tokens import read_token_file
 from cmdfed.telemetry.remote.transport import (
     MAX_BODY_BYTES,
@@ -50,7 +51,6 @@ from cmdfed.telemetry.remote.transport import (
     require_tls_off_loopback,
     url_host,
 )
-from cmdfed.redaction import file_name_only
 from cmdfed.telemetry.store import scrub_paths
 
 log = logging.getLogger("cmdfed.telemetry")

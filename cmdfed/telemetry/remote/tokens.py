@@ -20,8 +20,8 @@ import os
 import re
 import secrets
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from cmdfed.atomic import atomic_path, write_json_atomic
 from cmdfed.errors import CmdfedError
@@ -86,7 +86,7 @@ class WorkstationTokens:
         token = secrets.token_urlsafe(TOKEN_BYTES)
         if deliver is not None:
             deliver(token)
-        added_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        added_at = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
         workstations[name] = {"sha256": token_sha256(token), "added_at": added_at}
         try:
             self._write(workstations)

@@ -33,8 +33,8 @@ import json
 import logging
 import math
 
-from cmdfed.errors import CmdfedError
 from cmdfed.addresses import LOOPBACK
+from cmdfed.errors import CmdfedError
 
 log = logging.getLogger("cmdfed.telemetry")
 
