@@ -97,7 +97,7 @@ def load(port: int, clients: int, seconds: float, warmup: int, request: pb.Segme
                     start = time.perf_counter()
                     stub.SegmentTiles(request, timeout=300)
                     latencies[k].append(time.perf_counter() - start)
-        except BaseException as exc:  # reported below
+        except BaseException as exc:  # noqa: BLE001 - a client thread's failure, whatever it is, is reported below
             failures.append(exc)
             ready.abort()
 

@@ -58,7 +58,7 @@ def child(preset: str, phase: str, dp: bool, tile: int, batch: int, steps: int) 
         ledger = open_privacy_ledger(config, store, Path(tmp) / "work", "benchmark", batch) if dp else None
 
         def local_round(run_config: FederationConfig, round: int) -> dict[str, float]:
-            options = dict(device="cpu", ledger=ledger)
+            options = {"device": "cpu", "ledger": ledger}
             if phase == "pretrain":
                 return local_pretrain_round(sent, store, run_config, round, "site-a", **options).metrics
             return local_finetune_round(sent, frozen, store, run_config, round, "site-a", **options).metrics
@@ -75,7 +75,10 @@ def child(preset: str, phase: str, dp: bool, tile: int, batch: int, steps: int) 
 def measure(preset: str, phase: str, dp: bool, tile: int, batch: int, steps: int) -> dict:
     args = [preset, phase, "dp" if dp else "plain", str(tile), str(batch), str(steps)]
     out = subprocess.run(
-        [sys.executable, "-m", "benchmarks.federation_dp", "--child", *args], capture_output=True, text=True
+        [sys.executable, "-m", "benchmarks.federation_dp", "--child", *args],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if out.returncode != 0:
         raise RuntimeError(f"{' '.join(args)} failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")

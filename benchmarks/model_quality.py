@@ -78,13 +78,14 @@ def score(run: Path, test: dict[str, tuple[np.ndarray, np.ndarray]], params: Wat
 def git_commit() -> str:
     root = Path(__file__).resolve().parents[1]
     head = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=root
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=root, check=False
     ).stdout.strip()
     dirty = subprocess.run(
         ["git", "status", "--porcelain", "--untracked-files=no", "--", "cmdfed"],
         capture_output=True,
         text=True,
         cwd=root,
+        check=False,
     ).stdout.strip()
     return head + ("+uncommitted" if dirty else "")
 

@@ -52,13 +52,18 @@ TERMS = {
 
 def commit() -> str:
     result = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).resolve().parent
+        ["git", "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parent,
+        check=False,
     )
     dirty = subprocess.run(
         ["git", "status", "--porcelain", "--untracked-files=no"],
         capture_output=True,
         text=True,
         cwd=Path(__file__).resolve().parent,
+        check=False,
     ).stdout.strip()
     return result.stdout.strip() + ("+uncommitted" if dirty else "")
 

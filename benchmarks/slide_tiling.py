@@ -45,7 +45,7 @@ def write_pyramid(source: Path, target: Path, repeat: int) -> tuple[int, int]:
                 tile[: len(ys), : len(xs)] = base[np.ix_(ys, xs)]
                 yield tile
 
-    opts = dict(tile=(TILE, TILE), photometric="rgb", compression="jpeg", dtype="uint8")
+    opts = {"tile": (TILE, TILE), "photometric": "rgb", "compression": "jpeg", "dtype": "uint8"}
     with tifffile.TiffWriter(target, bigtiff=True) as tif:
         tif.write(
             level_tiles(1),

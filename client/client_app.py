@@ -68,12 +68,12 @@ def _train(msg: Message, site: SiteSettings, config: FederationConfig) -> Record
     phase, round = check_phase(str(instructions["phase"])), int(instructions["phase-round"])
     layout = Layout.from_values(instructions, LAYOUT_PREFIX)
     weights = _unpacked(layout, msg.content["arrays"])
-    options = dict(
-        device=site.device,
-        batch_size=site.batch_size,
-        proximal_mu=float(instructions.get("proximal-mu", 0.0)),
-        architecture=_architecture(instructions),
-    )
+    options = {
+        "device": site.device,
+        "batch_size": site.batch_size,
+        "proximal_mu": float(instructions.get("proximal-mu", 0.0)),
+        "architecture": _architecture(instructions),
+    }
     if config.dp_mode == "local":
         options["ledger"] = ledger = open_privacy_ledger(
             config, site.store, site.work_dir, str(instructions.get("run-id", "")), site.batch_size
@@ -166,7 +166,7 @@ def _reply(
         site = SiteSettings.from_node_config(context.node_config, dp_mode=config.dp_mode)
         check_site_store(site.store)
         content = work(msg, site, config)
-    except Exception as exc:  # any failure is this site's alone: tell the server, keep details here
+    except Exception as exc:  # noqa: BLE001 - any failure is this site's alone: tell the server, keep details here
         traceback.print_exc()
         reason = f"[{redact_paths(name)}] {type(exc).__name__}: {redact_paths(str(exc))}"
         return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)

@@ -104,7 +104,7 @@ def _run_task(runtime_api_address: str, token: str) -> None:
         code = 0
     except SystemExit as exc:  # Flower ends the runtime with sys.exit(0 or 1)
         code = exc.code if isinstance(exc.code, int) else 1
-    except BaseException:
+    except BaseException:  # noqa: BLE001 - the forked child reports anything, then always leaves through os._exit
         traceback.print_exc()
     finally:
         sys.stdout.flush()

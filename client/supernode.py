@@ -26,6 +26,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 from cmdfed.errors import CmdfedError
 from cmdfed.federation.processes import (
@@ -145,7 +146,7 @@ class SuperNode:
         for process in reversed(self.processes):  # the launcher and its running ClientApps first
             stop_process(process)
 
-    def __enter__(self) -> SuperNode:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -14,6 +14,7 @@ import traceback
 from collections.abc import Iterator
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
@@ -22,6 +23,9 @@ from rich.table import Table
 
 from cmdfed.atomic import json_safe
 from cmdfed.errors import CmdfedError
+
+if TYPE_CHECKING:  # imported where used: torch is slow to import
+    from cmdfed.train.loop import TrainConfig
 
 console = Console(stderr=True)
 out = Console()
@@ -665,7 +669,7 @@ def main() -> None:
             traceback.print_exc()
         console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(1)
-    except Exception as exc:  # a bug: one line by default, the traceback on request
+    except Exception as exc:  # noqa: BLE001 - a bug: one line by default, the traceback on request
         if _state["debug"]:
             traceback.print_exc()
         console.print(

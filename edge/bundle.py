@@ -22,7 +22,7 @@ import re
 import shutil
 import tarfile
 from pathlib import Path
-from typing import IO
+from typing import IO, Self
 
 from cmdfed.errors import CmdfedError
 from edge import signing
@@ -102,7 +102,7 @@ class BundleSource:
         if self._tar is not None:
             self._tar.close()
 
-    def __enter__(self) -> BundleSource:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -111,7 +111,7 @@ class BundleSource:
 
 def _open_tar(path: Path) -> tuple[tarfile.TarFile, dict, list[str]]:
     try:
-        tar = tarfile.open(path, "r:*")
+        tar = tarfile.open(path, "r:*")  # noqa: SIM115 - returned open; BundleSource.close() closes it
         members = tar.getmembers()
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise CmdfedError(

@@ -92,13 +92,13 @@ def export(
             "[yellow]no --mpp, and the checkpoint does not record its training resolution: post-processing "
             "uses HoVer-Net's 40x settings; give the resolution the model was trained at (0.5 at 20x)[/]"
         )
-    given = dict(
-        foreground_threshold=foreground_threshold,
-        min_object_size=min_object_size,
-        sobel_kernel_size=sobel_kernel_size,
-        marker_gradient_threshold=marker_gradient_threshold,
-        marker_opening_size=marker_opening_size,
-    )
+    given = {
+        "foreground_threshold": foreground_threshold,
+        "min_object_size": min_object_size,
+        "sobel_kernel_size": sobel_kernel_size,
+        "marker_gradient_threshold": marker_gradient_threshold,
+        "marker_opening_size": marker_opening_size,
+    }
     watershed_params(WatershedParams(), **given)  # every option checked before any work
     check_settings(tile, overlap, tolerance, mpp)
     tuned_or_scaled, _ = postprocess_for(resolve_checkpoint(checkpoint), mpp)  # `cmdfed train tune`'s choice when made

@@ -544,7 +544,7 @@ def _record(
     """Report the slide to the telemetry; a telemetry failure never fails (or hides) the slide's own result."""
     try:
         _report_inference(reports, slide_name, summary, duration, error)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - telemetry never fails the slide (logged)
         log.warning(
             "could not record %s in the telemetry (%s: %s); the slide's outputs are not affected",
             slide_name,

@@ -83,9 +83,8 @@ def select_backend(
             skipped[name] = str(exc)
             log.info("backend %s skipped: %s", name, exc)
             continue
-        except (
-            Exception
-        ) as exc:  # a broken GPU stack (missing torch_tensorrt, CUDA OOM, cuDNN) must not stop the fallback
+        except Exception as exc:  # noqa: BLE001 - a broken GPU stack must not stop the fallback
+            # (missing torch_tensorrt, CUDA OOM, cuDNN); the failure is recorded in skipped and logged
             skipped[name] = f"failed while loading or validating ({type(exc).__name__}: {exc})"
             log.warning("backend %s failed, trying the next one: %s", name, skipped[name])
             continue

@@ -369,7 +369,7 @@ def _lenient(message: type):
     def parse(data: bytes):
         try:
             return message.FromString(data)
-        except Exception as exc:  # google.protobuf.message.DecodeError, and whatever upb raises
+        except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError, and whatever upb raises
             return Undecodable(message, exc)
 
     return parse
@@ -480,7 +480,7 @@ class EdgeServicer(pb_grpc.EdgeSegmentationServicer):
         started = time.perf_counter()
         try:
             yield from self._segment_slide(decoded(request, "SegmentSlide", context), context)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - every failure becomes the call's gRPC status; the service lives on
             code, reason, message = _classify(exc, "bad_slide")
             self.metrics.failed("SegmentSlide", code, reason, time.perf_counter() - started)
             context.abort(code, message)
@@ -492,7 +492,7 @@ class EdgeServicer(pb_grpc.EdgeSegmentationServicer):
         started = time.perf_counter()
         try:
             response = work()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - every failure becomes the call's gRPC status; the service lives on
             code, reason, message = _classify(exc, "bad_request")
             self.metrics.failed(method, code, reason, time.perf_counter() - started)
             context.abort(code, message)
@@ -614,7 +614,7 @@ class EdgeServicer(pb_grpc.EdgeSegmentationServicer):
                     progress=progress,
                 )
                 outcome: pb.SlideProgress | BaseException = _final_progress(summary, out_dir)
-            except BaseException as exc:  # handed to the calling thread, which reports it
+            except BaseException as exc:  # noqa: BLE001 - handed to the calling thread, which reports it
                 outcome = exc
             self.memory.release(reserved)
             self._slide_lock.release()  # before the client hears the end, so its next slide is not "busy"

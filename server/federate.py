@@ -207,7 +207,7 @@ def _stream_run(app_dir: Path, env: dict[str, str], verbose: bool) -> tuple[str,
 
 def _run_status(run_id: str, env: dict[str, str]) -> str:
     command = [flower_executable("flwr"), "ls", CONNECTION, "--run-id", run_id, "--format", "json"]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, check=False)
     try:
         return str(json.loads(result.stdout)["runs"][0]["status"])
     except (json.JSONDecodeError, KeyError, IndexError) as exc:

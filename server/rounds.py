@@ -392,7 +392,7 @@ def _decoded(array: Array) -> np.ndarray | None:
     """The array its bytes hold (Flower decodes them apart from the declared shape and dtype), None if they do not decode."""
     try:
         return array.numpy()
-    except Exception:  # whatever numpy makes of foreign bytes
+    except Exception:  # noqa: BLE001 - whatever numpy makes of a site's foreign bytes
         return None
 
 

@@ -67,14 +67,14 @@ def set_updates_averaged(strategy: Strategy, count: int) -> None:
 
 
 def _aggregation(config: FederationConfig, phase: str) -> FedAvg:
-    common = dict(
-        fraction_train=config.fraction_sites,
-        fraction_evaluate=config.fraction_sites,
-        min_train_nodes=config.min_sites,
-        min_evaluate_nodes=config.min_sites,
-        min_available_nodes=config.min_sites,
-        weighted_by_key=WEIGHT_KEY,
-    )
+    common = {
+        "fraction_train": config.fraction_sites,
+        "fraction_evaluate": config.fraction_sites,
+        "min_train_nodes": config.min_sites,
+        "min_evaluate_nodes": config.min_sites,
+        "min_available_nodes": config.min_sites,
+        "weighted_by_key": WEIGHT_KEY,
+    }
     if config.strategy == "fedprox":
         return FedProx(**common, proximal_mu=config.proximal_mu)
     if config.strategy in ("fedadam", "fedyogi"):

@@ -20,6 +20,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 from cmdfed.federation.processes import (
     flower_env,
@@ -86,7 +87,7 @@ class SuperLink:
         if self.process is not None:
             stop_process(self.process)
 
-    def __enter__(self) -> SuperLink:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -59,8 +59,7 @@ def test_a_failure_while_writing_leaves_the_old_folder_alone(tmp_path):
 
 def test_a_held_lock_refuses_a_second_holder_that_will_not_wait(tmp_path):
     lock = tmp_path / "out" / ".lock"
-    with exclusive_lock(lock), pytest.raises(CmdfedError, match="busy here"):
-        with exclusive_lock(lock, busy="busy here"):
-            pass
+    with exclusive_lock(lock), pytest.raises(CmdfedError, match="busy here"), exclusive_lock(lock, busy="busy here"):
+        pass
     with exclusive_lock(lock, busy="busy here"):  # released when the first block ended
         pass

@@ -8,7 +8,7 @@ import pytest
 
 
 def cmdfed(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cmdfed", *args], capture_output=True, text=True, cwd=cwd)
+    return subprocess.run([sys.executable, "-m", "cmdfed", *args], capture_output=True, text=True, cwd=cwd, check=False)
 
 
 def command_paths() -> list[list[str]]:

@@ -16,7 +16,9 @@ from PIL import Image
 
 
 def cmdfed(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cmdfed", *map(str, args)], capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "cmdfed", *map(str, args)], capture_output=True, text=True, check=False
+    )
 
 
 def refused(result: subprocess.CompletedProcess, *phrases: str) -> bool:

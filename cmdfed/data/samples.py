@@ -122,7 +122,7 @@ def _download_wheel(package: str, version: str, into: Path) -> Path:
         str(into),
         f"{package}=={version}",
     ]
-    result = subprocess.run(command, capture_output=True, text=True)
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
     wheels = list(into.glob(f"{package.replace('-', '_')}-{version}-*.whl"))
     if result.returncode != 0 or not wheels:
         said = (result.stderr.strip().splitlines() or ["no wheel was downloaded"])[-1]

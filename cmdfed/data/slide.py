@@ -28,6 +28,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 import numpy as np
 from PIL import Image
@@ -91,7 +92,7 @@ class SlideReader(abc.ABC):
     def close(self) -> None:
         pass
 
-    def __enter__(self) -> SlideReader:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -261,7 +262,7 @@ def open_slide(path: str | Path, mpp: float | None = None) -> SlideReader:
             try:
                 reader = kind(path)
                 break
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - whatever a reader raises, try the next; all are reported
                 errors.append(f"{kind.__name__[:-6]}: {exc}")
         if reader is None:
             raise CmdfedError(
@@ -415,7 +416,7 @@ def tile_slide(
                 raise CmdfedError(f"{store_path} holds {store.tile_size} px tiles; use --tile {store.tile_size}")
             _write_tiles(store, tiles, total, progress)
         else:
-            options = dict(tile_size=tile_size, mpp=reader.mpp * plan.downsample)
+            options = {"tile_size": tile_size, "mpp": reader.mpp * plan.downsample}
             with create_store(store_path, overwrite=overwrite, **options) as store:
                 _write_tiles(store, tiles, total, progress)
     return store.info()

@@ -48,6 +48,7 @@ import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 import numpy as np
 import zarr
@@ -445,7 +446,7 @@ class StoreWriter:
         store._trim_uncommitted()
         self._written = len(store)
 
-    def __enter__(self) -> StoreWriter:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -516,9 +517,9 @@ class StoreWriter:
             columns["types"] = np.stack(
                 [tile.types if tile.types is not None else np.zeros((t, t), np.uint8) for tile in tiles]
             ).astype(np.uint8)
-        for key in META_FIELDS:
+        for key, dtype in META_FIELDS.items():
             values = [getattr(tile, key) for tile in tiles]
-            columns[key] = np.array(values, dtype=object if key in TEXT_FIELDS else META_FIELDS[key])
+            columns[key] = np.array(values, dtype=object if key in TEXT_FIELDS else dtype)
         for key, values in columns.items():
             arr = group[key]
             arr.resize((stop, *arr.shape[1:]))
@@ -592,13 +593,13 @@ def write_subset(
     """Copy a reproducible ``fraction`` of the labelled tiles into a new store."""
     src = SiteStore.open(source)
     indices = src.labelled_subset(fraction, seed)
-    options = dict(
-        tile_size=src.tile_size,
-        class_names=src.class_names,
-        has_types=src.has_types,
-        mpp=src.mpp,
-        shard_tiles=src.attrs.get("shard_tiles"),
-    )
+    options = {
+        "tile_size": src.tile_size,
+        "class_names": src.class_names,
+        "has_types": src.has_types,
+        "mpp": src.mpp,
+        "shard_tiles": src.attrs.get("shard_tiles"),
+    }
     with create_store(target, overwrite=overwrite, **options) as store:
         with store.writer() as writer:
             for done, index in enumerate(indices, start=1):

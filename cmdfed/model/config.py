@@ -182,16 +182,16 @@ def cmd_tiny(**overrides: Any) -> ModelConfig:
 def cmd_base(**overrides: Any) -> ModelConfig:
     """ConvNeXt-T's encoder (widths 96-192-384-768, depths 3-3-9-3; Liu et al. 2022) with two
     blocks per decoder level and its ImageNet drop-path rate (see the module docstring)."""
-    sizes = dict(
-        widths=(96, 192, 384, 768),
-        depths=(3, 3, 9, 3),
-        decoder_depths=(2, 2, 2),
-        full_res_width=32,
-        full_res_depth=2,
-        drop_path=0.1,
-        cond_dim=32,
-        head_width=64,
-    )
+    sizes = {
+        "widths": (96, 192, 384, 768),
+        "depths": (3, 3, 9, 3),
+        "decoder_depths": (2, 2, 2),
+        "full_res_width": 32,
+        "full_res_depth": 2,
+        "drop_path": 0.1,
+        "cond_dim": 32,
+        "head_width": 64,
+    }
     return ModelConfig.from_dict({**sizes, **overrides, "preset": "base"})
 
 

@@ -229,7 +229,7 @@ class MaskedDiffusion:
         abar_next = self.alphas_cumprod[next_step].expand_as(abar)
         eta_sigma = self.config.sampling_eta * ((1 - abar_next) / (1 - abar) * (1 - abar / abar_next)).sqrt()
         direction = (1 - abar_next - eta_sigma**2).clamp(min=0).sqrt()
-        to = dict(device=x0.device, dtype=x0.dtype)
+        to = {"device": x0.device, "dtype": x0.dtype}
         x = abar_next.sqrt().to(**to) * x0 + direction.to(**to) * eps
         if self.config.sampling_eta > 0:
             x = x + eta_sigma.to(**to) * _randn(x0, generator)

@@ -45,6 +45,7 @@ def test_cli_writes_a_labelled_store(tmp_path):
         ],
         capture_output=True,
         text=True,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     info = json.loads(result.stdout)

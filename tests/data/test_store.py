@@ -129,7 +129,7 @@ def test_killed_writer_leaves_store_readable_at_previous_length(tmp_path):
         os._exit(9)  # killed before close
         """
     )
-    assert subprocess.run([sys.executable, "-c", script]).returncode == 9
+    assert subprocess.run([sys.executable, "-c", script], check=False).returncode == 9
     store = SiteStore.open(path)
     assert len(store) == 5
     assert [int(store.image(i)[0, 0, 0]) for i in range(5)] == list(range(5))
@@ -250,9 +250,11 @@ def test_overwrite_replaces_only_a_site_store(tmp_path):
     documents = tmp_path / "documents"
     documents.mkdir()
     (documents / "thesis.docx").write_text("years of work")
-    with pytest.raises(CmdfedError, match="not a cmdfed site store; refusing to replace it"):
-        with create_store(documents, tile_size=T, overwrite=True):
-            pass
+    with (
+        pytest.raises(CmdfedError, match="not a cmdfed site store; refusing to replace it"),
+        create_store(documents, tile_size=T, overwrite=True),
+    ):
+        pass
     assert (documents / "thesis.docx").read_text() == "years of work"
 
 
@@ -266,10 +268,12 @@ def test_a_failed_final_rename_puts_the_old_store_back(tmp_path, monkeypatch):
         real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", failing_replace)
-    with pytest.raises(OSError, match="injected"):
-        with create_store(tmp_path / "s.zarr", tile_size=T, overwrite=True) as store:
-            with store.writer() as writer:
-                writer.add(Tile(image=np.zeros((T, T, 3), np.uint8)))
+    with (
+        pytest.raises(OSError, match="injected"),
+        create_store(tmp_path / "s.zarr", tile_size=T, overwrite=True) as store,
+        store.writer() as writer,
+    ):
+        writer.add(Tile(image=np.zeros((T, T, 3), np.uint8)))
     monkeypatch.undo()
     assert len(SiteStore.open(tmp_path / "s.zarr")) == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.zarr"]

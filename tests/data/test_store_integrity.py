@@ -72,9 +72,11 @@ def test_chunks_never_written_are_not_missing(tmp_path):
 
 def test_a_damaged_store_can_still_be_replaced(store):
     (store / "images" / "c" / "0" / "0" / "0" / "0").unlink()
-    with create_store(store, overwrite=True, tile_size=32, class_names=["background", "a", "b"], has_types=True) as new:
-        with new.writer() as writer:
-            writer.add(make_tile(0))
+    with (
+        create_store(store, overwrite=True, tile_size=32, class_names=["background", "a", "b"], has_types=True) as new,
+        new.writer() as writer,
+    ):
+        writer.add(make_tile(0))
     assert len(SiteStore.open(store)) == 1
 
 

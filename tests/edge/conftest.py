@@ -61,7 +61,7 @@ def write_pyramid_tiff(path: Path, image: np.ndarray, mpp: float = 0.5) -> Path:
     import tifffile
 
     with tifffile.TiffWriter(path) as tif:
-        options = dict(tile=(64, 64), resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER")
+        options = {"tile": (64, 64), "resolution": (1e4 / mpp, 1e4 / mpp), "resolutionunit": "CENTIMETER"}
         tif.write(image, subifds=1, **options)
         tif.write(image[::2, ::2], subfiletype=1, tile=(64, 64))
     return path

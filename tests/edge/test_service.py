@@ -265,7 +265,7 @@ def test_concurrent_clients_are_all_served_and_counted(service):
                 for _ in range(calls):
                     response = stub.SegmentTiles(pb.SegmentTilesRequest(tiles=[tile(i) for i in images]), timeout=120)
                     assert [(r.height, r.width) for r in response.results] == [(64, 64), (64, 64)]
-        except BaseException as exc:  # reported by the test thread below
+        except BaseException as exc:  # noqa: BLE001 - reported by the test thread below
             failures.append(exc)
 
     threads = [threading.Thread(target=client) for _ in range(clients)]

@@ -55,7 +55,7 @@ def run(synthetic_store, tmp_path_factory):
 
 
 def cmdfed(*args):
-    return subprocess.run([sys.executable, "-m", "cmdfed", *args], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "cmdfed", *args], capture_output=True, text=True, check=False)
 
 
 def test_tune_writes_settings_that_predict_and_evaluate_then_use(run, synthetic_store):

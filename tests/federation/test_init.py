@@ -104,8 +104,10 @@ def test_a_fine_tuned_init_of_the_runs_classes_keeps_its_heads(quick_config, tmp
         ("other preset", "is a 'tiny' model but the run's preset is 'base'; set preset = \"tiny\""),
         (
             "other classes",
-            "is fine-tuned for classes 'tumour,immune' but the run classifies 'epithelial,lymphocyte,stromal'; "
-            'set classes = "tumour,immune" to continue',
+            (
+                "is fine-tuned for classes 'tumour,immune' but the run classifies 'epithelial,lymphocyte,stromal'; "
+                'set classes = "tumour,immune" to continue'
+            ),
         ),
         ("no NC head", "is fine-tuned for classes '\\(none: no NC head\\)' but the run classifies"),
     ],

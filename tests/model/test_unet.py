@@ -150,7 +150,7 @@ def test_partial_state_dict_moves_only_the_named_groups(make_tiny, perturb):
 def test_partial_state_dict_rejects_mismatches(make_tiny):
     model = make_tiny()
     heads = model.state_dict_for(["heads"])
-    dropped = sorted(heads)[0]
+    dropped = min(heads)
     del heads[dropped]
     with pytest.raises(CmdfedError, match=dropped.replace(".", r"\.")):
         model.load_partial_state_dict(heads, ["heads"])

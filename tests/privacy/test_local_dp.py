@@ -80,6 +80,7 @@ def test_the_ledger_survives_new_processes(private_config, site_store, tmp_path)
             capture_output=True,
             text=True,
             timeout=120,
+            check=False,
         )
         assert result.returncode == 0, result.stderr
     ledger = open_privacy_ledger(config, site_store, tmp_path / "work", RUN_ID)

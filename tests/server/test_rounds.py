@@ -132,18 +132,18 @@ def stores(tmp_path_factory):
 
 
 def run_config(tmp_path, **overrides) -> FederationConfig:
-    values = dict(
-        run_dir=str(tmp_path / "run"),
-        classes=CLASSES,
-        pretrain_rounds=1,
-        finetune_rounds=0,
-        local_steps=1,
-        batch_size=2,
-        eval_tiles=2,
-        augment=False,
-        min_sites=2,
-        round_timeout_s=2.0,
-    )
+    values = {
+        "run_dir": str(tmp_path / "run"),
+        "classes": CLASSES,
+        "pretrain_rounds": 1,
+        "finetune_rounds": 0,
+        "local_steps": 1,
+        "batch_size": 2,
+        "eval_tiles": 2,
+        "augment": False,
+        "min_sites": 2,
+        "round_timeout_s": 2.0,
+    }
     return FederationConfig(**{**values, **overrides})
 
 
@@ -162,7 +162,7 @@ def run_within(grid: InProcessGrid, config: FederationConfig, seconds: float) ->
         try:
             run_federation(grid, config)
             outcome.append(None)
-        except BaseException as exc:  # handed to the test
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
             outcome.append(exc)
 
     thread = threading.Thread(target=target, daemon=True)
@@ -313,7 +313,7 @@ def test_a_run_from_a_checkpoint_fine_tunes_it_end_to_end_and_records_where_it_s
 def test_finetuning_more_than_the_heads_works_under_differential_privacy(stores, tmp_path, dp, trainable):
     # DP-SGD needs a per-tile gradient of every trainable parameter: the diffusion output layer, which
     # segmentation does not use, stays frozen in fine-tuning (it travels unchanged).
-    privacy = dict(dp_mode=dp, dp_noise_multiplier=1.0) | ({"dp_epsilon": 50.0} if dp == "local" else {})
+    privacy = {"dp_mode": dp, "dp_noise_multiplier": 1.0} | ({"dp_epsilon": 50.0} if dp == "local" else {})
     config = run_config(
         tmp_path, pretrain_rounds=0, finetune_rounds=1, finetune_trainable=trainable, eval_every=0, **privacy
     )

@@ -60,7 +60,7 @@ def find_samples(folder: Path, inst_suffix: str, types_suffix: str) -> list[Samp
     files: dict[str, dict[str, Path]] = {"image": {}, "instances": {}, "types": {}}
     for path in sorted(p for p in folder.iterdir() if p.is_file()):
         suffix, stem = path.suffix.lower(), path.stem
-        is_mask = stem.endswith(inst_suffix) or stem.endswith(types_suffix)
+        is_mask = stem.endswith((inst_suffix, types_suffix))
         if is_mask and suffix in IMAGE_SUFFIXES and suffix not in MASK_SUFFIXES:
             raise CmdfedError(
                 f"{path.name} is named as a mask but is {suffix[1:].upper()}, which is lossy: its nucleus ids "

@@ -451,7 +451,7 @@ class IngestServer:
     def stop(self, grace: float = GRACE_S) -> None:
         """Stop accepting, let requests under way finish within ``grace`` seconds, close the store."""
         self._ingest.stopping = True
-        self._uvicorn.config.timeout_graceful_shutdown = max(int(math.ceil(grace)), 1)
+        self._uvicorn.config.timeout_graceful_shutdown = max(math.ceil(grace), 1)
         self._uvicorn.should_exit = True
         if self._thread.is_alive():
             self._thread.join(grace + 2)

@@ -383,8 +383,10 @@ def test_slow_clients_do_not_hold_up_other_workstations(ingest):
     "start",
     [
         SLOW_HEADERS,
-        b"POST /v1/reports HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        b"Authorization: Bearer {token}\r\nContent-Length: 1000\r\n\r\n{{",
+        (
+            b"POST /v1/reports HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Authorization: Bearer {token}\r\nContent-Length: 1000\r\n\r\n{{"
+        ),
     ],
     ids=["headers", "body"],
 )
