@@ -57,4 +57,7 @@ def describe(home: Path) -> str:
 
     manifest = json.loads((active_bundle(home) / "manifest.json").read_text())
     model = manifest["model"]
-    return f"model {model['version']} ({model['config']['preset']} preset, tile {manifest['preprocessing']['tile_size']} px)"
+    return (
+        f"model {model['version']} ({model['config']['preset']} preset, tile {manifest['preprocessing']['tile_size']} "
+        "px)"
+    )

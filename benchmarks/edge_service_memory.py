@@ -3,7 +3,8 @@ process under each --max-memory, ModelInfo's limits, then one SegmentTiles reque
 that many tiles of that side (synthetic H&E, tiled), --repeat times; its memory read from /proc: at rest
 before, peak (VmHWM, the whole life of the process) and resident after.
 
-    python -m benchmarks.edge_service_memory [--home DIR | --preset base] [--max-memory 2G ...] [--threads N] [--repeat 2]
+    python -m benchmarks.edge_service_memory [--home DIR | --preset base] [--max-memory 2G ...]
+        [--threads N] [--repeat 2]
     python -m benchmarks.edge_service_memory --quick   # tiny random model, a 1.5G budget only; prints only
 
 Each --max-memory is one row ("default": the service's own, half the machine's memory).
@@ -142,10 +143,11 @@ def main() -> None:
         home = edge_home.edge_home(args, work)
         rows = [measure(home, budget, args) for budget in budgets]
         notes = (
-            f"{edge_home.describe(home)}; `cmdfed edge serve --workers {args.workers} --threads {args.threads}` in its own "
-            f"process, one SegmentTiles request of the advertised maximum (synthetic H&E), sent {args.repeat} times; memory "
-            f"from /proc/PID/status (peak = VmHWM over the process's life, after = VmRSS a second after the last request); "
-            f"machine memory {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / GIB:.1f} GiB"
+            f"{edge_home.describe(home)}; `cmdfed edge serve --workers {args.workers} --threads {args.threads}` in its "
+            f"own process, one SegmentTiles request of the advertised maximum (synthetic H&E), sent {args.repeat} "
+            "times; memory from /proc/PID/status (peak = VmHWM over the process's life, after = VmRSS a second after "
+            f"the last request); machine memory {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / GIB:.1f} "
+            "GiB"
         )
         if args.quick:
             print(markdown_table(rows) + "\n\n" + notes)

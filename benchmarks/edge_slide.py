@@ -41,8 +41,9 @@ slide, home, out, backend, batch, threads = sys.argv[1:7]
 start = time.perf_counter()
 summary = infer_slide(slide, home, out, backend=backend or None, batch=int(batch), threads=int(threads))
 seconds = time.perf_counter() - start
-print(json.dumps({"seconds": seconds, "tiles": summary["tiles"], "n_cells": summary["n_cells"], "dimensions": summary["dimensions"],
-                  "backend": summary["backend"]["backend"], "timings_s": summary["timings_s"],
+print(json.dumps({"seconds": seconds, "tiles": summary["tiles"], "n_cells": summary["n_cells"],
+                  "dimensions": summary["dimensions"], "backend": summary["backend"]["backend"],
+                  "timings_s": summary["timings_s"],
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 

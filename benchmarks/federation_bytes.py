@@ -127,12 +127,12 @@ def main() -> None:
         "federation_bytes",
         rows,
         notes=(
-            "Per site and round. 'to a site' = what the ServerApp sends one site, 'from a site' = its reply. Fine-tuning "
-            "sends the frozen groups (backbone, and modulation unless trained) once per site and phase, with its first "
-            "round; later rounds carry the trained groups only; 'all' (end to end) freezes nothing, so every round carries "
-            "the whole model both ways. Measured = telemetry bytes of real loopback federations, one per fine-tuning choice "
-            f"({args.sites} sites; they include Flower's record keys and the numbers that travel: layout, model architecture, "
-            "metrics); computed = 4 bytes per value of the groups that travel."
+            "Per site and round. 'to a site' = what the ServerApp sends one site, 'from a site' = its reply. "
+            "Fine-tuning sends the frozen groups (backbone, and modulation unless trained) once per site and phase, "
+            "with its first round; later rounds carry the trained groups only; 'all' (end to end) freezes nothing, so "
+            "every round carries the whole model both ways. Measured = telemetry bytes of real loopback federations, "
+            f"one per fine-tuning choice ({args.sites} sites; they include Flower's record keys and the numbers that "
+            "travel: layout, model architecture, metrics); computed = 4 bytes per value of the groups that travel."
         ),
     )
 

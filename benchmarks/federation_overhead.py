@@ -74,11 +74,11 @@ def main() -> None:
         "federation_overhead",
         rows,
         notes=(
-            f"tiny preset, {args.tiles} synthetic 64 px tiles per site, {args.local_steps} local steps of batch {args.batch}, "
-            f"{args.rounds} round(s) per phase, no evaluation rounds; every process on 127.0.0.1 of this machine, so sites "
-            "compete for its cores. Overhead = round wall time - slowest site's train_seconds (median over the phase's rounds; "
-            "the first fine-tuning round also carries the frozen backbone). 'federate wall s' is the whole run, both phases, "
-            "including the ServerApp's start."
+            f"tiny preset, {args.tiles} synthetic 64 px tiles per site, {args.local_steps} local steps of batch "
+            f"{args.batch}, {args.rounds} round(s) per phase, no evaluation rounds; every process on 127.0.0.1 of this "
+            "machine, so sites compete for its cores. Overhead = round wall time - slowest site's train_seconds "
+            "(median over the phase's rounds; the first fine-tuning round also carries the frozen backbone). "
+            "'federate wall s' is the whole run, both phases, including the ServerApp's start."
         ),
     )
 

@@ -46,7 +46,8 @@ def simulate(out: Path, sites: int, tiles: int, settings: list[str]) -> tuple[li
     wall = time.perf_counter() - started
     if result.returncode != 0:
         raise RuntimeError(
-            f"cmdfed simulate --sites {sites} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+            f"cmdfed simulate --sites {sites} failed "
+            f"({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
         )
     with TelemetryStore.open(out / "run" / "telemetry.db", readonly=True) as store:
         (run,) = store.runs()
@@ -88,10 +89,11 @@ def main() -> None:
         "federation_scaling",
         rows,
         notes=(
-            f"cmdfed simulate, tiny preset, {args.tiles} synthetic 64 px tiles per site, {args.local_steps} local steps of "
-            f"batch {args.batch}, {args.rounds} round(s) per phase, no evaluation rounds, one Ray CPU per site. "
-            "'first round s' is the run's first pretraining round, which includes starting Ray's workers (their imports); "
-            "the phases' round times are medians of the other rounds. 'simulate wall s' is the whole run, including Ray's start."
+            f"cmdfed simulate, tiny preset, {args.tiles} synthetic 64 px tiles per site, {args.local_steps} local "
+            f"steps of batch {args.batch}, {args.rounds} round(s) per phase, no evaluation rounds, one Ray CPU per "
+            "site. 'first round s' is the run's first pretraining round, which includes starting Ray's workers (their "
+            "imports); the phases' round times are medians of the other rounds. 'simulate wall s' is the whole run, "
+            "including Ray's start."
         ),
     )
 

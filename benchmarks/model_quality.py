@@ -160,11 +160,12 @@ def main() -> None:
                 row[key] = f"{np.nanmean(values):.3f} ± {np.nanstd(values):.3f}"
             rows.append(row)
     notes = (
-        f"tiny preset, {RECIPE_TILE} px tiles at 0.5 um/px; pretraining {pretrain_config().steps} steps (one run, seed 0) "
-        f"on cpm15 01-07 + the sample slide; fine-tuning {finetune_config().steps} steps of {finetune_config().batch_size} "
-        f"tiles (cmdfed/train/recipe.py); test: cpm15 08-10 whole images resampled to 0.5 um/px; 'scaled' = HoVer-Net's "
-        f"watershed settings scaled to 0.5 um/px, 'tuned' = cmdfed train tune on the run's training tiles; "
-        f"code at commit {git_commit()}; wall time {(time.time() - started) / 60:.0f} min on this CPU (finished runs reused)"
+        f"tiny preset, {RECIPE_TILE} px tiles at 0.5 um/px; pretraining {pretrain_config().steps} steps (one run, seed "
+        f"0) on cpm15 01-07 + the sample slide; fine-tuning {finetune_config().steps} steps of "
+        f"{finetune_config().batch_size} tiles (cmdfed/train/recipe.py); test: cpm15 08-10 whole images resampled to "
+        "0.5 um/px; 'scaled' = HoVer-Net's watershed settings scaled to 0.5 um/px, 'tuned' = cmdfed train tune on the "
+        f"run's training tiles; code at commit {git_commit()}; wall time {(time.time() - started) / 60:.0f} min on "
+        "this CPU (finished runs reused)"
     )
     path = save("model_quality", rows, notes=notes)
     result = json.loads(path.read_text())

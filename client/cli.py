@@ -98,5 +98,6 @@ def keygen(
     """Make this site's key pair: keep the private key here, send OUT.pub to the server's operator."""
     public = write_site_keys(out, force=force)
     console.print(
-        f"private key in {out} (keep it here); send {public} to the server: `cmdfed server register-site {public.name} --name ...`"
+        f"private key in {out} (keep it here); send {public} to the server: `cmdfed server register-site {public.name} "
+        "--name ...`"
     )

@@ -638,7 +638,8 @@ def demo(
         counts = ", ".join(f"{name} {n}" for name, n in slide["counts_by_type"].items())
         out.print(f"[bold green]demo finished[/] in {s['seconds'] / 60:.1f} min; everything is in {s['out']}")
         out.print(
-            f"  federated run:   {s['federation']['run_dir']} (final weights {Path(s['federation']['checkpoint']).name})"
+            f"  federated run:   {s['federation']['run_dir']} (final weights "
+            f"{Path(s['federation']['checkpoint']).name})"
         )
         out.print(f"  signed bundle:   {s['bundle']['tar']}")
         out.print(f"  edge home:       {s['edge_home']}")

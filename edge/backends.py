@@ -208,4 +208,7 @@ class OrtCudaBackend(OnnxRuntimeBackend):
         return [(self.provider, {"device_id": 0})]
 
     def _missing_reason(self) -> str:
-        return "onnxruntime has no CUDAExecutionProvider (this is the CPU build; install onnxruntime-gpu on a GPU workstation)"
+        return (
+            "onnxruntime has no CUDAExecutionProvider (this is the CPU build; install onnxruntime-gpu on a GPU "
+            "workstation)"
+        )

@@ -160,7 +160,8 @@ def check_signature(source: BundleSource, trust_keys) -> str:
     where = str(source.path)
     if SIGNATURE not in source.names:
         raise CmdfedError(
-            f"{where} is not signed, but a signature by a trusted key is required; refusing to deploy an unsigned bundle"
+            f"{where} is not signed, but a signature by a trusted key is required; refusing to deploy an unsigned "
+            "bundle"
         )
     return signing.verify(source.read_bytes(MANIFEST), source.read_bytes(SIGNATURE), trust_keys, where)
 

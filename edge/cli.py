@@ -49,7 +49,8 @@ def export(
     overlap: int = typer.Option(64, help="Tile overlap in pixels: at least the largest nucleus diameter."),
     mpp: float | None = typer.Option(
         None,
-        help="Micrometres per pixel the model was trained at (0.5 at 20x; default: what the checkpoint records); also scales the post-processing.",
+        help="Micrometres per pixel the model was trained at (0.5 at 20x; default: what the checkpoint records); also "
+        "scales the post-processing.",
     ),
     tolerance: float = typer.Option(1e-3, help="Largest ONNX Runtime vs PyTorch difference accepted."),
     foreground_threshold: float | None = typer.Option(
@@ -229,7 +230,9 @@ def status(
 
 
 trust_commands = typer.Typer(
-    help="The publishers' keys this edge home trusts: once it trusts one, every deploy must be signed by a trusted key.",
+    help=(
+        "The publishers' keys this edge home trusts: once it trusts one, every deploy must be signed by a trusted key."
+    ),
     no_args_is_help=True,
 )
 commands.add_typer(trust_commands, name="trust")
@@ -317,7 +320,8 @@ def infer(
     restart: bool = typer.Option(False, help="Discard earlier results in --out and start again."),
     mpp: float | None = typer.Option(
         None,
-        help="The slide's micrometres per pixel (0.25 at 40x, 0.5 at 20x) when its file does not record it; the model reads it resampled to its own.",
+        help="The slide's micrometres per pixel (0.25 at 40x, 0.5 at 20x) when its file does not record it; the model "
+        "reads it resampled to its own.",
     ),
     telemetry: str | None = typer.Option(None, help=TELEMETRY_HELP + " The slide's summary goes there."),
     report_to: str | None = REPORT_TO,

@@ -9,15 +9,16 @@ Layout of the edge home folder::
     HOME/audit.log           trust changes, and bundles let in with --allow-unsigned
     HOME/.lock               serialises deploy/rollback/trust changes between processes
 
-Order of a deploy: the bundle (folder or .tar, read in place) is verified first, signature
-(against the home's trusted keys: trust.py) then checksums; a refused bundle writes nothing. It is then copied to a hidden staging
-folder under ``models/``, verified again there (the copy is what will run), loaded with
-the backend this workstation would use and checked on its golden data, and only then
-renamed to ``models/<version>``. A version names one set of weights: a bundle of the same
-weights exported again (other post-processing, or now signed) replaces the installed copy
-the same way; the old copy is moved aside only once the new one has passed its checks. Activation is one atomic replace of ``state.json``, so a
-reader sees the old or the new version, never a mix; the previous version stays installed
-for ``rollback``. The newest ``KEEP_VERSIONS`` versions are kept, older ones deleted.
+Order of a deploy: the bundle (folder or .tar, read in place) is verified first, signature (against
+the home's trusted keys: trust.py) then checksums; a refused bundle writes nothing. It is then
+copied to a hidden staging folder under ``models/``, verified again there (the copy is what will
+run), loaded with the backend this workstation would use and checked on its golden data, and only
+then renamed to ``models/<version>``. A version names one set of weights: a bundle of the same
+weights exported again (other post-processing, or now signed) replaces the installed copy the same
+way; the old copy is moved aside only once the new one has passed its checks. Activation is one
+atomic replace of ``state.json``, so a reader sees the old or the new version, never a mix; the
+previous version stays installed for ``rollback``. The newest ``KEEP_VERSIONS`` versions are kept,
+older ones deleted.
 """
 
 from __future__ import annotations
@@ -222,7 +223,10 @@ def status(home: str | Path) -> dict:
 def _signature_status(folder: Path, keys: dict, signed: bool, home: Path) -> tuple[str, bool]:
     if not keys:
         return (
-            f"not checked: this home trusts no key (add the publisher's with `cmdfed edge trust add KEY --home {home}`)",
+            (
+                "not checked: this home trusts no key (add the publisher's with `cmdfed edge trust add KEY --home "
+                f"{home}`)"
+            ),
             False,
         )
     if not signed:

@@ -402,7 +402,8 @@ class _SlideJob:
             there = region[by0:by1, bx0:bx1]
             area = np.count_nonzero(mine)
             if not area:
-                continue  # smaller than a level-0 pixel (a grid finer than level 0): not in the label image, so not kept
+                # Smaller than a level-0 pixel (a grid finer than level 0): not in the label image, so not kept.
+                continue
             if np.count_nonzero(there[mine]) * 2 > area:
                 state.seam_duplicates += 1
                 continue  # a neighbouring tile already kept this nucleus (see cmdfed.inference.tiling)

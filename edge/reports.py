@@ -73,7 +73,8 @@ def open_reports(
         return reports_to(telemetry)
     if telemetry is not None:
         raise CmdfedError(
-            "give --telemetry (a store this machine writes) or --report-to (the federation's telemetry server), not both"
+            "give --telemetry (a store this machine writes) or --report-to (the federation's telemetry server), not "
+            "both"
         )
     if report_token is None:
         raise CmdfedError(

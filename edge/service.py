@@ -32,26 +32,26 @@ waits up to ADMISSION_WAIT_S for it (then RESOURCE_EXHAUSTED, reason ``memory_bu
 calls at once cannot together outgrow the budget, and every request the service accepts it
 can finish. A SegmentSlide batch is at most WINDOW_BATCH tiles.
 
-SegmentSlide runs ``edge.infer.infer_slide`` (resumable, same outputs as `cmdfed edge
-infer`, default folder HOME/outputs/<slide file name>) on a thread of its own with the
-served backend, so a slide is segmented by the model ModelInfo reports even after a new
-deploy, and streams its progress (the request's ``mpp`` stands for a slide file's missing resolution); the last message holds the summary and output paths.
-One slide at a time: a second SegmentSlide while one runs gets RESOURCE_EXHAUSTED rather
-than waiting on a worker thread. A client that cancels stops the slide at the next
-batch; rerunning it resumes. With --telemetry or --report-to, each slide's summary is
+SegmentSlide runs ``edge.infer.infer_slide`` (resumable, same outputs as `cmdfed edge infer`,
+default folder HOME/outputs/<slide file name>) on a thread of its own with the served backend, so a
+slide is segmented by the model ModelInfo reports even after a new deploy, and streams its progress
+(the request's ``mpp`` stands for a slide file's missing resolution); the last message holds the
+summary and output paths. One slide at a time: a second SegmentSlide while one runs gets
+RESOURCE_EXHAUSTED rather than waiting on a worker thread. A client that cancels stops the slide at
+the next batch; rerunning it resumes. With --telemetry or --report-to, each slide's summary is
 reported too.
 
 Metrics (own registry, so several services can live in one process):
-``cmdfed_edge_memory_budget_bytes`` and ``cmdfed_edge_memory_reserved_bytes`` (what calls
-under way hold of what is left for them), ``cmdfed_edge_requests_total{method,code}``, ``cmdfed_edge_failures_total{method,reason}``,
-``cmdfed_edge_request_duration_seconds{method}`` (histogram: p50/p95 by
-histogram_quantile), ``cmdfed_edge_tiles_total`` (rate() = tiles/s),
+``cmdfed_edge_memory_budget_bytes`` and ``cmdfed_edge_memory_reserved_bytes`` (what calls under way
+hold of what is left for them), ``cmdfed_edge_requests_total{method,code}``,
+``cmdfed_edge_failures_total{method,reason}``, ``cmdfed_edge_request_duration_seconds{method}``
+(histogram: p50/p95 by histogram_quantile), ``cmdfed_edge_tiles_total`` (rate() = tiles/s),
 ``cmdfed_edge_model_info{version,backend,device,precision}`` and, on a CUDA backend,
-``cmdfed_edge_gpu_memory_used_bytes``. Heartbeats (at start, every --heartbeat seconds,
-and after stopping) carry tiles/s since the previous one, p50/p95 of the last
-LATENCY_WINDOW SegmentTiles calls and the errors by reason so far. They go to a store the
-workstation writes itself (--telemetry) or, queued and sent in the background so that no call
-waits on the network, to the federation's telemetry server (--report-to; edge.reports).
+``cmdfed_edge_gpu_memory_used_bytes``. Heartbeats (at start, every --heartbeat seconds, and after
+stopping) carry tiles/s since the previous one, p50/p95 of the last LATENCY_WINDOW SegmentTiles
+calls and the errors by reason so far. They go to a store the workstation writes itself
+(--telemetry) or, queued and sent in the background so that no call waits on the network, to the
+federation's telemetry server (--report-to; edge.reports).
 
 Errors: a request a client got wrong ends with INVALID_ARGUMENT (a message that is not the
 method's protobuf, reason ``bad_message``, logged in one line; bad tile sizes or byte
@@ -287,7 +287,8 @@ def to_model_resolution(
         raise RequestError(
             grpc.StatusCode.INVALID_ARGUMENT,
             "bad_mpp",
-            f"mpp {mpp}: a tile's resolution lies in {low}..{high} um/px (0.25 at 40x, 0.5 at 20x), or 0 for the model's",
+            f"mpp {mpp}: a tile's resolution lies in {low}..{high} um/px (0.25 at 40x, 0.5 at 20x), or 0 for the "
+            "model's",
         )
     if not model_mpp:
         raise RequestError(
@@ -662,7 +663,8 @@ class EdgeServicer(pb_grpc.EdgeSegmentationServicer):
             raise RequestError(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 "bad_options",
-                f"batch must be at most {self.costs.batch} tiles on this service (the memory it budgets), got {request.batch}",
+                f"batch must be at most {self.costs.batch} tiles on this service (the memory it budgets), got "
+                f"{request.batch}",
             )
         out_dir = Path(request.out_dir) if request.out_dir else self.home / SLIDE_OUTPUTS / slide.name
         return slide, out_dir
@@ -817,7 +819,8 @@ class EdgeService:
             self.port = server.add_insecure_port(f"{host}:{port}")
         except RuntimeError as exc:
             raise CmdfedError(
-                f"cannot listen on {host}:{port} (in use, or not an address of this machine); choose another --port or --host"
+                f"cannot listen on {host}:{port} (in use, or not an address of this machine); choose another --port or "
+                "--host"
             ) from exc
         return server
 

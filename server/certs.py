@@ -58,7 +58,8 @@ def write_certificates(directory: Path, hosts: list[str], *, days: int = 825, fo
     existing = [name for name in (CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY) if (directory / name).exists()]
     if existing and not force:
         raise CmdfedError(
-            f"{directory} already holds {', '.join(existing)}; pass --force to replace them (sites then need the new ca.crt)"
+            f"{directory} already holds {', '.join(existing)}; pass --force to replace them (sites then need the new "
+            "ca.crt)"
         )
     now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP384R1())

@@ -47,7 +47,8 @@ def start(
     superlink = SuperLink(run_dir, host, port, certs=certs.absolute() if certs else None, site_auth=site_auth).start()
     security = ("TLS" if certs else "plaintext") + (", registered sites only" if site_auth else "")
     console.print(
-        f"SuperLink listening on {superlink.address} ({security}; state and log in {superlink.state_dir}); Ctrl-C stops it"
+        f"SuperLink listening on {superlink.address} ({security}; state and log in {superlink.state_dir}); Ctrl-C "
+        "stops it"
     )
     serve_in_foreground(superlink.process, superlink.log_path)
 

@@ -237,7 +237,8 @@ def render_event(event: dict) -> None:
             f"[bold]{event['phase']}[/] round {event['phase_round']}/{event['phase_rounds']} ({event['checkpoint']}): "
             f"{sum(s['status'] == 'trained' for s in event['sites'])}/{len(event['sites'])} sites, "
             + (f"loss {loss:.4f}, " if loss is not None else "")
-            + f"{event['seconds']:.1f} s, sent {event['bytes_sent'] / 1e6:.2f} MB, received {event['bytes_received'] / 1e6:.2f} MB"
+            + f"{event['seconds']:.1f} s, sent {event['bytes_sent'] / 1e6:.2f} MB, received "
+            f"{event['bytes_received'] / 1e6:.2f} MB"
         )
         for site in event["sites"]:
             if site["status"] == "trained":

@@ -28,13 +28,13 @@ or refuse a bad update, so this module drives the strategy round by round itself
    the round timeout (a site crashed after training), that round's federated evaluation is
    skipped with a warning and the round is still checkpointed.
 
-Differential privacy: under central DP the strategy is Flower's server-side clipping
-wrapper (``server.strategies``), told each round how many updates it averages. Under
-local DP a site that has spent its budget replies ``declined-budget`` instead of an
-update; it is recorded as ``declined_budget``, and when every connected site was sampled
-and declined the run stops there, completed: further rounds could not train at all (a resumed run would
-stop the same way). A site that failed or timed out may still have budget, so a round
-without updates for that reason fails the run resumably, as any round without updates. A site's privacy spend is recorded whenever its reply
+Differential privacy: under central DP the strategy is Flower's server-side clipping wrapper
+(``server.strategies``), told each round how many updates it averages. Under local DP a site that
+has spent its budget replies ``declined-budget`` instead of an update; it is recorded as
+``declined_budget``, and when every connected site was sampled and declined the run stops there,
+completed: further rounds could not train at all (a resumed run would stop the same way). A site
+that failed or timed out may still have budget, so a round without updates for that reason fails the
+run resumably, as any round without updates. A site's privacy spend is recorded whenever its reply
 reports it, also when its update is then rejected or the round fails: the site spent it.
 
 A site that goes away mid-round (its SuperNode crashed, or lost the network) does not hold
@@ -389,7 +389,8 @@ def _unpacked_or_as_sent(content: RecordDict, layout: Layout) -> dict:
 
 
 def _decoded(array: Array) -> np.ndarray | None:
-    """The array its bytes hold (Flower decodes them apart from the declared shape and dtype), None if they do not decode."""
+    """The array its bytes hold (Flower decodes them apart from the declared shape and dtype), None if
+    they do not decode."""
     try:
         return array.numpy()
     except Exception:  # noqa: BLE001 - whatever numpy makes of a site's foreign bytes
@@ -420,7 +421,10 @@ def _claimed_name(reply: Message) -> str | None:
 def _error_text(error: Error) -> str:
     """What went wrong at a site, for the run's records: the site's own words, or the SuperLink's."""
     if error.code == ErrorCode.NODE_UNAVAILABLE:
-        return "the site went offline during the round: its SuperNode stopped, or stopped sending heartbeats to the SuperLink"
+        return (
+            "the site went offline during the round: its SuperNode stopped, or stopped sending heartbeats to the "
+            "SuperLink"
+        )
     return SITE_IN_REASON.sub("", error.reason)
 
 

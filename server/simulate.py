@@ -1,14 +1,14 @@
 """``cmdfed simulate``: the federation's own apps on Flower's simulation engine, N virtual sites.
 
-What runs is what a real federation runs: ``server.rounds.run_federation`` (the ServerApp's
-whole job: checkpoints, screening, telemetry, DP) and the sites' ClientApp, loaded by its
-component reference (``client.client_app:app``) as a SuperNode loads it, each virtual site on a synthetic store of its own
-(``cmdfed.federation.simulated``: stain shift by store or shared stains, or Dirichlet label
-skew). Only the plumbing differs: Flower's ``run_simulation`` replaces SuperLink and
+What runs is what a real federation runs: ``server.rounds.run_federation`` (the ServerApp's whole
+job: checkpoints, screening, telemetry, DP) and the sites' ClientApp, loaded by its component
+reference (``client.client_app:app``) as a SuperNode loads it, each virtual site on a synthetic
+store of its own (``cmdfed.federation.simulated``: stain shift by store or shared stains, or
+Dirichlet label skew). Only the plumbing differs: Flower's ``run_simulation`` replaces SuperLink and
 SuperNodes, and gives each virtual node a node config of ``partition-id`` alone, which the
-simulation's ClientApp turns into that site's settings (store, name, work folder) before
-calling the real ClientApp; the run config is the one built here (``--set``/``--config``,
-as ``cmdfed federate`` builds it).
+simulation's ClientApp turns into that site's settings (store, name, work folder) before calling the
+real ClientApp; the run config is the one built here (``--set``/``--config``, as ``cmdfed federate``
+builds it).
 
 Backend: Flower 1.42's simulation engine runs ClientApps on Ray actors, its only backend
 (``pip install 'flwr[simulation]'``). Every virtual site asks Ray for one CPU
@@ -78,7 +78,8 @@ def simulate(
         return
     if finished.get("status") != "completed" or last is None:
         raise CmdfedError(
-            f"the simulation ended as {finished.get('status', 'failed')}: {finished.get('error') or 'see the messages above'}"
+            f"the simulation ended as {finished.get('status', 'failed')}: "
+            f"{finished.get('error') or 'see the messages above'}"
         )
     console.print(f"[bold green]simulation completed[/]: {last.round} rounds, checkpoints in {config.run_dir}")
 

@@ -111,8 +111,8 @@ def restore_strategy_state(strategy: Strategy, state: dict[str, torch.Tensor]) -
     expected = {f"{moment}/{WEIGHTS_KEY}" for moment in MOMENTS}
     if state and set(state) != expected:
         raise CmdfedError(
-            f"the run folder's strategy state holds {len(state)} moment tensors, not the packed {sorted(expected)}: it was "
-            "written by an earlier cmdfed; start a new run folder (or resume with the cmdfed that began it)"
+            f"the run folder's strategy state holds {len(state)} moment tensors, not the packed {sorted(expected)}: it "
+            "was written by an earlier cmdfed; start a new run folder (or resume with the cmdfed that began it)"
         )
     for moment in MOMENTS:
         values = {k.removeprefix(f"{moment}/"): v.numpy() for k, v in state.items() if k.startswith(f"{moment}/")}

@@ -1,9 +1,9 @@
-"""The shape of the house (the team's ARCHITECTURE.md, ../shared beside the checkout): roles depend on cmdfed/, never on each other, and
-cmdfed/ imports no role and none of Flower, gRPC or Streamlit. Inside cmdfed/ the packages are
-layered (each imports only those below it), no modules import each other in a circle, and
-``cmdfed.evaluate`` only scores: nothing on the way from pixels to nuclei imports it. Read from
-the source's import statements (lazy imports inside functions included), so a violation fails
-here, not at a site."""
+"""The shape of the house (the team's ARCHITECTURE.md, ../shared beside the checkout): roles depend
+on cmdfed/, never on each other, and cmdfed/ imports no role and none of Flower, gRPC or Streamlit.
+Inside cmdfed/ the packages are layered (each imports only those below it), no modules import each
+other in a circle, and ``cmdfed.evaluate`` only scores: nothing on the way from pixels to nuclei
+imports it. Read from the source's import statements (lazy imports inside functions included), so a
+violation fails here, not at a site."""
 
 from __future__ import annotations
 

@@ -402,8 +402,8 @@ class SiteStore:
                 gone.append(f"'{key}' {len(lost)} file(s), {tiles}")
         if gone:
             raise CmdfedError(
-                f"{self.path} is incomplete (damaged): chunk files written to it are missing ({'; '.join(gone)}), and those tiles "
-                f"would read as empty images or labels; {REIMPORT}"
+                f"{self.path} is incomplete (damaged): chunk files written to it are missing ({'; '.join(gone)}), and "
+                f"those tiles would read as empty images or labels; {REIMPORT}"
             )
 
     # -- writing ------------------------------------------------------------------------

@@ -77,7 +77,8 @@ def load_initial_weights(config: FederationConfig) -> InitialWeights:
     if model.preset != config.preset:
         raise CmdfedError(
             f"init {given} is a {model.preset!r} model but the run's preset is {config.preset!r}; set preset = "
-            f'"{model.preset}" (with init the architecture is the checkpoint\'s; preset must state it) or choose another init'
+            f'"{model.preset}" (with init the architecture is the checkpoint\'s; preset must state it) or choose '
+            "another init"
         )
     fine_tuned = saved.get("phase") == "finetune"
     if fine_tuned and not _same_classes(model, saved, config):
@@ -113,7 +114,8 @@ def check_pinned_init(pinned: dict | None, record: dict, run_json: Path) -> None
     if pinned and pinned.get("sha256") != record["sha256"]:
         raise CmdfedError(
             f"{run_json} pinned init {pinned.get('init')} with weights sha256 {str(pinned.get('sha256'))[:12]}..., but "
-            f"{record['checkpoint']} now holds {record['sha256'][:12]}...; restore those weights or choose a new run folder"
+            f"{record['checkpoint']} now holds {record['sha256'][:12]}...; restore those weights or choose a new run "
+            "folder"
         )
 
 

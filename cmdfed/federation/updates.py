@@ -54,7 +54,10 @@ def _malformed(reference: Mapping[str, ArrayLike], weights: Mapping[str, ArrayLi
     missing = sorted(set(reference) - set(weights))
     unexpected = sorted(set(weights) - set(reference))
     if missing or unexpected:
-        return f"wrong keys: {len(missing)} missing (e.g. {', '.join(missing[:2]) or '-'}), {len(unexpected)} unexpected (e.g. {', '.join(unexpected[:2]) or '-'})"
+        return (
+            f"wrong keys: {len(missing)} missing (e.g. {', '.join(missing[:2]) or '-'}), {len(unexpected)} unexpected "
+            f"(e.g. {', '.join(unexpected[:2]) or '-'})"
+        )
     for key, expected in reference.items():
         value = np.asarray(weights[key])
         if value.shape != np.shape(expected):

@@ -247,8 +247,9 @@ def load_checkpoint(path: str | Path, *, with_trainer: bool = False, backbone_on
     accepted = BACKBONE_FORMATS if backbone_only else (CHECKPOINT_FORMAT,)
     if config["format"] not in accepted:
         raise CheckpointFormatError(
-            f"{folder} is a cmdfed checkpoint of format {config['format']}, this cmdfed reads format {CHECKPOINT_FORMAT} "
-            f"(the task heads changed in format 2); train or fine-tune it again with this version, or use the cmdfed that wrote it"
+            f"{folder} is a cmdfed checkpoint of format {config['format']}, this cmdfed reads format "
+            f"{CHECKPOINT_FORMAT} (the task heads changed in format 2); train or fine-tune it again with this version, "
+            "or use the cmdfed that wrote it"
         )
     ema_present = (folder / "ema.safetensors").exists()
     verify_files(

@@ -104,9 +104,9 @@ class PrivacyLedger:
             ) from exc
         if (ledger.budget_epsilon, ledger.delta, ledger.max_grad_norm) != (budget_epsilon, delta, max_grad_norm):
             raise CmdfedError(
-                f"the privacy ledger {path} was started with epsilon {ledger.budget_epsilon:g}, delta {ledger.delta:g}, "
-                f"max-grad-norm {ledger.max_grad_norm:g}, but the run now asks for {budget_epsilon:g}, {delta:g}, "
-                f"{max_grad_norm:g}; a run's privacy settings cannot change"
+                f"the privacy ledger {path} was started with epsilon {ledger.budget_epsilon:g}, delta "
+                f"{ledger.delta:g}, max-grad-norm {ledger.max_grad_norm:g}, but the run now asks for "
+                f"{budget_epsilon:g}, {delta:g}, {max_grad_norm:g}; a run's privacy settings cannot change"
             )
         return ledger
 

@@ -99,7 +99,10 @@ def test_a_fine_tuned_init_of_the_runs_classes_keeps_its_heads(quick_config, tmp
         ),
         (
             "missing path",
-            "init: checkpoint .*elsewhere/run does not exist; set init to a checkpoint or run folder on the server, a released",
+            (
+                "init: checkpoint .*elsewhere/run does not exist; set init to a checkpoint or run folder on the "
+                "server, a released"
+            ),
         ),
         ("other preset", "is a 'tiny' model but the run's preset is 'base'; set preset = \"tiny\""),
         (

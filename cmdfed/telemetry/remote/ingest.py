@@ -217,7 +217,8 @@ class _Ingest:
             await self._discard(request, length)
             raise _Refused(
                 HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                f"the body has {length} bytes, more than the {MAX_BODY_BYTES} this server accepts; send fewer reports at once",
+                f"the body has {length} bytes, more than the {MAX_BODY_BYTES} this server accepts; send fewer reports "
+                "at once",
             )
         body = await self._body(request, length)
         content_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()

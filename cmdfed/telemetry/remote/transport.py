@@ -132,7 +132,8 @@ def require_tls_off_loopback(host: str, *, tls: bool, insecure: bool, what: str,
     if not insecure:
         raise CmdfedError(
             f"{what} {host} is not this machine and TLS is not configured, so workstation tokens would travel "
-            f"unencrypted; configure TLS (`cmdfed certs init`), use 127.0.0.1, or pass {insecure_flag} on a network you trust"
+            f"unencrypted; configure TLS (`cmdfed certs init`), use 127.0.0.1, or pass {insecure_flag} on a network "
+            "you trust"
         )
     log.warning(
         "%s %s without TLS: workstation tokens and telemetry travel unencrypted (%s)", what, host, insecure_flag
