@@ -32,7 +32,7 @@ def save(name: str, rows: list[dict], notes: str = "") -> Path:
     payload = {
         "benchmark": name,
         "command": " ".join(["python -m benchmarks." + Path(sys.argv[0]).stem, *map(shlex.quote, sys.argv[1:])]),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": machine(),
         "notes": notes,
         "rows": rows,

@@ -18,8 +18,12 @@ TILE, OVERLAP, MPP = 256, 64, 0.5
 
 
 def add_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--home", type=Path, help="edge home with a deployed bundle (default: export a random-weight --preset model)")
-    parser.add_argument("--preset", default=None, help="model preset to export when no --home is given (default base; --quick: tiny)")
+    parser.add_argument(
+        "--home", type=Path, help="edge home with a deployed bundle (default: export a random-weight --preset model)"
+    )
+    parser.add_argument(
+        "--preset", default=None, help="model preset to export when no --home is given (default base; --quick: tiny)"
+    )
 
 
 def edge_home(args: argparse.Namespace, work: Path, quick_preset: str = "tiny") -> Path:
@@ -27,16 +31,20 @@ def edge_home(args: argparse.Namespace, work: Path, quick_preset: str = "tiny") 
     if args.home is not None:
         return args.home
     from cmdfed.data.synth import CLASS_NAMES
+    from cmdfed.model.checkpoint import save_checkpoint
     from cmdfed.model.config import ModelConfig
     from cmdfed.model.unet import build_model
-    from cmdfed.model.checkpoint import save_checkpoint
     from edge.deploy import deploy
     from edge.export import export_bundle
 
     preset = args.preset or (quick_preset if args.quick else "base")
     config = ModelConfig.from_preset(preset, n_classes=len(CLASS_NAMES))
-    run = save_checkpoint(work / f"random-{preset}", 0, weights=build_model(config).state_dict(),
-                          config={"name": f"random-{preset}", "model": config.to_dict(), "class_names": CLASS_NAMES})  # fmt: skip
+    run = save_checkpoint(
+        work / f"random-{preset}",
+        0,
+        weights=build_model(config).state_dict(),
+        config={"name": f"random-{preset}", "model": config.to_dict(), "class_names": CLASS_NAMES},
+    )
     print(f"exporting a random-weight {preset} model (once per run)...", flush=True)
     export_bundle(run, work / "bundle", tile=TILE, overlap=OVERLAP, mpp=MPP)
     deploy(work / "bundle", work / "home")
@@ -49,4 +57,7 @@ def describe(home: Path) -> str:
 
     manifest = json.loads((active_bundle(home) / "manifest.json").read_text())
     model = manifest["model"]
-    return f"model {model['version']} ({model['config']['preset']} preset, tile {manifest['preprocessing']['tile_size']} px)"
+    return (
+        f"model {model['version']} ({model['config']['preset']} preset, tile {manifest['preprocessing']['tile_size']} "
+        "px)"
+    )

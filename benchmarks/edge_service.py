@@ -41,8 +41,21 @@ SIDE = 256
 
 
 def start_service(home: Path, args: argparse.Namespace) -> tuple[subprocess.Popen, int]:
-    command = [sys.executable, "-m", "cmdfed", "edge", "serve", "--home", str(home), "--port", "0",
-               "--workers", str(max(CLIENTS)), "--threads", str(args.threads)]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "cmdfed",
+        "edge",
+        "serve",
+        "--home",
+        str(home),
+        "--port",
+        "0",
+        "--workers",
+        str(max(CLIENTS)),
+        "--threads",
+        str(args.threads),
+    ]
     if args.backend:
         command += ["--backend", args.backend]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -84,7 +97,7 @@ def load(port: int, clients: int, seconds: float, warmup: int, request: pb.Segme
                     start = time.perf_counter()
                     stub.SegmentTiles(request, timeout=300)
                     latencies[k].append(time.perf_counter() - start)
-        except BaseException as exc:  # reported below
+        except BaseException as exc:  # noqa: BLE001 - a client thread's failure, whatever it is, is reported below
             failures.append(exc)
             ready.abort()
 
@@ -109,8 +122,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0, help="measured time per concurrency level")
     parser.add_argument("--warmup", type=int, default=2, help="requests each client sends before the clock starts")
     parser.add_argument("--backend", help="force a backend (default: the first that works, as on a workstation)")
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="CPU threads for ONNX Runtime")
-    parser.add_argument("--quick", action="store_true", help="tiny random model, 3 s per level, 1 warm-up; prints, saves nothing")
+    parser.add_argument(
+        "--threads", type=int, default=len(os.sched_getaffinity(0)), help="CPU threads for ONNX Runtime"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny random model, 3 s per level, 1 warm-up; prints, saves nothing"
+    )
     args = parser.parse_args()
     if args.quick:
         args.seconds, args.warmup = 3.0, 1
@@ -126,15 +143,24 @@ def main() -> None:
             rows = []
             for clients in CLIENTS:
                 m = load(port, clients, args.seconds, args.warmup, request)
-                rows.append({"clients": clients, "backend": backend, "requests": m["requests"],
-                             "requests/s": round(m["requests/s"], 2), "p50 ms": round(m["p50 ms"], 1),
-                             "p95 ms": round(m["p95 ms"], 1)})  # fmt: skip
+                rows.append(
+                    {
+                        "clients": clients,
+                        "backend": backend,
+                        "requests": m["requests"],
+                        "requests/s": round(m["requests/s"], 2),
+                        "p50 ms": round(m["p50 ms"], 1),
+                        "p95 ms": round(m["p95 ms"], 1),
+                    }
+                )
         finally:
             process.send_signal(signal.SIGTERM)
             process.wait(timeout=60)
-        notes = (f"{edge_home.describe(home)}; SegmentTiles with one {SIDE} px tile per request, {args.seconds:g} s per "
-                 f"level after {args.warmup} warm-up requests per client; loopback, clients and service on the same "
-                 f"{os.cpu_count()} cores; service --workers {max(CLIENTS)} --threads {args.threads}")  # fmt: skip
+        notes = (
+            f"{edge_home.describe(home)}; SegmentTiles with one {SIDE} px tile per request, {args.seconds:g} s per "
+            f"level after {args.warmup} warm-up requests per client; loopback, clients and service on the same "
+            f"{os.cpu_count()} cores; service --workers {max(CLIENTS)} --threads {args.threads}"
+        )
         if args.quick:
             print(markdown_table(rows) + "\n\n" + notes)
         else:

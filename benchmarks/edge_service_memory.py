@@ -3,7 +3,8 @@ process under each --max-memory, ModelInfo's limits, then one SegmentTiles reque
 that many tiles of that side (synthetic H&E, tiled), --repeat times; its memory read from /proc: at rest
 before, peak (VmHWM, the whole life of the process) and resident after.
 
-    python -m benchmarks.edge_service_memory [--home DIR | --preset base] [--max-memory 2G ...] [--threads N] [--repeat 2]
+    python -m benchmarks.edge_service_memory [--home DIR | --preset base] [--max-memory 2G ...]
+        [--threads N] [--repeat 2]
     python -m benchmarks.edge_service_memory --quick   # tiny random model, a 1.5G budget only; prints only
 
 Each --max-memory is one row ("default": the service's own, half the machine's memory).
@@ -47,8 +48,21 @@ def tissue(side: int) -> np.ndarray:
 
 
 def serve(home: Path, budget: str, args: argparse.Namespace) -> tuple[subprocess.Popen, int]:
-    command = [sys.executable, "-m", "cmdfed", "edge", "serve", "--home", str(home), "--port", "0",
-               "--workers", str(args.workers), "--threads", str(args.threads)]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "cmdfed",
+        "edge",
+        "serve",
+        "--home",
+        str(home),
+        "--port",
+        "0",
+        "--workers",
+        str(args.workers),
+        "--threads",
+        str(args.threads),
+    ]
     if budget != "default":
         command += ["--max-memory", budget]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -66,12 +80,15 @@ def serve(home: Path, budget: str, args: argparse.Namespace) -> tuple[subprocess
 def measure(home: Path, budget: str, args: argparse.Namespace) -> dict:
     process, port = serve(home, budget, args)
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]) as channel:
+        with grpc.insecure_channel(
+            f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+        ) as channel:
             stub = pb_grpc.EdgeSegmentationStub(channel)
             limits = stub.ModelInfo(pb.Empty(), timeout=60).limits
             image = tissue(limits.max_side)
             request = pb.SegmentTilesRequest(
-                tiles=[pb.Tile(rgb=image.tobytes(), height=limits.max_side, width=limits.max_side)] * limits.max_tiles_per_request
+                tiles=[pb.Tile(rgb=image.tobytes(), height=limits.max_side, width=limits.max_side)]
+                * limits.max_tiles_per_request
             )
             at_rest = memory_of(process.pid)["VmRSS"]
             seconds = []
@@ -83,12 +100,15 @@ def measure(home: Path, budget: str, args: argparse.Namespace) -> dict:
             after = memory_of(process.pid)
         ceiling = None if budget == "default" else budget
         return {
-            "--max-memory": budget, "advertised": f"{limits.max_tiles_per_request} x {limits.max_side} px",
-            "request MB": round(request.ByteSize() / 1e6, 1), "at rest GiB": round(at_rest / GIB, 3),
-            "peak GiB": round(after["VmHWM"] / GIB, 3), "after GiB": round(after["VmRSS"] / GIB, 3),
+            "--max-memory": budget,
+            "advertised": f"{limits.max_tiles_per_request} x {limits.max_side} px",
+            "request MB": round(request.ByteSize() / 1e6, 1),
+            "at rest GiB": round(at_rest / GIB, 3),
+            "peak GiB": round(after["VmHWM"] / GIB, 3),
+            "after GiB": round(after["VmRSS"] / GIB, 3),
             "s per request": round(float(np.median(seconds)), 1),
             "peak within budget": "-" if ceiling is None else str(after["VmHWM"] <= _bytes(ceiling)),
-        }  # fmt: skip
+        }
     finally:
         process.terminate()
         process.wait(timeout=60)
@@ -103,10 +123,18 @@ def _bytes(size: str) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     edge_home.add_options(parser)
-    parser.add_argument("--max-memory", action="append", help="a budget to measure (repeat; 'default' for the service's)")
-    parser.add_argument("--workers", type=int, default=8, help="service --workers (the budget keeps a message for each)")
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="CPU threads for ONNX Runtime")
-    parser.add_argument("--repeat", type=int, default=2, help="times the request is sent (the second shows what the first kept)")
+    parser.add_argument(
+        "--max-memory", action="append", help="a budget to measure (repeat; 'default' for the service's)"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=8, help="service --workers (the budget keeps a message for each)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=len(os.sched_getaffinity(0)), help="CPU threads for ONNX Runtime"
+    )
+    parser.add_argument(
+        "--repeat", type=int, default=2, help="times the request is sent (the second shows what the first kept)"
+    )
     parser.add_argument("--quick", action="store_true", help="tiny random model, a 1.5G budget; prints, saves nothing")
     args = parser.parse_args()
     budgets = args.max_memory or (["1.5G"] if args.quick else ["1.5G", "3G", "default"])
@@ -114,10 +142,13 @@ def main() -> None:
     try:
         home = edge_home.edge_home(args, work)
         rows = [measure(home, budget, args) for budget in budgets]
-        notes = (f"{edge_home.describe(home)}; `cmdfed edge serve --workers {args.workers} --threads {args.threads}` in its own "
-                 f"process, one SegmentTiles request of the advertised maximum (synthetic H&E), sent {args.repeat} times; memory "
-                 f"from /proc/PID/status (peak = VmHWM over the process's life, after = VmRSS a second after the last request); "
-                 f"machine memory {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / GIB:.1f} GiB")  # fmt: skip
+        notes = (
+            f"{edge_home.describe(home)}; `cmdfed edge serve --workers {args.workers} --threads {args.threads}` in its "
+            f"own process, one SegmentTiles request of the advertised maximum (synthetic H&E), sent {args.repeat} "
+            "times; memory from /proc/PID/status (peak = VmHWM over the process's life, after = VmRSS a second after "
+            f"the last request); machine memory {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / GIB:.1f} "
+            "GiB"
+        )
         if args.quick:
             print(markdown_table(rows) + "\n\n" + notes)
         else:

@@ -41,8 +41,9 @@ slide, home, out, backend, batch, threads = sys.argv[1:7]
 start = time.perf_counter()
 summary = infer_slide(slide, home, out, backend=backend or None, batch=int(batch), threads=int(threads))
 seconds = time.perf_counter() - start
-print(json.dumps({"seconds": seconds, "tiles": summary["tiles"], "n_cells": summary["n_cells"], "dimensions": summary["dimensions"],
-                  "backend": summary["backend"]["backend"], "timings_s": summary["timings_s"],
+print(json.dumps({"seconds": seconds, "tiles": summary["tiles"], "n_cells": summary["n_cells"],
+                  "dimensions": summary["dimensions"], "backend": summary["backend"]["backend"],
+                  "timings_s": summary["timings_s"],
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
@@ -58,7 +59,17 @@ def crop_of(source: Path, target: Path, side: int) -> Path:
 
 
 def measure(slide: Path, home: Path, out: Path, args: argparse.Namespace) -> dict:
-    command = [sys.executable, "-c", CHILD, str(slide), str(home), str(out), args.backend or "", str(args.batch), str(args.threads)]
+    command = [
+        sys.executable,
+        "-c",
+        CHILD,
+        str(slide),
+        str(home),
+        str(out),
+        args.backend or "",
+        str(args.batch),
+        str(args.threads),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, check=False)  # its stderr goes into the error
     if result.returncode != 0:
         raise SystemExit(f"inference of {slide.name} failed:\n{result.stderr[-2000:]}")
@@ -70,8 +81,14 @@ def main() -> None:
     edge_home.add_options(parser)
     parser.add_argument("--backend", help="force a backend (default: the first that works, as on a workstation)")
     parser.add_argument("--batch", type=int, default=8, help="tiles per forward pass")
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="CPU threads for ONNX Runtime")
-    parser.add_argument("--quick", action="store_true", help=f"tiny random model, a {QUICK_CROP} px crop of the sample; prints, saves nothing")
+    parser.add_argument(
+        "--threads", type=int, default=len(os.sched_getaffinity(0)), help="CPU threads for ONNX Runtime"
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"tiny random model, a {QUICK_CROP} px crop of the sample; prints, saves nothing",
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="cmdfed-bench-"))
     try:
@@ -82,7 +99,11 @@ def main() -> None:
             slides = [("sample crop as pyramid TIFF", work / "x1.tif"), ("4x mosaic pyramid TIFF", work / "x4.tif")]
         else:
             source = svs
-            slides = [("sample SVS", svs), ("sample as pyramid TIFF", work / "x1.tif"), ("4x mosaic pyramid TIFF", work / "x4.tif")]
+            slides = [
+                ("sample SVS", svs),
+                ("sample as pyramid TIFF", work / "x1.tif"),
+                ("4x mosaic pyramid TIFF", work / "x4.tif"),
+            ]
         write_pyramid(source, work / "x1.tif", 1)
         write_pyramid(source, work / "x4.tif", 2)
         rows = []
@@ -90,16 +111,27 @@ def main() -> None:
             m = measure(path, home, work / f"out-{path.stem}", args)
             width, height = m["dimensions"]
             mpx = width * height / 1e6
-            rows.append({
-                "slide": name, "size": f"{width}x{height}", "megapixels": round(mpx, 1), "tissue tiles": m["tiles"],
-                "nuclei": m["n_cells"], "backend": m["backend"], "Mpx/s (whole slide)": round(mpx / m["seconds"], 3),
-                "tiles/s": round(m["tiles"] / m["seconds"], 2), "seconds": round(m["seconds"], 1),
-                "model s": round(m["timings_s"]["model"], 1), "post-processing s": round(m["timings_s"]["postprocess"], 1),
-                "peak RSS MB": round(m["peak_rss_mb"]),
-            })  # fmt: skip
+            rows.append(
+                {
+                    "slide": name,
+                    "size": f"{width}x{height}",
+                    "megapixels": round(mpx, 1),
+                    "tissue tiles": m["tiles"],
+                    "nuclei": m["n_cells"],
+                    "backend": m["backend"],
+                    "Mpx/s (whole slide)": round(mpx / m["seconds"], 3),
+                    "tiles/s": round(m["tiles"] / m["seconds"], 2),
+                    "seconds": round(m["seconds"], 1),
+                    "model s": round(m["timings_s"]["model"], 1),
+                    "post-processing s": round(m["timings_s"]["postprocess"], 1),
+                    "peak RSS MB": round(m["peak_rss_mb"]),
+                }
+            )
         ratio = rows[-1]["peak RSS MB"] / rows[-2]["peak RSS MB"]
-        notes = (f"{edge_home.describe(home)}; batch {args.batch}, {args.threads} CPU threads; peak RSS ratio 4x/1x "
-                 f"pyramid TIFF = {ratio:.2f}; Mpx/s counts the whole slide area, background included")  # fmt: skip
+        notes = (
+            f"{edge_home.describe(home)}; batch {args.batch}, {args.threads} CPU threads; peak RSS ratio 4x/1x "
+            f"pyramid TIFF = {ratio:.2f}; Mpx/s counts the whole slide area, background included"
+        )
         if args.quick:
             print(markdown_table(rows) + "\n\n" + notes)
         else:

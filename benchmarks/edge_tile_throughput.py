@@ -31,9 +31,9 @@ from benchmarks.common import markdown_table, save
 from cmdfed.data.synth import synth_tiles
 from cmdfed.errors import CmdfedError
 from cmdfed.inference.segment import to_model_input
-from edge.selection import select_backend
 from edge.bundle import PT2_FILE
 from edge.deploy import active_bundle
+from edge.selection import select_backend
 
 BATCHES = (1, 8)
 SIDE = 256
@@ -85,7 +85,9 @@ def main() -> None:
     edge_home.add_options(parser)
     parser.add_argument("--iterations", type=int, default=30, help="timed calls per backend and batch")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="CPU threads (PyTorch and ONNX Runtime)")
+    parser.add_argument(
+        "--threads", type=int, default=len(os.sched_getaffinity(0)), help="CPU threads (PyTorch and ONNX Runtime)"
+    )
     parser.add_argument("--quick", action="store_true", help="tiny random model, 3 calls each; prints, saves nothing")
     args = parser.parse_args()
     if args.quick:
@@ -101,16 +103,26 @@ def main() -> None:
         for name, device, precision, run in found:
             for batch in BATCHES:
                 m = measure(run, tiles[:batch], args.warmup, args.iterations)
-                rows.append({"backend": name, "device": device, "precision": precision, "batch": batch,
-                             "tiles/s": round(m["tiles/s"], 2), "p50 ms": round(m["p50 ms"], 1),
-                             "p95 ms": round(m["p95 ms"], 1)})  # fmt: skip
+                rows.append(
+                    {
+                        "backend": name,
+                        "device": device,
+                        "precision": precision,
+                        "batch": batch,
+                        "tiles/s": round(m["tiles/s"], 2),
+                        "p50 ms": round(m["p50 ms"], 1),
+                        "p95 ms": round(m["p95 ms"], 1),
+                    }
+                )
         eager = {(r["device"], r["batch"]): r["tiles/s"] for r in rows if r["backend"] == "pytorch-eager"}
         for row in rows:
             reference = eager.get((row["device"], row["batch"]))
             row["x PyTorch eager"] = round(row["tiles/s"] / reference, 2) if reference else None
-        notes = (f"{edge_home.describe(home)}; {SIDE} px uint8 tiles in, float32 maps out; median and 95th percentile of "
-                 f"{args.iterations} calls after {args.warmup} warm-up; {args.threads} CPU threads; "
-                 f"not run here: {'; '.join(f'{k} ({v})' for k, v in skipped.items()) or 'none'}")  # fmt: skip
+        notes = (
+            f"{edge_home.describe(home)}; {SIDE} px uint8 tiles in, float32 maps out; median and 95th percentile of "
+            f"{args.iterations} calls after {args.warmup} warm-up; {args.threads} CPU threads; "
+            f"not run here: {'; '.join(f'{k} ({v})' for k, v in skipped.items()) or 'none'}"
+        )
         if args.quick:
             print(markdown_table(rows) + "\n\n" + notes)
         else:

@@ -26,13 +26,16 @@ CLASSES = ",".join(CLASS_NAMES[1:])
 
 @dataclass
 class Federation:
-    rounds: list[dict]  # telemetry rows: phase, round, started_at, finished_at, bytes_sent, bytes_received, n_sites, ...
+    rounds: list[
+        dict
+    ]  # telemetry rows: phase, round, started_at, finished_at, bytes_sent, bytes_received, n_sites, ...
     sites: list[dict]  # telemetry site rows: phase, round, site, status, metrics (train_seconds, ...)
     wall_s: float  # `cmdfed federate` from submission to exit
 
 
-def run_federation(work: Path, n_sites: int, settings: list[str], *, isolation: str = "subprocess",
-                   tiles: int = 8, tile_size: int = 64) -> Federation:  # fmt: skip
+def run_federation(
+    work: Path, n_sites: int, settings: list[str], *, isolation: str = "subprocess", tiles: int = 8, tile_size: int = 64
+) -> Federation:
     """Start a SuperLink and ``n_sites`` SuperNodes, run ``cmdfed federate --set ...``, stop them."""
     sites = []
     for k in range(n_sites):
@@ -44,17 +47,31 @@ def run_federation(work: Path, n_sites: int, settings: list[str], *, isolation: 
     try:
         for site in sites:
             nodes.append(SuperNode(site, superlink.address, isolation=isolation).start())
-        sets = [arg for setting in [f"min-sites={n_sites}", f'classes="{CLASSES}"', *settings] for arg in ("--set", setting)]
-        command = [sys.executable, "-m", "cmdfed", "federate", "--superlink", superlink.address, "--run-dir", str(run_dir), *sets]
+        sets = [
+            arg for setting in [f"min-sites={n_sites}", f'classes="{CLASSES}"', *settings] for arg in ("--set", setting)
+        ]
+        command = [
+            sys.executable,
+            "-m",
+            "cmdfed",
+            "federate",
+            "--superlink",
+            superlink.address,
+            "--run-dir",
+            str(run_dir),
+            *sets,
+        ]
         started = time.perf_counter()
-        result = subprocess.run(command, capture_output=True, text=True)
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
         wall = time.perf_counter() - started
     finally:
         for node in nodes:
             node.stop()
         superlink.stop()
     if result.returncode != 0:
-        raise RuntimeError(f"cmdfed federate failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+        raise RuntimeError(
+            f"cmdfed federate failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        )
     with TelemetryStore.open(run_dir / "telemetry.db", readonly=True) as store:
         (run,) = store.runs()
         return Federation(store.rounds(run["run_id"]), store.site_rounds(run["run_id"]), wall)
@@ -69,5 +86,13 @@ def round_overheads(federation: Federation) -> list[dict]:
         trained = [s for s in federation.sites if s["round"] == row["round"] and s["status"] == "trained"]
         wall = row["finished_at"] - row["started_at"]
         compute = max(s["metrics"]["train_seconds"] for s in trained)
-        out.append({"phase": row["phase"], "round": row["round"], "wall_s": wall, "compute_s": compute, "overhead_s": wall - compute})
+        out.append(
+            {
+                "phase": row["phase"],
+                "round": row["round"],
+                "wall_s": wall,
+                "compute_s": compute,
+                "overhead_s": wall - compute,
+            }
+        )
     return out

@@ -40,8 +40,15 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.sites, args.rounds, args.local_steps = [2], 1, 1
-    settings = [f"pretrain-rounds={args.rounds}", f"finetune-rounds={args.rounds}", f"local-steps={args.local_steps}",
-                f"batch-size={args.batch}", "eval-every=0", "augment=false", "preset=tiny"]  # fmt: skip
+    settings = [
+        f"pretrain-rounds={args.rounds}",
+        f"finetune-rounds={args.rounds}",
+        f"local-steps={args.local_steps}",
+        f"batch-size={args.batch}",
+        "eval-every=0",
+        "augment=false",
+        "preset=tiny",
+    ]
     rows = []
     for n_sites in args.sites:
         for isolation in ISOLATION_MODES:
@@ -50,21 +57,30 @@ def main() -> None:
             per_round = round_overheads(federation)
             for phase in ("pretrain", "finetune"):
                 mine = [r for r in per_round if r["phase"] == phase]
-                rows.append({
-                    "isolation": isolation, "sites": n_sites, "phase": phase, "rounds": len(mine),
-                    "round s (median)": round(statistics.median(r["wall_s"] for r in mine), 1),
-                    "slowest site compute s": round(statistics.median(r["compute_s"] for r in mine), 1),
-                    "overhead s": round(statistics.median(r["overhead_s"] for r in mine), 1),
-                    "overhead s (max)": round(max(r["overhead_s"] for r in mine), 1),
-                    "federate wall s": round(federation.wall_s),
-                })  # fmt: skip
-    save("federation_overhead", rows, notes=(
-        f"tiny preset, {args.tiles} synthetic 64 px tiles per site, {args.local_steps} local steps of batch {args.batch}, "
-        f"{args.rounds} round(s) per phase, no evaluation rounds; every process on 127.0.0.1 of this machine, so sites "
-        "compete for its cores. Overhead = round wall time - slowest site's train_seconds (median over the phase's rounds; "
-        "the first fine-tuning round also carries the frozen backbone). 'federate wall s' is the whole run, both phases, "
-        "including the ServerApp's start."
-    ))  # fmt: skip
+                rows.append(
+                    {
+                        "isolation": isolation,
+                        "sites": n_sites,
+                        "phase": phase,
+                        "rounds": len(mine),
+                        "round s (median)": round(statistics.median(r["wall_s"] for r in mine), 1),
+                        "slowest site compute s": round(statistics.median(r["compute_s"] for r in mine), 1),
+                        "overhead s": round(statistics.median(r["overhead_s"] for r in mine), 1),
+                        "overhead s (max)": round(max(r["overhead_s"] for r in mine), 1),
+                        "federate wall s": round(federation.wall_s),
+                    }
+                )
+    save(
+        "federation_overhead",
+        rows,
+        notes=(
+            f"tiny preset, {args.tiles} synthetic 64 px tiles per site, {args.local_steps} local steps of batch "
+            f"{args.batch}, {args.rounds} round(s) per phase, no evaluation rounds; every process on 127.0.0.1 of this "
+            "machine, so sites compete for its cores. Overhead = round wall time - slowest site's train_seconds "
+            "(median over the phase's rounds; the first fine-tuning round also carries the frozen backbone). "
+            "'federate wall s' is the whole run, both phases, including the ServerApp's start."
+        ),
+    )
 
 
 if __name__ == "__main__":

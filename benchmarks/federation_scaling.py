@@ -28,12 +28,27 @@ from cmdfed.telemetry import TelemetryStore
 
 def simulate(out: Path, sites: int, tiles: int, settings: list[str]) -> tuple[list[dict], float]:
     sets = [arg for setting in [f'classes="{CLASSES}"', *settings] for arg in ("--set", setting)]
-    command = [sys.executable, "-m", "cmdfed", "simulate", "--sites", str(sites), "--tiles", str(tiles), "--out", str(out), *sets]
+    command = [
+        sys.executable,
+        "-m",
+        "cmdfed",
+        "simulate",
+        "--sites",
+        str(sites),
+        "--tiles",
+        str(tiles),
+        "--out",
+        str(out),
+        *sets,
+    ]
     started = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True)
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - started
     if result.returncode != 0:
-        raise RuntimeError(f"cmdfed simulate --sites {sites} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+        raise RuntimeError(
+            f"cmdfed simulate --sites {sites} failed "
+            f"({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        )
     with TelemetryStore.open(out / "run" / "telemetry.db", readonly=True) as store:
         (run,) = store.runs()
         return store.rounds(run["run_id"]), wall
@@ -52,8 +67,14 @@ def main() -> None:
         args.sites, args.rounds, args.local_steps = [4], 2, 1
     if args.rounds < 2:
         parser.error("--rounds must be >= 2: the first pretraining round is timed apart")
-    settings = ["preset=tiny", f"pretrain-rounds={args.rounds}", f"finetune-rounds={args.rounds}",
-                f"local-steps={args.local_steps}", f"batch-size={args.batch}", "eval-every=0"]  # fmt: skip
+    settings = [
+        "preset=tiny",
+        f"pretrain-rounds={args.rounds}",
+        f"finetune-rounds={args.rounds}",
+        f"local-steps={args.local_steps}",
+        f"batch-size={args.batch}",
+        "eval-every=0",
+    ]
     rows = []
     for sites in args.sites:
         with tempfile.TemporaryDirectory(prefix="cmdfed-bench-") as tmp:
@@ -64,12 +85,17 @@ def main() -> None:
             seconds = statistics.median(r["finished_at"] - r["started_at"] for r in later if r["phase"] == phase)
             row |= {f"{phase} round s": round(seconds, 1), f"{phase} rounds/h": round(3600 / seconds, 1)}
         rows.append(row | {"simulate wall s": round(wall)})
-    save("federation_scaling", rows, notes=(
-        f"cmdfed simulate, tiny preset, {args.tiles} synthetic 64 px tiles per site, {args.local_steps} local steps of "
-        f"batch {args.batch}, {args.rounds} round(s) per phase, no evaluation rounds, one Ray CPU per site. "
-        "'first round s' is the run's first pretraining round, which includes starting Ray's workers (their imports); "
-        "the phases' round times are medians of the other rounds. 'simulate wall s' is the whole run, including Ray's start."
-    ))  # fmt: skip
+    save(
+        "federation_scaling",
+        rows,
+        notes=(
+            f"cmdfed simulate, tiny preset, {args.tiles} synthetic 64 px tiles per site, {args.local_steps} local "
+            f"steps of batch {args.batch}, {args.rounds} round(s) per phase, no evaluation rounds, one Ray CPU per "
+            "site. 'first round s' is the run's first pretraining round, which includes starting Ray's workers (their "
+            "imports); the phases' round times are medians of the other rounds. 'simulate wall s' is the whole run, "
+            "including Ray's start."
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -41,18 +41,40 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         store = write_synthetic_store(Path(tmp) / "site.zarr", 4 * args.batch, tile_size=args.tile).path
         for preset in ("tiny", "base"):
-            config = TrainConfig(steps=args.steps, batch_size=args.batch, warmup_steps=2, checkpoint_every=args.steps, sample_every=args.steps)
-            pre = pretrain([store], Path(tmp) / f"{preset}-pre", model_config=ModelConfig.from_preset(preset), train_config=config, device="auto")
+            config = TrainConfig(
+                steps=args.steps,
+                batch_size=args.batch,
+                warmup_steps=2,
+                checkpoint_every=args.steps,
+                sample_every=args.steps,
+            )
+            pre = pretrain(
+                [store],
+                Path(tmp) / f"{preset}-pre",
+                model_config=ModelConfig.from_preset(preset),
+                train_config=config,
+                device="auto",
+            )
             fine = finetune(store, Path(tmp) / f"{preset}-ft", init=pre.run_dir, train_config=config, device="auto")
             for phase, result in (("pretrain", pre), ("finetune", fine)):
-                losses = [json.loads(line)["loss"] for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
-                rows.append({
-                    "preset": preset, "phase": phase, "device": torch.cuda.get_device_name(device),
-                    "bf16": use_bf16(device), "steps": result.steps, "batch": args.batch, "tile": args.tile,
-                    "images/s": round(result.images_per_second, 1), "final loss": round(result.final_loss, 4),
-                    "all losses finite": all(math.isfinite(v) for v in losses),
-                    "peak GPU memory GB": round(torch.cuda.max_memory_allocated(device) / 1e9, 2),
-                })  # fmt: skip
+                losses = [
+                    json.loads(line)["loss"] for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()
+                ]
+                rows.append(
+                    {
+                        "preset": preset,
+                        "phase": phase,
+                        "device": torch.cuda.get_device_name(device),
+                        "bf16": use_bf16(device),
+                        "steps": result.steps,
+                        "batch": args.batch,
+                        "tile": args.tile,
+                        "images/s": round(result.images_per_second, 1),
+                        "final loss": round(result.final_loss, 4),
+                        "all losses finite": all(math.isfinite(v) for v in losses),
+                        "peak GPU memory GB": round(torch.cuda.max_memory_allocated(device) / 1e9, 2),
+                    }
+                )
     save("gpu_check", rows, notes="both phases on CUDA with bf16 autocast and channels-last")
     if not all(r["all losses finite"] for r in rows):
         sys.exit(1)

@@ -45,12 +45,12 @@ from benchmarks.common import save
 from cmdfed.data import cpm15
 from cmdfed.data.samples import fetch_samples
 from cmdfed.data.slide import tile_slide
+from cmdfed.data.store import SiteStore
 from cmdfed.evaluate.metrics import evaluate_instances, summarize
 from cmdfed.evaluate.tune import tune_postprocess
 from cmdfed.inference.postprocess import WatershedParams, postprocess, tuned_postprocess
 from cmdfed.inference.segment import load_model, predict_image_maps
 from cmdfed.model.config import ModelConfig
-from cmdfed.data.store import SiteStore
 from cmdfed.train.phases import finetune, pretrain, training_tiles
 from cmdfed.train.recipe import RECIPE_TILE, finetune_config, pretrain_config, pretrain_diffusion
 
@@ -77,9 +77,16 @@ def score(run: Path, test: dict[str, tuple[np.ndarray, np.ndarray]], params: Wat
 
 def git_commit() -> str:
     root = Path(__file__).resolve().parents[1]
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=root).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "cmdfed"],
-                           capture_output=True, text=True, cwd=root).stdout.strip()
+    head = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=root, check=False
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no", "--", "cmdfed"],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        check=False,
+    ).stdout.strip()
     return head + ("+uncommitted" if dirty else "")
 
 
@@ -99,13 +106,21 @@ def main() -> None:
         cpm15.write_store(train_store, list(cpm15.TRAIN_IDS), tile_size=RECIPE_TILE)
     slide_store = work / f"slide-{RECIPE_TILE}.zarr"
     if not slide_store.exists():
-        tile_slide(fetch_samples(names=["cmu_small_region.svs"])["cmu_small_region.svs"], slide_store, tile_size=RECIPE_TILE)
+        tile_slide(
+            fetch_samples(names=["cmu_small_region.svs"])["cmu_small_region.svs"], slide_store, tile_size=RECIPE_TILE
+        )
     test = {image_id: cpm15.load_pair(image_id, 0.5) for image_id in cpm15.TEST_IDS}
 
     pre = None
     if any(ARMS[arm][0] for arm in args.arms):
-        pre = pretrain([train_store, slide_store], work / "pretrain", model_config=ModelConfig.from_preset("tiny"),
-                       diffusion_config=pretrain_diffusion(), train_config=pretrain_config(), device="cpu").run_dir
+        pre = pretrain(
+            [train_store, slide_store],
+            work / "pretrain",
+            model_config=ModelConfig.from_preset("tiny"),
+            diffusion_config=pretrain_diffusion(),
+            train_config=pretrain_config(),
+            device="cpu",
+        ).run_dir
 
     per_run = []
     for fraction in args.fractions:
@@ -114,9 +129,16 @@ def main() -> None:
             for seed in range(args.seeds):
                 run = work / f"{arm}-f{fraction}-s{seed}"
                 config = finetune_config(seed=seed, **({} if trainable == "all" else {"lr": 2e-3}))
-                result = finetune(train_store, run, init=pre if pretrained else None,
-                                  model_config=None if pretrained else ModelConfig.from_preset("tiny"),
-                                  trainable=trainable, label_fraction=fraction, train_config=config, device="cpu")
+                result = finetune(
+                    train_store,
+                    run,
+                    init=pre if pretrained else None,
+                    model_config=None if pretrained else ModelConfig.from_preset("tiny"),
+                    trainable=trainable,
+                    label_fraction=fraction,
+                    train_config=config,
+                    device="cpu",
+                )
                 record = {"arm": arm, "fraction": fraction, "seed": seed, "trainable": result.trainable_parameters}
                 record.update({f"{k} scaled": v for k, v in score(run, test, SCALED).items()})
                 checkpoint = result.checkpoint
@@ -138,15 +160,18 @@ def main() -> None:
                 row[key] = f"{np.nanmean(values):.3f} ± {np.nanstd(values):.3f}"
             rows.append(row)
     notes = (
-        f"tiny preset, {RECIPE_TILE} px tiles at 0.5 um/px; pretraining {pretrain_config().steps} steps (one run, seed 0) "
-        f"on cpm15 01-07 + the sample slide; fine-tuning {finetune_config().steps} steps of {finetune_config().batch_size} "
-        f"tiles (cmdfed/train/recipe.py); test: cpm15 08-10 whole images resampled to 0.5 um/px; 'scaled' = HoVer-Net's "
-        f"watershed settings scaled to 0.5 um/px, 'tuned' = cmdfed train tune on the run's training tiles; "
-        f"code at commit {git_commit()}; wall time {(time.time() - started) / 60:.0f} min on this CPU (finished runs reused)"
+        f"tiny preset, {RECIPE_TILE} px tiles at 0.5 um/px; pretraining {pretrain_config().steps} steps (one run, seed "
+        f"0) on cpm15 01-07 + the sample slide; fine-tuning {finetune_config().steps} steps of "
+        f"{finetune_config().batch_size} tiles (cmdfed/train/recipe.py); test: cpm15 08-10 whole images resampled to "
+        "0.5 um/px; 'scaled' = HoVer-Net's watershed settings scaled to 0.5 um/px, 'tuned' = cmdfed train tune on the "
+        f"run's training tiles; code at commit {git_commit()}; wall time {(time.time() - started) / 60:.0f} min on "
+        "this CPU (finished runs reused)"
     )
     path = save("model_quality", rows, notes=notes)
     result = json.loads(path.read_text())
-    path.write_text(json.dumps({**result, "commit": git_commit()}, indent=2) + "\n")  # the released models' cards cite it
+    path.write_text(
+        json.dumps({**result, "commit": git_commit()}, indent=2) + "\n"
+    )  # the released models' cards cite it
 
 
 if __name__ == "__main__":

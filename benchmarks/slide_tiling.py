@@ -11,7 +11,6 @@ not grow with the slide: the ratio of the 4x slide's peak RSS to the 1x TIFF's s
 from __future__ import annotations
 
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -46,10 +45,16 @@ def write_pyramid(source: Path, target: Path, repeat: int) -> tuple[int, int]:
                 tile[: len(ys), : len(xs)] = base[np.ix_(ys, xs)]
                 yield tile
 
-    opts = dict(tile=(TILE, TILE), photometric="rgb", compression="jpeg", dtype="uint8")
+    opts = {"tile": (TILE, TILE), "photometric": "rgb", "compression": "jpeg", "dtype": "uint8"}
     with tifffile.TiffWriter(target, bigtiff=True) as tif:
-        tif.write(level_tiles(1), shape=(height, width, 3), subifds=2,
-                  resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER", **opts)  # fmt: skip
+        tif.write(
+            level_tiles(1),
+            shape=(height, width, 3),
+            subifds=2,
+            resolution=(1e4 / mpp, 1e4 / mpp),
+            resolutionunit="CENTIMETER",
+            **opts,
+        )
         for factor in (4, 16):
             tif.write(level_tiles(factor), shape=(height // factor, width // factor, 3), subfiletype=1, **opts)
     return width, height
@@ -70,7 +75,9 @@ print(json.dumps({"reader": reader, "width": w, "height": h, "tiles": info.tiles
 
 
 def measure(slide: Path, store: Path) -> dict:
-    out = subprocess.run([sys.executable, "-c", CHILD, str(slide), str(store)], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, str(slide), str(store)], capture_output=True, text=True, check=True
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -81,19 +88,34 @@ def main() -> None:
         write_pyramid(svs, work / "x1.tif", 1)
         write_pyramid(svs, work / "x4.tif", 2)
         rows = []
-        for name, path in (("sample SVS", svs), ("sample as pyramid TIFF", work / "x1.tif"), ("4x mosaic pyramid TIFF", work / "x4.tif")):
+        for name, path in (
+            ("sample SVS", svs),
+            ("sample as pyramid TIFF", work / "x1.tif"),
+            ("4x mosaic pyramid TIFF", work / "x4.tif"),
+        ):
             m = measure(path, work / f"{path.stem}.zarr")
             mpx = m["width"] * m["height"] / 1e6
-            rows.append({
-                "slide": name, "reader": m["reader"], "size": f"{m['width']}x{m['height']}",
-                "megapixels": round(mpx, 1), "tissue tiles": m["tiles"],
-                "Mpx/s (whole slide)": round(mpx / m["seconds"], 2), "seconds": round(m["seconds"], 2),
-                "peak RSS MB": round(m["peak_rss_mb"], 1),
-            })  # fmt: skip
+            rows.append(
+                {
+                    "slide": name,
+                    "reader": m["reader"],
+                    "size": f"{m['width']}x{m['height']}",
+                    "megapixels": round(mpx, 1),
+                    "tissue tiles": m["tiles"],
+                    "Mpx/s (whole slide)": round(mpx / m["seconds"], 2),
+                    "seconds": round(m["seconds"], 2),
+                    "peak RSS MB": round(m["peak_rss_mb"], 1),
+                }
+            )
         ratio = rows[2]["peak RSS MB"] / rows[1]["peak RSS MB"]
         for row in rows:
             row["RSS / 1x TIFF"] = round(row["peak RSS MB"] / rows[1]["peak RSS MB"], 2)
-        save("slide_tiling", rows, notes=f"peak RSS ratio 4x/1x pyramid TIFF = {ratio:.2f}; Mpx/s counts the whole slide area, background included")
+        save(
+            "slide_tiling",
+            rows,
+            notes=f"peak RSS ratio 4x/1x pyramid TIFF = {ratio:.2f}; Mpx/s counts the whole slide area, background "
+            "included",
+        )
     finally:
         shutil.rmtree(work)
 

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
+
+from cmdfed.addresses import split_address
 from cmdfed.cli import console
 from cmdfed.errors import CmdfedError
-from cmdfed.addresses import split_address
-from cmdfed.federation.processes import require_loopback_or_insecure, serve_in_foreground
 from cmdfed.federation.keys import write_site_keys
+from cmdfed.federation.processes import require_loopback_or_insecure, serve_in_foreground
 
-commands = typer.Typer(help="Federation site: the SuperNode that trains on this hospital's store.", no_args_is_help=True)
+commands = typer.Typer(
+    help="Federation site: the SuperNode that trains on this hospital's store.", no_args_is_help=True
+)
 
 
 @commands.command("start")
@@ -22,17 +24,33 @@ def start(
     superlink: str = typer.Option("127.0.0.1:9092", help="The SuperLink's host:port."),
     device: str = typer.Option("auto", help="auto (CUDA if present), cpu, cuda, cuda:N."),
     batch_size: int = typer.Option(0, help="Tiles per step here (0 = the run's batch size)."),
-    work_dir: Optional[Path] = typer.Option(None, help="Folder for the SuperNode's files and cache (default ./cmdfed-site-NAME)."),
+    work_dir: Path | None = typer.Option(
+        None, help="Folder for the SuperNode's files and cache (default ./cmdfed-site-NAME)."
+    ),
     port: int = typer.Option(0, help="Local port of the SuperNode's API for its ClientApps (0 = any free one)."),
-    ca: Optional[Path] = typer.Option(None, "--ca", help="The federation CA certificate (from the server's `cmdfed certs init`): TLS."),
-    key: Optional[Path] = typer.Option(None, "--key", help="This site's private key (`cmdfed client keygen`), for a server that admits registered sites only."),
+    ca: Path | None = typer.Option(
+        None, "--ca", help="The federation CA certificate (from the server's `cmdfed certs init`): TLS."
+    ),
+    key: Path | None = typer.Option(
+        None,
+        "--key",
+        help="This site's private key (`cmdfed client keygen`), for a server that admits registered sites only.",
+    ),
     insecure: bool = typer.Option(False, "--insecure", help="Allow a non-loopback SuperLink without TLS."),
-    share_metrics: bool = typer.Option(False, "--share-metrics", help="Under local DP, also send losses and evaluation "
-                                       "scores (un-noised statistics of this site's tiles, outside its privacy budget); "
-                                       "without it only privacy numbers and tile counts are sent."),
-    isolation: str = typer.Option("subprocess", "--isolation", help="How each message's ClientApp runs: subprocess (Flower's default: a fresh "
-                                  "flwr-clientapp that imports torch and cmdfed every time) or process (a launcher beside the SuperNode "
-                                  "imports them once and forks a process per message; needs fork(), tested on Linux)."),
+    share_metrics: bool = typer.Option(
+        False,
+        "--share-metrics",
+        help="Under local DP, also send losses and evaluation "
+        "scores (un-noised statistics of this site's tiles, outside its privacy budget); "
+        "without it only privacy numbers and tile counts are sent.",
+    ),
+    isolation: str = typer.Option(
+        "subprocess",
+        "--isolation",
+        help="How each message's ClientApp runs: subprocess (Flower's default: a fresh "
+        "flwr-clientapp that imports torch and cmdfed every time) or process (a launcher beside the SuperNode "
+        "imports them once and forks a process per message; needs fork(), tested on Linux).",
+    ),
 ) -> None:
     """Check the store, then connect to the SuperLink and train when rounds come; Ctrl-C leaves."""
     from client.supernode import SuperNode
@@ -50,11 +68,21 @@ def start(
         if path is not None and not path.is_file():
             raise CmdfedError(f"{what} {path} does not exist")
     settings = SiteSettings(
-        store=store.absolute(), name=name, work_dir=(work_dir or Path(f"cmdfed-site-{name}")).absolute(),
-        device=device, batch_size=batch_size or None, share_metrics=share_metrics,
-    )  # fmt: skip
-    node = SuperNode(settings, superlink, port, ca=ca.absolute() if ca else None, key=key.absolute() if key else None,
-                     isolation=isolation).start()  # fmt: skip
+        store=store.absolute(),
+        name=name,
+        work_dir=(work_dir or Path(f"cmdfed-site-{name}")).absolute(),
+        device=device,
+        batch_size=batch_size or None,
+        share_metrics=share_metrics,
+    )
+    node = SuperNode(
+        settings,
+        superlink,
+        port,
+        ca=ca.absolute() if ca else None,
+        key=key.absolute() if key else None,
+        isolation=isolation,
+    ).start()
     console.print(
         f"site {name}: {info.tiles} tiles ({info.labelled} labelled) ready for {superlink}; "
         f"log in {node.log_path}; Ctrl-C leaves the federation"
@@ -69,5 +97,7 @@ def keygen(
 ) -> None:
     """Make this site's key pair: keep the private key here, send OUT.pub to the server's operator."""
     public = write_site_keys(out, force=force)
-    console.print(f"private key in {out} (keep it here); send {public} to the server: `cmdfed server register-site {public.name} --name ...`")
-
+    console.print(
+        f"private key in {out} (keep it here); send {public} to the server: `cmdfed server register-site {public.name} "
+        "--name ...`"
+    )

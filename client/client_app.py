@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import traceback
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
@@ -47,8 +47,8 @@ from cmdfed.federation.local import (
 from cmdfed.federation.site import SiteSettings, check_site_store, keep_frozen, load_frozen
 from cmdfed.federation.wire import ARCHITECTURE_KEY, LAYOUT_PREFIX, RESOLUTION_KEY, WEIGHTS_KEY, Layout
 from cmdfed.model.config import ModelConfig
-from cmdfed.redaction import redact_paths
 from cmdfed.privacy.accounting import BudgetExhausted
+from cmdfed.redaction import redact_paths
 
 app = ClientApp()
 
@@ -68,10 +68,16 @@ def _train(msg: Message, site: SiteSettings, config: FederationConfig) -> Record
     phase, round = check_phase(str(instructions["phase"])), int(instructions["phase-round"])
     layout = Layout.from_values(instructions, LAYOUT_PREFIX)
     weights = _unpacked(layout, msg.content["arrays"])
-    options = dict(device=site.device, batch_size=site.batch_size, proximal_mu=float(instructions.get("proximal-mu", 0.0)),
-                   architecture=_architecture(instructions))  # fmt: skip
+    options = {
+        "device": site.device,
+        "batch_size": site.batch_size,
+        "proximal_mu": float(instructions.get("proximal-mu", 0.0)),
+        "architecture": _architecture(instructions),
+    }
     if config.dp_mode == "local":
-        options["ledger"] = ledger = open_privacy_ledger(config, site.store, site.work_dir, str(instructions.get("run-id", "")), site.batch_size)
+        options["ledger"] = ledger = open_privacy_ledger(
+            config, site.store, site.work_dir, str(instructions.get("run-id", "")), site.batch_size
+        )
     try:
         if phase == "pretrain":
             update = local_pretrain_round(weights, site.store, config, round, site.name, **options)
@@ -80,7 +86,12 @@ def _train(msg: Message, site: SiteSettings, config: FederationConfig) -> Record
             update = local_finetune_round(weights, frozen, site.store, config, round, site.name, **options)
     except BudgetExhausted as exc:
         print(f"cmdfed: {site.name} declines {phase} round {round}: {exc}", flush=True)
-        declined = {"declined-budget": 1, "dp_epsilon": exc.spent, "dp_budget_epsilon": exc.budget, "dp_delta": ledger.delta}
+        declined = {
+            "declined-budget": 1,
+            "dp_epsilon": exc.spent,
+            "dp_budget_epsilon": exc.budget,
+            "dp_delta": ledger.delta,
+        }
         return RecordDict({"metrics": MetricRecord(declined), "site": ConfigRecord({"name": site.name})})
     metrics = shared_metrics(update.metrics, config, site.share_metrics)
     if update.mpp is not None:
@@ -94,8 +105,15 @@ def _evaluate(msg: Message, site: SiteSettings, config: FederationConfig) -> Rec
     frozen = _frozen_weights(msg, site) if config.frozen_groups(phase) else {}  # cached for training rounds either way
     if not shares_data_metrics(config, site.share_metrics):
         return RecordDict({"site": ConfigRecord({"name": site.name})})  # scores it would not send: not computed
-    n_examples, metrics = local_evaluate(weights, frozen, phase, site.store, config, device=site.device,
-                                         architecture=_architecture(msg.content["config"]))  # fmt: skip
+    n_examples, metrics = local_evaluate(
+        weights,
+        frozen,
+        phase,
+        site.store,
+        config,
+        device=site.device,
+        architecture=_architecture(msg.content["config"]),
+    )
     return _content(site, None, n_examples, metrics)
 
 
@@ -106,38 +124,49 @@ def _architecture(instructions: ConfigRecord) -> ModelConfig | None:
     try:
         return ModelConfig.from_dict(json.loads(str(instructions[ARCHITECTURE_KEY])))
     except json.JSONDecodeError as exc:
-        raise CmdfedError(f"the server's model architecture is not JSON ({exc}); is the server running the same cmdfed version?") from exc
+        raise CmdfedError(
+            f"the server's model architecture is not JSON ({exc}); is the server running the same cmdfed version?"
+        ) from exc
 
 
 def _frozen_weights(msg: Message, site: SiteSettings) -> dict:
     """The phase's frozen groups: with the message the first time, from the site's cache after."""
     fingerprint = str(msg.content["config"]["frozen-sha"])
     if "frozen" in msg.content:
-        keep_frozen(site, fingerprint, _unpacked(Layout.from_values(msg.content["frozen-layout"], ""), msg.content["frozen"]))
+        keep_frozen(
+            site, fingerprint, _unpacked(Layout.from_values(msg.content["frozen-layout"], ""), msg.content["frozen"])
+        )
     return load_frozen(site, fingerprint)
 
 
 def _unpacked(layout: Layout, arrays: ArrayRecord) -> dict[str, torch.Tensor]:
     if list(arrays) != [WEIGHTS_KEY]:
-        raise CmdfedError(f"expected the weights packed as one array '{WEIGHTS_KEY}', got {len(arrays)} arrays; "
-                          "are the server and this site running the same cmdfed version?")  # fmt: skip
+        raise CmdfedError(
+            f"expected the weights packed as one array '{WEIGHTS_KEY}', got {len(arrays)} arrays; "
+            "are the server and this site running the same cmdfed version?"
+        )
     vector = arrays[WEIGHTS_KEY].numpy().copy()  # writable; the tensors are views of it
     return {name: torch.from_numpy(value) for name, value in layout.unpack(vector).items()}
 
 
 def _content(site: SiteSettings, arrays: ArrayRecord | None, n_examples: int, metrics: dict[str, float]) -> RecordDict:
-    records = {"metrics": MetricRecord({"num-examples": n_examples, **metrics}), "site": ConfigRecord({"name": site.name})}
+    records = {
+        "metrics": MetricRecord({"num-examples": n_examples, **metrics}),
+        "site": ConfigRecord({"name": site.name}),
+    }
     return RecordDict({**({"arrays": arrays} if arrays is not None else {}), **records})
 
 
-def _reply(msg: Message, context: Context, work: Callable[[Message, SiteSettings, FederationConfig], RecordDict]) -> Message:
+def _reply(
+    msg: Message, context: Context, work: Callable[[Message, SiteSettings, FederationConfig], RecordDict]
+) -> Message:
     name = str(context.node_config.get("name", "unnamed site"))
     try:
         config = FederationConfig.from_run_config(context.run_config)
         site = SiteSettings.from_node_config(context.node_config, dp_mode=config.dp_mode)
         check_site_store(site.store)
         content = work(msg, site, config)
-    except Exception as exc:  # any failure is this site's alone: tell the server, keep details here
+    except Exception as exc:  # noqa: BLE001 - any failure is this site's alone: tell the server, keep details here
         traceback.print_exc()
         reason = f"[{redact_paths(name)}] {type(exc).__name__}: {redact_paths(str(exc))}"
         return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)

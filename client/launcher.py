@@ -40,11 +40,11 @@ POLL_SECONDS = 0.25  # flower-superexec's default is 1 s
 
 def preload() -> None:
     """Import what each ClientApp process would import (torch, Opacus, cmdfed, Flower)."""
+    import flwr.supernode.runtime.run_clientapp  # noqa: F401
     import torch
-    import torch._dynamo  # noqa: F401  (torch.optim imports it on the first optimiser: seconds)
+    import torch._dynamo  # torch.optim imports it on the first optimiser: seconds
 
     import client.client_app  # noqa: F401
-    import flwr.supernode.runtime.run_clientapp  # noqa: F401
 
     if torch.cuda.is_initialized():
         raise RuntimeError("CUDA was initialised while preloading; a forked ClientApp could not use it")
@@ -60,9 +60,11 @@ def serve(runtime_api_address: str, supernode_pid: int, poll_seconds: float = PO
     from flwr.supercore.runtime import RuntimeHttpClient
 
     runtime = RuntimeHttpClient.from_server_address(
-        server_address=runtime_api_address, insecure=True, root_certificates=None,
+        server_address=runtime_api_address,
+        insecure=True,
+        root_certificates=None,
         interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
-    )  # fmt: skip
+    )
     children: dict[int, int] = {}  # pid -> task id
     try:
         while _alive(supernode_pid):
@@ -92,12 +94,17 @@ def _run_task(runtime_api_address: str, token: str) -> None:
             del sys.modules[name]
         from flwr.supernode.runtime.run_clientapp import run_clientapp
 
-        run_clientapp(runtime_api_address=runtime_api_address, token=token, insecure=True,
-                      certificates=None, runtime_dependency_install=False)  # fmt: skip
+        run_clientapp(
+            runtime_api_address=runtime_api_address,
+            token=token,
+            insecure=True,
+            certificates=None,
+            runtime_dependency_install=False,
+        )
         code = 0
     except SystemExit as exc:  # Flower ends the runtime with sys.exit(0 or 1)
         code = exc.code if isinstance(exc.code, int) else 1
-    except BaseException:
+    except BaseException:  # noqa: BLE001 - the forked child reports anything, then always leaves through os._exit
         traceback.print_exc()
     finally:
         sys.stdout.flush()
@@ -126,7 +133,9 @@ def _alive(pid: int) -> bool:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Warm ClientApp launcher for a SuperNode started with --isolation process.")
+    parser = argparse.ArgumentParser(
+        description="Warm ClientApp launcher for a SuperNode started with --isolation process."
+    )
     parser.add_argument("--runtime-api-address", required=True, help="The SuperNode's Runtime API, host:port.")
     parser.add_argument("--supernode-pid", type=int, required=True, help="Exit once this process is gone.")
     parser.add_argument("--ready-file", type=Path, required=True, help="Created once the imports are done.")

@@ -26,7 +26,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
+from cmdfed.errors import CmdfedError
 from cmdfed.federation.processes import (
     flower_env,
     flower_executable,
@@ -36,7 +38,6 @@ from cmdfed.federation.processes import (
     stop_process,
     wait_for_port,
 )
-from cmdfed.errors import CmdfedError
 from cmdfed.federation.site import SiteSettings
 
 ISOLATION_MODES = ("subprocess", "process")
@@ -61,10 +62,20 @@ class SuperNode:
         transport = ["--insecure"] if self.ca is None else ["--root-certificates", str(self.ca)]
         auth = [] if self.key is None else ["--auth-supernode-private-key", str(self.key)]
         return [
-            flower_executable("flower-supernode"), *transport, *auth, "--superlink", self.superlink,
-            "--host", "127.0.0.1", "--port", str(self.runtime_port), "--node-config", self.site.to_node_config(),
-            "--isolation", self.isolation,
-        ]  # fmt: skip
+            flower_executable("flower-supernode"),
+            *transport,
+            *auth,
+            "--superlink",
+            self.superlink,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.runtime_port),
+            "--node-config",
+            self.site.to_node_config(),
+            "--isolation",
+            self.isolation,
+        ]
 
     @property
     def ready_file(self) -> Path:
@@ -72,9 +83,16 @@ class SuperNode:
 
     def launcher_command(self) -> list[str]:
         return [
-            sys.executable, "-m", "client.launcher", "--runtime-api-address", f"127.0.0.1:{self.runtime_port}",
-            "--supernode-pid", str(self.process.pid), "--ready-file", str(self.ready_file),
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "client.launcher",
+            "--runtime-api-address",
+            f"127.0.0.1:{self.runtime_port}",
+            "--supernode-pid",
+            str(self.process.pid),
+            "--ready-file",
+            str(self.ready_file),
+        ]
 
     @property
     def processes(self) -> list[subprocess.Popen]:
@@ -85,7 +103,9 @@ class SuperNode:
         if self.isolation not in ISOLATION_MODES:
             raise CmdfedError(f"isolation must be one of {', '.join(ISOLATION_MODES)}, got {self.isolation!r}")
         if self.isolation == "process" and not hasattr(os, "fork"):
-            raise CmdfedError("isolation process forks a process per message; this system has no fork(), use subprocess")
+            raise CmdfedError(
+                "isolation process forks a process per message; this system has no fork(), use subprocess"
+            )
         self.site.work_dir.mkdir(parents=True, exist_ok=True)
         self.runtime_port = self.runtime_port or free_port()
         env = flower_env(self.site.work_dir / "flwr-home")
@@ -95,8 +115,10 @@ class SuperNode:
                 wait_for_port("127.0.0.1", self.runtime_port, self.process, self.log_path, timeout)
             except CmdfedError as exc:
                 if self.key is not None and "Failed to activate SuperNode" in str(exc):
-                    raise CmdfedError(f"{exc} -- if the SuperLink requires site authentication, this site's public key "
-                                      "must be registered first: `cmdfed server register-site KEY.pub --name NAME`") from exc
+                    raise CmdfedError(
+                        f"{exc} -- if the SuperLink requires site authentication, this site's public key "
+                        "must be registered first: `cmdfed server register-site KEY.pub --name NAME`"
+                    ) from exc
                 raise
             if self.isolation == "process":
                 self.ready_file.unlink(missing_ok=True)
@@ -111,16 +133,20 @@ class SuperNode:
         deadline = time.monotonic() + timeout
         while not self.ready_file.exists():
             if self.launcher.poll() is not None:
-                raise CmdfedError(f"the ClientApp launcher exited with code {self.launcher.returncode}: {log_tail(self.log_path)}")
+                raise CmdfedError(
+                    f"the ClientApp launcher exited with code {self.launcher.returncode}: {log_tail(self.log_path)}"
+                )
             if time.monotonic() > deadline:
-                raise CmdfedError(f"the ClientApp launcher was not ready within {timeout:.0f} s: {log_tail(self.log_path)}")
+                raise CmdfedError(
+                    f"the ClientApp launcher was not ready within {timeout:.0f} s: {log_tail(self.log_path)}"
+                )
             time.sleep(0.2)
 
     def stop(self) -> None:
         for process in reversed(self.processes):  # the launcher and its running ClientApps first
             stop_process(process)
 
-    def __enter__(self) -> SuperNode:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc) -> None:

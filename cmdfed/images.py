@@ -28,9 +28,7 @@ def to_rgb_uint8(array: np.ndarray, file: Path) -> np.ndarray:
     if array.ndim == 2:
         array = np.repeat(array[..., None], 3, axis=-1)
     if array.ndim != 3 or array.shape[-1] not in (3, 4):
-        raise CmdfedError(
-            f"{file}: expected a grey, RGB or RGBA image, got an array of shape {array.shape}"
-        )
+        raise CmdfedError(f"{file}: expected a grey, RGB or RGBA image, got an array of shape {array.shape}")
     array = array[..., :3]
     if array.dtype == np.uint8:
         return np.ascontiguousarray(array)
@@ -69,13 +67,11 @@ def read_image_file(path: Path, *, labels: bool = False) -> np.ndarray:
             return np.asarray(image)
     except Image.DecompressionBombError as exc:
         raise CmdfedError(
-            f"{path} is too large to read as one image ({exc}); "
-            "tile it with `cmdfed data tile-slide`"
+            f"{path} is too large to read as one image ({exc}); tile it with `cmdfed data tile-slide`"
         ) from exc
     except Exception as exc:  # decoders report damaged files with many exception types
         raise CmdfedError(
-            f"cannot read image {path} ({type(exc).__name__}: {exc}); "
-            "the file is damaged or not an image"
+            f"cannot read image {path} ({type(exc).__name__}: {exc}); the file is damaged or not an image"
         ) from exc
 
 

@@ -25,8 +25,12 @@ def tabs() -> None:
     federation, privacy, models, fleet, slide_viewer = st.tabs(
         ["Federation", "Privacy", "Models", "Edge fleet", "Slide viewer"]
     )
-    for tab, view in ((federation, views.federation), (privacy, views.privacy),
-                      (models, views.models), (fleet, views.fleet)):  # fmt: skip
+    for tab, view in (
+        (federation, views.federation),
+        (privacy, views.privacy),
+        (models, views.models),
+        (fleet, views.fleet),
+    ):
         with tab:
             if store is None:
                 st.error(problem)

@@ -15,9 +15,7 @@ STATUS_COLOURS = {
 }
 
 
-def metric_lines(
-    curves: pd.DataFrame, colour: str = "metric", facet_by_metric: bool = False
-) -> alt.Chart:
+def metric_lines(curves: pd.DataFrame, colour: str = "metric", facet_by_metric: bool = False) -> alt.Chart:
     """Value per round, one line per ``colour`` (metric or site); one panel per metric when asked."""
     chart = (
         alt.Chart(curves)
@@ -37,9 +35,7 @@ def metric_lines(
         .properties(height=220, width=320 if facet_by_metric else "container")
     )
     if facet_by_metric:
-        return chart.facet(facet=alt.Facet("metric:N", title=None), columns=2).resolve_scale(
-            y="independent"
-        )
+        return chart.facet(facet=alt.Facet("metric:N", title=None), columns=2).resolve_scale(y="independent")
     return chart
 
 
@@ -53,9 +49,7 @@ def participation_heatmap(participation: pd.DataFrame) -> alt.Chart:
             y=alt.Y("site:N", title="site"),
             color=alt.Color(
                 "status:N",
-                scale=alt.Scale(
-                    domain=list(SITE_STATUSES), range=[STATUS_COLOURS[s] for s in SITE_STATUSES]
-                ),
+                scale=alt.Scale(domain=list(SITE_STATUSES), range=[STATUS_COLOURS[s] for s in SITE_STATUSES]),
                 legend=alt.Legend(orient="bottom"),
             ),
             tooltip=["site", "round", "status", "error"],
@@ -94,17 +88,21 @@ def phase_timeline(timeline: pd.DataFrame) -> alt.Chart:
         .mark_bar()
         .encode(
             x=alt.X(
-                "started:T", title="time (UTC)", scale=alt.Scale(type="utc"),
+                "started:T",
+                title="time (UTC)",
+                scale=alt.Scale(type="utc"),
                 axis=alt.Axis(format="%H:%M"),
-            ),  # fmt: skip
+            ),
             x2="finished:T",
             y=alt.Y("phase:N", sort=None),
             color="phase:N",
             tooltip=[
-                "phase", "first_round", "last_round",
+                "phase",
+                "first_round",
+                "last_round",
                 alt.Tooltip("started_utc:N", title="started"),
                 alt.Tooltip("finished_utc:N", title="finished"),
-            ],  # fmt: skip
+            ],
         )
         .properties(height=alt.Step(30), width="container")
     )

@@ -17,12 +17,20 @@ APP = Path(__file__).with_name("app.py")
 def streamlit_command(port: int, host: str) -> list[str]:
     """`streamlit run` of the page: headless, no usage statistics, bound to ``host``."""
     return [
-        sys.executable, "-m", "streamlit", "run", str(APP),
-        "--server.headless", "true",
-        "--browser.gatherUsageStats", "false",
-        "--server.address", host,
-        "--server.port", str(port),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(APP),
+        "--server.headless",
+        "true",
+        "--browser.gatherUsageStats",
+        "false",
+        "--server.address",
+        host,
+        "--server.port",
+        str(port),
+    ]
 
 
 def dashboard(
@@ -65,9 +73,7 @@ def dashboard(
             f"--files-root {root} is not a folder: give the folder that holds the output folders and slides to show"
         )
     if outputs and not outputs.resolve().is_relative_to(root):
-        raise CmdfedError(
-            f"--outputs {outputs} is outside --files-root {root}: give a --files-root that holds it"
-        )
+        raise CmdfedError(f"--outputs {outputs} is outside --files-root {root}: give a --files-root that holds it")
     env = {
         **os.environ,
         DB_ENV: db or str((runs / "telemetry.db").absolute()),

@@ -76,9 +76,19 @@ def metric_columns(frame: pd.DataFrame, known: tuple[str, ...]) -> list[str]:
 
 
 ROUND_COLUMNS = (
-    "phase", "round", "started_at", "finished_at", "started", "finished", "duration_s",
-    "n_sites", "n_failed", "bytes_sent", "bytes_received", "bytes_total",
-)  # fmt: skip
+    "phase",
+    "round",
+    "started_at",
+    "finished_at",
+    "started",
+    "finished",
+    "duration_s",
+    "n_sites",
+    "n_failed",
+    "bytes_sent",
+    "bytes_received",
+    "bytes_total",
+)
 SITE_ROUND_COLUMNS = ("phase", "round", "site", "status", "n_examples", "duration_s", "error", "at")
 
 
@@ -86,9 +96,7 @@ def headline_metrics(columns: list[str]) -> list[str]:
     return [c for c in columns if c.lower().endswith(HEADLINE_METRICS)]
 
 
-def metric_curves(
-    frame: pd.DataFrame, metrics: list[str], by: tuple[str, ...] = ()
-) -> pd.DataFrame:
+def metric_curves(frame: pd.DataFrame, metrics: list[str], by: tuple[str, ...] = ()) -> pd.DataFrame:
     """Long form (``by``..., phase, round, metric, value) of the chosen metric columns."""
     present = [m for m in metrics if m in frame.columns]
     if frame.empty or not present:
@@ -112,9 +120,7 @@ def phase_timeline(rounds: pd.DataFrame) -> pd.DataFrame:
     ).reset_index()
 
 
-def site_rounds_table(
-    store: TelemetryStore, run_id: str, sites: list[str] | None = None
-) -> pd.DataFrame:
+def site_rounds_table(store: TelemetryStore, run_id: str, sites: list[str] | None = None) -> pd.DataFrame:
     """Each site's part in each round of a run (metrics flattened), optionally only ``sites``."""
     frame = _flatten_metrics(store.site_rounds(run_id))
     if frame.empty:
@@ -141,18 +147,14 @@ def sites_of(store: TelemetryStore, run_ids: list[str]) -> list[str]:
     return sorted({r["site"] for run_id in run_ids for r in store.site_rounds(run_id)})
 
 
-def privacy_table(
-    store: TelemetryStore, run_id: str, sites: list[str] | None = None
-) -> pd.DataFrame:
+def privacy_table(store: TelemetryStore, run_id: str, sites: list[str] | None = None) -> pd.DataFrame:
     """Each site's cumulative spend after each round, with whether it reached its budget."""
     frame = pd.DataFrame(store.privacy(run_id))
     if frame.empty:
         return frame
     if sites:
         frame = frame[frame["site"].isin(sites)]
-    frame["budget_reached"] = frame["budget_epsilon"].notna() & (
-        frame["epsilon"] >= frame["budget_epsilon"]
-    )
+    frame["budget_reached"] = frame["budget_epsilon"].notna() & (frame["epsilon"] >= frame["budget_epsilon"])
     return frame.drop(columns=["id", "run_id"]).sort_values(["site", "round"], ignore_index=True)
 
 
@@ -160,9 +162,16 @@ def privacy_by_site(privacy: pd.DataFrame, site_rounds: pd.DataFrame) -> pd.Data
     """Per site: the newest spend, its budget, DP settings and whether the budget is reached
     (spend at or over the budget, or the site declined a round for its budget)."""
     columns = [
-        "site", "epsilon", "budget_epsilon", "budget_used", "delta", "noise_multiplier",
-        "max_grad_norm", "last_round", "budget_reached",
-    ]  # fmt: skip
+        "site",
+        "epsilon",
+        "budget_epsilon",
+        "budget_used",
+        "delta",
+        "noise_multiplier",
+        "max_grad_norm",
+        "last_round",
+        "budget_reached",
+    ]
     if privacy.empty:
         return pd.DataFrame(columns=columns)
     latest = privacy.sort_values("round").groupby("site").tail(1).set_index("site")
@@ -191,9 +200,7 @@ def model_versions_table(store: TelemetryStore, run_ids: list[str] | None = None
         running.setdefault(beat["model_version"], []).append(beat["workstation"])
     frame["bundle_sha256"] = frame["version"].map(lambda v: bundles.get(v, {}).get("sha256"))
     frame["signature"] = frame["version"].map(
-        lambda v: (
-            "no bundle" if v not in bundles else ("signed" if bundles[v]["signed"] else "unsigned")
-        )
+        lambda v: "no bundle" if v not in bundles else ("signed" if bundles[v]["signed"] else "unsigned")
     )
     frame["workstations"] = frame["version"].map(lambda v: ", ".join(sorted(running.get(v, []))))
     frame["recorded"] = _utc(frame["at"])
@@ -220,15 +227,22 @@ def deployments_table(store: TelemetryStore, since: float | None = None) -> pd.D
     return frame.drop(columns=["id", "at"]).iloc[::-1].reset_index(drop=True)
 
 
-def fleet_table(
-    store: TelemetryStore, now: float | None = None, stale_after_s: float = STALE_AFTER_S
-) -> pd.DataFrame:
+def fleet_table(store: TelemetryStore, now: float | None = None, stale_after_s: float = STALE_AFTER_S) -> pd.DataFrame:
     """Per workstation its newest heartbeat: online or stale, backend, GPU, model, speed, errors."""
     beats = store.heartbeats()
     columns = [
-        "workstation", "state", "last_heartbeat", "seconds_ago", "backend", "gpu", "model_version",
-        "tiles_per_s", "p50_ms", "p95_ms", "errors",
-    ]  # fmt: skip
+        "workstation",
+        "state",
+        "last_heartbeat",
+        "seconds_ago",
+        "backend",
+        "gpu",
+        "model_version",
+        "tiles_per_s",
+        "p50_ms",
+        "p95_ms",
+        "errors",
+    ]
     if not beats:
         return pd.DataFrame(columns=columns)
     now = time.time() if now is None else now
@@ -250,9 +264,7 @@ def errors_by_reason(store: TelemetryStore) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["workstation", "reason", "count"])
 
 
-def inference_table(
-    store: TelemetryStore, since: float | None = None, limit: int = 500
-) -> pd.DataFrame:
+def inference_table(store: TelemetryStore, since: float | None = None, limit: int = 500) -> pd.DataFrame:
     """The newest inference events (newest first) at or after ``since``."""
     frame = pd.DataFrame(store.inference_events(limit))
     if frame.empty:

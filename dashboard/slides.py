@@ -89,18 +89,14 @@ def output_folders(root: str | Path | None) -> list[Path]:
     if not root.is_dir():
         return []
     candidates = [root, *root.glob("*"), *root.glob("*/*")]
-    return sorted(
-        p for p in candidates if p.is_dir() and ((p / SUMMARY).is_file() or (p / GEOJSON).is_file())
-    )
+    return sorted(p for p in candidates if p.is_dir() and ((p / SUMMARY).is_file() or (p / GEOJSON).is_file()))
 
 
 def load_output(folder: str | Path) -> SlideOutput:
     """Read a folder's summary and nuclei; a clear ``CmdfedError`` when it is not an output folder."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise CmdfedError(
-            f"{folder} is not a folder: give an output folder of `cmdfed edge infer --out`"
-        )
+        raise CmdfedError(f"{folder} is not a folder: give an output folder of `cmdfed edge infer --out`")
     geojson = folder / GEOJSON
     if not geojson.is_file():
         raise CmdfedError(
@@ -113,9 +109,7 @@ def load_output(folder: str | Path) -> SlideOutput:
     collection = _read_json(geojson)
     if collection.get("type") != "FeatureCollection":
         raise CmdfedError(f"{geojson} is not a GeoJSON FeatureCollection")
-    return SlideOutput(
-        folder, summary, [n for n in map(_nucleus, collection.get("features", [])) if n]
-    )
+    return SlideOutput(folder, summary, [n for n in map(_nucleus, collection.get("features", [])) if n])
 
 
 def _read_json(path: Path) -> dict:
@@ -149,9 +143,7 @@ def counts_by_type(output: SlideOutput) -> pd.DataFrame:
     )
     if frame.empty:
         return pd.DataFrame(columns=["type", "count", "colour"])
-    counts = (
-        frame.groupby("type").agg(count=("type", "size"), colour=("colour", "first")).reset_index()
-    )
+    counts = frame.groupby("type").agg(count=("type", "size"), colour=("colour", "first")).reset_index()
     return counts.sort_values(["count", "type"], ascending=[False, True], ignore_index=True)
 
 
@@ -179,12 +171,7 @@ def render(
     draw = ImageDraw.Draw(image)
     for nucleus in output.nuclei:
         ring = nucleus.ring
-        if (
-            ring[:, 0].max() < x0
-            or ring[:, 0].min() > x1
-            or ring[:, 1].max() < y0
-            or ring[:, 1].min() > y1
-        ):
+        if ring[:, 0].max() < x0 or ring[:, 0].min() > x1 or ring[:, 1].max() < y0 or ring[:, 1].min() > y1:
             continue
         points = [((x - x0) / scale, (y - y0) / scale) for x, y in ring]
         draw.line(points + points[:1], fill=nucleus.colour, width=2 if scale < 1 else 1)
@@ -198,9 +185,7 @@ def _background(slide_path, region, size, scale) -> tuple[Image.Image, str]:
         with open_slide(slide_path) as reader:
             image, level = _read_view(reader, region, size, scale)
     except CmdfedError as exc:
-        return Image.new(
-            "RGB", size, BLANK
-        ), f"slide unreadable ({exc}): outlines over a blank canvas"
+        return Image.new("RGB", size, BLANK), f"slide unreadable ({exc}): outlines over a blank canvas"
     return image, f"over {Path(slide_path).name} (level {level})"
 
 
@@ -211,8 +196,9 @@ def _read_view(reader, region, size, scale) -> tuple[Image.Image, int]:
     x0, y0, x1, y1 = region
     downsamples = reader.level_downsamples
     levels = sorted(range(len(downsamples)), key=lambda i: downsamples[i])
-    finest = max((i for i in levels if downsamples[i] <= max(scale, 1.0) + 1e-6), key=downsamples.__getitem__,
-                 default=levels[0])  # fmt: skip
+    finest = max(
+        (i for i in levels if downsamples[i] <= max(scale, 1.0) + 1e-6), key=downsamples.__getitem__, default=levels[0]
+    )
     for level in levels[levels.index(finest) :]:
         w, h = math.ceil((x1 - x0) / downsamples[level]), math.ceil((y1 - y0) / downsamples[level])
         if w * h <= MAX_READ_PIXELS:

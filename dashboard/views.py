@@ -12,9 +12,9 @@ import pandas as pd
 import streamlit as st
 
 from cmdfed.errors import CmdfedError
+from cmdfed.slide_outputs import GEOJSON
 from cmdfed.telemetry import TelemetryStore
 from dashboard import DB_ENV, FILES_ROOT_ENV, OUTPUTS_ENV, charts, queries, slides
-from cmdfed.slide_outputs import GEOJSON
 
 TIME_RANGES = {
     "all time": None,
@@ -87,9 +87,7 @@ def sidebar(store: TelemetryStore | None, db: str) -> Filters:
             run_id = st.sidebar.selectbox(
                 "Run", list(reversed(runs["run_id"])), format_func=lambda r: f"{names[r]} ({r})"
             )
-            sites = st.sidebar.multiselect(
-                "Sites (all when none chosen)", queries.sites_of(store, [run_id])
-            )
+            sites = st.sidebar.multiselect("Sites (all when none chosen)", queries.sites_of(store, [run_id]))
     refresh_s = None
     if st.sidebar.toggle("Auto-refresh"):
         refresh_s = st.sidebar.selectbox("Every (seconds)", REFRESH_SECONDS, index=1)
@@ -125,9 +123,7 @@ def federation(store: TelemetryStore, filters: Filters) -> None:
     site_rounds = queries.site_rounds_table(store, run_id, filters.sites)
     st.subheader(f"Run {run_id}")
     if rounds.empty:
-        st.info(
-            f"Run {run_id} has no completed round yet: the server records each round as it completes."
-        )
+        st.info(f"Run {run_id} has no completed round yet: the server records each round as it completes.")
         return
     metrics = queries.metric_columns(rounds, queries.ROUND_COLUMNS)
     counts = queries.status_counts(site_rounds)
@@ -156,9 +152,7 @@ def federation(store: TelemetryStore, filters: Filters) -> None:
 
     if not site_rounds.empty:
         st.markdown("**Participation (site × round)**")
-        st.altair_chart(
-            charts.participation_heatmap(queries.participation(site_rounds)), width="stretch"
-        )
+        st.altair_chart(charts.participation_heatmap(queries.participation(site_rounds)), width="stretch")
         site_metrics = queries.metric_columns(site_rounds, queries.SITE_ROUND_COLUMNS)
         if site_metrics:
             st.markdown("**Per-site metrics**")
@@ -197,12 +191,15 @@ def privacy(store: TelemetryStore, filters: Filters) -> None:
             f"{row.site} reached its privacy budget: ε {row.epsilon:.2f} of {row.budget_epsilon:.2f}",
             icon="⛔",
         )
-    shown = by_site.assign(
-        budget=by_site["budget_reached"].map({True: "⛔ reached", False: "within"})
+    shown = by_site.assign(budget=by_site["budget_reached"].map({True: "⛔ reached", False: "within"}))
+    _table(
+        shown.drop(columns=["budget_reached"]),
+        column_config={
+            "budget_used": st.column_config.ProgressColumn(
+                "budget used", min_value=0.0, max_value=1.0, format="percent"
+            ),
+        },
     )
-    _table(shown.drop(columns=["budget_reached"]), column_config={
-        "budget_used": st.column_config.ProgressColumn("budget used", min_value=0.0, max_value=1.0, format="percent"),
-    })  # fmt: skip
     st.altair_chart(charts.epsilon_over_rounds(spend), width="stretch")
     with st.expander("Spend per round"):
         _table(spend.drop(columns=["at"]))
@@ -229,9 +226,7 @@ def models(store: TelemetryStore, filters: Filters) -> None:
 def fleet(store: TelemetryStore, filters: Filters) -> None:
     table = queries.fleet_table(store)
     if table.empty:
-        st.info(
-            "No heartbeats recorded: `cmdfed edge serve --telemetry DB` reports them from each workstation."
-        )
+        st.info("No heartbeats recorded: `cmdfed edge serve --telemetry DB` reports them from each workstation.")
     else:
         stale = table[table["state"] == queries.STALE]
         cols = st.columns(3)
@@ -239,12 +234,8 @@ def fleet(store: TelemetryStore, filters: Filters) -> None:
         cols[1].metric("Online", len(table) - len(stale))
         cols[2].metric("Stale", len(stale))
         for row in stale.itertuples():
-            st.warning(
-                f"{row.workstation} is stale: last heartbeat {row.seconds_ago:.0f} s ago", icon="🔴"
-            )
-        shown = table.assign(
-            state=table["state"].map({queries.ONLINE: "🟢 online", queries.STALE: "🔴 stale"})
-        )
+            st.warning(f"{row.workstation} is stale: last heartbeat {row.seconds_ago:.0f} s ago", icon="🔴")
+        shown = table.assign(state=table["state"].map({queries.ONLINE: "🟢 online", queries.STALE: "🔴 stale"}))
         _table(shown)
         errors = queries.errors_by_reason(store)
         if not errors.empty:
@@ -259,9 +250,7 @@ def fleet(store: TelemetryStore, filters: Filters) -> None:
         _table(recent)
     st.markdown("**Slides inferred**")
     if inference.empty:
-        st.info(
-            "No slides inferred in this time range: `cmdfed edge infer SLIDE --telemetry DB` records them."
-        )
+        st.info("No slides inferred in this time range: `cmdfed edge infer SLIDE --telemetry DB` records them.")
     else:
         _table(inference)
 
@@ -280,9 +269,7 @@ def slide_viewer(outputs_root: str, files_root: str) -> None:
     """Output folders and slides are read only inside ``files_root``: what is read goes to the
     browser, and the dashboard has no authentication."""
     folders = [f for f in slides.output_folders(outputs_root) if slides.is_inside(files_root, f)]
-    typed = st.text_input(
-        "Output folder (`cmdfed edge infer --out`)", placeholder=f"{files_root}/..."
-    )
+    typed = st.text_input("Output folder (`cmdfed edge infer --out`)", placeholder=f"{files_root}/...")
     if typed:
         try:
             folder = slides.inside(files_root, typed, "output folder")
@@ -290,9 +277,7 @@ def slide_viewer(outputs_root: str, files_root: str) -> None:
             st.error(str(exc))
             return
     elif folders:
-        folder = st.selectbox(
-            "Or one under the outputs folder", folders, format_func=lambda p: str(p)
-        )
+        folder = st.selectbox("Or one under the outputs folder", folders, format_func=lambda p: str(p))
     else:
         where = f" under {outputs_root}" if outputs_root else ""
         st.info(

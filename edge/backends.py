@@ -44,7 +44,7 @@ class BundleModel:
     home: Path | None = None
 
     @classmethod
-    def load(cls, folder: str | Path, home: str | Path | None = None) -> "BundleModel":
+    def load(cls, folder: str | Path, home: str | Path | None = None) -> BundleModel:
         """The installed bundle in ``folder``, its files checked against the manifest's checksums
         (every load: a bit flipped on disk must not run); ``home`` names the edge home in the
         refusal's advice."""
@@ -208,4 +208,7 @@ class OrtCudaBackend(OnnxRuntimeBackend):
         return [(self.provider, {"device_id": 0})]
 
     def _missing_reason(self) -> str:
-        return "onnxruntime has no CUDAExecutionProvider (this is the CPU build; install onnxruntime-gpu on a GPU workstation)"
+        return (
+            "onnxruntime has no CUDAExecutionProvider (this is the CPU build; install onnxruntime-gpu on a GPU "
+            "workstation)"
+        )

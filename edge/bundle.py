@@ -22,7 +22,7 @@ import re
 import shutil
 import tarfile
 from pathlib import Path
-from typing import IO
+from typing import IO, Self
 
 from cmdfed.errors import CmdfedError
 from edge import signing
@@ -102,7 +102,7 @@ class BundleSource:
         if self._tar is not None:
             self._tar.close()
 
-    def __enter__(self) -> "BundleSource":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -111,10 +111,12 @@ class BundleSource:
 
 def _open_tar(path: Path) -> tuple[tarfile.TarFile, dict, list[str]]:
     try:
-        tar = tarfile.open(path, "r:*")
+        tar = tarfile.open(path, "r:*")  # noqa: SIM115 - returned open; BundleSource.close() closes it
         members = tar.getmembers()
     except (tarfile.TarError, OSError, EOFError) as exc:
-        raise CmdfedError(f"{path} is not a readable bundle archive ({exc}); give the bundle folder or its .tar") from exc
+        raise CmdfedError(
+            f"{path} is not a readable bundle archive ({exc}); give the bundle folder or its .tar"
+        ) from exc
     files, odd = {}, []
     tops = {m.name.split("/", 1)[0] for m in members}
     for member in members:
@@ -146,7 +148,9 @@ def parse_manifest(data: bytes, where: str) -> dict:
     version = model.get("version") if isinstance(model, dict) else None
     # The version names the install folder: a crafted one must not point outside models/.
     if not isinstance(version, str) or not _VERSION.fullmatch(version):
-        raise CmdfedError(f"{where}: manifest.json has no valid model version ({version!r}); the bundle is damaged or crafted")
+        raise CmdfedError(
+            f"{where}: manifest.json has no valid model version ({version!r}); the bundle is damaged or crafted"
+        )
     return manifest
 
 
@@ -155,7 +159,10 @@ def check_signature(source: BundleSource, trust_keys) -> str:
     manifest; CmdfedError when it is unsigned or not validly signed by one of them."""
     where = str(source.path)
     if SIGNATURE not in source.names:
-        raise CmdfedError(f"{where} is not signed, but a signature by a trusted key is required; refusing to deploy an unsigned bundle")
+        raise CmdfedError(
+            f"{where} is not signed, but a signature by a trusted key is required; refusing to deploy an unsigned "
+            "bundle"
+        )
     return signing.verify(source.read_bytes(MANIFEST), source.read_bytes(SIGNATURE), trust_keys, where)
 
 
@@ -171,13 +178,17 @@ def verify_bundle(source: BundleSource, trust_key=None) -> dict:
     present = source.names - {MANIFEST, SIGNATURE}
     if listed != present:
         missing, extra = sorted(listed - present), sorted(present - listed)
-        raise CmdfedError(f"{where}: files differ from the manifest (missing {missing}, unexpected {extra}); refusing it")
+        raise CmdfedError(
+            f"{where}: files differ from the manifest (missing {missing}, unexpected {extra}); refusing it"
+        )
     for name in sorted(listed):
         with source.open(name) as f:
             sha, size = sha256_of_stream(f)
         expected = manifest["files"][name]
         if sha != expected.get("sha256") or size != expected.get("bytes"):
-            raise CmdfedError(f"{where}: {name} does not match its checksum in the manifest (tampered or damaged); refusing it")
+            raise CmdfedError(
+                f"{where}: {name} does not match its checksum in the manifest (tampered or damaged); refusing it"
+            )
     return manifest
 
 

@@ -9,15 +9,16 @@ Layout of the edge home folder::
     HOME/audit.log           trust changes, and bundles let in with --allow-unsigned
     HOME/.lock               serialises deploy/rollback/trust changes between processes
 
-Order of a deploy: the bundle (folder or .tar, read in place) is verified first, signature
-(against the home's trusted keys: trust.py) then checksums; a refused bundle writes nothing. It is then copied to a hidden staging
-folder under ``models/``, verified again there (the copy is what will run), loaded with
-the backend this workstation would use and checked on its golden data, and only then
-renamed to ``models/<version>``. A version names one set of weights: a bundle of the same
-weights exported again (other post-processing, or now signed) replaces the installed copy
-the same way; the old copy is moved aside only once the new one has passed its checks. Activation is one atomic replace of ``state.json``, so a
-reader sees the old or the new version, never a mix; the previous version stays installed
-for ``rollback``. The newest ``KEEP_VERSIONS`` versions are kept, older ones deleted.
+Order of a deploy: the bundle (folder or .tar, read in place) is verified first, signature (against
+the home's trusted keys: trust.py) then checksums; a refused bundle writes nothing. It is then
+copied to a hidden staging folder under ``models/``, verified again there (the copy is what will
+run), loaded with the backend this workstation would use and checked on its golden data, and only
+then renamed to ``models/<version>``. A version names one set of weights: a bundle of the same
+weights exported again (other post-processing, or now signed) replaces the installed copy the same
+way; the old copy is moved aside only once the new one has passed its checks. Activation is one
+atomic replace of ``state.json``, so a reader sees the old or the new version, never a mix; the
+previous version stays installed for ``rollback``. The newest ``KEEP_VERSIONS`` versions are kept,
+older ones deleted.
 """
 
 from __future__ import annotations
@@ -222,7 +223,10 @@ def status(home: str | Path) -> dict:
 def _signature_status(folder: Path, keys: dict, signed: bool, home: Path) -> tuple[str, bool]:
     if not keys:
         return (
-            f"not checked: this home trusts no key (add the publisher's with `cmdfed edge trust add KEY --home {home}`)",
+            (
+                "not checked: this home trusts no key (add the publisher's with `cmdfed edge trust add KEY --home "
+                f"{home}`)"
+            ),
             False,
         )
     if not signed:
@@ -242,8 +246,16 @@ def _readable_manifest(folder: Path) -> dict:
     return manifest if isinstance(manifest, dict) else {}
 
 
-def _install(source: bundle.BundleSource, manifest: dict, home: Path, keys: dict, signer: str | None,
-             allow_unsigned: bool, backend: str | None, trt_source: str):
+def _install(
+    source: bundle.BundleSource,
+    manifest: dict,
+    home: Path,
+    keys: dict,
+    signer: str | None,
+    allow_unsigned: bool,
+    backend: str | None,
+    trt_source: str,
+):
     """Install (or find installed) the bundle and check it runs here; returns the backend selection."""
     models = home / "models"
     models.mkdir(parents=True, exist_ok=True)
@@ -253,8 +265,14 @@ def _install(source: bundle.BundleSource, manifest: dict, home: Path, keys: dict
         bundle.verify_bundle(bundle.BundleSource(target), keys if signer else None)
         selection = select_backend(target, home, force=backend, trt_source=trt_source)
         if signer is None and keys:
-            trust.audit(home, "deploy_without_verified_signature", version=version, bundle=str(source.path),
-                        trusted_keys=sorted(keys), replaced_signed_copy=False)  # fmt: skip
+            trust.audit(
+                home,
+                "deploy_without_verified_signature",
+                version=version,
+                bundle=str(source.path),
+                trusted_keys=sorted(keys),
+                replaced_signed_copy=False,
+            )
         return selection
     replaces_signed = target.exists() and (target / bundle.SIGNATURE).is_file()
     if replaces_signed and signer is None and not allow_unsigned:
@@ -274,8 +292,14 @@ def _install(source: bundle.BundleSource, manifest: dict, home: Path, keys: dict
         # A bundle this workstation cannot run correctly is refused before it is installed.
         selection = select_backend(staging, home, force=backend, trt_source=trt_source)
         if signer is None and (keys or replaces_signed):
-            trust.audit(home, "deploy_without_verified_signature", version=version, bundle=str(source.path),
-                        trusted_keys=sorted(keys), replaced_signed_copy=replaces_signed)  # fmt: skip
+            trust.audit(
+                home,
+                "deploy_without_verified_signature",
+                version=version,
+                bundle=str(source.path),
+                trusted_keys=sorted(keys),
+                replaced_signed_copy=replaces_signed,
+            )
         replace_dir(staging, target)  # a re-export of the same weights (other settings, or now signed) replaces it
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -302,7 +326,7 @@ def _activate(home: Path, version: str) -> dict:
         history = [v for v in state["history"] if v != version]
         if state["active"] is not None:
             history.append(state["active"])
-        state = {"active": version, "history": history[-(KEEP_VERSIONS - 1):]}
+        state = {"active": version, "history": history[-(KEEP_VERSIONS - 1) :]}
         write_json_atomic(home / STATE_FILE, state)
     _prune(home, keep={state["active"], *state["history"]})
     return state

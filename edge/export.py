@@ -157,8 +157,10 @@ def trained_mpp(checkpoint: str | Path) -> float | None:
 
 def check_settings(tile: int, overlap: int, tolerance: float, mpp: float | None) -> None:
     if mpp is not None and not PLAUSIBLE_MPP[0] <= mpp <= PLAUSIBLE_MPP[1]:
-        raise CmdfedError(f"--mpp must be a scan resolution in {PLAUSIBLE_MPP[0]}..{PLAUSIBLE_MPP[1]} um/px "
-                          f"(0.5 at 20x, 0.25 at 40x), got {mpp}")
+        raise CmdfedError(
+            f"--mpp must be a scan resolution in {PLAUSIBLE_MPP[0]}..{PLAUSIBLE_MPP[1]} um/px "
+            f"(0.5 at 20x, 0.25 at 40x), got {mpp}"
+        )
     if tile % STRIDE or not MIN_SIDE <= tile <= MAX_SIDE:
         raise CmdfedError(f"--tile must be a multiple of {STRIDE} in {MIN_SIDE}..{MAX_SIDE}, got {tile}")
     if overlap % 2 or not 0 <= overlap < tile // 2:
@@ -172,7 +174,9 @@ def _model_identity(checkpoint: Path) -> dict:
     from cmdfed.model.checkpoint import load_checkpoint, model_version
 
     config = load_checkpoint(checkpoint).config
-    weights_file = checkpoint / ("ema.safetensors" if (checkpoint / "ema.safetensors").exists() else "model.safetensors")
+    weights_file = checkpoint / (
+        "ema.safetensors" if (checkpoint / "ema.safetensors").exists() else "model.safetensors"
+    )
     weights_sha = bundle.sha256_of_file(weights_file)
     run = str(config.get("name") or checkpoint.parent.name)
     round_ = config.get("round")
@@ -207,9 +211,14 @@ def _onnx_export(program: torch.export.ExportedProgram, output_names: tuple[str,
     example = torch.zeros(2, 3, 2 * MIN_SIDE, 2 * MIN_SIDE)
     try:
         onnx_program = torch.onnx.export(
-            program, (example,), dynamo=True, input_names=[INPUT_NAME], output_names=list(output_names),
-            opset_version=OPSET, verbose=False,
-        )  # fmt: skip
+            program,
+            (example,),
+            dynamo=True,
+            input_names=[INPUT_NAME],
+            output_names=list(output_names),
+            opset_version=OPSET,
+            verbose=False,
+        )
     except Exception as exc:  # the exporter's own error types are internal
         raise CmdfedError(f"ONNX export failed ({type(exc).__name__}: {str(exc)[:300]})") from exc
     onnx_program.save(str(path), external_data=False)
@@ -258,7 +267,9 @@ def _gelu_in_fusable_order(model: onnx.ModelProto) -> int:
         if not (div and div.op_type == "Div" and final and div.input[0] in final.input):
             continue
         half_constant = other_input_is(half, add.output[0], 0.5)
-        if not (half_constant and other_input_is(add, erf.output[0], 1.0) and other_input_is(div, div.input[0], 2**0.5)):
+        if not (
+            half_constant and other_input_is(add, erf.output[0], 1.0) and other_input_is(div, div.input[0], 2**0.5)
+        ):
             continue
         half.input[:] = [add.output[0], div.input[0]]
         final.input[:] = [half.output[0], half_constant]
@@ -313,9 +324,8 @@ def _write_golden(graph: EdgeGraph, path: Path, tile: int) -> None:
     with torch.no_grad():
         outputs = graph(to_model_input(images))
     arrays = {"input": images, **{f"output_{n}": o.numpy() for n, o in zip(graph.output_names, outputs)}}
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez_compressed(f, **arrays)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, **arrays)
 
 
 def _io_specs(graph: EdgeGraph, tile: int, n_classes: int) -> tuple[list[dict], list[dict]]:
@@ -325,13 +335,17 @@ def _io_specs(graph: EdgeGraph, tile: int, n_classes: int) -> tuple[list[dict], 
 
         return {"min": shape(1, MIN_SIDE), "opt": shape(OPT_BATCH, tile), "max": shape(MAX_BATCH, MAX_SIDE)}
 
-    inputs = [{"name": INPUT_NAME, "dtype": "float32", "layout": "NCHW", "dims": ["batch", 3, "height", "width"], **shapes(3)}]
+    inputs = [
+        {"name": INPUT_NAME, "dtype": "float32", "layout": "NCHW", "dims": ["batch", 3, "height", "width"], **shapes(3)}
+    ]
     channels = {"np": None, "hv": 2, "nc": n_classes}
     meaning = {"np": "nucleus probability", "hv": "horizontal/vertical distance maps", "nc": "class probabilities"}
     outputs = []
     for name in graph.output_names:
         dims = ["batch", "height", "width"] if channels[name] is None else ["batch", channels[name], "height", "width"]
-        outputs.append({"name": name, "dtype": "float32", "dims": dims, "meaning": meaning[name], **shapes(channels[name])})
+        outputs.append(
+            {"name": name, "dtype": "float32", "dims": dims, "meaning": meaning[name], **shapes(channels[name])}
+        )
     return inputs, outputs
 
 
@@ -339,7 +353,7 @@ def _manifest(loaded, graph, identity, tile, overlap, mpp, tolerance, agreement,
     inputs, outputs = _io_specs(graph, tile, loaded.config.n_classes)
     return {
         "schema_version": bundle.SCHEMA_VERSION,
-        "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "model": {
             "name": "CMD",
             **{k: v for k, v in identity.items() if k != "metrics"},
@@ -390,9 +404,16 @@ def _manifest(loaded, graph, identity, tile, overlap, mpp, tolerance, agreement,
 def _git_commit() -> dict:
     source = Path(cmdfed.__file__).resolve().parent
     try:
-        commit = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "-C", str(source), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10)  # fmt: skip
+        commit = subprocess.run(
+            ["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=False
+        )
+        dirty = subprocess.run(
+            ["git", "-C", str(source), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return {"git_commit": None}
     if commit.returncode != 0:
@@ -409,7 +430,10 @@ def _record(telemetry, manifest: dict, identity: dict, tar_sha: str, *, signed: 
 
     with TelemetryStore.open(telemetry, create=True) as store:
         store.record_model_version(
-            identity["version"], run_id=identity["run_id"] or identity["run"], round=identity["round"],
-            metrics=identity["metrics"], checkpoint_sha256=identity["weights_sha256"],
-        )  # fmt: skip
+            identity["version"],
+            run_id=identity["run_id"] or identity["run"],
+            round=identity["round"],
+            metrics=identity["metrics"],
+            checkpoint_sha256=identity["weights_sha256"],
+        )
         store.record_bundle(manifest["model"]["version"], sha256=tar_sha, signed=signed, path=str(tar_path))

@@ -72,9 +72,9 @@ from cmdfed.inference.tiling import TileGrid
 from cmdfed.progress import Progress, report
 from cmdfed.slide_outputs import GEOJSON, LABELS_DIR, SUMMARY
 from edge import outputs
-from edge.selection import Selection, select_backend
 from edge.deploy import active_bundle
 from edge.reports import Reports, reports_to
+from edge.selection import Selection, select_backend
 
 WORK_DIR = ".work"
 LOCK_FILE = ".lock"  # held while a job writes OUT, so two jobs never interleave in one folder
@@ -127,8 +127,10 @@ def _run(slide, selection: Selection, out_dir: Path, batch, min_tissue, restart,
     if batch < 1:
         raise CmdfedError(f"--batch must be at least 1, got {batch}")
     if mpp is not None and not PLAUSIBLE_MPP[0] <= mpp <= PLAUSIBLE_MPP[1]:
-        raise CmdfedError(f"--mpp {mpp}: a scan's resolution lies in {PLAUSIBLE_MPP[0]}..{PLAUSIBLE_MPP[1]} um/px "
-                          "(about 0.25 at 40x, 0.5 at 20x)")
+        raise CmdfedError(
+            f"--mpp {mpp}: a scan's resolution lies in {PLAUSIBLE_MPP[0]}..{PLAUSIBLE_MPP[1]} um/px "
+            "(about 0.25 at 40x, 0.5 at 20x)"
+        )
     busy = f"another inference job is writing {out_dir}; wait for it or choose another --out"
     with open_slide(slide, mpp=mpp) as reader, exclusive_lock(out_dir / LOCK_FILE, busy=busy):
         job = _SlideJob(reader, selection, out_dir, min_tissue, restart)
@@ -156,7 +158,7 @@ class ReadGrid:
     note: str | None = None  # how the slide is read, when it is not at the model's resolution
 
     @classmethod
-    def for_slide(cls, reader: SlideReader, model_mpp: float | None) -> "ReadGrid":
+    def for_slide(cls, reader: SlideReader, model_mpp: float | None) -> ReadGrid:
         width, height = reader.dimensions
         slide_mpp = reader.mpp if math.isfinite(reader.mpp) else None
         if not model_mpp:  # a bundle that does not say: level 0 as it is (a warning says so)
@@ -175,10 +177,13 @@ class ReadGrid:
             return cls(level, down, False, lw, lh, level_mpp, model_mpp)
         scale = model_mpp / slide_mpp
         how = "enlarged" if level_mpp > model_mpp else "resampled"
-        note = (f"{reader.path.name} has no pyramid level at the model's {model_mpp:g} um/px: tiles are read from "
-                f"level {level} ({level_mpp:.4g} um/px) and {how} to it")
-        return cls(level, scale, True, max(1, round(width / scale)), max(1, round(height / scale)),
-                   level_mpp, model_mpp, note)  # fmt: skip
+        note = (
+            f"{reader.path.name} has no pyramid level at the model's {model_mpp:g} um/px: tiles are read from "
+            f"level {level} ({level_mpp:.4g} um/px) and {how} to it"
+        )
+        return cls(
+            level, scale, True, max(1, round(width / scale)), max(1, round(height / scale)), level_mpp, model_mpp, note
+        )
 
     def level0_span(self, start: int, stop: int) -> tuple[int, int]:
         """The level-0 pixels [a, b) whose centres lie in grid pixels [start, stop)."""
@@ -211,9 +216,15 @@ class ReadGrid:
         return out
 
     def describe(self) -> dict:
-        return {"model_mpp": self.model_mpp, "level": self.level, "level_mpp": self.level_mpp,
-                "resampled": self.resample, "level0_px_per_model_px": self.scale,
-                "grid": [self.width, self.height], "note": self.note}  # fmt: skip
+        return {
+            "model_mpp": self.model_mpp,
+            "level": self.level,
+            "level_mpp": self.level_mpp,
+            "resampled": self.resample,
+            "level0_px_per_model_px": self.scale,
+            "grid": [self.width, self.height],
+            "note": self.note,
+        }
 
 
 def _no_time_yet() -> dict[str, float]:
@@ -253,7 +264,7 @@ class SlideState:
     sessions: int = 1
 
     @classmethod
-    def load(cls, path: Path) -> "SlideState":
+    def load(cls, path: Path) -> SlideState:
         try:
             return cls(**json.loads(path.read_text()))
         except (OSError, ValueError, TypeError) as exc:
@@ -291,7 +302,9 @@ class _SlideJob:
         self.width, self.height = self.read.width, self.read.height  # the grid's: tiles, ownership, cells
         found, _ = tissue_grid(reader, (self.width, self.height), self.read.scale, self.tile, self.overlap, min_tissue)
         if not found:
-            raise CmdfedError(f"no tissue found in {reader.path.name} at --min-tissue {min_tissue}; lower it or check the slide")
+            raise CmdfedError(
+                f"no tissue found in {reader.path.name} at --min-tissue {min_tissue}; lower it or check the slide"
+            )
         self.corners = [(x, y) for x, y, _ in found]  # grid pixels
         self.grid = TileGrid(self.tile, self.overlap, tuple(self.corners))
         self.work = out_dir / WORK_DIR
@@ -329,7 +342,9 @@ class _SlideJob:
             state.sessions += 1
             return state
         if (self.out_dir / LABELS_DIR).exists() or (self.out_dir / SUMMARY).exists():
-            raise CmdfedError(f"{self.out_dir} already holds outputs of an unknown run; choose another --out or pass --restart")
+            raise CmdfedError(
+                f"{self.out_dir} already holds outputs of an unknown run; choose another --out or pass --restart"
+            )
         self.work.mkdir(parents=True, exist_ok=True)
         outputs.create_label_zarr(self.out_dir / LABELS_DIR, self.slide_width, self.slide_height)
         self.features_path.write_bytes(b"")
@@ -387,14 +402,17 @@ class _SlideJob:
             there = region[by0:by1, bx0:bx1]
             area = np.count_nonzero(mine)
             if not area:
-                continue  # smaller than a level-0 pixel (a grid finer than level 0): not in the label image, so not kept
+                # Smaller than a level-0 pixel (a grid finer than level 0): not in the label image, so not kept.
+                continue
             if np.count_nonzero(there[mine]) * 2 > area:
                 state.seam_duplicates += 1
                 continue  # a neighbouring tile already kept this nucleus (see cmdfed.inference.tiling)
             label = state.next_id
             state.next_id += 1
             there[mine & (there == 0)] = label
-            feature = nucleus_feature(nucleus, corner, label, self.class_names, self.mpp, scale=self.read.scale, area=area)
+            feature = nucleus_feature(
+                nucleus, corner, label, self.class_names, self.mpp, scale=self.read.scale, area=area
+            )
             lines.append(_feature_line(feature))
             name = feature["properties"]["classification"]["name"]
             state.counts[name] = state.counts.get(name, 0) + 1
@@ -421,8 +439,12 @@ class _SlideJob:
         x0, x1 = self.read.level0_span(gx + bx0, gx + bx1)
         y0, y1 = self.read.level0_span(gy + by0, gy + by1)
         rx0, ry0, rx1, ry1 = rect
-        return (min(max(x0, rx0), rx1) - rx0, min(max(y0, ry0), ry1) - ry0,
-                min(max(x1, rx0), rx1) - rx0, min(max(y1, ry0), ry1) - ry0)  # fmt: skip
+        return (
+            min(max(x0, rx0), rx1) - rx0,
+            min(max(y0, ry0), ry1) - ry0,
+            min(max(x1, rx0), rx1) - rx0,
+            min(max(y1, ry0), ry1) - ry0,
+        )
 
     def _level0_square(self, corner) -> tuple[int, int, int]:
         """(x, y, side) of a level-0 square covering the tile, for syncing its label chunks."""
@@ -501,11 +523,15 @@ class _SlideJob:
         if not self.mpp:
             found.append("the slide's resolution (mpp) is unknown: areas are in pixels only")
         if not self.read.model_mpp:
-            found.append("the bundle does not record the model's resolution, so the slide was read at level 0 as it "
-                         "is; export it with --mpp so slides at other resolutions are resampled to it")
+            found.append(
+                "the bundle does not record the model's resolution, so the slide was read at level 0 as it "
+                "is; export it with --mpp so slides at other resolutions are resampled to it"
+            )
         elif self.read.resample and self.read.level_mpp > self.read.model_mpp:
-            found.append(f"the slide ({self.mpp:.4g} um/px) is coarser than the model's {self.read.model_mpp:g} um/px: "
-                         "tiles were enlarged, small nuclei may be missed")
+            found.append(
+                f"the slide ({self.mpp:.4g} um/px) is coarser than the model's {self.read.model_mpp:g} um/px: "
+                "tiles were enlarged, small nuclei may be missed"
+            )
         return found
 
 
@@ -513,16 +539,24 @@ def _feature_line(feature: dict) -> str:
     return json.dumps(feature, separators=(",", ":")) + "\n"
 
 
-def _record(reports: Reports, slide_name: str, summary: dict | None, duration: float, error: BaseException | None = None) -> None:
+def _record(
+    reports: Reports, slide_name: str, summary: dict | None, duration: float, error: BaseException | None = None
+) -> None:
     """Report the slide to the telemetry; a telemetry failure never fails (or hides) the slide's own result."""
     try:
         _report_inference(reports, slide_name, summary, duration, error)
-    except Exception as exc:
-        log.warning("could not record %s in the telemetry (%s: %s); the slide's outputs are not affected",
-                    slide_name, type(exc).__name__, exc)
+    except Exception as exc:  # noqa: BLE001 - telemetry never fails the slide (logged)
+        log.warning(
+            "could not record %s in the telemetry (%s: %s); the slide's outputs are not affected",
+            slide_name,
+            type(exc).__name__,
+            exc,
+        )
 
 
-def _report_inference(reports: Reports, slide_name: str, summary: dict | None, duration: float, error: BaseException | None) -> None:
+def _report_inference(
+    reports: Reports, slide_name: str, summary: dict | None, duration: float, error: BaseException | None
+) -> None:
     reports.record_inference(
         model_version=summary["model_version"] if summary else None,
         slide_name=slide_name,

@@ -80,7 +80,7 @@ def machine_memory() -> int:
 
 def _status(field: str) -> int:
     text = Path("/proc/self/status").read_text()
-    match = re.search(rf"^{field}:\s+(\d+) kB", text, re.M)
+    match = re.search(rf"^{field}:\s+(\d+) kB", text, re.MULTILINE)
     return int(match.group(1)) * 1024 if match else 0
 
 
@@ -167,8 +167,17 @@ class Plan:
         return self.budget - self.at_rest - self.messages
 
 
-def plan_limits(budget: int, at_rest: int, costs: Costs, *, workers: int, max_tiles: int, min_side: int,
-                max_side: int, multiple: int) -> Plan:  # fmt: skip
+def plan_limits(
+    budget: int,
+    at_rest: int,
+    costs: Costs,
+    *,
+    workers: int,
+    max_tiles: int,
+    min_side: int,
+    max_side: int,
+    multiple: int,
+) -> Plan:
     """The largest request (fewest tiles lost first, then the side) whose work fits ``budget``
     beside the service (``at_rest``: resident at rest plus one model run) and ``workers``
     received messages; CmdfedError if none does."""
@@ -185,8 +194,11 @@ def plan_limits(budget: int, at_rest: int, costs: Costs, *, workers: int, max_ti
             plan = fits(tiles, side)
             if plan is not None:
                 return plan
-    smallest = rest + workers * MESSAGE_COPIES * costs.message(1, min_side) + max(
-        costs.request([min_side * min_side]), costs.slide(1))
+    smallest = (
+        rest
+        + workers * MESSAGE_COPIES * costs.message(1, min_side)
+        + max(costs.request([min_side * min_side]), costs.slide(1))
+    )
     raise CmdfedError(
         f"--max-memory {gib(budget)} is too little: the service takes {gib(at_rest)} with this model (at rest, and "
         "running it), "

@@ -39,8 +39,12 @@ def sync_label_chunks(path: Path, squares: list[tuple[int, int, int]]) -> None:
     """fsync level 0's chunk files under the (x, y, side) squares, and their folders, so a
     batch recorded as done survives a power cut with its labels (not only its features)."""
     level0 = path / "labels" / LABEL_NAME / "0"
-    keys = {(cy, cx) for x, y, side in squares
-            for cy in range(y // CHUNK, (y + side - 1) // CHUNK + 1) for cx in range(x // CHUNK, (x + side - 1) // CHUNK + 1)}
+    keys = {
+        (cy, cx)
+        for x, y, side in squares
+        for cy in range(y // CHUNK, (y + side - 1) // CHUNK + 1)
+        for cx in range(x // CHUNK, (x + side - 1) // CHUNK + 1)
+    }
     folders = set()
     for cy, cx in sorted(keys):
         chunk = level0 / str(cy) / str(cx)
@@ -62,9 +66,14 @@ def _fsync(path: Path, flags: int) -> None:
 def _create_level(group: zarr.Group, name: str, shape: tuple[int, int]) -> zarr.Array:
     chunks = (min(CHUNK, shape[0]), min(CHUNK, shape[1]))
     return group.create_array(
-        name, shape=shape, chunks=chunks, dtype="uint32", fill_value=0, overwrite=True,
+        name,
+        shape=shape,
+        chunks=chunks,
+        dtype="uint32",
+        fill_value=0,
+        overwrite=True,
         chunk_key_encoding={"name": "v2", "separator": "/"},
-    )  # fmt: skip
+    )
 
 
 def finish_label_zarr(path: Path, mpp: float | None, min_side: int = CHUNK) -> int:
@@ -97,7 +106,10 @@ def _ngff_label_attrs(levels: int, mpp: float | None) -> dict:
                 "name": LABEL_NAME,
                 "axes": [{"name": "y", "type": "space", **unit}, {"name": "x", "type": "space", **unit}],
                 "datasets": [
-                    {"path": str(i), "coordinateTransformations": [{"type": "scale", "scale": [pixel * 2**i, pixel * 2**i]}]}
+                    {
+                        "path": str(i),
+                        "coordinateTransformations": [{"type": "scale", "scale": [pixel * 2**i, pixel * 2**i]}],
+                    }
                     for i in range(levels)
                 ],
                 "type": "nearest (every second pixel)",

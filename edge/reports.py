@@ -67,10 +67,15 @@ def open_reports(
     """The reports `cmdfed edge serve` options ask for: a local store, the telemetry server, or none."""
     if report_to is None:
         if report_token is not None or report_ca is not None or report_insecure:
-            raise CmdfedError("--report-token, --report-ca and --report-insecure go with --report-to ADDR; add it or drop them")
+            raise CmdfedError(
+                "--report-token, --report-ca and --report-insecure go with --report-to ADDR; add it or drop them"
+            )
         return reports_to(telemetry)
     if telemetry is not None:
-        raise CmdfedError("give --telemetry (a store this machine writes) or --report-to (the federation's telemetry server), not both")
+        raise CmdfedError(
+            "give --telemetry (a store this machine writes) or --report-to (the federation's telemetry server), not "
+            "both"
+        )
     if report_token is None:
         raise CmdfedError(
             "--report-to needs --report-token FILE: the token the federation operator issued for this workstation "

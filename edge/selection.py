@@ -41,7 +41,9 @@ class Selection:
         }
 
 
-def _create(name: str, model: BundleModel, home: Path, threads: int | None, trt_source: str, memory_arena: bool) -> Backend:
+def _create(
+    name: str, model: BundleModel, home: Path, threads: int | None, trt_source: str, memory_arena: bool
+) -> Backend:
     if name == "tensorrt":
         return TensorRTBackend(model, home / "engines", source=trt_source)
     if name == "onnxruntime-cuda":
@@ -81,13 +83,16 @@ def select_backend(
             skipped[name] = str(exc)
             log.info("backend %s skipped: %s", name, exc)
             continue
-        except Exception as exc:  # a broken GPU stack (missing torch_tensorrt, CUDA OOM, cuDNN) must not stop the fallback
+        except Exception as exc:  # noqa: BLE001 - a broken GPU stack must not stop the fallback
+            # (missing torch_tensorrt, CUDA OOM, cuDNN); the failure is recorded in skipped and logged
             skipped[name] = f"failed while loading or validating ({type(exc).__name__}: {exc})"
             log.warning("backend %s failed, trying the next one: %s", name, skipped[name])
             continue
         log.info("backend %s selected (golden max abs diff %.3g)", name, diff)
         return Selection(backend, diff, skipped)
     if force:
-        raise CmdfedError(f"backend {force} cannot be used here: {skipped[force]}; omit --backend to fall back automatically")
+        raise CmdfedError(
+            f"backend {force} cannot be used here: {skipped[force]}; omit --backend to fall back automatically"
+        )
     reasons = "; ".join(f"{k}: {v}" for k, v in skipped.items())
     raise CmdfedError(f"no backend can run this model here ({reasons})")

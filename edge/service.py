@@ -32,26 +32,26 @@ waits up to ADMISSION_WAIT_S for it (then RESOURCE_EXHAUSTED, reason ``memory_bu
 calls at once cannot together outgrow the budget, and every request the service accepts it
 can finish. A SegmentSlide batch is at most WINDOW_BATCH tiles.
 
-SegmentSlide runs ``edge.infer.infer_slide`` (resumable, same outputs as `cmdfed edge
-infer`, default folder HOME/outputs/<slide file name>) on a thread of its own with the
-served backend, so a slide is segmented by the model ModelInfo reports even after a new
-deploy, and streams its progress (the request's ``mpp`` stands for a slide file's missing resolution); the last message holds the summary and output paths.
-One slide at a time: a second SegmentSlide while one runs gets RESOURCE_EXHAUSTED rather
-than waiting on a worker thread. A client that cancels stops the slide at the next
-batch; rerunning it resumes. With --telemetry or --report-to, each slide's summary is
+SegmentSlide runs ``edge.infer.infer_slide`` (resumable, same outputs as `cmdfed edge infer`,
+default folder HOME/outputs/<slide file name>) on a thread of its own with the served backend, so a
+slide is segmented by the model ModelInfo reports even after a new deploy, and streams its progress
+(the request's ``mpp`` stands for a slide file's missing resolution); the last message holds the
+summary and output paths. One slide at a time: a second SegmentSlide while one runs gets
+RESOURCE_EXHAUSTED rather than waiting on a worker thread. A client that cancels stops the slide at
+the next batch; rerunning it resumes. With --telemetry or --report-to, each slide's summary is
 reported too.
 
 Metrics (own registry, so several services can live in one process):
-``cmdfed_edge_memory_budget_bytes`` and ``cmdfed_edge_memory_reserved_bytes`` (what calls
-under way hold of what is left for them), ``cmdfed_edge_requests_total{method,code}``, ``cmdfed_edge_failures_total{method,reason}``,
-``cmdfed_edge_request_duration_seconds{method}`` (histogram: p50/p95 by
-histogram_quantile), ``cmdfed_edge_tiles_total`` (rate() = tiles/s),
+``cmdfed_edge_memory_budget_bytes`` and ``cmdfed_edge_memory_reserved_bytes`` (what calls under way
+hold of what is left for them), ``cmdfed_edge_requests_total{method,code}``,
+``cmdfed_edge_failures_total{method,reason}``, ``cmdfed_edge_request_duration_seconds{method}``
+(histogram: p50/p95 by histogram_quantile), ``cmdfed_edge_tiles_total`` (rate() = tiles/s),
 ``cmdfed_edge_model_info{version,backend,device,precision}`` and, on a CUDA backend,
-``cmdfed_edge_gpu_memory_used_bytes``. Heartbeats (at start, every --heartbeat seconds,
-and after stopping) carry tiles/s since the previous one, p50/p95 of the last
-LATENCY_WINDOW SegmentTiles calls and the errors by reason so far. They go to a store the
-workstation writes itself (--telemetry) or, queued and sent in the background so that no call
-waits on the network, to the federation's telemetry server (--report-to; edge.reports).
+``cmdfed_edge_gpu_memory_used_bytes``. Heartbeats (at start, every --heartbeat seconds, and after
+stopping) carry tiles/s since the previous one, p50/p95 of the last LATENCY_WINDOW SegmentTiles
+calls and the errors by reason so far. They go to a store the workstation writes itself
+(--telemetry) or, queued and sent in the background so that no call waits on the network, to the
+federation's telemetry server (--report-to; edge.reports).
 
 Errors: a request a client got wrong ends with INVALID_ARGUMENT (a message that is not the
 method's protobuf, reason ``bad_message``, logged in one line; bad tile sizes or byte
@@ -95,16 +95,25 @@ from cmdfed.inference.nuclei import NucleusRecord, class_name, image_xy
 from cmdfed.inference.postprocess import WatershedParams, postprocess
 from cmdfed.inference.resolution import needs_resampling, resample_image, resampled_shape, to_image_pixels
 from edge import infer
-from edge.memory import (
-    DEFAULT_FRACTION, Costs, MemoryBudget, MemoryBusy, gib, machine_memory, peak_resident_bytes, plan_limits,
-    release_freed_memory, reset_peak_resident, resident_bytes,
-)  # fmt: skip
-from edge.selection import Selection, select_backend
-from edge.windows import padded_side, windowed_maps
 from edge.deploy import active_bundle
+from edge.memory import (
+    DEFAULT_FRACTION,
+    Costs,
+    MemoryBudget,
+    MemoryBusy,
+    gib,
+    machine_memory,
+    peak_resident_bytes,
+    plan_limits,
+    release_freed_memory,
+    reset_peak_resident,
+    resident_bytes,
+)
 from edge.protos import cmdfed_edge_pb2 as pb
 from edge.protos import cmdfed_edge_pb2_grpc as pb_grpc
 from edge.reports import Reports, reports_to
+from edge.selection import Selection, select_backend
+from edge.windows import padded_side, windowed_maps
 
 log = logging.getLogger("cmdfed.edge")
 
@@ -156,18 +165,30 @@ class Metrics:
             "cmdfed_edge_failures", "Failed calls by reason.", ["method", "reason"], registry=registry
         )
         self.latency = Histogram(
-            "cmdfed_edge_request_duration_seconds", "Call duration (p50/p95 via histogram_quantile).", ["method"],
+            "cmdfed_edge_request_duration_seconds",
+            "Call duration (p50/p95 via histogram_quantile).",
+            ["method"],
             registry=registry,
-        )  # fmt: skip
+        )
         self.tiles = Counter("cmdfed_edge_tiles", "Tiles segmented (requests and slides).", registry=registry)
-        self.memory_budget = Gauge("cmdfed_edge_memory_budget_bytes", "What calls may reserve: the budget less the service at rest and received messages.",
-                                   registry=registry)  # fmt: skip
-        self.memory_reserved = Gauge("cmdfed_edge_memory_reserved_bytes", "Memory the calls under way reserved.",
-                                     registry=registry)  # fmt: skip
+        self.memory_budget = Gauge(
+            "cmdfed_edge_memory_budget_bytes",
+            "What calls may reserve: the budget less the service at rest and received messages.",
+            registry=registry,
+        )
+        self.memory_reserved = Gauge(
+            "cmdfed_edge_memory_reserved_bytes", "Memory the calls under way reserved.", registry=registry
+        )
         backend = selection.backend
         model = Info("cmdfed_edge_model", "The model being served.", registry=self.registry)
-        model.info({"version": backend.model.manifest["model"]["version"], "backend": backend.name,
-                    "device": backend.device, "precision": backend.precision})  # fmt: skip
+        model.info(
+            {
+                "version": backend.model.manifest["model"]["version"],
+                "backend": backend.name,
+                "device": backend.device,
+                "precision": backend.precision,
+            }
+        )
         if backend.device.startswith("cuda"):
             gpu = Gauge("cmdfed_edge_gpu_memory_used_bytes", "Memory in use on the backend's GPU.", registry=registry)
             gpu.set_function(_gpu_memory_used)
@@ -203,7 +224,7 @@ class Metrics:
             self._tiles_since, self._since = 0, now
             latencies = np.array(self._latencies)
             errors = dict(self._errors)
-        p50, p95 = (np.percentile(latencies * 1e3, [50, 95]).tolist() if len(latencies) else (None, None))
+        p50, p95 = np.percentile(latencies * 1e3, [50, 95]).tolist() if len(latencies) else (None, None)
         return {"tiles_per_s": tiles_per_s, "p50_ms": p50, "p95_ms": p95, "errors": errors}
 
 
@@ -231,54 +252,70 @@ def decode_tiles(tiles, limits: Limits) -> list[np.ndarray]:
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "no_tiles", "the request has no tiles")
     if len(tiles) > limits.max_tiles:
         raise RequestError(
-            grpc.StatusCode.RESOURCE_EXHAUSTED, "too_many_tiles",
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "too_many_tiles",
             f"{len(tiles)} tiles in one request; at most {limits.max_tiles} are accepted: send the rest separately",
-        )  # fmt: skip
+        )
     images = []
     for i, tile in enumerate(tiles):
         h, w = tile.height, tile.width
         if not (1 <= h <= limits.max_side and 1 <= w <= limits.max_side):
             raise RequestError(
-                grpc.StatusCode.INVALID_ARGUMENT, "bad_tile_size",
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "bad_tile_size",
                 f"tile {i}: height and width must be 1..{limits.max_side}, got {h}x{w}",
-            )  # fmt: skip
+            )
         if len(tile.rgb) != h * w * 3:
             raise RequestError(
-                grpc.StatusCode.INVALID_ARGUMENT, "bad_tile_bytes",
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "bad_tile_bytes",
                 f"tile {i}: {h}x{w} RGB needs {h * w * 3} bytes (uint8, row-major), got {len(tile.rgb)}",
-            )  # fmt: skip
+            )
         images.append(np.frombuffer(tile.rgb, np.uint8).reshape(h, w, 3))
     return images
 
 
-def to_model_resolution(images: list[np.ndarray], mpp: float, model_mpp: float | None, limits: Limits) -> list[np.ndarray]:
+def to_model_resolution(
+    images: list[np.ndarray], mpp: float, model_mpp: float | None, limits: Limits
+) -> list[np.ndarray]:
     """The tiles as the model reads them: resampled to its resolution when the request states
     another (``mpp``; 0: the model's), else as they are; a RequestError when that cannot be."""
     if mpp == 0:
         return images
     low, high = PLAUSIBLE_MPP
     if not low <= mpp <= high:
-        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "bad_mpp",
-                           f"mpp {mpp}: a tile's resolution lies in {low}..{high} um/px (0.25 at 40x, 0.5 at 20x), or 0 for the model's")
+        raise RequestError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "bad_mpp",
+            f"mpp {mpp}: a tile's resolution lies in {low}..{high} um/px (0.25 at 40x, 0.5 at 20x), or 0 for the "
+            "model's",
+        )
     if not model_mpp:
-        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "bad_mpp",
-                           "this model's bundle records no resolution, so tiles cannot be resampled to it: send them at "
-                           "the resolution it was trained at, with mpp 0")  # fmt: skip
+        raise RequestError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "bad_mpp",
+            "this model's bundle records no resolution, so tiles cannot be resampled to it: send them at "
+            "the resolution it was trained at, with mpp 0",
+        )
     if not needs_resampling(mpp, model_mpp):
         return images
     resampled = []
     for i, image in enumerate(images):
         shape = resampled_shape(image.shape[:2], mpp / model_mpp)
         if max(shape) > limits.max_side:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "bad_tile_size",
-                               f"tile {i}: at the model's {model_mpp:g} um/px it is {shape[0]}x{shape[1]}, above "
-                               f"{limits.max_side}: send smaller tiles")  # fmt: skip
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "bad_tile_size",
+                f"tile {i}: at the model's {model_mpp:g} um/px it is {shape[0]}x{shape[1]}, above "
+                f"{limits.max_side}: send smaller tiles",
+            )
         resampled.append(resample_image(image, shape))
     return resampled
 
 
 def padded_batch(images: list[np.ndarray], limits: Limits) -> np.ndarray:
     """One uint8 batch, every tile padded with white to a common side the network accepts."""
+
     def side(n: int) -> int:
         return max(limits.min_side, math.ceil(n / limits.multiple) * limits.multiple)
 
@@ -295,9 +332,12 @@ def tile_result(result, class_names: list[str]) -> pb.TileResult:
     encoding, dtype = (pb.UINT16_LE, "<u2") if small else (pb.INT32_LE, "<i4")
     height, width = instances.shape
     return pb.TileResult(
-        height=height, width=width, encoding=encoding, instances=instances.astype(dtype).tobytes(),
+        height=height,
+        width=width,
+        encoding=encoding,
+        instances=instances.astype(dtype).tobytes(),
         nuclei=[_nucleus(n, class_names) for n in result.nuclei],
-    )  # fmt: skip
+    )
 
 
 def _nucleus(nucleus: NucleusRecord, class_names: list[str]) -> pb.Nucleus:
@@ -305,10 +345,14 @@ def _nucleus(nucleus: NucleusRecord, class_names: list[str]) -> pb.Nucleus:
     x, y = image_xy(nucleus.centroid_xy).tolist()
     contour = image_xy(nucleus.contour_xy)
     return pb.Nucleus(
-        id=nucleus.id, type=nucleus.type or 0, type_name=class_name(nucleus.type, class_names),
-        type_probability=nucleus.type_prob or 0.0, centroid=pb.Point(x=x, y=y), area=nucleus.area,
+        id=nucleus.id,
+        type=nucleus.type or 0,
+        type_name=class_name(nucleus.type, class_names),
+        type_probability=nucleus.type_prob or 0.0,
+        centroid=pb.Point(x=x, y=y),
+        area=nucleus.area,
         contour=[pb.Point(x=px, y=py) for px, py in contour.tolist()],
-    )  # fmt: skip
+    )
 
 
 # -- the service -----------------------------------------------------------------------
@@ -326,28 +370,31 @@ def _lenient(message: type):
     def parse(data: bytes):
         try:
             return message.FromString(data)
-        except Exception as exc:  # google.protobuf.message.DecodeError, and whatever upb raises
+        except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError, and whatever upb raises
             return Undecodable(message, exc)
 
     return parse
 
 
-def add_servicer(servicer: "EdgeServicer", server: grpc.Server) -> None:
+def add_servicer(servicer: EdgeServicer, server: grpc.Server) -> None:
     """``pb_grpc.add_EdgeSegmentationServicer_to_server`` with request parsing that cannot fail."""
     handlers = {
         "SegmentTiles": grpc.unary_unary_rpc_method_handler(
-            servicer.SegmentTiles, request_deserializer=_lenient(pb.SegmentTilesRequest),
+            servicer.SegmentTiles,
+            request_deserializer=_lenient(pb.SegmentTilesRequest),
             response_serializer=pb.SegmentTilesResponse.SerializeToString,
         ),
         "SegmentSlide": grpc.unary_stream_rpc_method_handler(
-            servicer.SegmentSlide, request_deserializer=_lenient(pb.SegmentSlideRequest),
+            servicer.SegmentSlide,
+            request_deserializer=_lenient(pb.SegmentSlideRequest),
             response_serializer=pb.SlideProgress.SerializeToString,
         ),
         "ModelInfo": grpc.unary_unary_rpc_method_handler(
-            servicer.ModelInfo, request_deserializer=_lenient(pb.Empty),
+            servicer.ModelInfo,
+            request_deserializer=_lenient(pb.Empty),
             response_serializer=pb.ModelInfoResponse.SerializeToString,
         ),
-    }  # fmt: skip
+    }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
@@ -355,13 +402,19 @@ def add_servicer(servicer: "EdgeServicer", server: grpc.Server) -> None:
 def decoded(request, method: str, context):
     """The request, or a RequestError (one log line) if its bytes did not parse."""
     if isinstance(request, Undecodable):
-        log.warning("refused a %s call from %s: not a %s message (%s)", method, context.peer(),
-                    request.message.__name__, str(request.error)[:200] or type(request.error).__name__)  # fmt: skip
+        log.warning(
+            "refused a %s call from %s: not a %s message (%s)",
+            method,
+            context.peer(),
+            request.message.__name__,
+            str(request.error)[:200] or type(request.error).__name__,
+        )
         raise RequestError(
-            grpc.StatusCode.INVALID_ARGUMENT, "bad_message",
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "bad_message",
             f"the request is not a {request.message.DESCRIPTOR.full_name} protobuf message; use the client code "
             "generated from cmdfed_edge.proto",
-        )  # fmt: skip
+        )
     return request
 
 
@@ -381,8 +434,16 @@ class SerialisedBackend:
 
 
 class EdgeServicer(pb_grpc.EdgeSegmentationServicer):
-    def __init__(self, home: Path, selection: Selection, limits: Limits, metrics: Metrics, reports: Reports | None,
-                 costs: Costs, memory: MemoryBudget):  # fmt: skip
+    def __init__(
+        self,
+        home: Path,
+        selection: Selection,
+        limits: Limits,
+        metrics: Metrics,
+        reports: Reports | None,
+        costs: Costs,
+        memory: MemoryBudget,
+    ):
         self.home, self.selection, self.limits, self.metrics = home, selection, limits, metrics
         self.reports = reports
         self.costs, self.memory = costs, memory
@@ -412,14 +473,15 @@ class EdgeServicer(pb_grpc.EdgeSegmentationServicer):
         return self._unary("ModelInfo", context, work)
 
     def SegmentTiles(self, request, context):
-        return self._unary("SegmentTiles", context,
-                           lambda: self._segment_tiles(decoded(request, "SegmentTiles", context), context))  # fmt: skip
+        return self._unary(
+            "SegmentTiles", context, lambda: self._segment_tiles(decoded(request, "SegmentTiles", context), context)
+        )
 
     def SegmentSlide(self, request, context):
         started = time.perf_counter()
         try:
             yield from self._segment_slide(decoded(request, "SegmentSlide", context), context)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - every failure becomes the call's gRPC status; the service lives on
             code, reason, message = _classify(exc, "bad_slide")
             self.metrics.failed("SegmentSlide", code, reason, time.perf_counter() - started)
             context.abort(code, message)
@@ -431,7 +493,7 @@ class EdgeServicer(pb_grpc.EdgeSegmentationServicer):
         started = time.perf_counter()
         try:
             response = work()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - every failure becomes the call's gRPC status; the service lives on
             code, reason, message = _classify(exc, "bad_request")
             self.metrics.failed(method, code, reason, time.perf_counter() - started)
             context.abort(code, message)
@@ -441,13 +503,22 @@ class EdgeServicer(pb_grpc.EdgeSegmentationServicer):
     def _model_info(self) -> pb.ModelInfoResponse:
         backend, pre, limits = self.selection.backend, self.manifest["preprocessing"], self.limits
         return pb.ModelInfoResponse(
-            model_version=self.version, backend=backend.name, device=backend.device, precision=backend.precision,
-            class_names=self.class_names, tile_size=pre["tile_size"], overlap=pre["overlap"], mpp=pre.get("mpp") or 0.0,
+            model_version=self.version,
+            backend=backend.name,
+            device=backend.device,
+            precision=backend.precision,
+            class_names=self.class_names,
+            tile_size=pre["tile_size"],
+            overlap=pre["overlap"],
+            mpp=pre.get("mpp") or 0.0,
             limits=pb.InputLimits(
-                min_side=limits.min_side, max_side=limits.max_side, side_multiple_of=limits.multiple,
-                max_tiles_per_request=limits.max_tiles, max_message_bytes=limits.max_message_bytes,
+                min_side=limits.min_side,
+                max_side=limits.max_side,
+                side_multiple_of=limits.multiple,
+                max_tiles_per_request=limits.max_tiles,
+                max_message_bytes=limits.max_message_bytes,
             ),
-        )  # fmt: skip
+        )
 
     def _segment_tiles(self, request, context) -> pb.SegmentTilesResponse:
         images = decode_tiles(request.tiles, self.limits)
@@ -466,12 +537,20 @@ class EdgeServicer(pb_grpc.EdgeSegmentationServicer):
                 maps = self._backend.run(padded_batch([seen[k] for k in chunk], limits))
                 for j, k in enumerate(chunk):
                     h, w = seen[k].shape[:2]
-                    results[k] = self._tile_result({name: value[j][..., :h, :w] for name, value in maps.items()},
-                                                   images[k].shape[:2])
+                    results[k] = self._tile_result(
+                        {name: value[j][..., :h, :w] for name, value in maps.items()}, images[k].shape[:2]
+                    )
                 del maps
             for k in sorted(set(range(len(seen))) - set(small)):
-                maps = windowed_maps(self._backend.run, seen[k], window=window, overlap=self.overlap,
-                                     multiple=limits.multiple, min_side=limits.min_side, batch=self.costs.batch)  # fmt: skip
+                maps = windowed_maps(
+                    self._backend.run,
+                    seen[k],
+                    window=window,
+                    overlap=self.overlap,
+                    multiple=limits.multiple,
+                    min_side=limits.min_side,
+                    batch=self.costs.batch,
+                )
                 results[k] = self._tile_result(maps, images[k].shape[:2])
                 del maps
         self.metrics.add_tiles(len(images))
@@ -501,9 +580,10 @@ class EdgeServicer(pb_grpc.EdgeSegmentationServicer):
             self.memory.acquire(nbytes, wait, context.is_active)
         except MemoryBusy:
             raise RequestError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED, "memory_busy",
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "memory_busy",
                 "the service's memory is held by other requests; retry shortly, or send fewer or smaller tiles",
-            ) from None  # fmt: skip
+            ) from None
 
     def _segment_slide(self, request, context):
         slide, out_dir = self._slide_arguments(request)
@@ -523,12 +603,19 @@ class EdgeServicer(pb_grpc.EdgeSegmentationServicer):
         def run() -> None:
             try:
                 summary = infer.infer_slide(
-                    slide, self.home, out_dir, selection=self._slide_selection, batch=batch,
-                    min_tissue=request.min_tissue or infer.DEFAULT_MIN_TISSUE, restart=request.restart,
-                    mpp=request.mpp or None, telemetry=self.reports, progress=progress,
-                )  # fmt: skip
+                    slide,
+                    self.home,
+                    out_dir,
+                    selection=self._slide_selection,
+                    batch=batch,
+                    min_tissue=request.min_tissue or infer.DEFAULT_MIN_TISSUE,
+                    restart=request.restart,
+                    mpp=request.mpp or None,
+                    telemetry=self.reports,
+                    progress=progress,
+                )
                 outcome: pb.SlideProgress | BaseException = _final_progress(summary, out_dir)
-            except BaseException as exc:  # handed to the calling thread, which reports it
+            except BaseException as exc:  # noqa: BLE001 - handed to the calling thread, which reports it
                 outcome = exc
             self.memory.release(reserved)
             self._slide_lock.release()  # before the client hears the end, so its next slide is not "busy"
@@ -536,8 +623,11 @@ class EdgeServicer(pb_grpc.EdgeSegmentationServicer):
 
         # Refused, not queued: a queued call would hold a gRPC worker thread (health checks need them).
         if not self._slide_lock.acquire(blocking=False):
-            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, "busy",
-                               "this workstation is segmenting another slide; retry when it is done")
+            raise RequestError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "busy",
+                "this workstation is segmenting another slide; retry when it is done",
+            )
         try:
             self._acquire(reserved, context)
         except BaseException:
@@ -571,9 +661,11 @@ class EdgeServicer(pb_grpc.EdgeSegmentationServicer):
             )
         if request.batch > self.costs.batch:
             raise RequestError(
-                grpc.StatusCode.INVALID_ARGUMENT, "bad_options",
-                f"batch must be at most {self.costs.batch} tiles on this service (the memory it budgets), got {request.batch}",
-            )  # fmt: skip
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "bad_options",
+                f"batch must be at most {self.costs.batch} tiles on this service (the memory it budgets), got "
+                f"{request.batch}",
+            )
         out_dir = Path(request.out_dir) if request.out_dir else self.home / SLIDE_OUTPUTS / slide.name
         return slide, out_dir
 
@@ -581,17 +673,26 @@ class EdgeServicer(pb_grpc.EdgeSegmentationServicer):
 def _final_progress(summary: dict, out_dir: Path) -> pb.SlideProgress:
     names = summary["outputs"]
     return pb.SlideProgress(
-        done=summary["tiles"], total=summary["tiles"], stage="done",
+        done=summary["tiles"],
+        total=summary["tiles"],
+        stage="done",
         summary=pb.SlideSummary(
-            slide=summary["slide"], model_version=summary["model_version"], backend=summary["backend"]["backend"],
-            tiles=summary["tiles"], n_cells=summary["n_cells"], counts_by_type=summary["counts_by_type"],
-            area_analysed_mm2=summary["area_analysed_mm2"] or 0.0, summary_json=json.dumps(summary),
+            slide=summary["slide"],
+            model_version=summary["model_version"],
+            backend=summary["backend"]["backend"],
+            tiles=summary["tiles"],
+            n_cells=summary["n_cells"],
+            counts_by_type=summary["counts_by_type"],
+            area_analysed_mm2=summary["area_analysed_mm2"] or 0.0,
+            summary_json=json.dumps(summary),
         ),
         outputs=pb.SlideOutputs(
-            out_dir=str(out_dir), labels=str(out_dir / names["labels"]), geojson=str(out_dir / names["geojson"]),
+            out_dir=str(out_dir),
+            labels=str(out_dir / names["labels"]),
+            geojson=str(out_dir / names["geojson"]),
             summary=str(out_dir / infer.SUMMARY),
         ),
-    )  # fmt: skip
+    )
 
 
 def _classify(exc: Exception, refused: str) -> tuple[grpc.StatusCode, str, str]:
@@ -638,24 +739,49 @@ class EdgeService:
         self.home = Path(home)
         self.reports = reports_to(telemetry)
         self.heartbeat_s = heartbeat_s
-        self.selection = select_backend(active_bundle(self.home), self.home, force=backend, threads=threads,
-                                        trt_source=trt_source, memory_arena=False)  # fmt: skip
+        self.selection = select_backend(
+            active_bundle(self.home),
+            self.home,
+            force=backend,
+            threads=threads,
+            trt_source=trt_source,
+            memory_arena=False,
+        )
         spec = self.selection.backend
         self.budget = int(max_memory if max_memory is not None else DEFAULT_FRACTION * machine_memory())
         loading_peak = peak_resident_bytes()
         costs, at_rest, model_run = self._probe(spec)
         if loading_peak > self.budget:
-            raise CmdfedError(f"--max-memory {gib(self.budget)} is too little: loading this model took {gib(loading_peak)}; give more")
-        self.memory_plan = plan_limits(self.budget, at_rest + model_run, costs, workers=workers, max_tiles=max_tiles,
-                                       min_side=spec.min_shape[2], max_side=spec.max_shape[2], multiple=spec.multiple)  # fmt: skip
+            raise CmdfedError(
+                f"--max-memory {gib(self.budget)} is too little: loading this model took {gib(loading_peak)}; give more"
+            )
+        self.memory_plan = plan_limits(
+            self.budget,
+            at_rest + model_run,
+            costs,
+            workers=workers,
+            max_tiles=max_tiles,
+            min_side=spec.min_shape[2],
+            max_side=spec.max_shape[2],
+            multiple=spec.multiple,
+        )
         plan = self.memory_plan
         self.limits = Limits(spec.min_shape[2], plan.max_side, spec.multiple, plan.max_tiles)
-        log.info("memory: budget %s; loading peaked at %s; %s at rest and %s while the model runs; %s for calls; "
-                 "largest request %d tiles of %d px", gib(plan.budget), gib(loading_peak), gib(at_rest), gib(model_run),
-                 gib(plan.for_calls), plan.max_tiles, plan.max_side)  # fmt: skip
+        log.info(
+            "memory: budget %s; loading peaked at %s; %s at rest and %s while the model runs; %s for calls; "
+            "largest request %d tiles of %d px",
+            gib(plan.budget),
+            gib(loading_peak),
+            gib(at_rest),
+            gib(model_run),
+            gib(plan.for_calls),
+            plan.max_tiles,
+            plan.max_side,
+        )
         self.metrics = Metrics(self.selection)
-        self.servicer = EdgeServicer(self.home, self.selection, self.limits, self.metrics, self.reports, costs,
-                                     MemoryBudget(plan.for_calls))  # fmt: skip
+        self.servicer = EdgeServicer(
+            self.home, self.selection, self.limits, self.metrics, self.reports, costs, MemoryBudget(plan.for_calls)
+        )
         self.health = health.HealthServicer()
         self.server = self._make_server(host, port, workers)
         self.metrics_host = metrics_host
@@ -693,7 +819,8 @@ class EdgeService:
             self.port = server.add_insecure_port(f"{host}:{port}")
         except RuntimeError as exc:
             raise CmdfedError(
-                f"cannot listen on {host}:{port} (in use, or not an address of this machine); choose another --port or --host"
+                f"cannot listen on {host}:{port} (in use, or not an address of this machine); choose another --port or "
+                "--host"
             ) from exc
         return server
 
@@ -701,14 +828,16 @@ class EdgeService:
         try:
             self._metrics_http, _ = start_http_server(port, addr=host, registry=self.metrics.registry)
         except OSError as exc:
-            raise CmdfedError(f"cannot serve metrics on {host}:{port} ({exc}); choose another --metrics-port or --metrics-host") from exc
+            raise CmdfedError(
+                f"cannot serve metrics on {host}:{port} ({exc}); choose another --metrics-port or --metrics-host"
+            ) from exc
         return self._metrics_http.server_port
 
     @property
     def version(self) -> str:
         return self.servicer.version
 
-    def start(self) -> "EdgeService":
+    def start(self) -> EdgeService:
         self.server.start()
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -752,5 +881,9 @@ class EdgeService:
 
     def _heartbeat(self) -> None:
         backend = self.selection.backend
-        self.reports.heartbeat(backend=backend.name, gpu=_gpu_name(backend.device), model_version=self.version,
-                               **self.metrics.heartbeat_numbers())  # fmt: skip
+        self.reports.heartbeat(
+            backend=backend.name,
+            gpu=_gpu_name(backend.device),
+            model_version=self.version,
+            **self.metrics.heartbeat_numbers(),
+        )

@@ -121,7 +121,9 @@ class TensorRTBackend(Backend):
         return runtime.deserialize_cuda_engine(plan)
 
     def _build(self) -> bytes:
-        log.info("building a TensorRT engine for %s from %s (minutes, once per GPU and model)", self.device, self.source)
+        log.info(
+            "building a TensorRT engine for %s from %s (minutes, once per GPU and model)", self.device, self.source
+        )
         plan = self._build_from_pt2() if self.source == "pt2" else self._build_from_onnx()
         if not plan:
             raise BackendUnavailable("TensorRT failed to build an engine (see the TensorRT log above)")
@@ -201,7 +203,9 @@ def _import_runtime():
     try:
         import tensorrt as trt
     except ImportError as exc:
-        raise BackendUnavailable(f"the tensorrt package is not installed (install cmdfed with its tensorrt extra): {exc}") from exc
+        raise BackendUnavailable(
+            f"the tensorrt package is not installed (install cmdfed with its tensorrt extra): {exc}"
+        ) from exc
     import torch
 
     if not torch.cuda.is_available():

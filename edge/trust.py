@@ -127,7 +127,7 @@ def audit_entries(home: str | Path) -> list[dict]:
 
 
 def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
 def _user() -> str:

@@ -17,7 +17,7 @@ plus the tile's maps, ``(1 + 2 + classes + 1) * 4`` bytes per pixel.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -56,8 +56,9 @@ def positions(size: int, window: int, step: int) -> list[int]:
     return sorted({*range(0, last + 1, step), last})
 
 
-def windowed_maps(run: Run, image: np.ndarray, *, window: int, overlap: int, multiple: int, min_side: int,
-                  batch: int) -> dict[str, np.ndarray]:  # fmt: skip
+def windowed_maps(
+    run: Run, image: np.ndarray, *, window: int, overlap: int, multiple: int, min_side: int, batch: int
+) -> dict[str, np.ndarray]:
     """The backend's maps for one uint8 RGB tile of any size, computed ``window`` pixels at a time
     (``run``: a backend's ``run``); cropped back to the tile."""
     h, w = image.shape[:2]

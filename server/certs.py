@@ -40,7 +40,9 @@ commands = typer.Typer(help="Certificates for TLS between the federation server 
 @commands.command("init")
 def init(
     directory: Path = typer.Argument(..., help="Folder for ca.crt, ca.key, server.crt, server.key (created)."),
-    hosts: list[str] = typer.Option(..., "--host", help="A name or IP address sites use to reach the server (repeatable)."),
+    hosts: list[str] = typer.Option(
+        ..., "--host", help="A name or IP address sites use to reach the server (repeatable)."
+    ),
     days: int = typer.Option(825, help="Validity of the server certificate in days."),
     force: bool = typer.Option(False, "--force", help="Replace certificates already in DIR."),
 ) -> None:
@@ -55,32 +57,54 @@ def write_certificates(directory: Path, hosts: list[str], *, days: int = 825, fo
     names = [_subject_name(h) for h in hosts]
     existing = [name for name in (CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY) if (directory / name).exists()]
     if existing and not force:
-        raise CmdfedError(f"{directory} already holds {', '.join(existing)}; pass --force to replace them (sites then need the new ca.crt)")
-    now = datetime.datetime.now(datetime.timezone.utc)
+        raise CmdfedError(
+            f"{directory} already holds {', '.join(existing)}; pass --force to replace them (sites then need the new "
+            "ca.crt)"
+        )
+    now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "cmdfed federation CA")])
     ca_cert = (
-        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=3650))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-                                     key_encipherment=False, data_encipherment=False, key_agreement=False,
-                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA384())
-    )  # fmt: skip
+    )
     server_key = ec.generate_private_key(ec.SECP384R1())
     server_cert = (
-        x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
-        .issuer_name(ca_name).public_key(server_key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=days))
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
+        .issuer_name(ca_name)
+        .public_key(server_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
         .add_extension(x509.SubjectAlternativeName(names), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA384())
-    )  # fmt: skip
+    )
     directory.mkdir(parents=True, exist_ok=True)
     write_private_key(directory / CA_KEY, ca_key, serialization.PrivateFormat.PKCS8)
     write_private_key(directory / SERVER_KEY, server_key, serialization.PrivateFormat.PKCS8)
@@ -93,7 +117,9 @@ def server_tls_files(directory: Path) -> tuple[Path, Path, Path]:
     files = (directory / CA_CERT, directory / SERVER_CERT, directory / SERVER_KEY)
     missing = [f.name for f in files if not f.is_file()]
     if missing:
-        raise CmdfedError(f"{directory} lacks {', '.join(missing)}; make them with `cmdfed certs init {directory} --host ...`")
+        raise CmdfedError(
+            f"{directory} lacks {', '.join(missing)}; make them with `cmdfed certs init {directory} --host ...`"
+        )
     return files
 
 

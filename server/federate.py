@@ -27,16 +27,16 @@ import tempfile
 import tomllib
 from collections import deque
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 import tomli_w
 import typer
 
 import cmdfed
+from cmdfed.addresses import split_address
 from cmdfed.cli import console, emit, out
 from cmdfed.errors import CmdfedError
 from cmdfed.federation.events import EVENT_PREFIX
-from cmdfed.addresses import split_address
 from cmdfed.federation.processes import flower_env, flower_executable, require_loopback_or_insecure
 
 if TYPE_CHECKING:  # the run config needs the model's (torch); commands that never build one start without it
@@ -51,10 +51,18 @@ APP_TABLE = {
 
 def federate(
     superlink: str = typer.Option("127.0.0.1:9092", help="The SuperLink's host:port."),
-    run_dir: Path = typer.Option(..., "--run-dir", help="Run folder on the server machine; an existing one is resumed."),
-    config_file: Optional[Path] = typer.Option(None, "--config", help="TOML file of run-config keys (those of pyproject.toml's tool.flwr.app.config table)."),
-    settings: list[str] = typer.Option([], "--set", help="One run-config value, e.g. --set pretrain-rounds=5 (repeatable)."),
-    ca: Optional[Path] = typer.Option(None, "--ca", help="The federation CA certificate (`cmdfed certs init`): connect with TLS."),
+    run_dir: Path = typer.Option(
+        ..., "--run-dir", help="Run folder on the server machine; an existing one is resumed."
+    ),
+    config_file: Path | None = typer.Option(
+        None, "--config", help="TOML file of run-config keys (those of pyproject.toml's tool.flwr.app.config table)."
+    ),
+    settings: list[str] = typer.Option(
+        [], "--set", help="One run-config value, e.g. --set pretrain-rounds=5 (repeatable)."
+    ),
+    ca: Path | None = typer.Option(
+        None, "--ca", help="The federation CA certificate (`cmdfed certs init`): connect with TLS."
+    ),
     insecure: bool = typer.Option(False, "--insecure", help="Allow a non-loopback SuperLink without TLS."),
     verbose: bool = typer.Option(False, "--verbose", help="Also print Flower's own log lines."),
     as_json: bool = typer.Option(False, "--json", help="Print the run's events as JSON at the end."),
@@ -78,7 +86,9 @@ def federate(
             f"streaming after one failed log upload); every round is recorded in {config.run_dir}"
         )
     if rounds == 0:  # e.g. every site's privacy budget was spent before round 1: the warning above says why
-        console.print(f"[bold yellow]federated run ended without training a round[/]: no checkpoint in {config.run_dir}")
+        console.print(
+            f"[bold yellow]federated run ended without training a round[/]: no checkpoint in {config.run_dir}"
+        )
         return
     done = f"{rounds} rounds, " if rounds is not None else ""
     console.print(f"[bold green]federated run completed[/]: {done}checkpoints in {config.run_dir}")
@@ -125,10 +135,14 @@ def stage_app(app_dir: Path, config: FederationConfig) -> Path:
         for module in source.glob("*.py"):
             shutil.copy2(module, app_dir / source.name / module.name)
     pyproject = {
-        "project": {"name": "cmdfed", "version": cmdfed.__version__, "description": "CMD federated training",
-                    "license": {"text": "Apache-2.0"}},
+        "project": {
+            "name": "cmdfed",
+            "version": cmdfed.__version__,
+            "description": "CMD federated training",
+            "license": {"text": "Apache-2.0"},
+        },
         "tool": {"flwr": {"app": {**APP_TABLE, "config": config.to_run_config()}}},
-    }  # fmt: skip
+    }
     (app_dir / "pyproject.toml").write_text(tomli_w.dumps(pyproject))
     return app_dir
 
@@ -143,13 +157,19 @@ def _component_package(component: str) -> Path:
     package = APP_TABLE["components"][component].split(".", 1)[0]
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise CmdfedError(f"the app's {component} package '{package}' is not installed; reinstall cmdfed (pip install -e .)")
+        raise CmdfedError(
+            f"the app's {component} package '{package}' is not installed; reinstall cmdfed (pip install -e .)"
+        )
     return Path(spec.submodule_search_locations[0])
 
 
 def write_connection(flwr_home: Path, superlink: str, ca: Path | None = None) -> None:
     """Flower's CLI connection to the SuperLink: TLS verified against ``ca``, or plaintext."""
-    settings = {"address": superlink, "insecure": True} if ca is None else {"address": superlink, "root-certificates": str(ca.absolute())}
+    settings = (
+        {"address": superlink, "insecure": True}
+        if ca is None
+        else {"address": superlink, "root-certificates": str(ca.absolute())}
+    )
     (flwr_home / "config.toml").write_text(tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: settings}}))
 
 
@@ -159,7 +179,9 @@ def _stream_run(app_dir: Path, env: dict[str, str], verbose: bool) -> tuple[str,
     events: list[dict] = []
     tail: deque[str] = deque(maxlen=8)
     run_id = ""
-    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as process:
+    with subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    ) as process:
         for raw in process.stdout:
             line = raw.rstrip("\n")
             if line.startswith("Successfully started run "):
@@ -168,7 +190,7 @@ def _stream_run(app_dir: Path, env: dict[str, str], verbose: bool) -> tuple[str,
             position = line.find(EVENT_PREFIX)
             if position >= 0:
                 try:
-                    event = json.loads(line[position + len(EVENT_PREFIX):])
+                    event = json.loads(line[position + len(EVENT_PREFIX) :])
                 except json.JSONDecodeError:
                     continue
                 events.append(event)
@@ -185,11 +207,13 @@ def _stream_run(app_dir: Path, env: dict[str, str], verbose: bool) -> tuple[str,
 
 def _run_status(run_id: str, env: dict[str, str]) -> str:
     command = [flower_executable("flwr"), "ls", CONNECTION, "--run-id", run_id, "--format", "json"]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, check=False)
     try:
         return str(json.loads(result.stdout)["runs"][0]["status"])
     except (json.JSONDecodeError, KeyError, IndexError) as exc:
-        raise CmdfedError(f"cannot read the status of run {run_id}: {(result.stdout + result.stderr).strip()[-300:]}") from exc
+        raise CmdfedError(
+            f"cannot read the status of run {run_id}: {(result.stdout + result.stderr).strip()[-300:]}"
+        ) from exc
 
 
 def render_event(event: dict) -> None:
@@ -200,7 +224,10 @@ def render_event(event: dict) -> None:
         console.print(f"run {event['run_id'][:8]}: {rounds} rounds{resumed}; checkpoints in {event['run_dir']}")
         if event.get("init"):
             init = event["init"]
-            console.print(f"initial weights: {init['init']} (sha256 {init['sha256'][:12]}, heads {init['heads']})", highlight=False)
+            console.print(
+                f"initial weights: {init['init']} (sha256 {init['sha256'][:12]}, heads {init['heads']})",
+                highlight=False,
+            )
     elif kind == "waiting":
         console.print(f"waiting for sites: {event['connected']} of {event['needed']} connected")
     elif kind == "round":
@@ -210,18 +237,24 @@ def render_event(event: dict) -> None:
             f"[bold]{event['phase']}[/] round {event['phase_round']}/{event['phase_rounds']} ({event['checkpoint']}): "
             f"{sum(s['status'] == 'trained' for s in event['sites'])}/{len(event['sites'])} sites, "
             + (f"loss {loss:.4f}, " if loss is not None else "")
-            + f"{event['seconds']:.1f} s, sent {event['bytes_sent'] / 1e6:.2f} MB, received {event['bytes_received'] / 1e6:.2f} MB"
+            + f"{event['seconds']:.1f} s, sent {event['bytes_sent'] / 1e6:.2f} MB, received "
+            f"{event['bytes_received'] / 1e6:.2f} MB"
         )
         for site in event["sites"]:
             if site["status"] == "trained":
                 site_loss = site["metrics"].get("loss")
-                out.print(f"  {site['site']}: {site['n_examples']} tiles" + (f", loss {site_loss:.4f}" if site_loss is not None else ""))
+                out.print(
+                    f"  {site['site']}: {site['n_examples']} tiles"
+                    + (f", loss {site_loss:.4f}" if site_loss is not None else "")
+                )
             else:
                 out.print(f"  {site['site']}: [red]{site['status']}[/] {site['error'] or ''}", highlight=False)
         for line in evaluation_lines(metrics):
             out.print("  " + line, highlight=False)
     elif kind == "rejected":
-        console.print(f"[yellow]{event['site']}: update rejected in {event['phase']} round {event['round']}[/]: {event['reason']}")
+        console.print(
+            f"[yellow]{event['site']}: update rejected in {event['phase']} round {event['round']}[/]: {event['reason']}"
+        )
     elif kind in ("warning", "evaluation_failed"):
         console.print(f"[yellow]warning[/]: {event.get('message') or event.get('error')}")
     elif kind == "error":
@@ -238,8 +271,11 @@ def evaluation_lines(metrics: dict[str, Any]) -> list[str]:
     AJI and Dice first, as the segmentation is judged by them."""
     lines = []
     for prefix, title in (("server_", "server evaluation"), ("eval_", "site evaluation")):
-        found = {k.removeprefix(prefix): v for k, v in metrics.items()
-                 if k.startswith(prefix) and isinstance(v, (int, float)) and not isinstance(v, bool)}  # fmt: skip
+        found = {
+            k.removeprefix(prefix): v
+            for k, v in metrics.items()
+            if k.startswith(prefix) and isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
         tiles = found.pop("tiles", None)
         if not found:
             continue

@@ -28,13 +28,13 @@ or refuse a bad update, so this module drives the strategy round by round itself
    the round timeout (a site crashed after training), that round's federated evaluation is
    skipped with a warning and the round is still checkpointed.
 
-Differential privacy: under central DP the strategy is Flower's server-side clipping
-wrapper (``server.strategies``), told each round how many updates it averages. Under
-local DP a site that has spent its budget replies ``declined-budget`` instead of an
-update; it is recorded as ``declined_budget``, and when every connected site was sampled
-and declined the run stops there, completed: further rounds could not train at all (a resumed run would
-stop the same way). A site that failed or timed out may still have budget, so a round
-without updates for that reason fails the run resumably, as any round without updates. A site's privacy spend is recorded whenever its reply
+Differential privacy: under central DP the strategy is Flower's server-side clipping wrapper
+(``server.strategies``), told each round how many updates it averages. Under local DP a site that
+has spent its budget replies ``declined-budget`` instead of an update; it is recorded as
+``declined_budget``, and when every connected site was sampled and declined the run stops there,
+completed: further rounds could not train at all (a resumed run would stop the same way). A site
+that failed or timed out may still have budget, so a round without updates for that reason fails the
+run resumably, as any round without updates. A site's privacy spend is recorded whenever its reply
 reports it, also when its update is then rejected or the round fails: the site spent it.
 
 A site that goes away mid-round (its SuperNode crashed, or lost the network) does not hold
@@ -54,7 +54,6 @@ import time
 from typing import NoReturn
 
 import numpy as np
-
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
@@ -92,8 +91,10 @@ def run_federation(grid: Grid, config: FederationConfig) -> None:
         if coordinator.last_round:
             note = f"{exc}; the run stops after round {coordinator.last_round}"
         else:
-            note = (f"no round ran: {exc}, so nothing was trained and the run has no checkpoint; "
-                    "to train, start a new run folder with a larger dp-epsilon")  # fmt: skip
+            note = (
+                f"no round ran: {exc}, so nothing was trained and the run has no checkpoint; "
+                "to train, start a new run folder with a larger dp-epsilon"
+            )
         emit_event("warning", message=note)
         coordinator.finish("completed", note=note)
         return
@@ -121,7 +122,9 @@ class PhaseRounds:
         sent = self.coordinator.sent_weights(self.phase)
         layout = Layout.of(sent)
         instructions = self._instructions(phase_round, layout)
-        messages = self._with_frozen(list(self.strategy.configure_train(phase_round, _packed(layout, sent), instructions, sampling)))
+        messages = self._with_frozen(
+            list(self.strategy.configure_train(phase_round, _packed(layout, sent), instructions, sampling))
+        )
         replies, refused = self._exchange(messages, phase_round)
         reports, usable = self._sort(messages, replies, refused, phase_round, layout)
         accepted = self._screen(phase_round, reports, usable, layout)
@@ -131,17 +134,27 @@ class PhaseRounds:
         if not accepted:
             self._end_without_updates(phase_round, reports, connected=len(sampling.get_node_ids()))
         new_weights, train_metrics = self._aggregate(phase_round, accepted, layout)
-        eval_metrics = self._evaluate(phase_round, _packed(layout, new_weights), layout) if self.coordinator.evaluation_due(self.phase, phase_round) else {}
+        eval_metrics = (
+            self._evaluate(phase_round, _packed(layout, new_weights), layout)
+            if self.coordinator.evaluation_due(self.phase, phase_round)
+            else {}
+        )
         report = RoundReport(
-            started, reports, bytes_sent=sum(_payload_bytes(m.content) for m in messages),
+            started,
+            reports,
+            bytes_sent=sum(_payload_bytes(m.content) for m in messages),
             bytes_received=sum(_payload_bytes(r.content) for r in replies.values() if r.has_content()),
-            train_metrics=train_metrics, eval_metrics=eval_metrics, resolutions=resolutions,
-        )  # fmt: skip
+            train_metrics=train_metrics,
+            eval_metrics=eval_metrics,
+            resolutions=resolutions,
+        )
         self.coordinator.complete_round(self.phase, phase_round, new_weights, strategy_state(self.strategy), report)
 
     # -- the round's steps after the replies ---------------------------------------------
 
-    def _screen(self, phase_round: int, reports: list[SiteReport], usable: list[Message], layout: Layout) -> list[Message]:
+    def _screen(
+        self, phase_round: int, reports: list[SiteReport], usable: list[Message], layout: Layout
+    ) -> list[Message]:
         """The usable replies whose updates pass the coordinator's screening; the reports of
         the others say why they were rejected."""
         updates = {self._name(r): layout.unpack(r.content["arrays"][WEIGHTS_KEY].numpy()) for r in usable}
@@ -173,10 +186,15 @@ class PhaseRounds:
     # -- messages ------------------------------------------------------------------------
 
     def _instructions(self, phase_round: int, layout: Layout) -> ConfigRecord:
-        values = {"phase": self.phase, "phase-round": phase_round, "round": self.config.global_round(self.phase, phase_round),
-                  "run-id": self.coordinator.run_id, **layout.to_values(LAYOUT_PREFIX),
-                  # The model the sites build: the preset's, or the init checkpoint's, which only the server can read.
-                  ARCHITECTURE_KEY: json.dumps(self.coordinator.architecture.to_dict())}  # fmt: skip
+        values = {
+            "phase": self.phase,
+            "phase-round": phase_round,
+            "round": self.config.global_round(self.phase, phase_round),
+            "run-id": self.coordinator.run_id,
+            **layout.to_values(LAYOUT_PREFIX),
+            # The model the sites build: the preset's, or the init checkpoint's, which only the server can read.
+            ARCHITECTURE_KEY: json.dumps(self.coordinator.architecture.to_dict()),
+        }
         if self.frozen_sha:
             values["frozen-sha"] = self.frozen_sha
         return ConfigRecord(values)
@@ -194,7 +212,9 @@ class PhaseRounds:
             if node in self.holding_frozen:
                 out.append(message)
             else:
-                content = RecordDict({**dict(message.content.items()), "frozen": frozen, "frozen-layout": frozen_layout})
+                content = RecordDict(
+                    {**dict(message.content.items()), "frozen": frozen, "frozen-layout": frozen_layout}
+                )
                 out.append(Message(content, dst_node_id=node, message_type=message.metadata.message_type))
         return out
 
@@ -211,7 +231,9 @@ class PhaseRounds:
             reason = self.coordinator.sites.claim(node, name, connected)
             if reason:
                 refused[node] = reason
-                emit_event("warning", message=f"{self.phase} round {phase_round}: node {node} replied as {name!r}: {reason}")
+                emit_event(
+                    "warning", message=f"{self.phase} round {phase_round}: node {node} replied as {name!r}: {reason}"
+                )
         for node, reply in replies.items():
             if reply.has_error() or node in refused:
                 self.holding_frozen.discard(node)  # its cache may be what failed: resend next time
@@ -219,8 +241,14 @@ class PhaseRounds:
                 self.holding_frozen.add(node)
         return replies, refused
 
-    def _sort(self, messages: list[Message], replies: dict[int, Message], refused: dict[int, str],
-              phase_round: int, layout: Layout) -> tuple[list[SiteReport], list[Message]]:  # fmt: skip
+    def _sort(
+        self,
+        messages: list[Message],
+        replies: dict[int, Message],
+        refused: dict[int, str],
+        phase_round: int,
+        layout: Layout,
+    ) -> tuple[list[SiteReport], list[Message]]:
         """Site reports for every message sent, and the replies that carry an update."""
         reports, usable = [], []
         for message in messages:
@@ -228,22 +256,32 @@ class PhaseRounds:
             reply = replies.get(node)
             site = f"node-{node}" if node in refused else self.coordinator.sites.name(node)
             if reply is None:
-                reports.append(SiteReport(site, "timed_out", error=f"no reply within {self.config.round_timeout_s:.0f} s"))
+                reports.append(
+                    SiteReport(site, "timed_out", error=f"no reply within {self.config.round_timeout_s:.0f} s")
+                )
                 continue
             metrics = {}
             if reply.has_content():  # audited whatever becomes of it
                 content = reply.content
                 metrics = dict(content.metric_records.get("metrics", {}))
-                self.coordinator.audit(self.phase, phase_round, site, _unpacked_or_as_sent(content, layout),
-                                       metrics, _strings(content))  # fmt: skip
+                self.coordinator.audit(
+                    self.phase, phase_round, site, _unpacked_or_as_sent(content, layout), metrics, _strings(content)
+                )
             if node in refused:
                 reports.append(SiteReport(site, "failed", error=refused[node]))
             elif reply.has_error():
                 reports.append(SiteReport(site, "failed", error=_error_text(reply.error)))
             elif metrics.get("declined-budget") == 1:
                 spent, budget = metrics.get("dp_epsilon", 0.0), metrics.get("dp_budget_epsilon", 0.0)
-                reports.append(SiteReport(site, "declined_budget", 0, metrics,
-                                          error=f"privacy budget spent: epsilon {spent:.3f} of {budget:g}"))  # fmt: skip
+                reports.append(
+                    SiteReport(
+                        site,
+                        "declined_budget",
+                        0,
+                        metrics,
+                        error=f"privacy budget spent: epsilon {spent:.3f} of {budget:g}",
+                    )
+                )
             elif problem := _malformed_reply(reply.content, layout):
                 reports.append(SiteReport(site, "failed", error=problem))
             else:
@@ -252,8 +290,14 @@ class PhaseRounds:
                 usable.append(reply)
         for event_report in reports:
             if event_report.status != "trained":
-                emit_event("site_failed", phase=self.phase, round=phase_round, site=event_report.site,
-                           status=event_report.status, error=event_report.error)  # fmt: skip
+                emit_event(
+                    "site_failed",
+                    phase=self.phase,
+                    round=phase_round,
+                    site=event_report.site,
+                    status=event_report.status,
+                    error=event_report.error,
+                )
         return reports, usable
 
     def _name(self, reply: Message) -> str:
@@ -267,16 +311,27 @@ class PhaseRounds:
         instructions = self._instructions(phase_round, layout)
         try:
             sampling = self._sampling_grid()
-            messages = self._with_frozen(list(self.strategy.configure_evaluate(phase_round, arrays, instructions, sampling)))
+            messages = self._with_frozen(
+                list(self.strategy.configure_evaluate(phase_round, arrays, instructions, sampling))
+            )
         except SitesMissing as exc:  # a site crashed after training: the round's weights still count
             emit_event("warning", message=f"{self.phase} round {phase_round}: federated evaluation skipped: {exc}")
             return {}
         replies, refused = self._exchange(messages, phase_round)
-        good = [r for n, r in replies.items() if n not in refused and r.has_content() and "metrics" in r.content.metric_records]
+        good = [
+            r
+            for n, r in replies.items()
+            if n not in refused and r.has_content() and "metrics" in r.content.metric_records
+        ]
         for node, reply in replies.items():
             if reply.has_error() and node not in refused:
-                emit_event("evaluation_failed", phase=self.phase, round=phase_round, site=self.coordinator.sites.name(node),
-                           error=_error_text(reply.error))  # fmt: skip
+                emit_event(
+                    "evaluation_failed",
+                    phase=self.phase,
+                    round=phase_round,
+                    site=self.coordinator.sites.name(node),
+                    error=_error_text(reply.error),
+                )
         metrics = self.strategy.aggregate_evaluate(phase_round, good) if good else None
         return dict(metrics or {})
 
@@ -323,23 +378,35 @@ def _unpacked_or_as_sent(content: RecordDict, layout: Layout) -> dict:
     layout's size, else each array as sent (an empty one where its bytes do not decode)."""
     arrays = {k: _decoded(a) for k, a in content.get("arrays", {}).items()}
     vector = arrays.get(WEIGHTS_KEY)
-    if set(arrays) == {WEIGHTS_KEY} and isinstance(vector, np.ndarray) and vector.dtype == np.float32 and vector.shape == (layout.size,):
+    if (
+        set(arrays) == {WEIGHTS_KEY}
+        and isinstance(vector, np.ndarray)
+        and vector.dtype == np.float32
+        and vector.shape == (layout.size,)
+    ):
         return layout.unpack(vector)
     return {k: v if isinstance(v, np.ndarray) else np.zeros(0, np.uint8) for k, v in arrays.items()}
 
 
 def _decoded(array: Array) -> np.ndarray | None:
-    """The array its bytes hold (Flower decodes them apart from the declared shape and dtype), None if they do not decode."""
+    """The array its bytes hold (Flower decodes them apart from the declared shape and dtype), None if
+    they do not decode."""
     try:
         return array.numpy()
-    except Exception:  # whatever numpy makes of foreign bytes
+    except Exception:  # noqa: BLE001 - whatever numpy makes of a site's foreign bytes
         return None
 
 
 def _payload_bytes(content: RecordDict) -> int:
     """Bytes of a message's records as Flower counts them (arrays' data, keys and values)."""
-    return sum(record.count_bytes() for record in [*content.array_records.values(), *content.metric_records.values(),
-                                                   *content.config_records.values()])  # fmt: skip
+    return sum(
+        record.count_bytes()
+        for record in [
+            *content.array_records.values(),
+            *content.metric_records.values(),
+            *content.config_records.values(),
+        ]
+    )
 
 
 def _claimed_name(reply: Message) -> str | None:
@@ -354,12 +421,20 @@ def _claimed_name(reply: Message) -> str | None:
 def _error_text(error: Error) -> str:
     """What went wrong at a site, for the run's records: the site's own words, or the SuperLink's."""
     if error.code == ErrorCode.NODE_UNAVAILABLE:
-        return "the site went offline during the round: its SuperNode stopped, or stopped sending heartbeats to the SuperLink"
+        return (
+            "the site went offline during the round: its SuperNode stopped, or stopped sending heartbeats to the "
+            "SuperLink"
+        )
     return SITE_IN_REASON.sub("", error.reason)
 
 
 def _strings(content: RecordDict) -> dict[str, str]:
-    return {f"{name}.{k}": v for name, record in content.config_records.items() for k, v in record.items() if isinstance(v, str)}
+    return {
+        f"{name}.{k}": v
+        for name, record in content.config_records.items()
+        for k, v in record.items()
+        if isinstance(v, str)
+    }
 
 
 def _malformed_reply(content: RecordDict, layout: Layout) -> str | None:
@@ -368,7 +443,9 @@ def _malformed_reply(content: RecordDict, layout: Layout) -> str | None:
     arrays = content["arrays"]
     vector = _decoded(arrays[WEIGHTS_KEY]) if list(arrays) == [WEIGHTS_KEY] else None
     if vector is None or vector.dtype != np.float32 or vector.shape != (layout.size,):
-        got = {k: list(a.shape) for k, a in arrays.items()} if vector is None else f"{vector.dtype} {list(vector.shape)}"
+        got = (
+            {k: list(a.shape) for k, a in arrays.items()} if vector is None else f"{vector.dtype} {list(vector.shape)}"
+        )
         return f"the reply's arrays must be one float32 vector '{WEIGHTS_KEY}' of {layout.size} values, got {got}"
     value = content["metrics"].get("num-examples")
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:

@@ -17,7 +17,6 @@ sites weighted by their example counts the bound is per site only approximately 
 accounted mode needs equal weights; cmdfed reports no central epsilon).
 """
 
-
 from __future__ import annotations
 
 import numpy as np
@@ -45,9 +44,11 @@ def build_strategy(config: FederationConfig, phase: str) -> Strategy:
     strategy = _aggregation(config, phase)
     if config.dp_mode == "central":
         return DifferentialPrivacyServerSideFixedClipping(
-            strategy, noise_multiplier=config.dp_noise_multiplier, clipping_norm=config.dp_clip_norm,
+            strategy,
+            noise_multiplier=config.dp_noise_multiplier,
+            clipping_norm=config.dp_clip_norm,
             num_sampled_clients=config.min_sites,
-        )  # fmt: skip
+        )
     return strategy
 
 
@@ -66,17 +67,26 @@ def set_updates_averaged(strategy: Strategy, count: int) -> None:
 
 
 def _aggregation(config: FederationConfig, phase: str) -> FedAvg:
-    common = dict(
-        fraction_train=config.fraction_sites, fraction_evaluate=config.fraction_sites,
-        min_train_nodes=config.min_sites, min_evaluate_nodes=config.min_sites,
-        min_available_nodes=config.min_sites, weighted_by_key=WEIGHT_KEY,
-    )  # fmt: skip
+    common = {
+        "fraction_train": config.fraction_sites,
+        "fraction_evaluate": config.fraction_sites,
+        "min_train_nodes": config.min_sites,
+        "min_evaluate_nodes": config.min_sites,
+        "min_available_nodes": config.min_sites,
+        "weighted_by_key": WEIGHT_KEY,
+    }
     if config.strategy == "fedprox":
         return FedProx(**common, proximal_mu=config.proximal_mu)
     if config.strategy in ("fedadam", "fedyogi"):
         kind = FedAdam if config.strategy == "fedadam" else FedYogi
-        return kind(**common, eta=config.server_lr, eta_l=config.lr(phase), beta_1=config.beta_1,
-                    beta_2=config.beta_2, tau=config.tau)  # fmt: skip
+        return kind(
+            **common,
+            eta=config.server_lr,
+            eta_l=config.lr(phase),
+            beta_1=config.beta_1,
+            beta_2=config.beta_2,
+            tau=config.tau,
+        )
     return FedAvg(**common)
 
 
@@ -101,8 +111,8 @@ def restore_strategy_state(strategy: Strategy, state: dict[str, torch.Tensor]) -
     expected = {f"{moment}/{WEIGHTS_KEY}" for moment in MOMENTS}
     if state and set(state) != expected:
         raise CmdfedError(
-            f"the run folder's strategy state holds {len(state)} moment tensors, not the packed {sorted(expected)}: it was "
-            "written by an earlier cmdfed; start a new run folder (or resume with the cmdfed that began it)"
+            f"the run folder's strategy state holds {len(state)} moment tensors, not the packed {sorted(expected)}: it "
+            "was written by an earlier cmdfed; start a new run folder (or resume with the cmdfed that began it)"
         )
     for moment in MOMENTS:
         values = {k.removeprefix(f"{moment}/"): v.numpy() for k, v in state.items() if k.startswith(f"{moment}/")}

@@ -20,6 +20,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 from cmdfed.federation.processes import (
     flower_env,
@@ -58,10 +59,19 @@ class SuperLink:
             ca, cert, key = server_tls_files(Path(self.certs))
             transport = ["--ssl-ca-certfile", str(ca), "--ssl-certfile", str(cert), "--ssl-keyfile", str(key)]
         return [
-            sys.executable, "-m", "server.superlink_process", *transport, "--host", self.host, "--port", str(self.port),
-            "--database", str(self.state_dir / "state.db"), "--disable-runtime-dependency-installation",
+            sys.executable,
+            "-m",
+            "server.superlink_process",
+            *transport,
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--database",
+            str(self.state_dir / "state.db"),
+            "--disable-runtime-dependency-installation",
             *(["--enable-supernode-auth"] if self.site_auth else []),
-        ]  # fmt: skip
+        ]
 
     def start(self, timeout: float = 60.0) -> SuperLink:
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -77,7 +87,7 @@ class SuperLink:
         if self.process is not None:
             stop_process(self.process)
 
-    def __enter__(self) -> SuperLink:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc) -> None:

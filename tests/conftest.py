@@ -22,9 +22,11 @@ def synthetic_store(tmp_path_factory) -> Path:
     from cmdfed.data.synth import CLASS_NAMES, synth_tiles
 
     path = tmp_path_factory.mktemp("stores") / "synthetic.zarr"
-    with create_store(path, tile_size=64, class_names=CLASS_NAMES, has_types=True, mpp=0.5, shard_tiles=4) as store:
-        with store.writer() as writer:
-            writer.extend(synth_tiles(12, tile_size=64, site=0, seed=0))
+    with (
+        create_store(path, tile_size=64, class_names=CLASS_NAMES, has_types=True, mpp=0.5, shard_tiles=4) as store,
+        store.writer() as writer,
+    ):
+        writer.extend(synth_tiles(12, tile_size=64, site=0, seed=0))
     return path
 
 
@@ -47,8 +49,9 @@ def tiny_dinov2_dir(tmp_path_factory) -> Path:
 
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    config = transformers.Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                       intermediate_size=64, image_size=64, patch_size=8)
+    config = transformers.Dinov2Config(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=64, patch_size=8
+    )
     directory = tmp_path_factory.mktemp("tiny_dinov2")
     transformers.Dinov2Model(config).save_pretrained(directory)
     return directory

@@ -8,12 +8,13 @@ import pytest
 
 
 def cmdfed(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cmdfed", *args], capture_output=True, text=True, cwd=cwd)
+    return subprocess.run([sys.executable, "-m", "cmdfed", *args], capture_output=True, text=True, cwd=cwd, check=False)
 
 
 def command_paths() -> list[list[str]]:
-    from cmdfed.cli import _add_role_commands, app
     import typer.main
+
+    from cmdfed.cli import _add_role_commands, app
 
     _add_role_commands()
     root = typer.main.get_command(app)
@@ -67,21 +68,48 @@ def test_train_evaluate_predict_chain(tmp_path):
     store = tmp_path / "s.zarr"
     assert cmdfed("data", "synth", str(store), "--n", "4", "--tile", "64").returncode == 0
     common = ["--steps", "1", "--batch-size", "2", "--device", "cpu", "--json"]
-    pre = cmdfed("train", "pretrain", "--store", str(store), "--out", str(tmp_path / "pre"), "--sample-every", "1", *common)
+    pre = cmdfed(
+        "train", "pretrain", "--store", str(store), "--out", str(tmp_path / "pre"), "--sample-every", "1", *common
+    )
     assert pre.returncode == 0, pre.stderr
     assert json.loads(pre.stdout)["steps"] == 1 and (tmp_path / "pre" / "samples" / "step-000001.png").is_file()
-    ft = cmdfed("train", "finetune", "--store", str(store), "--init", str(tmp_path / "pre"), "--out", str(tmp_path / "ft"), *common)
+    ft = cmdfed(
+        "train",
+        "finetune",
+        "--store",
+        str(store),
+        "--init",
+        str(tmp_path / "pre"),
+        "--out",
+        str(tmp_path / "ft"),
+        *common,
+    )
     assert ft.returncode == 0, ft.stderr
     result = json.loads(ft.stdout)
     assert result["trainable_parameters"] == result["total_parameters"]  # the default recipe: end to end
-    ev = cmdfed("train", "evaluate", "--checkpoint", str(tmp_path / "ft"), "--store", str(store), "--device", "cpu", "--json")
+    ev = cmdfed(
+        "train", "evaluate", "--checkpoint", str(tmp_path / "ft"), "--store", str(store), "--device", "cpu", "--json"
+    )
     metrics = json.loads(ev.stdout)
-    assert ev.returncode == 0 and metrics["tiles"] == 4 and {"mean_dice", "mean_aji", "mean_pq", "mean_det_f1"} <= set(metrics)
-    from PIL import Image
+    assert (
+        ev.returncode == 0
+        and metrics["tiles"] == 4
+        and {"mean_dice", "mean_aji", "mean_pq", "mean_det_f1"} <= set(metrics)
+    )
     import numpy as np
+    from PIL import Image
 
     Image.fromarray(np.full((50, 70, 3), 200, np.uint8)).save(tmp_path / "img.png")
-    predict = ["predict", str(tmp_path / "img.png"), "--checkpoint", str(tmp_path / "ft"), "--out", str(tmp_path / "pred"), "--device", "cpu"]
+    predict = [
+        "predict",
+        str(tmp_path / "img.png"),
+        "--checkpoint",
+        str(tmp_path / "ft"),
+        "--out",
+        str(tmp_path / "pred"),
+        "--device",
+        "cpu",
+    ]
     unknown = cmdfed(*predict)  # the model records 0.5 um/px; a PNG records nothing
     assert unknown.returncode == 1 and "give --mpp" in unknown.stderr and not (tmp_path / "pred").exists()
     pr = cmdfed(*predict, "--mpp", "0.5")
@@ -90,14 +118,39 @@ def test_train_evaluate_predict_chain(tmp_path):
 
 
 def test_training_bad_input_is_one_line(tmp_path):
-    result = cmdfed("train", "finetune", "--store", str(tmp_path / "s.zarr"), "--out", str(tmp_path / "o"),
-                    "--init", "cmd-tiny-he", "--preset", "tiny")
+    result = cmdfed(
+        "train",
+        "finetune",
+        "--store",
+        str(tmp_path / "s.zarr"),
+        "--out",
+        str(tmp_path / "o"),
+        "--init",
+        "cmd-tiny-he",
+        "--preset",
+        "tiny",
+    )
     assert result.returncode == 1 and "not both" in result.stderr
     assert cmdfed("data", "synth", str(tmp_path / "s.zarr"), "--n", "2", "--tile", "64").returncode == 0
-    result = cmdfed("train", "finetune", "--store", str(tmp_path / "s.zarr"), "--out", str(tmp_path / "o"), "--init", "cmd-nope")
-    assert result.returncode == 1 and "no released model named 'cmd-nope'" in result.stderr and "cmd-tiny-he" in result.stderr
+    result = cmdfed(
+        "train", "finetune", "--store", str(tmp_path / "s.zarr"), "--out", str(tmp_path / "o"), "--init", "cmd-nope"
+    )
+    assert (
+        result.returncode == 1
+        and "no released model named 'cmd-nope'" in result.stderr
+        and "cmd-tiny-he" in result.stderr
+    )
     (tmp_path / "cfg.json").write_text('{"train": {"stepz": 1}}')
-    result = cmdfed("train", "pretrain", "--store", str(tmp_path / "s.zarr"), "--out", str(tmp_path / "o"), "--config", str(tmp_path / "cfg.json"))
+    result = cmdfed(
+        "train",
+        "pretrain",
+        "--store",
+        str(tmp_path / "s.zarr"),
+        "--out",
+        str(tmp_path / "o"),
+        "--config",
+        str(tmp_path / "cfg.json"),
+    )
     assert result.returncode == 1 and "unknown TrainConfig keys ['stepz']" in result.stderr
 
 

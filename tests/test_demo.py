@@ -46,8 +46,15 @@ def test_quick_demo_runs_the_whole_chain(tmp_path):
     assert (slide_out / "labels.ome.zarr").is_dir()
 
     commands = (out / "commands.sh").read_text()
-    for command in ("cmdfed server start", "cmdfed client start", "cmdfed federate", "cmdfed edge export",
-                    "cmdfed edge deploy", "cmdfed edge infer", "cmdfed edge serve"):  # fmt: skip
+    for command in (
+        "cmdfed server start",
+        "cmdfed client start",
+        "cmdfed federate",
+        "cmdfed edge export",
+        "cmdfed edge deploy",
+        "cmdfed edge infer",
+        "cmdfed edge serve",
+    ):
         assert command in commands and any(line.startswith(f"$ {command}") for line in lines)
     assert summary["dashboard"] == f"cmdfed dashboard --db {out / 'telemetry.db'} --outputs {out / 'slides'}"
     assert json.loads((out / "summary.json").read_text())["slide"]["geojson"] == str(slide_out / "cells.geojson")

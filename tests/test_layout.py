@@ -1,9 +1,9 @@
-"""The shape of the house (the team's ARCHITECTURE.md, ../shared beside the checkout): roles depend on cmdfed/, never on each other, and
-cmdfed/ imports no role and none of Flower, gRPC or Streamlit. Inside cmdfed/ the packages are
-layered (each imports only those below it), no modules import each other in a circle, and
-``cmdfed.evaluate`` only scores: nothing on the way from pixels to nuclei imports it. Read from
-the source's import statements (lazy imports inside functions included), so a violation fails
-here, not at a site."""
+"""The shape of the house (the team's ARCHITECTURE.md, ../shared beside the checkout): roles depend
+on cmdfed/, never on each other, and cmdfed/ imports no role and none of Flower, gRPC or Streamlit.
+Inside cmdfed/ the packages are layered (each imports only those below it), no modules import each
+other in a circle, and ``cmdfed.evaluate`` only scores: nothing on the way from pixels to nuclei
+imports it. Read from the source's import statements (lazy imports inside functions included), so a
+violation fails here, not at a site."""
 
 from __future__ import annotations
 
@@ -20,8 +20,15 @@ CORE_FORBIDDEN = {*ROLES, "flwr", "grpc", "grpc_health", "streamlit"}
 # itself and units of lower layers only; units of one layer are independent of each other.
 CORE_LAYERS = (
     ("cmdfed", "cmdfed.errors"),
-    ("cmdfed.atomic", "cmdfed.progress", "cmdfed.images", "cmdfed.addresses", "cmdfed.redaction",
-     "cmdfed.slide_outputs", "cmdfed.models"),
+    (
+        "cmdfed.atomic",
+        "cmdfed.progress",
+        "cmdfed.images",
+        "cmdfed.addresses",
+        "cmdfed.redaction",
+        "cmdfed.slide_outputs",
+        "cmdfed.models",
+    ),
     ("cmdfed.model",),  # the network, its configs and checkpoints
     ("cmdfed.inference",),  # pixels -> nuclei: tiling, segmentation, post-processing
     ("cmdfed.data",),  # stores, importers and slides (cut on inference's grid)
@@ -58,7 +65,9 @@ def _imports(folder: Path):
                 names += [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 names.append(node.module)
-                names += [f"{node.module}.{alias.name}" for alias in node.names if _is_module(f"{node.module}.{alias.name}")]
+                names += [
+                    f"{node.module}.{alias.name}" for alias in node.names if _is_module(f"{node.module}.{alias.name}")
+                ]
         yield path, names
 
 
@@ -155,11 +164,11 @@ def test_no_modules_import_each_other_in_a_circle():
 def test_core_packages_import_only_layers_below_them():
     upward = sorted(
         f"{module} -> {target}"
-        for module, targets in _own_graph().items() if module.startswith("cmdfed")
+        for module, targets in _own_graph().items()
+        if module.startswith("cmdfed")
         for target in targets
-        if _unit(module) != _unit(target)
-        and _layer(_unit(target)) >= _layer(_unit(module))
-    )  # fmt: skip
+        if _unit(module) != _unit(target) and _layer(_unit(target)) >= _layer(_unit(module))
+    )
     assert upward == []
 
 

@@ -16,7 +16,9 @@ from PIL import Image
 
 
 def cmdfed(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cmdfed", *map(str, args)], capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "cmdfed", *map(str, args)], capture_output=True, text=True, check=False
+    )
 
 
 def refused(result: subprocess.CompletedProcess, *phrases: str) -> bool:
@@ -47,7 +49,16 @@ def files_under(folder: Path) -> list[str]:
 def test_a_config_file_of_the_wrong_shape_is_refused_before_training(tmp_path, config, phrases):
     (tmp_path / "cfg.json").write_text(json.dumps(config))
     before = files_under(tmp_path)
-    result = cmdfed("train", "pretrain", "--store", tmp_path / "s.zarr", "--out", tmp_path / "run", "--config", tmp_path / "cfg.json")
+    result = cmdfed(
+        "train",
+        "pretrain",
+        "--store",
+        tmp_path / "s.zarr",
+        "--out",
+        tmp_path / "run",
+        "--config",
+        tmp_path / "cfg.json",
+    )
     assert refused(result, *phrases), result.stderr
     assert files_under(tmp_path) == before
 
@@ -55,8 +66,18 @@ def test_a_config_file_of_the_wrong_shape_is_refused_before_training(tmp_path, c
 def test_finetune_from_a_pretraining_run_refuses_a_model_section_it_would_ignore(tmp_path):
     (tmp_path / "cfg.json").write_text(json.dumps({"model": {"n_classes": 7}, "train": {"steps": 1}}))
     before = files_under(tmp_path)
-    result = cmdfed("train", "finetune", "--store", tmp_path / "s.zarr", "--init", tmp_path / "pretrained",
-                    "--out", tmp_path / "run", "--config", tmp_path / "cfg.json")  # fmt: skip
+    result = cmdfed(
+        "train",
+        "finetune",
+        "--store",
+        tmp_path / "s.zarr",
+        "--init",
+        tmp_path / "pretrained",
+        "--out",
+        tmp_path / "run",
+        "--config",
+        tmp_path / "cfg.json",
+    )
     assert refused(result, "does not use the 'model' section with --init", "pretraining run"), result.stderr
     assert files_under(tmp_path) == before
 

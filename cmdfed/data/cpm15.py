@@ -81,16 +81,33 @@ def load_pair(image_id: str, mpp: float | None = 0.5) -> tuple[np.ndarray, np.nd
     return resample_pair(image, labels, MPP[image_id] / mpp)
 
 
-def write_store(path: str | Path, image_ids: list[str], *, tile_size: int = 256, overlap: int = 0,
-                mpp: float = 0.5, overwrite: bool = False) -> Path:
+def write_store(
+    path: str | Path,
+    image_ids: list[str],
+    *,
+    tile_size: int = 256,
+    overlap: int = 0,
+    mpp: float = 0.5,
+    overwrite: bool = False,
+) -> Path:
     """A labelled site store of ``image_ids`` resampled to ``mpp``, cut into tiles."""
     from cmdfed.data.importers.common import image_tiles
     from cmdfed.data.store import create_store
 
-    with create_store(path, tile_size=tile_size, mpp=mpp, overwrite=overwrite) as store:
-        with store.writer() as writer:
-            for image_id in image_ids:
-                image, labels = load_pair(image_id, mpp)
-                writer.extend(image_tiles(image, labels, None, tile_size=tile_size, overlap=overlap, source="cpm15",
-                                          slide_id=f"cpm15-image{image_id}", tissue="brain", mpp=mpp))
+    with create_store(path, tile_size=tile_size, mpp=mpp, overwrite=overwrite) as store, store.writer() as writer:
+        for image_id in image_ids:
+            image, labels = load_pair(image_id, mpp)
+            writer.extend(
+                image_tiles(
+                    image,
+                    labels,
+                    None,
+                    tile_size=tile_size,
+                    overlap=overlap,
+                    source="cpm15",
+                    slide_id=f"cpm15-image{image_id}",
+                    tissue="brain",
+                    mpp=mpp,
+                )
+            )
     return Path(path)

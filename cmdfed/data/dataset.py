@@ -14,8 +14,8 @@ not shared across ``fork``). Augmentation randomness comes from one of two place
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch

@@ -110,10 +110,19 @@ def sha256_file(path: Path) -> str:
 
 def _download_wheel(package: str, version: str, into: Path) -> Path:
     command = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-        "--disable-pip-version-check", "--quiet", "--dest", str(into), f"{package}=={version}",
-    ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True)
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "--quiet",
+        "--dest",
+        str(into),
+        f"{package}=={version}",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
     wheels = list(into.glob(f"{package.replace('-', '_')}-{version}-*.whl"))
     if result.returncode != 0 or not wheels:
         said = (result.stderr.strip().splitlines() or ["no wheel was downloaded"])[-1]

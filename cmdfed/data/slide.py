@@ -25,9 +25,10 @@ from __future__ import annotations
 import abc
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Self
 
 import numpy as np
 from PIL import Image
@@ -91,7 +92,7 @@ class SlideReader(abc.ABC):
     def close(self) -> None:
         pass
 
-    def __enter__(self) -> "SlideReader":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -102,9 +103,7 @@ class SlideReader(abc.ABC):
         w0, h0 = self.dimensions
         scale = max(w0, h0) / max_side if max(w0, h0) > max_side else 1.0
         # The coarsest level still at least as fine as the thumbnail.
-        level = max(
-            (i for i, d in enumerate(self.level_downsamples) if d <= scale + 1e-6), key=lambda i: i, default=0
-        )
+        level = max((i for i, d in enumerate(self.level_downsamples) if d <= scale + 1e-6), key=lambda i: i, default=0)
         lw, lh = self.level_dimensions[level]
         out_w, out_h = max(1, round(w0 / scale)), max(1, round(h0 / scale))
         ratio = self.level_downsamples[level] / scale  # level px -> thumbnail px
@@ -263,7 +262,7 @@ def open_slide(path: str | Path, mpp: float | None = None) -> SlideReader:
             try:
                 reader = kind(path)
                 break
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - whatever a reader raises, try the next; all are reported
                 errors.append(f"{kind.__name__[:-6]}: {exc}")
         if reader is None:
             raise CmdfedError(
@@ -417,7 +416,7 @@ def tile_slide(
                 raise CmdfedError(f"{store_path} holds {store.tile_size} px tiles; use --tile {store.tile_size}")
             _write_tiles(store, tiles, total, progress)
         else:
-            options = dict(tile_size=tile_size, mpp=reader.mpp * plan.downsample)
+            options = {"tile_size": tile_size, "mpp": reader.mpp * plan.downsample}
             with create_store(store_path, overwrite=overwrite, **options) as store:
                 _write_tiles(store, tiles, total, progress)
     return store.info()

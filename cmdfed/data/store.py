@@ -45,9 +45,10 @@ import logging
 import math
 import shutil
 import uuid
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Self
 
 import numpy as np
 import zarr
@@ -160,7 +161,7 @@ class SiteStore:
         name: str | None = None,
         shard_tiles: int | None = DEFAULT_SHARD_TILES,
         overwrite: bool = False,
-    ) -> "SiteStore":
+    ) -> SiteStore:
         """Create an empty store. ``class_names[0]`` is always the background.
 
         ``shard_tiles=None`` stores one file per tile chunk (no sharding); kept for comparison
@@ -203,7 +204,7 @@ class SiteStore:
         return cls(path, group, "r+")
 
     @classmethod
-    def open(cls, path: str | Path, mode: str = "r", *, check: bool = True) -> "SiteStore":
+    def open(cls, path: str | Path, mode: str = "r", *, check: bool = True) -> SiteStore:
         """Open an existing store; ``mode`` is ``"r"`` (default) or ``"r+"`` to append.
 
         ``check``: refuse a store whose recorded chunk files are not all there (see the module
@@ -377,8 +378,9 @@ class SiteStore:
                 _warned_unrecorded.add(str(self.path))
                 log.warning(
                     "%s was written by an older cmdfed and records no chunk list, so a deleted chunk file would read "
-                    "as empty tiles; re-import it (or append a tile to it) to have it checked", self.path,
-                )  # fmt: skip
+                    "as empty tiles; re-import it (or append a tile to it) to have it checked",
+                    self.path,
+                )
             return
         gone = []
         for key, ranges in recorded.items():
@@ -387,21 +389,26 @@ class SiteStore:
                 continue
             per = self._tiles_per_file(key)
             n_files = -(-self._length // per)
-            lost = [i for start, stop in ranges for i in range(start, min(stop, n_files)) if not self._chunk_file(key, i).is_file()]
+            lost = [
+                i
+                for start, stop in ranges
+                for i in range(start, min(stop, n_files))
+                if not self._chunk_file(key, i).is_file()
+            ]
             if lost:
-                tiles = ", ".join(
-                    f"tiles {a * per}-{min(b * per, self._length) - 1}" for a, b in _ranges(lost)[:5]
-                ) + (" ..." if len(_ranges(lost)) > 5 else "")
+                tiles = ", ".join(f"tiles {a * per}-{min(b * per, self._length) - 1}" for a, b in _ranges(lost)[:5]) + (
+                    " ..." if len(_ranges(lost)) > 5 else ""
+                )
                 gone.append(f"'{key}' {len(lost)} file(s), {tiles}")
         if gone:
             raise CmdfedError(
-                f"{self.path} is incomplete (damaged): chunk files written to it are missing ({'; '.join(gone)}), and those tiles "
-                f"would read as empty images or labels; {REIMPORT}"
+                f"{self.path} is incomplete (damaged): chunk files written to it are missing ({'; '.join(gone)}), and "
+                f"those tiles would read as empty images or labels; {REIMPORT}"
             )
 
     # -- writing ------------------------------------------------------------------------
 
-    def writer(self) -> "StoreWriter":
+    def writer(self) -> StoreWriter:
         if self.mode == "r":
             raise CmdfedError(f"{self.path} is open read-only; open it with mode='r+' to append")
         return StoreWriter(self)
@@ -439,7 +446,7 @@ class StoreWriter:
         store._trim_uncommitted()
         self._written = len(store)
 
-    def __enter__(self) -> "StoreWriter":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -473,9 +480,7 @@ class StoreWriter:
         t = self.store.tile_size
         img = tile.image
         if img.dtype != np.uint8 or img.shape != (t, t, 3):
-            raise CmdfedError(
-                f"tile image must be uint8 of shape ({t}, {t}, 3), got {img.dtype} {img.shape}"
-            )
+            raise CmdfedError(f"tile image must be uint8 of shape ({t}, {t}, 3), got {img.dtype} {img.shape}")
         if tile.instances is not None and tile.instances.shape != (t, t):
             raise CmdfedError(f"instance map must have shape ({t}, {t}), got {tile.instances.shape}")
         if tile.types is not None:
@@ -512,9 +517,9 @@ class StoreWriter:
             columns["types"] = np.stack(
                 [tile.types if tile.types is not None else np.zeros((t, t), np.uint8) for tile in tiles]
             ).astype(np.uint8)
-        for key in META_FIELDS:
+        for key, dtype in META_FIELDS.items():
             values = [getattr(tile, key) for tile in tiles]
-            columns[key] = np.array(values, dtype=object if key in TEXT_FIELDS else META_FIELDS[key])
+            columns[key] = np.array(values, dtype=object if key in TEXT_FIELDS else dtype)
         for key, values in columns.items():
             arr = group[key]
             arr.resize((stop, *arr.shape[1:]))
@@ -547,7 +552,9 @@ def check_target(path: Path, overwrite: bool) -> None:
     try:
         SiteStore.open(path, check=False)  # checks the cmdfed store attributes (a damaged store may be replaced)
     except CmdfedError:
-        raise CmdfedError(f"{path} exists and is not a cmdfed site store; refusing to replace it, choose another path") from None
+        raise CmdfedError(
+            f"{path} exists and is not a cmdfed site store; refusing to replace it, choose another path"
+        ) from None
 
 
 @contextlib.contextmanager
@@ -586,13 +593,13 @@ def write_subset(
     """Copy a reproducible ``fraction`` of the labelled tiles into a new store."""
     src = SiteStore.open(source)
     indices = src.labelled_subset(fraction, seed)
-    options = dict(
-        tile_size=src.tile_size,
-        class_names=src.class_names,
-        has_types=src.has_types,
-        mpp=src.mpp,
-        shard_tiles=src.attrs.get("shard_tiles"),
-    )
+    options = {
+        "tile_size": src.tile_size,
+        "class_names": src.class_names,
+        "has_types": src.has_types,
+        "mpp": src.mpp,
+        "shard_tiles": src.attrs.get("shard_tiles"),
+    }
     with create_store(target, overwrite=overwrite, **options) as store:
         with store.writer() as writer:
             for done, index in enumerate(indices, start=1):

@@ -28,9 +28,9 @@ pure function of the site number, so site 3 looks the same on every machine.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from scipy import ndimage
@@ -65,7 +65,7 @@ class SiteStyle:
     noise: float
 
     @classmethod
-    def for_site(cls, site: int) -> "SiteStyle":
+    def for_site(cls, site: int) -> SiteStyle:
         if site == 0:  # the reference site: textbook stain vectors, sharp scanner
             return cls(H_VECTOR, E_VECTOR, 1.0, 1.0, 0.6, 1.0, 2.0)
         rng = np.random.default_rng(10_000 + site)
@@ -98,7 +98,7 @@ def _draw_nucleus(
     a, b = radius * math.sqrt(e), radius / math.sqrt(e)
     theta = rng.uniform(0, math.pi)
     cy, cx = rng.uniform(0, size, 2)
-    reach = int(math.ceil(a * 1.3)) + 1
+    reach = math.ceil(a * 1.3) + 1
     y0, y1 = max(0, int(cy) - reach), min(size, int(cy) + reach + 1)
     x0, x1 = max(0, int(cx) - reach), min(size, int(cx) + reach + 1)
     if y1 <= y0 or x1 <= x0:
@@ -190,10 +190,9 @@ def write_synthetic_store(
 ) -> StoreInfo:
     if n <= 0:
         raise CmdfedError(f"number of tiles must be positive, got {n}")
-    options = dict(tile_size=tile_size, class_names=CLASS_NAMES, has_types=True, mpp=0.5)
-    with create_store(path, overwrite=overwrite, **options) as store:
-        with store.writer() as writer:
-            for i, tile in enumerate(synth_tiles(n, tile_size, site, seed), start=1):
-                writer.add(tile)
-                report(progress, i, n, "synthetic tiles")
+    options = {"tile_size": tile_size, "class_names": CLASS_NAMES, "has_types": True, "mpp": 0.5}
+    with create_store(path, overwrite=overwrite, **options) as store, store.writer() as writer:
+        for i, tile in enumerate(synth_tiles(n, tile_size, site, seed), start=1):
+            writer.add(tile)
+            report(progress, i, n, "synthetic tiles")
     return store.info()

@@ -177,9 +177,7 @@ def panoptic_quality(
     return _panoptic(overlap, _matched(overlap, iou_threshold))
 
 
-def pair_centroids(
-    gt_xy: np.ndarray, pred_xy: np.ndarray, radius: float = DETECTION_RADIUS
-) -> np.ndarray:
+def pair_centroids(gt_xy: np.ndarray, pred_xy: np.ndarray, radius: float = DETECTION_RADIUS) -> np.ndarray:
     """(k, 2) row indices of one-to-one centroid pairs at most ``radius`` apart.
 
     Maximises the number of pairs, then minimises their summed distance.
@@ -393,12 +391,8 @@ def summarize(results: Sequence[Mapping]) -> dict:
         if metric in results[0]:
             summary[f"mean_{metric}"] = _nanmean([result[metric] for result in results])
 
-    pooled = PanopticCounts(
-        *(sum(result[key] for result in results) for key in ("tp", "fp", "fn", "iou_sum"))
-    )
-    det_tp, det_fp, det_fn = (
-        sum(result[key] for result in results) for key in ("det_tp", "det_fp", "det_fn")
-    )
+    pooled = PanopticCounts(*(sum(result[key] for result in results) for key in ("tp", "fp", "fn", "iou_sum")))
+    det_tp, det_fp, det_fn = (sum(result[key] for result in results) for key in ("det_tp", "det_fp", "det_fn"))
     summary.update(
         pooled_pq=pooled.pq,
         pooled_dq=pooled.dq,
@@ -412,9 +406,7 @@ def summarize(results: Sequence[Mapping]) -> dict:
 
 def _summarize_types(results: Sequence[Mapping], det_tp: int) -> dict:
     per_image_pq: dict[int, list[float]] = defaultdict(list)
-    pooled_counts: dict[int, dict[str, float]] = defaultdict(
-        lambda: dict.fromkeys(_PER_TYPE_COUNTS, 0)
-    )
+    pooled_counts: dict[int, dict[str, float]] = defaultdict(lambda: dict.fromkeys(_PER_TYPE_COUNTS, 0))
     for result in results:
         # int() so that results that went through JSON (string keys) work too.
         for type_id, entry in result["per_type"].items():
@@ -426,9 +418,7 @@ def _summarize_types(results: Sequence[Mapping], det_tp: int) -> dict:
         counts = pooled_counts[type_id]
         panoptic = PanopticCounts(counts["tp"], counts["fp"], counts["fn"], counts["iou_sum"])
         f1_denominator = (
-            2 * (counts["cls_tp"] + counts["cls_fp"] + counts["cls_fn"])
-            + counts["det_fp"]
-            + counts["det_fn"]
+            2 * (counts["cls_tp"] + counts["cls_fp"] + counts["cls_fn"]) + counts["det_fp"] + counts["det_fn"]
         )
         per_type[type_id] = {
             "mean_pq": _nanmean(per_image_pq[type_id]),
@@ -449,8 +439,7 @@ def _all_typed(results: Sequence[Mapping]) -> bool:
     typed = ["mpq" in result for result in results]
     if any(typed) and not all(typed):
         raise CmdfedError(
-            "some results have types (mpq) and some do not; evaluate every image with "
-            "gt_type and pred_type, or none"
+            "some results have types (mpq) and some do not; evaluate every image with gt_type and pred_type, or none"
         )
     return all(typed)
 
@@ -467,9 +456,7 @@ def aggregate_panoptic(results: Sequence[Mapping], tissues: Sequence[str]) -> di
     {tissue: {``bpq``, ``mpq``, ``images``}}}.
     """
     if len(results) != len(tissues):
-        raise CmdfedError(
-            f"{len(results)} results but {len(tissues)} tissue names; give one tissue per image"
-        )
+        raise CmdfedError(f"{len(results)} results but {len(tissues)} tissue names; give one tissue per image")
     if not results:
         raise CmdfedError("nothing to aggregate: evaluate at least one image first")
     metrics = ("bpq", "mpq") if _all_typed(results) else ("bpq",)
@@ -482,9 +469,6 @@ def aggregate_panoptic(results: Sequence[Mapping], tissues: Sequence[str]) -> di
         for metric in metrics:
             source = "pq" if metric == "bpq" else "mpq"
             per_tissue[tissue][metric] = _nanmean([result[source] for result in tissue_results])
-    aggregate: dict = {
-        metric: _nanmean([entry[metric] for entry in per_tissue.values()]) for metric in metrics
-    }
+    aggregate: dict = {metric: _nanmean([entry[metric] for entry in per_tissue.values()]) for metric in metrics}
     aggregate["per_tissue"] = per_tissue
     return aggregate
-

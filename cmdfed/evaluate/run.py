@@ -71,12 +71,13 @@ def evaluate_model(
         summary["pannuke"] = aggregate_panoptic(per_image, tissues)
     summary["postprocess"] = params.to_dict()
     summary["postprocess_source"] = source
-    summary["tiles"] = int(len(indices))
+    summary["tiles"] = len(indices)
     summary["store"] = site.name
     summary["checkpoint"] = str(loaded.checkpoint)
     return summary
 
 
-def evaluate_checkpoint(checkpoint: str | Path, store: str | Path, *, device: torch.device,
-                        fm_weights: str | Path | None = None, **options) -> dict:
+def evaluate_checkpoint(
+    checkpoint: str | Path, store: str | Path, *, device: torch.device, fm_weights: str | Path | None = None, **options
+) -> dict:
     return evaluate_model(load_model(checkpoint, device, fm_weights=fm_weights), store, **options)

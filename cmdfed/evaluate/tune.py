@@ -65,8 +65,14 @@ def _mean_pq(maps: list[dict], truths: list[np.ndarray], params: WatershedParams
     return float(summary["mean_pq"]), float(summary["mean_aji"])
 
 
-def search(maps: list[dict], truths: list[np.ndarray], start: WatershedParams, *, passes: int = 2,
-           progress: Progress | None = None) -> tuple[WatershedParams, list[dict]]:
+def search(
+    maps: list[dict],
+    truths: list[np.ndarray],
+    start: WatershedParams,
+    *,
+    passes: int = 2,
+    progress: Progress | None = None,
+) -> tuple[WatershedParams, list[dict]]:
     """Coordinate ascent on mean PQ from ``start`` (see the module docstring); returns the
     best settings and every evaluation made, in order."""
     best = start
@@ -90,19 +96,30 @@ def search(maps: list[dict], truths: list[np.ndarray], start: WatershedParams, *
     return best, trail
 
 
-def tune_postprocess(loaded: LoadedModel, store: str | Path, *, indices: np.ndarray | None = None,
-                     batch_size: int = 8, passes: int = 2, progress: Progress | None = None) -> dict:
+def tune_postprocess(
+    loaded: LoadedModel,
+    store: str | Path,
+    *,
+    indices: np.ndarray | None = None,
+    batch_size: int = 8,
+    passes: int = 2,
+    progress: Progress | None = None,
+) -> dict:
     """Search the watershed settings for ``loaded`` on the labelled tiles of ``store`` (or the
     ``indices`` among them) and write them beside its weights (``postprocess.json``); returns
     what was written."""
     site = SiteStore.open(store)
     indices = site.labelled_indices() if indices is None else np.intersect1d(indices, site.labelled_indices())
     if indices.size == 0:
-        raise CmdfedError(f"{store} has no labelled tiles; tuning needs instance labels: give a labelled "
-                          "validation store (cmdfed data import ..., never the tiles the model trained on)")
+        raise CmdfedError(
+            f"{store} has no labelled tiles; tuning needs instance labels: give a labelled "
+            "validation store (cmdfed data import ..., never the tiles the model trained on)"
+        )
     if site.mpp is None or not math.isfinite(site.mpp):
-        raise CmdfedError(f"{store} does not record its resolution (mpp), and the settings hold only at one "
-                          "resolution: re-import it with --mpp")
+        raise CmdfedError(
+            f"{store} does not record its resolution (mpp), and the settings hold only at one "
+            "resolution: re-import it with --mpp"
+        )
     maps, truths = [], []
     for start in range(0, len(indices), batch_size):
         chunk = [int(i) for i in indices[start : start + batch_size]]
@@ -116,7 +133,7 @@ def tune_postprocess(loaded: LoadedModel, store: str | Path, *, indices: np.ndar
         "params": asdict(best),
         "mpp": float(site.mpp),
         "store": site.name,
-        "tiles": int(len(indices)),
+        "tiles": len(indices),
         "pq_scaled_defaults": trail[0]["pq"],
         "aji_scaled_defaults": trail[0]["aji"],
         "pq": max(t["pq"] for t in trail),

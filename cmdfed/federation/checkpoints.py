@@ -39,7 +39,13 @@ from safetensors.torch import load_file, save_file
 from cmdfed.atomic import atomic_dir, write_bytes_atomic, write_json_atomic
 from cmdfed.errors import CmdfedError
 from cmdfed.federation.events import emit_event
-from cmdfed.model.checkpoint import CHECKPOINT_FORMAT, CheckpointFormatError, load_checkpoint, verify_files, write_checksums
+from cmdfed.model.checkpoint import (
+    CHECKPOINT_FORMAT,
+    CheckpointFormatError,
+    load_checkpoint,
+    verify_files,
+    write_checksums,
+)
 
 ROUND_PATTERN = re.compile(r"round-(\d{4,})")
 STRATEGY_FILE = "strategy.safetensors"
@@ -85,10 +91,19 @@ def save_round(
         save_file(_cpu(weights), str(tmp / "model.safetensors"))
         if strategy_state:
             save_file(_cpu(strategy_state), str(tmp / STRATEGY_FILE))
-        write_json_atomic(tmp / "config.json", {
-            **config, "phase": phase, "phase_round": phase_round, "round": round, "step": round,
-            "metrics": metrics, "strategy_state": bool(strategy_state), "format": CHECKPOINT_FORMAT,
-        })  # fmt: skip
+        write_json_atomic(
+            tmp / "config.json",
+            {
+                **config,
+                "phase": phase,
+                "phase_round": phase_round,
+                "round": round,
+                "step": round,
+                "metrics": metrics,
+                "strategy_state": bool(strategy_state),
+                "format": CHECKPOINT_FORMAT,
+            },
+        )
         write_checksums(tmp)  # verified on load (cmdfed.model.checkpoint)
     write_bytes_atomic(run_dir / "latest", final.name.encode())
     return final
@@ -108,9 +123,15 @@ def load_round(path: str | Path) -> RoundCheckpoint:
         verify_files(checkpoint.path, [STRATEGY_FILE])
         strategy_state = _load_tensors(strategy_path)
     return RoundCheckpoint(
-        checkpoint.path, int(config["round"]), str(config["phase"]), int(config["phase_round"]),
-        checkpoint.weights, strategy_state, dict(config.get("metrics") or {}), dict(config),
-    )  # fmt: skip
+        checkpoint.path,
+        int(config["round"]),
+        str(config["phase"]),
+        int(config["phase_round"]),
+        checkpoint.weights,
+        strategy_state,
+        dict(config.get("metrics") or {}),
+        dict(config),
+    )
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -155,7 +176,9 @@ def prune_rounds(run_dir: str | Path, keep: int, protected: Collection[int] = ()
             shutil.rmtree(run_dir / round_name(round))
             deleted.append(round)
         except OSError as exc:
-            emit_event("warning", message=f"could not delete old round checkpoint {round_name(round)} ({exc}); left in place")
+            emit_event(
+                "warning", message=f"could not delete old round checkpoint {round_name(round)} ({exc}); left in place"
+            )
     return deleted
 
 

@@ -8,8 +8,9 @@ written into ``pyproject.toml`` come from here.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from cmdfed.errors import CmdfedError
 from cmdfed.model.config import MODEL_PRESETS, ConfigBase, ModelConfig, require
@@ -81,28 +82,42 @@ class FederationConfig(ConfigBase):
             require(getattr(self, name) > 0, f"{_key(name)} must be positive, got {getattr(self, name)}")
         for name in ("weight_decay", "grad_clip", "proximal_mu", "eval_every", "server_eval_every"):
             require(getattr(self, name) >= 0, f"{_key(name)} must be >= 0, got {getattr(self, name)}")
-        require(self.keep_rounds == 0 or self.keep_rounds >= 2, f"keep-rounds must be 0 (every round) or at least 2, got {self.keep_rounds}")
+        require(
+            self.keep_rounds == 0 or self.keep_rounds >= 2,
+            f"keep-rounds must be 0 (every round) or at least 2, got {self.keep_rounds}",
+        )
         require(0 < self.label_fraction <= 1, f"label-fraction must be in (0, 1], got {self.label_fraction}")
         require(0 < self.fraction_sites <= 1, f"fraction-sites must be in (0, 1], got {self.fraction_sites}")
         require(0 <= self.beta_1 < 1 and 0 <= self.beta_2 < 1, "beta-1 and beta-2 must be in [0, 1)")
         require(self.strategy in STRATEGIES, f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
-        require(self.finetune_trainable in FINETUNE_TRAINABLE,
-                f"finetune-trainable must be one of {', '.join(FINETUNE_TRAINABLE)}, got {self.finetune_trainable!r}")
+        require(
+            self.finetune_trainable in FINETUNE_TRAINABLE,
+            f"finetune-trainable must be one of {', '.join(FINETUNE_TRAINABLE)}, got {self.finetune_trainable!r}",
+        )
         require(self.dp_mode in DP_MODES, f"dp-mode must be one of {', '.join(DP_MODES)}, got {self.dp_mode!r}")
         for name in ("dp_epsilon", "dp_max_grad_norm", "dp_clip_norm"):
             require(getattr(self, name) > 0, f"{_key(name)} must be positive, got {getattr(self, name)}")
         require(0 < self.dp_delta < 1, f"dp-delta must be in (0, 1), got {self.dp_delta}")
         require(self.dp_noise_multiplier >= 0, f"dp-noise-multiplier must be >= 0, got {self.dp_noise_multiplier}")
         # DP-SGD clips per-tile gradients from the layers; the proximal term's gradient would be dropped.
-        require(not (self.dp_mode == "local" and self.strategy == "fedprox"),
-                "dp-mode local cannot be combined with fedprox; use fedavg, fedadam or fedyogi")
+        require(
+            not (self.dp_mode == "local" and self.strategy == "fedprox"),
+            "dp-mode local cannot be combined with fedprox; use fedavg, fedadam or fedyogi",
+        )
         # Flower's DP wrappers noise the average; after a FedOpt step the noise would be mis-scaled.
-        require(not (self.dp_mode == "central" and self.strategy in ("fedadam", "fedyogi")),
-                "dp-mode central works with fedavg or fedprox, whose result is the average it noises")
-        require(self.dp_mode != "central" or self.dp_noise_multiplier > 0,
-                "dp-mode central needs dp-noise-multiplier > 0 (the noise the server adds, in units of dp-clip-norm)")
+        require(
+            not (self.dp_mode == "central" and self.strategy in ("fedadam", "fedyogi")),
+            "dp-mode central works with fedavg or fedprox, whose result is the average it noises",
+        )
+        require(
+            self.dp_mode != "central" or self.dp_noise_multiplier > 0,
+            "dp-mode central needs dp-noise-multiplier > 0 (the noise the server adds, in units of dp-clip-norm)",
+        )
         names = self.class_names[1:]
-        require(len(set(names)) == len(names) and all(names), f"classes must be distinct non-empty names, got {self.classes!r}")
+        require(
+            len(set(names)) == len(names) and all(names),
+            f"classes must be distinct non-empty names, got {self.classes!r}",
+        )
 
     # -- Flower's run config -------------------------------------------------------------
 
@@ -150,8 +165,11 @@ class FederationConfig(ConfigBase):
         """Parameter groups a round trains and sends both ways."""
         if phase == "pretrain":
             return ("backbone", "modulation")
-        return {"heads": ("heads",), "heads+modulation": ("heads", "modulation"),
-                "all": ("backbone", "modulation", "heads")}[self.finetune_trainable]  # fmt: skip
+        return {
+            "heads": ("heads",),
+            "heads+modulation": ("heads", "modulation"),
+            "all": ("backbone", "modulation", "heads"),
+        }[self.finetune_trainable]
 
     def frozen_groups(self, phase: str) -> tuple[str, ...]:
         """Groups a fine-tuning site needs but never trains; delivered once per phase, not per round."""
@@ -164,8 +182,16 @@ class FederationConfig(ConfigBase):
 
     def resume_key(self) -> dict[str, Any]:
         """What must not change between a run and its resumption (paths and timeouts may)."""
-        movable = {"run_dir", "telemetry", "round_timeout_s", "server_eval_store", "server_eval_every", "min_sites",
-                   "fraction_sites", "keep_rounds"}  # fmt: skip
+        movable = {
+            "run_dir",
+            "telemetry",
+            "round_timeout_s",
+            "server_eval_store",
+            "server_eval_every",
+            "min_sites",
+            "fraction_sites",
+            "keep_rounds",
+        }
         return {k: v for k, v in self.to_dict().items() if k not in movable}
 
 
@@ -177,4 +203,3 @@ def check_phase(phase: str) -> str:
 
 def _key(field_name: str) -> str:
     return field_name.replace("_", "-")
-

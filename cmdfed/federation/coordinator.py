@@ -155,13 +155,26 @@ class RunCoordinator:
         else:
             self.weights, self.done = last.weights, (last.phase, last.phase_round)
             self.last_round, self.strategy_state = last.round, last.strategy_state
-            mpp = last.config.get("mpp")  # the phase so far agreed on it, or did not (None, or a round before mpp was kept)
+            mpp = last.config.get(
+                "mpp"
+            )  # the phase so far agreed on it, or did not (None, or a round before mpp was kept)
             self._resolutions[last.phase] = [float(mpp) if isinstance(mpp, (int, float)) else float("nan")]
-        self._record("start_run", self.run_id, name=config.name, config=config.to_dict(), strategy=config.strategy,
-                     phases=[p for p in PHASES if config.rounds(p)])  # fmt: skip
-        emit_event("start", run_id=self.run_id, resumed_after=self.last_round, run_dir=str(self.run_dir),
-                   rounds={p: config.rounds(p) for p in PHASES},
-                   **({"init": {k: self.init[k] for k in ("init", "sha256", "heads")}} if self.init else {}))  # fmt: skip
+        self._record(
+            "start_run",
+            self.run_id,
+            name=config.name,
+            config=config.to_dict(),
+            strategy=config.strategy,
+            phases=[p for p in PHASES if config.rounds(p)],
+        )
+        emit_event(
+            "start",
+            run_id=self.run_id,
+            resumed_after=self.last_round,
+            run_dir=str(self.run_dir),
+            rounds={p: config.rounds(p) for p in PHASES},
+            **({"init": {k: self.init[k] for k in ("init", "sha256", "heads")}} if self.init else {}),
+        )
 
     # -- plan ----------------------------------------------------------------------------
 
@@ -201,53 +214,107 @@ class RunCoordinator:
             emit_event("rejected", phase=phase, round=round, site=site, reason=reason)
         return accepted, rejected
 
-    def audit(self, phase: str, round: int, site: str, arrays: Mapping[str, np.ndarray],
-              metrics: Mapping[str, Any], strings: Mapping[str, str]) -> None:  # fmt: skip
+    def audit(
+        self,
+        phase: str,
+        round: int,
+        site: str,
+        arrays: Mapping[str, np.ndarray],
+        metrics: Mapping[str, Any],
+        strings: Mapping[str, str],
+    ) -> None:
         """Append what one site sent in one round to ``received.jsonl``."""
         model_keys = set(self.weights)
         line = {
-            "phase": phase, "round": round, "site": site, "at": time.time(),
-            "arrays": len(arrays), "array_bytes": int(sum(a.nbytes for a in arrays.values())),
+            "phase": phase,
+            "round": round,
+            "site": site,
+            "at": time.time(),
+            "arrays": len(arrays),
+            "array_bytes": int(sum(a.nbytes for a in arrays.values())),
             "dtypes": sorted({str(a.dtype) for a in arrays.values()}),
             "non_parameter_keys": sorted(k for k in arrays if k not in model_keys),
             "largest_shape": list(max((a.shape for a in arrays.values()), key=np.prod, default=())),
-            "metrics": dict(metrics), "strings": dict(strings),
-        }  # fmt: skip
+            "metrics": dict(metrics),
+            "strings": dict(strings),
+        }
         with open(self.run_dir / "received.jsonl", "a") as f:
             f.write(json.dumps(json_safe(line), default=str) + "\n")
 
-    def complete_round(self, phase: str, phase_round: int, aggregated: NumpyWeights,
-                       strategy_state: dict[str, torch.Tensor], report: RoundReport) -> Path:  # fmt: skip
+    def complete_round(
+        self,
+        phase: str,
+        phase_round: int,
+        aggregated: NumpyWeights,
+        strategy_state: dict[str, torch.Tensor],
+        report: RoundReport,
+    ) -> Path:
         """Adopt the aggregated weights; checkpoint, record and announce the round."""
         for key, value in aggregated.items():
             self.weights[key] = torch.from_numpy(np.array(value, dtype=np.float32))
         round = self.config.global_round(phase, phase_round)
         server_metrics = self.server_evaluate(phase, phase_round)
-        metrics = {**{f"train_{k}": v for k, v in report.train_metrics.items()},
-                   **{f"eval_{k}": v for k, v in report.eval_metrics.items()}, **server_metrics}  # fmt: skip
+        metrics = {
+            **{f"train_{k}": v for k, v in report.train_metrics.items()},
+            **{f"eval_{k}": v for k, v in report.eval_metrics.items()},
+            **server_metrics,
+        }
         model_config = self.config.model_config(phase, self.architecture)
         resolutions = [*self._resolutions[phase], *(report.resolutions or [float("nan")])]
         path = save_round(
-            self.run_dir, round=round, phase=phase, phase_round=phase_round, weights=self.weights,
-            strategy_state=strategy_state, metrics=metrics,
-            config={"model": model_config.to_dict(), "class_names": self.config.class_names,
-                    "federation": self.config.to_dict(), "name": self.config.name, "run_id": self.run_id,
-                    "mpp": training_mpp(resolutions), "init": self.init},
-        )  # fmt: skip
+            self.run_dir,
+            round=round,
+            phase=phase,
+            phase_round=phase_round,
+            weights=self.weights,
+            strategy_state=strategy_state,
+            metrics=metrics,
+            config={
+                "model": model_config.to_dict(),
+                "class_names": self.config.class_names,
+                "federation": self.config.to_dict(),
+                "name": self.config.name,
+                "run_id": self.run_id,
+                "mpp": training_mpp(resolutions),
+                "init": self.init,
+            },
+        )
         self._resolutions[phase] = resolutions
-        prune_rounds(self.run_dir, self.config.keep_rounds, protected={self.config.global_round("pretrain", self.config.pretrain_rounds)})
+        prune_rounds(
+            self.run_dir,
+            self.config.keep_rounds,
+            protected={self.config.global_round("pretrain", self.config.pretrain_rounds)},
+        )
         self.done, self.last_round, self.strategy_state = (phase, phase_round), round, strategy_state
         finished = time.time()
         failed = [s for s in report.sites if s.status in ("failed", "timed_out")]  # a declined site did not fail
-        self._record("record_round", self.run_id, phase=phase, round=round, started_at=report.started_at,
-                     finished_at=finished, n_sites=len(report.sites), n_failed=len(failed),
-                     bytes_sent=report.bytes_sent, bytes_received=report.bytes_received, metrics=metrics)  # fmt: skip
+        self._record(
+            "record_round",
+            self.run_id,
+            phase=phase,
+            round=round,
+            started_at=report.started_at,
+            finished_at=finished,
+            n_sites=len(report.sites),
+            n_failed=len(failed),
+            bytes_sent=report.bytes_sent,
+            bytes_received=report.bytes_received,
+            metrics=metrics,
+        )
         self.record_sites(phase, phase_round, report.sites)
         emit_event(
-            "round", phase=phase, phase_round=phase_round, phase_rounds=self.config.rounds(phase), round=round,
-            seconds=finished - report.started_at, bytes_sent=report.bytes_sent, bytes_received=report.bytes_received,
-            metrics=metrics, sites=[s.__dict__ for s in report.sites], checkpoint=path.name,
-        )  # fmt: skip
+            "round",
+            phase=phase,
+            phase_round=phase_round,
+            phase_rounds=self.config.rounds(phase),
+            round=round,
+            seconds=finished - report.started_at,
+            bytes_sent=report.bytes_sent,
+            bytes_received=report.bytes_received,
+            metrics=metrics,
+            sites=[s.__dict__ for s in report.sites],
+            checkpoint=path.name,
+        )
         return path
 
     def record_sites(self, phase: str, phase_round: int, sites: list[SiteReport]) -> None:
@@ -258,14 +325,32 @@ class RunCoordinator:
         that declined spent nothing this round; its last spend is already recorded."""
         round = self.config.global_round(phase, phase_round)
         for site in sites:
-            self._record("record_site_round", self.run_id, phase=phase, round=round, site=site.site,
-                         status=site.status, n_examples=site.n_examples, metrics=site.metrics,
-                         duration_s=site.duration_s, error=site.error)  # fmt: skip
+            self._record(
+                "record_site_round",
+                self.run_id,
+                phase=phase,
+                round=round,
+                site=site.site,
+                status=site.status,
+                n_examples=site.n_examples,
+                metrics=site.metrics,
+                duration_s=site.duration_s,
+                error=site.error,
+            )
             if site.status != "declined_budget" and _reports_privacy(site.metrics):
                 m = site.metrics
-                self._record("record_privacy", self.run_id, phase=phase, round=round, site=site.site,
-                             epsilon=m["dp_epsilon"], delta=m["dp_delta"], noise_multiplier=m["dp_noise_multiplier"],
-                             max_grad_norm=m["dp_max_grad_norm"], budget_epsilon=m["dp_budget_epsilon"])  # fmt: skip
+                self._record(
+                    "record_privacy",
+                    self.run_id,
+                    phase=phase,
+                    round=round,
+                    site=site.site,
+                    epsilon=m["dp_epsilon"],
+                    delta=m["dp_delta"],
+                    noise_multiplier=m["dp_noise_multiplier"],
+                    max_grad_norm=m["dp_max_grad_norm"],
+                    budget_epsilon=m["dp_budget_epsilon"],
+                )
 
     def server_evaluate(self, phase: str, phase_round: int) -> dict[str, float]:
         """Central evaluation on the server's own labelled store, when the run names one."""
@@ -288,8 +373,14 @@ class RunCoordinator:
             path = self.run_dir / f"round-{self.last_round:04d}"
             sha = hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
             version = model_version(self.config.name, sha, round=self.last_round)
-            self._record("record_model_version", version, run_id=self.run_id, round=self.last_round,
-                         metrics={"checkpoint": path.name}, checkpoint_sha256=sha)  # fmt: skip
+            self._record(
+                "record_model_version",
+                version,
+                run_id=self.run_id,
+                round=self.last_round,
+                metrics={"checkpoint": path.name},
+                checkpoint_sha256=sha,
+            )
         self._record("finish_run", self.run_id, status=status)
         emit_event("finish", status=status, rounds=self.last_round, error=error, **({"note": note} if note else {}))
         if self.telemetry is not None:
@@ -320,7 +411,9 @@ class RunCoordinator:
                 check_pinned_init(pinned.get("init"), init, path)
             return str(pinned["run_id"]), pinned.get("init") or init
         run_id = uuid.uuid4().hex
-        write_json_atomic(path, {"run_id": run_id, "config": key, "created_at": time.time(), **({"init": init} if init else {})})
+        write_json_atomic(
+            path, {"run_id": run_id, "config": key, "created_at": time.time(), **({"init": init} if init else {})}
+        )
         return run_id, init
 
     def _open_telemetry(self) -> TelemetryStore | None:
@@ -346,8 +439,10 @@ class RunCoordinator:
             emit_event("warning", message=f"telemetry not recorded: {exc}")
 
 
-SERVER_STORE_REMEDY = ("set server-eval-store to a labelled store on the server imported with the run's classes "
-                       "(`cmdfed data import ...`), or leave server-eval-store empty to evaluate at the sites only")
+SERVER_STORE_REMEDY = (
+    "set server-eval-store to a labelled store on the server imported with the run's classes "
+    "(`cmdfed data import ...`), or leave server-eval-store empty to evaluate at the sites only"
+)
 
 
 def check_server_eval_store(config: FederationConfig) -> None:
@@ -367,7 +462,9 @@ def check_server_eval_store(config: FederationConfig) -> None:
     if len(store) == 0:
         raise CmdfedError(f"server-eval-store {path} has no tiles; {SERVER_STORE_REMEDY}")
     if config.finetune_rounds and not store.labelled_indices().size:
-        raise CmdfedError(f"server-eval-store {path} has no labelled tiles to score fine-tuning on; {SERVER_STORE_REMEDY}")
+        raise CmdfedError(
+            f"server-eval-store {path} has no labelled tiles to score fine-tuning on; {SERVER_STORE_REMEDY}"
+        )
 
 
 PRIVACY_METRICS = ("dp_epsilon", "dp_delta", "dp_noise_multiplier", "dp_max_grad_norm", "dp_budget_epsilon")
@@ -375,7 +472,9 @@ PRIVACY_METRICS = ("dp_epsilon", "dp_delta", "dp_noise_multiplier", "dp_max_grad
 
 def _reports_privacy(metrics: Mapping[str, Any]) -> bool:
     """Whether a site's metrics hold a whole privacy report (``local.privacy_metrics``)."""
-    return all(isinstance(metrics.get(k), (int, float)) and not isinstance(metrics.get(k), bool) for k in PRIVACY_METRICS)
+    return all(
+        isinstance(metrics.get(k), (int, float)) and not isinstance(metrics.get(k), bool) for k in PRIVACY_METRICS
+    )
 
 
 def _due(every: int, phase_rounds: int, phase_round: int) -> bool:

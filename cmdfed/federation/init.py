@@ -38,9 +38,9 @@ import torch
 
 from cmdfed.errors import CmdfedError
 from cmdfed.federation.config import FederationConfig
+from cmdfed.model.checkpoint import CHECKPOINT_FORMAT, load_checkpoint
 from cmdfed.model.config import ModelConfig
 from cmdfed.model.unet import ConvNeXtUNet
-from cmdfed.model.checkpoint import CHECKPOINT_FORMAT, load_checkpoint
 
 
 @dataclass(frozen=True)
@@ -58,13 +58,17 @@ def load_initial_weights(config: FederationConfig) -> InitialWeights:
     try:
         checkpoint = load_checkpoint(given, backbone_only=True)
     except CmdfedError as exc:
-        raise CmdfedError(f"init: {exc}; set init to a checkpoint or run folder on the server, a released model's "
-                          "name (cmdfed models list), or \"\" to start from random weights") from exc  # fmt: skip
+        raise CmdfedError(
+            f"init: {exc}; set init to a checkpoint or run folder on the server, a released model's "
+            'name (cmdfed models list), or "" to start from random weights'
+        ) from exc
     saved = checkpoint.config
     try:
         model = ModelConfig.from_dict(dict(saved["model"]))
     except (KeyError, TypeError, CmdfedError) as exc:
-        raise CmdfedError(f"init {given}: {checkpoint.path} has no usable model config ({exc}); is it a cmdfed checkpoint?") from exc
+        raise CmdfedError(
+            f"init {given}: {checkpoint.path} has no usable model config ({exc}); is it a cmdfed checkpoint?"
+        ) from exc
     if model.fm_kind != "none":
         raise CmdfedError(
             f"init {given} is conditioned on foundation-model features ({model.fm_kind}), which federated sites do not "
@@ -73,14 +77,15 @@ def load_initial_weights(config: FederationConfig) -> InitialWeights:
     if model.preset != config.preset:
         raise CmdfedError(
             f"init {given} is a {model.preset!r} model but the run's preset is {config.preset!r}; set preset = "
-            f"\"{model.preset}\" (with init the architecture is the checkpoint's; preset must state it) or choose another init"
+            f'"{model.preset}" (with init the architecture is the checkpoint\'s; preset must state it) or choose '
+            "another init"
         )
     fine_tuned = saved.get("phase") == "finetune"
     if fine_tuned and not _same_classes(model, saved, config):
         theirs = ",".join(saved.get("class_names", [])[1:]) if model.n_classes else ""
         raise CmdfedError(
             f"init {given} is fine-tuned for classes {theirs or '(none: no NC head)'!r} but the run classifies "
-            f"{config.classes or '(none)'!r}; set classes = \"{theirs}\" to continue fine-tuning its heads, or start "
+            f'{config.classes or "(none)"!r}; set classes = "{theirs}" to continue fine-tuning its heads, or start '
             "from the pretrained checkpoint it was fine-tuned from to train new heads"
         )
     keep_heads = fine_tuned and int(saved.get("format", 0)) == CHECKPOINT_FORMAT  # older heads do not load
@@ -90,10 +95,16 @@ def load_initial_weights(config: FederationConfig) -> InitialWeights:
     weights_file = checkpoint.path / ("ema.safetensors" if use_ema else "model.safetensors")
     architecture = ModelConfig.from_dict({**model.to_dict(), "n_classes": config.n_classes})
     record = {
-        "init": given, "checkpoint": str(checkpoint.path.absolute()), "weights_file": weights_file.name,
-        "sha256": file_sha256(weights_file), "phase": saved.get("phase"), "step": checkpoint.step,
-        "heads": "kept" if keep_heads else "fresh", "mpp": saved.get("mpp"), "architecture": architecture.to_dict(),
-    }  # fmt: skip
+        "init": given,
+        "checkpoint": str(checkpoint.path.absolute()),
+        "weights_file": weights_file.name,
+        "sha256": file_sha256(weights_file),
+        "phase": saved.get("phase"),
+        "step": checkpoint.step,
+        "heads": "kept" if keep_heads else "fresh",
+        "mpp": saved.get("mpp"),
+        "architecture": architecture.to_dict(),
+    }
     weights = {k: v for k, v in source.items() if ConvNeXtUNet.group_of(k) in groups}
     return InitialWeights(architecture, weights, groups, record)
 
@@ -103,7 +114,8 @@ def check_pinned_init(pinned: dict | None, record: dict, run_json: Path) -> None
     if pinned and pinned.get("sha256") != record["sha256"]:
         raise CmdfedError(
             f"{run_json} pinned init {pinned.get('init')} with weights sha256 {str(pinned.get('sha256'))[:12]}..., but "
-            f"{record['checkpoint']} now holds {record['sha256'][:12]}...; restore those weights or choose a new run folder"
+            f"{record['checkpoint']} now holds {record['sha256'][:12]}...; restore those weights or choose a new run "
+            "folder"
         )
 
 

@@ -29,7 +29,9 @@ def write_site_keys(out: Path, *, force: bool = False) -> Path:
     """A site's key pair: the private key at ``out``, the public key at ``out.pub`` (returned)."""
     public = out.with_name(out.name + ".pub")
     if (out.exists() or public.exists()) and not force:
-        raise CmdfedError(f"{out} or {public} exists; pass --force to replace the key (the server must then register the new one)")
+        raise CmdfedError(
+            f"{out} or {public} exists; pass --force to replace the key (the server must then register the new one)"
+        )
     key = ec.generate_private_key(ec.SECP384R1())
     write_private_key(out, key, serialization.PrivateFormat.OpenSSH)
     line = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)

@@ -125,15 +125,20 @@ def local_finetune_round(
     dev = select_device(device)
     site = open_site(site_store, config)
     model = site_model(config, "finetune", global_weights, frozen_weights, dev, architecture)
-    dataset = SiteDataset(site_store, indices=training_tiles(site, config.label_fraction, config.seed),
-                          augment=config.augment, targets=True)  # fmt: skip
+    dataset = SiteDataset(
+        site_store,
+        indices=training_tiles(site, config.label_fraction, config.seed),
+        augment=config.augment,
+        targets=True,
+    )
     loss_fn = _dpsgd().per_sample_finetune_loss(model) if ledger else finetune_loss(model, None)
     update = _train(model, loss_fn, dataset, config, "finetune", round, site_name, dev, batch_size, proximal_mu, ledger)
     return update._replace(mpp=store_mpp(site_store))
 
 
-def open_privacy_ledger(config: FederationConfig, site_store: str | Path, work_dir: Path, run_id: str,
-                        batch_size: int | None = None) -> PrivacyLedger:  # fmt: skip
+def open_privacy_ledger(
+    config: FederationConfig, site_store: str | Path, work_dir: Path, run_id: str, batch_size: int | None = None
+) -> PrivacyLedger:
     """The site's ledger for the run; a new one gets the run's noise multiplier, or the least
     with which all planned rounds of the phases the site can take part in stay within the
     budget at the larger of those phases' sampling rates.
@@ -149,10 +154,18 @@ def open_privacy_ledger(config: FederationConfig, site_store: str | Path, work_d
         phases = planned_phases(site_store, config)  # [(rounds, training tiles)]
         steps = config.local_steps * sum(rounds for rounds, _ in phases)
         smallest = min(tiles for _, tiles in phases)
-        return noise_for_budget(config.dp_epsilon, config.dp_delta, sample_rate(smallest, batch_size or config.batch_size), steps)
+        return noise_for_budget(
+            config.dp_epsilon, config.dp_delta, sample_rate(smallest, batch_size or config.batch_size), steps
+        )
 
-    return PrivacyLedger.open(work_dir, run_id, budget_epsilon=config.dp_epsilon, delta=config.dp_delta,
-                              max_grad_norm=config.dp_max_grad_norm, noise_multiplier=planned_noise)  # fmt: skip
+    return PrivacyLedger.open(
+        work_dir,
+        run_id,
+        budget_epsilon=config.dp_epsilon,
+        delta=config.dp_delta,
+        max_grad_norm=config.dp_max_grad_norm,
+        noise_multiplier=planned_noise,
+    )
 
 
 def planned_phases(site_store: str | Path, config: FederationConfig) -> list[tuple[int, int]]:
@@ -176,8 +189,12 @@ def sample_rate(n_tiles: int, batch_size: int) -> float:
     return min(1.0, batch_size / n_tiles)
 
 
-def open_site(site_store: str | Path, config: FederationConfig, *,
-              remedy: str = "import the store with the run's classes or start the run without classes") -> SiteStore:  # fmt: skip
+def open_site(
+    site_store: str | Path,
+    config: FederationConfig,
+    *,
+    remedy: str = "import the store with the run's classes or start the run without classes",
+) -> SiteStore:
     """The site's store, checked against the run's classes (an NC head needs the same types);
     ``remedy``: what the error tells the reader to do about other classes."""
     site = SiteStore.open(site_store)
@@ -187,8 +204,14 @@ def open_site(site_store: str | Path, config: FederationConfig, *,
     return site
 
 
-def site_model(config: FederationConfig, phase: str, sent: Weights, frozen: Weights, device: torch.device,
-               architecture: ModelConfig | None = None) -> ConvNeXtUNet:  # fmt: skip
+def site_model(
+    config: FederationConfig,
+    phase: str,
+    sent: Weights,
+    frozen: Weights,
+    device: torch.device,
+    architecture: ModelConfig | None = None,
+) -> ConvNeXtUNet:
     """The run's model (``architecture``: the server's, see the module docstring) with the
     phase's sent (and frozen) groups loaded, only the sent ones trainable."""
     torch.manual_seed(config.seed)  # the groups nobody sends (heads in pretraining) start alike everywhere
@@ -234,24 +257,37 @@ def _train(
     if config.dp_mode == "local" and ledger is None:
         raise CmdfedError("the run trains with local differential privacy but this round has no privacy ledger")
     train = TrainConfig(
-        steps=config.local_steps, batch_size=batch_size or config.batch_size, lr=config.lr(phase),
-        weight_decay=config.weight_decay, warmup_steps=0, min_lr_ratio=1.0, grad_clip=0.0 if ledger else config.grad_clip,
-        seed=_dpsgd().secret_seed() if ledger else round_seed(config.seed, phase, round, site_name), augment=config.augment,
-        checkpoint_every=config.local_steps, sample_every=0,
+        steps=config.local_steps,
+        batch_size=batch_size or config.batch_size,
+        lr=config.lr(phase),
+        weight_decay=config.weight_decay,
+        warmup_steps=0,
+        min_lr_ratio=1.0,
+        grad_clip=0.0 if ledger else config.grad_clip,
+        seed=_dpsgd().secret_seed() if ledger else round_seed(config.seed, phase, round, site_name),
+        augment=config.augment,
+        checkpoint_every=config.local_steps,
+        sample_every=0,
         # DP-SGD in fp32: under bf16 autocast Opacus's per-sample gradient hooks meet bf16 activations and fp32
         # output gradients (its LayerScale sampler fails outright), and per-tile clipping norms want fp32 anyway.
         precision="fp32" if ledger else "auto",
-    )  # fmt: skip
+    )
     spending = None
     if ledger is not None:
-        spending = PrivateSteps(phase, round, ledger.noise_multiplier, sample_rate(len(dataset), train.batch_size), train.steps)
+        spending = PrivateSteps(
+            phase, round, ledger.noise_multiplier, sample_rate(len(dataset), train.batch_size), train.steps
+        )
         ledger.check(spending)  # BudgetExhausted: the site declines before touching its data
     if proximal_mu > 0:
         loss_fn = _with_proximal_term(loss_fn, model, proximal_mu)
     trainer = Trainer(model, loss_fn, train, device)
     started = time.perf_counter()
     losses, terms = [], {}
-    private = _dpsgd().private_trainer(trainer, ledger.noise_multiplier, ledger.max_grad_norm) if ledger else contextlib.nullcontext(trainer)
+    private = (
+        _dpsgd().private_trainer(trainer, ledger.noise_multiplier, ledger.max_grad_norm)
+        if ledger
+        else contextlib.nullcontext(trainer)
+    )
     with private:
         for result in trainer.run(batch_loader(dataset, train), train.steps):
             losses.append(result.loss)
@@ -267,7 +303,10 @@ def _train(
     }
     if spending is not None:
         metrics.update(privacy_metrics(ledger, ledger.record(spending)))
-    sent = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict_for(config.sent_groups(phase)).items()}
+    sent = {
+        k: v.detach().to("cpu", torch.float32).contiguous()
+        for k, v in model.state_dict_for(config.sent_groups(phase)).items()
+    }
     return LocalUpdate(sent, len(dataset), metrics)
 
 
@@ -281,8 +320,13 @@ def _dpsgd():
 
 def privacy_metrics(ledger: PrivacyLedger, epsilon: float) -> dict[str, float]:
     """What a site reports of its privacy spend (the server records it in telemetry)."""
-    return {"dp_epsilon": epsilon, "dp_delta": ledger.delta, "dp_noise_multiplier": ledger.noise_multiplier,
-            "dp_max_grad_norm": ledger.max_grad_norm, "dp_budget_epsilon": ledger.budget_epsilon}  # fmt: skip
+    return {
+        "dp_epsilon": epsilon,
+        "dp_delta": ledger.delta,
+        "dp_noise_multiplier": ledger.noise_multiplier,
+        "dp_max_grad_norm": ledger.max_grad_norm,
+        "dp_budget_epsilon": ledger.budget_epsilon,
+    }
 
 
 def shares_data_metrics(config: FederationConfig, share_metrics: bool = False) -> bool:
@@ -293,7 +337,9 @@ def shares_data_metrics(config: FederationConfig, share_metrics: bool = False) -
     return config.dp_mode != "local" or share_metrics
 
 
-def shared_metrics(metrics: dict[str, float], config: FederationConfig, share_metrics: bool = False) -> dict[str, float]:
+def shared_metrics(
+    metrics: dict[str, float], config: FederationConfig, share_metrics: bool = False
+) -> dict[str, float]:
     """What of a round's metrics a site sends (see :func:`shares_data_metrics`); when it keeps
     them, its privacy numbers (``dp_*``) and its training time still go. Example counts travel
     beside these, always."""
@@ -306,8 +352,9 @@ def shared_metrics(metrics: dict[str, float], config: FederationConfig, share_me
 
 
 @torch.no_grad()
-def evaluate_on_store(model: ConvNeXtUNet, phase: str, site_store: str | Path, config: FederationConfig,
-                      **open_options: str) -> tuple[int, dict[str, float]]:  # fmt: skip
+def evaluate_on_store(
+    model: ConvNeXtUNet, phase: str, site_store: str | Path, config: FederationConfig, **open_options: str
+) -> tuple[int, dict[str, float]]:
     """(tiles, metrics) of a global model on up to ``config.eval_tiles`` tiles of a store
     (``open_options``: :func:`open_site`'s).
 

@@ -51,8 +51,9 @@ def flower_executable(name: str) -> str:
 def start_process(command: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
-        return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)  # fmt: skip
+        return subprocess.Popen(
+            command, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        )
 
 
 def stop_process(process: subprocess.Popen, timeout: float = 15.0) -> None:
@@ -74,20 +75,28 @@ def wait_for_port(host: str, port: int, process: subprocess.Popen, log_path: Pat
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise CmdfedError(f"{Path(process.args[0]).name} exited with code {process.returncode}: {log_tail(log_path)}")
+            raise CmdfedError(
+                f"{Path(process.args[0]).name} exited with code {process.returncode}: {log_tail(log_path)}"
+            )
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
             probe.settimeout(0.5)
             if probe.connect_ex((host, port)) == 0:
                 return
         time.sleep(0.2)
-    raise CmdfedError(f"{Path(process.args[0]).name} did not listen on {host}:{port} within {timeout:.0f} s: {log_tail(log_path)}")
+    raise CmdfedError(
+        f"{Path(process.args[0]).name} did not listen on {host}:{port} within {timeout:.0f} s: {log_tail(log_path)}"
+    )
 
 
 def log_tail(log_path: Path, lines: int = 5) -> str:
     """The end of a process's log, or Flower's exit report in it (``Exit Code: N`` and its reason),
     which a web server's shutdown lines would otherwise push out of view."""
     try:
-        text = [clean for line in log_path.read_text(errors="replace").splitlines() if (clean := ANSI_ESCAPE.sub("", line).strip())]
+        text = [
+            clean
+            for line in log_path.read_text(errors="replace").splitlines()
+            if (clean := ANSI_ESCAPE.sub("", line).strip())
+        ]
     except OSError:
         return f"no log at {log_path}"
     exits = [k for k, line in enumerate(text) if "Exit Code:" in line]
@@ -106,7 +115,9 @@ CONNECT_WITH_TLS = "pass --ca with the federation's ca.crt (made on the server b
 SERVE_TLS = "pass --certs DIR made by `cmdfed certs init DIR --host THIS-HOST`"
 
 
-def require_loopback_or_insecure(host: str, insecure: bool, what: str, tls: bool = False, how: str = CONNECT_WITH_TLS) -> None:
+def require_loopback_or_insecure(
+    host: str, insecure: bool, what: str, tls: bool = False, how: str = CONNECT_WITH_TLS
+) -> None:
     """Plaintext is for loopback; off it, TLS, or ``--insecure`` given explicitly (with a warning).
     ``how``: how this command is given TLS."""
     if tls or host in LOOPBACK:
@@ -116,8 +127,11 @@ def require_loopback_or_insecure(host: str, insecure: bool, what: str, tls: bool
             f"{what} {host} is not this machine and TLS is not configured, so weights would travel "
             f"unencrypted; for TLS {how}, or use 127.0.0.1, or pass --insecure on a network you trust"
         )
-    print(f"cmdfed: warning: {what} {host} without TLS: weights and metrics travel unencrypted (--insecure)",
-          file=sys.stderr, flush=True)  # fmt: skip
+    print(
+        f"cmdfed: warning: {what} {host} without TLS: weights and metrics travel unencrypted (--insecure)",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def serve_in_foreground(process: subprocess.Popen, log_path: Path, companions: Sequence[subprocess.Popen] = ()) -> None:

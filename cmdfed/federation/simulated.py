@@ -50,11 +50,21 @@ class Split:
                 alpha = 0.0
             if alpha > 0:
                 return cls(kind, alpha)
-        raise CmdfedError(f"--split {text!r} must be by-store, by-stain or dirichlet:ALPHA with ALPHA > 0, e.g. dirichlet:0.5")
+        raise CmdfedError(
+            f"--split {text!r} must be by-store, by-stain or dirichlet:ALPHA with ALPHA > 0, e.g. dirichlet:0.5"
+        )
 
 
-def write_simulated_sites(root: Path, n_sites: int, split: Split, tiles_per_site: int, *, seed: int = 0,
-                          tile_size: int = 64, min_tiles: int = 2) -> list[SiteSettings]:  # fmt: skip
+def write_simulated_sites(
+    root: Path,
+    n_sites: int,
+    split: Split,
+    tiles_per_site: int,
+    *,
+    seed: int = 0,
+    tile_size: int = 64,
+    min_tiles: int = 2,
+) -> list[SiteSettings]:
     """One store per virtual site under ``root/stores``; their settings, named site-01..."""
     if n_sites < 1 or tiles_per_site < min_tiles:
         raise CmdfedError(f"a simulation needs at least one site and {min_tiles} tiles per site")
@@ -63,14 +73,20 @@ def write_simulated_sites(root: Path, n_sites: int, split: Split, tiles_per_site
     else:
         style = (lambda k: k) if split.kind == "by-store" else (lambda k: k % SHARED_STAINS)
         # seed + k: sites sharing a stain style still hold different tiles.
-        tiles = [list(synth_tiles(tiles_per_site, tile_size, site=style(k), seed=seed * 1000 + k)) for k in range(n_sites)]
+        tiles = [
+            list(synth_tiles(tiles_per_site, tile_size, site=style(k), seed=seed * 1000 + k)) for k in range(n_sites)
+        ]
     sites = []
     for k, site_tiles in enumerate(tiles):
         name = f"site-{k + 1:02d}"
         path = root / "stores" / f"{name}.zarr"
-        with create_store(path, overwrite=True, tile_size=tile_size, class_names=CLASS_NAMES, has_types=True, mpp=0.5) as store:
-            with store.writer() as writer:
-                writer.extend(site_tiles)
+        with (
+            create_store(
+                path, overwrite=True, tile_size=tile_size, class_names=CLASS_NAMES, has_types=True, mpp=0.5
+            ) as store,
+            store.writer() as writer,
+        ):
+            writer.extend(site_tiles)
         sites.append(SiteSettings(path, name, root / "sites" / name, device="cpu"))
     return sites
 
@@ -82,10 +98,13 @@ def dominant_type(tile: Tile) -> int:
     return int(counts.argmax()) if counts.any() else 0
 
 
-def _dirichlet_split(n_sites: int, alpha: float, tiles_per_site: int, seed: int, tile_size: int,
-                     min_tiles: int) -> list[list[Tile]]:  # fmt: skip
+def _dirichlet_split(
+    n_sites: int, alpha: float, tiles_per_site: int, seed: int, tile_size: int, min_tiles: int
+) -> list[list[Tile]]:
     rng = np.random.default_rng([seed, 7])
-    pool = [tile for k in range(n_sites) for tile in synth_tiles(tiles_per_site, tile_size, site=k, seed=seed * 1000 + k)]
+    pool = [
+        tile for k in range(n_sites) for tile in synth_tiles(tiles_per_site, tile_size, site=k, seed=seed * 1000 + k)
+    ]
     by_type: dict[int, list[Tile]] = {}
     for tile in pool:
         by_type.setdefault(dominant_type(tile), []).append(tile)

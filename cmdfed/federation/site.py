@@ -22,9 +22,10 @@ from __future__ import annotations
 import hashlib
 import re
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,7 +46,9 @@ class SiteSettings:
     work_dir: Path
     device: str = "auto"
     batch_size: int | None = None  # None = the run's batch size
-    share_metrics: bool = False  # under local DP: also send losses and evaluation scores (not covered by the accountant)
+    share_metrics: bool = (
+        False  # under local DP: also send losses and evaluation scores (not covered by the accountant)
+    )
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any], *, dp_mode: str = "off") -> SiteSettings:
@@ -67,15 +70,23 @@ class SiteSettings:
                 "but the node config has no work-dir (the temporary folder used without one is emptied by a reboot, "
                 "which would reset the spent budget); start the site with `cmdfed client start --store ... --name ... "
                 "--work-dir DIR` (it sets node config work-dir, by default to cmdfed-site-NAME in the folder it is "
-                "started from), or add work-dir=\"DIR\" to flower-supernode's --node-config"
+                'started from), or add work-dir="DIR" to flower-supernode\'s --node-config'
             )
         work_dir = work_dir or str(Path(tempfile.gettempdir()) / f"cmdfed-site-{name}")
-        return cls(Path(store), name, Path(work_dir), str(node_config.get("device", "auto")), batch_size or None, share_metrics)
+        return cls(
+            Path(store), name, Path(work_dir), str(node_config.get("device", "auto")), batch_size or None, share_metrics
+        )
 
     def node_config(self) -> dict[str, Any]:
         """Flower's node config of this site (what ``from_node_config`` reads)."""
-        return {"store": str(self.store), "name": self.name, "work-dir": str(self.work_dir), "device": self.device,
-                "batch-size": self.batch_size or 0, "share-metrics": self.share_metrics}  # fmt: skip
+        return {
+            "store": str(self.store),
+            "name": self.name,
+            "work-dir": str(self.work_dir),
+            "device": self.device,
+            "batch-size": self.batch_size or 0,
+            "share-metrics": self.share_metrics,
+        }
 
     def to_node_config(self) -> str:
         """The ``--node-config`` argument of ``flower-supernode`` (TOML values)."""
@@ -123,12 +134,16 @@ def keep_frozen(site: SiteSettings, fingerprint: str, weights: dict[str, torch.T
 def load_frozen(site: SiteSettings, fingerprint: str) -> dict[str, torch.Tensor]:
     path = _frozen_path(site, fingerprint)
     if not path.is_file():
-        raise CmdfedError(f"this site does not hold the frozen weights {fingerprint[:12]}; the server resends them next round")
+        raise CmdfedError(
+            f"this site does not hold the frozen weights {fingerprint[:12]}; the server resends them next round"
+        )
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         path.unlink(missing_ok=True)
-        raise CmdfedError(f"the cached frozen weights were damaged ({exc}); the server resends them next round") from exc
+        raise CmdfedError(
+            f"the cached frozen weights were damaged ({exc}); the server resends them next round"
+        ) from exc
 
 
 def _frozen_path(site: SiteSettings, fingerprint: str) -> Path:

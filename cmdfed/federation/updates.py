@@ -10,7 +10,7 @@ outlier halfway). A rejected update is logged and dropped; the round goes on wit
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -35,13 +35,18 @@ def screen_updates(
         others = [n for s, n in norms.items() if s != site]
         median = float(np.median(others)) if others else 0.0
         if median > 0 and norm > norm_limit * median:
-            rejected[site] = f"update norm {norm:.4g} is more than {norm_limit:g} x the other sites' median {median:.4g}"
+            rejected[site] = (
+                f"update norm {norm:.4g} is more than {norm_limit:g} x the other sites' median {median:.4g}"
+            )
     accepted = [site for site in updates if site not in rejected]
     return accepted, rejected
 
 
 def update_norm(reference: Mapping[str, ArrayLike], weights: Mapping[str, ArrayLike]) -> float:
-    total = sum(float(np.sum((np.asarray(weights[k], np.float64) - np.asarray(v, np.float64)) ** 2)) for k, v in reference.items())
+    total = sum(
+        float(np.sum((np.asarray(weights[k], np.float64) - np.asarray(v, np.float64)) ** 2))
+        for k, v in reference.items()
+    )
     return float(np.sqrt(total))
 
 
@@ -49,7 +54,10 @@ def _malformed(reference: Mapping[str, ArrayLike], weights: Mapping[str, ArrayLi
     missing = sorted(set(reference) - set(weights))
     unexpected = sorted(set(weights) - set(reference))
     if missing or unexpected:
-        return f"wrong keys: {len(missing)} missing (e.g. {', '.join(missing[:2]) or '-'}), {len(unexpected)} unexpected (e.g. {', '.join(unexpected[:2]) or '-'})"
+        return (
+            f"wrong keys: {len(missing)} missing (e.g. {', '.join(missing[:2]) or '-'}), {len(unexpected)} unexpected "
+            f"(e.g. {', '.join(unexpected[:2]) or '-'})"
+        )
     for key, expected in reference.items():
         value = np.asarray(weights[key])
         if value.shape != np.shape(expected):

@@ -58,8 +58,10 @@ class Layout:
         """The tensors, in layout order, as one float32 vector."""
         if set(weights) != set(self.names):
             missing, unexpected = sorted(set(self.names) - set(weights)), sorted(set(weights) - set(self.names))
-            raise CmdfedError(f"weights do not match the layout: {len(missing)} missing (e.g. {', '.join(missing[:2]) or '-'}), "
-                              f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:2]) or '-'})")  # fmt: skip
+            raise CmdfedError(
+                f"weights do not match the layout: {len(missing)} missing (e.g. {', '.join(missing[:2]) or '-'}), "
+                f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:2]) or '-'})"
+            )
         parts = []
         for name, shape in zip(self.names, self.shapes):
             value = _numpy(weights[name])
@@ -82,8 +84,11 @@ class Layout:
 
     def to_values(self, prefix: str) -> dict[str, list[str] | list[int]]:
         """The layout as config values (lists of str and int), keys starting with ``prefix``."""
-        return {f"{prefix}names": list(self.names), f"{prefix}ndims": [len(s) for s in self.shapes],
-                f"{prefix}dims": [d for s in self.shapes for d in s]}  # fmt: skip
+        return {
+            f"{prefix}names": list(self.names),
+            f"{prefix}ndims": [len(s) for s in self.shapes],
+            f"{prefix}dims": [d for s in self.shapes for d in s],
+        }
 
     @classmethod
     def from_values(cls, values: Mapping[str, object], prefix: str) -> Layout:
@@ -93,13 +98,15 @@ class Layout:
             ndims = [int(n) for n in values[f"{prefix}ndims"]]
             dims = [int(d) for d in values[f"{prefix}dims"]]
         except (KeyError, TypeError, ValueError) as exc:
-            raise CmdfedError(f"the message has no valid weight layout ({prefix}names/ndims/dims): {exc}; "
-                              "are the server and this site running the same cmdfed version?") from exc  # fmt: skip
+            raise CmdfedError(
+                f"the message has no valid weight layout ({prefix}names/ndims/dims): {exc}; "
+                "are the server and this site running the same cmdfed version?"
+            ) from exc
         if len(ndims) != len(names) or sum(ndims) != len(dims) or min(ndims, default=0) < 0 or min(dims, default=0) < 0:
             raise CmdfedError(f"the message's weight layout ({prefix}names/ndims/dims) is inconsistent")
         shapes, start = [], 0
         for n in ndims:
-            shapes.append(tuple(dims[start:start + n]))
+            shapes.append(tuple(dims[start : start + n]))
             start += n
         return cls(tuple(names), tuple(shapes))
 

@@ -145,8 +145,7 @@ def _pixel_types(nc: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         check_label_map(nc, "NC type map")
         return nc
     raise CmdfedError(
-        f"NC output must be (C, H, W) class scores or an (H, W) type map for a {shape} "
-        f"tile, got shape {nc.shape}"
+        f"NC output must be (C, H, W) class scores or an (H, W) type map for a {shape} tile, got shape {nc.shape}"
     )
 
 
@@ -229,8 +228,14 @@ def class_name(type_id: int | None, class_names: list[str]) -> str:
 
 
 def nucleus_feature(
-    nucleus: NucleusRecord, corner: tuple[int, int], label: int, class_names: list[str], mpp: float | None,
-    *, scale: float = 1.0, area: int | None = None,
+    nucleus: NucleusRecord,
+    corner: tuple[int, int],
+    label: int,
+    class_names: list[str],
+    mpp: float | None,
+    *,
+    scale: float = 1.0,
+    area: int | None = None,
 ) -> dict:
     """A QuPath detection for a nucleus found in the tile whose level-0 corner is ``corner``.
 

@@ -35,8 +35,8 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -79,7 +79,7 @@ class WatershedParams:
     marker_opening_size: int = 5
 
     @classmethod
-    def for_mpp(cls, mpp: float | None, **overrides) -> "WatershedParams":
+    def for_mpp(cls, mpp: float | None, **overrides) -> WatershedParams:
         """HoVer-Net's settings scaled from their 40x (``REFERENCE_MPP``) to ``mpp`` micrometres
         per pixel: lengths (Sobel aperture, kept odd; opening diameter) by 0.25 / mpp, the
         minimum size, an area, by its square. Unknown ``mpp`` (None or NaN): the defaults.
@@ -98,16 +98,18 @@ class WatershedParams:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "WatershedParams":
+    def from_dict(cls, values: dict[str, Any]) -> WatershedParams:
         """The settings a :meth:`to_dict` wrote; names it does not know are an error, not ignored."""
         unknown = sorted(set(values) - {f.name for f in fields(cls)})
         if unknown:
-            raise CmdfedError(f"unknown post-processing setting(s) {', '.join(unknown)}; "
-                              f"known: {', '.join(f.name for f in fields(cls))}")
+            raise CmdfedError(
+                f"unknown post-processing setting(s) {', '.join(unknown)}; "
+                f"known: {', '.join(f.name for f in fields(cls))}"
+            )
         return cls(**values)
 
     @classmethod
-    def from_manifest(cls, manifest: dict[str, Any]) -> "WatershedParams":
+    def from_manifest(cls, manifest: dict[str, Any]) -> WatershedParams:
         """The settings an edge bundle's manifest was exported with."""
         return cls.from_dict(manifest["postprocessing"]["params"])
 
@@ -145,9 +147,7 @@ def remove_small_instances(instance_map: np.ndarray, min_size: int) -> np.ndarra
     return cleaned
 
 
-def hover_watershed(
-    np_prob: np.ndarray, hv: np.ndarray, params: WatershedParams = WatershedParams()
-) -> np.ndarray:
+def hover_watershed(np_prob: np.ndarray, hv: np.ndarray, params: WatershedParams = WatershedParams()) -> np.ndarray:
     """Instance map (int32, ids 1..n) from NP probability (H, W) and HV maps (2, H, W)."""
     np_prob = np.asarray(np_prob, dtype=np.float32)
     hv = np.asarray(hv, dtype=np.float32)
@@ -205,9 +205,7 @@ def _sobel_kernels(size: int) -> tuple[np.ndarray, np.ndarray]:
     return smooth, np.convolve(derive, [-1.0, 1.0])
 
 
-def _sobel(
-    image: np.ndarray, derive_axis: int, smooth: np.ndarray, derive: np.ndarray
-) -> np.ndarray:
+def _sobel(image: np.ndarray, derive_axis: int, smooth: np.ndarray, derive: np.ndarray) -> np.ndarray:
     # "mirror" is OpenCV's default BORDER_REFLECT_101.
     derived = ndimage.correlate1d(image, derive, axis=derive_axis, mode="mirror")
     return ndimage.correlate1d(derived, smooth, axis=1 - derive_axis, mode="mirror")

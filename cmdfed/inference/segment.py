@@ -30,8 +30,8 @@ from cmdfed.inference.resolution import needs_resampling, resample_image, resamp
 from cmdfed.inference.tiling import grid_starts
 from cmdfed.model.checkpoint import load_checkpoint
 from cmdfed.model.config import ModelConfig
-from cmdfed.model.unet import build_model
 from cmdfed.model.encoders import frozen_encoder
+from cmdfed.model.unet import build_model
 from cmdfed.progress import Progress, report
 
 STRIDE = 32
@@ -57,8 +57,9 @@ class LoadedModel:
     mpp: float | None = None  # the resolution it was trained at (um/px), when its checkpoint records it
 
 
-def load_model(checkpoint: str | Path, device: torch.device, *, use_ema: bool = True,
-               fm_weights: str | Path | None = None) -> LoadedModel:
+def load_model(
+    checkpoint: str | Path, device: torch.device, *, use_ema: bool = True, fm_weights: str | Path | None = None
+) -> LoadedModel:
     """A model ready for inference from a checkpoint folder or run folder; ``fm_weights``: the
     local weights file of its timm FM encoder, when it was trained with one."""
     ckpt = load_checkpoint(checkpoint)
@@ -71,17 +72,27 @@ def load_model(checkpoint: str | Path, device: torch.device, *, use_ema: bool = 
     try:
         model.load_state_dict(weights)
     except RuntimeError as exc:
-        raise CmdfedError(f"{ckpt.path}: the weights do not match the config in config.json ({str(exc)[:300]})") from exc
+        raise CmdfedError(
+            f"{ckpt.path}: the weights do not match the config in config.json ({str(exc)[:300]})"
+        ) from exc
     model.to(device).eval()
     names = ckpt.config.get("class_names") or ["background", "nucleus"]
     mpp = ckpt.config.get("mpp")
-    return LoadedModel(model, config, list(names), ckpt.path, device, frozen_encoder(config.fm_kind, fm_weights, device),
-                       float(mpp) if mpp else None)
+    return LoadedModel(
+        model,
+        config,
+        list(names),
+        ckpt.path,
+        device,
+        frozen_encoder(config.fm_kind, fm_weights, device),
+        float(mpp) if mpp else None,
+    )
 
 
 @torch.no_grad()
-def predict_maps(model: torch.nn.Module, images: np.ndarray, device: torch.device,
-                 encoder: torch.nn.Module | None = None) -> dict[str, np.ndarray]:
+def predict_maps(
+    model: torch.nn.Module, images: np.ndarray, device: torch.device, encoder: torch.nn.Module | None = None
+) -> dict[str, np.ndarray]:
     """NP probability (B,H,W), HV (B,2,H,W), NC probabilities (B,C,H,W) or absent; sides multiple of 32.
     ``encoder``: the frozen FM encoder of an FM-conditioned model (``LoadedModel.encoder``)."""
     x = to_model_input(images).to(device)
@@ -140,7 +151,10 @@ def predict_image_maps(
 
 
 def segment_image(
-    loaded: LoadedModel, image: np.ndarray, params: WatershedParams = WatershedParams(), *,
+    loaded: LoadedModel,
+    image: np.ndarray,
+    params: WatershedParams = WatershedParams(),
+    *,
     image_mpp: float | None = None,
 ) -> PostprocessResult:
     """Nuclei of one image. At ``image_mpp`` other than the model's, the image is segmented
@@ -179,8 +193,14 @@ def write_prediction(out_dir: Path, name: str, result: PostprocessResult, class_
 
 
 def predict_files(
-    images: list[Path], checkpoint: Path, out_dir: Path, device: torch.device, progress: Progress | None = None,
-    *, fm_weights: str | Path | None = None, mpp: float | None = None,
+    images: list[Path],
+    checkpoint: Path,
+    out_dir: Path,
+    device: torch.device,
+    progress: Progress | None = None,
+    *,
+    fm_weights: str | Path | None = None,
+    mpp: float | None = None,
 ) -> list[dict]:
     """`cmdfed predict`: NAME_inst.png and NAME_types.json for each image (any dtype the
     importers read: 16-bit scans are scaled, not clipped), in the images' own pixels.
@@ -195,12 +215,16 @@ def predict_files(
     stems = Counter(Path(p).stem for p in images)
     clashes = sorted(stem for stem, n in stems.items() if n > 1)
     if clashes:
-        raise CmdfedError(f"several images are named {', '.join(clashes)} (outputs are NAME_inst.png): "
-                          "rename them or predict them into different --out folders")
+        raise CmdfedError(
+            f"several images are named {', '.join(clashes)} (outputs are NAME_inst.png): "
+            "rename them or predict them into different --out folders"
+        )
     loaded = load_model(checkpoint, device, fm_weights=fm_weights)
     if loaded.mpp is not None and mpp is None:
-        raise CmdfedError(f"the model reads images at {loaded.mpp} um/px and resamples others to it, but these "
-                          "images' resolution is unknown: give --mpp (about 0.5 at 20x, 0.25 at 40x)")
+        raise CmdfedError(
+            f"the model reads images at {loaded.mpp} um/px and resamples others to it, but these "
+            "images' resolution is unknown: give --mpp (about 0.5 at 20x, 0.25 at 40x)"
+        )
     params, _ = postprocess_for(loaded.checkpoint, loaded.mpp or mpp)
     results = []
     for done, path in enumerate(images, start=1):

@@ -112,9 +112,8 @@ class TileGrid:
         # Rounded so that two tiles seeing the same pixels compute the same point exactly
         # (x0 + local centroid differs in the last bits between tiles, which can flip a tie).
         return [
-            n for n in nuclei
-            if self.owner(round(x0 + n.centroid_xy[0], 6), round(y0 + n.centroid_xy[1], 6)) == corner
-        ]  # fmt: skip
+            n for n in nuclei if self.owner(round(x0 + n.centroid_xy[0], 6), round(y0 + n.centroid_xy[1], 6)) == corner
+        ]
 
     def nominal_cell_area(self, corner: tuple[int, int], width: int, height: int) -> int:
         """Pixels of the tile's nominal cell inside a width x height slide (cells never overlap)."""

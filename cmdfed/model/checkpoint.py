@@ -29,12 +29,12 @@ recorded (no ``checksums.json``) load unchecked, as before.
 from __future__ import annotations
 
 import hashlib
-import re
 import json
+import re
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
 
 import torch
 from safetensors import SafetensorError
@@ -125,7 +125,11 @@ def _prune(run_dir: Path, keep_last: int, protect: str) -> None:
 def write_checksums(folder: Path) -> None:
     """Record the sha256 and size of every file in ``folder`` but config.json (which is parsed,
     and read by tools that edit it); call last, when the files are complete."""
-    files = {p.name: _file_record(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name not in (CHECKSUMS, "config.json")}
+    files = {
+        p.name: _file_record(p)
+        for p in sorted(folder.iterdir())
+        if p.is_file() and p.name not in (CHECKSUMS, "config.json")
+    }
     write_json_atomic(folder / CHECKSUMS, {"algorithm": "sha256", "files": files})
 
 
@@ -190,7 +194,9 @@ def _previous_good_advice(folder: Path) -> str:
     earlier = sorted((p for p in run.glob("step-*") if p.is_dir() and p.name < folder.name), reverse=True)
     good = next((p for p in earlier if _intact(p)), None)
     if good is None:
-        return f"no earlier checkpoint in {run} verifies: restore the run from a backup or start it again in a new folder"
+        return (
+            f"no earlier checkpoint in {run} verifies: restore the run from a backup or start it again in a new folder"
+        )
     return (
         f"the previous good checkpoint is {good}: to resume from it, delete {folder} and write "
         f"'{good.name}' into {run / 'latest'} (or use {good} directly)"
@@ -241,11 +247,15 @@ def load_checkpoint(path: str | Path, *, with_trainer: bool = False, backbone_on
     accepted = BACKBONE_FORMATS if backbone_only else (CHECKPOINT_FORMAT,)
     if config["format"] not in accepted:
         raise CheckpointFormatError(
-            f"{folder} is a cmdfed checkpoint of format {config['format']}, this cmdfed reads format {CHECKPOINT_FORMAT} "
-            f"(the task heads changed in format 2); train or fine-tune it again with this version, or use the cmdfed that wrote it"
+            f"{folder} is a cmdfed checkpoint of format {config['format']}, this cmdfed reads format "
+            f"{CHECKPOINT_FORMAT} (the task heads changed in format 2); train or fine-tune it again with this version, "
+            "or use the cmdfed that wrote it"
         )
     ema_present = (folder / "ema.safetensors").exists()
-    verify_files(folder, ["model.safetensors", *(["ema.safetensors"] if ema_present else []), *(["trainer.pt"] if with_trainer else [])])
+    verify_files(
+        folder,
+        ["model.safetensors", *(["ema.safetensors"] if ema_present else []), *(["trainer.pt"] if with_trainer else [])],
+    )
     weights = _load_tensors(folder / "model.safetensors")
     ema = _load_tensors(folder / "ema.safetensors") if (folder / "ema.safetensors").exists() else None
     trainer = None

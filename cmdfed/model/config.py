@@ -35,8 +35,9 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from cmdfed.errors import CmdfedError
 
@@ -51,8 +52,9 @@ class ConfigBase:
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
         for field in dataclasses.fields(self):
-            object.__setattr__(self, field.name, _coerce(type(self).__name__, field.name,
-                                                         getattr(self, field.name), hints[field.name]))
+            object.__setattr__(
+                self, field.name, _coerce(type(self).__name__, field.name, getattr(self, field.name), hints[field.name])
+            )
         self.validate()  # each subclass's value checks beyond types
 
     def to_dict(self) -> dict[str, Any]:
@@ -134,27 +136,41 @@ class ModelConfig(ConfigBase):
         return MODEL_PRESETS[name](**{k: v for k, v in overrides.items() if k != "preset"})
 
     def validate(self) -> None:
-        require(len(self.widths) == 4 and min(self.widths) > 0, f"widths must be 4 positive integers, got {self.widths}")
-        require(len(self.depths) == 4 and min(self.depths) > 0, f"depths must be 4 positive integers, got {self.depths}")
-        require(len(self.decoder_depths) == 3 and min(self.decoder_depths) >= 0,
-                 f"decoder_depths must be 3 non-negative integers (1/4, 1/8, 1/16), got {self.decoder_depths}")
+        require(
+            len(self.widths) == 4 and min(self.widths) > 0, f"widths must be 4 positive integers, got {self.widths}"
+        )
+        require(
+            len(self.depths) == 4 and min(self.depths) > 0, f"depths must be 4 positive integers, got {self.depths}"
+        )
+        require(
+            len(self.decoder_depths) == 3 and min(self.decoder_depths) >= 0,
+            f"decoder_depths must be 3 non-negative integers (1/4, 1/8, 1/16), got {self.decoder_depths}",
+        )
         for name in ("full_res_width", "in_channels", "cond_dim", "grid_dim", "head_width"):
             require(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
         require(self.full_res_depth >= 0, f"full_res_depth must be >= 0, got {self.full_res_depth}")
         require(0.0 <= self.drop_path < 1.0, f"drop_path must be in [0, 1), got {self.drop_path}")
         require(self.layer_scale_init > 0, f"layer_scale_init must be positive, got {self.layer_scale_init}")
-        require(self.fm_kind == "none" or self.fm_kind.startswith(("timm:", "hf:")),
-                 f"fm_kind must be none, timm:<preset> or hf:<dir>, got {self.fm_kind!r}")
-        require((self.fm_kind == "none") == (self.fm_dim == 0),
-                 f"fm_dim must be 0 exactly when fm_kind is none (got fm_kind={self.fm_kind!r}, fm_dim={self.fm_dim}); "
-                 f"set fm_dim to the encoder's feature_dim")
+        require(
+            self.fm_kind == "none" or self.fm_kind.startswith(("timm:", "hf:")),
+            f"fm_kind must be none, timm:<preset> or hf:<dir>, got {self.fm_kind!r}",
+        )
+        require(
+            (self.fm_kind == "none") == (self.fm_dim == 0),
+            f"fm_dim must be 0 exactly when fm_kind is none (got fm_kind={self.fm_kind!r}, fm_dim={self.fm_dim}); "
+            f"set fm_dim to the encoder's feature_dim",
+        )
         require(self.fm_vector in FM_VECTORS, f"fm_vector must be one of {FM_VECTORS}, got {self.fm_vector!r}")
         require(not self.use_patch_grid or self.fm_dim > 0, "use_patch_grid needs an FM (fm_kind and fm_dim)")
-        require(self.fm_dim == 0 or self.fm_vector != "none" or self.use_patch_grid,
-                 "an FM is configured but neither fm_vector nor use_patch_grid uses it")
+        require(
+            self.fm_dim == 0 or self.fm_vector != "none" or self.use_patch_grid,
+            "an FM is configured but neither fm_vector nor use_patch_grid uses it",
+        )
         require(self.np_channels in (1, 2), f"np_channels must be 1 or 2, got {self.np_channels}")
-        require(self.n_classes == 0 or self.n_classes >= 2,
-                 f"n_classes counts NC channels including background: 0 (no NC head) or >= 2, got {self.n_classes}")
+        require(
+            self.n_classes == 0 or self.n_classes >= 2,
+            f"n_classes counts NC channels including background: 0 (no NC head) or >= 2, got {self.n_classes}",
+        )
         require(self.finetune_timestep >= 0, f"finetune_timestep must be >= 0, got {self.finetune_timestep}")
 
 
@@ -166,8 +182,16 @@ def cmd_tiny(**overrides: Any) -> ModelConfig:
 def cmd_base(**overrides: Any) -> ModelConfig:
     """ConvNeXt-T's encoder (widths 96-192-384-768, depths 3-3-9-3; Liu et al. 2022) with two
     blocks per decoder level and its ImageNet drop-path rate (see the module docstring)."""
-    sizes = dict(widths=(96, 192, 384, 768), depths=(3, 3, 9, 3), decoder_depths=(2, 2, 2), full_res_width=32,
-                 full_res_depth=2, drop_path=0.1, cond_dim=32, head_width=64)  # fmt: skip
+    sizes = {
+        "widths": (96, 192, 384, 768),
+        "depths": (3, 3, 9, 3),
+        "decoder_depths": (2, 2, 2),
+        "full_res_width": 32,
+        "full_res_depth": 2,
+        "drop_path": 0.1,
+        "cond_dim": 32,
+        "head_width": 64,
+    }
     return ModelConfig.from_dict({**sizes, **overrides, "preset": "base"})
 
 
@@ -195,12 +219,18 @@ class DiffusionConfig(ConfigBase):
         require(self.cosine_offset >= 0, f"cosine_offset must be >= 0, got {self.cosine_offset}")
         require(self.prediction in PREDICTIONS, f"prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
         require(0.0 < self.mask_ratio < 1.0, f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
-        require(0.0 <= self.mask_ratio_min <= self.mask_ratio,
-                f"mask_ratio_min must be 0 (every tile hides mask_ratio) or in (0, mask_ratio], got "
-                f"{self.mask_ratio_min} with mask_ratio {self.mask_ratio}")
-        require(self.mask_block_size in MASK_BLOCK_SIZES,
-                 f"mask_block_size must be one of {MASK_BLOCK_SIZES}, got {self.mask_block_size}")
+        require(
+            0.0 <= self.mask_ratio_min <= self.mask_ratio,
+            f"mask_ratio_min must be 0 (every tile hides mask_ratio) or in (0, mask_ratio], got "
+            f"{self.mask_ratio_min} with mask_ratio {self.mask_ratio}",
+        )
+        require(
+            self.mask_block_size in MASK_BLOCK_SIZES,
+            f"mask_block_size must be one of {MASK_BLOCK_SIZES}, got {self.mask_block_size}",
+        )
         require(self.visible_loss_weight >= 0, f"visible_loss_weight must be >= 0, got {self.visible_loss_weight}")
-        require(1 <= self.sampling_steps <= self.timesteps,
-                 f"sampling_steps must be in [1, timesteps], got {self.sampling_steps}")
+        require(
+            1 <= self.sampling_steps <= self.timesteps,
+            f"sampling_steps must be in [1, timesteps], got {self.sampling_steps}",
+        )
         require(self.sampling_eta >= 0, f"sampling_eta must be >= 0, got {self.sampling_eta}")

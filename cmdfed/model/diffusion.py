@@ -60,8 +60,7 @@ class DiffusionLoss:
     visible_mse: Tensor  # detached, for logging
 
 
-def masked_diffusion_loss(prediction: Tensor, target: Tensor, mask: Tensor,
-                          visible_weight: float) -> DiffusionLoss:
+def masked_diffusion_loss(prediction: Tensor, target: Tensor, mask: Tensor, visible_weight: float) -> DiffusionLoss:
     """MSE over hidden pixels + ``visible_weight`` x MSE over visible pixels (mask: nonzero = hidden)."""
     error = (prediction - target).float().pow(2).mean(dim=1, keepdim=True)
     hidden = mask.bool().to(error.dtype)
@@ -115,8 +114,14 @@ class MaskedDiffusion:
 
     # Sampling the training inputs.
 
-    def sample_mask(self, batch: int, height: int, width: int, generator: torch.Generator | None = None,
-                    device: torch.device | str | None = None) -> Tensor:
+    def sample_mask(
+        self,
+        batch: int,
+        height: int,
+        width: int,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+    ) -> Tensor:
         """(B, 1, H, W) float mask of aligned square blocks, 1 = hidden."""
         block = self.config.mask_block_size
         if height % block or width % block:
@@ -135,14 +140,23 @@ class MaskedDiffusion:
         hidden = (ranks < counts[:, None]).float().view(batch, 1, rows, cols)
         return hidden.repeat_interleave(block, dim=2).repeat_interleave(block, dim=3).to(device)
 
-    def sample_timesteps(self, batch: int, generator: torch.Generator | None = None,
-                         device: torch.device | str | None = None) -> Tensor:
+    def sample_timesteps(
+        self, batch: int, generator: torch.Generator | None = None, device: torch.device | str | None = None
+    ) -> Tensor:
         t = torch.randint(0, self.config.timesteps, (batch,), generator=generator, device=_generator_device(generator))
         return t.to(device)
 
-    def training_loss(self, model: nn.Module, images: Tensor, encoder: nn.Module | None = None, *,
-                      mask: Tensor | None = None, t: Tensor | None = None, noise: Tensor | None = None,
-                      generator: torch.Generator | None = None) -> DiffusionLoss:
+    def training_loss(
+        self,
+        model: nn.Module,
+        images: Tensor,
+        encoder: nn.Module | None = None,
+        *,
+        mask: Tensor | None = None,
+        t: Tensor | None = None,
+        noise: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> DiffusionLoss:
         """One pre-training loss on clean ``images``; mask, t and noise are sampled unless given."""
         batch, _, height, width = images.shape
         if mask is None:
@@ -173,8 +187,15 @@ class MaskedDiffusion:
         return list(dict.fromkeys(grid.tolist()))
 
     @torch.no_grad()
-    def inpaint(self, model: nn.Module, images: Tensor, mask: Tensor, encoder: nn.Module | None = None,
-                generator: torch.Generator | None = None, steps: int | None = None) -> Tensor:
+    def inpaint(
+        self,
+        model: nn.Module,
+        images: Tensor,
+        mask: Tensor,
+        encoder: nn.Module | None = None,
+        generator: torch.Generator | None = None,
+        steps: int | None = None,
+    ) -> Tensor:
         """DDIM inpainting: hidden pixels are generated, visible pixels are kept exactly at every step."""
         was_training = model.training
         model.eval()
@@ -201,22 +222,30 @@ class MaskedDiffusion:
         finally:
             model.train(was_training)
 
-    def _ddim_step(self, x0: Tensor, eps: Tensor, t: Tensor, next_step: int,
-                   generator: torch.Generator | None) -> Tensor:
+    def _ddim_step(
+        self, x0: Tensor, eps: Tensor, t: Tensor, next_step: int, generator: torch.Generator | None
+    ) -> Tensor:
         abar = self.alphas_cumprod[t.cpu()].view(-1, 1, 1, 1)
         abar_next = self.alphas_cumprod[next_step].expand_as(abar)
         eta_sigma = self.config.sampling_eta * ((1 - abar_next) / (1 - abar) * (1 - abar / abar_next)).sqrt()
         direction = (1 - abar_next - eta_sigma**2).clamp(min=0).sqrt()
-        to = dict(device=x0.device, dtype=x0.dtype)
+        to = {"device": x0.device, "dtype": x0.dtype}
         x = abar_next.sqrt().to(**to) * x0 + direction.to(**to) * eps
         if self.config.sampling_eta > 0:
             x = x + eta_sigma.to(**to) * _randn(x0, generator)
         return x
 
 
-def make_inpainting_grid(model: nn.Module, images: Tensor, diffusion: MaskedDiffusion, *,
-                         encoder: nn.Module | None = None, mask: Tensor | None = None,
-                         generator: torch.Generator | None = None, gap: int = 2) -> np.ndarray:
+def make_inpainting_grid(
+    model: nn.Module,
+    images: Tensor,
+    diffusion: MaskedDiffusion,
+    *,
+    encoder: nn.Module | None = None,
+    mask: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    gap: int = 2,
+) -> np.ndarray:
     """uint8 (H', W', 3) image: rows original | masked (hidden = grey) | inpainted, one column per image."""
     batch, channels, height, width = images.shape
     if channels not in (1, 3):
@@ -231,7 +260,7 @@ def make_inpainting_grid(model: nn.Module, images: Tensor, diffusion: MaskedDiff
         pixels = pixels.expand(-1, 3, -1, -1).permute(0, 2, 3, 1).numpy()
         for column in range(batch):
             top, left = row * (height + gap), column * (width + gap)
-            canvas[top:top + height, left:left + width] = pixels[column]
+            canvas[top : top + height, left : left + width] = pixels[column]
     return canvas
 
 
@@ -244,6 +273,7 @@ def _generator_device(generator: torch.Generator | None) -> torch.device | None:
 
 
 def _randn(like: Tensor, generator: torch.Generator | None) -> Tensor:
-    noise = torch.randn(like.shape, generator=generator, device=_generator_device(generator) or like.device,
-                        dtype=like.dtype)
+    noise = torch.randn(
+        like.shape, generator=generator, device=_generator_device(generator) or like.device, dtype=like.dtype
+    )
     return noise.to(like.device)

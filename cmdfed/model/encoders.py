@@ -82,29 +82,54 @@ class TimmPreset:
 TIMM_PRESETS: dict[str, TimmPreset] = {
     "uni": TimmPreset(
         "vit_large_patch16_224",
-        dict(img_size=224, patch_size=16, init_values=1e-5, num_classes=0, dynamic_img_size=True),
-        feature_dim=1024, patch_size=16,
+        {"img_size": 224, "patch_size": 16, "init_values": 1e-5, "num_classes": 0, "dynamic_img_size": True},
+        feature_dim=1024,
+        patch_size=16,
         notes="MahmoodLab/UNI; ViT-L/16, no register tokens",
     ),
     "uni2-h": TimmPreset(
         "vit_giant_patch14_224",
-        dict(img_size=224, patch_size=14, depth=24, num_heads=24, init_values=1e-5, embed_dim=1536,
-             mlp_ratio=2.66667 * 2, num_classes=0, no_embed_class=True, reg_tokens=8, dynamic_img_size=True),
-        feature_dim=1536, patch_size=14, swiglu=True,
+        {
+            "img_size": 224,
+            "patch_size": 14,
+            "depth": 24,
+            "num_heads": 24,
+            "init_values": 1e-5,
+            "embed_dim": 1536,
+            "mlp_ratio": 2.66667 * 2,
+            "num_classes": 0,
+            "no_embed_class": True,
+            "reg_tokens": 8,
+            "dynamic_img_size": True,
+        },
+        feature_dim=1536,
+        patch_size=14,
+        swiglu=True,
         notes="MahmoodLab/UNI2-h; 8 register tokens",
     ),
     "virchow2": TimmPreset(
         "vit_huge_patch14_224",
-        dict(img_size=224, init_values=1e-5, num_classes=0, reg_tokens=4, mlp_ratio=5.3375,
-             global_pool="", dynamic_img_size=True),
-        feature_dim=1280, patch_size=14, swiglu=True,
+        {
+            "img_size": 224,
+            "init_values": 1e-5,
+            "num_classes": 0,
+            "reg_tokens": 4,
+            "mlp_ratio": 5.3375,
+            "global_pool": "",
+            "dynamic_img_size": True,
+        },
+        feature_dim=1280,
+        patch_size=14,
+        swiglu=True,
         notes="paige-ai/Virchow2; 4 register tokens; authors' tile embedding is CLS || mean patch",
     ),
     "h-optimus-0": TimmPreset(
         "vit_giant_patch14_reg4_dinov2",
-        dict(img_size=224, init_values=1e-5, num_classes=0, dynamic_img_size=False),
-        feature_dim=1536, patch_size=14,
-        mean=(0.707223, 0.578729, 0.703617), std=(0.211883, 0.230117, 0.177517),
+        {"img_size": 224, "init_values": 1e-5, "num_classes": 0, "dynamic_img_size": False},
+        feature_dim=1536,
+        patch_size=14,
+        mean=(0.707223, 0.578729, 0.703617),
+        std=(0.211883, 0.230117, 0.177517),
         notes="bioptimus/H-optimus-0; 4 register tokens; card: 224 px tiles at 0.5 um/px",
     ),
 }
@@ -122,8 +147,16 @@ class NoEncoder(nn.Module):
 class FrozenEncoder(nn.Module):
     """A frozen FM backbone with its input handling; ``backend`` says how to read its tokens."""
 
-    def __init__(self, backbone: nn.Module, backend: str, feature_dim: int, patch_size: int,
-                 input_size: int | None, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        backend: str,
+        feature_dim: int,
+        patch_size: int,
+        input_size: int | None,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+    ) -> None:
         super().__init__()
         self.backbone = backbone.eval().requires_grad_(False)
         self.backend = backend
@@ -151,25 +184,27 @@ class FrozenEncoder(nn.Module):
                 f"{images.dtype} {tuple(images.shape)}"
             )
         if mask is not None and tuple(mask.shape) != (images.shape[0], 1, *images.shape[2:]):
-            raise CmdfedError(f"mask must have shape {(images.shape[0], 1, *images.shape[2:])} "
-                              f"(nonzero = hidden), got {tuple(mask.shape)}")
+            raise CmdfedError(
+                f"mask must have shape {(images.shape[0], 1, *images.shape[2:])} "
+                f"(nonzero = hidden), got {tuple(mask.shape)}"
+            )
         pixels = (images.to(self.mean.dtype) + 1) / 2
         if mask is not None:
             pixels = torch.where(mask.bool(), self.mean, pixels)
         if self.input_size is not None and tuple(pixels.shape[-2:]) != (self.input_size,) * 2:
-            pixels = F.interpolate(pixels, size=(self.input_size, self.input_size), mode="bilinear",
-                                   align_corners=False, antialias=True)
+            pixels = F.interpolate(
+                pixels, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False, antialias=True
+            )
         pixels = (pixels - self.mean) / self.std
         height, width = pixels.shape[-2] // self.patch_size, pixels.shape[-1] // self.patch_size
         tokens = self.tokens(pixels.to(next(self.backbone.parameters()).dtype)).float()
         # Prefix = CLS (+ register tokens); patch tokens are the last h*w, row-major.
-        patches = tokens[:, tokens.shape[1] - height * width:]
+        patches = tokens[:, tokens.shape[1] - height * width :]
         grid = patches.transpose(1, 2).reshape(tokens.shape[0], -1, height, width)
         return FMFeatures(cls=tokens[:, 0], patch_mean=patches.mean(dim=1), patch_grid=grid)
 
 
-def build_encoder(kind: str, weights_path: str | os.PathLike | None = None,
-                  input_size: int | None = None) -> nn.Module:
+def build_encoder(kind: str, weights_path: str | os.PathLike | None = None, input_size: int | None = None) -> nn.Module:
     """``none`` | ``timm:<uni|uni2-h|virchow2|h-optimus-0>`` (+ weights_path) | ``hf:<dir>``.
 
     ``input_size`` overrides the FM's native input side (tiles are resized to it).
@@ -206,8 +241,15 @@ def _build_timm(preset_name: str, weights_path: str | os.PathLike | None, input_
         kwargs.update(mlp_layer=timm.layers.SwiGLUPacked, act_layer=nn.SiLU)
     backbone = timm.create_model(preset.architecture, pretrained=False, **kwargs)
     _load_exact(backbone, _read_state_dict(weights), f"timm:{preset_name}", weights)
-    return FrozenEncoder(backbone, "timm", preset.feature_dim, preset.patch_size,
-                         input_size or preset.input_size, preset.mean, preset.std)
+    return FrozenEncoder(
+        backbone,
+        "timm",
+        preset.feature_dim,
+        preset.patch_size,
+        input_size or preset.input_size,
+        preset.mean,
+        preset.std,
+    )
 
 
 def _build_hf(path: Path, input_size: int | None) -> FrozenEncoder:
@@ -224,7 +266,7 @@ def _build_hf(path: Path, input_size: int | None) -> FrozenEncoder:
         backbone, info = AutoModel.from_pretrained(
             str(path), local_files_only=True, output_loading_info=True, trust_remote_code=False
         )
-    except Exception as error:  # noqa: BLE001 - any loader failure means a bad directory to the user
+    except Exception as error:  # any loader failure means a bad directory to the user
         raise CmdfedError(f"hf:{path}: could not load the model ({type(error).__name__}: {error})") from error
     # mask_token is only used for masked-image-modelling inputs, which are never passed.
     missing = sorted(k for k in info["missing_keys"] if not k.endswith("mask_token"))
@@ -237,8 +279,15 @@ def _build_hf(path: Path, input_size: int | None) -> FrozenEncoder:
         )
     config = backbone.config
     mean, std, processor_size = _read_preprocessor(path)
-    return FrozenEncoder(backbone, "hf", config.hidden_size, config.patch_size,
-                         input_size or processor_size or config.image_size, mean, std)
+    return FrozenEncoder(
+        backbone,
+        "hf",
+        config.hidden_size,
+        config.patch_size,
+        input_size or processor_size or config.image_size,
+        mean,
+        std,
+    )
 
 
 def _require_file(weights_path: str | os.PathLike | None, what: str) -> Path:
@@ -257,7 +306,7 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
 
             return load_file(str(path))
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - unreadable weights are a user error
+    except Exception as error:  # unreadable weights are a user error
         raise CmdfedError(f"could not read weights {path} ({type(error).__name__}: {error})") from error
 
 

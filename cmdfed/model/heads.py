@@ -23,7 +23,7 @@ and TensorRT handle them; bilinear (not bicubic) upsampling exports as ONNX Resi
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch.nn.functional as F
 from torch import Tensor, nn

@@ -68,8 +68,9 @@ def hv_gradients(hv: Tensor) -> Tensor:
     return torch.cat([F.conv2d(hv[:, :1], kernel_x, padding=2), F.conv2d(hv[:, 1:], kernel_y, padding=2)], dim=1)
 
 
-def hv_loss(prediction: Tensor, target: Tensor, nuclei: Tensor,
-            weights: dict[str, float] = DEFAULT_WEIGHTS) -> tuple[Tensor, Tensor]:
+def hv_loss(
+    prediction: Tensor, target: Tensor, nuclei: Tensor, weights: dict[str, float] = DEFAULT_WEIGHTS
+) -> tuple[Tensor, Tensor]:
     """(MSE, MSGE) for HV maps; MSGE is averaged over nuclear pixels (``nuclei`` (B, H, W) 0/1)."""
     mse = (prediction - target).pow(2).mean()
     focus = nuclei.to(prediction.dtype)[:, None].expand(-1, 2, -1, -1)
@@ -86,8 +87,9 @@ def nc_loss(logits: Tensor, target: Tensor, weights: dict[str, float] = DEFAULT_
     return weights["nc_ce"] * ce, weights["nc_dice"] * dice_loss(logits.softmax(dim=1), one_hot)
 
 
-def hovernet_loss(outputs: dict[str, Tensor | None], targets: dict[str, Tensor],
-                  weights: dict[str, float] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+def hovernet_loss(
+    outputs: dict[str, Tensor | None], targets: dict[str, Tensor], weights: dict[str, float] | None = None
+) -> tuple[Tensor, dict[str, Tensor]]:
     """Total weighted loss and its detached terms, for ``model.segment`` outputs and targets."""
     weights = {**DEFAULT_WEIGHTS, **(weights or {})}
     _check_targets(outputs, targets)

@@ -52,8 +52,9 @@ Fine-tuning/inference: ``segment(x, fm)`` runs the clean image with an all-zero 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -165,12 +166,14 @@ class ConvNeXtUNet(nn.Module):
         self.input_skip_quarter = nn.Conv2d(input_channels, w0, kernel_size=4, stride=4)
         self.input_skip_full = nn.Conv2d(input_channels, config.full_res_width, kernel_size=3, padding=1)
         d4, d8, d16 = config.decoder_depths
-        self.decoder = nn.ModuleList([
-            DecoderLevel(w3, w2, 2, d16, cond_dim, grid_dim),
-            DecoderLevel(w2, w1, 2, d8, cond_dim, grid_dim),
-            DecoderLevel(w1, w0, 2, d4, cond_dim, grid_dim),
-            DecoderLevel(w0, config.full_res_width, 4, config.full_res_depth, cond_dim, grid_dim),
-        ])
+        self.decoder = nn.ModuleList(
+            [
+                DecoderLevel(w3, w2, 2, d16, cond_dim, grid_dim),
+                DecoderLevel(w2, w1, 2, d8, cond_dim, grid_dim),
+                DecoderLevel(w1, w0, 2, d4, cond_dim, grid_dim),
+                DecoderLevel(w0, config.full_res_width, 4, config.full_res_depth, cond_dim, grid_dim),
+            ]
+        )
         self.final_layer = FinalLayer(config.full_res_width, config.in_channels, cond_dim, grid_dim)
         self.heads = SegmentationHeads(
             (config.full_res_width, w0, w1, w2), config.head_width, config.np_channels, config.n_classes
@@ -201,8 +204,9 @@ class ConvNeXtUNet(nn.Module):
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
-    def forward(self, x: Tensor, t: Tensor | int | float, mask: Tensor | None = None,
-                fm: FMFeatures | None = None) -> DiffusionOutput:
+    def forward(
+        self, x: Tensor, t: Tensor | float, mask: Tensor | None = None, fm: FMFeatures | None = None
+    ) -> DiffusionOutput:
         """Pre-training forward: mixture image (clean where visible, x_t where hidden), timestep,
         mask (B, 1, H, W; nonzero = hidden; None = nothing hidden) and FM features computed
         from the visible pixels -> the image in the diffusion parametrisation."""
@@ -217,8 +221,9 @@ class ConvNeXtUNet(nn.Module):
         features, _, _ = self._features(x, t, None, fm)
         return self.heads(features)
 
-    def _features(self, x: Tensor, t: Tensor, mask: Tensor | None,
-                  fm: FMFeatures | None) -> tuple[list[Tensor], Tensor, dict[int, Tensor | None]]:
+    def _features(
+        self, x: Tensor, t: Tensor, mask: Tensor | None, fm: FMFeatures | None
+    ) -> tuple[list[Tensor], Tensor, dict[int, Tensor | None]]:
         batch, _, height, width = x.shape
         cond, grid = self.conditioning(t, fm)
         grids = {s: None if grid is None else grid_at(grid, height // s, width // s) for s in _GRID_STRIDES}
@@ -248,26 +253,36 @@ class ConvNeXtUNet(nn.Module):
         d1 = self.decoder[3](d4, self.input_skip_full(network_input), cond, grids[1])
         return [d1, d4, d8, d16], cond, grids
 
-    def _check_inputs(self, x: Tensor, t: Tensor | int | float, mask: Tensor | None,
-                      fm: FMFeatures | None) -> tuple[Tensor, Tensor, Tensor | None, FMFeatures | None]:
+    def _check_inputs(
+        self, x: Tensor, t: Tensor | float, mask: Tensor | None, fm: FMFeatures | None
+    ) -> tuple[Tensor, Tensor, Tensor | None, FMFeatures | None]:
         channels = self.config.in_channels
         if not isinstance(x, Tensor) or x.ndim != 4:
-            raise CmdfedError(f"expected an image batch of shape (B, {channels}, H, W), got "
-                              f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+            raise CmdfedError(
+                f"expected an image batch of shape (B, {channels}, H, W), got "
+                f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}"
+            )
         batch, got_channels, height, width = x.shape
         if got_channels != channels:
-            raise CmdfedError(f"expected {channels} image channels, got {got_channels} (input shape {tuple(x.shape)}); "
-                              f"pass the image only, the mask goes in the mask argument")
+            raise CmdfedError(
+                f"expected {channels} image channels, got {got_channels} (input shape {tuple(x.shape)}); "
+                f"pass the image only, the mask goes in the mask argument"
+            )
         if height == 0 or width == 0 or height % STRIDE or width % STRIDE:
-            raise CmdfedError(f"image sides must be positive multiples of {STRIDE}, got {height}x{width}; "
-                              f"crop or pad the tile")
+            raise CmdfedError(
+                f"image sides must be positive multiples of {STRIDE}, got {height}x{width}; crop or pad the tile"
+            )
         parameter_dtype = self.stem[0].weight.dtype
         if not x.is_floating_point() or (x.dtype != parameter_dtype and not torch.is_autocast_enabled(x.device.type)):
-            raise CmdfedError(f"expected a {parameter_dtype} image scaled to [-1, 1], got {x.dtype}; "
-                              f"convert with images.float() / 127.5 - 1 for uint8 tiles")
+            raise CmdfedError(
+                f"expected a {parameter_dtype} image scaled to [-1, 1], got {x.dtype}; "
+                f"convert with images.float() / 127.5 - 1 for uint8 tiles"
+            )
         if mask is not None and (not isinstance(mask, Tensor) or tuple(mask.shape) != (batch, 1, height, width)):
-            raise CmdfedError(f"mask must have shape {(batch, 1, height, width)} (nonzero = hidden), got "
-                              f"{tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__}")
+            raise CmdfedError(
+                f"mask must have shape {(batch, 1, height, width)} (nonzero = hidden), got "
+                f"{tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__}"
+            )
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
             t = t.expand(batch)
@@ -282,12 +297,16 @@ class ConvNeXtUNet(nn.Module):
                 raise CmdfedError("this model has no FM conditioning (fm_kind none) but fm features were passed")
             return None
         if fm is None:
-            raise CmdfedError(f"this model is conditioned on {self.config.fm_kind} features: "
-                              f"pass fm=encoder(images, mask) (feature_dim {dim})")
+            raise CmdfedError(
+                f"this model is conditioned on {self.config.fm_kind} features: "
+                f"pass fm=encoder(images, mask) (feature_dim {dim})"
+            )
         shapes = (tuple(fm.cls.shape), tuple(fm.patch_mean.shape), tuple(fm.patch_grid.shape[:2]))
         if shapes != ((batch, dim),) * 3 or fm.patch_grid.ndim != 4:
-            raise CmdfedError(f"fm features must be cls/patch_mean (B={batch}, {dim}) and patch_grid "
-                              f"({batch}, {dim}, h, w); got {shapes[0]}, {shapes[1]}, {tuple(fm.patch_grid.shape)}")
+            raise CmdfedError(
+                f"fm features must be cls/patch_mean (B={batch}, {dim}) and patch_grid "
+                f"({batch}, {dim}, h, w); got {shapes[0]}, {shapes[1]}, {tuple(fm.patch_grid.shape)}"
+            )
         dtype = self.stem[0].weight.dtype
         return FMFeatures(cls=fm.cls.to(dtype), patch_mean=fm.patch_mean.to(dtype), patch_grid=fm.patch_grid.to(dtype))
 
@@ -352,8 +371,13 @@ class SegmentationGraph(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, image: Tensor, fm_cls: Tensor | None = None, fm_patch_mean: Tensor | None = None,
-                fm_patch_grid: Tensor | None = None) -> tuple[Tensor, ...]:
+    def forward(
+        self,
+        image: Tensor,
+        fm_cls: Tensor | None = None,
+        fm_patch_mean: Tensor | None = None,
+        fm_patch_grid: Tensor | None = None,
+    ) -> tuple[Tensor, ...]:
         fm = None if fm_cls is None else FMFeatures(fm_cls, fm_patch_mean, fm_patch_grid)
         outputs = self.model.segment(image, fm)
         return tuple(outputs[k] for k in ("np", "hv", "nc") if outputs[k] is not None)

@@ -51,7 +51,9 @@ def released_models() -> dict[str, ModelCard]:
         try:
             card = json.loads((folder / CARD_FILE).read_text())
         except (OSError, json.JSONDecodeError) as exc:
-            raise CmdfedError(f"the card of released model {folder.name} is unreadable ({exc}); reinstall cmdfed") from exc
+            raise CmdfedError(
+                f"the card of released model {folder.name} is unreadable ({exc}); reinstall cmdfed"
+            ) from exc
         found[folder.name] = ModelCard(folder.name, folder, card)
     return found
 

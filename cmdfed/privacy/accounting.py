@@ -24,9 +24,9 @@ import json
 import math
 import re
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from cmdfed.atomic import write_json_atomic
 from cmdfed.errors import CmdfedError
@@ -66,8 +66,16 @@ class PrivacyLedger:
     rounds: list[PrivateSteps] = field(default_factory=list)
 
     @classmethod
-    def open(cls, work_dir: Path, run_id: str, *, budget_epsilon: float, delta: float, max_grad_norm: float,
-             noise_multiplier: Callable[[], float]) -> PrivacyLedger:  # fmt: skip
+    def open(
+        cls,
+        work_dir: Path,
+        run_id: str,
+        *,
+        budget_epsilon: float,
+        delta: float,
+        max_grad_norm: float,
+        noise_multiplier: Callable[[], float],
+    ) -> PrivacyLedger:
         """The site's ledger of run ``run_id``; a new one fixes ``noise_multiplier()``.
 
         An existing ledger keeps the noise multiplier it was started with; its budget, delta
@@ -81,8 +89,14 @@ class PrivacyLedger:
             return cls(path, budget_epsilon, delta, max_grad_norm, noise_multiplier())
         try:
             saved = json.loads(path.read_text())
-            ledger = cls(path, float(saved["budget_epsilon"]), float(saved["delta"]), float(saved["max_grad_norm"]),
-                         float(saved["noise_multiplier"]), [PrivateSteps(**r) for r in saved["rounds"]])  # fmt: skip
+            ledger = cls(
+                path,
+                float(saved["budget_epsilon"]),
+                float(saved["delta"]),
+                float(saved["max_grad_norm"]),
+                float(saved["noise_multiplier"]),
+                [PrivateSteps(**r) for r in saved["rounds"]],
+            )
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise CmdfedError(
                 f"the privacy ledger {path} is unreadable ({exc}); this site cannot tell what it has spent, so it "
@@ -90,9 +104,9 @@ class PrivacyLedger:
             ) from exc
         if (ledger.budget_epsilon, ledger.delta, ledger.max_grad_norm) != (budget_epsilon, delta, max_grad_norm):
             raise CmdfedError(
-                f"the privacy ledger {path} was started with epsilon {ledger.budget_epsilon:g}, delta {ledger.delta:g}, "
-                f"max-grad-norm {ledger.max_grad_norm:g}, but the run now asks for {budget_epsilon:g}, {delta:g}, "
-                f"{max_grad_norm:g}; a run's privacy settings cannot change"
+                f"the privacy ledger {path} was started with epsilon {ledger.budget_epsilon:g}, delta "
+                f"{ledger.delta:g}, max-grad-norm {ledger.max_grad_norm:g}, but the run now asks for "
+                f"{budget_epsilon:g}, {delta:g}, {max_grad_norm:g}; a run's privacy settings cannot change"
             )
         return ledger
 
@@ -110,11 +124,19 @@ class PrivacyLedger:
     def record(self, round: PrivateSteps) -> float:
         """Add a trained round and write the ledger atomically; returns the epsilon spent now."""
         self.rounds.append(round)
-        write_json_atomic(self.path, {
-            "format": LEDGER_FORMAT, "budget_epsilon": self.budget_epsilon, "delta": self.delta,
-            "max_grad_norm": self.max_grad_norm, "noise_multiplier": self.noise_multiplier,
-            "rounds": [asdict(r) for r in self.rounds], "epsilon": self.epsilon, "updated_at": time.time(),
-        })  # fmt: skip
+        write_json_atomic(
+            self.path,
+            {
+                "format": LEDGER_FORMAT,
+                "budget_epsilon": self.budget_epsilon,
+                "delta": self.delta,
+                "max_grad_norm": self.max_grad_norm,
+                "noise_multiplier": self.noise_multiplier,
+                "rounds": [asdict(r) for r in self.rounds],
+                "epsilon": self.epsilon,
+                "updated_at": time.time(),
+            },
+        )
         return self.epsilon
 
 
@@ -134,10 +156,13 @@ def noise_for_budget(budget_epsilon: float, delta: float, sample_rate: float, st
     from opacus.accountants.utils import get_noise_multiplier
 
     try:
-        sigma = get_noise_multiplier(target_epsilon=budget_epsilon, target_delta=delta, sample_rate=sample_rate,
-                                     steps=steps, accountant="rdp")  # fmt: skip
+        sigma = get_noise_multiplier(
+            target_epsilon=budget_epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps, accountant="rdp"
+        )
     except ValueError as exc:
-        raise CmdfedError(f"no noise level reaches epsilon {budget_epsilon:g} in {steps} steps ({exc}); raise dp-epsilon") from exc
+        raise CmdfedError(
+            f"no noise level reaches epsilon {budget_epsilon:g} in {steps} steps ({exc}); raise dp-epsilon"
+        ) from exc
     if not math.isfinite(sigma) or sigma <= 0:
         raise CmdfedError(f"no usable noise level for epsilon {budget_epsilon:g} in {steps} steps; raise dp-epsilon")
     return float(sigma)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import secrets
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -47,7 +47,9 @@ from cmdfed.train.loop import LossFn, Trainer
 
 
 @register_grad_sampler(LayerScale)
-def layer_scale_grad_sample(layer: LayerScale, activations: list[Tensor], backprops: Tensor) -> dict[nn.Parameter, Tensor]:
+def layer_scale_grad_sample(
+    layer: LayerScale, activations: list[Tensor], backprops: Tensor
+) -> dict[nn.Parameter, Tensor]:
     """``y = x * gamma`` over the last axis: tile n's gradient is sum over positions of x * dy."""
     return {layer.gamma: torch.einsum("n...c,n...c->nc", activations[0], backprops)}
 
@@ -67,9 +69,12 @@ def private_trainer(trainer: Trainer, noise_multiplier: float, max_grad_norm: fl
     hooked = GradSampleModule(trainer.model, batch_first=True, loss_reduction="mean")
     plain = trainer.optimizer
     trainer.optimizer = DPOptimizer(
-        plain, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-        expected_batch_size=trainer.config.batch_size, generator=secret_generator(trainer.device),
-    )  # fmt: skip
+        plain,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        expected_batch_size=trainer.config.batch_size,
+        generator=secret_generator(trainer.device),
+    )
     try:
         yield trainer
     finally:
@@ -97,9 +102,14 @@ def per_sample_pretrain_loss(model: nn.Module, diffusion: MaskedDiffusion) -> Lo
         mixture, target = diffusion.training_pair(images, mask, t, torch.randn_like(images))
         prediction = model(mixture, t, mask, None).prediction
         weight = diffusion.config.visible_loss_weight
-        terms = [masked_diffusion_loss(prediction[i : i + 1], target[i : i + 1], mask[i : i + 1], weight) for i in range(count)]
-        metrics = {"masked_mse": float(np.mean([float(x.masked_mse) for x in terms])),
-                   "visible_mse": float(np.mean([float(x.visible_mse) for x in terms]))}  # fmt: skip
+        terms = [
+            masked_diffusion_loss(prediction[i : i + 1], target[i : i + 1], mask[i : i + 1], weight)
+            for i in range(count)
+        ]
+        metrics = {
+            "masked_mse": float(np.mean([float(x.masked_mse) for x in terms])),
+            "visible_mse": float(np.mean([float(x.visible_mse) for x in terms])),
+        }
         return torch.stack([x.loss for x in terms]).mean(), metrics
 
     return loss_fn

@@ -57,9 +57,7 @@ class TelemetryStore:
     # ---------------------------------------------------------------- opening and closing
 
     @classmethod
-    def open(
-        cls, url_or_path: str | os.PathLike, *, create: bool = False, readonly: bool = False
-    ) -> TelemetryStore:
+    def open(cls, url_or_path: str | os.PathLike, *, create: bool = False, readonly: bool = False) -> TelemetryStore:
         """Open the store at a filesystem path, a ``sqlite:///`` or a ``postgresql://`` URL.
 
         ``create=True`` creates a missing SQLite file (and its folder) or lays the schema into
@@ -220,11 +218,7 @@ class TelemetryStore:
     def finish_run(self, run_id: str, *, status: str, finished_at: Timestamp = None) -> None:
         _check_choice("run status", status, RUN_STATUSES)
         runs = T["runs"]
-        stmt = (
-            runs.update()
-            .where(runs.c.run_id == run_id)
-            .values(status=status, finished_at=_ts(finished_at))
-        )
+        stmt = runs.update().where(runs.c.run_id == run_id).values(status=status, finished_at=_ts(finished_at))
         with self._tx(write=True) as conn:
             if conn.execute(stmt).rowcount == 0:
                 raise CmdfedError(f"telemetry store {self.target} has no run {run_id!r} to finish")
@@ -364,9 +358,7 @@ class TelemetryStore:
             keep=("at",),
         )
 
-    def record_deployment(
-        self, workstation: str, *, version: str, backend: str, gpu: str | None, status: str
-    ) -> None:
+    def record_deployment(self, workstation: str, *, version: str, backend: str, gpu: str | None, status: str) -> None:
         self._insert(
             "deployments",
             {
@@ -605,9 +597,7 @@ def _postgres_engine(url: sa.URL, *, readonly: bool) -> tuple[sa.Engine, str]:
         connect_args = {} if "connect_timeout" in url.query else {"connect_timeout": 10}
         engine = sa.create_engine(url, pool_pre_ping=True, connect_args=connect_args)
     except (ImportError, sa.exc.ArgumentError) as e:
-        raise CmdfedError(
-            f"cannot use telemetry store {target}: {e} (pip install 'cmdfed[postgres]')"
-        ) from e
+        raise CmdfedError(f"cannot use telemetry store {target}: {e} (pip install 'cmdfed[postgres]')") from e
 
     if readonly:
 
@@ -652,9 +642,7 @@ def _ts(value: Timestamp) -> float:
         return time.time()
     if isinstance(value, datetime):
         if value.tzinfo is None:
-            raise ValueError(
-                f"naive datetime {value!r}: give a timezone-aware one or epoch seconds"
-            )
+            raise ValueError(f"naive datetime {value!r}: give a timezone-aware one or epoch seconds")
         return value.timestamp()
     return float(value)
 

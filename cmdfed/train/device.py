@@ -57,8 +57,10 @@ def use_bf16(device: torch.device, precision: str = "auto") -> bool:
         return False
     supported = bf16_supported(device)
     if precision == "bf16" and not supported:
-        raise CmdfedError(f"precision bf16 was asked for but {device.type} here has no native bf16 "
-                          "(it would be emulated, slower than fp32); use precision auto or fp32")
+        raise CmdfedError(
+            f"precision bf16 was asked for but {device.type} here has no native bf16 "
+            "(it would be emulated, slower than fp32); use precision auto or fp32"
+        )
     return supported
 
 

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -40,7 +40,11 @@ from cmdfed.progress import Progress, report
 from cmdfed.train.device import memory_format, select_device
 from cmdfed.train.loop import LossFn, StepResult, TrainConfig, Trainer
 
-TRAINABLE_CHOICES = {"heads": ("heads",), "heads+modulation": ("heads", "modulation"), "all": ("backbone", "modulation", "heads")}
+TRAINABLE_CHOICES = {
+    "heads": ("heads",),
+    "heads+modulation": ("heads", "modulation"),
+    "all": ("backbone", "modulation", "heads"),
+}
 
 
 @dataclass
@@ -84,7 +88,9 @@ def _check_resume(config: dict, saved: dict, keys: tuple[str, ...], run_dir: Pat
     for key in keys:
         given, before = config.get(key), saved.get(key)
         if key == "train":
-            given, before = ({k: v for k, v in d.items() if k not in RESUME_FREE_TRAIN_KEYS} for d in (given, before or {}))
+            given, before = (
+                {k: v for k, v in d.items() if k not in RESUME_FREE_TRAIN_KEYS} for d in (given, before or {})
+            )
         if isinstance(given, dict) and isinstance(before, dict):
             differs += [f"{key}.{k}" for k in sorted(set(given) | set(before)) if given.get(k) != before.get(k)]
         elif given != before:
@@ -127,7 +133,14 @@ def batch_loader(dataset, train: TrainConfig, start_step: int = 0) -> DataLoader
 
 
 def _log(run_dir: Path, result: StepResult, extra: dict | None = None) -> None:
-    record = {"step": result.step, "loss": result.loss, "lr": result.lr, "seconds": result.seconds, **result.metrics, **(extra or {})}
+    record = {
+        "step": result.step,
+        "loss": result.loss,
+        "lr": result.lr,
+        "seconds": result.seconds,
+        **result.metrics,
+        **(extra or {}),
+    }
     with open(run_dir / "metrics.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
 
@@ -137,9 +150,14 @@ def _saver(run_dir: Path, trainer: Trainer, config: dict) -> Callable[[], Path]:
 
     def save() -> Path:
         return save_checkpoint(
-            run_dir, trainer.step, config=config, weights=trainer.model.state_dict(), ema=trainer.ema_state_dict(),
-            trainer=trainer.state_dict(), keep_last=trainer.config.keep_checkpoints,
-        )  # fmt: skip
+            run_dir,
+            trainer.step,
+            config=config,
+            weights=trainer.model.state_dict(),
+            ema=trainer.ema_state_dict(),
+            trainer=trainer.state_dict(),
+            keep_last=trainer.config.keep_checkpoints,
+        )
 
     return save
 
@@ -198,7 +216,9 @@ def finetune_loss(model, encoder) -> LossFn:
 def training_tiles(site: SiteStore, label_fraction: float, seed: int) -> np.ndarray:
     """The labelled tiles fine-tuning uses: a reproducible ``label_fraction`` of them."""
     if not site.labelled_indices().size:
-        raise CmdfedError(f"{site.path} has no labelled tiles; fine-tuning needs instance labels (import a labelled dataset)")
+        raise CmdfedError(
+            f"{site.path} has no labelled tiles; fine-tuning needs instance labels (import a labelled dataset)"
+        )
     return site.labelled_subset(label_fraction, seed)
 
 
@@ -257,9 +277,13 @@ def pretrain(
     def write_grid(step: int) -> None:
         grid_model = model if trainer.ema is None else trainer.ema.module
         grid = make_inpainting_grid(
-            grid_model, to_model_input(preview).to(dev), diffusion, encoder=encoder, mask=preview_mask.to(dev),
+            grid_model,
+            to_model_input(preview).to(dev),
+            diffusion,
+            encoder=encoder,
+            mask=preview_mask.to(dev),
             generator=torch.Generator().manual_seed(step),
-        )  # fmt: skip
+        )
         target = run_dir / "samples" / f"step-{step:06d}.png"
         target.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(target) as tmp:
@@ -273,7 +297,9 @@ def pretrain(
     save = _saver(run_dir, trainer, config)
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    last_loss, speed = _run_loop(trainer, batch_loader(dataset, train_config, trainer.step), run_dir, save, on_step, progress)
+    last_loss, speed = _run_loop(
+        trainer, batch_loader(dataset, train_config, trainer.step), run_dir, save, on_step, progress
+    )
     trainable, total = count_parameters(model)
     return PhaseResult(run_dir, resolve_checkpoint(run_dir), trainer.step, last_loss, trainable, total, speed)
 
@@ -342,7 +368,9 @@ def finetune(
     trainer = Trainer(model, finetune_loss(model, encoder), train_config, dev)
     saved = _existing_run(run_dir)
     if saved is not None:
-        _check_resume(config, saved["config"], ("model", "train", "label_fraction", "trainable", "init", "stores"), run_dir)
+        _check_resume(
+            config, saved["config"], ("model", "train", "label_fraction", "trainable", "init", "stores"), run_dir
+        )
         model.load_state_dict(saved["weights"])
         trainer.load_state_dict(saved["trainer"], saved["ema"])
         _truncate_log(run_dir, trainer.step)
@@ -350,6 +378,8 @@ def finetune(
     save = _saver(run_dir, trainer, config)
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    last_loss, speed = _run_loop(trainer, batch_loader(dataset, train_config, trainer.step), run_dir, save, None, progress)
+    last_loss, speed = _run_loop(
+        trainer, batch_loader(dataset, train_config, trainer.step), run_dir, save, None, progress
+    )
     n_trainable, n_total = count_parameters(model)
     return PhaseResult(run_dir, resolve_checkpoint(run_dir), trainer.step, last_loss, n_trainable, n_total, speed)

@@ -28,8 +28,15 @@ RECIPE_TILE = 128
 DEFAULT_PRESET = "tiny"  # fine-tuning without --init: this preset, randomly initialised
 DEFAULT_TRAINABLE = "all"
 
-PRETRAIN = {"steps": 3000, "batch_size": 8, "lr": 1e-3, "warmup_steps": 100, "ema_decay": 0.999,
-            "sample_every": 500, "checkpoint_every": 500}
+PRETRAIN = {
+    "steps": 3000,
+    "batch_size": 8,
+    "lr": 1e-3,
+    "warmup_steps": 100,
+    "ema_decay": 0.999,
+    "sample_every": 500,
+    "checkpoint_every": 500,
+}
 FINETUNE = {"steps": 1500, "batch_size": 8, "lr": 1e-3, "warmup_steps": 100, "checkpoint_every": 500}
 
 

@@ -7,7 +7,9 @@ from cmdfed.data.store import SiteStore
 
 
 def cmdfed(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cmdfed", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "cmdfed", *args], capture_output=True, text=True, timeout=120, check=False
+    )
 
 
 def test_client_start_refuses_a_missing_store(tmp_path):

@@ -24,7 +24,9 @@ from cmdfed.model.unet import build_model
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
-CONFIG = FederationConfig(classes="epithelial,lymphocyte,stromal", local_steps=1, batch_size=2, eval_tiles=2, augment=False)
+CONFIG = FederationConfig(
+    classes="epithelial,lymphocyte,stromal", local_steps=1, batch_size=2, eval_tiles=2, augment=False
+)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +54,7 @@ def message(kind: str, phase: str, model, extra: dict | None = None) -> Message:
 
 def reply_weights(reply: Message, model, phase: str) -> dict:
     """The reply's vector unpacked with the layout that was sent, as the server does."""
-    (key, array), = reply.content["arrays"].items()
+    ((key, array),) = reply.content["arrays"].items()
     assert key == WEIGHTS_KEY and array.dtype == "float32"
     return Layout.of(model.state_dict_for(CONFIG.sent_groups(phase))).unpack(array.numpy())
 
@@ -103,23 +105,41 @@ def test_finetune_receives_the_frozen_backbone_once_then_only_heads(store, tmp_p
     assert stranger.has_error() and "resends them next round" in stranger.error.reason
 
 
-def test_end_to_end_finetuning_of_the_servers_architecture_needs_no_frozen_weights_and_reports_the_resolution(store, tmp_path):
+def test_end_to_end_finetuning_of_the_servers_architecture_needs_no_frozen_weights_and_reports_the_resolution(
+    store, tmp_path
+):
     import json
 
     from cmdfed.model.config import ModelConfig
 
-    config = FederationConfig(classes="epithelial,lymphocyte,stromal", local_steps=1, batch_size=2, eval_tiles=2,
-                              augment=False, finetune_trainable="all")  # fmt: skip
+    config = FederationConfig(
+        classes="epithelial,lymphocyte,stromal",
+        local_steps=1,
+        batch_size=2,
+        eval_tiles=2,
+        augment=False,
+        finetune_trainable="all",
+    )
     # A model of the tiny preset with narrower heads, as a run started from such a checkpoint builds it.
     architecture = ModelConfig.from_preset("tiny", head_width=16, n_classes=4)
     torch.manual_seed(0)
     model = build_model(config.model_config("finetune", architecture))
     arrays, layout = packed(model.state_dict_for(config.sent_groups("finetune")))
-    values = {"phase": "finetune", "phase-round": 1, "round": 1, **layout.to_values(LAYOUT_PREFIX),
-              "architecture": json.dumps(architecture.to_dict())}  # no frozen-sha: nothing is frozen
-    train = Message(RecordDict({"arrays": arrays, "config": ConfigRecord(values)}), dst_node_id=7, message_type=MessageType.TRAIN)
+    values = {
+        "phase": "finetune",
+        "phase-round": 1,
+        "round": 1,
+        **layout.to_values(LAYOUT_PREFIX),
+        "architecture": json.dumps(architecture.to_dict()),
+    }  # no frozen-sha: nothing is frozen
+    train = Message(
+        RecordDict({"arrays": arrays, "config": ConfigRecord(values)}), dst_node_id=7, message_type=MessageType.TRAIN
+    )
     node_config = {"store": str(store), "name": "site-a", "work-dir": str(tmp_path), "device": "cpu"}
-    reply = app(train, Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config=config.to_run_config()))
+    reply = app(
+        train,
+        Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config=config.to_run_config()),
+    )
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
     (vector,) = reply.content["arrays"].values()
     assert vector.shape == (layout.size,)  # the whole model, in the server's architecture
@@ -143,8 +163,16 @@ def test_the_client_app_loads_without_opacus_until_a_round_uses_dp():
     assert out.stdout.strip() == "[]"
 
 
-DP_CONFIG = FederationConfig(classes="epithelial,lymphocyte,stromal", local_steps=1, batch_size=2, eval_tiles=2, augment=False,
-                             dp_mode="local", dp_noise_multiplier=1.0, dp_epsilon=50.0)  # fmt: skip
+DP_CONFIG = FederationConfig(
+    classes="epithelial,lymphocyte,stromal",
+    local_steps=1,
+    batch_size=2,
+    eval_tiles=2,
+    augment=False,
+    dp_mode="local",
+    dp_noise_multiplier=1.0,
+    dp_epsilon=50.0,
+)
 DP_KEYS = {"dp_epsilon", "dp_delta", "dp_noise_multiplier", "dp_max_grad_norm", "dp_budget_epsilon"}
 
 
@@ -166,7 +194,9 @@ def test_under_local_dp_a_site_sends_only_privacy_numbers_unless_its_admin_opts_
 
     shared = app(train, dp_context(store, tmp_path, **{"share-metrics": True}))
     assert {"num-examples", "loss", "masked_mse", *DP_KEYS} <= set(shared.content["metrics"])
-    evaluation = app(message(MessageType.EVALUATE, "pretrain", model), dp_context(store, tmp_path, **{"share-metrics": True}))
+    evaluation = app(
+        message(MessageType.EVALUATE, "pretrain", model), dp_context(store, tmp_path, **{"share-metrics": True})
+    )
     assert "masked_mse" in evaluation.content["metrics"]
     wrong = app(train, dp_context(store, tmp_path, **{"share-metrics": "yes"}))
     assert wrong.has_error() and "share-metrics must be true or false" in wrong.error.reason
@@ -175,8 +205,13 @@ def test_under_local_dp_a_site_sends_only_privacy_numbers_unless_its_admin_opts_
 def test_local_dp_needs_a_lasting_work_dir_for_the_privacy_ledger(store, tmp_path):
     torch.manual_seed(0)
     model = build_model(DP_CONFIG.model_config("pretrain"))
-    no_work_dir = Context(run_id=1, node_id=7, node_config={"store": str(store), "name": "site-a", "device": "cpu"},
-                          state=RecordDict(), run_config=DP_CONFIG.to_run_config())  # fmt: skip
+    no_work_dir = Context(
+        run_id=1,
+        node_id=7,
+        node_config={"store": str(store), "name": "site-a", "device": "cpu"},
+        state=RecordDict(),
+        run_config=DP_CONFIG.to_run_config(),
+    )
     reply = app(message(MessageType.TRAIN, "pretrain", model, {"run-id": "run-1"}), no_work_dir)
     assert reply.has_error()
     assert "node config has no work-dir" in reply.error.reason and "cmdfed client start" in reply.error.reason

@@ -19,7 +19,9 @@ from server.superlink import SuperLink
 
 
 def test_an_unknown_isolation_is_refused_before_anything_starts(tmp_path):
-    node = SuperNode(SiteSettings(tmp_path / "s.zarr", "site-a", tmp_path / "work"), "127.0.0.1:9092", isolation="thread")
+    node = SuperNode(
+        SiteSettings(tmp_path / "s.zarr", "site-a", tmp_path / "work"), "127.0.0.1:9092", isolation="thread"
+    )
     with pytest.raises(CmdfedError, match="isolation must be one of subprocess, process"):
         node.start()
     assert node.process is None and not (tmp_path / "work").exists()
@@ -28,7 +30,9 @@ def test_an_unknown_isolation_is_refused_before_anything_starts(tmp_path):
 def test_a_launcher_that_exits_stops_the_supernode_and_is_reported(tmp_path):
     log = tmp_path / "supernode.log"
     supernode = start_process([sys.executable, "-c", "import time; time.sleep(60)"], dict(os.environ), log)
-    launcher = start_process([sys.executable, "-m", "client.launcher", "--bogus"], dict(os.environ), log)  # exits with a usage error
+    launcher = start_process(
+        [sys.executable, "-m", "client.launcher", "--bogus"], dict(os.environ), log
+    )  # exits with a usage error
     with pytest.raises(CmdfedError, match="client.launcher stopped with code 2"):
         serve_in_foreground(supernode, log, companions=[launcher])
     assert supernode.poll() is not None
@@ -46,18 +50,37 @@ def test_a_supernode_in_process_isolation_completes_a_round(tmp_path, monkeypatc
     try:
         node.start()
         assert node.launcher.poll() is None and node.ready_file.exists()
-        settings = ["pretrain-rounds=1", "finetune-rounds=0", "local-steps=1", "batch-size=2", "min-sites=1",
-                    "eval-every=0", "augment=false", "round-timeout-s=300"]  # fmt: skip
-        command = [sys.executable, "-m", "cmdfed", "federate", "--superlink", superlink.address, "--run-dir", str(run_dir),
-                   *[arg for setting in settings for arg in ("--set", setting)]]  # fmt: skip
-        result = subprocess.run(command, capture_output=True, text=True, timeout=400)
+        settings = [
+            "pretrain-rounds=1",
+            "finetune-rounds=0",
+            "local-steps=1",
+            "batch-size=2",
+            "min-sites=1",
+            "eval-every=0",
+            "augment=false",
+            "round-timeout-s=300",
+        ]
+        command = [
+            sys.executable,
+            "-m",
+            "cmdfed",
+            "federate",
+            "--superlink",
+            superlink.address,
+            "--run-dir",
+            str(run_dir),
+            *[arg for setting in settings for arg in ("--set", setting)],
+        ]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=400, check=False)
     finally:
         node.stop()
         superlink.stop()
     assert result.returncode == 0, result.stdout + result.stderr
     assert node.launcher.poll() is not None and node.process.poll() is not None  # stopped together
     log = node.log_path.read_text()
-    assert "cmdfed launcher: task" in log and "Starting Flower SuperExec" not in log  # the launcher ran it, no flwr-clientapp
+    assert (
+        "cmdfed launcher: task" in log and "Starting Flower SuperExec" not in log
+    )  # the launcher ran it, no flwr-clientapp
     with TelemetryStore.open(run_dir / "telemetry.db", readonly=True) as store:
         (run,) = store.runs()
         assert [(r["site"], r["status"]) for r in store.site_rounds(run["run_id"])] == [("site-a", "trained")]

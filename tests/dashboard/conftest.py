@@ -32,8 +32,14 @@ def clock(at: float):
 
 def _seed_run_a(store: TelemetryStore) -> None:
     start = NOW - 2 * HOUR
-    store.start_run(RUN_A, name="fedavg-pathology", config={"strategy": "fedavg"}, strategy="fedavg",
-                    phases=["pretrain", "finetune"], started_at=start)  # fmt: skip
+    store.start_run(
+        RUN_A,
+        name="fedavg-pathology",
+        config={"strategy": "fedavg"},
+        strategy="fedavg",
+        phases=["pretrain", "finetune"],
+        started_at=start,
+    )
     global_metrics = {
         1: {"train_loss": 0.9, "eval_dice": 0.61, "eval_aji": 0.41, "eval_pq": 0.35},
         2: {"train_loss": 0.7, "eval_dice": 0.72, "eval_aji": 0.52, "eval_pq": 0.46},
@@ -45,20 +51,44 @@ def _seed_run_a(store: TelemetryStore) -> None:
         phase = "pretrain" if rnd == 1 else "finetune"
         began = start + (rnd - 1) * 600
         failed = sum(s == "failed" for s in statuses.get(rnd, {}).values())
-        store.record_round(RUN_A, phase=phase, round=rnd, started_at=began, finished_at=began + 100 * rnd,
-                           n_sites=3, n_failed=failed, bytes_sent=1_000_000, bytes_received=500_000,
-                           metrics=metrics)  # fmt: skip
+        store.record_round(
+            RUN_A,
+            phase=phase,
+            round=rnd,
+            started_at=began,
+            finished_at=began + 100 * rnd,
+            n_sites=3,
+            n_failed=failed,
+            bytes_sent=1_000_000,
+            bytes_received=500_000,
+            metrics=metrics,
+        )
         for i, site in enumerate(SITES):
             status = statuses.get(rnd, {}).get(site, "trained")
             trained = status == "trained"
             store.record_site_round(
-                RUN_A, phase=phase, round=rnd, site=site, status=status, n_examples=100 if trained else 0,
+                RUN_A,
+                phase=phase,
+                round=rnd,
+                site=site,
+                status=status,
+                n_examples=100 if trained else 0,
                 metrics={"loss": round(1.0 - 0.1 * rnd - 0.01 * i, 3)} if trained else {},
-                duration_s=30.0 if trained else None, error="CmdfedError: out of memory" if status == "failed" else None,
-            )  # fmt: skip
+                duration_s=30.0 if trained else None,
+                error="CmdfedError: out of memory" if status == "failed" else None,
+            )
             if trained:
-                store.record_privacy(RUN_A, phase=phase, round=rnd, site=site, epsilon=epsilon[site] * rnd,
-                                     delta=1e-5, noise_multiplier=1.1, max_grad_norm=1.0, budget_epsilon=8.0)  # fmt: skip
+                store.record_privacy(
+                    RUN_A,
+                    phase=phase,
+                    round=rnd,
+                    site=site,
+                    epsilon=epsilon[site] * rnd,
+                    delta=1e-5,
+                    noise_multiplier=1.1,
+                    max_grad_norm=1.0,
+                    budget_epsilon=8.0,
+                )
     store.finish_run(RUN_A, status="completed", finished_at=start + 1900)
 
 
@@ -72,11 +102,29 @@ def _seed_run_b(store: TelemetryStore) -> None:
         phases=["finetune"],
         started_at=start,
     )
-    store.record_round(RUN_B, phase="finetune", round=1, started_at=start, finished_at=start + 50, n_sites=2,
-                       n_failed=0, bytes_sent=200_000, bytes_received=100_000, metrics={"eval_dice": 0.5})  # fmt: skip
+    store.record_round(
+        RUN_B,
+        phase="finetune",
+        round=1,
+        started_at=start,
+        finished_at=start + 50,
+        n_sites=2,
+        n_failed=0,
+        bytes_sent=200_000,
+        bytes_received=100_000,
+        metrics={"eval_dice": 0.5},
+    )
     for site in SITES[:2]:
-        store.record_site_round(RUN_B, phase="finetune", round=1, site=site, status="trained", n_examples=10,
-                                metrics={"loss": 0.8}, duration_s=5.0)  # fmt: skip
+        store.record_site_round(
+            RUN_B,
+            phase="finetune",
+            round=1,
+            site=site,
+            status="trained",
+            n_examples=10,
+            metrics={"loss": 0.8},
+            duration_s=5.0,
+        )
 
 
 def seed(store: TelemetryStore) -> None:
@@ -103,22 +151,51 @@ def seed(store: TelemetryStore) -> None:
         store.record_deployment(
             "ws-1", version="cmd-a-r3", backend="onnxruntime-cuda", gpu="RTX A4000", status="active"
         )
-        store.record_deployment(
-            "ws-2", version="cmd-b-r1", backend="onnxruntime-cpu", gpu=None, status="active"
-        )
+        store.record_deployment("ws-2", version="cmd-b-r1", backend="onnxruntime-cpu", gpu=None, status="active")
     with clock(NOW - HOUR):  # ws-2 went silent an hour ago: stale
-        store.heartbeat("ws-2", backend="onnxruntime-cpu", gpu=None, model_version="cmd-b-r1", tiles_per_s=3.5,
-                        p50_ms=250.0, p95_ms=400.0, errors={"slide_unreadable": 1})  # fmt: skip
+        store.heartbeat(
+            "ws-2",
+            backend="onnxruntime-cpu",
+            gpu=None,
+            model_version="cmd-b-r1",
+            tiles_per_s=3.5,
+            p50_ms=250.0,
+            p95_ms=400.0,
+            errors={"slide_unreadable": 1},
+        )
     with clock(NOW - 10):
-        store.heartbeat("ws-1", backend="onnxruntime-cuda", gpu="RTX A4000", model_version="cmd-a-r3",
-                        tiles_per_s=42.5, p50_ms=12.0, p95_ms=30.0, errors={"oom": 1, "timeout": 2})  # fmt: skip
+        store.heartbeat(
+            "ws-1",
+            backend="onnxruntime-cuda",
+            gpu="RTX A4000",
+            model_version="cmd-a-r3",
+            tiles_per_s=42.5,
+            p50_ms=12.0,
+            p95_ms=30.0,
+            errors={"oom": 1, "timeout": 2},
+        )
     with clock(NOW - 20 * 60):
-        store.record_inference("ws-1", model_version="cmd-a-r3", slide_name="/scans/case-1.svs", n_cells=1200,
-                               counts_by_type={"Neoplastic": 800, "Inflammatory": 400}, area_mm2=2.5,
-                               duration_s=95.0, backend="onnxruntime-cuda")  # fmt: skip
-        store.record_inference("ws-1", model_version="cmd-a-r3", slide_name="case-2.svs", n_cells=None,
-                               counts_by_type={}, area_mm2=None, duration_s=1.0, backend=None,
-                               error="CmdfedError: cannot read slide /scans/secret/case-2.svs")  # fmt: skip
+        store.record_inference(
+            "ws-1",
+            model_version="cmd-a-r3",
+            slide_name="/scans/case-1.svs",
+            n_cells=1200,
+            counts_by_type={"Neoplastic": 800, "Inflammatory": 400},
+            area_mm2=2.5,
+            duration_s=95.0,
+            backend="onnxruntime-cuda",
+        )
+        store.record_inference(
+            "ws-1",
+            model_version="cmd-a-r3",
+            slide_name="case-2.svs",
+            n_cells=None,
+            counts_by_type={},
+            area_mm2=None,
+            duration_s=1.0,
+            backend=None,
+            error="CmdfedError: cannot read slide /scans/secret/case-2.svs",
+        )
 
 
 @pytest.fixture(scope="session")
@@ -143,11 +220,13 @@ def _feature(ring: list[list[float]], name: str, colour: list[int], nucleus_id: 
         "type": "Feature",
         "geometry": {"type": "Polygon", "coordinates": [ring]},
         "properties": {
-            "objectType": "detection", "isLocked": False,
+            "objectType": "detection",
+            "isLocked": False,
             "classification": {"name": name, "color": colour},
-            "measurements": {"Area px^2": 16}, "nucleus_id": nucleus_id,
+            "measurements": {"Area px^2": 16},
+            "nucleus_id": nucleus_id,
         },
-    }  # fmt: skip
+    }
 
 
 def _square(x: float, y: float, side: float = 4) -> list[list[float]]:
@@ -167,15 +246,19 @@ def outputs_root(tmp_path_factory) -> Path:
         _feature(_square(50.5, 40.5), "Neoplastic", [255, 0, 0], 3),
         _feature(_square(20.5, 50.5), "Inflammatory", [0, 255, 0], 4),
     ]
-    (folder / "cells.geojson").write_text(
-        json.dumps({"type": "FeatureCollection", "features": features})
-    )
+    (folder / "cells.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": features}))
     summary = {
-        "slide": "case-1.png", "dimensions": [64, 64], "mpp": 0.5, "model_version": "cmd-a-r3",
-        "tiles": 1, "n_cells": 4, "counts_by_type": {"Inflammatory": 1, "Neoplastic": 3},
-        "area_analysed_mm2": 0.001, "cells_per_mm2": 4000.0,
+        "slide": "case-1.png",
+        "dimensions": [64, 64],
+        "mpp": 0.5,
+        "model_version": "cmd-a-r3",
+        "tiles": 1,
+        "n_cells": 4,
+        "counts_by_type": {"Inflammatory": 1, "Neoplastic": 3},
+        "area_analysed_mm2": 0.001,
+        "cells_per_mm2": 4000.0,
         "outputs": {"labels": "labels.ome.zarr", "label_levels": 1, "geojson": "cells.geojson"},
-    }  # fmt: skip
+    }
     (folder / "summary.json").write_text(json.dumps(summary))
     Image.fromarray(np.full((64, 64, 3), 200, np.uint8)).save(root / "case-1.png")
     unfinished = root / "unfinished"

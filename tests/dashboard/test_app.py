@@ -51,18 +51,22 @@ def test_federation_view(app):
     runs = tab.dataframe[0].value
     assert runs["run_id"].tolist() == ["run-a", "run-b"] and runs["rounds"].tolist() == [3, 1]
     assert metrics(tab) == {
-        "Rounds": "3", "Sites": "3", "Failed or timed out site rounds": "1", "Declined for budget": "1",
-        "MB on the wire": "4.50", "Last eval_aji": "0.6300", "Last eval_dice": "0.8100",
-        "Last eval_pq": "0.5700", "Last train_loss": "0.5000",
-    }  # fmt: skip
+        "Rounds": "3",
+        "Sites": "3",
+        "Failed or timed out site rounds": "1",
+        "Declined for budget": "1",
+        "MB on the wire": "4.50",
+        "Last eval_aji": "0.6300",
+        "Last eval_dice": "0.8100",
+        "Last eval_pq": "0.5700",
+        "Last train_loss": "0.5000",
+    }
     # phases, global curves, heatmap, per-site curves, duration, bytes
     assert charts(tab) == 6
     rounds = tab.expander[0].dataframe[0].value
     assert rounds["duration_s"].tolist() == [100.0, 200.0, 300.0]
     site_rounds = tab.expander[1].dataframe[0].value
-    assert site_rounds.loc[
-        site_rounds["status"] == "failed", ["site", "round"]
-    ].values.tolist() == [["hosp-c", 2]]
+    assert site_rounds.loc[site_rounds["status"] == "failed", ["site", "round"]].values.tolist() == [["hosp-c", 2]]
 
 
 def test_site_filter(app):
@@ -97,12 +101,13 @@ def test_models_view(app):
     tab = app.tabs[2]
     versions = tab.dataframe[0].value.set_index("version")
     assert versions.loc["cmd-a-r3", ["run_id", "round", "signature", "workstations", "eval_dice"]].tolist() == [
-        "run-a", 3, "signed", "ws-1", 0.81,
-    ]  # fmt: skip
-    assert (
-        versions.loc["cmd-b-r1", "bundle_sha256"] == "2" * 64
-        and versions.loc["cmd-b-r1", "signature"] == "unsigned"
-    )
+        "run-a",
+        3,
+        "signed",
+        "ws-1",
+        0.81,
+    ]
+    assert versions.loc["cmd-b-r1", "bundle_sha256"] == "2" * 64 and versions.loc["cmd-b-r1", "signature"] == "unsigned"
     deployments = tab.dataframe[1].value
     assert sorted(zip(deployments["workstation"], deployments["version"])) == [
         ("ws-1", "cmd-a-r3"),
@@ -122,14 +127,20 @@ def test_models_of_the_selected_run_only(app):
 def test_edge_fleet_view_marks_the_stale_workstation(app):
     tab = app.tabs[3]
     assert metrics(tab) == {"Workstations": "2", "Online": "1", "Stale": "1"}
-    assert len(tab.warning) == 1 and tab.warning[0].value.startswith(
-        "ws-2 is stale: last heartbeat"
-    )
+    assert len(tab.warning) == 1 and tab.warning[0].value.startswith("ws-2 is stale: last heartbeat")
     fleet = tab.dataframe[0].value.set_index("workstation")
     assert fleet["state"].to_dict() == {"ws-1": "🟢 online", "ws-2": "🔴 stale"}
-    assert fleet.loc["ws-1", ["backend", "gpu", "model_version", "tiles_per_s", "p50_ms", "p95_ms", "errors"]].tolist() == [
-        "onnxruntime-cuda", "RTX A4000", "cmd-a-r3", 42.5, 12.0, 30.0, 3,
-    ]  # fmt: skip
+    assert fleet.loc[
+        "ws-1", ["backend", "gpu", "model_version", "tiles_per_s", "p50_ms", "p95_ms", "errors"]
+    ].tolist() == [
+        "onnxruntime-cuda",
+        "RTX A4000",
+        "cmd-a-r3",
+        42.5,
+        12.0,
+        30.0,
+        3,
+    ]
     assert tab.dataframe[1].value["error"].tolist() == ["CmdfedError: cannot read slide case-2.svs"]
     assert tab.dataframe[2].value["slide_name"].tolist() == ["case-2.svs", "case-1.svs"]
     assert charts(tab) == 1  # errors by reason
@@ -151,10 +162,7 @@ def test_slide_viewer(app):
     assert x_range.value == (0, 64) and y_range.value == (0, 64)
     x_range.set_value((0, 32))
     y_range.set_value((0, 32)).run()
-    assert (
-        not app.exception
-        and app.tabs[4].get("image")[0].proto.imgs[0].caption == "over case-1.png (level 0)"
-    )
+    assert not app.exception and app.tabs[4].get("image")[0].proto.imgs[0].caption == "over case-1.png (level 0)"
 
 
 def test_output_folder_without_geojson(app, outputs_root):
@@ -240,9 +248,7 @@ def test_newer_schema(monkeypatch, tmp_path):
     path = tmp_path / "future.db"
     TelemetryStore.open(path, create=True).close()
     with sqlite3.connect(path) as conn:
-        conn.execute(
-            "INSERT INTO schema_version VALUES (?, 'from the future', 0)", (SCHEMA_VERSION + 1,)
-        )
+        conn.execute("INSERT INTO schema_version VALUES (?, 'from the future', 0)", (SCHEMA_VERSION + 1,))
     assert "newer than this cmdfed" in _telemetry_errors(run_app(monkeypatch, path))
 
 
@@ -253,7 +259,4 @@ def test_store_without_data_says_which_command_fills_it(monkeypatch, tmp_path):
     assert "`cmdfed federate` or `cmdfed simulate`" in app.tabs[1].info[0].value
     assert "`cmdfed edge export --telemetry DB`" in app.tabs[2].info[0].value
     fleet = [i.value for i in app.tabs[3].info]
-    assert (
-        "`cmdfed edge serve --telemetry DB`" in fleet[0]
-        and "`cmdfed edge infer SLIDE --telemetry DB`" in fleet[1]
-    )
+    assert "`cmdfed edge serve --telemetry DB`" in fleet[0] and "`cmdfed edge infer SLIDE --telemetry DB`" in fleet[1]

@@ -10,9 +10,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -20,9 +20,14 @@ from cmdfed.telemetry import TelemetryStore
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--no-first-run",
-]  # fmt: skip
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 ARTIFACTS = Path(__file__).parents[2] / "test-artifacts"
 STARTUP_TIMEOUT_S = 60
 
@@ -55,9 +60,12 @@ def _dashboard(db: Path, tmp_path: Path, *options: str) -> Iterator[str]:
     port = _free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "cmdfed", "dashboard", "--db", str(db), *options, "--port", str(port)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=tmp_path,
         env={**os.environ, "HOME": str(tmp_path)},  # no ~/.streamlit of the user's
-    )  # fmt: skip
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         _wait_healthy(url, server)
@@ -81,9 +89,7 @@ def dashboard_url(telemetry_db, outputs_root, tmp_path):
 def chromium():
     if not os.access(CHROMIUM, os.X_OK):
         pytest.skip(f"no {CHROMIUM}: apt-get install -y chromium")
-    sync_api = pytest.importorskip(
-        "playwright.sync_api", reason="pip install playwright (never `playwright install`)"
-    )
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (never `playwright install`)")
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
@@ -93,9 +99,7 @@ def chromium():
 
 
 def _wait_drawn(page) -> None:
-    page.wait_for_selector(
-        '[data-testid="stApp"][data-test-script-state="notRunning"]', timeout=60_000
-    )
+    page.wait_for_selector('[data-testid="stApp"][data-test-script-state="notRunning"]', timeout=60_000)
 
 
 def test_dashboard_in_chromium(dashboard_url, chromium):
@@ -125,8 +129,18 @@ def _record_run(db: Path, run_id: str, name: str, rounds: int) -> None:
         start = time.time()
         store.start_run(run_id, name=name, config={}, strategy="fedavg", phases=["finetune"], started_at=start)
         for rnd in range(1, rounds + 1):
-            store.record_round(run_id, phase="finetune", round=rnd, started_at=start, finished_at=start + 1,
-                               n_sites=2, n_failed=0, bytes_sent=1000, bytes_received=1000, metrics={"eval_dice": 0.5})  # fmt: skip
+            store.record_round(
+                run_id,
+                phase="finetune",
+                round=rnd,
+                started_at=start,
+                finished_at=start + 1,
+                n_sites=2,
+                n_failed=0,
+                bytes_sent=1000,
+                bytes_received=1000,
+                metrics={"eval_dice": 0.5},
+            )
 
 
 def test_auto_refresh_follows_a_store_and_runs_that_appear_later(tmp_path, chromium):

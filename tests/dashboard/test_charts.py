@@ -8,11 +8,15 @@ from dashboard import charts
 
 
 def test_phase_timeline_is_in_utc_whatever_the_browsers_timezone():
-    timeline = pd.DataFrame({
-        "phase": ["pretrain", "finetune"], "first_round": [1, 2], "last_round": [1, 3],
-        "started": pd.to_datetime(["2025-03-01 10:00:00", "2025-03-01 10:10:00"]).tz_localize("Europe/Paris"),
-        "finished": pd.to_datetime(["2025-03-01 10:01:40", "2025-03-01 10:31:40"]).tz_localize("Europe/Paris"),
-    })  # fmt: skip
+    timeline = pd.DataFrame(
+        {
+            "phase": ["pretrain", "finetune"],
+            "first_round": [1, 2],
+            "last_round": [1, 3],
+            "started": pd.to_datetime(["2025-03-01 10:00:00", "2025-03-01 10:10:00"]).tz_localize("Europe/Paris"),
+            "finished": pd.to_datetime(["2025-03-01 10:01:40", "2025-03-01 10:31:40"]).tz_localize("Europe/Paris"),
+        }
+    )
     spec = charts.phase_timeline(timeline).to_dict()
     x = spec["encoding"]["x"]
     # without a utc scale Vega-Lite draws the axis in the browser's local time

@@ -33,14 +33,14 @@ def test_dashboard_runs_streamlit_headless_on_localhost(monkeypatch, tmp_path):
     )
     assert result.exit_code == 0, result.output
     ((command, env),) = calls
-    assert command[:4] == [sys.executable, "-m", "streamlit", "run"] and command[4].endswith(
-        "dashboard/app.py"
-    )
+    assert command[:4] == [sys.executable, "-m", "streamlit", "run"] and command[4].endswith("dashboard/app.py")
     options = dict(zip(command[5::2], command[6::2]))
     assert options == {
-        "--server.headless": "true", "--browser.gatherUsageStats": "false",
-        "--server.address": "127.0.0.1", "--server.port": "8600",
-    }  # fmt: skip
+        "--server.headless": "true",
+        "--browser.gatherUsageStats": "false",
+        "--server.address": "127.0.0.1",
+        "--server.port": "8600",
+    }
     assert env["CMDFED_DASHBOARD_DB"] == str(tmp_path / "run" / "telemetry.db")
     assert env["CMDFED_DASHBOARD_OUTPUTS"] == str(tmp_path)
     assert env["CMDFED_DASHBOARD_FILES_ROOT"] == str(tmp_path.resolve())  # default: --outputs
@@ -62,10 +62,7 @@ def test_db_and_host_options(monkeypatch, tmp_path):
     assert done.value.code == 0
     ((command, env),) = calls
     assert command[command.index("--server.address") + 1] == "0.0.0.0"
-    assert (
-        env["CMDFED_DASHBOARD_DB"] == "postgresql+psycopg://db/telemetry"
-        and env["CMDFED_DASHBOARD_OUTPUTS"] == ""
-    )
+    assert env["CMDFED_DASHBOARD_DB"] == "postgresql+psycopg://db/telemetry" and env["CMDFED_DASHBOARD_OUTPUTS"] == ""
     assert env["CMDFED_DASHBOARD_FILES_ROOT"] == str(tmp_path.resolve())  # default: here
 
 
@@ -80,7 +77,9 @@ def test_files_root_must_be_a_folder_that_holds_the_outputs(monkeypatch, tmp_pat
     (tmp_path / "slides").mkdir()
     result = _invoke(["--outputs", str(tmp_path / "outputs"), "--files-root", str(tmp_path / "slides")])
     assert isinstance(result.exception, CmdfedError)
-    assert "is outside --files-root" in str(result.exception) and "give a --files-root that holds it" in str(result.exception)
+    assert "is outside --files-root" in str(result.exception) and "give a --files-root that holds it" in str(
+        result.exception
+    )
     result = _invoke(["--files-root", str(tmp_path / "absent")])
     assert isinstance(result.exception, CmdfedError) and "is not a folder" in str(result.exception)
 

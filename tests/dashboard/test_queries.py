@@ -43,11 +43,7 @@ def test_site_rounds_and_participation(store):
         "declined_budget": 1,
     }
     cell = queries.participation(site_rounds).set_index(["site", "round"])["status"]
-    assert (
-        cell["hosp-c", 2] == "failed"
-        and cell["hosp-b", 3] == "declined_budget"
-        and cell["hosp-a", 3] == "trained"
-    )
+    assert cell["hosp-c", 2] == "failed" and cell["hosp-b", 3] == "declined_budget" and cell["hosp-a", 3] == "trained"
     only_a = queries.site_rounds_table(store, "run-a", sites=["hosp-a"])
     assert set(only_a["site"]) == {"hosp-a"} and only_a["loss"].tolist() == [0.9, 0.8, 0.7]
     assert queries.sites_of(store, ["run-a"]) == ["hosp-a", "hosp-b", "hosp-c"]
@@ -55,9 +51,7 @@ def test_site_rounds_and_participation(store):
 
 def test_privacy_marks_the_site_at_its_budget(store):
     spend = queries.privacy_table(store, "run-a")
-    by_site = queries.privacy_by_site(spend, queries.site_rounds_table(store, "run-a")).set_index(
-        "site"
-    )
+    by_site = queries.privacy_by_site(spend, queries.site_rounds_table(store, "run-a")).set_index("site")
     assert by_site["epsilon"].to_dict() == {"hosp-a": 6.0, "hosp-b": 8.0, "hosp-c": 3.0}
     assert by_site["budget_reached"].to_dict() == {"hosp-a": False, "hosp-b": True, "hosp-c": False}
     assert by_site.loc["hosp-c", "last_round"] == 3 and by_site.loc["hosp-a", "budget_used"] == 0.75
@@ -70,16 +64,42 @@ def test_a_site_that_declined_below_its_limit_is_marked(tmp_path):
     with TelemetryStore.open(tmp_path / "telemetry.db", create=True) as store:
         store.start_run("run-dp", name="dp", config={}, strategy="fedavg", phases=["finetune"], started_at=0.0)
         for rnd in (1, 2, 3):
-            store.record_round("run-dp", phase="finetune", round=rnd, started_at=rnd, finished_at=rnd + 0.5, n_sites=3,
-                               n_failed=0, bytes_sent=1, bytes_received=1, metrics={})  # fmt: skip
+            store.record_round(
+                "run-dp",
+                phase="finetune",
+                round=rnd,
+                started_at=rnd,
+                finished_at=rnd + 0.5,
+                n_sites=3,
+                n_failed=0,
+                bytes_sent=1,
+                bytes_received=1,
+                metrics={},
+            )
             for site, epsilons in cumulative.items():
                 epsilon = epsilons[rnd - 1]
-                store.record_site_round("run-dp", phase="finetune", round=rnd, site=site,
-                                        status="declined_budget" if epsilon is None else "trained",
-                                        n_examples=0 if epsilon is None else 10, metrics={}, duration_s=None)  # fmt: skip
+                store.record_site_round(
+                    "run-dp",
+                    phase="finetune",
+                    round=rnd,
+                    site=site,
+                    status="declined_budget" if epsilon is None else "trained",
+                    n_examples=0 if epsilon is None else 10,
+                    metrics={},
+                    duration_s=None,
+                )
                 if epsilon is not None:
-                    store.record_privacy("run-dp", phase="finetune", round=rnd, site=site, epsilon=epsilon,
-                                         delta=1e-5, noise_multiplier=1.1, max_grad_norm=1.0, budget_epsilon=8.0)  # fmt: skip
+                    store.record_privacy(
+                        "run-dp",
+                        phase="finetune",
+                        round=rnd,
+                        site=site,
+                        epsilon=epsilon,
+                        delta=1e-5,
+                        noise_multiplier=1.1,
+                        max_grad_norm=1.0,
+                        budget_epsilon=8.0,
+                    )
     with queries.open_store(tmp_path / "telemetry.db") as store:
         spend_table = queries.privacy_table(store, "run-dp")
         by_site = queries.privacy_by_site(spend_table, queries.site_rounds_table(store, "run-dp"))
@@ -98,10 +118,7 @@ def test_models_fleet_and_inference(store, now):
         "signed",
         "ws-1",
     ]
-    assert (
-        versions.loc["cmd-b-r1", "signature"] == "unsigned"
-        and versions.loc["cmd-a-r3", "eval_dice"] == 0.81
-    )
+    assert versions.loc["cmd-b-r1", "signature"] == "unsigned" and versions.loc["cmd-a-r3", "eval_dice"] == 0.81
     fleet = queries.fleet_table(store, now=now).set_index("workstation")
     assert fleet["state"].to_dict() == {"ws-1": "online", "ws-2": "stale"}
     assert fleet.loc["ws-1", ["tiles_per_s", "p50_ms", "p95_ms", "errors"]].tolist() == [

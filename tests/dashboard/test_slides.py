@@ -79,7 +79,7 @@ def test_the_coarsest_level_in_bands_when_even_it_is_too_large(output, pyramid, 
 
 def test_a_view_too_large_even_in_bands_says_zoom_in(output, pyramid, monkeypatch):
     monkeypatch.setattr(slides, "MAX_READ_PIXELS", 500)
-    image, note = slides.render(output, slide_path=pyramid)
+    _image, note = slides.render(output, slide_path=pyramid)
     assert note.startswith("slide unreadable (the slide's coarsest level (2)") and "zoom in further" in note
     zoomed, note = slides.render(output, (0, 0, 256, 256), pyramid, side=64)
     assert note == "over big.tif (level 2)" and zoomed.getpixel((10, 10)) == RED

@@ -29,8 +29,24 @@ def test_40x_images_are_resampled_to_the_asked_resolution():
 
 
 def test_cli_writes_a_labelled_store(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "cmdfed", "data", "cpm15", str(tmp_path / "c.zarr"), "--images", "01,02",
-                             "--tile", "128", "--json"], capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cmdfed",
+            "data",
+            "cpm15",
+            str(tmp_path / "c.zarr"),
+            "--images",
+            "01,02",
+            "--tile",
+            "128",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
     info = json.loads(result.stdout)
     assert info["labelled_fraction"] == 1.0 and info["mpp"] == 0.5 and info["nuclei"] > 100

@@ -132,9 +132,7 @@ def write_pannuke_fold(root: Path, nested: bool = True, n: int = 3) -> Path:
 def test_pannuke_import(tmp_path):
     fold = write_pannuke_fold(tmp_path)
     seen = []
-    info = import_pannuke(
-        fold, tmp_path / "site.zarr", progress=lambda d, t, w: seen.append((d, t))
-    )
+    info = import_pannuke(fold, tmp_path / "site.zarr", progress=lambda d, t, w: seen.append((d, t)))
     assert seen[-1] == (3, 3)
     assert info.tiles == 3 and info.labelled == 3 and info.has_types
     assert info.class_names == [
@@ -150,9 +148,7 @@ def test_pannuke_import(tmp_path):
     assert [t.tissue for t in tiles] == PANNUKE_TISSUES
     assert [t.slide_id for t in tiles] == ["Fold 1/0", "Fold 1/1", "Fold 1/2"]
     assert all(t.x == 0 and t.y == 0 and t.mpp == pytest.approx(0.25) for t in tiles)
-    np.testing.assert_array_equal(
-        tiles[0].image, np.load(fold / "images/fold1/images.npy")[0].astype(np.uint8)
-    )
+    np.testing.assert_array_equal(tiles[0].image, np.load(fold / "images/fold1/images.npy")[0].astype(np.uint8))
     first = tiles[0]
     # Colliding id 5 in two channels became two distinct nuclei.
     neoplastic, inflammatory = first.instances[15, 15], first.instances[55, 55]
@@ -165,9 +161,7 @@ def test_pannuke_import(tmp_path):
     assert not tiles[2].instances.any()
 
 
-@pytest.mark.parametrize(
-    ("tile_size", "overlap", "per_patch"), [(128, 0, 4), (128, 64, 9), (512, 0, 1)]
-)
+@pytest.mark.parametrize(("tile_size", "overlap", "per_patch"), [(128, 0, 4), (128, 64, 9), (512, 0, 1)])
 def test_pannuke_tile_counts(tmp_path, tile_size, overlap, per_patch):
     fold = write_pannuke_fold(tmp_path, n=2)
     info = import_pannuke(fold, tmp_path / "s.zarr", tile_size=tile_size, overlap=overlap)
@@ -228,9 +222,7 @@ def test_pannuke_missing_folder(tmp_path):
 # -- CoNSeP ----------------------------------------------------------------------------------
 
 
-def write_consep_split(
-    root: Path, name: str = "train_1", height: int = 64, width: int = 96
-) -> Path:
+def write_consep_split(root: Path, name: str = "train_1", height: int = 64, width: int = 96) -> Path:
     """A split as released: RGBA PNGs and v5 .mat labels with all four keys."""
     split = root / "CoNSeP" / "Train"
     (split / "Images").mkdir(parents=True, exist_ok=True)
@@ -255,9 +247,7 @@ def write_consep_split(
             "inst_map": inst_map,
             "type_map": type_map,
             "inst_type": np.array([[c] for _, c in nuclei.values()], np.float64),
-            "inst_centroid": np.array(
-                [[(x0 + x1) / 2, (y0 + y1) / 2] for (y0, y1, x0, x1), _ in nuclei.values()]
-            ),
+            "inst_centroid": np.array([[(x0 + x1) / 2, (y0 + y1) / 2] for (y0, y1, x0, x1), _ in nuclei.values()]),
         },
     )
     return split
@@ -275,9 +265,7 @@ def test_consep_import_merges_classes(tmp_path):
     ]
     tiles = all_tiles(tmp_path / "c.zarr")
     assert {(t.x, t.y) for t in tiles} == {(x, y) for x in (0, 32, 64) for y in (0, 32)}
-    assert all(
-        t.source == "consep" and t.slide_id == "train_1" and t.tissue == "Colon" for t in tiles
-    )
+    assert all(t.source == "consep" and t.slide_id == "train_1" and t.tissue == "Colon" for t in tiles)
     assert all(t.mpp == pytest.approx(0.25) for t in tiles)
     rgba = np.asarray(Image.open(split / "Images/train_1.png"))
     top_left = tile_at(tiles, "train_1", 0, 0)
@@ -320,9 +308,7 @@ def test_consep_missing_labels_folder(tmp_path):
 def test_consep_mat_without_type_map(tmp_path):
     split = write_consep_split(tmp_path)
     scipy.io.savemat(split / "Labels/train_1.mat", {"inst_map": np.zeros((64, 96))})
-    with pytest.raises(
-        CmdfedError, match=r"train_1\.mat has no variable 'type_map' \(it holds: inst_map\)"
-    ):
+    with pytest.raises(CmdfedError, match=r"train_1\.mat has no variable 'type_map' \(it holds: inst_map\)"):
         import_consep(split, tmp_path / "c.zarr")
     assert not (tmp_path / "c.zarr").exists() and not no_leftovers(tmp_path)
 
@@ -348,9 +334,7 @@ def test_consep_label_shape_mismatch(tmp_path):
         split / "Labels/train_1.mat",
         {"inst_map": np.zeros((60, 96)), "type_map": np.zeros((60, 96))},
     )
-    with pytest.raises(
-        CmdfedError, match=r"train_1\.mat is 96x60 px but its image .*train_1\.png is 96x64"
-    ):
+    with pytest.raises(CmdfedError, match=r"train_1\.mat is 96x60 px but its image .*train_1\.png is 96x64"):
         import_consep(split, tmp_path / "c.zarr")
 
 
@@ -403,9 +387,7 @@ def aperio_xml(polygons: list[np.ndarray]) -> str:
         '<Attributes>\n<Attribute Name="Description" Id="0" Value=""/>\n</Attributes>\n'
         "<Regions>\n<RegionAttributeHeaders>\n"
         '<AttributeHeader Id="9999" Name="Region" ColumnWidth="-1"/>\n'
-        "</RegionAttributeHeaders>\n"
-        + regions
-        + "</Regions>\n<Plots/>\n</Annotation>\n</Annotations>\n"
+        "</RegionAttributeHeaders>\n" + regions + "</Regions>\n<Plots/>\n</Annotation>\n</Annotations>\n"
     )
 
 
@@ -417,9 +399,7 @@ def write_monuseg(root: Path, polygons: list[np.ndarray] = MONUSEG_POLYGONS) -> 
     folder = root / "MoNuSeg 2018 Training Data"
     (folder / "Tissue Images").mkdir(parents=True)
     (folder / "Annotations").mkdir()
-    tifffile.imwrite(
-        folder / "Tissue Images" / f"{MONUSEG_NAME}.tif", random_rgb(100, 120), photometric="rgb"
-    )
+    tifffile.imwrite(folder / "Tissue Images" / f"{MONUSEG_NAME}.tif", random_rgb(100, 120), photometric="rgb")
     (folder / "Annotations" / f"{MONUSEG_NAME}.xml").write_text(aperio_xml(polygons))
     return folder
 
@@ -436,14 +416,10 @@ def test_monuseg_import_rasterises_polygons(tmp_path):
         tile.image[:100, :120], tifffile.imread(folder / "Tissue Images" / f"{MONUSEG_NAME}.tif")
     )
     assert tile.instances[41, 30] == 1
-    assert np.count_nonzero(tile.instances == 1) == pytest.approx(
-        polygon_area(MONUSEG_POLYGONS[0]), rel=0.05
-    )
+    assert np.count_nonzero(tile.instances == 1) == pytest.approx(polygon_area(MONUSEG_POLYGONS[0]), rel=0.05)
     # The third circle overlaps the second and, being later, overwrites it there.
     assert tile.instances[60, 88] == 3 and tile.instances[60, 76] == 2
-    assert np.count_nonzero(tile.instances == 3) == pytest.approx(
-        polygon_area(MONUSEG_POLYGONS[2]), rel=0.08
-    )
+    assert np.count_nonzero(tile.instances == 3) == pytest.approx(polygon_area(MONUSEG_POLYGONS[2]), rel=0.08)
     assert np.count_nonzero(tile.instances == 2) < polygon_area(MONUSEG_POLYGONS[1])
     assert tile.tissue_fraction == pytest.approx(100 * 120 / 128**2)
 
@@ -484,12 +460,8 @@ def test_monuseg_annotation_of_another_image(tmp_path):
 
 def test_monuseg_image_without_annotation(tmp_path):
     folder = write_monuseg(tmp_path)
-    tifffile.imwrite(
-        folder / "Tissue Images" / "TCGA-XX.tif", random_rgb(10, 10), photometric="rgb"
-    )
-    with pytest.raises(
-        CmdfedError, match=r"unpaired files .*TCGA-XX\.tif \(no annotation \.xml file\)"
-    ):
+    tifffile.imwrite(folder / "Tissue Images" / "TCGA-XX.tif", random_rgb(10, 10), photometric="rgb")
+    with pytest.raises(CmdfedError, match=r"unpaired files .*TCGA-XX\.tif \(no annotation \.xml file\)"):
         import_monuseg(folder, tmp_path / "m.zarr")
 
 
@@ -506,14 +478,8 @@ def test_monuseg_unreadable_tif(tmp_path):
 def write_lizard(root: Path, download_layout: bool = True) -> Path:
     """Lizard as unzipped (or tidied into images/ + labels/), with the real .mat keys."""
     folder = root / "Lizard"
-    image_dir = (
-        folder / "lizard_images1" / "Lizard_Images1" if download_layout else folder / "images"
-    )
-    label_dir = (
-        folder / "lizard_labels" / "Lizard_Labels" / "Labels"
-        if download_layout
-        else folder / "labels"
-    )
+    image_dir = folder / "lizard_images1" / "Lizard_Images1" if download_layout else folder / "images"
+    label_dir = folder / "lizard_labels" / "Lizard_Labels" / "Labels" if download_layout else folder / "labels"
     image_dir.mkdir(parents=True)
     label_dir.mkdir(parents=True)
     Image.fromarray(random_rgb(40, 70)).save(image_dir / "consep_1.png")
@@ -530,9 +496,7 @@ def write_lizard(root: Path, download_layout: bool = True) -> Path:
             "id": ids,
             "class": classes,
             "bbox": np.array([boxes[int(i)] for i in ids[:, 0]], np.int32),
-            "centroid": np.array(
-                [[(b[2] + b[3]) / 2, (b[0] + b[1]) / 2] for b in (boxes[int(i)] for i in ids[:, 0])]
-            ),
+            "centroid": np.array([[(b[2] + b[3]) / 2, (b[0] + b[1]) / 2] for b in (boxes[int(i)] for i in ids[:, 0])]),
         },
     )
     return folder
@@ -552,9 +516,7 @@ def test_lizard_import_types_from_ids(tmp_path, download_layout):
         "connective",
     ]
     tiles = all_tiles(tmp_path / "l.zarr")
-    assert all(
-        t.source == "lizard" and t.tissue == "Colon" and t.mpp == pytest.approx(0.5) for t in tiles
-    )
+    assert all(t.source == "lizard" and t.tissue == "Colon" and t.mpp == pytest.approx(0.5) for t in tiles)
     assert {(t.x, t.y) for t in tiles} == {(x, y) for x in (0, 32, 38) for y in (0, 8)}
     top_left = tile_at(tiles, "consep_1", 0, 0)
     assert top_left.types[5, 5] == 1  # nucleus 3: neutrophil
@@ -571,9 +533,7 @@ def test_lizard_nucleus_without_class(tmp_path):
     content = scipy.io.loadmat(mat)
     content["id"], content["class"] = content["id"][:2], content["class"][:2]
     scipy.io.savemat(mat, {k: v for k, v in content.items() if not k.startswith("__")})
-    with pytest.raises(
-        CmdfedError, match=r"consep_1\.mat: nuclei 4 of inst_map are missing from 'id'"
-    ):
+    with pytest.raises(CmdfedError, match=r"consep_1\.mat: nuclei 4 of inst_map are missing from 'id'"):
         import_lizard(folder, tmp_path / "l.zarr")
 
 
@@ -581,22 +541,15 @@ def test_lizard_mat_without_class(tmp_path):
     folder = write_lizard(tmp_path)
     mat = next(folder.rglob("*.mat"))
     scipy.io.savemat(mat, {"inst_map": np.zeros((40, 70), np.int32), "id": np.zeros((0, 1))})
-    with pytest.raises(
-        CmdfedError, match=r"consep_1\.mat has no variable 'class'.*Lizard label file"
-    ):
+    with pytest.raises(CmdfedError, match=r"consep_1\.mat has no variable 'class'.*Lizard label file"):
         import_lizard(folder, tmp_path / "l.zarr")
 
 
 def test_lizard_matlab_v73_file(tmp_path):
     folder = write_lizard(tmp_path)
     mat = next(folder.rglob("*.mat"))
-    header = (
-        b"MATLAB 7.3 MAT-file, Platform: GLNXA64, Created on: Mon Jan  1 00:00:00 2024 "
-        b"HDF5 schema 1.00 ."
-    )
-    mat.write_bytes(
-        header.ljust(116, b" ") + b"\x00" * 8 + struct.pack("<H", 0x0200) + b"IM" + b"\x00" * 384
-    )
+    header = b"MATLAB 7.3 MAT-file, Platform: GLNXA64, Created on: Mon Jan  1 00:00:00 2024 HDF5 schema 1.00 ."
+    mat.write_bytes(header.ljust(116, b" ") + b"\x00" * 8 + struct.pack("<H", 0x0200) + b"IM" + b"\x00" * 384)
     with pytest.raises(CmdfedError, match=r"consep_1\.mat is a MATLAB v7\.3 \(HDF5\) file.*'-v7'"):
         import_lizard(folder, tmp_path / "l.zarr")
 
@@ -635,10 +588,7 @@ def test_folder_import_png_and_tiff_pairs(tmp_path):
     a = tile_at(tiles, "a", 0, 0)
     assert np.count_nonzero(a.instances == a.instances[5, 5]) == 64 and a.instances[5, 5] == 1
     # Nucleus 1000 spans x 28-35: both top tiles of 'a' hold part of it.
-    assert (
-        tile_at(tiles, "a", 0, 0).instances[21, 29] > 0
-        and tile_at(tiles, "a", 32, 0).instances[21, 1] > 0
-    )
+    assert tile_at(tiles, "a", 0, 0).instances[21, 29] > 0 and tile_at(tiles, "a", 32, 0).instances[21, 1] > 0
     # In 'b' (70 px wide) the last column of tiles starts at 38, past that nucleus (x 28-35).
     assert tile_at(tiles, "b", 32, 8).instances[20 - 8, 33 - 32] > 0
     assert not tile_at(tiles, "b", 38, 8).instances.any()
@@ -650,30 +600,24 @@ def test_folder_import_png_and_tiff_pairs(tmp_path):
 def test_folder_types_need_class_names(tmp_path):
     folder = tmp_path / "site"
     _, instances = write_folder_pair(folder, "a", 32, 32)
-    Image.fromarray(
-        np.where(instances == 300, 2, np.where(instances > 0, 1, 0)).astype(np.uint8)
-    ).save(folder / "a_types.png")
+    Image.fromarray(np.where(instances == 300, 2, np.where(instances > 0, 1, 0)).astype(np.uint8)).save(
+        folder / "a_types.png"
+    )
     with pytest.raises(CmdfedError, match="pass class_names"):
         import_folder(folder, tmp_path / "f.zarr", tile_size=32)
-    info = import_folder(
-        folder, tmp_path / "f.zarr", tile_size=32, class_names=["background", "tumour", "immune"]
-    )
+    info = import_folder(folder, tmp_path / "f.zarr", tile_size=32, class_names=["background", "tumour", "immune"])
     assert info.has_types
     (tile,) = all_tiles(tmp_path / "f.zarr")
     assert tile.types[5, 5] == 2 and tile.types[22, 30] == 1
     with pytest.raises(CmdfedError, match="holds class 2 but only 1 classes are named"):
-        import_folder(
-            folder, tmp_path / "g.zarr", tile_size=32, class_names=["background", "nucleus"]
-        )
+        import_folder(folder, tmp_path / "g.zarr", tile_size=32, class_names=["background", "nucleus"])
 
 
 def test_folder_unlabelled_images(tmp_path):
     folder = tmp_path / "site"
     write_folder_pair(folder, "a", 32, 32)
     Image.fromarray(random_rgb(32, 32)).save(folder / "b.png")
-    with pytest.raises(
-        CmdfedError, match=r"images without an instance mask .*: b\.png; .*allow_unlabelled"
-    ):
+    with pytest.raises(CmdfedError, match=r"images without an instance mask .*: b\.png; .*allow_unlabelled"):
         import_folder(folder, tmp_path / "f.zarr", tile_size=32)
     info = import_folder(folder, tmp_path / "f.zarr", tile_size=32, allow_unlabelled=True)
     assert info.tiles == 2 and info.labelled == 1
@@ -687,18 +631,14 @@ def test_folder_custom_suffix(tmp_path):
     folder.mkdir()
     Image.fromarray(random_rgb(32, 32)).save(folder / "x.png")
     Image.fromarray(np.ones((32, 32), np.uint8)).save(folder / "x_label.png")
-    assert (
-        import_folder(folder, tmp_path / "f.zarr", tile_size=32, inst_suffix="_label").nuclei == 1
-    )
+    assert import_folder(folder, tmp_path / "f.zarr", tile_size=32, inst_suffix="_label").nuclei == 1
 
 
 def test_folder_shape_mismatch(tmp_path):
     folder = tmp_path / "site"
     write_folder_pair(folder, "a", 32, 32)
     Image.fromarray(np.zeros((30, 32), np.uint16)).save(folder / "a_inst.png")
-    with pytest.raises(
-        CmdfedError, match=r"a_inst\.png is 32x30 px but its image .*a\.png is 32x32"
-    ):
+    with pytest.raises(CmdfedError, match=r"a_inst\.png is 32x30 px but its image .*a\.png is 32x32"):
         import_folder(folder, tmp_path / "f.zarr", tile_size=32)
 
 

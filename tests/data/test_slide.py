@@ -4,7 +4,14 @@ import tifffile
 from PIL import Image
 
 from cmdfed.data.slide import (
-    OpenSlideReader, TiffReader, level_for_mpp, open_slide, plan_tiles, tile_slide, tissue_grid, tissue_mask,
+    OpenSlideReader,
+    TiffReader,
+    level_for_mpp,
+    open_slide,
+    plan_tiles,
+    tile_slide,
+    tissue_grid,
+    tissue_mask,
 )
 from cmdfed.data.store import SiteStore
 from cmdfed.data.synth import synth_tiles
@@ -30,7 +37,7 @@ def pyramid_tiff(slide_pixels, tmp_path_factory):
     """A tiled pyramidal TIFF (levels 1, 1/2, 1/4) with 0.5 um/px in its resolution tags."""
     path = tmp_path_factory.mktemp("slides") / "slide.tif"
     with tifffile.TiffWriter(path) as tif:
-        opts = dict(tile=(128, 128), photometric="rgb", compression="zlib")
+        opts = {"tile": (128, 128), "photometric": "rgb", "compression": "zlib"}
         tif.write(slide_pixels, subifds=2, resolution=(1e4 / 0.5, 1e4 / 0.5), resolutionunit="CENTIMETER", **opts)
         for factor in (2, 4):
             tif.write(slide_pixels[::factor, ::factor], subfiletype=1, **opts)

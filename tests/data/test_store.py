@@ -35,7 +35,9 @@ def make_tile(i: int, labelled: bool = True) -> Tile:
 
 
 def new_store(path: Path, n: int, shard: int = 4, labelled=lambda i: True) -> SiteStore:
-    store = SiteStore.create(path, tile_size=T, class_names=["background", "a", "b"], has_types=True, shard_tiles=shard, mpp=0.25)
+    store = SiteStore.create(
+        path, tile_size=T, class_names=["background", "a", "b"], has_types=True, shard_tiles=shard, mpp=0.25
+    )
     with store.writer() as writer:
         for i in range(n):
             writer.add(make_tile(i, labelled(i)))
@@ -53,7 +55,13 @@ def test_round_trip_keeps_pixels_labels_and_metadata(tmp_path):
         if expected.labelled:
             assert np.array_equal(tile.instances, expected.instances)
             assert np.array_equal(tile.types, expected.types)
-        assert (tile.source, tile.slide_id, tile.tissue, tile.x, tile.y) == ("test", f"slide-{i // 4}", expected.tissue, i * T, 7)
+        assert (tile.source, tile.slide_id, tile.tissue, tile.x, tile.y) == (
+            "test",
+            f"slide-{i // 4}",
+            expected.tissue,
+            i * T,
+            7,
+        )
         assert tile.mpp == pytest.approx(0.25) and tile.tissue_fraction == pytest.approx(0.5)
     info = store.info()
     assert (info.tiles, info.labelled, info.nuclei) == (10, 6, 12)
@@ -98,11 +106,10 @@ def test_append_to_partial_shard_keeps_earlier_tiles(tmp_path):
 def test_exception_inside_writer_leaves_previous_length(tmp_path):
     new_store(tmp_path / "s.zarr", 5)
     store = SiteStore.open(tmp_path / "s.zarr", mode="r+")
-    with pytest.raises(RuntimeError):
-        with store.writer() as writer:
-            for i in range(5, 14):
-                writer.add(make_tile(i))
-            raise RuntimeError("import failed half way")
+    with pytest.raises(RuntimeError), store.writer() as writer:
+        for i in range(5, 14):
+            writer.add(make_tile(i))
+        raise RuntimeError("import failed half way")
     reread = SiteStore.open(tmp_path / "s.zarr")
     assert len(reread) == 5
     assert reread._group["images"].shape[0] == 5  # uncommitted tail trimmed
@@ -122,7 +129,7 @@ def test_killed_writer_leaves_store_readable_at_previous_length(tmp_path):
         os._exit(9)  # killed before close
         """
     )
-    assert subprocess.run([sys.executable, "-c", script]).returncode == 9
+    assert subprocess.run([sys.executable, "-c", script], check=False).returncode == 9
     store = SiteStore.open(path)
     assert len(store) == 5
     assert [int(store.image(i)[0, 0, 0]) for i in range(5)] == list(range(5))
@@ -145,7 +152,13 @@ def test_bad_tiles_are_refused_with_the_reason(tmp_path):
     with pytest.raises(CmdfedError, match=r"instance map must have shape"):
         writer.add(Tile(image=np.zeros((T, T, 3), np.uint8), instances=np.zeros((T, 5), np.int32)))
     with pytest.raises(CmdfedError, match=r"class 3 but the store has only 2 classes"):
-        writer.add(Tile(image=np.zeros((T, T, 3), np.uint8), instances=np.zeros((T, T), np.int32), types=np.full((T, T), 3, np.uint8)))
+        writer.add(
+            Tile(
+                image=np.zeros((T, T, 3), np.uint8),
+                instances=np.zeros((T, T), np.int32),
+                types=np.full((T, T), 3, np.uint8),
+            )
+        )
 
 
 def test_tile_size_must_be_a_multiple_of_32(tmp_path):
@@ -171,7 +184,9 @@ def test_opening_something_else_names_the_path(tmp_path):
 def test_newer_schema_is_refused(tmp_path):
     new_store(tmp_path / "s.zarr", 2)
     zarr.open_group(str(tmp_path / "s.zarr"), mode="r+").attrs["schema_version"] = SCHEMA_VERSION + 1
-    with pytest.raises(CmdfedError, match=rf"s.zarr has store schema version {SCHEMA_VERSION + 1}, newer .* upgrade cmdfed"):
+    with pytest.raises(
+        CmdfedError, match=rf"s.zarr has store schema version {SCHEMA_VERSION + 1}, newer .* upgrade cmdfed"
+    ):
         SiteStore.open(tmp_path / "s.zarr")
 
 
@@ -212,26 +227,22 @@ def test_write_subset_copies_the_chosen_tiles(tmp_path):
 
 
 def test_failed_create_store_leaves_nothing(tmp_path):
-    with pytest.raises(RuntimeError):
-        with create_store(tmp_path / "new.zarr", tile_size=T, has_types=True) as store:
-            with store.writer() as writer:
-                writer.add(make_tile(0))
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), create_store(tmp_path / "new.zarr", tile_size=T, has_types=True) as store:
+        with store.writer() as writer:
+            writer.add(make_tile(0))
+        raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_create_store_replaces_only_on_success_with_overwrite(tmp_path):
     new_store(tmp_path / "s.zarr", 3)
-    with pytest.raises(CmdfedError, match="already exists"):
-        with create_store(tmp_path / "s.zarr", tile_size=T):
-            pass
-    with pytest.raises(RuntimeError):
-        with create_store(tmp_path / "s.zarr", tile_size=T, overwrite=True):
-            raise RuntimeError("boom")
+    with pytest.raises(CmdfedError, match="already exists"), create_store(tmp_path / "s.zarr", tile_size=T):
+        pass
+    with pytest.raises(RuntimeError), create_store(tmp_path / "s.zarr", tile_size=T, overwrite=True):
+        raise RuntimeError("boom")
     assert len(SiteStore.open(tmp_path / "s.zarr")) == 3
-    with create_store(tmp_path / "s.zarr", tile_size=T, overwrite=True) as store:
-        with store.writer() as writer:
-            writer.add(Tile(image=np.full((T, T, 3), 9, np.uint8)))
+    with create_store(tmp_path / "s.zarr", tile_size=T, overwrite=True) as store, store.writer() as writer:
+        writer.add(Tile(image=np.full((T, T, 3), 9, np.uint8)))
     assert len(store) == 1 and store.path == tmp_path / "s.zarr" and store.image(0)[0, 0, 0] == 9
 
 
@@ -239,9 +250,11 @@ def test_overwrite_replaces_only_a_site_store(tmp_path):
     documents = tmp_path / "documents"
     documents.mkdir()
     (documents / "thesis.docx").write_text("years of work")
-    with pytest.raises(CmdfedError, match="not a cmdfed site store; refusing to replace it"):
-        with create_store(documents, tile_size=T, overwrite=True):
-            pass
+    with (
+        pytest.raises(CmdfedError, match="not a cmdfed site store; refusing to replace it"),
+        create_store(documents, tile_size=T, overwrite=True),
+    ):
+        pass
     assert (documents / "thesis.docx").read_text() == "years of work"
 
 
@@ -255,10 +268,12 @@ def test_a_failed_final_rename_puts_the_old_store_back(tmp_path, monkeypatch):
         real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", failing_replace)
-    with pytest.raises(OSError, match="injected"):
-        with create_store(tmp_path / "s.zarr", tile_size=T, overwrite=True) as store:
-            with store.writer() as writer:
-                writer.add(Tile(image=np.zeros((T, T, 3), np.uint8)))
+    with (
+        pytest.raises(OSError, match="injected"),
+        create_store(tmp_path / "s.zarr", tile_size=T, overwrite=True) as store,
+        store.writer() as writer,
+    ):
+        writer.add(Tile(image=np.zeros((T, T, 3), np.uint8)))
     monkeypatch.undo()
     assert len(SiteStore.open(tmp_path / "s.zarr")) == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.zarr"]

@@ -28,11 +28,14 @@ def store(synthetic_store, tmp_path):
     return copy
 
 
-@pytest.mark.parametrize("chunk, array, tiles", [
-    ("instances/c/1/0/0", "instances", "tiles 4-7"),
-    ("labelled/c/0", "labelled", "tiles 0-11"),
-    ("images/c/2/0/0/0", "images", "tiles 8-11"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "chunk, array, tiles",
+    [
+        ("instances/c/1/0/0", "instances", "tiles 4-7"),
+        ("labelled/c/0", "labelled", "tiles 0-11"),
+        ("images/c/2/0/0/0", "images", "tiles 8-11"),
+    ],
+)
 def test_a_deleted_chunk_is_refused_naming_the_tiles(store, chunk, array, tiles):
     (store / chunk).unlink()
     with pytest.raises(CmdfedError, match=rf"'{array}'.*{tiles}.*re-import"):
@@ -45,7 +48,14 @@ def test_training_on_a_store_with_a_deleted_chunk_is_refused_and_writes_nothing(
     (store / "instances" / "c" / "1" / "0" / "0").unlink()
     config = TrainConfig(steps=1, batch_size=2, warmup_steps=1, checkpoint_every=1, sample_every=0)
     with pytest.raises(CmdfedError, match="instances.*tiles 4-7"):
-        finetune(store, tmp_path / "run", init=None, model_config=ModelConfig.from_preset("tiny"), train_config=config, device="cpu")
+        finetune(
+            store,
+            tmp_path / "run",
+            init=None,
+            model_config=ModelConfig.from_preset("tiny"),
+            train_config=config,
+            device="cpu",
+        )
     assert not (tmp_path / "run").exists()
 
 
@@ -62,9 +72,11 @@ def test_chunks_never_written_are_not_missing(tmp_path):
 
 def test_a_damaged_store_can_still_be_replaced(store):
     (store / "images" / "c" / "0" / "0" / "0" / "0").unlink()
-    with create_store(store, overwrite=True, tile_size=32, class_names=["background", "a", "b"], has_types=True) as new:
-        with new.writer() as writer:
-            writer.add(make_tile(0))
+    with (
+        create_store(store, overwrite=True, tile_size=32, class_names=["background", "a", "b"], has_types=True) as new,
+        new.writer() as writer,
+    ):
+        writer.add(make_tile(0))
     assert len(SiteStore.open(store)) == 1
 
 

@@ -32,8 +32,13 @@ def test_same_seed_same_tiles_and_sites_differ_in_stain():
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
     assert np.allclose(SiteStyle.for_site(3).h_vector, SiteStyle.for_site(3).h_vector)
     assert not np.allclose(SiteStyle.for_site(3).h_vector, SiteStyle.for_site(4).h_vector)
-    means = [np.mean([t.image.reshape(-1, 3).mean(0) for t in synth_tiles(4, 128, site=s, seed=0)], axis=0) for s in (0, 3, 5)]
-    assert min(np.abs(means[0] - means[1]).max(), np.abs(means[0] - means[2]).max(), np.abs(means[1] - means[2]).max()) > 3
+    means = [
+        np.mean([t.image.reshape(-1, 3).mean(0) for t in synth_tiles(4, 128, site=s, seed=0)], axis=0)
+        for s in (0, 3, 5)
+    ]
+    assert (
+        min(np.abs(means[0] - means[1]).max(), np.abs(means[0] - means[2]).max(), np.abs(means[1] - means[2]).max()) > 3
+    )
 
 
 def test_write_synthetic_store(tmp_path):

@@ -25,15 +25,32 @@ from server.superlink import SuperLink
 pytestmark = pytest.mark.slow
 
 SETTINGS = [
-    "pretrain-rounds=1", "finetune-rounds=1", "local-steps=1", "batch-size=2", "eval-tiles=2", "min-sites=3",
-    'classes="epithelial,lymphocyte,stromal"', "round-timeout-s=300", "augment=false",
+    "pretrain-rounds=1",
+    "finetune-rounds=1",
+    "local-steps=1",
+    "batch-size=2",
+    "eval-tiles=2",
+    "min-sites=3",
+    'classes="epithelial,lymphocyte,stromal"',
+    "round-timeout-s=300",
+    "augment=false",
     "eval-every=0",  # evaluation messages are covered in process (tests/client); each exchange costs ~15 s here
-]  # fmt: skip
+]
 
 
 def federate(superlink: SuperLink, run_dir: Path) -> list[str]:
     sets = [arg for setting in SETTINGS for arg in ("--set", setting)]
-    return [sys.executable, "-m", "cmdfed", "federate", "--superlink", superlink.address, "--run-dir", str(run_dir), *sets]
+    return [
+        sys.executable,
+        "-m",
+        "cmdfed",
+        "federate",
+        "--superlink",
+        superlink.address,
+        "--run-dir",
+        str(run_dir),
+        *sets,
+    ]
 
 
 def wait_for(path: Path, process: subprocess.Popen, timeout: float) -> None:
@@ -61,7 +78,9 @@ def test_federated_run_completes_and_resumes_after_a_superlink_restart(tmp_path,
     superlink = SuperLink(run_dir, port=free_port()).start()
     nodes = [SuperNode(site, superlink.address).start() for site in sites]
     try:
-        first = subprocess.Popen(federate(superlink, run_dir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        first = subprocess.Popen(
+            federate(superlink, run_dir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         wait_for(run_dir / "round-0001", first, timeout=300)
         superlink.stop()  # mid-run: the ServerApp dies with it, round 2 is in flight
         output = first.communicate(timeout=120)[0]
@@ -69,7 +88,7 @@ def test_federated_run_completes_and_resumes_after_a_superlink_restart(tmp_path,
         assert last_complete_round(run_dir).round == 1
 
         superlink.start()  # same database: the sites reconnect, nothing is registered again by hand
-        second = subprocess.run(federate(superlink, run_dir), capture_output=True, text=True, timeout=400)
+        second = subprocess.run(federate(superlink, run_dir), capture_output=True, text=True, timeout=400, check=False)
         assert second.returncode == 0, second.stdout + second.stderr
     finally:
         for node in nodes:
@@ -85,14 +104,23 @@ def test_federated_run_completes_and_resumes_after_a_superlink_restart(tmp_path,
     assert load_model(run_dir, torch.device("cpu")).class_names[1:] == ["epithelial", "lymphocyte", "stromal"]
 
     db = sqlite3.connect(run_dir / "telemetry.db")
-    rounds = db.execute("SELECT phase, round, n_sites, n_failed, bytes_sent, bytes_received FROM rounds ORDER BY round").fetchall()
-    assert [(r[0], r[1], r[2], r[3]) for r in rounds] == [("pretrain", 1, 3, 1), ("finetune", 2, 3, 1)]  # none lost, none twice
+    rounds = db.execute(
+        "SELECT phase, round, n_sites, n_failed, bytes_sent, bytes_received FROM rounds ORDER BY round"
+    ).fetchall()
+    assert [(r[0], r[1], r[2], r[3]) for r in rounds] == [
+        ("pretrain", 1, 3, 1),
+        ("finetune", 2, 3, 1),
+    ]  # none lost, none twice
     assert rounds[1][5] < rounds[0][5] / 10, "fine-tuning should send back the heads alone"
     site_rows = db.execute("SELECT round, site, status, error FROM site_rounds ORDER BY round, site").fetchall()
     assert [(r[0], r[1], r[2]) for r in site_rows] == [
-        (1, "site-1", "trained"), (1, "site-2", "trained"), (1, "site-3", "failed"),
-        (2, "site-1", "trained"), (2, "site-2", "trained"), (2, "site-3", "failed"),
-    ]  # fmt: skip
+        (1, "site-1", "trained"),
+        (1, "site-2", "trained"),
+        (1, "site-3", "failed"),
+        (2, "site-1", "trained"),
+        (2, "site-2", "trained"),
+        (2, "site-3", "failed"),
+    ]
     errors = [r[3] for r in site_rows if r[2] == "failed"]
     assert all("site3.zarr" in e and "/" not in e for e in errors), errors  # the site said what, not where
     assert db.execute("SELECT status FROM runs").fetchall() == [("completed",)]
@@ -103,7 +131,9 @@ def test_federated_run_completes_and_resumes_after_a_superlink_restart(tmp_path,
     # Everything the server received, as audited: model weights (float32 parameters of the
     # model, nothing else, nothing image-shaped), numbers, and the site's name.
     received = [json.loads(line) for line in (run_dir / "received.jsonl").read_text().splitlines()]
-    assert {(r["phase"], r["site"]) for r in received} == {(p, s) for p in ("pretrain", "finetune") for s in ("site-1", "site-2")}
+    assert {(r["phase"], r["site"]) for r in received} == {
+        (p, s) for p in ("pretrain", "finetune") for s in ("site-1", "site-2")
+    }
     for line in received:
         assert line["non_parameter_keys"] == [] and line["dtypes"] == ["float32"]
         assert all(isinstance(v, (int, float)) for v in line["metrics"].values())

@@ -43,14 +43,32 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # four sites' ClientA
 
 ROUND_TIMEOUT_S = 300
 SETTINGS = [
-    "pretrain-rounds=3", "finetune-rounds=0", "local-steps=1", "batch-size=2", "eval-tiles=2", "min-sites=4",
-    'classes="epithelial,lymphocyte,stromal"', f"round-timeout-s={ROUND_TIMEOUT_S}", "augment=false", "eval-every=0",
-]  # fmt: skip
+    "pretrain-rounds=3",
+    "finetune-rounds=0",
+    "local-steps=1",
+    "batch-size=2",
+    "eval-tiles=2",
+    "min-sites=4",
+    'classes="epithelial,lymphocyte,stromal"',
+    f"round-timeout-s={ROUND_TIMEOUT_S}",
+    "augment=false",
+    "eval-every=0",
+]
 
 
 def federate(superlink: SuperLink, run_dir: Path) -> list[str]:
     sets = [arg for setting in SETTINGS for arg in ("--set", setting)]
-    return [sys.executable, "-m", "cmdfed", "federate", "--superlink", superlink.address, "--run-dir", str(run_dir), *sets]
+    return [
+        sys.executable,
+        "-m",
+        "cmdfed",
+        "federate",
+        "--superlink",
+        superlink.address,
+        "--run-dir",
+        str(run_dir),
+        *sets,
+    ]
 
 
 def store(tmp_path: Path, k: int) -> Path:
@@ -103,7 +121,9 @@ def test_run_survives_a_killed_site_a_restarted_site_a_damaged_store_and_a_dupli
     started = [*nodes.values(), twin]
     damage_shard(sites[3].store)  # after its SuperNode started: nothing checked it since
     try:
-        run = subprocess.Popen(federate(superlink, run_dir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        run = subprocess.Popen(
+            federate(superlink, run_dir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         wait_until(lambda: (run_dir / "round-0001").exists(), "round 1", run)
 
         # Round 2, as the messages reach the sites: site-2 crashes, site-3 is stopped to repair its store.
@@ -137,10 +157,16 @@ def test_run_survives_a_killed_site_a_restarted_site_a_damaged_store_and_a_dupli
     rows = db.execute("SELECT round, site, status, error FROM site_rounds ORDER BY round, site").fetchall()
     named = [(r[0], r[1], r[2]) for r in rows if not r[1].startswith("node-")]
     assert named == [
-        (1, "site-1", "trained"), (1, "site-2", "trained"), (1, "site-3", "failed"),
-        (2, "site-1", "trained"), (2, "site-2", "failed"), (2, "site-3", "failed"),
-        (3, "site-1", "trained"), (3, "site-2", "trained"), (3, "site-3", "trained"),
-    ]  # fmt: skip
+        (1, "site-1", "trained"),
+        (1, "site-2", "trained"),
+        (1, "site-3", "failed"),
+        (2, "site-1", "trained"),
+        (2, "site-2", "failed"),
+        (2, "site-3", "failed"),
+        (3, "site-1", "trained"),
+        (3, "site-2", "trained"),
+        (3, "site-3", "trained"),
+    ]
     errors = {(r[0], r[1]): r[3] for r in rows}
 
     # The damaged store: the site's own words, no path (the store's folder name at most).
@@ -149,7 +175,9 @@ def test_run_survives_a_killed_site_a_restarted_site_a_damaged_store_and_a_dupli
 
     # Gone mid-round: declared offline by the SuperLink, not waited for until the round timeout.
     assert "went offline" in errors[2, "site-2"] and "went offline" in errors[2, "site-3"], errors
-    assert rounds[1][3] - killed_at < ROUND_TIMEOUT_S / 2, f"round 2 ended {rounds[1][3] - killed_at:.0f} s after the kill"
+    assert rounds[1][3] - killed_at < ROUND_TIMEOUT_S / 2, (
+        f"round 2 ended {rounds[1][3] - killed_at:.0f} s after the kill"
+    )
 
     # The duplicate: one node holds the name; the other is refused in every round under its node id.
     twin_rows = [r for r in rows if r[1].startswith("node-")]

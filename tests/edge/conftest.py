@@ -26,7 +26,9 @@ TILE, OVERLAP = 128, 32
 def checkpoint(synthetic_store, tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("edge-runs") / "ft"
     config = TrainConfig(steps=2, batch_size=2, warmup_steps=1, checkpoint_every=2, sample_every=0)
-    finetune(synthetic_store, run, init=None, model_config=ModelConfig.from_preset("tiny"), train_config=config, device="cpu")
+    finetune(
+        synthetic_store, run, init=None, model_config=ModelConfig.from_preset("tiny"), train_config=config, device="cpu"
+    )
     return run
 
 
@@ -41,13 +43,17 @@ def tuned_params(checkpoint: Path) -> WatershedParams:
     loaded = load_model(checkpoint, torch.device("cpu"))
     image = next(iter(synth_tiles(1, tile_size=TILE, seed=5))).image
     np_prob = predict_maps(loaded.model, image[None], torch.device("cpu"))["np"]
-    return WatershedParams(foreground_threshold=float(np.percentile(np_prob, 75)), sobel_kernel_size=11, marker_opening_size=3)
+    return WatershedParams(
+        foreground_threshold=float(np.percentile(np_prob, 75)), sobel_kernel_size=11, marker_opening_size=3
+    )
 
 
 @pytest.fixture(scope="session")
 def signed_bundle(checkpoint, keys, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bundles") / "cmd"
-    export_bundle(checkpoint, out, tile=TILE, overlap=OVERLAP, mpp=0.5, sign_key=keys[0], postprocess=tuned_params(checkpoint))
+    export_bundle(
+        checkpoint, out, tile=TILE, overlap=OVERLAP, mpp=0.5, sign_key=keys[0], postprocess=tuned_params(checkpoint)
+    )
     return out
 
 
@@ -55,7 +61,7 @@ def write_pyramid_tiff(path: Path, image: np.ndarray, mpp: float = 0.5) -> Path:
     import tifffile
 
     with tifffile.TiffWriter(path) as tif:
-        options = dict(tile=(64, 64), resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER")
+        options = {"tile": (64, 64), "resolution": (1e4 / mpp, 1e4 / mpp), "resolutionunit": "CENTIMETER"}
         tif.write(image, subifds=1, **options)
         tif.write(image[::2, ::2], subfiletype=1, tile=(64, 64))
     return path

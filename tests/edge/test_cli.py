@@ -71,8 +71,18 @@ def test_export_takes_the_settings_tune_chose(checkpoint, tmp_path):
     folder = run / (run / "latest").read_text().strip()
     tuned = {**asdict(WatershedParams.for_mpp(0.5)), "marker_gradient_threshold": 0.3, "foreground_threshold": 0.6}
     (folder / TUNED_FILE).write_text(json.dumps({"params": tuned, "mpp": 0.5}))
-    result = export("--checkpoint", str(run), "--out", str(tmp_path / "bundle"), "--tile", str(TILE), "--overlap",
-                    str(OVERLAP), "--min-object-size", "4")  # fmt: skip
+    result = export(
+        "--checkpoint",
+        str(run),
+        "--out",
+        str(tmp_path / "bundle"),
+        "--tile",
+        str(TILE),
+        "--overlap",
+        str(OVERLAP),
+        "--min-object-size",
+        "4",
+    )
     assert result.exit_code == 0, result.output
     params = json.loads((tmp_path / "bundle" / "manifest.json").read_text())["postprocessing"]["params"]
     assert params == {**tuned, "min_object_size": 4}
@@ -82,9 +92,22 @@ def test_export_takes_the_settings_tune_chose(checkpoint, tmp_path):
 
 @pytest.mark.slow
 def test_exported_post_processing_is_recorded_and_used_by_infer_and_serve(checkpoint, slide_tiff, tmp_path):
-    result = export("--checkpoint", str(checkpoint), "--out", str(tmp_path / "bundle"), "--tile", str(TILE),
-                    "--overlap", str(OVERLAP), "--foreground-threshold", "1.0", "--min-object-size", "4",
-                    "--marker-opening-size", "3")  # fmt: skip
+    result = export(
+        "--checkpoint",
+        str(checkpoint),
+        "--out",
+        str(tmp_path / "bundle"),
+        "--tile",
+        str(TILE),
+        "--overlap",
+        str(OVERLAP),
+        "--foreground-threshold",
+        "1.0",
+        "--min-object-size",
+        "4",
+        "--marker-opening-size",
+        "3",
+    )
     assert result.exit_code == 0, result.output
     params = json.loads((tmp_path / "bundle" / "manifest.json").read_text())["postprocessing"]["params"]
     changed = {"foreground_threshold": 1.0, "min_object_size": 4, "marker_opening_size": 3}
@@ -99,7 +122,9 @@ def test_exported_post_processing_is_recorded_and_used_by_infer_and_serve(checkp
         image = next(iter(synth_tiles(1, tile_size=TILE, seed=3))).image
         tile = pb.Tile(rgb=np.ascontiguousarray(image).tobytes(), height=TILE, width=TILE)
         with grpc.insecure_channel(f"127.0.0.1:{service.port}") as channel:
-            response = pb_grpc.EdgeSegmentationStub(channel).SegmentTiles(pb.SegmentTilesRequest(tiles=[tile]), timeout=60)
+            response = pb_grpc.EdgeSegmentationStub(channel).SegmentTiles(
+                pb.SegmentTilesRequest(tiles=[tile]), timeout=60
+            )
     finally:
         service.stop(grace=1)
     assert response.results[0].nuclei == [] and not np.frombuffer(response.results[0].instances, "<u2").any()
@@ -112,7 +137,9 @@ def test_infer_takes_the_resolution_a_slide_file_does_not_record(home, tmp_path)
     Image.fromarray(synthetic_slide_image(1, 1, seed=7)).save(png)
     infer = ["infer", str(png), "--home", str(home), "--out", str(tmp_path / "out"), "--json"]
     refused = CliRunner().invoke(commands, infer)
-    assert isinstance(refused.exception, CmdfedError) and "give the slide's resolution with --mpp" in str(refused.exception)
+    assert isinstance(refused.exception, CmdfedError) and "give the slide's resolution with --mpp" in str(
+        refused.exception
+    )
     result = CliRunner().invoke(commands, [*infer, "--mpp", "0.5"])
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["mpp"] == 0.5

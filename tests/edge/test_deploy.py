@@ -26,12 +26,15 @@ def test_signed_tar_deploys_with_the_right_key(signed_bundle, keys, tmp_path):
     assert info["verified"] and info["signed"] and info["installed"] == [result["version"]]
 
 
-@pytest.mark.parametrize("tamper, message", [
-    ("file", "does not match its checksum"),
-    ("manifest", "changed after signing"),
-    ("unsigned", "not signed"),
-    ("extra", "files differ from the manifest"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "tamper, message",
+    [
+        ("file", "does not match its checksum"),
+        ("manifest", "changed after signing"),
+        ("unsigned", "not signed"),
+        ("extra", "files differ from the manifest"),
+    ],
+)
 def test_tampered_or_unsigned_bundles_are_refused_and_nothing_installed(signed_bundle, keys, tmp_path, tamper, message):
     copy = _copy(signed_bundle, tmp_path)
     if tamper == "file":
@@ -107,7 +110,9 @@ def test_the_same_weights_exported_again_replace_the_installed_copy(signed_bundl
     assert not status(home)["signed"]
     assert deploy(signed_bundle, home)["version"] == version  # now signed: replaces, no error
     assert status(home)["signed"] and status(home)["installed"] == [version]
-    retuned = _edited(signed_bundle, tmp_path, "retuned", lambda m: m["postprocessing"]["params"].update(sobel_kernel_size=21))
+    retuned = _edited(
+        signed_bundle, tmp_path, "retuned", lambda m: m["postprocessing"]["params"].update(sobel_kernel_size=21)
+    )
     with pytest.raises(CmdfedError, match="installed .* with a signature"):  # unsigned does not replace signed unasked
         deploy(retuned, home)
     deploy(retuned, home, allow_unsigned=True)
@@ -118,7 +123,9 @@ def test_the_same_weights_exported_again_replace_the_installed_copy(signed_bundl
 
 
 def test_a_version_that_is_not_a_plain_folder_name_is_refused(signed_bundle, tmp_path):
-    crafted = _edited(signed_bundle, tmp_path, "crafted", lambda manifest: manifest["model"].update(version="../escaped"))
+    crafted = _edited(
+        signed_bundle, tmp_path, "crafted", lambda manifest: manifest["model"].update(version="../escaped")
+    )
     with pytest.raises(CmdfedError, match="no valid model version"):
         deploy(crafted, tmp_path / "home" / "inner")
     assert not (tmp_path / "home" / "escaped").exists()
@@ -145,7 +152,9 @@ def test_a_failed_replacement_leaves_the_installed_copy_in_place(signed_bundle, 
         real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", failing_replace)
-    retuned = _edited(signed_bundle, tmp_path, "retuned", lambda m: m["postprocessing"]["params"].update(sobel_kernel_size=21))
+    retuned = _edited(
+        signed_bundle, tmp_path, "retuned", lambda m: m["postprocessing"]["params"].update(sobel_kernel_size=21)
+    )
     with pytest.raises(OSError, match="injected"):
         deploy(retuned, home, allow_unsigned=True)
     monkeypatch.undo()

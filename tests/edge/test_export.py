@@ -48,7 +48,10 @@ def test_manifest_describes_model_io_and_processing(signed_bundle, checkpoint):
 def test_onnx_is_one_file_with_a_shared_dynamic_batch(signed_bundle):
     model = onnx.load(str(signed_bundle / "model.onnx"), load_external_data=False)
     assert not any(t.data_location == TensorProto.EXTERNAL for t in model.graph.initializer)
-    dims = [[d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in [*model.graph.input, *model.graph.output]]
+    dims = [
+        [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+        for v in [*model.graph.input, *model.graph.output]
+    ]
     assert dims[0] == ["batch", 3, "height", "width"]
     assert all(d[0] == "batch" and d[-2:] == ["height", "width"] for d in dims)
 
@@ -75,12 +78,23 @@ def _gelu_graph(constant_shape, extra_output: bool) -> onnx.ModelProto:
     def constant(name, value):
         return numpy_helper.from_array(np.full(constant_shape, value, np.float32), name)
 
-    nodes = [helper.make_node("Div", ["x", "sqrt2"], ["d"]), helper.make_node("Erf", ["d"], ["e"]),
-             helper.make_node("Add", ["e", "one"], ["a"]), helper.make_node("Mul", ["half", "a"], ["h"]),
-             helper.make_node("Mul", ["x", "h"], ["y"])]  # fmt: skip
-    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [4]) for n in (["y", "h"] if extra_output else ["y"])]
-    graph = helper.make_graph(nodes, "gelu", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])], outputs,
-                              [constant("sqrt2", 2**0.5), constant("one", 1.0), constant("half", 0.5)])  # fmt: skip
+    nodes = [
+        helper.make_node("Div", ["x", "sqrt2"], ["d"]),
+        helper.make_node("Erf", ["d"], ["e"]),
+        helper.make_node("Add", ["e", "one"], ["a"]),
+        helper.make_node("Mul", ["half", "a"], ["h"]),
+        helper.make_node("Mul", ["x", "h"], ["y"]),
+    ]
+    outputs = [
+        helper.make_tensor_value_info(n, TensorProto.FLOAT, [4]) for n in (["y", "h"] if extra_output else ["y"])
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "gelu",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+        outputs,
+        [constant("sqrt2", 2**0.5), constant("one", 1.0), constant("half", 0.5)],
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
 
 

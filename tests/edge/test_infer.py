@@ -79,7 +79,9 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(home, slide_tiff,
     assert np.array_equal(*labels)
 
 
-def test_a_crash_between_writing_labels_and_committing_the_batch_is_redone_cleanly(home, slide_tiff, tmp_path, monkeypatch):
+def test_a_crash_between_writing_labels_and_committing_the_batch_is_redone_cleanly(
+    home, slide_tiff, tmp_path, monkeypatch
+):
     whole = tmp_path / "whole"
     infer_slide(slide_tiff, home, whole, batch=2)
     commit, calls = _SlideJob._commit, []
@@ -96,7 +98,9 @@ def test_a_crash_between_writing_labels_and_committing_the_batch_is_redone_clean
         with pytest.raises(KeyboardInterrupt):
             infer_slide(slide_tiff, home, crashed, batch=2)
     summary = infer_slide(slide_tiff, home, crashed, batch=2)
-    assert summary["sessions"] == 2 and summary["n_cells"] == json.loads((whole / "summary.json").read_text())["n_cells"]
+    assert (
+        summary["sessions"] == 2 and summary["n_cells"] == json.loads((whole / "summary.json").read_text())["n_cells"]
+    )
     assert _features(crashed) == _features(whole)
     labels = [zarr.open_array(str(d / "labels.ome.zarr/labels/nuclei/0"), mode="r")[:] for d in (whole, crashed)]
     assert np.array_equal(*labels)
@@ -185,8 +189,13 @@ def pyramid_tiff(path, levels: list[np.ndarray], mpp: float):
     import tifffile
 
     with tifffile.TiffWriter(path) as tif:
-        tif.write(levels[0], subifds=len(levels) - 1, tile=(64, 64), resolution=(1e4 / mpp, 1e4 / mpp),
-                  resolutionunit="CENTIMETER")  # fmt: skip
+        tif.write(
+            levels[0],
+            subifds=len(levels) - 1,
+            tile=(64, 64),
+            resolution=(1e4 / mpp, 1e4 / mpp),
+            resolutionunit="CENTIMETER",
+        )
         for level in levels[1:]:
             tif.write(level, subfiletype=1, tile=(64, 64))
     return path
@@ -211,8 +220,10 @@ def cpm15_slides(tmp_path_factory):
 def cpm15_runs(home, cpm15_slides, tmp_path_factory):
     """`edge infer` of the 40x and the 20x slide, uninterrupted: (summary, out folder) each."""
     folder = tmp_path_factory.mktemp("cpm15-runs")
-    return {name: (infer_slide(cpm15_slides[name], home, folder / name, batch=4, min_tissue=0.0), folder / name)
-            for name in ("40x", "20x")}  # fmt: skip
+    return {
+        name: (infer_slide(cpm15_slides[name], home, folder / name, batch=4, min_tissue=0.0), folder / name)
+        for name in ("40x", "20x")
+    }
 
 
 def test_a_40x_slide_gives_the_nuclei_of_the_same_slide_at_20x_in_its_own_pixels(cpm15_runs, cpm15_slides):
@@ -243,8 +254,10 @@ def test_a_40x_slide_gives_the_nuclei_of_the_same_slide_at_20x_in_its_own_pixels
         assert ring[:, 1].min() <= ys.min() and ys.max() + 1 <= ring[:, 1].max()
         measured = feature["properties"]["measurements"]
         assert measured["Area px^2"] >= len(xs) and measured["Area um^2"] == round(measured["Area px^2"] * 0.0625, 3)
-    area = {name: np.median([f["properties"]["measurements"]["Area um^2"] for f in _features(out)])
-            for name, (_, out) in cpm15_runs.items()}  # fmt: skip
+    area = {
+        name: np.median([f["properties"]["measurements"]["Area um^2"] for f in _features(out)])
+        for name, (_, out) in cpm15_runs.items()
+    }
     assert area["40x"] == pytest.approx(area["20x"], rel=0.1)  # the same nuclei in um^2, 4x the pixels
     assert s40["area_analysed_mm2"] == pytest.approx(s20["area_analysed_mm2"], rel=0.01)
     assert s40["area_analysed_px"] == pytest.approx(4 * s20["area_analysed_px"], rel=0.01)

@@ -7,7 +7,6 @@ import json
 import shutil
 
 import pytest
-
 from typer.testing import CliRunner
 
 from cmdfed.errors import CmdfedError
@@ -21,7 +20,9 @@ from edge.trust import audit_entries
 
 def _snapshot(home):
     """Every file of the home (but the lock) with its bytes: what a refusal must leave as it was."""
-    return {str(p.relative_to(home)): p.read_bytes() for p in sorted(home.rglob("*")) if p.is_file() and p.name != ".lock"}
+    return {
+        str(p.relative_to(home)): p.read_bytes() for p in sorted(home.rglob("*")) if p.is_file() and p.name != ".lock"
+    }
 
 
 def _edited_keeping_signature(bundle, tmp_path, name, edit):
@@ -85,11 +86,17 @@ def test_a_flipped_byte_in_the_installed_model_is_refused_by_infer_and_serve(own
 # -- finding 2: an edge home's trust cannot be lowered without a key -----------------------
 
 
-def test_a_tampered_manifest_with_its_old_signature_is_refused_without_trust_key(trusting_home, signed_bundle, keys, tmp_path):
+def test_a_tampered_manifest_with_its_old_signature_is_refused_without_trust_key(
+    trusting_home, signed_bundle, keys, tmp_path
+):
     assert status(trusting_home)["trusted_keys"] == [key_id(load_public_key(keys[1]))]
     before = _snapshot(trusting_home)
-    retiled = _edited_keeping_signature(signed_bundle, tmp_path, "retiled", lambda m: m["preprocessing"].update(tile_size=512))
-    renamed = _edited_keeping_signature(signed_bundle, tmp_path, "renamed", lambda m: m["model"].update(version="evil-v2"))
+    retiled = _edited_keeping_signature(
+        signed_bundle, tmp_path, "retiled", lambda m: m["preprocessing"].update(tile_size=512)
+    )
+    renamed = _edited_keeping_signature(
+        signed_bundle, tmp_path, "renamed", lambda m: m["model"].update(version="evil-v2")
+    )
     for tampered in (retiled, renamed):
         with pytest.raises(CmdfedError, match="changed after signing.*--allow-unsigned"):
             deploy(tampered, trusting_home)  # no --trust-key: the home's key is used
@@ -98,7 +105,9 @@ def test_a_tampered_manifest_with_its_old_signature_is_refused_without_trust_key
 
 def test_status_says_verified_only_after_a_real_signature_check(signed_bundle, keys, tmp_path):
     home = tmp_path / "no-key"
-    tampered = _edited_keeping_signature(signed_bundle, tmp_path, "t", lambda m: m["preprocessing"].update(tile_size=512))
+    tampered = _edited_keeping_signature(
+        signed_bundle, tmp_path, "t", lambda m: m["preprocessing"].update(tile_size=512)
+    )
     deploy(tampered, home)  # a home that trusts no key cannot check a signature...
     info = status(home)
     assert info["signed"] and info["intact"] and not info["verified"]  # ...and no longer says it did
@@ -134,8 +143,10 @@ def test_a_home_without_a_key_keeps_a_signed_copy_from_an_unchecked_one(signed_b
     home = tmp_path / "home"
     version = deploy(signed_bundle, home)["version"]  # signed, but no key to check it with
     before = _snapshot(home)
-    for copy in (_unsigned(signed_bundle, tmp_path),
-                 _edited_keeping_signature(signed_bundle, tmp_path, "t", lambda m: m["preprocessing"].update(overlap=0))):
+    for copy in (
+        _unsigned(signed_bundle, tmp_path),
+        _edited_keeping_signature(signed_bundle, tmp_path, "t", lambda m: m["preprocessing"].update(overlap=0)),
+    ):
         with pytest.raises(CmdfedError, match=f"version {version} is installed .* with a signature.*--trust-key"):
             deploy(copy, home)
     assert _snapshot(home) == before

@@ -86,9 +86,15 @@ def test_serving_does_not_wait_for_a_telemetry_server_that_is_down(home, worksta
         image = np.full((64, 64, 3), 200, np.uint8)
         with grpc.insecure_channel(f"127.0.0.1:{service.port}") as channel:
             tile = pb.Tile(rgb=image.tobytes(), height=64, width=64)
-            response = pb_grpc.EdgeSegmentationStub(channel).SegmentTiles(pb.SegmentTilesRequest(tiles=[tile]), timeout=30)
+            response = pb_grpc.EdgeSegmentationStub(channel).SegmentTiles(
+                pb.SegmentTilesRequest(tiles=[tile]), timeout=30
+            )
         assert len(response.results) == 1
-        wait_until(lambda: any("cannot send telemetry" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING))
+        wait_until(
+            lambda: any(
+                "cannot send telemetry" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING
+            )
+        )
         assert reporter.pending >= 1
         server = IngestServer(tmp_path / "late.db", tokens, port=port).start()  # the server comes back
         try:
@@ -119,8 +125,21 @@ def test_report_options_are_checked(workstation, tmp_path):
 def test_cli_serve_reports_to_the_server_until_sigterm(home, workstation, tmp_path):
     tokens, token_file = workstation
     server = IngestServer(tmp_path / "server.db", tokens, port=0).start()
-    command = [sys.executable, "-m", "cmdfed", "edge", "serve", "--home", str(home), "--port", "0",
-               "--report-to", f"127.0.0.1:{server.port}", "--report-token", str(token_file)]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "cmdfed",
+        "edge",
+        "serve",
+        "--home",
+        str(home),
+        "--port",
+        "0",
+        "--report-to",
+        f"127.0.0.1:{server.port}",
+        "--report-token",
+        str(token_file),
+    ]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
     try:
         started = None
@@ -144,14 +163,32 @@ def test_cli_serve_reports_to_the_server_until_sigterm(home, workstation, tmp_pa
 def test_cli_infer_reports_the_slide_summary_to_the_server_before_it_exits(home, workstation, slide_tiff, tmp_path):
     tokens, token_file = workstation
     server = IngestServer(tmp_path / "server.db", tokens, port=0).start()
-    command = [sys.executable, "-m", "cmdfed", "edge", "infer", str(slide_tiff), "--home", str(home), "--out",
-               str(tmp_path / "out"), "--batch", "4", "--json", "--report-to", f"127.0.0.1:{server.port}",
-               "--report-token", str(token_file)]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "cmdfed",
+        "edge",
+        "infer",
+        str(slide_tiff),
+        "--home",
+        str(home),
+        "--out",
+        str(tmp_path / "out"),
+        "--batch",
+        "4",
+        "--json",
+        "--report-to",
+        f"127.0.0.1:{server.port}",
+        "--report-token",
+        str(token_file),
+    ]
     try:
-        done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600)
+        done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600, check=False)
         _, events = recorded(tmp_path / "server.db")  # no waiting: the command flushed its report before exiting
     finally:
         server.stop(grace=1)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout)
-    assert [(e["workstation"], e["slide_name"], e["n_cells"]) for e in events] == [("scanner-3", slide_tiff.name, summary["n_cells"])]
+    assert [(e["workstation"], e["slide_name"], e["n_cells"]) for e in events] == [
+        ("scanner-3", slide_tiff.name, summary["n_cells"])
+    ]

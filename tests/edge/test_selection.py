@@ -36,8 +36,11 @@ def test_a_runtime_failing_mid_validation_is_reported_not_raised(signed_bundle, 
         raise RuntimeError("CUDA out of memory (injected)")
 
     monkeypatch.setattr(onnxruntime.InferenceSession, "run", fail)
-    with pytest.raises(CmdfedError, match=r"no backend can run this model here .*onnxruntime-cpu: failed while "
-                                          r"loading or validating \(RuntimeError: CUDA out of memory"):
+    with pytest.raises(
+        CmdfedError,
+        match=r"no backend can run this model here .*onnxruntime-cpu: failed while "
+        r"loading or validating \(RuntimeError: CUDA out of memory",
+    ):
         select_backend(signed_bundle, tmp_path)
     with pytest.raises(CmdfedError, match="backend onnxruntime-cpu cannot be used here: failed while loading"):
         select_backend(signed_bundle, tmp_path, force="onnxruntime-cpu")

@@ -18,20 +18,19 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from cmdfed.data import cpm15
 from cmdfed.data.synth import synth_tiles
 from cmdfed.evaluate.metrics import evaluate_instances
 from cmdfed.inference.nuclei import nucleus_records
-from cmdfed.inference.resolution import resize_labels
 from cmdfed.inference.postprocess import PostprocessResult
+from cmdfed.inference.resolution import resize_labels
 from cmdfed.telemetry import TelemetryStore
 from edge.protos import cmdfed_edge_pb2 as pb
 from edge.protos import cmdfed_edge_pb2_grpc as pb_grpc
 from edge.service import EdgeService, tile_result
-
-from PIL import Image
 
 from .conftest import TILE, synthetic_slide_image, write_pyramid_tiff
 
@@ -97,8 +96,17 @@ def test_health_is_serving_and_model_info_describes_the_model(service, stub, sig
     assert info.limits.side_multiple_of == 32 and info.limits.min_side <= TILE <= info.limits.max_side
     assert info.limits.max_tiles_per_request == MAX_TILES and info.limits.max_message_bytes > 3 * TILE * TILE
     samples = scrape(service)
-    assert counter(samples, "cmdfed_edge_model_info", version=service.version, backend="onnxruntime-cpu",
-                   device="cpu", precision="fp32") == 1  # fmt: skip
+    assert (
+        counter(
+            samples,
+            "cmdfed_edge_model_info",
+            version=service.version,
+            backend="onnxruntime-cpu",
+            device="cpu",
+            precision="fp32",
+        )
+        == 1
+    )
 
 
 def test_segment_tiles_returns_instance_maps_and_nuclei_for_each_tile(service, stub):
@@ -191,7 +199,10 @@ def test_a_slide_of_unknown_resolution_needs_the_request_to_state_it(stub, tmp_p
     request = pb.SegmentSlideRequest(path=str(png), out_dir=str(tmp_path / "out"))
     with pytest.raises(grpc.RpcError) as unknown:
         list(stub.SegmentSlide(request, timeout=60))
-    assert unknown.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "resolution of region.png is unknown" in unknown.value.details()
+    assert (
+        unknown.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        and "resolution of region.png is unknown" in unknown.value.details()
+    )
     request.mpp = 0.5
     final = list(stub.SegmentSlide(request, timeout=300))[-1]
     assert final.stage == "done" and json.loads(final.summary.summary_json)["mpp"] == 0.5
@@ -254,7 +265,7 @@ def test_concurrent_clients_are_all_served_and_counted(service):
                 for _ in range(calls):
                     response = stub.SegmentTiles(pb.SegmentTilesRequest(tiles=[tile(i) for i in images]), timeout=120)
                     assert [(r.height, r.width) for r in response.results] == [(64, 64), (64, 64)]
-        except BaseException as exc:  # reported by the test thread below
+        except BaseException as exc:  # noqa: BLE001 - reported by the test thread below
             failures.append(exc)
 
     threads = [threading.Thread(target=client) for _ in range(clients)]
@@ -281,15 +292,25 @@ def test_slides_run_the_served_model_one_at_a_time(home, slide_tiff, tmp_path):
             stub = pb_grpc.EdgeSegmentationStub(channel)
             # A slide of some 40 tiles, one per batch: still running when the second request arrives.
             big = write_pyramid_tiff(tmp_path / "big.tif", synthetic_slide_image(4, 6, seed=7))
-            first = stub.SegmentSlide(pb.SegmentSlideRequest(path=str(big), out_dir=str(tmp_path / "a"), batch=1), timeout=300)
+            first = stub.SegmentSlide(
+                pb.SegmentSlideRequest(path=str(big), out_dir=str(tmp_path / "a"), batch=1), timeout=300
+            )
             assert next(first).stage == "tiles"
             with pytest.raises(grpc.RpcError) as busy:
-                list(stub.SegmentSlide(pb.SegmentSlideRequest(path=str(slide_tiff), out_dir=str(tmp_path / "b")), timeout=60))
+                list(
+                    stub.SegmentSlide(
+                        pb.SegmentSlideRequest(path=str(slide_tiff), out_dir=str(tmp_path / "b")), timeout=60
+                    )
+                )
             assert busy.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "another slide" in busy.value.details()
             *_, final = first
             assert final.stage == "done" and final.summary.model_version == service.version
             # Asked the moment the first one's stream ends: not refused as busy.
-            again = list(stub.SegmentSlide(pb.SegmentSlideRequest(path=str(slide_tiff), out_dir=str(tmp_path / "b")), timeout=300))
+            again = list(
+                stub.SegmentSlide(
+                    pb.SegmentSlideRequest(path=str(slide_tiff), out_dir=str(tmp_path / "b")), timeout=300
+                )
+            )
             assert again[-1].stage == "done" and again[-1].summary.model_version == service.version
         assert counter(scrape(service), "cmdfed_edge_failures_total", method="SegmentSlide", reason="busy") == 1
     finally:
@@ -304,8 +325,19 @@ def test_heartbeat_is_recorded_when_serving_starts(service, telemetry):
 @pytest.mark.slow
 def test_cli_serves_until_sigterm_then_stops_gracefully(home, tmp_path):
     telemetry = tmp_path / "t.db"
-    command = [sys.executable, "-m", "cmdfed", "edge", "serve", "--home", str(home), "--port", "0",
-               "--telemetry", str(telemetry)]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "cmdfed",
+        "edge",
+        "serve",
+        "--home",
+        str(home),
+        "--port",
+        "0",
+        "--telemetry",
+        str(telemetry),
+    ]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
     try:
         started = None

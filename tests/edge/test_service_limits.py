@@ -46,8 +46,22 @@ class Served:
     """`cmdfed edge serve` in its own process; its output is collected by a thread."""
 
     def __init__(self, home: Path, *args: str):
-        command = [sys.executable, "-m", "cmdfed", "edge", "serve", "--home", str(home), "--port", "0",
-                   "--workers", "2", "--threads", "1", *args]  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "cmdfed",
+            "edge",
+            "serve",
+            "--home",
+            str(home),
+            "--port",
+            "0",
+            "--workers",
+            "2",
+            "--threads",
+            "1",
+            *args,
+        ]
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
         self.lines: list[str] = []
         started = None
@@ -64,7 +78,9 @@ class Served:
     def memory_line(self) -> dict[str, float]:
         """The GiB figures of the service's 'memory: ...' log line."""
         [line] = [line for line in self.lines if line.startswith("memory:")]
-        found = re.search(r"loading peaked at ([\d.]+) GiB; ([\d.]+) GiB at rest and ([\d.]+) GiB while the model runs", line)
+        found = re.search(
+            r"loading peaked at ([\d.]+) GiB; ([\d.]+) GiB at rest and ([\d.]+) GiB while the model runs", line
+        )
         return dict(zip(("loading", "at_rest", "model_run"), map(float, found.groups())))
 
     def stop(self) -> None:
@@ -107,7 +123,9 @@ def test_the_largest_request_advertised_completes_within_the_memory_budget(home)
             response = stub.SegmentTiles(request, timeout=900)
             assert [(r.height, r.width) for r in response.results] == [image.shape[:2]] * limits.max_tiles_per_request
             memory = memory_of(service.process.pid)
-        assert memory["VmHWM"] <= budget, f"peak {memory['VmHWM'] / GIB:.2f} GiB above the budget {budget / GIB:.2f} GiB"
+        assert memory["VmHWM"] <= budget, (
+            f"peak {memory['VmHWM'] / GIB:.2f} GiB above the budget {budget / GIB:.2f} GiB"
+        )
         assert memory["VmRSS"] <= at_rest + (200 << 20), "the request's memory was kept after it"
         ids = np.frombuffer(response.results[0].instances, "<u2")
         assert len(response.results[0].nuclei) == len(np.unique(ids[ids > 0])) > 0
@@ -128,7 +146,9 @@ def test_a_tile_larger_than_the_model_is_run_in_windows(home):
         with grpc.insecure_channel(f"127.0.0.1:{service.port}") as channel:
             stub = pb_grpc.EdgeSegmentationStub(channel)
             image = tissue(3 * TILE + 40)[:, : 2 * TILE + 8]  # neither side a multiple of 32
-            [result] = stub.SegmentTiles(pb.SegmentTilesRequest(tiles=[tile(np.ascontiguousarray(image))]), timeout=300).results
+            [result] = stub.SegmentTiles(
+                pb.SegmentTilesRequest(tiles=[tile(np.ascontiguousarray(image))]), timeout=300
+            ).results
             assert (result.height, result.width) == image.shape[:2]
             instances = np.frombuffer(result.instances, "<u2").reshape(image.shape[:2])
             assert {n.id for n in result.nuclei} == set(np.unique(instances[instances > 0]).tolist())
@@ -145,7 +165,10 @@ def test_a_slide_batch_above_what_is_budgeted_is_refused(home, slide_tiff, tmp_p
             request = pb.SegmentSlideRequest(path=str(slide_tiff), out_dir=str(tmp_path / "out"), batch=10_000)
             with pytest.raises(grpc.RpcError) as refused:
                 list(stub.SegmentSlide(request, timeout=60))
-        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "batch must be at most" in refused.value.details()
+        assert (
+            refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            and "batch must be at most" in refused.value.details()
+        )
         assert not (tmp_path / "out").exists()
     finally:
         service.stop(grace=1)
@@ -161,7 +184,7 @@ def test_requests_that_are_not_protobuf_are_refused_counted_and_logged_once(home
     for payload in payloads:
         try:
             pb.SegmentTilesRequest.FromString(payload)
-        except Exception:
+        except Exception:  # noqa: BLE001 - as the service's parser: DecodeError, and whatever upb raises
             undecodable += 1
     assert undecodable >= 2
     service = EdgeService(home, port=0, metrics_port=0, workers=2).start()
@@ -179,7 +202,9 @@ def test_requests_that_are_not_protobuf_are_refused_counted_and_logged_once(home
         assert grpc.StatusCode.INTERNAL not in codes and refused_slide.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert codes.count(grpc.StatusCode.INVALID_ARGUMENT) >= undecodable
         samples = scrape(service)
-        assert counter(samples, "cmdfed_edge_failures_total", method="SegmentTiles", reason="bad_message") == undecodable
+        assert (
+            counter(samples, "cmdfed_edge_failures_total", method="SegmentTiles", reason="bad_message") == undecodable
+        )
         assert counter(samples, "cmdfed_edge_failures_total", method="SegmentSlide", reason="bad_message") == 1
         refusals = [r for r in caplog.records if "not a SegmentTilesRequest message" in r.getMessage()]
         assert len(refusals) == undecodable and all(r.exc_info is None for r in refusals)

@@ -42,9 +42,7 @@ def test_aji_pairs_by_iou_not_by_intersection():
 
 def test_cellseg_metrics_aji_differs_on_the_same_case():
     cellseg_metrics = pytest.importorskip("cellseg_metrics")
-    theirs = cellseg_metrics.aggregated_jaccard_index(
-        IOU_VS_INTERSECTION_GT, IOU_VS_INTERSECTION_PRED
-    )
+    theirs = cellseg_metrics.aggregated_jaccard_index(IOU_VS_INTERSECTION_GT, IOU_VS_INTERSECTION_PRED)
     assert theirs == pytest.approx(6 / 38)
 
 
@@ -159,10 +157,18 @@ def test_hand_worked_6x6_with_types():
     # and prediction 2 (type 2).
     assert result["type_agree"] == 1
     assert {key: type_1[key] for key in ("cls_tp", "cls_fp", "cls_fn", "det_fp", "det_fn")} == {
-        "cls_tp": 1, "cls_fp": 1, "cls_fn": 0, "det_fp": 0, "det_fn": 1
+        "cls_tp": 1,
+        "cls_fp": 1,
+        "cls_fn": 0,
+        "det_fp": 0,
+        "det_fn": 1,
     }
     assert {key: type_2[key] for key in ("cls_tp", "cls_fp", "cls_fn", "det_fp", "det_fn")} == {
-        "cls_tp": 0, "cls_fp": 0, "cls_fn": 1, "det_fp": 1, "det_fn": 0
+        "cls_tp": 0,
+        "cls_fp": 0,
+        "cls_fn": 1,
+        "det_fp": 1,
+        "det_fn": 0,
     }
 
 

@@ -48,25 +48,31 @@ def test_spatial_candidates_follow_the_resolution():
 def run(synthetic_store, tmp_path_factory):
     run = tmp_path_factory.mktemp("runs") / "ft"
     config = TrainConfig(steps=2, batch_size=2, warmup_steps=1, checkpoint_every=2, sample_every=0)
-    finetune(synthetic_store, run, init=None, model_config=ModelConfig.from_preset("tiny"), train_config=config, device="cpu")
+    finetune(
+        synthetic_store, run, init=None, model_config=ModelConfig.from_preset("tiny"), train_config=config, device="cpu"
+    )
     return run
 
 
 def cmdfed(*args):
-    return subprocess.run([sys.executable, "-m", "cmdfed", *args], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "cmdfed", *args], capture_output=True, text=True, check=False)
 
 
 def test_tune_writes_settings_that_predict_and_evaluate_then_use(run, synthetic_store):
-    result = cmdfed("train", "tune", "--checkpoint", str(run), "--store", str(synthetic_store), "--passes", "1", "--json")
+    result = cmdfed(
+        "train", "tune", "--checkpoint", str(run), "--store", str(synthetic_store), "--passes", "1", "--json"
+    )
     assert result.returncode == 0, result.stderr
     record = json.loads(result.stdout)
     assert record["mpp"] == 0.5 and record["tiles"] == 12 and record["pq"] >= record["pq_scaled_defaults"]
-    checkpoint = (run / (run / "latest").read_text().strip())
+    checkpoint = run / (run / "latest").read_text().strip()
     params, mpp = tuned_postprocess(checkpoint)
     assert asdict(params) == record["params"] and mpp == 0.5
     assert postprocess_for(checkpoint, 0.5) == (params, "tuned")
     assert postprocess_for(checkpoint, None) == (params, "tuned")
-    evaluated = json.loads(cmdfed("train", "evaluate", "--checkpoint", str(run), "--store", str(synthetic_store), "--json").stdout)
+    evaluated = json.loads(
+        cmdfed("train", "evaluate", "--checkpoint", str(run), "--store", str(synthetic_store), "--json").stdout
+    )
     assert evaluated["postprocess"] == record["params"] and evaluated["postprocess_source"] == "tuned"
 
 

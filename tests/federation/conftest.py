@@ -27,8 +27,16 @@ def quick_config(tmp_path):
     """Run configs of one local step of two tiles on the tiny model: seconds per round on a CPU."""
 
     def make(**overrides) -> FederationConfig:
-        values = dict(run_dir=str(tmp_path / "run"), classes=CLASSES, pretrain_rounds=2, finetune_rounds=2,
-                      local_steps=1, batch_size=2, eval_tiles=2, augment=False)  # fmt: skip
+        values = {
+            "run_dir": str(tmp_path / "run"),
+            "classes": CLASSES,
+            "pretrain_rounds": 2,
+            "finetune_rounds": 2,
+            "local_steps": 1,
+            "batch_size": 2,
+            "eval_tiles": 2,
+            "augment": False,
+        }
         return FederationConfig(**{**values, **overrides})
 
     return make

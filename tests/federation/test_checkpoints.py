@@ -12,8 +12,16 @@ from cmdfed.model.checkpoint import load_checkpoint, resolve_checkpoint
 
 def save(run_dir, round, phase="pretrain", strategy_state=None):
     weights = {"w": torch.full((2, 2), float(round))}
-    return save_round(run_dir, round=round, phase=phase, phase_round=round, weights=weights,
-                      strategy_state=strategy_state or {}, config={"model": {}}, metrics={"loss": 1.0 / round})  # fmt: skip
+    return save_round(
+        run_dir,
+        round=round,
+        phase=phase,
+        phase_round=round,
+        weights=weights,
+        strategy_state=strategy_state or {},
+        config={"model": {}},
+        metrics={"loss": 1.0 / round},
+    )
 
 
 def test_a_new_run_folder_has_nothing_to_resume(tmp_path):

@@ -43,7 +43,10 @@ def test_bad_run_configs_are_refused_with_a_clear_message(override, message):
 def test_phases_send_disjoint_groups_and_finetuning_freezes_the_rest():
     config = FederationConfig()
     assert config.sent_groups("pretrain") == ("backbone", "modulation") and config.frozen_groups("pretrain") == ()
-    assert config.sent_groups("finetune") == ("heads",) and config.frozen_groups("finetune") == ("backbone", "modulation")
+    assert config.sent_groups("finetune") == ("heads",) and config.frozen_groups("finetune") == (
+        "backbone",
+        "modulation",
+    )
     with_modulation = FederationConfig(finetune_trainable="heads+modulation")
     assert with_modulation.sent_groups("finetune") == ("heads", "modulation")
     assert with_modulation.frozen_groups("finetune") == ("backbone",)

@@ -13,8 +13,13 @@ from cmdfed.federation.coordinator import RoundReport, RunCoordinator, SiteNames
 def complete(coordinator, phase, phase_round):
     sent = coordinator.sent_weights(phase)
     aggregated = {k: v + 0.01 for k, v in sent.items()}
-    report = RoundReport(0.0, [SiteReport("site-1", "trained", 6, {"loss": 1.0}, 2.0), SiteReport("site-2", "failed", error="boom")],
-                         bytes_sent=10, bytes_received=5, train_metrics={"loss": 1.0})  # fmt: skip
+    report = RoundReport(
+        0.0,
+        [SiteReport("site-1", "trained", 6, {"loss": 1.0}, 2.0), SiteReport("site-2", "failed", error="boom")],
+        bytes_sent=10,
+        bytes_received=5,
+        train_metrics={"loss": 1.0},
+    )
     return coordinator.complete_round(phase, phase_round, aggregated, {}, report)
 
 
@@ -36,11 +41,24 @@ def test_rounds_are_checkpointed_recorded_and_resumed_after(quick_config, capsys
     resumed.finish("completed")
 
     db = sqlite3.connect(config.run_dir + "/telemetry.db")
-    assert db.execute("SELECT round, n_sites, n_failed FROM rounds ORDER BY round").fetchall() == [(1, 2, 1), (2, 2, 1), (3, 2, 1), (4, 2, 1)]
+    assert db.execute("SELECT round, n_sites, n_failed FROM rounds ORDER BY round").fetchall() == [
+        (1, 2, 1),
+        (2, 2, 1),
+        (3, 2, 1),
+        (4, 2, 1),
+    ]
     assert db.execute("SELECT COUNT(*) FROM site_rounds").fetchone() == (8,)
     assert db.execute("SELECT status FROM runs").fetchall() == [("completed",)]
-    events = [json.loads(line.split(" ", 1)[1]) for line in capsys.readouterr().out.splitlines() if line.startswith("cmdfed-event ")]
-    assert [e["event"] for e in events].count("round") == 4 and events[-1] == {**events[-1], "event": "finish", "status": "completed"}
+    events = [
+        json.loads(line.split(" ", 1)[1])
+        for line in capsys.readouterr().out.splitlines()
+        if line.startswith("cmdfed-event ")
+    ]
+    assert [e["event"] for e in events].count("round") == 4 and events[-1] == {
+        **events[-1],
+        "event": "finish",
+        "status": "completed",
+    }
 
 
 def test_resuming_with_other_settings_is_refused(quick_config):
@@ -95,24 +113,47 @@ def test_keep_rounds_keeps_the_newest_and_the_pretrained_backbone_and_still_resu
             quick_config(keep_rounds=bad)
 
 
-DP = {"dp_epsilon": 1.5, "dp_delta": 1e-5, "dp_noise_multiplier": 1.1, "dp_max_grad_norm": 1.0, "dp_budget_epsilon": 8.0}
+DP = {
+    "dp_epsilon": 1.5,
+    "dp_delta": 1e-5,
+    "dp_noise_multiplier": 1.1,
+    "dp_max_grad_norm": 1.0,
+    "dp_budget_epsilon": 8.0,
+}
 
 
 def test_privacy_is_recorded_whenever_a_site_reports_its_spend(quick_config):
     coordinator = RunCoordinator(quick_config(dp_mode="local"))
-    coordinator.record_sites("pretrain", 1, [
-        SiteReport("trained", "trained", 6, dict(DP)),
-        SiteReport("rejected", "failed", 6, {**DP, "dp_epsilon": 2.5}, error="update rejected: update norm ..."),
-        SiteReport("declined", "declined_budget", 0, {"declined-budget": 1, "dp_epsilon": 8.0, "dp_budget_epsilon": 8.0, "dp_delta": 1e-5}),
-        SiteReport("partial", "failed", 6, {"dp_epsilon": 3.0}, error="malformed"),  # not a whole report: not recorded, no crash
-        SiteReport("errored", "failed", error="boom"),
-    ])  # fmt: skip
+    coordinator.record_sites(
+        "pretrain",
+        1,
+        [
+            SiteReport("trained", "trained", 6, dict(DP)),
+            SiteReport("rejected", "failed", 6, {**DP, "dp_epsilon": 2.5}, error="update rejected: update norm ..."),
+            SiteReport(
+                "declined",
+                "declined_budget",
+                0,
+                {"declined-budget": 1, "dp_epsilon": 8.0, "dp_budget_epsilon": 8.0, "dp_delta": 1e-5},
+            ),
+            SiteReport(
+                "partial", "failed", 6, {"dp_epsilon": 3.0}, error="malformed"
+            ),  # not a whole report: not recorded, no crash
+            SiteReport("errored", "failed", error="boom"),
+        ],
+    )
     db = sqlite3.connect(coordinator.run_dir / "telemetry.db")
-    assert db.execute("SELECT site, epsilon FROM privacy ORDER BY site").fetchall() == [("rejected", 2.5), ("trained", 1.5)]
+    assert db.execute("SELECT site, epsilon FROM privacy ORDER BY site").fetchall() == [
+        ("rejected", 2.5),
+        ("trained", 1.5),
+    ]
 
 
 def test_a_server_eval_store_that_cannot_score_the_run_is_refused_before_any_round(quick_config, site_stores, tmp_path):
-    with pytest.raises(CmdfedError, match="server-eval-store: site store .*typo.zarr does not exist; set server-eval-store to a labelled"):
+    with pytest.raises(
+        CmdfedError,
+        match="server-eval-store: site store .*typo.zarr does not exist; set server-eval-store to a labelled",
+    ):
         RunCoordinator(quick_config(server_eval_store=str(tmp_path / "typo.zarr")))
     with pytest.raises(CmdfedError) as refused:
         RunCoordinator(quick_config(server_eval_store=str(site_stores[0]), classes="tumour,immune"))
@@ -120,5 +161,7 @@ def test_a_server_eval_store_that_cannot_score_the_run_is_refused_before_any_rou
     assert "the run classifies tumour,immune" in message and "leave server-eval-store empty" in message
     assert "start the run without classes" not in message
     assert not (tmp_path / "run" / "run.json").exists()  # refused before the run began
-    RunCoordinator(quick_config(server_eval_store=str(tmp_path / "typo.zarr"), server_eval_every=0))  # never used: not checked
+    RunCoordinator(
+        quick_config(server_eval_store=str(tmp_path / "typo.zarr"), server_eval_every=0)
+    )  # never used: not checked
     RunCoordinator(quick_config(server_eval_store=str(site_stores[0])))

@@ -12,9 +12,9 @@ import torch
 
 from cmdfed.errors import CmdfedError
 from cmdfed.federation.coordinator import RoundReport, RunCoordinator, SiteReport
+from cmdfed.model.checkpoint import load_checkpoint, save_checkpoint
 from cmdfed.model.config import ModelConfig
 from cmdfed.model.unet import build_model
-from cmdfed.model.checkpoint import load_checkpoint, save_checkpoint
 
 CLASSES = "epithelial,lymphocyte,stromal"  # the quick_config fixture's
 
@@ -27,15 +27,26 @@ def make_checkpoint(run_dir, *, phase="pretrain", classes: str = "", seed=42, em
     torch.manual_seed(seed)
     weights = build_model(config).state_dict()
     shifted = {k: v + 1.0 for k, v in weights.items()} if ema else None  # an EMA that differs from the weights
-    save_checkpoint(run_dir, 10, config={"phase": phase, "model": config.to_dict(), "class_names": names, "mpp": 0.5},
-                    weights=weights, ema=shifted)  # fmt: skip
+    save_checkpoint(
+        run_dir,
+        10,
+        config={"phase": phase, "model": config.to_dict(), "class_names": names, "mpp": 0.5},
+        weights=weights,
+        ema=shifted,
+    )
     return run_dir
 
 
 def complete(coordinator, phase, phase_round, resolutions):
     aggregated = {k: v + 0.01 for k, v in coordinator.sent_weights(phase).items()}
-    report = RoundReport(0.0, [SiteReport("site-1", "trained", 6, {"loss": 1.0}, 2.0)], bytes_sent=10, bytes_received=5,
-                         train_metrics={"loss": 1.0}, resolutions=resolutions)  # fmt: skip
+    report = RoundReport(
+        0.0,
+        [SiteReport("site-1", "trained", 6, {"loss": 1.0}, 2.0)],
+        bytes_sent=10,
+        bytes_received=5,
+        train_metrics={"loss": 1.0},
+        resolutions=resolutions,
+    )
     return coordinator.complete_round(phase, phase_round, aggregated, {}, report)
 
 
@@ -44,7 +55,9 @@ def test_a_pretrained_init_gives_backbone_and_modulation_fresh_heads_and_is_reco
     saved = load_checkpoint(init)
     config = quick_config(init=str(init), pretrain_rounds=0, eval_every=0)
     coordinator = RunCoordinator(config)
-    assert coordinator.architecture.head_width == 16 and coordinator.architecture.n_classes == 4  # the checkpoint's, run's NC head
+    assert (
+        coordinator.architecture.head_width == 16 and coordinator.architecture.n_classes == 4
+    )  # the checkpoint's, run's NC head
     for key, value in coordinator.weights.items():
         if not key.startswith("heads."):
             assert torch.equal(value, saved.ema[key]), key  # the EMA weights: pretraining's result
@@ -54,12 +67,19 @@ def test_a_pretrained_init_gives_backbone_and_modulation_fresh_heads_and_is_reco
 
     sha = hashlib.sha256((saved.path / "ema.safetensors").read_bytes()).hexdigest()
     pinned = json.loads((coordinator.run_dir / "run.json").read_text())["init"]
-    assert (pinned["init"], pinned["sha256"], pinned["heads"], pinned["weights_file"]) == (str(init), sha, "fresh", "ema.safetensors")
+    assert (pinned["init"], pinned["sha256"], pinned["heads"], pinned["weights_file"]) == (
+        str(init),
+        sha,
+        "fresh",
+        "ema.safetensors",
+    )
     path = complete(coordinator, "finetune", 1, [0.5, 0.5])
     round_config = json.loads((path / "config.json").read_text())
     assert round_config["init"]["sha256"] == sha and round_config["model"]["head_width"] == 16
     assert round_config["mpp"] == 0.5  # every averaged site's store agreed
-    assert load_checkpoint(coordinator.run_dir).config["init"]["init"] == str(init)  # an ordinary checkpoint says where it started
+    assert load_checkpoint(coordinator.run_dir).config["init"]["init"] == str(
+        init
+    )  # an ordinary checkpoint says where it started
 
 
 def test_a_fine_tuned_init_of_the_runs_classes_keeps_its_heads(quick_config, tmp_path):
@@ -70,19 +90,41 @@ def test_a_fine_tuned_init_of_the_runs_classes_keeps_its_heads(quick_config, tmp
     assert coordinator.init["heads"] == "kept"
 
 
-@pytest.mark.parametrize("case, message", [
-    ("missing name", "init: checkpoint cmd-nope does not exist, and no released model named 'cmd-nope'; released models: "),
-    ("missing path", "init: checkpoint .*elsewhere/run does not exist; set init to a checkpoint or run folder on the server, a released"),
-    ("other preset", "is a 'tiny' model but the run's preset is 'base'; set preset = \"tiny\""),
-    ("other classes", "is fine-tuned for classes 'tumour,immune' but the run classifies 'epithelial,lymphocyte,stromal'; "
-                      "set classes = \"tumour,immune\" to continue"),
-    ("no NC head", "is fine-tuned for classes '\\(none: no NC head\\)' but the run classifies"),
-])  # fmt: skip
-def test_an_init_that_is_missing_or_conflicts_with_the_run_is_refused_before_the_run_begins(quick_config, tmp_path, case, message):
-    init = {"missing name": "cmd-nope", "missing path": str(tmp_path / "elsewhere" / "run"),
-            "other preset": str(make_checkpoint(tmp_path / "pre")),
-            "other classes": str(make_checkpoint(tmp_path / "ft", phase="finetune", classes="tumour,immune")),
-            "no NC head": str(make_checkpoint(tmp_path / "ft0", phase="finetune"))}[case]  # fmt: skip
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        (
+            "missing name",
+            "init: checkpoint cmd-nope does not exist, and no released model named 'cmd-nope'; released models: ",
+        ),
+        (
+            "missing path",
+            (
+                "init: checkpoint .*elsewhere/run does not exist; set init to a checkpoint or run folder on the "
+                "server, a released"
+            ),
+        ),
+        ("other preset", "is a 'tiny' model but the run's preset is 'base'; set preset = \"tiny\""),
+        (
+            "other classes",
+            (
+                "is fine-tuned for classes 'tumour,immune' but the run classifies 'epithelial,lymphocyte,stromal'; "
+                'set classes = "tumour,immune" to continue'
+            ),
+        ),
+        ("no NC head", "is fine-tuned for classes '\\(none: no NC head\\)' but the run classifies"),
+    ],
+)
+def test_an_init_that_is_missing_or_conflicts_with_the_run_is_refused_before_the_run_begins(
+    quick_config, tmp_path, case, message
+):
+    init = {
+        "missing name": "cmd-nope",
+        "missing path": str(tmp_path / "elsewhere" / "run"),
+        "other preset": str(make_checkpoint(tmp_path / "pre")),
+        "other classes": str(make_checkpoint(tmp_path / "ft", phase="finetune", classes="tumour,immune")),
+        "no NC head": str(make_checkpoint(tmp_path / "ft0", phase="finetune")),
+    }[case]
     config = quick_config(init=init, preset="base" if case == "other preset" else "tiny")
     with pytest.raises(CmdfedError, match=message):
         RunCoordinator(config)
@@ -115,7 +157,7 @@ def test_a_resumed_run_needs_its_init_no_more_and_keeps_recording_it(quick_confi
 def test_the_training_resolution_is_recorded_only_while_every_averaged_site_agrees(quick_config):
     config = quick_config(eval_every=0, pretrain_rounds=2, finetune_rounds=2)
     coordinator = RunCoordinator(config)
-    mpp = lambda path: json.loads((path / "config.json").read_text())["mpp"]  # noqa: E731
+    mpp = lambda path: json.loads((path / "config.json").read_text())["mpp"]
     assert mpp(complete(coordinator, "pretrain", 1, [0.25, 0.5])) is None  # pretraining on mixed scanners
     assert mpp(complete(coordinator, "pretrain", 2, [0.5])) is None  # the phase's weights saw both
     assert mpp(complete(coordinator, "finetune", 1, [0.5, 0.5])) == 0.5  # fine-tuning is judged on its own sites

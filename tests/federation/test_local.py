@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 
-from cmdfed.data.synth import write_synthetic_store
 from cmdfed.errors import CmdfedError
 from cmdfed.federation.local import local_evaluate, local_finetune_round, local_pretrain_round, round_seed
 from cmdfed.model.unet import build_model
@@ -62,17 +61,32 @@ def test_a_store_with_other_classes_is_refused(quick_config, site_stores, tmp_pa
     config = quick_config(classes="tumour,immune")
     model = global_model(config, "finetune")
     with pytest.raises(CmdfedError, match="the run classifies tumour,immune"):
-        local_finetune_round(model.state_dict_for(("heads",)), model.state_dict_for(config.frozen_groups("finetune")),
-                             site_stores[0], config, 1, "site-1", device="cpu")  # fmt: skip
+        local_finetune_round(
+            model.state_dict_for(("heads",)),
+            model.state_dict_for(config.frozen_groups("finetune")),
+            site_stores[0],
+            config,
+            1,
+            "site-1",
+            device="cpu",
+        )
 
 
 def test_local_evaluation_scores_both_phases(quick_config, site_stores):
     config = quick_config()
     model = global_model(config, "finetune")
-    tiles, metrics = local_evaluate(model.state_dict_for(("backbone", "modulation")), {}, "pretrain", site_stores[0], config, device="cpu")
+    tiles, metrics = local_evaluate(
+        model.state_dict_for(("backbone", "modulation")), {}, "pretrain", site_stores[0], config, device="cpu"
+    )
     assert tiles == 2 and np.isfinite(metrics["masked_mse"])
-    tiles, metrics = local_evaluate(model.state_dict_for(("heads",)), model.state_dict_for(("backbone", "modulation")),
-                                    "finetune", site_stores[0], config, device="cpu")  # fmt: skip
+    tiles, metrics = local_evaluate(
+        model.state_dict_for(("heads",)),
+        model.state_dict_for(("backbone", "modulation")),
+        "finetune",
+        site_stores[0],
+        config,
+        device="cpu",
+    )
     assert tiles == 2 and {"dice", "aji", "pq", "mpq"} <= set(metrics)
 
 
@@ -82,7 +96,9 @@ def unlabelled_store(path, n=6):
     from cmdfed.data.synth import synth_tiles
 
     with create_store(path, tile_size=64, mpp=0.5) as store, store.writer() as writer:
-        writer.extend(Tile(image=t.image, source="slide", slide_id="slide-1", x=t.x) for t in synth_tiles(n, tile_size=64, seed=5))
+        writer.extend(
+            Tile(image=t.image, source="slide", slide_id="slide-1", x=t.x) for t in synth_tiles(n, tile_size=64, seed=5)
+        )
     return path
 
 
@@ -95,19 +111,36 @@ def test_local_dp_plans_noise_only_for_the_phases_a_site_can_take_part_in(quick_
     ledger = open_privacy_ledger(config, store, tmp_path / "work", "run-1")  # no labels, no classes: pretraining only
     pretraining_only = noise_for_budget(4.0, config.dp_delta, sample_rate(6, config.batch_size), config.local_steps * 2)
     assert ledger.noise_multiplier == pytest.approx(pretraining_only)
-    no_classes = open_privacy_ledger(quick_config(dp_mode="local", dp_epsilon=4.0, classes=""), store, tmp_path / "work", "run-0")
+    no_classes = open_privacy_ledger(
+        quick_config(dp_mode="local", dp_epsilon=4.0, classes=""), store, tmp_path / "work", "run-0"
+    )
     assert no_classes.noise_multiplier == pytest.approx(pretraining_only)  # no labelled tiles to fine-tune on
     labelled = open_privacy_ledger(config, site_stores[0], tmp_path / "work", "run-2")  # plans both phases: more noise
     assert labelled.noise_multiplier > ledger.noise_multiplier
 
-    update = local_pretrain_round(global_model(config).state_dict_for(config.sent_groups("pretrain")), store, config, 1,
-                                  "site-1", device="cpu", ledger=ledger)  # fmt: skip
+    update = local_pretrain_round(
+        global_model(config).state_dict_for(config.sent_groups("pretrain")),
+        store,
+        config,
+        1,
+        "site-1",
+        device="cpu",
+        ledger=ledger,
+    )
     spent = update.metrics["dp_epsilon"]
     assert 0 < spent <= 4.0 and ledger.epsilon == pytest.approx(spent)
     model = global_model(config, "finetune")
     with pytest.raises(CmdfedError, match="no nucleus types"):  # its fine-tuning fails before it spends anything
-        local_finetune_round(model.state_dict_for(("heads",)), model.state_dict_for(config.frozen_groups("finetune")),
-                             store, config, 1, "site-1", device="cpu", ledger=ledger)  # fmt: skip
+        local_finetune_round(
+            model.state_dict_for(("heads",)),
+            model.state_dict_for(config.frozen_groups("finetune")),
+            store,
+            config,
+            1,
+            "site-1",
+            device="cpu",
+            ledger=ledger,
+        )
     assert ledger.epsilon == pytest.approx(spent)
     with pytest.raises(CmdfedError, match="no nucleus types"):  # a fine-tuning-only run: nothing it can take part in
         open_privacy_ledger(quick_config(dp_mode="local", pretrain_rounds=0), store, tmp_path / "work", "run-3")

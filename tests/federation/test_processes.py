@@ -23,9 +23,9 @@ def test_the_exit_report_is_shown_uncoloured_instead_of_the_shutdown_lines(tmp_p
     log = tmp_path / "supernode.log"
     log.write_text(FLOWER_EXIT)
     assert log_tail(log) == (
-        "ERROR :     Exit Code: 305 | Failed to initialize the connection to the SuperLink. | "
-        "[code: 2004] Failed to activate SuperNode. | The SuperNode could not establish a connection to the SuperLink. | "
-        "For more information, visit: <https://flower.ai/docs/framework/1.42/en/ref-exit-codes/305.html>"
+        "ERROR :     Exit Code: 305 | Failed to initialize the connection to the SuperLink. | [code: 2004] Failed to "
+        "activate SuperNode. | The SuperNode could not establish a connection to the SuperLink. | For more "
+        "information, visit: <https://flower.ai/docs/framework/1.42/en/ref-exit-codes/305.html>"
     )
 
 

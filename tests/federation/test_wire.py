@@ -31,7 +31,11 @@ def test_pack_then_unpack_gives_back_every_tensor_in_order(weights):
 def test_layout_survives_its_config_values(weights):
     layout = Layout.of(weights)
     values = layout.to_values("layout-")
-    assert all(isinstance(v, list) for v in values.values()) and set(values) == {"layout-names", "layout-ndims", "layout-dims"}
+    assert all(isinstance(v, list) for v in values.values()) and set(values) == {
+        "layout-names",
+        "layout-ndims",
+        "layout-dims",
+    }
     assert Layout.from_values(values, "layout-") == layout
 
 

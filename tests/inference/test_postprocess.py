@@ -29,10 +29,7 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
 
 def best_iou_per_truth(truth: np.ndarray, predicted: np.ndarray) -> list[float]:
     predicted_ids = np.unique(predicted[predicted > 0])
-    return [
-        max(iou(truth == t, predicted == p) for p in predicted_ids)
-        for t in np.unique(truth[truth > 0])
-    ]
+    return [max(iou(truth == t, predicted == p) for p in predicted_ids) for t in np.unique(truth[truth > 0])]
 
 
 def test_perfect_np_hv_of_two_touching_discs_gives_two_instances():
@@ -95,9 +92,7 @@ def test_vote_shares_and_records_on_a_hand_made_map():
 
 
 def test_empty_prediction_gives_no_instances():
-    result = postprocess(
-        np.full((40, 50), 0.1), np.zeros((2, 40, 50)), np.zeros((4, 40, 50))
-    )
+    result = postprocess(np.full((40, 50), 0.1), np.zeros((2, 40, 50)), np.zeros((4, 40, 50)))
     assert not result.instance_map.any() and result.nuclei == []
     assert not result.type_map.any()
 
@@ -119,9 +114,7 @@ def test_odd_tile_sizes(shape):
 def test_remove_small_instances_keeps_ids_of_the_rest():
     instance_map = np.array([[4, 4, 0, 900, 900], [0, 0, 0, 900, 900], [7, 7, 7, 0, 900]])
     cleaned = remove_small_instances(instance_map, min_size=3)
-    np.testing.assert_array_equal(
-        cleaned, [[0, 0, 0, 900, 900], [0, 0, 0, 900, 900], [7, 7, 7, 0, 900]]
-    )
+    np.testing.assert_array_equal(cleaned, [[0, 0, 0, 900, 900], [0, 0, 0, 900, 900], [7, 7, 7, 0, 900]])
     np.testing.assert_array_equal(instance_map[0, :2], [4, 4])  # input untouched
 
 
@@ -153,7 +146,12 @@ def test_mismatched_shapes_raise():
 
 
 def test_settings_scale_from_hovernets_40x_to_the_image_resolution():
-    assert WatershedParams.for_mpp(0.25) == WatershedParams() == WatershedParams.for_mpp(None) == WatershedParams.for_mpp(float("nan"))
+    assert (
+        WatershedParams.for_mpp(0.25)
+        == WatershedParams()
+        == WatershedParams.for_mpp(None)
+        == WatershedParams.for_mpp(float("nan"))
+    )
     at_20x = WatershedParams.for_mpp(0.5)
     # the values that raise PQ on perfect 20x maps from 0.68 to 0.89 (see WatershedParams)
     assert (at_20x.sobel_kernel_size, at_20x.marker_opening_size, at_20x.min_object_size) == (11, 3, 3)

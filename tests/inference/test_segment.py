@@ -20,7 +20,9 @@ CPU = torch.device("cpu")
 def checkpoint(synthetic_store, tmp_path_factory):
     run = tmp_path_factory.mktemp("runs") / "ft"
     config = TrainConfig(steps=2, batch_size=2, warmup_steps=1, checkpoint_every=2, sample_every=0)
-    finetune(synthetic_store, run, init=None, model_config=ModelConfig.from_preset("tiny"), train_config=config, device="cpu")
+    finetune(
+        synthetic_store, run, init=None, model_config=ModelConfig.from_preset("tiny"), train_config=config, device="cpu"
+    )
     return run
 
 
@@ -119,9 +121,13 @@ def test_evaluation_refuses_a_store_labelled_with_other_classes(checkpoint, tmp_
     from cmdfed.evaluate.run import evaluate_checkpoint
 
     other = tmp_path / "other.zarr"
-    with create_store(other, tile_size=64, class_names=["background", "tumour", "immune", "other"], has_types=True) as store:
-        with store.writer() as writer:
-            writer.extend(synth_tiles(2, 64, 0, 1))
+    with (
+        create_store(
+            other, tile_size=64, class_names=["background", "tumour", "immune", "other"], has_types=True
+        ) as store,
+        store.writer() as writer,
+    ):
+        writer.extend(synth_tiles(2, 64, 0, 1))
     with pytest.raises(CmdfedError, match="type ids would be compared across different classes"):
         evaluate_checkpoint(checkpoint, other, device=CPU)
     with pytest.raises(CmdfedError, match="--batch-size must be at least 1"):

@@ -76,9 +76,10 @@ def test_with_tiles_missing_nuclei_some_tile_sees_whole_are_kept_once_and_whole(
     kept = _stitch(truth, grid)
     ids, areas = np.unique(truth[truth > 0], return_counts=True)
     seen_whole = [
-        (i, a) for i, a in zip(ids, areas)
+        (i, a)
+        for i, a in zip(ids, areas)
         if any((truth[y0 : y0 + TILE, x0 : x0 + TILE] == i).sum() == a for x0, y0 in corners)
-    ]  # fmt: skip
+    ]
     assert len(seen_whole) > 0.8 * len(ids)
     assert all(kept.get(i) == [a] for i, a in seen_whole)
 

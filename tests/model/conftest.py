@@ -6,7 +6,7 @@ fixtures that return plain functions rather than imported from a helper module.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch

@@ -4,13 +4,12 @@ previous good checkpoint, and nothing is trained or written on top of them."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
 from cmdfed.errors import CmdfedError
-from cmdfed.model.config import ModelConfig
 from cmdfed.model.checkpoint import load_checkpoint, save_checkpoint
+from cmdfed.model.config import ModelConfig
 from cmdfed.train.loop import TrainConfig
 from cmdfed.train.phases import finetune
 
@@ -33,15 +32,20 @@ def test_overwritten_tensor_data_is_named_with_the_previous_good_checkpoint(tmp_
         save_checkpoint(tmp_path, step, config={"phase": "x"}, weights=_weights(step), trainer={"step": step})
     _overwrite_tensor_data(tmp_path / "step-000003" / "model.safetensors", fill)
     (tmp_path / "step-000002" / "trainer.pt").write_bytes(b"\x00" * 10)  # the one before is damaged too
-    with pytest.raises(CmdfedError, match=r"step-000003/model\.safetensors is damaged: it does not match its checksum.*"
-                                          r"previous good checkpoint is .*step-000001"):
+    with pytest.raises(
+        CmdfedError,
+        match=r"step-000003/model\.safetensors is damaged: it does not match its checksum.*"
+        r"previous good checkpoint is .*step-000001",
+    ):
         load_checkpoint(tmp_path, with_trainer=True)
 
 
 def test_damaged_trainer_state_and_ema_are_caught_too(tmp_path):
     folder = save_checkpoint(tmp_path, 1, config={}, weights=_weights(1.0), ema=_weights(0.5), trainer={"step": 1})
     _overwrite_tensor_data(folder / "ema.safetensors", b"\x00")
-    with pytest.raises(CmdfedError, match=r"ema\.safetensors is damaged: it does not match its checksum.*no earlier checkpoint"):
+    with pytest.raises(
+        CmdfedError, match=r"ema\.safetensors is damaged: it does not match its checksum.*no earlier checkpoint"
+    ):
         load_checkpoint(folder)
 
 
@@ -64,7 +68,9 @@ def test_resuming_from_damaged_weights_is_refused_and_changes_nothing(synthetic_
     config = TrainConfig(steps=4, batch_size=2, warmup_steps=1, checkpoint_every=1, sample_every=0)
     tiny = ModelConfig.from_preset("tiny")
     with pytest.raises(Interrupt):
-        finetune(synthetic_store, run, init=None, model_config=tiny, train_config=config, device="cpu", progress=stop_at_3)
+        finetune(
+            synthetic_store, run, init=None, model_config=tiny, train_config=config, device="cpu", progress=stop_at_3
+        )
     assert (run / "latest").read_text() == "step-000003"
     _overwrite_tensor_data(run / "step-000003" / "model.safetensors", b"\xff")
     before = {str(p): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}

@@ -35,7 +35,11 @@ def test_parametrisations_round_trip(prediction):
 
 def test_v_is_alpha_eps_minus_sigma_x0():
     diffusion = MaskedDiffusion(DiffusionConfig(prediction="v"))
-    x0, noise, t = torch.ones(1, 1, 1, 1, dtype=torch.float64), torch.full((1, 1, 1, 1), 2.0, dtype=torch.float64), torch.tensor([300])
+    x0, noise, t = (
+        torch.ones(1, 1, 1, 1, dtype=torch.float64),
+        torch.full((1, 1, 1, 1), 2.0, dtype=torch.float64),
+        torch.tensor([300]),
+    )
     abar = cosine_alphas_cumprod(1000)[300]
     expected = abar.sqrt() * 2.0 - (1 - abar).sqrt() * 1.0
     assert diffusion.target(x0, noise, t).item() == pytest.approx(expected.item(), abs=1e-12)
@@ -106,8 +110,9 @@ def _encoder_outputs(model, x, t, mask):
     return captured, out
 
 
-@pytest.mark.parametrize("hole", [(slice(0, 32), slice(0, 32)), (slice(3, 30), slice(1, 26))],
-                         ids=["aligned", "unaligned"])
+@pytest.mark.parametrize(
+    "hole", [(slice(0, 32), slice(0, 32)), (slice(3, 30), slice(1, 26))], ids=["aligned", "unaligned"]
+)
 def test_hidden_content_never_reaches_the_context_encoder(make_tiny, perturb, make_images, hole):
     """The leak guarantee: encoder features and the decoder's 1/8 and 1/16 maps are exact functions of
     the visible pixels and the mask, for any mask (the unaligned hole cuts through stem cells);
@@ -199,7 +204,7 @@ def test_inpainting_grid_layout(make_tiny, make_images):
     original = ((images[1] + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
     assert (grid[:64, 66:] == original).all()  # row 1, column 2: the original
     assert (grid[66:98, 66:] == original[:32]).all()  # row 2 keeps the visible half
-    assert (grid[66 + 32:130, :64] == 128).all()  # hidden half shown grey
+    assert (grid[66 + 32 : 130, :64] == 128).all()  # hidden half shown grey
     assert (grid[64:66] == 255).all()  # white gap between rows
 
 
@@ -214,8 +219,15 @@ def test_mask_ratio_range_draws_a_ratio_per_tile():
 
 def test_fixed_ratio_masks_are_unchanged_by_the_range_option():
     """Runs made before the option (mask_ratio_min 0) draw the very same masks."""
-    fixed = MaskedDiffusion(DiffusionConfig()).sample_mask(8, 64, 64, generator=torch.Generator().manual_seed(3), )
-    same = MaskedDiffusion(DiffusionConfig(mask_ratio_min=0.6)).sample_mask(8, 64, 64, generator=torch.Generator().manual_seed(3))
+    fixed = MaskedDiffusion(DiffusionConfig()).sample_mask(
+        8,
+        64,
+        64,
+        generator=torch.Generator().manual_seed(3),
+    )
+    same = MaskedDiffusion(DiffusionConfig(mask_ratio_min=0.6)).sample_mask(
+        8, 64, 64, generator=torch.Generator().manual_seed(3)
+    )
     assert torch.equal(fixed, same)
 
 

@@ -60,9 +60,15 @@ def test_register_tokens_are_not_patches(tmp_path, make_images):
     transformers = pytest.importorskip("transformers")
     if not hasattr(transformers, "Dinov2WithRegistersModel"):
         pytest.skip("this transformers has no Dinov2WithRegistersModel")
-    config = transformers.Dinov2WithRegistersConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                                    intermediate_size=64, image_size=64, patch_size=8,
-                                                    num_register_tokens=4)
+    config = transformers.Dinov2WithRegistersConfig(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=64,
+        patch_size=8,
+        num_register_tokens=4,
+    )
     transformers.Dinov2WithRegistersModel(config).save_pretrained(tmp_path)
     encoder = build_encoder(f"hf:{tmp_path}")
     x = make_images(1, 64)
@@ -77,9 +83,11 @@ def test_register_tokens_are_not_patches(tmp_path, make_images):
 def test_preprocessor_config_sets_normalisation_and_size(tiny_dinov2_dir, tmp_path):
     for file in tiny_dinov2_dir.iterdir():
         (tmp_path / file.name).write_bytes(file.read_bytes())
-    (tmp_path / "preprocessor_config.json").write_text(json.dumps(
-        {"image_mean": [0.7, 0.6, 0.7], "image_std": [0.2, 0.2, 0.2], "crop_size": {"height": 32, "width": 32}}
-    ))
+    (tmp_path / "preprocessor_config.json").write_text(
+        json.dumps(
+            {"image_mean": [0.7, 0.6, 0.7], "image_std": [0.2, 0.2, 0.2], "crop_size": {"height": 32, "width": 32}}
+        )
+    )
     encoder = build_encoder(f"hf:{tmp_path}")
     assert encoder.input_size == 32
     torch.testing.assert_close(encoder.mean.flatten(), torch.tensor([0.7, 0.6, 0.7]))

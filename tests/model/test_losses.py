@@ -58,8 +58,11 @@ def test_msge_counts_only_nuclear_pixels():
 def test_hovernet_loss_sums_its_terms_and_checks_targets():
     nuclei = nuclei_map()
     generator = torch.Generator().manual_seed(0)
-    outputs = {"np": torch.randn(2, 2, 16, 16, generator=generator), "hv": torch.randn(2, 2, 16, 16, generator=generator),
-               "nc": torch.randn(2, 4, 16, 16, generator=generator)}
+    outputs = {
+        "np": torch.randn(2, 2, 16, 16, generator=generator),
+        "hv": torch.randn(2, 2, 16, 16, generator=generator),
+        "nc": torch.randn(2, 4, 16, 16, generator=generator),
+    }
     targets = {"np": nuclei, "hv": torch.zeros(2, 2, 16, 16), "nc": nuclei * 3}
     total, terms = hovernet_loss(outputs, targets)
     assert set(terms) == {"np_ce", "np_dice", "hv_mse", "hv_msge", "nc_ce", "nc_dice"}

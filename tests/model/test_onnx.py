@@ -17,7 +17,11 @@ def test_segment_exports_to_onnx(make_tiny, make_images, tmp_path):
     graph = SegmentationGraph(make_tiny(n_classes=4)).eval()
     height, width = torch.export.Dim("h32", min=1, max=64), torch.export.Dim("w32", min=1, max=64)
     program = torch.onnx.export(
-        graph, (make_images(2, 64),), dynamo=True, input_names=["image"], output_names=["np", "hv", "nc"],
+        graph,
+        (make_images(2, 64),),
+        dynamo=True,
+        input_names=["image"],
+        output_names=["np", "hv", "nc"],
         dynamic_shapes={"image": {0: torch.export.Dim("batch", max=64), 2: 32 * height, 3: 32 * width}},
     )
     path = tmp_path / "cmd_tiny.onnx"
@@ -28,8 +32,10 @@ def test_segment_exports_to_onnx(make_tiny, make_images, tmp_path):
     assert ops["LayerNormalization"] >= 1
     resize_modes = {
         onnx.helper.get_attribute_value(attribute).decode()
-        for node in nodes if node.op_type == "Resize"
-        for attribute in node.attribute if attribute.name == "mode"
+        for node in nodes
+        if node.op_type == "Resize"
+        for attribute in node.attribute
+        if attribute.name == "mode"
     }
     assert resize_modes and resize_modes <= {"nearest", "linear"}
     assert not {"ConvTranspose", "GridSample"} & set(ops)

@@ -98,7 +98,8 @@ def test_base_encoder_is_convnext_tiny(base_model):
     assert [len(stage) for stage in base_model.stages] == [3, 3, 9, 3]
     assert [stage[0].dwconv.in_channels for stage in base_model.stages] == [96, 192, 384, 768]
     encoder = sum(
-        p.numel() for name, p in base_model.named_parameters()
+        p.numel()
+        for name, p in base_model.named_parameters()
         if name.startswith(("stem.", "stages.", "downsamples.")) and base_model.group_of(name) == "backbone"
     )
     # ConvNeXt-T without its classifier has 27,818,592 parameters; this stem also reads the mask
@@ -149,7 +150,7 @@ def test_partial_state_dict_moves_only_the_named_groups(make_tiny, perturb):
 def test_partial_state_dict_rejects_mismatches(make_tiny):
     model = make_tiny()
     heads = model.state_dict_for(["heads"])
-    dropped = sorted(heads)[0]
+    dropped = min(heads)
     del heads[dropped]
     with pytest.raises(CmdfedError, match=dropped.replace(".", r"\.")):
         model.load_partial_state_dict(heads, ["heads"])

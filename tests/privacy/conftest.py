@@ -22,8 +22,18 @@ def site_store(tmp_path_factory) -> Path:
 @pytest.fixture
 def private_config(tmp_path):
     def make(**overrides) -> FederationConfig:
-        values = dict(run_dir=str(tmp_path / "run"), classes=CLASSES, pretrain_rounds=3, finetune_rounds=1, local_steps=2,
-                      batch_size=2, eval_tiles=2, augment=False, dp_mode="local", dp_epsilon=50.0)  # fmt: skip
+        values = {
+            "run_dir": str(tmp_path / "run"),
+            "classes": CLASSES,
+            "pretrain_rounds": 3,
+            "finetune_rounds": 1,
+            "local_steps": 2,
+            "batch_size": 2,
+            "eval_tiles": 2,
+            "augment": False,
+            "dp_mode": "local",
+            "dp_epsilon": 50.0,
+        }
         return FederationConfig(**{**values, **overrides})
 
     return make

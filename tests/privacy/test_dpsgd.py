@@ -2,17 +2,22 @@
 
 import numpy as np
 import torch
+from opacus import GradSampleModule
 
 from cmdfed.data.dataset import SiteDataset
 from cmdfed.federation.config import FederationConfig
 from cmdfed.inference.segment import to_model_input
 from cmdfed.model.config import DiffusionConfig
-from cmdfed.model.unet import build_model
 from cmdfed.model.diffusion import MaskedDiffusion, masked_diffusion_loss
-from cmdfed.privacy.dpsgd import check_private_model, per_sample_finetune_loss, per_sample_pretrain_loss, private_trainer
+from cmdfed.model.unet import build_model
+from cmdfed.privacy.dpsgd import (
+    check_private_model,
+    per_sample_finetune_loss,
+    per_sample_pretrain_loss,
+    private_trainer,
+)
 from cmdfed.train.loop import TrainConfig, Trainer
 from cmdfed.train.phases import batch_loader
-from opacus import GradSampleModule
 
 CONFIG = FederationConfig(classes="epithelial,lymphocyte,stromal")
 
@@ -42,7 +47,9 @@ def test_per_tile_gradients_equal_each_tile_trained_alone(site_store):
     for i in range(3):
         model.zero_grad(set_to_none=True)
         prediction = model(mixture[i : i + 1], t[i : i + 1], mask[i : i + 1], None).prediction
-        masked_diffusion_loss(prediction, target[i : i + 1], mask[i : i + 1], diffusion.config.visible_loss_weight).loss.backward()
+        masked_diffusion_loss(
+            prediction, target[i : i + 1], mask[i : i + 1], diffusion.config.visible_loss_weight
+        ).loss.backward()
         for name, param in trainable:
             torch.testing.assert_close(per_sample[name][i], param.grad, rtol=1e-3, atol=1e-6, msg=name)
 
@@ -52,8 +59,18 @@ def test_private_head_finetuning_still_learns(site_store):
     config = FederationConfig(classes="epithelial,lymphocyte,stromal")
     model = build_model(config.model_config("finetune"))
     model.freeze(("backbone", "modulation"))
-    train = TrainConfig(steps=20, batch_size=4, lr=1e-2, weight_decay=0.0, warmup_steps=0, min_lr_ratio=1.0, grad_clip=0.0,
-                        augment=False, checkpoint_every=20, sample_every=0)  # fmt: skip
+    train = TrainConfig(
+        steps=20,
+        batch_size=4,
+        lr=1e-2,
+        weight_decay=0.0,
+        warmup_steps=0,
+        min_lr_ratio=1.0,
+        grad_clip=0.0,
+        augment=False,
+        checkpoint_every=20,
+        sample_every=0,
+    )
     dataset = SiteDataset(site_store, augment=False, targets=True)
     trainer = Trainer(model, per_sample_finetune_loss(model), train, torch.device("cpu"))
     with private_trainer(trainer, noise_multiplier=0.5, max_grad_norm=1.0):

@@ -9,8 +9,8 @@ import threading
 import uuid
 
 import numpy as np
-import torch
 import pytest
+import torch
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
@@ -27,8 +27,9 @@ LAYOUT = Layout.of({"a.weight": np.zeros((2, 3), np.float32), "a.bias": np.zeros
 
 
 def reply(arrays: dict) -> RecordDict:
-    return RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
-                       "metrics": MetricRecord({"num-examples": 4})})  # fmt: skip
+    return RecordDict(
+        {"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}), "metrics": MetricRecord({"num-examples": 4})}
+    )
 
 
 def test_a_vector_of_the_sent_layout_is_accepted_and_audited_by_tensor_name():
@@ -39,8 +40,11 @@ def test_a_vector_of_the_sent_layout_is_accepted_and_audited_by_tensor_name():
 
 
 def test_a_vector_of_another_size_or_unpacked_tensors_are_malformed_and_audited_as_sent():
-    for arrays in ({WEIGHTS_KEY: np.zeros(9, np.float32)}, {"a.weight": np.zeros((2, 3), np.float32), "a.bias": np.zeros(2, np.float32)},
-                   {WEIGHTS_KEY: np.zeros((2, 4), np.float32)}):  # fmt: skip
+    for arrays in (
+        {WEIGHTS_KEY: np.zeros(9, np.float32)},
+        {"a.weight": np.zeros((2, 3), np.float32), "a.bias": np.zeros(2, np.float32)},
+        {WEIGHTS_KEY: np.zeros((2, 4), np.float32)},
+    ):
         content = reply(arrays)
         assert "one float32 vector 'weights' of 8 values" in _malformed_reply(content, LAYOUT)
         assert set(_unpacked_or_as_sent(content, LAYOUT)) == set(arrays)
@@ -52,7 +56,9 @@ def test_a_reply_whose_bytes_disagree_with_its_declared_shape_or_dtype_is_malfor
     wrong_dtype = Array(np.arange(8, dtype=np.float64))
     garbage = Array(dtype="float32", shape=(8,), stype="numpy.ndarray", data=b"not an array")
     for array in (lying, wrong_dtype, garbage):
-        content = RecordDict({"arrays": ArrayRecord({WEIGHTS_KEY: array}), "metrics": MetricRecord({"num-examples": 4})})
+        content = RecordDict(
+            {"arrays": ArrayRecord({WEIGHTS_KEY: array}), "metrics": MetricRecord({"num-examples": 4})}
+        )
         assert "one float32 vector" in _malformed_reply(content, LAYOUT)
         assert "a.weight" not in _unpacked_or_as_sent(content, LAYOUT)
 
@@ -69,7 +75,9 @@ class InProcessGrid(Grid):
     """Flower's Grid over ClientApp calls in this process; ``leave_after_train`` nodes disconnect
     once they have answered a training message (a SuperNode that crashed after training)."""
 
-    def __init__(self, node_configs: dict[int, dict], config: FederationConfig, leave_after_train: tuple[int, ...] = ()):
+    def __init__(
+        self, node_configs: dict[int, dict], config: FederationConfig, leave_after_train: tuple[int, ...] = ()
+    ):
         self.node_configs, self.run_config = node_configs, config.to_run_config()
         self.connected = set(node_configs)
         self.leave_after_train = set(leave_after_train)
@@ -100,8 +108,13 @@ class InProcessGrid(Grid):
             node = message.metadata.dst_node_id
             if node not in self.connected:
                 continue  # no reply within the timeout
-            context = Context(run_id=1, node_id=node, node_config=self.node_configs[node], state=RecordDict(),
-                              run_config=self.run_config)  # fmt: skip
+            context = Context(
+                run_id=1,
+                node_id=node,
+                node_config=self.node_configs[node],
+                state=RecordDict(),
+                run_config=self.run_config,
+            )
             replies.append(client_app(message, context))
             if message.metadata.message_type == "train" and node in self.leave_after_train:
                 self.connected.discard(node)
@@ -119,14 +132,26 @@ def stores(tmp_path_factory):
 
 
 def run_config(tmp_path, **overrides) -> FederationConfig:
-    values = dict(run_dir=str(tmp_path / "run"), classes=CLASSES, pretrain_rounds=1, finetune_rounds=0, local_steps=1,
-                  batch_size=2, eval_tiles=2, augment=False, min_sites=2, round_timeout_s=2.0)  # fmt: skip
+    values = {
+        "run_dir": str(tmp_path / "run"),
+        "classes": CLASSES,
+        "pretrain_rounds": 1,
+        "finetune_rounds": 0,
+        "local_steps": 1,
+        "batch_size": 2,
+        "eval_tiles": 2,
+        "augment": False,
+        "min_sites": 2,
+        "round_timeout_s": 2.0,
+    }
     return FederationConfig(**{**values, **overrides})
 
 
 def sites(stores, tmp_path, *store_names: str) -> dict[int, dict]:
-    return {k: {"store": str(stores / name), "name": f"site-{k}", "work-dir": str(tmp_path / f"work{k}"), "device": "cpu"}
-            for k, name in enumerate(store_names, start=1)}  # fmt: skip
+    return {
+        k: {"store": str(stores / name), "name": f"site-{k}", "work-dir": str(tmp_path / f"work{k}"), "device": "cpu"}
+        for k, name in enumerate(store_names, start=1)
+    }
 
 
 def run_within(grid: InProcessGrid, config: FederationConfig, seconds: float) -> BaseException | None:
@@ -137,7 +162,7 @@ def run_within(grid: InProcessGrid, config: FederationConfig, seconds: float) ->
         try:
             run_federation(grid, config)
             outcome.append(None)
-        except BaseException as exc:  # handed to the test
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
             outcome.append(exc)
 
     thread = threading.Thread(target=target, daemon=True)
@@ -148,7 +173,11 @@ def run_within(grid: InProcessGrid, config: FederationConfig, seconds: float) ->
 
 
 def events(capsys) -> list[dict]:
-    return [json.loads(line.split(" ", 1)[1]) for line in capsys.readouterr().out.splitlines() if line.startswith("cmdfed-event ")]
+    return [
+        json.loads(line.split(" ", 1)[1])
+        for line in capsys.readouterr().out.splitlines()
+        if line.startswith("cmdfed-event ")
+    ]
 
 
 def test_a_site_gone_after_training_skips_federated_evaluation_instead_of_hanging(stores, tmp_path, capsys):
@@ -170,7 +199,9 @@ def test_a_run_whose_sites_all_decline_ends_completed_and_says_no_round_ran(stor
         assert run_within(InProcessGrid(node_configs, config), config, 180) is None
         finish = next(e for e in events(capsys) if e["event"] == "finish")
         assert finish["status"] == "completed" and finish["rounds"] == 0
-        assert finish["note"].startswith("no round ran: pretrain round 1: every site has spent its privacy budget"), finish
+        assert finish["note"].startswith("no round ran: pretrain round 1: every site has spent its privacy budget"), (
+            finish
+        )
         assert "larger dp-epsilon" in finish["note"]
     assert last_complete_round(config.run_dir) is None
     db = sqlite3.connect(tmp_path / "run" / "telemetry.db")
@@ -201,18 +232,28 @@ def test_a_declined_site_beside_a_failed_one_fails_the_round_resumably(stores, t
     error = run_within(InProcessGrid(sites(stores, tmp_path, "site1.zarr", "missing.zarr"), config), config, 180)
     assert isinstance(error, CmdfedError) and "no site delivered a usable update" in str(error)
     db = sqlite3.connect(tmp_path / "run" / "telemetry.db")
-    assert db.execute("SELECT site, status FROM site_rounds ORDER BY site").fetchall() == [("site-1", "declined_budget"), ("site-2", "failed")]
+    assert db.execute("SELECT site, status FROM site_rounds ORDER BY site").fetchall() == [
+        ("site-1", "declined_budget"),
+        ("site-2", "failed"),
+    ]
 
 
 def test_privacy_spent_in_a_round_whose_updates_were_all_rejected_is_recorded(stores, tmp_path):
     # An absurd norm limit rejects both sites' updates after they trained (and spent) under local DP.
-    config = run_config(tmp_path, dp_mode="local", dp_noise_multiplier=1.0, dp_epsilon=50.0, update_norm_limit=1e-9, eval_every=0)
+    config = run_config(
+        tmp_path, dp_mode="local", dp_noise_multiplier=1.0, dp_epsilon=50.0, update_norm_limit=1e-9, eval_every=0
+    )
     error = run_within(InProcessGrid(sites(stores, tmp_path, "site1.zarr", "site2.zarr"), config), config, 180)
     assert isinstance(error, CmdfedError) and "no site delivered a usable update" in str(error)
     db = sqlite3.connect(tmp_path / "run" / "telemetry.db")
-    assert db.execute("SELECT site, status FROM site_rounds ORDER BY site").fetchall() == [("site-1", "failed"), ("site-2", "failed")]
+    assert db.execute("SELECT site, status FROM site_rounds ORDER BY site").fetchall() == [
+        ("site-1", "failed"),
+        ("site-2", "failed"),
+    ]
     spent = db.execute("SELECT site, round, epsilon, budget_epsilon FROM privacy ORDER BY site").fetchall()
-    assert [(s, r, b) for s, r, _, b in spent] == [("site-1", 1, 50.0), ("site-2", 1, 50.0)] and all(e > 0 for _, _, e, _ in spent)
+    assert [(s, r, b) for s, r, _, b in spent] == [("site-1", 1, 50.0), ("site-2", 1, 50.0)] and all(
+        e > 0 for _, _, e, _ in spent
+    )
 
 
 # -- starting from a checkpoint, fine-tuning end to end --------------------------------------
@@ -220,14 +261,18 @@ def test_privacy_spent_in_a_round_whose_updates_were_all_rejected_is_recorded(st
 
 def pretrained_checkpoint(path, **overrides):
     """A pretraining checkpoint as `cmdfed train pretrain` writes it, of a tiny model with ``overrides``."""
+    from cmdfed.model.checkpoint import save_checkpoint
     from cmdfed.model.config import ModelConfig
     from cmdfed.model.unet import build_model
-    from cmdfed.model.checkpoint import save_checkpoint
 
     config = ModelConfig.from_preset("tiny", **overrides)
     torch.manual_seed(42)
-    save_checkpoint(path, 5, config={"phase": "pretrain", "model": config.to_dict(), "class_names": ["background", "nucleus"]},
-                    weights=build_model(config).state_dict())  # fmt: skip
+    save_checkpoint(
+        path,
+        5,
+        config={"phase": "pretrain", "model": config.to_dict(), "class_names": ["background", "nucleus"]},
+        weights=build_model(config).state_dict(),
+    )
     return path
 
 
@@ -237,8 +282,15 @@ def test_a_run_from_a_checkpoint_fine_tunes_it_end_to_end_and_records_where_it_s
 
     # Heads narrower than the preset's: the sites build the server's architecture, not the preset's.
     init = pretrained_checkpoint(tmp_path / "pretrained", head_width=16)
-    config = run_config(tmp_path, init=str(init), pretrain_rounds=0, finetune_rounds=1, finetune_trainable="all",
-                        server_eval_store=str(stores / "site1.zarr"), eval_every=1)  # fmt: skip
+    config = run_config(
+        tmp_path,
+        init=str(init),
+        pretrain_rounds=0,
+        finetune_rounds=1,
+        finetune_trainable="all",
+        server_eval_store=str(stores / "site1.zarr"),
+        eval_every=1,
+    )
     assert run_within(InProcessGrid(sites(stores, tmp_path, "site1.zarr", "site2.zarr"), config), config, 300) is None
     start = load_checkpoint(init).weights
     last = load_checkpoint(config.run_dir)
@@ -261,7 +313,9 @@ def test_a_run_from_a_checkpoint_fine_tunes_it_end_to_end_and_records_where_it_s
 def test_finetuning_more_than_the_heads_works_under_differential_privacy(stores, tmp_path, dp, trainable):
     # DP-SGD needs a per-tile gradient of every trainable parameter: the diffusion output layer, which
     # segmentation does not use, stays frozen in fine-tuning (it travels unchanged).
-    privacy = dict(dp_mode=dp, dp_noise_multiplier=1.0) | ({"dp_epsilon": 50.0} if dp == "local" else {})
-    config = run_config(tmp_path, pretrain_rounds=0, finetune_rounds=1, finetune_trainable=trainable, eval_every=0, **privacy)
+    privacy = {"dp_mode": dp, "dp_noise_multiplier": 1.0} | ({"dp_epsilon": 50.0} if dp == "local" else {})
+    config = run_config(
+        tmp_path, pretrain_rounds=0, finetune_rounds=1, finetune_trainable=trainable, eval_every=0, **privacy
+    )
     assert run_within(InProcessGrid(sites(stores, tmp_path, "site1.zarr", "site2.zarr"), config), config, 300) is None
     assert last_complete_round(config.run_dir).phase == "finetune"

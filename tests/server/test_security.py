@@ -24,7 +24,9 @@ from server.superlink import SuperLink
 
 
 def cmdfed(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cmdfed", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "cmdfed", *args], capture_output=True, text=True, timeout=120, check=False
+    )
 
 
 def test_certs_init_makes_a_ca_and_a_server_certificate_for_the_hosts(tmp_path):
@@ -44,11 +46,18 @@ def test_certs_init_makes_a_ca_and_a_server_certificate_for_the_hosts(tmp_path):
 
 
 def test_server_start_checks_its_certificates_and_plaintext_needs_insecure(tmp_path, synthetic_store):
-    result = cmdfed("server", "start", "--run-dir", str(tmp_path), "--host", "10.1.2.3", "--certs", str(tmp_path / "none"))
+    result = cmdfed(
+        "server", "start", "--run-dir", str(tmp_path), "--host", "10.1.2.3", "--certs", str(tmp_path / "none")
+    )
     assert result.returncode == 1 and "lacks ca.crt" in " ".join(result.stderr.split())
     result = cmdfed("server", "start", "--run-dir", str(tmp_path), "--host", "10.1.2.3")
     message = " ".join(result.stderr.split())
-    assert result.returncode == 1 and "TLS is not configured" in message and "--certs DIR" in message and "--insecure" in message
+    assert (
+        result.returncode == 1
+        and "TLS is not configured" in message
+        and "--certs DIR" in message
+        and "--insecure" in message
+    )
     # A real store, so the site's store check passes and the refusal is the plaintext one.
     result = cmdfed("client", "start", "--store", str(synthetic_store), "--name", "a", "--superlink", "10.1.2.3:9092")
     message = " ".join(result.stderr.split())
@@ -59,8 +68,14 @@ def test_server_start_checks_its_certificates_and_plaintext_needs_insecure(tmp_p
 def supernode_ids(superlink: SuperLink, ca, tmp_path) -> dict[str, str]:
     env = flower_env(tmp_path / "flwr-ls")
     write_connection(tmp_path / "flwr-ls", superlink.address, ca)
-    result = subprocess.run([flower_executable("flwr"), "supernode", "ls", CONNECTION, "--format", "json"],
-                            env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    result = subprocess.run(
+        [flower_executable("flwr"), "supernode", "ls", CONNECTION, "--format", "json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     return {n["node-id"]: n["status"] for n in json.loads(result.stdout)["nodes"]}
 
 
@@ -80,8 +95,17 @@ def test_a_registered_site_joins_over_tls_and_an_unregistered_one_is_refused(tmp
     superlink = SuperLink(tmp_path / "run", port=free_port(), certs=tmp_path / "certs", site_auth=True).start()
     nodes = []
     try:
-        result = cmdfed("server", "register-site", str(tmp_path / "a-key.pub"), "--name", "site-a",
-                        "--superlink", superlink.address, "--ca", str(ca))  # fmt: skip
+        result = cmdfed(
+            "server",
+            "register-site",
+            str(tmp_path / "a-key.pub"),
+            "--name",
+            "site-a",
+            "--superlink",
+            superlink.address,
+            "--ca",
+            str(ca),
+        )
         assert result.returncode == 0, result.stdout + result.stderr
         registered = supernode_ids(superlink, ca, tmp_path)
         assert len(registered) == 1
@@ -96,7 +120,9 @@ def test_a_registered_site_joins_over_tls_and_an_unregistered_one_is_refused(tmp
             assert "Failed to activate SuperNode" in str(exc) and "cmdfed server register-site" in str(exc)
         deadline = time.monotonic() + 90
         while nodes[1].process.poll() is None or set(supernode_ids(superlink, ca, tmp_path).values()) != {"online"}:
-            assert time.monotonic() < deadline, "the registered site did not come online or the stranger was not refused"
+            assert time.monotonic() < deadline, (
+                "the registered site did not come online or the stranger was not refused"
+            )
             time.sleep(1.0)
         assert nodes[0].process.poll() is None  # the registered site stays connected
         assert nodes[1].process.returncode != 0 and "Failed to activate SuperNode" in nodes[1].log_path.read_text()

@@ -14,7 +14,9 @@ from cmdfed.federation.wire import WEIGHTS_KEY
 from server.strategies import build_strategy, restore_strategy_state, set_updates_averaged, strategy_state
 
 
-@pytest.mark.parametrize("name, kind", [("fedavg", FedAvg), ("fedprox", FedProx), ("fedadam", FedAdam), ("fedyogi", FedYogi)])
+@pytest.mark.parametrize(
+    "name, kind", [("fedavg", FedAvg), ("fedprox", FedProx), ("fedadam", FedAdam), ("fedyogi", FedYogi)]
+)
 def test_the_run_config_chooses_the_strategy(name, kind):
     strategy = build_strategy(FederationConfig(strategy=name, min_sites=3, fraction_sites=0.5), "pretrain")
     assert type(strategy) is kind
@@ -31,8 +33,16 @@ def test_fedadam_moments_survive_a_checkpoint(tmp_path):
     assert strategy_state(strategy) == {}
     strategy.m_t = {WEIGHTS_KEY: np.arange(4, dtype=np.float32)}  # moments of the packed weight vector
     strategy.v_t = {WEIGHTS_KEY: np.ones(4, dtype=np.float32)}
-    save_round(tmp_path, round=1, phase="pretrain", phase_round=1, weights={}, strategy_state=strategy_state(strategy),
-               config={"model": {}}, metrics={})  # fmt: skip
+    save_round(
+        tmp_path,
+        round=1,
+        phase="pretrain",
+        phase_round=1,
+        weights={},
+        strategy_state=strategy_state(strategy),
+        config={"model": {}},
+        metrics={},
+    )
     resumed = build_strategy(config, "pretrain")
     restore_strategy_state(resumed, last_complete_round(tmp_path).strategy_state)
     assert np.array_equal(resumed.m_t[WEIGHTS_KEY], strategy.m_t[WEIGHTS_KEY])
@@ -75,8 +85,12 @@ def test_central_dp_clips_each_site_update_and_noises_the_average(task_identity)
     strategy.current_arrays = ArrayRecord({k: Array(v) for k, v in reference.items()})  # as configure_train records it
 
     def reply(update: float) -> Message:
-        content = RecordDict({"arrays": ArrayRecord({"w": Array(np.full(10_000, update, np.float32))}),
-                              "metrics": MetricRecord({"num-examples": 4})})  # fmt: skip
+        content = RecordDict(
+            {
+                "arrays": ArrayRecord({"w": Array(np.full(10_000, update, np.float32))}),
+                "metrics": MetricRecord({"num-examples": 4}),
+            }
+        )
         return Message(content, dst_node_id=0, message_type=MessageType.TRAIN)
 
     aggregated, _ = strategy.aggregate_train(1, [reply(1.0), reply(1.0)])  # update norms 100, clipped to 1

@@ -39,9 +39,7 @@ def _pg_bin_dir() -> Path | None:
 
 
 def _run(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        cmd, check=False, capture_output=True, text=True, timeout=timeout, cwd="/"
-    )
+    return subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout, cwd="/")
 
 
 @pytest.fixture(scope="session")
@@ -140,9 +138,7 @@ def postgres_url(postgres_server_url):
     try:
         with admin.begin() as conn:
             conn.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
-        url = sa.engine.make_url(postgres_server_url).update_query_dict(
-            {"options": f"-csearch_path={schema}"}
-        )
+        url = sa.engine.make_url(postgres_server_url).update_query_dict({"options": f"-csearch_path={schema}"})
         yield url.render_as_string(hide_password=False)
         with admin.begin() as conn:
             conn.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')

@@ -191,9 +191,7 @@ def test_missing_file(tmp_path):
         TelemetryStore.open(path, create=True, readonly=True)
 
 
-@pytest.mark.parametrize(
-    "content", [os.urandom(4096), b"not a db", b"SQLite format 3\x00" + b"\xff" * 200]
-)
+@pytest.mark.parametrize("content", [os.urandom(4096), b"not a db", b"SQLite format 3\x00" + b"\xff" * 200])
 def test_garbage_file_is_refused_and_left_alone(tmp_path, content):
     path = tmp_path / "telemetry.db"
     path.write_bytes(content)

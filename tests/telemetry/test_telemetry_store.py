@@ -249,9 +249,7 @@ def test_repeated_writes_are_upserts(store_url):
                     max_grad_norm=1.0,
                     budget_epsilon=None,
                 )
-            store.record_model_version(
-                "v3", run_id="r", round=3, metrics={"try": attempt}, checkpoint_sha256="00"
-            )
+            store.record_model_version("v3", run_id="r", round=3, metrics={"try": attempt}, checkpoint_sha256="00")
             store.record_bundle("v3", sha256="ff", signed=bool(attempt), path="b")
         # the same round number in another phase is another round
         store.record_round(
@@ -324,23 +322,51 @@ def test_heartbeats_latest_per_workstation_and_filters(store_url):
 
 def test_relayed_reports_keep_the_time_they_were_taken(store_url):
     with TelemetryStore.open(store_url, create=True) as store:
-        store.heartbeat("ws-1", backend="tensorrt", gpu="L4", model_version="v1", tiles_per_s=None,
-                        p50_ms=None, p95_ms=None, at=1_700_000_000.0)  # fmt: skip
-        store.record_inference("ws-1", model_version="v1", slide_name="a.svs", n_cells=1, counts_by_type={},
-                               area_mm2=None, duration_s=None, backend=None, at=datetime(2024, 1, 2, tzinfo=UTC))  # fmt: skip
+        store.heartbeat(
+            "ws-1",
+            backend="tensorrt",
+            gpu="L4",
+            model_version="v1",
+            tiles_per_s=None,
+            p50_ms=None,
+            p95_ms=None,
+            at=1_700_000_000.0,
+        )
+        store.record_inference(
+            "ws-1",
+            model_version="v1",
+            slide_name="a.svs",
+            n_cells=1,
+            counts_by_type={},
+            area_mm2=None,
+            duration_s=None,
+            backend=None,
+            at=datetime(2024, 1, 2, tzinfo=UTC),
+        )
         assert [h["at"] for h in store.heartbeats()] == [1_700_000_000.0]
         assert [e["at"] for e in store.inference_events()] == [datetime(2024, 1, 2, tzinfo=UTC).timestamp()]
 
 
 def test_a_batch_records_all_of_its_writes_or_none(store_url):
     def beat(store: TelemetryStore, ws: str) -> None:
-        store.heartbeat(ws, backend="tensorrt", gpu=None, model_version=None, tiles_per_s=None, p50_ms=None, p95_ms=None)
+        store.heartbeat(
+            ws, backend="tensorrt", gpu=None, model_version=None, tiles_per_s=None, p50_ms=None, p95_ms=None
+        )
 
     with TelemetryStore.open(store_url, create=True) as store:
         with pytest.raises(ValueError, match="naive datetime"), store.batch():
             beat(store, "ws-1")
-            store.record_inference("ws-1", model_version=None, slide_name="a.svs", n_cells=None, counts_by_type={},
-                                   area_mm2=None, duration_s=None, backend=None, at=datetime(2024, 1, 2))  # fmt: skip
+            store.record_inference(
+                "ws-1",
+                model_version=None,
+                slide_name="a.svs",
+                n_cells=None,
+                counts_by_type={},
+                area_mm2=None,
+                duration_s=None,
+                backend=None,
+                at=datetime(2024, 1, 2),
+            )
         assert store.heartbeats(latest_only=False) == [] and store.inference_events() == []
         with store.batch():
             beat(store, "ws-1")
@@ -401,9 +427,7 @@ def test_values_are_checked(store_url):
         with pytest.raises(CmdfedError, match="no run 'nope'"):
             store.finish_run("nope", status="failed")
         with pytest.raises(ValueError, match="naive"):
-            store.start_run(
-                "r", name="n", config={}, strategy="s", phases=[], started_at=datetime(2025, 1, 1)
-            )
+            store.start_run("r", name="n", config={}, strategy="s", phases=[], started_at=datetime(2025, 1, 1))
         store.start_run(
             "r",
             name="n",

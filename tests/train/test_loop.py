@@ -27,7 +27,9 @@ def make(seed=0, steps=6, ema=0.0, lr=2e-4):
         loss = ((model(batch["x"]) - batch["y"] - 0.1 * noise) ** 2).mean()
         return loss, {}
 
-    return model, Trainer(model, loss_fn, TrainConfig(steps=steps, seed=seed, warmup_steps=2, ema_decay=ema, lr=lr), CPU)
+    return model, Trainer(
+        model, loss_fn, TrainConfig(steps=steps, seed=seed, warmup_steps=2, ema_decay=ema, lr=lr), CPU
+    )
 
 
 def batches():

@@ -9,8 +9,8 @@ from PIL import Image
 
 from cmdfed.data.store import SiteStore, Tile
 from cmdfed.errors import CmdfedError
-from cmdfed.model.config import ModelConfig
 from cmdfed.model.checkpoint import load_checkpoint, resolve_checkpoint
+from cmdfed.model.config import ModelConfig
 from cmdfed.train.loop import NonFiniteLoss, TrainConfig
 from cmdfed.train.phases import finetune, pretrain
 
@@ -18,7 +18,9 @@ TINY = ModelConfig.from_preset("tiny")
 
 
 def quick(**kw) -> TrainConfig:
-    return TrainConfig(**{"steps": 4, "batch_size": 2, "warmup_steps": 1, "checkpoint_every": 2, "sample_every": 2, **kw})
+    return TrainConfig(
+        **{"steps": 4, "batch_size": 2, "warmup_steps": 1, "checkpoint_every": 2, "sample_every": 2, **kw}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +50,14 @@ def test_interrupted_pretraining_resumes_to_the_same_weights(synthetic_store, tm
             raise Interrupt
 
     with pytest.raises(Interrupt):
-        pretrain([synthetic_store], tmp_path / "run", model_config=TINY, train_config=quick(), device="cpu", progress=stop_at_3)
+        pretrain(
+            [synthetic_store],
+            tmp_path / "run",
+            model_config=TINY,
+            train_config=quick(),
+            device="cpu",
+            progress=stop_at_3,
+        )
     assert resolve_checkpoint(tmp_path / "run").name == "step-000002"
     pretrain([synthetic_store], tmp_path / "run", model_config=TINY, train_config=quick(), device="cpu")
     resumed, straight = load_checkpoint(tmp_path / "run"), load_checkpoint(pretrained[0])
@@ -67,7 +76,9 @@ def test_resume_with_other_settings_is_refused(synthetic_store, pretrained, tmp_
     with pytest.raises(CmdfedError, match="differs in stores"):
         pretrain([synthetic_store, synthetic_store], run, model_config=TINY, train_config=quick(), device="cpu")
     # How many loader workers (or checkpoints kept) does not change what is trained.
-    pretrain([synthetic_store], run, model_config=TINY, train_config=quick(num_workers=1, keep_checkpoints=5), device="cpu")
+    pretrain(
+        [synthetic_store], run, model_config=TINY, train_config=quick(num_workers=1, keep_checkpoints=5), device="cpu"
+    )
 
 
 def test_finetune_resume_is_refused_with_other_labels_or_trainable_groups(synthetic_store, pretrained, tmp_path):
@@ -77,7 +88,9 @@ def test_finetune_resume_is_refused_with_other_labels_or_trainable_groups(synthe
     with pytest.raises(CmdfedError, match="differs in label_fraction"):
         finetune(synthetic_store, run, init=pretrained[0], label_fraction=0.5, train_config=same, device="cpu")
     with pytest.raises(CmdfedError, match="differs in trainable"):
-        finetune(synthetic_store, run, init=pretrained[0], trainable="heads+modulation", train_config=same, device="cpu")
+        finetune(
+            synthetic_store, run, init=pretrained[0], trainable="heads+modulation", train_config=same, device="cpu"
+        )
 
 
 def test_a_resumed_run_logs_each_step_once(synthetic_store, tmp_path):
@@ -91,7 +104,14 @@ def test_a_resumed_run_logs_each_step_once(synthetic_store, tmp_path):
     # Logged every 10 steps, checkpointed every 20: step 30 is logged, then the run resumes from 20.
     config = quick(steps=40, checkpoint_every=20, sample_every=0)
     with pytest.raises(Interrupt):
-        pretrain([synthetic_store], tmp_path / "run", model_config=TINY, train_config=config, device="cpu", progress=stop_at_35)
+        pretrain(
+            [synthetic_store],
+            tmp_path / "run",
+            model_config=TINY,
+            train_config=config,
+            device="cpu",
+            progress=stop_at_35,
+        )
     with open(tmp_path / "run" / "metrics.jsonl", "a") as log:
         log.write('{"step": 3')  # a line a crash cut short
     pretrain([synthetic_store], tmp_path / "run", model_config=TINY, train_config=config, device="cpu")
@@ -109,7 +129,9 @@ def test_exploding_training_stops_and_keeps_the_last_good_checkpoint(synthetic_s
 
 
 def test_finetune_trains_only_heads_over_the_frozen_backbone(synthetic_store, pretrained, tmp_path):
-    result = finetune(synthetic_store, tmp_path / "ft", init=pretrained[0], train_config=quick(sample_every=0), device="cpu")
+    result = finetune(
+        synthetic_store, tmp_path / "ft", init=pretrained[0], train_config=quick(sample_every=0), device="cpu"
+    )
     assert result.trainable_parameters / result.total_parameters < 0.05
     pre, ft = load_checkpoint(pretrained[0]), load_checkpoint(tmp_path / "ft")
     assert ft.config["model"]["n_classes"] == 4 and ft.config["class_names"][1] == "epithelial"
@@ -133,8 +155,16 @@ def test_finetune_starts_from_a_pretraining_saved_before_the_heads_changed(synth
 
 
 def test_finetune_starts_from_the_ema_weights_when_pretraining_kept_them(synthetic_store, tmp_path):
-    pretrain([synthetic_store], tmp_path / "pre", model_config=TINY, train_config=quick(steps=2, ema_decay=0.5), device="cpu")
-    finetune(synthetic_store, tmp_path / "ft", init=tmp_path / "pre", train_config=quick(steps=1, sample_every=0), device="cpu")
+    pretrain(
+        [synthetic_store], tmp_path / "pre", model_config=TINY, train_config=quick(steps=2, ema_decay=0.5), device="cpu"
+    )
+    finetune(
+        synthetic_store,
+        tmp_path / "ft",
+        init=tmp_path / "pre",
+        train_config=quick(steps=1, sample_every=0),
+        device="cpu",
+    )
     pre, ft = load_checkpoint(tmp_path / "pre"), load_checkpoint(tmp_path / "ft")
     backbone = [k for k in pre.ema if not k.startswith("heads.") and pre.ema[k].is_floating_point()]
     assert all(torch.equal(pre.ema[k], ft.weights[k]) for k in backbone)
@@ -143,9 +173,15 @@ def test_finetune_starts_from_the_ema_weights_when_pretraining_kept_them(synthet
 
 def test_label_fraction_and_random_init_baseline(synthetic_store, tmp_path):
     result = finetune(
-        synthetic_store, tmp_path / "ft", init=None, model_config=TINY, trainable="all",
-        label_fraction=0.25, train_config=quick(sample_every=0), device="cpu",
-    )  # fmt: skip
+        synthetic_store,
+        tmp_path / "ft",
+        init=None,
+        model_config=TINY,
+        trainable="all",
+        label_fraction=0.25,
+        train_config=quick(sample_every=0),
+        device="cpu",
+    )
     config = load_checkpoint(tmp_path / "ft").config
     assert config["labelled_tiles"] == 3 and config["trainable"] == "all"
     assert config["mpp"] == 0.5  # the store's resolution: edge export's default --mpp

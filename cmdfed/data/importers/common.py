@@ -68,14 +68,10 @@ def check_grid(tile_size: int, overlap: int) -> None:
     if tile_size <= 0 or tile_size % 32:
         raise CmdfedError(f"tile size must be a positive multiple of 32 (got {tile_size})")
     if not 0 <= overlap < tile_size:
-        raise CmdfedError(
-            f"overlap must be at least 0 and less than the tile size {tile_size} (got {overlap})"
-        )
+        raise CmdfedError(f"overlap must be at least 0 and less than the tile size {tile_size} (got {overlap})")
 
 
-def check_same_shape(
-    image: np.ndarray, labels: np.ndarray, image_file: Path, labels_file: Path
-) -> None:
+def check_same_shape(image: np.ndarray, labels: np.ndarray, image_file: Path, labels_file: Path) -> None:
     if image.shape[:2] != labels.shape[:2]:
         raise CmdfedError(
             f"{labels_file} is {labels.shape[1]}x{labels.shape[0]} px but its image {image_file} "
@@ -89,9 +85,7 @@ def as_label_map(array: np.ndarray, file: Path, what: str) -> np.ndarray:
     if array.ndim != 2:
         raise CmdfedError(f"{file}: {what} must be a 2-D label map, got shape {array.shape}")
     if array.dtype == bool:
-        raise CmdfedError(
-            f"{file}: {what} is a binary mask; it must give every nucleus its own integer id"
-        )
+        raise CmdfedError(f"{file}: {what} is a binary mask; it must give every nucleus its own integer id")
     if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
         raise CmdfedError(f"{file}: {what} must hold integers, got dtype {array.dtype}")
     if array.size == 0:
@@ -122,8 +116,7 @@ def load_mat(path: Path, keys: Sequence[str], dataset: str) -> dict[str, np.ndar
         ) from exc
     except Exception as exc:  # a damaged file surfaces as any of several scipy/zlib/struct errors
         raise CmdfedError(
-            f"{path} is not a readable MATLAB .mat file ({type(exc).__name__}: {exc}); "
-            "re-download it"
+            f"{path} is not a readable MATLAB .mat file ({type(exc).__name__}: {exc}); re-download it"
         ) from exc
     missing = [key for key in keys if key not in content]
     if missing:
@@ -144,8 +137,7 @@ def pair_by_stem(
         for file in sorted(files):
             if file.stem in by_stem[kind]:
                 raise CmdfedError(
-                    f"two {kind} files are named {file.stem}: "
-                    f"{by_stem[kind][file.stem]} and {file}; keep one"
+                    f"two {kind} files are named {file.stem}: {by_stem[kind][file.stem]} and {file}; keep one"
                 )
             by_stem[kind][file.stem] = file
     image_of, label_of = by_stem["image"], by_stem["label"]
@@ -154,15 +146,11 @@ def pair_by_stem(
     unmatched = sorted(set(image_of) ^ set(label_of))
     if unmatched:
         names = ", ".join(
-            f"{image_of[s].name} (no {label_kind})"
-            if s in image_of
-            else f"{label_of[s].name} (no image)"
+            f"{image_of[s].name} (no {label_kind})" if s in image_of else f"{label_of[s].name} (no image)"
             for s in unmatched[:5]
         )
         more = f" and {len(unmatched) - 5} more" if len(unmatched) > 5 else ""
-        raise CmdfedError(
-            f"unpaired files under {source}: {names}{more}; every image needs its {label_kind}"
-        )
+        raise CmdfedError(f"unpaired files under {source}: {names}{more}; every image needs its {label_kind}")
     return [(image_of[stem], label_of[stem]) for stem in sorted(image_of)]
 
 
@@ -268,9 +256,7 @@ def write_store(
         with store.writer() as writer:
             writer.extend(tiles)
         if len(store) == 0:
-            raise CmdfedError(
-                f"no tiles were produced for {store_path}; the source holds no images"
-            )
+            raise CmdfedError(f"no tiles were produced for {store_path}; the source holds no images")
     return store.info()
 
 

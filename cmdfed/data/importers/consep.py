@@ -75,9 +75,7 @@ def find_split_folders(split: Path) -> tuple[Path, Path]:
             if splits
             else "pass a CoNSeP split folder (e.g. CoNSeP/Train) holding Images/ and Labels/"
         )
-        missing = " and ".join(
-            n for n, p in (("Images/", images), ("Labels/", labels)) if p is None
-        )
+        missing = " and ".join(n for n, p in (("Images/", images), ("Labels/", labels)) if p is None)
         raise CmdfedError(f"{split} has no {missing}; {hint}")
     return images, labels
 
@@ -90,8 +88,7 @@ def read_labels(path: Path, merge_classes: bool) -> tuple[np.ndarray, np.ndarray
         raise CmdfedError(f"{path}: inst_map is {instances.shape} but type_map is {types.shape}")
     if types.max() >= len(ORIGINAL_CLASS_NAMES):
         raise CmdfedError(
-            f"{path}: type_map holds class {types.max()}, but CoNSeP classes are 1-7; "
-            "is it a CoNSeP label file?"
+            f"{path}: type_map holds class {types.max()}, but CoNSeP classes are 1-7; is it a CoNSeP label file?"
         )
     types = types.astype(np.uint8)
     return instances, MERGE_LOOKUP[types] if merge_classes else types
@@ -111,9 +108,7 @@ def import_consep(
 
     def plan(split: Path) -> ImportPlan:
         image_dir, label_dir = find_split_folders(split)
-        pairs = pair_by_stem(
-            image_dir.glob("*.png"), label_dir.glob("*.mat"), split, "Labels/*.mat file"
-        )
+        pairs = pair_by_stem(image_dir.glob("*.png"), label_dir.glob("*.mat"), split, "Labels/*.mat file")
         return ImportPlan(
             items=pairs,
             read=lambda pair: read_pair(*pair, merge_classes),
@@ -124,9 +119,15 @@ def import_consep(
         )
 
     return run_import(
-        source_path, store_path, plan, what="CoNSeP split folder (e.g. CoNSeP/Train)",
-        tile_size=tile_size, overlap=overlap, overwrite=overwrite, progress=progress,
-    )  # fmt: skip
+        source_path,
+        store_path,
+        plan,
+        what="CoNSeP split folder (e.g. CoNSeP/Train)",
+        tile_size=tile_size,
+        overlap=overlap,
+        overwrite=overwrite,
+        progress=progress,
+    )
 
 
 def read_pair(image_file: Path, label_file: Path, merge_classes: bool) -> SourceImage:

@@ -60,7 +60,7 @@ def find_samples(folder: Path, inst_suffix: str, types_suffix: str) -> list[Samp
     files: dict[str, dict[str, Path]] = {"image": {}, "instances": {}, "types": {}}
     for path in sorted(p for p in folder.iterdir() if p.is_file()):
         suffix, stem = path.suffix.lower(), path.stem
-        is_mask = stem.endswith(inst_suffix) or stem.endswith(types_suffix)
+        is_mask = stem.endswith((inst_suffix, types_suffix))
         if is_mask and suffix in IMAGE_SUFFIXES and suffix not in MASK_SUFFIXES:
             raise CmdfedError(
                 f"{path.name} is named as a mask but is {suffix[1:].upper()}, which is lossy: its nucleus ids "
@@ -75,33 +75,21 @@ def find_samples(folder: Path, inst_suffix: str, types_suffix: str) -> list[Samp
         else:
             continue
         if name in files[kind]:
-            raise CmdfedError(
-                f"{files[kind][name]} and {path} are both the {kind} of {name!r}; keep one"
-            )
+            raise CmdfedError(f"{files[kind][name]} and {path} are both the {kind} of {name!r}; keep one")
         files[kind][name] = path
     images = files["image"]
     if not images:
-        raise CmdfedError(
-            f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}; is it the right folder?"
-        )
-    orphans = sorted(
-        p.name for kind in ("instances", "types") for n, p in files[kind].items() if n not in images
-    )
+        raise CmdfedError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}; is it the right folder?")
+    orphans = sorted(p.name for kind in ("instances", "types") for n, p in files[kind].items() if n not in images)
     if orphans:
-        raise CmdfedError(
-            f"masks without an image in {folder}: {_listing(orphans)}; rename or remove them"
-        )
-    untyped_masks = sorted(
-        files["types"][n].name for n in files["types"] if n not in files["instances"]
-    )
+        raise CmdfedError(f"masks without an image in {folder}: {_listing(orphans)}; rename or remove them")
+    untyped_masks = sorted(files["types"][n].name for n in files["types"] if n not in files["instances"])
     if untyped_masks:
         raise CmdfedError(
             f"type maps without an instance mask in {folder}: {_listing(untyped_masks)}; "
             f"add the NAME{inst_suffix} files"
         )
-    return [
-        Sample(images[n], files["instances"].get(n), files["types"].get(n)) for n in sorted(images)
-    ]
+    return [Sample(images[n], files["instances"].get(n), files["types"].get(n)) for n in sorted(images)]
 
 
 def _check_labelling(
@@ -124,15 +112,11 @@ def _check_labelling(
         )
 
 
-def read_sample(
-    sample: Sample, n_classes: int
-) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+def read_sample(sample: Sample, n_classes: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     image = read_rgb(sample.image)
     instances = types = None
     if sample.instances is not None:
-        instances = as_label_map(
-            read_image_file(sample.instances, labels=True), sample.instances, "instance mask"
-        )
+        instances = as_label_map(read_image_file(sample.instances, labels=True), sample.instances, "instance mask")
         check_same_shape(image, instances, sample.image, sample.instances)
     if sample.types is not None:
         types = as_label_map(read_image_file(sample.types, labels=True), sample.types, "type map")
@@ -162,10 +146,7 @@ def import_folder(
 ) -> StoreInfo:
     """Import a folder of images with NAME_inst (and NAME_types) masks; see the module docstring."""
     if not inst_suffix or not types_suffix or inst_suffix == types_suffix:
-        raise CmdfedError(
-            "mask suffixes must be non-empty and different "
-            f"(got {inst_suffix!r} and {types_suffix!r})"
-        )
+        raise CmdfedError(f"mask suffixes must be non-empty and different (got {inst_suffix!r} and {types_suffix!r})")
 
     def plan(folder: Path) -> ImportPlan:
         samples = find_samples(folder, inst_suffix, types_suffix)
@@ -177,9 +158,7 @@ def import_folder(
                 "to say what each class number means"
             )
         if class_names is not None and not has_types:
-            raise CmdfedError(
-                f"class_names were given but {folder} has no type maps (NAME{types_suffix})"
-            )
+            raise CmdfedError(f"class_names were given but {folder} has no type maps (NAME{types_suffix})")
         names = list(class_names) if class_names is not None else list(DEFAULT_CLASS_NAMES)
         if mpp is not None and not mpp > 0:
             raise CmdfedError(f"mpp must be positive (got {mpp})")
@@ -190,11 +169,21 @@ def import_folder(
             return SourceImage(image, instances, types, sample.image.stem, tissue, store_mpp)
 
         return ImportPlan(
-            items=samples, read=read, source=folder.name,
-            class_names=names, has_types=has_types, mpp=store_mpp,
-        )  # fmt: skip
+            items=samples,
+            read=read,
+            source=folder.name,
+            class_names=names,
+            has_types=has_types,
+            mpp=store_mpp,
+        )
 
     return run_import(
-        source_path, store_path, plan, what="folder of images and their masks",
-        tile_size=tile_size, overlap=overlap, overwrite=overwrite, progress=progress,
-    )  # fmt: skip
+        source_path,
+        store_path,
+        plan,
+        what="folder of images and their masks",
+        tile_size=tile_size,
+        overlap=overlap,
+        overwrite=overwrite,
+        progress=progress,
+    )

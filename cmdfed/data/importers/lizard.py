@@ -58,9 +58,7 @@ TISSUE = "Colon"
 def _under_folder_named(root: Path, pattern: str, word: str) -> list[Path]:
     """Files matching ``pattern`` below ``root`` inside a folder whose name contains ``word``."""
     return [
-        path
-        for path in root.rglob(pattern)
-        if any(word in part.lower() for part in path.relative_to(root).parts[:-1])
+        path for path in root.rglob(pattern) if any(word in part.lower() for part in path.relative_to(root).parts[:-1])
     ]
 
 
@@ -70,13 +68,9 @@ def read_labels(path: Path) -> tuple[np.ndarray, np.ndarray]:
     nucleus_ids = np.asarray(content["id"]).reshape(-1).astype(np.int64)
     classes = np.asarray(content["class"]).reshape(-1).astype(np.int64)
     if nucleus_ids.size != classes.size:
-        raise CmdfedError(
-            f"{path}: 'id' lists {nucleus_ids.size} nuclei but 'class' {classes.size}"
-        )
+        raise CmdfedError(f"{path}: 'id' lists {nucleus_ids.size} nuclei but 'class' {classes.size}")
     if classes.size and (classes.min() < 1 or classes.max() >= len(CLASS_NAMES)):
-        raise CmdfedError(
-            f"{path}: 'class' holds {classes.min()}..{classes.max()}; Lizard classes are 1-6"
-        )
+        raise CmdfedError(f"{path}: 'class' holds {classes.min()}..{classes.max()}; Lizard classes are 1-6")
     in_map = np.unique(instances[instances > 0])
     unclassified = np.setdiff1d(in_map, nucleus_ids)
     if unclassified.size:
@@ -111,14 +105,24 @@ def import_lizard(
             "label .mat file",
         )
         return ImportPlan(
-            items=pairs, read=lambda pair: read_pair(*pair), source="lizard",
-            class_names=CLASS_NAMES, has_types=True, mpp=MPP,
-        )  # fmt: skip
+            items=pairs,
+            read=lambda pair: read_pair(*pair),
+            source="lizard",
+            class_names=CLASS_NAMES,
+            has_types=True,
+            mpp=MPP,
+        )
 
     return run_import(
-        source_path, store_path, plan, what="Lizard folder holding the image and label folders",
-        tile_size=tile_size, overlap=overlap, overwrite=overwrite, progress=progress,
-    )  # fmt: skip
+        source_path,
+        store_path,
+        plan,
+        what="Lizard folder holding the image and label folders",
+        tile_size=tile_size,
+        overlap=overlap,
+        overwrite=overwrite,
+        progress=progress,
+    )
 
 
 def read_pair(image_file: Path, label_file: Path) -> SourceImage:

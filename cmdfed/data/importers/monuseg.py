@@ -49,24 +49,15 @@ def read_annotation(path: Path) -> tuple[list[np.ndarray], float | None]:
     try:
         root = ElementTree.parse(path).getroot()
     except (ElementTree.ParseError, OSError) as exc:
-        raise CmdfedError(
-            f"{path} is not a readable XML file ({exc}); re-download the annotations"
-        ) from exc
+        raise CmdfedError(f"{path} is not a readable XML file ({exc}); re-download the annotations") from exc
     if root.tag != "Annotations":
-        raise CmdfedError(
-            f"{path} has root <{root.tag}>, not <Annotations>; is it an Aperio ImageScope XML file?"
-        )
+        raise CmdfedError(f"{path} has root <{root.tag}>, not <Annotations>; is it an Aperio ImageScope XML file?")
     polygons = []
     for number, region in enumerate(root.iterfind("Annotation/Regions/Region"), start=1):
         try:
-            vertices = [
-                (float(v.attrib["X"]), float(v.attrib["Y"]))
-                for v in region.iterfind("Vertices/Vertex")
-            ]
+            vertices = [(float(v.attrib["X"]), float(v.attrib["Y"])) for v in region.iterfind("Vertices/Vertex")]
         except (KeyError, ValueError) as exc:
-            raise CmdfedError(
-                f"{path}: region {number} has a vertex without numeric X and Y ({exc})"
-            ) from exc
+            raise CmdfedError(f"{path}: region {number} has a vertex without numeric X and Y ({exc})") from exc
         if len(vertices) >= 3:
             polygons.append(np.array(vertices))
     mpp_text = root.get("MicronsPerPixel")
@@ -77,9 +68,7 @@ def read_annotation(path: Path) -> tuple[list[np.ndarray], float | None]:
     return polygons, mpp if mpp and mpp > 0 else None
 
 
-def check_polygons_fit(
-    polygons: list[np.ndarray], shape: tuple[int, int], xml_file: Path, image_file: Path
-) -> None:
+def check_polygons_fit(polygons: list[np.ndarray], shape: tuple[int, int], xml_file: Path, image_file: Path) -> None:
     """Every polygon must touch the image; one wholly outside means the files are mispaired.
 
     Nuclei at the border may have vertices a little outside, so only whole polygons count.
@@ -120,14 +109,24 @@ def import_monuseg(
         images = [p for p in root.rglob("*") if p.suffix.lower() in (".tif", ".tiff")]
         pairs = pair_by_stem(images, root.rglob("*.xml"), root, "annotation .xml file")
         return ImportPlan(
-            items=pairs, read=lambda pair: read_pair(*pair, mpp), source="monuseg",
-            class_names=CLASS_NAMES, has_types=False, mpp=mpp,
-        )  # fmt: skip
+            items=pairs,
+            read=lambda pair: read_pair(*pair, mpp),
+            source="monuseg",
+            class_names=CLASS_NAMES,
+            has_types=False,
+            mpp=mpp,
+        )
 
     return run_import(
-        source_path, store_path, plan, what="MoNuSeg folder holding the .tif images and .xml annotations",
-        tile_size=tile_size, overlap=overlap, overwrite=overwrite, progress=progress,
-    )  # fmt: skip
+        source_path,
+        store_path,
+        plan,
+        what="MoNuSeg folder holding the .tif images and .xml annotations",
+        tile_size=tile_size,
+        overlap=overlap,
+        overwrite=overwrite,
+        progress=progress,
+    )
 
 
 def read_pair(image_file: Path, xml_file: Path, default_mpp: float) -> SourceImage:

@@ -66,10 +66,7 @@ def find_fold_file(fold: Path, name: str) -> Path:
 def load_array(path: Path, *, mmap: bool) -> np.ndarray:
     with open(path, "rb") as file:
         if file.read(len(NPY_MAGIC)) != NPY_MAGIC:
-            raise CmdfedError(
-                f"{path} is not a NumPy .npy file (no .npy header); "
-                "pass a PanNuke fold as downloaded"
-            )
+            raise CmdfedError(f"{path} is not a NumPy .npy file (no .npy header); pass a PanNuke fold as downloaded")
     try:
         return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
@@ -78,9 +75,7 @@ def load_array(path: Path, *, mmap: bool) -> np.ndarray:
         ) from exc
 
 
-def combine_class_channels(
-    mask: np.ndarray, file: Path, index: int
-) -> tuple[np.ndarray, np.ndarray]:
+def combine_class_channels(mask: np.ndarray, file: Path, index: int) -> tuple[np.ndarray, np.ndarray]:
     """One instance map with unique ids and one type map from PanNuke's per-class channels."""
     instances = np.zeros(mask.shape[:2], np.int32)
     types = np.zeros(mask.shape[:2], np.uint8)
@@ -97,17 +92,11 @@ def combine_class_channels(
     return instances, types
 
 
-def _check_arrays(
-    images: np.ndarray, masks: np.ndarray, tissues: np.ndarray, files: dict[str, Path]
-) -> None:
+def _check_arrays(images: np.ndarray, masks: np.ndarray, tissues: np.ndarray, files: dict[str, Path]) -> None:
     if images.ndim != 4 or images.shape[-1] != 3:
-        raise CmdfedError(
-            f"{files['images']} has shape {images.shape}; PanNuke images are (N, 256, 256, 3)"
-        )
+        raise CmdfedError(f"{files['images']} has shape {images.shape}; PanNuke images are (N, 256, 256, 3)")
     if masks.ndim != 4 or masks.shape[-1] != MASK_CHANNELS:
-        raise CmdfedError(
-            f"{files['masks']} has shape {masks.shape}; PanNuke masks are (N, 256, 256, 6)"
-        )
+        raise CmdfedError(f"{files['masks']} has shape {masks.shape}; PanNuke masks are (N, 256, 256, 6)")
     if masks.shape[:3] != images.shape[:3]:
         raise CmdfedError(
             f"{files['masks']} has shape {masks.shape} but {files['images']} has {images.shape}; "
@@ -144,11 +133,22 @@ def import_pannuke(
             return SourceImage(image, instances, types, f"{fold.name}/{index}", str(tissues[index]), MPP)
 
         return ImportPlan(
-            items=range(images.shape[0]), read=read, source="pannuke",
-            class_names=CLASS_NAMES, has_types=True, mpp=MPP, unit="patches",
-        )  # fmt: skip
+            items=range(images.shape[0]),
+            read=read,
+            source="pannuke",
+            class_names=CLASS_NAMES,
+            has_types=True,
+            mpp=MPP,
+            unit="patches",
+        )
 
     return run_import(
-        source_path, store_path, plan, what="PanNuke fold folder (e.g. 'Fold 1')",
-        tile_size=tile_size, overlap=overlap, overwrite=overwrite, progress=progress,
-    )  # fmt: skip
+        source_path,
+        store_path,
+        plan,
+        what="PanNuke fold folder (e.g. 'Fold 1')",
+        tile_size=tile_size,
+        overlap=overlap,
+        overwrite=overwrite,
+        progress=progress,
+    )

@@ -167,16 +167,21 @@ class _Ingest:
         self.stopping = False
         self._threads = anyio.CapacityLimiter(workers)
         self.app = Starlette(
-            routes=[Route(HEALTH_PATH, self.health, methods=["GET"]), Route(REPORTS_PATH, self.reports, methods=["POST"])],
+            routes=[
+                Route(HEALTH_PATH, self.health, methods=["GET"]),
+                Route(REPORTS_PATH, self.reports, methods=["POST"]),
+            ],
             exception_handlers={404: self.not_here, 405: self.not_here},
-        )  # fmt: skip
+        )
 
     async def health(self, request: Request) -> JSONResponse:
         return _answer(HTTPStatus.OK, {"status": "serving", "schema": SCHEMA})
 
     async def not_here(self, request: Request, exc: Exception) -> JSONResponse:
         status = getattr(exc, "status_code", HTTPStatus.NOT_FOUND)
-        return _answer(status, {"error": f"no {request.method} {request.url.path} here: POST reports to {REPORTS_PATH}"})
+        return _answer(
+            status, {"error": f"no {request.method} {request.url.path} here: POST reports to {REPORTS_PATH}"}
+        )
 
     async def reports(self, request: Request) -> JSONResponse:
         client = request.client.host if request.client else "?"
@@ -189,12 +194,16 @@ class _Ingest:
             return _answer(HTTPStatus.BAD_REQUEST, {"error": "incomplete body"})
         except Exception:  # a bug or a store error of a kind not foreseen: the workstation tries again
             log.exception("could not handle reports from %s", client)
-            return _answer(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "the telemetry server failed; send the reports again later"})
+            return _answer(
+                HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "the telemetry server failed; send the reports again later"}
+            )
         return _answer(HTTPStatus.OK, {"recorded": recorded, "workstation": workstation})
 
     async def _record(self, request: Request, client: str) -> tuple[str, int]:
         if self.stopping:
-            raise _Refused(HTTPStatus.SERVICE_UNAVAILABLE, "the telemetry server is stopping; send the reports again later")
+            raise _Refused(
+                HTTPStatus.SERVICE_UNAVAILABLE, "the telemetry server is stopping; send the reports again later"
+            )
         if "chunked" in request.headers.get("transfer-encoding", "").lower():
             raise _Refused(HTTPStatus.LENGTH_REQUIRED, "send the body with a Content-Length, not chunked")
         try:
@@ -208,12 +217,15 @@ class _Ingest:
             await self._discard(request, length)
             raise _Refused(
                 HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                f"the body has {length} bytes, more than the {MAX_BODY_BYTES} this server accepts; send fewer reports at once",
+                f"the body has {length} bytes, more than the {MAX_BODY_BYTES} this server accepts; send fewer reports "
+                "at once",
             )
         body = await self._body(request, length)
         content_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
         if content_type != "application/json":
-            raise _Refused(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, f"the body must be application/json, not {content_type or 'untyped'}")
+            raise _Refused(
+                HTTPStatus.UNSUPPORTED_MEDIA_TYPE, f"the body must be application/json, not {content_type or 'untyped'}"
+            )
         try:
             writes = store_calls(json.loads(body.decode("utf-8"), parse_constant=_no_constants))
         except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
@@ -224,8 +236,11 @@ class _Ingest:
             await anyio.to_thread.run_sync(self._write, workstation, writes, limiter=self._threads)
         except CmdfedError as exc:
             log.error("could not record %d reports from %s: %s", len(writes), workstation, exc)
-            raise _Refused(HTTPStatus.SERVICE_UNAVAILABLE, "the telemetry store cannot record reports now; send them again later",
-                           {"Retry-After": "10"}) from None  # fmt: skip
+            raise _Refused(
+                HTTPStatus.SERVICE_UNAVAILABLE,
+                "the telemetry store cannot record reports now; send them again later",
+                {"Retry-After": "10"},
+            ) from None
         log.debug("recorded %d reports from %s", len(writes), workstation)
         return workstation, len(writes)
 
@@ -237,12 +252,17 @@ class _Ingest:
     async def _authenticate(self, request: Request, client: str, length: int) -> str:
         token = bearer_token(request.headers.get("authorization"))
         try:
-            workstation = (await anyio.to_thread.run_sync(self.tokens.workstation_for, token, limiter=self._threads)
-                           if token else None)  # fmt: skip
+            workstation = (
+                await anyio.to_thread.run_sync(self.tokens.workstation_for, token, limiter=self._threads)
+                if token
+                else None
+            )
         except CmdfedError as exc:  # a damaged tokens file: accept nobody until it is fixed
             log.error("refusing reports: %s", exc)
             await self._discard(request, length)
-            raise _Refused(HTTPStatus.SERVICE_UNAVAILABLE, "the telemetry server cannot read its workstation tokens now") from None
+            raise _Refused(
+                HTTPStatus.SERVICE_UNAVAILABLE, "the telemetry server cannot read its workstation tokens now"
+            ) from None
         if workstation is None:
             log.warning("refused reports from %s: %s token", client, "unknown" if token else "no")
             await self._discard(request, length)
@@ -258,8 +278,10 @@ class _Ingest:
         """The whole body, within body_timeout_s."""
         try:
             body = await asyncio.wait_for(request.body(), self.body_timeout_s)
-        except asyncio.TimeoutError:
-            raise _Refused(HTTPStatus.REQUEST_TIMEOUT, f"the body did not arrive within {self.body_timeout_s:g} s") from None
+        except TimeoutError:
+            raise _Refused(
+                HTTPStatus.REQUEST_TIMEOUT, f"the body did not arrive within {self.body_timeout_s:g} s"
+            ) from None
         if len(body) != length:
             raise ClientDisconnect()
         return body
@@ -276,7 +298,7 @@ class _Ingest:
 
         try:
             await asyncio.wait_for(drain(), self.body_timeout_s)
-        except (asyncio.TimeoutError, ClientDisconnect):
+        except (TimeoutError, ClientDisconnect):
             pass
 
 
@@ -294,10 +316,17 @@ class _Protocol(H11Protocol):
         self._refused = False
         super().connection_made(transport)
         if len(self.connections) > self.max_connections:
-            log.warning("refused a connection from %s: %d connections are open", (self.client or ("?",))[0],
-                        len(self.connections) - 1)  # fmt: skip
-            body = json.dumps({"error": f"the telemetry server has {self.max_connections} connections open; "
-                                        "send the reports again later"}).encode()  # fmt: skip
+            log.warning(
+                "refused a connection from %s: %d connections are open",
+                (self.client or ("?",))[0],
+                len(self.connections) - 1,
+            )
+            body = json.dumps(
+                {
+                    "error": f"the telemetry server has {self.max_connections} connections open; "
+                    "send the reports again later"
+                }
+            ).encode()
             transport.write(
                 b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 10\r\n"
                 b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
@@ -337,8 +366,11 @@ class _Protocol(H11Protocol):
     def _headers_too_slow(self) -> None:
         self._header_timer = None
         if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
-            log.info("closed a connection from %s: no request headers within %gs", (self.client or ("?",))[0],
-                     self.header_timeout_s)  # fmt: skip
+            log.info(
+                "closed a connection from %s: no request headers within %gs",
+                (self.client or ("?",))[0],
+                self.header_timeout_s,
+            )
             self.transport.close()
 
 
@@ -381,12 +413,22 @@ class IngestServer:
             raise CmdfedError(f"cannot listen on {address} ({exc.strerror or exc}); choose another --listen") from exc
         self.port = self._socket.getsockname()[1]
         self._ingest = _Ingest(self.store, self.tokens, body_timeout_s=body_timeout_s, workers=workers)
-        protocol = type("_ConfiguredProtocol", (_Protocol,), {"header_timeout_s": header_timeout_s,
-                                                              "max_connections": max_connections})  # fmt: skip
+        protocol = type(
+            "_ConfiguredProtocol",
+            (_Protocol,),
+            {"header_timeout_s": header_timeout_s, "max_connections": max_connections},
+        )
         config = uvicorn.Config(
-            self._ingest.app, http=protocol, ws="none", lifespan="off", access_log=False, log_config=None,
-            server_header=False, proxy_headers=False, timeout_keep_alive=int(max(1, header_timeout_s)),
-        )  # fmt: skip
+            self._ingest.app,
+            http=protocol,
+            ws="none",
+            lifespan="off",
+            access_log=False,
+            log_config=None,
+            server_header=False,
+            proxy_headers=False,
+            timeout_keep_alive=int(max(1, header_timeout_s)),
+        )
         config.load()
         config.ssl = context  # ours: the federation certificates, TLS 1.2 at least
         self._uvicorn = uvicorn.Server(config)
@@ -410,7 +452,7 @@ class IngestServer:
     def stop(self, grace: float = GRACE_S) -> None:
         """Stop accepting, let requests under way finish within ``grace`` seconds, close the store."""
         self._ingest.stopping = True
-        self._uvicorn.config.timeout_graceful_shutdown = max(int(math.ceil(grace)), 1)
+        self._uvicorn.config.timeout_graceful_shutdown = max(math.ceil(grace), 1)
         self._uvicorn.should_exit = True
         if self._thread.is_alive():
             self._thread.join(grace + 2)

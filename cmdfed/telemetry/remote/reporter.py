@@ -36,8 +36,9 @@ from collections import deque
 from pathlib import Path
 
 import cmdfed
-from cmdfed.errors import CmdfedError
 from cmdfed.addresses import LOOPBACK, split_address
+from cmdfed.errors import CmdfedError
+from cmdfed.redaction import file_name_only
 from cmdfed.telemetry.remote.tokens import read_token_file
 from cmdfed.telemetry.remote.transport import (
     MAX_BODY_BYTES,
@@ -50,7 +51,6 @@ from cmdfed.telemetry.remote.transport import (
     require_tls_off_loopback,
     url_host,
 )
-from cmdfed.redaction import file_name_only
 from cmdfed.telemetry.store import scrub_paths
 
 log = logging.getLogger("cmdfed.telemetry")
@@ -115,12 +115,14 @@ class RemoteReporter:
         self._thread.start()
 
     @classmethod
-    def from_files(cls, address: str, token_file: str | Path, ca_file: str | Path | None = None, *,
-                   insecure: bool = False) -> RemoteReporter:  # fmt: skip
+    def from_files(
+        cls, address: str, token_file: str | Path, ca_file: str | Path | None = None, *, insecure: bool = False
+    ) -> RemoteReporter:
         """The reporter `cmdfed edge serve --report-to ADDR --report-token FILE [--report-ca CA]` makes."""
         host, _ = split_address(address)
-        require_tls_off_loopback(host, tls=ca_file is not None, insecure=insecure, what="telemetry server",
-                                 insecure_flag="--report-insecure")  # fmt: skip
+        require_tls_off_loopback(
+            host, tls=ca_file is not None, insecure=insecure, what="telemetry server", insecure_flag="--report-insecure"
+        )
         token = read_token_file(token_file)
         ca = None
         if ca_file is not None:
@@ -132,7 +134,9 @@ class RemoteReporter:
                     "the server's `cmdfed certs init`"
                 ) from exc
             if b"BEGIN CERTIFICATE" not in ca:
-                raise CmdfedError(f"{ca_file} is not a PEM certificate; give the ca.crt of the server's `cmdfed certs init`")
+                raise CmdfedError(
+                    f"{ca_file} is not a PEM certificate; give the ca.crt of the server's `cmdfed certs init`"
+                )
         return cls(address, token, ca=ca)
 
     # -- what the workstation calls
@@ -160,20 +164,27 @@ class RemoteReporter:
         self._thread.join()
         lost = self.pending
         if lost:
-            log.warning("%d telemetry reports could not be sent to %s before stopping; they are lost", lost, self.address)
+            log.warning(
+                "%d telemetry reports could not be sent to %s before stopping; they are lost", lost, self.address
+            )
 
     # -- the sender thread
 
     def _put(self, report: bytes) -> None:
         if len(report) > MAX_REPORT_BYTES:
-            log.error("a telemetry report of %d bytes is more than the %d sent; it is dropped", len(report), MAX_REPORT_BYTES)
+            log.error(
+                "a telemetry report of %d bytes is more than the %d sent; it is dropped", len(report), MAX_REPORT_BYTES
+            )
             return
         with self._cond:
             if len(self._queue) >= self.capacity:
                 self._queue.popleft()
                 if not self._warned_full:
-                    log.warning("telemetry queue full (%d reports): dropping the oldest until %s can be reached",
-                                self.capacity, self.address)  # fmt: skip
+                    log.warning(
+                        "telemetry queue full (%d reports): dropping the oldest until %s can be reached",
+                        self.capacity,
+                        self.address,
+                    )
                     self._warned_full = True
             self._queue.append((self._next_number, report))
             self._next_number += 1
@@ -205,20 +216,33 @@ class RemoteReporter:
             outcome, detail = self._post([report for _, report in batch], timeout)
             if outcome == _RETRY:
                 if not failing:
-                    log.warning("cannot send telemetry to %s (%s); keeping up to %d reports and retrying",
-                                self.address, detail, self.capacity)  # fmt: skip
+                    log.warning(
+                        "cannot send telemetry to %s (%s); keeping up to %d reports and retrying",
+                        self.address,
+                        detail,
+                        self.capacity,
+                    )
                     failing = True
                 self._pause(delay)
                 delay = min(2 * delay, self.retry_max_s)
                 continue
             if outcome == _SPLIT:
                 self._batch_limit = max(1, len(batch) // 2)
-                log.warning("telemetry server %s found %d reports too many at once (%s); sending at most %d",
-                            self.address, len(batch), detail, self._batch_limit)  # fmt: skip
+                log.warning(
+                    "telemetry server %s found %d reports too many at once (%s); sending at most %d",
+                    self.address,
+                    len(batch),
+                    detail,
+                    self._batch_limit,
+                )
                 continue
             if outcome == _DROP:
-                log.error("telemetry server %s refused %d reports as invalid (%s); they are dropped",
-                          self.address, len(batch), detail)  # fmt: skip
+                log.error(
+                    "telemetry server %s refused %d reports as invalid (%s); they are dropped",
+                    self.address,
+                    len(batch),
+                    detail,
+                )
             elif failing:
                 log.info("telemetry server %s reachable again", self.address)
             failing, delay = False, RETRY_INITIAL_S
@@ -268,7 +292,9 @@ def _client_context(ca: bytes) -> ssl.SSLContext:
     try:
         context = ssl.create_default_context(cadata=ca.decode("ascii"))
     except (ssl.SSLError, ValueError) as exc:
-        raise CmdfedError(f"the federation CA certificate is not usable ({exc}); give the ca.crt of the server's `cmdfed certs init`") from exc
+        raise CmdfedError(
+            f"the federation CA certificate is not usable ({exc}); give the ca.crt of the server's `cmdfed certs init`"
+        ) from exc
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     return context
 

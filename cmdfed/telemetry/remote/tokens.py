@@ -20,8 +20,8 @@ import os
 import re
 import secrets
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from cmdfed.atomic import atomic_path, write_json_atomic
 from cmdfed.errors import CmdfedError
@@ -86,7 +86,7 @@ class WorkstationTokens:
         token = secrets.token_urlsafe(TOKEN_BYTES)
         if deliver is not None:
             deliver(token)
-        added_at = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        added_at = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
         workstations[name] = {"sha256": token_sha256(token), "added_at": added_at}
         try:
             self._write(workstations)
@@ -136,7 +136,9 @@ def write_token_file(path: str | Path, token: str) -> None:
             os.chmod(tmp, 0o600)  # before writing: the token is a credential even for a moment
             tmp.write_text(token + "\n")
     except OSError as exc:
-        raise CmdfedError(f"cannot write the token file {path} ({exc.strerror or exc}); choose another --token-out") from exc
+        raise CmdfedError(
+            f"cannot write the token file {path} ({exc.strerror or exc}); choose another --token-out"
+        ) from exc
 
 
 def read_token_file(path: str | Path) -> str:
@@ -149,5 +151,7 @@ def read_token_file(path: str | Path) -> str:
             "`cmdfed server telemetry add-workstation NAME --token-out FILE`"
         ) from exc
     if not token or any(c.isspace() for c in token):
-        raise CmdfedError(f"{path} does not hold a telemetry token (one line, no spaces); ask the federation operator for it")
+        raise CmdfedError(
+            f"{path} does not hold a telemetry token (one line, no spaces); ask the federation operator for it"
+        )
     return token

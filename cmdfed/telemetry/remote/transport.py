@@ -33,8 +33,8 @@ import json
 import logging
 import math
 
-from cmdfed.errors import CmdfedError
 from cmdfed.addresses import LOOPBACK
+from cmdfed.errors import CmdfedError
 
 log = logging.getLogger("cmdfed.telemetry")
 
@@ -50,17 +50,25 @@ MAX_REPORT_BYTES = 64 << 10  # one report; a workstation drops (with an error) a
 # {name: integer}, left out meaning {}.
 FIELDS: dict[str, dict[str, str]] = {
     "heartbeat": {
-        "backend": "text", "gpu": "optional text", "model_version": "optional text",
-        "tiles_per_s": "optional number", "p50_ms": "optional number", "p95_ms": "optional number",
+        "backend": "text",
+        "gpu": "optional text",
+        "model_version": "optional text",
+        "tiles_per_s": "optional number",
+        "p50_ms": "optional number",
+        "p95_ms": "optional number",
         "errors": "counts",  # failed calls by reason since the service started
     },
     "inference": {
         "slide_name": "text",  # the file name only: both sides cut any folders off
-        "model_version": "optional text", "n_cells": "optional integer", "counts_by_type": "counts",
-        "area_mm2": "optional number", "duration_s": "optional number", "backend": "optional text",
+        "model_version": "optional text",
+        "n_cells": "optional integer",
+        "counts_by_type": "counts",
+        "area_mm2": "optional number",
+        "duration_s": "optional number",
+        "backend": "optional text",
         "error": "optional text",
     },
-}  # fmt: skip
+}
 
 
 def encode_report(kind: str, at: float, fields: dict) -> bytes:
@@ -106,7 +114,9 @@ def bearer_token(header: str | None) -> str | None:
 
 def check_token(token: str) -> str:
     if not token or not token.isascii() or any(c.isspace() or not c.isprintable() for c in token):
-        raise CmdfedError("a telemetry token is one word of printable ASCII; ask the federation operator for this workstation's")
+        raise CmdfedError(
+            "a telemetry token is one word of printable ASCII; ask the federation operator for this workstation's"
+        )
     return token
 
 
@@ -122,6 +132,9 @@ def require_tls_off_loopback(host: str, *, tls: bool, insecure: bool, what: str,
     if not insecure:
         raise CmdfedError(
             f"{what} {host} is not this machine and TLS is not configured, so workstation tokens would travel "
-            f"unencrypted; configure TLS (`cmdfed certs init`), use 127.0.0.1, or pass {insecure_flag} on a network you trust"
+            f"unencrypted; configure TLS (`cmdfed certs init`), use 127.0.0.1, or pass {insecure_flag} on a network "
+            "you trust"
         )
-    log.warning("%s %s without TLS: workstation tokens and telemetry travel unencrypted (%s)", what, host, insecure_flag)
+    log.warning(
+        "%s %s without TLS: workstation tokens and telemetry travel unencrypted (%s)", what, host, insecure_flag
+    )

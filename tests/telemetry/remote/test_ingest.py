@@ -23,8 +23,14 @@ from cmdfed.telemetry.remote.transport import MAX_BODY_BYTES, MAX_REPORTS
 from server.certs import write_certificates
 
 
-def request(address: str, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
-            context: ssl.SSLContext | None = None) -> tuple[int, dict, http.client.HTTPMessage]:  # fmt: skip
+def request(
+    address: str,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    headers: dict | None = None,
+    context: ssl.SSLContext | None = None,
+) -> tuple[int, dict, http.client.HTTPMessage]:
     """(status, JSON answer, headers) of one request."""
     host, port = address.rsplit(":", 1)
     if context is None:
@@ -39,8 +45,15 @@ def request(address: str, method: str, path: str, body: bytes | None = None, hea
         connection.close()
 
 
-def send(address: str, reports: list, token: str | None = None, *, schema=1, headers: dict | None = None,
-         context: ssl.SSLContext | None = None) -> tuple[int, dict]:  # fmt: skip
+def send(
+    address: str,
+    reports: list,
+    token: str | None = None,
+    *,
+    schema=1,
+    headers: dict | None = None,
+    context: ssl.SSLContext | None = None,
+) -> tuple[int, dict]:
     """POST /v1/reports of a batch, with the token as the bearer; (status, JSON answer)."""
     all_headers = {"Content-Type": "application/json"}
     if token is not None:
@@ -52,25 +65,50 @@ def send(address: str, reports: list, token: str | None = None, *, schema=1, hea
 
 
 def heartbeat(at: float = 1_700_000_000.0, **fields) -> dict:
-    return {"kind": "heartbeat", "at": at, "backend": "onnxruntime-cpu", "model_version": "v1", "tiles_per_s": 12.5,
-            "p95_ms": 80.0, **fields}  # fmt: skip
+    return {
+        "kind": "heartbeat",
+        "at": at,
+        "backend": "onnxruntime-cpu",
+        "model_version": "v1",
+        "tiles_per_s": 12.5,
+        "p95_ms": 80.0,
+        **fields,
+    }
 
 
 def slide_event(at: float = 1_700_000_100.0, **fields) -> dict:
-    return {"kind": "inference", "at": at, "slide_name": "case-1.svs", "model_version": "v1", "n_cells": 42,
-            "counts_by_type": {"lymphocyte": 40, "stromal": 2}, "duration_s": 3.5, "backend": "onnxruntime-cpu", **fields}  # fmt: skip
+    return {
+        "kind": "inference",
+        "at": at,
+        "slide_name": "case-1.svs",
+        "model_version": "v1",
+        "n_cells": 42,
+        "counts_by_type": {"lymphocyte": 40, "stromal": 2},
+        "duration_s": 3.5,
+        "backend": "onnxruntime-cpu",
+        **fields,
+    }
 
 
 def test_reports_with_a_known_token_are_recorded_under_its_workstation(ingest):
-    sent = [heartbeat(errors={"bad_tile_size": 3}, workstation="scanner-9"),  # a name in a report is not read
-            slide_event(slide_name="/data/patient-7/case-1.svs")]  # fmt: skip
+    sent = [
+        heartbeat(errors={"bad_tile_size": 3}, workstation="scanner-9"),  # a name in a report is not read
+        slide_event(slide_name="/data/patient-7/case-1.svs"),
+    ]
     assert send(ingest.address, sent, ingest.token) == (200, {"recorded": 2, "workstation": "scanner-1"})
     [beat] = ingest.heartbeats()
     assert beat["workstation"] == "scanner-1" and beat["at"] == 1_700_000_000.0
-    assert (beat["backend"], beat["tiles_per_s"], beat["p50_ms"], beat["p95_ms"]) == ("onnxruntime-cpu", 12.5, None, 80.0)
+    assert (beat["backend"], beat["tiles_per_s"], beat["p50_ms"], beat["p95_ms"]) == (
+        "onnxruntime-cpu",
+        12.5,
+        None,
+        80.0,
+    )
     assert beat["gpu"] is None and beat["errors"] == {"bad_tile_size": 3}
     [event] = ingest.inference_events()
-    assert event["workstation"] == "scanner-1" and event["slide_name"] == "case-1.svs"  # the server keeps no folders either
+    assert (
+        event["workstation"] == "scanner-1" and event["slide_name"] == "case-1.svs"
+    )  # the server keeps no folders either
     assert event["counts_by_type"] == {"lymphocyte": 40, "stromal": 2} and event["n_cells"] == 42
     assert event["area_mm2"] is None and event["error"] is None and event["at"] == 1_700_000_100.0
 
@@ -108,8 +146,20 @@ def test_a_refusal_says_which_scheme_to_use(ingest):
         (heartbeat(errors=[1]), "'errors' must be {name: integer}"),
         ("heartbeat", "not a JSON object"),
     ],
-    ids=["no-kind", "no-backend", "no-slide", "zero-time", "text-time", "text-number", "bool-number",
-         "float-integer", "huge-integer", "text-count", "list-counts", "not-object"],
+    ids=[
+        "no-kind",
+        "no-backend",
+        "no-slide",
+        "zero-time",
+        "text-time",
+        "text-number",
+        "bool-number",
+        "float-integer",
+        "huge-integer",
+        "text-count",
+        "list-counts",
+        "not-object",
+    ],
 )
 def test_one_invalid_report_refuses_the_whole_batch(ingest, bad, message):
     status, answer = send(ingest.address, [heartbeat(), slide_event(), bad], ingest.token)
@@ -126,7 +176,11 @@ def test_one_invalid_report_refuses_the_whole_batch(ingest, bad, message):
         (b'{"reports": []}', 400, "schema None is not one this telemetry server reads (it reads 1)"),
         (b'{"schema": 2, "reports": []}', 400, "schema 2 is not one this telemetry server reads (it reads 1)"),
         (b'{"schema": 1, "reports": {}}', 400, "'reports' must be a list"),
-        (json.dumps({"schema": 1, "reports": [heartbeat()] * (MAX_REPORTS + 1)}).encode(), 400, f"at most {MAX_REPORTS}"),
+        (
+            json.dumps({"schema": 1, "reports": [heartbeat()] * (MAX_REPORTS + 1)}).encode(),
+            400,
+            f"at most {MAX_REPORTS}",
+        ),
     ],
     ids=["not-json", "nan", "not-object", "no-schema", "newer-schema", "reports-not-list", "too-many"],
 )
@@ -172,7 +226,9 @@ def test_a_store_that_cannot_write_answers_503_and_records_nothing(ingest, tmp_p
 
 def test_health_needs_no_token_and_other_paths_are_not_found(ingest):
     assert request(ingest.address, "GET", "/healthz")[:2] == (200, {"status": "serving", "schema": 1})
-    status, answer, _ = request(ingest.address, "POST", "/v2/reports", b"{}", {"Authorization": f"Bearer {ingest.token}"})
+    status, answer, _ = request(
+        ingest.address, "POST", "/v2/reports", b"{}", {"Authorization": f"Bearer {ingest.token}"}
+    )
     assert status == 404 and "/v1/reports" in answer["error"]
 
 
@@ -202,11 +258,16 @@ def test_a_replaced_token_stops_working(ingest):
 def test_tls_with_the_federation_certificates(ingest, tmp_path):
     certs = tmp_path / "certs"
     write_certificates(certs, ["127.0.0.1"])
-    server = IngestServer(tmp_path / "tls.db", ingest.tokens.path, port=0, tls=(certs / "server.crt", certs / "server.key")).start()
+    server = IngestServer(
+        tmp_path / "tls.db", ingest.tokens.path, port=0, tls=(certs / "server.crt", certs / "server.key")
+    ).start()
     try:
         address = f"127.0.0.1:{server.port}"
         trusted = ssl.create_default_context(cafile=certs / "ca.crt")
-        assert send(address, [heartbeat()], ingest.token, context=trusted) == (200, {"recorded": 1, "workstation": "scanner-1"})
+        assert send(address, [heartbeat()], ingest.token, context=trusted) == (
+            200,
+            {"recorded": 1, "workstation": "scanner-1"},
+        )
         with pytest.raises((OSError, http.client.HTTPException)):  # the server hangs up on plaintext
             send(address, [heartbeat()], ingest.token)
         write_certificates(tmp_path / "other", ["127.0.0.1"])  # a CA that did not sign the server's certificate
@@ -258,8 +319,10 @@ def test_a_taken_port_is_a_clear_error(ingest, tmp_path):
 
 def test_the_core_protocol_loads_no_grpc():
     """cmdfed/ holds no gRPC: server and edge share this code through the core."""
-    code = ("import sys, cmdfed.telemetry.remote.ingest, cmdfed.telemetry.remote.reporter; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('grpc', 'flwr', 'streamlit')))")  # fmt: skip
+    code = (
+        "import sys, cmdfed.telemetry.remote.ingest, cmdfed.telemetry.remote.reporter; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('grpc', 'flwr', 'streamlit')))"
+    )
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert loaded.strip() == "[]"
 
@@ -318,12 +381,19 @@ def test_slow_clients_do_not_hold_up_other_workstations(ingest):
 
 @pytest.mark.parametrize(
     "start",
-    [SLOW_HEADERS, b"POST /v1/reports HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                   b"Authorization: Bearer {token}\r\nContent-Length: 1000\r\n\r\n{{"],
+    [
+        SLOW_HEADERS,
+        (
+            b"POST /v1/reports HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Authorization: Bearer {token}\r\nContent-Length: 1000\r\n\r\n{{"
+        ),
+    ],
     ids=["headers", "body"],
 )
 def test_a_client_too_slow_with_its_headers_or_body_is_cut_off(ingest, tmp_path, start):
-    server = IngestServer(tmp_path / "slow.db", ingest.tokens.path, port=0, header_timeout_s=0.5, body_timeout_s=0.5).start()
+    server = IngestServer(
+        tmp_path / "slow.db", ingest.tokens.path, port=0, header_timeout_s=0.5, body_timeout_s=0.5
+    ).start()
     try:
         client = Trickler(server.port, start.replace(b"{token}", ingest.token.encode()), every=0.1)
         assert client.hung_up.wait(5), "the server kept a trickling client past its timeout"
@@ -356,4 +426,3 @@ def test_connections_beyond_the_limit_are_refused_with_503_and_the_rest_served(i
         for sock in idle:
             sock.close()
         server.stop(grace=1)
-

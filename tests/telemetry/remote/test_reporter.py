@@ -43,9 +43,15 @@ def test_reports_reach_the_server_without_their_folders(ingest):
     reporter = RemoteReporter(ingest.address, ingest.token)
     reporter.heartbeat(**BEAT, tiles_per_s=3.0)
     reporter.record_inference(
-        slide_name="/mnt/scans/patient-7/case-1.svs", model_version="v1", n_cells=None, counts_by_type={},
-        area_mm2=None, duration_s=0.5, backend=None, error="cannot read slide /mnt/scans/patient-7/case-1.svs: truncated",
-    )  # fmt: skip
+        slide_name="/mnt/scans/patient-7/case-1.svs",
+        model_version="v1",
+        n_cells=None,
+        counts_by_type={},
+        area_mm2=None,
+        duration_s=0.5,
+        backend=None,
+        error="cannot read slide /mnt/scans/patient-7/case-1.svs: truncated",
+    )
     reporter.close()
     assert reporter.pending == 0
     [beat] = ingest.heartbeats()
@@ -149,7 +155,9 @@ def test_over_tls_a_server_the_ca_did_not_sign_gets_nothing(ingest, tmp_path, ca
     server = IngestServer(tmp_path / "tls.db", ingest.tokens.path, port=0, tls=tls).start()
     try:
         address = f"127.0.0.1:{server.port}"
-        untrusting = RemoteReporter(address, ingest.token, ca=(tmp_path / "other" / "ca.crt").read_bytes(), retry_max_s=0.5)
+        untrusting = RemoteReporter(
+            address, ingest.token, ca=(tmp_path / "other" / "ca.crt").read_bytes(), retry_max_s=0.5
+        )
         untrusting.heartbeat(**BEAT, tiles_per_s=1.0)
         wait_until(lambda: any("CERTIFICATE_VERIFY_FAILED" in m for m in warnings(caplog)))
         untrusting.close(timeout=0.5)
