@@ -13,9 +13,9 @@ Every role runs as the command its user types, in a process of its own, on 127.0
    PQ on the held-out images after each, optionally with local differential privacy (``--dp``).
 3. edge (lab IT): ``cmdfed edge keygen``, ``cmdfed edge export`` of the final round to a
    signed bundle, ``cmdfed edge deploy`` into a local edge home with the public key as
-   trust anchor (ONNX Runtime on this CPU), ``cmdfed edge infer`` on the sample slide
-   (OME-Zarr labels, QuPath GeoJSON, summary), and ``cmdfed edge serve`` started and
-   stopped so the fleet view has a workstation heartbeat.
+   trust anchor (ONNX Runtime on this CPU), ``cmdfed edge infer`` on a copy of the sample
+   slide in ``OUT/slides`` (OME-Zarr labels, QuPath GeoJSON, summary), and ``cmdfed edge
+   serve`` started and stopped so the fleet view has a workstation heartbeat.
 4. dashboard: everything above wrote to one telemetry store; the demo prints the
    ``cmdfed dashboard`` command that shows it.
 
@@ -39,7 +39,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from cmdfed.atomic import write_json_atomic
+from cmdfed.atomic import atomic_path, write_json_atomic
 from cmdfed.data import cpm15
 from cmdfed.data.importers.common import image_tiles
 from cmdfed.data.samples import fetch_samples
@@ -310,12 +310,17 @@ def run_demo(
 
         step(6)
         slide_out = out / "slides" / Path(SLIDE).stem
+        # Inferred from a copy beside its outputs: the printed dashboard command shows files
+        # under OUT/slides only, and the sample cache lies outside it.
+        slide = out / "slides" / SLIDE
+        with atomic_path(slide) as partial:
+            shutil.copyfile(samples[SLIDE], partial)
         chain.run(
             "infer",
             [
                 "edge",
                 "infer",
-                str(samples[SLIDE]),
+                str(slide),
                 "--home",
                 str(home),
                 "--out",

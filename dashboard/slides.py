@@ -4,8 +4,8 @@ A folder holds ``summary.json`` (slide name, dimensions, counts by type ...), ``
 (a QuPath FeatureCollection: one Polygon per nucleus in level-0 pixels, its type in
 ``properties.classification`` with a name and an RGB colour) and ``labels.ome.zarr``; see
 :mod:`cmdfed.inference.nuclei` (the features), :mod:`edge.outputs` (the labels) and
-:mod:`edge.infer`. The viewer draws the outlines over the slide when
-the slide file is reachable, else over a blank canvas.
+:mod:`edge.infer`. The viewer draws the outlines over the slide when it finds the slide
+(:func:`locate_slide`: where the summary recorded it) or is given it, else over a blank canvas.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 
 from cmdfed.data.slide import open_slide
 from cmdfed.errors import CmdfedError
-from cmdfed.slide_outputs import GEOJSON, SUMMARY
+from cmdfed.slide_outputs import GEOJSON, SLIDE_FILE, SUMMARY, slide_file_mismatch
 
 #: Longest side of a rendered view, in screen pixels.
 VIEW_SIDE = 1024
@@ -147,12 +147,104 @@ def counts_by_type(output: SlideOutput) -> pd.DataFrame:
     return counts.sort_values(["count", "type"], ascending=[False, True], ignore_index=True)
 
 
-def slide_candidates(output: SlideOutput) -> list[Path]:
-    """Where the slide may lie: next to the output folder or inside it, by its file name."""
+@dataclass(frozen=True)
+class SlideLookup:
+    """The output's slide as the viewer found it: ``path`` (inside the files root) or None, and
+    ``message``: how it was found, or why it was not and what to do."""
+
+    path: Path | None
+    message: str
+
+
+def locate_slide(output: SlideOutput, files_root: str | Path) -> SlideLookup:
+    """Find the output's slide inside ``files_root``, as QuPath finds a project's images: where
+    the summary recorded it (relative to the output folder, then absolute; see
+    :mod:`cmdfed.slide_outputs`), else by its name next to the output folder or in it (outputs
+    of older versions record no place). A file is taken only when it is the recorded slide (same
+    size and quick hash). Of a file outside the root only its existence is looked at, and no
+    path outside the root is named: the messages go to the browser."""
     name = output.summary.get("slide")
+    typing = "type its path below to show it behind the nuclei"
     if not name:
-        return []
-    return [output.folder / name, output.folder.parent / name]
+        return SlideLookup(None, f"The summary names no slide: {typing}.")
+    root = Path(files_root).resolve()
+    record = _slide_record(output.summary)
+    recorded = "where this output recorded it"
+    by_name = "by its name next to the output folder"
+    places = [(output.folder.parent / name, by_name), (output.folder / name, by_name)]
+    if record:
+        places[:0] = [
+            (output.folder / record["relative_path"], recorded),
+            (Path(record["absolute_path"]), recorded),
+        ]
+    outside, replaced = False, None
+    for place, where in places:
+        if not is_inside(root, place):
+            outside = outside or _is_file(place)
+            continue
+        path = inside(root, place, "slide")
+        if not _is_file(path):
+            continue
+        differs = _mismatch(path, record) if record else None
+        if differs:
+            replaced = replaced or (path, differs)
+            continue
+        if record:
+            check = "same size and quick hash as recorded"
+        else:
+            check = "this output records no slide to check it against"
+        return SlideLookup(path, f"Slide found {where}: `{path.relative_to(root)}` ({check}).")
+    if replaced:
+        path, differs = replaced
+        return SlideLookup(
+            None,
+            f"`{path.relative_to(root)}` is not the slide this output was made from ({differs}); {typing}.",
+        )
+    if outside:
+        return SlideLookup(
+            None,
+            f"{name} lies outside {root}, the only folder this dashboard shows files from: start "
+            f"`cmdfed dashboard --files-root DIR` with a folder that holds it, or {typing}.",
+        )
+    if record:
+        why = "is no longer where this output recorded it, nor next to the output folder"
+        return SlideLookup(None, f"{name} {why} (moved or deleted): {typing}.")
+    if SLIDE_FILE in output.summary:
+        why = f"This output's record of where {name} was is damaged"
+    else:
+        why = f"This output does not record where {name} was (an older cmdfed wrote it)"
+    return SlideLookup(None, f"{why} and no {name} lies next to its folder: {typing}.")
+
+
+def typed_slide_mismatch(output: SlideOutput, path: Path) -> str | None:
+    """How the file ``path`` differs from the slide the output recorded; None when it does not
+    or nothing was recorded."""
+    record = _slide_record(output.summary)
+    return _mismatch(path, record) if record and _is_file(path) else None
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # e.g. a folder on the way that this process may not enter
+        return False
+
+
+def _mismatch(path: Path, record: dict) -> str | None:
+    try:
+        return slide_file_mismatch(path, record)
+    except OSError as exc:
+        return f"unreadable: {exc.strerror}"
+
+
+def _slide_record(summary: dict) -> dict | None:
+    """The summary's record of the slide's place; None for outputs of older versions and for a
+    damaged record (it can neither find nor check anything)."""
+    record = summary.get(SLIDE_FILE)
+    fields = {"absolute_path": str, "relative_path": str, "bytes": int, "quick_sha256": str}
+    if not isinstance(record, dict):
+        return None
+    return record if all(isinstance(record.get(k), kind) for k, kind in fields.items()) else None
 
 
 def render(

@@ -300,17 +300,26 @@ def slide_viewer(outputs_root: str, files_root: str) -> None:
     cols[3].metric("Nuclei per mm²", "unknown" if density is None else f"{density:.0f}")
 
     width, height = output.dimensions
-    guess = next(
-        (p for p in slides.slide_candidates(output) if slides.is_inside(files_root, p) and p.is_file()),
-        None,
-    )
-    slide_path = st.text_input("Slide file (for the background)", value=str(guess or ""))
+    found = slides.locate_slide(output, files_root)
+    default = str(found.path or "")
+    slide_path = st.text_input("Slide file (for the background)", value=default)
     slide = None
+    if slide_path == default and found.path:
+        st.caption(found.message)
+    elif slide_path == default:
+        st.warning(found.message)
     if slide_path:
         try:
             slide = slides.inside(files_root, slide_path, "slide")
         except CmdfedError as exc:
             st.error(str(exc))
+    if slide and slide_path != default:
+        differs = slides.typed_slide_mismatch(output, slide)
+        if differs:
+            st.warning(
+                f"{slide_path} is not the slide this output was made from ({differs}): "
+                "its nuclei may not lie under the outlines"
+            )
     zoom_x = st.slider("x range (level-0 pixels)", 0, width, (0, width))
     zoom_y = st.slider("y range (level-0 pixels)", 0, height, (0, height))
     region = (zoom_x[0], zoom_y[0], max(zoom_x[1], zoom_x[0] + 1), max(zoom_y[1], zoom_y[0] + 1))

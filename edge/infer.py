@@ -45,7 +45,8 @@ interruption continues where the last committed batch ended and the result equal
 uninterrupted run. The state also holds a fingerprint (slide name, size and dimensions,
 its resolution and the grid read, model version, tile settings, post-processing
 parameters): an OUT folder belonging to another job is refused unless ``restart`` is given.
-At the end the label pyramid, ``cells.geojson`` and ``summary.json`` are written.
+At the end the label pyramid, ``cells.geojson`` and ``summary.json`` are written; the summary
+records where the slide is (``cmdfed.slide_outputs``), so the dashboard finds it again.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ from cmdfed.inference.postprocess import WatershedParams, postprocess
 from cmdfed.inference.resolution import needs_resampling, resample_image
 from cmdfed.inference.tiling import TileGrid
 from cmdfed.progress import Progress, report
-from cmdfed.slide_outputs import GEOJSON, LABELS_DIR, SUMMARY
+from cmdfed.slide_outputs import GEOJSON, LABELS_DIR, SLIDE_FILE, SUMMARY, slide_file_record
 from edge import outputs
 from edge.deploy import active_bundle
 from edge.reports import Reports, reports_to
@@ -492,6 +493,7 @@ class _SlideJob:
         n_cells = sum(state.counts.values())
         summary = {
             "slide": self.reader.path.name,
+            SLIDE_FILE: slide_file_record(self.reader.path, self.out_dir),
             "dimensions": [self.slide_width, self.slide_height],
             "mpp": self.mpp,
             "resolution": self.read.describe(),

@@ -44,6 +44,9 @@ def test_quick_demo_runs_the_whole_chain(tmp_path):
     cells = json.loads((slide_out / "cells.geojson").read_text())
     assert cells["type"] == "FeatureCollection" and len(cells["features"]) == n_cells
     assert (slide_out / "labels.ome.zarr").is_dir()
+    # the slide lies beside its outputs, under the folder the dashboard command shows files from
+    assert slide["slide_file"]["relative_path"] == "../cmu_small_region.svs"
+    assert (out / "slides" / "cmu_small_region.svs").is_file()
 
     commands = (out / "commands.sh").read_text()
     for command in (

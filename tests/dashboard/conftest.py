@@ -7,6 +7,7 @@ themselves (heartbeats, inference events ...) are given a past time by patching 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cmdfed.slide_outputs import SLIDE_FILE, slide_file_record
 from cmdfed.telemetry import TelemetryStore
 
 NOW = time.time()  # reset when the store is seeded: the app judges staleness by the real clock
@@ -265,3 +267,22 @@ def outputs_root(tmp_path_factory) -> Path:
     unfinished.mkdir()
     (unfinished / "summary.json").write_text(json.dumps({**summary, "slide": "other.svs"}))
     return root
+
+
+def make_project(project: Path, outputs_root: Path) -> Path:
+    """PROJECT/slides/case-1.png and PROJECT/results/case-1/ (the case-1 outputs of
+    ``outputs_root``), whose summary records where the slide is as `cmdfed edge infer` records it
+    (``slide_file_record``): nothing lies next to the output folder, only the record leads to the
+    slide."""
+    (project / "slides").mkdir(parents=True)
+    slide = shutil.copy(outputs_root / "case-1.png", project / "slides" / "case-1.png")
+    folder = shutil.copytree(outputs_root / "case-1", project / "results" / "case-1")
+    summary = json.loads((folder / "summary.json").read_text())
+    summary[SLIDE_FILE] = slide_file_record(slide, folder)
+    (folder / "summary.json").write_text(json.dumps(summary))
+    return project
+
+
+@pytest.fixture(scope="session")
+def slide_project(tmp_path_factory, outputs_root) -> Path:
+    return make_project(tmp_path_factory.mktemp("project"), outputs_root)

@@ -7,19 +7,24 @@ import shutil
 import sqlite3
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 from streamlit.testing.v1 import AppTest
 
 from cmdfed.telemetry import SCHEMA_VERSION, TelemetryStore
+
+from .conftest import make_project
 
 APP = Path(__file__).parents[2] / "dashboard" / "app.py"
 TIMEOUT_S = 30
 TABS = ["Federation", "Privacy", "Models", "Edge fleet", "Slide viewer"]
 
 
-def run_app(monkeypatch, db: str | Path = "", outputs: str | Path = "") -> AppTest:
+def run_app(monkeypatch, db: str | Path = "", outputs: str | Path = "", files_root: str | Path = "") -> AppTest:
     monkeypatch.setenv("CMDFED_DASHBOARD_DB", str(db))
     monkeypatch.setenv("CMDFED_DASHBOARD_OUTPUTS", str(outputs))
+    monkeypatch.setenv("CMDFED_DASHBOARD_FILES_ROOT", str(files_root))
     app = AppTest.from_file(str(APP), default_timeout=TIMEOUT_S)
     app.run()
     assert not app.exception, [e.value for e in app.exception]
@@ -157,6 +162,9 @@ def test_slide_viewer(app):
     counts = tab.dataframe[0].value
     assert counts.values.tolist() == [["Neoplastic", 3], ["Inflammatory", 1]]
     assert tab.get("image")[0].proto.imgs[0].caption == "over case-1.png (level 0)"
+    # written before outputs recorded their slide's place: found by its name beside the folder
+    [found] = tab.caption
+    assert found.value.startswith("Slide found by its name next to the output folder: `case-1.png`")
     assert charts(tab) == 1
     x_range, y_range = tab.slider
     assert x_range.value == (0, 64) and y_range.value == (0, 64)
@@ -209,6 +217,60 @@ def test_a_slide_outside_the_files_root_is_refused(app, outputs_root, tmp_path):
     finally:
         _text_input(app, "Slide file").set_value(guess).run()
     assert app.tabs[4].get("image")[0].proto.imgs[0].caption == "over case-1.png (level 0)"
+
+
+def _background(tab) -> str:
+    return tab.get("image")[0].proto.imgs[0].caption
+
+
+def _shown_texts(tab) -> list[str]:
+    """What the slide viewer puts on the page as text, all of which reaches the browser."""
+    kinds = ("caption", "warning", "error", "info", "markdown", "text_input")
+    return [e.value for kind in kinds for e in getattr(tab, kind)] + [_background(tab)]
+
+
+def test_the_recorded_slide_is_shown_without_typing_its_path(monkeypatch, slide_project):
+    """`cmdfed edge infer` records where the slide was; the slide lies in another folder than the
+    outputs, so only the record leads to it."""
+    app = run_app(monkeypatch, outputs=slide_project / "results", files_root=slide_project)
+    tab = app.tabs[4]
+    assert _background(tab) == "over case-1.png (level 0)" and not tab.warning and not tab.error
+    assert _text_input(app, "Slide file").value == str(slide_project / "slides" / "case-1.png")
+    [found] = tab.caption
+    assert found.value.startswith("Slide found where this output recorded it: `slides/case-1.png`")
+
+
+def test_a_moved_slide_is_said_and_typing_its_new_path_still_shows_it(monkeypatch, outputs_root, tmp_path):
+    project = make_project(tmp_path, outputs_root)
+    (project / "archive").mkdir()
+    moved = shutil.move(project / "slides" / "case-1.png", project / "archive" / "case-1.png")
+    app = run_app(monkeypatch, outputs=project / "results", files_root=project)
+    [lost] = app.tabs[4].warning
+    assert lost.value.startswith("case-1.png is no longer where this output recorded it")
+    assert _background(app.tabs[4]) == "slide not found: outlines over a blank canvas"
+
+    other = project / "archive" / "case-2.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8)).save(other)
+    _text_input(app, "Slide file").set_value(str(other)).run()  # shown, with a warning
+    [differs] = app.tabs[4].warning
+    assert differs.value.startswith(f"{other} is not the slide this output was made from (")
+    assert _background(app.tabs[4]) == "over case-2.png (level 0)"
+
+    _text_input(app, "Slide file").set_value(str(moved)).run()
+    tab = app.tabs[4]
+    assert not app.exception and not tab.warning and not tab.error
+    assert _background(tab) == "over case-1.png (level 0)"
+
+
+def test_a_recorded_slide_outside_the_files_root_is_neither_shown_nor_named(monkeypatch, slide_project):
+    files_root = slide_project / "results"  # holds the outputs, not the slides
+    app = run_app(monkeypatch, outputs=files_root, files_root=files_root)
+    tab = app.tabs[4]
+    [outside] = tab.warning
+    assert outside.value.startswith(f"case-1.png lies outside {files_root}, the only folder")
+    assert "`cmdfed dashboard --files-root DIR`" in outside.value
+    assert _background(tab) == "slide not found: outlines over a blank canvas"
+    assert not [text for text in _shown_texts(tab) if "slides" in text]
 
 
 def test_auto_refresh(app):

@@ -1,6 +1,7 @@
 """End to end in a real browser: `cmdfed dashboard` serves the seeded store and Chromium
 (headless, Debian's /usr/bin/chromium driven by Playwright) renders its charts and tables.
-Screenshots are left in test-artifacts/ (dashboard.png: the federation view; -fleet, -slide)."""
+Screenshots are left in test-artifacts/ (dashboard.png: the federation view; -fleet, -slide,
+-recorded-slide)."""
 
 from __future__ import annotations
 
@@ -122,6 +123,23 @@ def test_dashboard_in_chromium(dashboard_url, chromium):
     page.get_by_text("over case-1.png (level 0)").wait_for(timeout=30_000)
     page.screenshot(path=str(ARTIFACTS / "dashboard-slide.png"), full_page=True)
     assert (ARTIFACTS / "dashboard.png").stat().st_size > 10_000
+
+
+def test_the_slide_viewer_finds_the_recorded_slide_in_chromium(telemetry_db, slide_project, tmp_path, chromium):
+    """The output folder and the slide lie in different folders under --files-root: the viewer
+    shows the slide behind the nuclei from the output's record, nothing typed."""
+    options = ("--outputs", str(slide_project / "results"), "--files-root", str(slide_project))
+    with _dashboard(telemetry_db, tmp_path, *options) as url:
+        ARTIFACTS.mkdir(exist_ok=True)
+        page = chromium.new_page(viewport={"width": 1400, "height": 1600})
+        page.goto(url)
+        _wait_drawn(page)
+        page.get_by_role("tab", name="Slide viewer").click()
+        page.get_by_text("over case-1.png (level 0)").wait_for(timeout=30_000)
+        assert page.get_by_text("Slide found where this output recorded it").is_visible()
+        slide = page.get_by_label("Slide file (for the background)")
+        assert slide.input_value() == str(slide_project / "slides" / "case-1.png")
+        page.screenshot(path=str(ARTIFACTS / "dashboard-recorded-slide.png"), full_page=True)
 
 
 def _record_run(db: Path, run_id: str, name: str, rounds: int) -> None:

@@ -1,13 +1,20 @@
-"""The slide viewer's background on a pyramid TIFF: a whole-slide view of a slide too large to
-read at the view's level comes from a coarser level (whole, or band by band)."""
+"""The slide viewer's background: finding the output's slide where its summary recorded it (or,
+for older outputs, by its name), and on a pyramid TIFF a whole-slide view of a slide too large
+to read at the view's level from a coarser level (whole, or band by band)."""
 
 from __future__ import annotations
+
+import json
+import shutil
 
 import numpy as np
 import pytest
 import tifffile
+from PIL import Image
 
 from dashboard import slides
+
+from .conftest import make_project
 
 WIDTH, HEIGHT = 2048, 1536  # level 0; levels at downsamples 1, 4, 16
 RED, BLUE, GREEN = (255, 0, 0), (0, 0, 255), (0, 255, 0)
@@ -83,3 +90,97 @@ def test_a_view_too_large_even_in_bands_says_zoom_in(output, pyramid, monkeypatc
     assert note.startswith("slide unreadable (the slide's coarsest level (2)") and "zoom in further" in note
     zoomed, note = slides.render(output, (0, 0, 256, 256), pyramid, side=64)
     assert note == "over big.tif (level 2)" and zoomed.getpixel((10, 10)) == RED
+
+
+def _lookup(folder, files_root) -> slides.SlideLookup:
+    return slides.locate_slide(slides.load_output(folder), files_root)
+
+
+TYPE_IT = "type its path below to show it behind the nuclei."
+
+
+def test_a_project_moved_whole_finds_its_slide_by_the_relative_path(tmp_path, outputs_root):
+    make_project(tmp_path / "at-the-scanner", outputs_root)
+    moved = (tmp_path / "at-the-scanner").rename(tmp_path / "on-the-share")  # absolute path: gone
+    found = _lookup(moved / "results" / "case-1", moved)
+    assert found == slides.SlideLookup(
+        moved / "slides" / "case-1.png",
+        "Slide found where this output recorded it: `slides/case-1.png` (same size and quick hash as recorded).",
+    )
+
+
+def test_an_output_folder_moved_alone_finds_its_slide_by_the_absolute_path(tmp_path, outputs_root):
+    project = make_project(tmp_path, outputs_root)
+    archived = project / "archive" / "2026"
+    archived.mkdir(parents=True)
+    folder = shutil.move(project / "results" / "case-1", archived / "case-1")
+    assert _lookup(folder, project).path == project / "slides" / "case-1.png"
+
+
+def test_a_moved_slide_is_said_and_found_by_name_next_to_the_output(tmp_path, outputs_root):
+    project = make_project(tmp_path, outputs_root)
+    folder = project / "results" / "case-1"
+    (project / "elsewhere").mkdir()
+    shutil.move(project / "slides" / "case-1.png", project / "elsewhere" / "case-1.png")
+    lost = _lookup(folder, project)
+    assert lost == slides.SlideLookup(
+        None,
+        "case-1.png is no longer where this output recorded it, nor next to the output folder "
+        f"(moved or deleted): {TYPE_IT}",
+    )
+    shutil.move(project / "elsewhere" / "case-1.png", project / "results" / "case-1.png")
+    assert _lookup(folder, project) == slides.SlideLookup(
+        project / "results" / "case-1.png",
+        "Slide found by its name next to the output folder: `results/case-1.png` "
+        "(same size and quick hash as recorded).",
+    )
+
+
+def test_another_file_in_the_slides_place_is_not_taken_for_it(tmp_path, outputs_root):
+    project = make_project(tmp_path, outputs_root)
+    slide = project / "slides" / "case-1.png"
+    recorded = slide.stat().st_size
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8)
+    Image.fromarray(noise).save(slide)  # another scan under the same name
+    output = slides.load_output(project / "results" / "case-1")
+    differs = f"{slide.stat().st_size} bytes, the slide had {recorded}"
+    assert slides.locate_slide(output, project) == slides.SlideLookup(
+        None,
+        f"`slides/case-1.png` is not the slide this output was made from ({differs}); {TYPE_IT}",
+    )
+    assert slides.typed_slide_mismatch(output, slide) == differs
+
+
+def test_a_slide_outside_the_files_root_is_neither_read_nor_named(slide_project, monkeypatch):
+    def read(*args):
+        pytest.fail("read a file outside the files root")
+
+    monkeypatch.setattr(slides, "slide_file_mismatch", read)
+    files_root = slide_project / "results"
+    lost = _lookup(files_root / "case-1", files_root)
+    assert lost == slides.SlideLookup(
+        None,
+        f"case-1.png lies outside {files_root}, the only folder this dashboard shows files from: "
+        f"start `cmdfed dashboard --files-root DIR` with a folder that holds it, or {TYPE_IT}",
+    )
+    assert "slides" not in lost.message
+
+
+def test_outputs_of_older_versions_find_their_slide_by_name(outputs_root, tmp_path):
+    assert _lookup(outputs_root / "case-1", outputs_root) == slides.SlideLookup(
+        outputs_root / "case-1.png",
+        "Slide found by its name next to the output folder: `case-1.png` "
+        "(this output records no slide to check it against).",
+    )
+    folder = shutil.copytree(outputs_root / "case-1", tmp_path / "case-1")
+    assert _lookup(folder, tmp_path) == slides.SlideLookup(
+        None,
+        "This output does not record where case-1.png was (an older cmdfed wrote it) and no "
+        f"case-1.png lies next to its folder: {TYPE_IT}",
+    )
+    summary = json.loads((folder / "summary.json").read_text())
+    damaged = {**summary, "slide_file": {"relative_path": 7}}
+    (folder / "summary.json").write_text(json.dumps(damaged))
+    assert _lookup(folder, tmp_path).message.startswith(
+        "This output's record of where case-1.png was is damaged and no case-1.png lies next to"
+    )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 
 import numpy as np
 import pytest
@@ -58,6 +60,15 @@ def test_slide_gives_geojson_ome_zarr_and_summary(home, slide_tiff, tmp_path):
     assert 0 < summary["area_analysed_mm2"] <= width * height * 0.5**2 / 1e6  # tissue tiles only, within the slide
     [event] = TelemetryStore.open(tmp_path / "t.db").inference_events()
     assert event["slide_name"] == "case-001.tif" and event["n_cells"] == len(features)
+
+    # where the slide was, for the dashboard to show it behind the nuclei (tests/dashboard)
+    place = summary["slide_file"]
+    assert place == json.loads((out_dir / "summary.json").read_text())["slide_file"]
+    assert place["absolute_path"] == str(slide_tiff) and not place["relative_path"].startswith("/")
+    assert os.path.samefile(out_dir / place["relative_path"], slide_tiff)
+    assert place["bytes"] == slide_tiff.stat().st_size
+    small_slide_whole = hashlib.sha256(slide_tiff.read_bytes()).hexdigest()
+    assert place["quick_sha256"] == small_slide_whole
 
 
 def test_resume_after_interruption_equals_an_uninterrupted_run(home, slide_tiff, tmp_path):
