@@ -6,10 +6,15 @@ the real sample SVS through OpenSlide, the same pixels as a pyramidal TIFF, and 
 of it (4x the area) as a pyramidal TIFF written tile by tile (``benchmarks.slide_tiling``).
 Mpx/s counts the whole slide area, background included, as ``slide_tiling`` does; the time is
 the whole ``infer_slide`` call (backend load and check, tiles, post-processing, outputs).
-Inference holds one batch in memory whatever the slide size, so the 4x slide's peak RSS over
-the 1x TIFF's should stay near 1.
+Inference holds a few batches in memory whatever the slide size, so the 4x slide's peak RSS
+over the 1x TIFF's should stay near 1.
+
+``--baseline DIR``: a checkout of other code (``git worktree add /tmp/wt-base COMMIT``) infers
+each slide too, just before this tree does, on the same home and files, so that before and
+after are measured in one run under the same load (the notes give the load average).
 
     python -m benchmarks.edge_slide [--home DIR | --preset base] [--backend NAME] [--batch 8] [--threads N]
+        [--baseline DIR]
     python -m benchmarks.edge_slide --quick   # tiny random model, a 512 px crop of the sample; prints only
 """
 
@@ -33,6 +38,7 @@ from cmdfed.data.samples import fetch_samples
 from cmdfed.data.slide import open_slide
 
 QUICK_CROP = 512
+ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = r"""
 import json, resource, sys, time
@@ -42,8 +48,8 @@ start = time.perf_counter()
 summary = infer_slide(slide, home, out, backend=backend or None, batch=int(batch), threads=int(threads))
 seconds = time.perf_counter() - start
 print(json.dumps({"seconds": seconds, "tiles": summary["tiles"], "n_cells": summary["n_cells"],
-                  "dimensions": summary["dimensions"], "backend": summary["backend"]["backend"],
-                  "timings_s": summary["timings_s"],
+                  "dimensions": summary["dimensions"],
+                  "backend": summary["backend"]["backend"], "timings_s": summary["timings_s"],
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
@@ -58,7 +64,8 @@ def crop_of(source: Path, target: Path, side: int) -> Path:
     return target
 
 
-def measure(slide: Path, home: Path, out: Path, args: argparse.Namespace) -> dict:
+def measure(slide: Path, home: Path, out: Path, args: argparse.Namespace, code: Path = ROOT) -> dict:
+    """Infer ``slide`` in a child process running the code of the checkout ``code``."""
     command = [
         sys.executable,
         "-c",
@@ -70,10 +77,31 @@ def measure(slide: Path, home: Path, out: Path, args: argparse.Namespace) -> dic
         str(args.batch),
         str(args.threads),
     ]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)  # its stderr goes into the error
+    # The child imports from its working folder first, so it runs that checkout's edge.infer.
+    env = {**os.environ, "PYTHONPATH": str(code)}
+    result = subprocess.run(
+        command, capture_output=True, text=True, check=False, cwd=code, env=env
+    )  # its stderr goes into the error
     if result.returncode != 0:
         raise SystemExit(f"inference of {slide.name} failed:\n{result.stderr[-2000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def commit_of(code: Path) -> str:
+    """The short commit of a checkout, marked when it has uncommitted changes."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(code), *args], capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    return git("rev-parse", "--short", "HEAD") + (
+        "+uncommitted" if git("status", "--porcelain", "--untracked-files=no") else ""
+    )
+
+
+def load_average() -> str:
+    return " / ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def main() -> None:
@@ -89,7 +117,15 @@ def main() -> None:
         action="store_true",
         help=f"tiny random model, a {QUICK_CROP} px crop of the sample; prints, saves nothing",
     )
+    parser.add_argument(
+        "--baseline", type=Path, help="a checkout of the code to compare with, run just before this tree on each slide"
+    )
+    parser.add_argument(
+        "--note", default="", help="said after the measured notes (what was running, how the home was made)"
+    )
     args = parser.parse_args()
+    codes = [("baseline", args.baseline.resolve()), ("this tree", ROOT)] if args.baseline else [("this tree", ROOT)]
+    load_before = load_average()
     work = Path(tempfile.mkdtemp(prefix="cmdfed-bench-"))
     try:
         home = edge_home.edge_home(args, work)
@@ -108,29 +144,41 @@ def main() -> None:
         write_pyramid(source, work / "x4.tif", 2)
         rows = []
         for name, path in slides:
-            m = measure(path, home, work / f"out-{path.stem}", args)
-            width, height = m["dimensions"]
-            mpx = width * height / 1e6
-            rows.append(
-                {
-                    "slide": name,
-                    "size": f"{width}x{height}",
-                    "megapixels": round(mpx, 1),
-                    "tissue tiles": m["tiles"],
-                    "nuclei": m["n_cells"],
-                    "backend": m["backend"],
-                    "Mpx/s (whole slide)": round(mpx / m["seconds"], 3),
-                    "tiles/s": round(m["tiles"] / m["seconds"], 2),
-                    "seconds": round(m["seconds"], 1),
-                    "model s": round(m["timings_s"]["model"], 1),
-                    "post-processing s": round(m["timings_s"]["postprocess"], 1),
-                    "peak RSS MB": round(m["peak_rss_mb"]),
-                }
-            )
-        ratio = rows[-1]["peak RSS MB"] / rows[-2]["peak RSS MB"]
+            for label, code in codes:
+                m = measure(path, home, work / f"out-{path.stem}-{len(rows)}", args, code)
+                width, height = m["dimensions"]
+                mpx = width * height / 1e6
+                rows.append(
+                    {
+                        "slide": name,
+                        "code": f"{label} {commit_of(code)}",
+                        "size": f"{width}x{height}",
+                        "megapixels": round(mpx, 1),
+                        "tissue tiles": m["tiles"],
+                        "nuclei": m["n_cells"],
+                        "backend": m["backend"],
+                        "Mpx/s (whole slide)": round(mpx / m["seconds"], 3),
+                        "tiles/s": round(m["tiles"] / m["seconds"], 2),
+                        "seconds": round(m["seconds"], 1),
+                        "model s": round(m["timings_s"]["model"], 1),
+                        "post-processing s": round(m["timings_s"]["postprocess"], 1),
+                        "peak RSS MB": round(m["peak_rss_mb"]),
+                    }
+                )
+                if args.baseline:  # Mpx/s over the baseline's on the same slide (the row just before; its own: 1)
+                    baseline_row = rows[-1] if label == "baseline" else rows[-2]
+                    rows[-1]["x baseline"] = round(
+                        rows[-1]["Mpx/s (whole slide)"] / baseline_row["Mpx/s (whole slide)"], 2
+                    )
+        ratios = []
+        for label, _ in codes:
+            own = [row for row in rows if row["code"].startswith(label)]
+            ratios.append(f"{label} {own[-1]['peak RSS MB'] / own[-2]['peak RSS MB']:.2f}")
         notes = (
             f"{edge_home.describe(home)}; batch {args.batch}, {args.threads} CPU threads; peak RSS ratio 4x/1x "
-            f"pyramid TIFF = {ratio:.2f}; Mpx/s counts the whole slide area, background included"
+            f"pyramid TIFF: {', '.join(ratios)}; Mpx/s counts the whole slide area, background included; the stages' "
+            "seconds (model, post-processing) overlap where the code pipelines them; load average (1 / 5 / 15 min) "
+            f"{load_before} at the start, {load_average()} at the end" + (f"; {args.note}" if args.note else "")
         )
         if args.quick:
             print(markdown_table(rows) + "\n\n" + notes)

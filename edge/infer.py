@@ -3,6 +3,7 @@
 One tile's route from the slide to ``cells.geojson``, seven files:
 
     1. edge/infer.py                   this job: read grid, plan, batch, keep, write, resume
+                                       (its stages pipelined by cmdfed/pipeline.py)
     2. cmdfed/data/slide.py            open_slide, read_level_region; level_for_mpp: the level
                                        to read; tissue_grid: tissue tiles on the model's grid,
                                        the bundle's tile size and overlap
@@ -18,9 +19,20 @@ One tile's route from the slide to ``cells.geojson``, seven files:
     7. cmdfed/inference/tiling.py      the grid the tiles lie on; TileGrid.owned:
                                        which tile keeps a nucleus on a seam
 
-    tissue tiles --batches--> backend --per tile--> postprocess --TileGrid.owned--> kept
+    tissue tiles --batches--> read --> backend --per tile--> postprocess --TileGrid.owned--> kept
         -> their pixels into OUT/labels.ome.zarr level 0 (global ids, on disk; edge/outputs.py)
         -> their GeoJSON features appended to OUT/.work/features.jsonl
+
+Pipeline: reading (and resampling) a batch's tiles, the model, and post-processing (the
+watershed and which tile keeps which nucleus) each run on a thread of their own
+(``cmdfed.pipeline``), joined by queues of PIPELINE_DEPTH batches, so that the next batch
+is read and the previous one post-processed while the model runs; decoders, ONNX Runtime
+and most of numpy, scipy and scikit-image's work release the GIL. Writing labels and
+features, committing and reporting progress stay in the calling thread, in tile order, so
+outputs and resume are as they were without the pipeline. An error in any stage stops the
+others and is raised by ``infer_slide`` as it was raised; nothing a stage did is half-written.
+The summary's ``timings_s`` are each stage's own time: they overlap, so their sum exceeds
+the wall time.
 
 Resolution (:class:`ReadGrid`): the model sees nuclei at the size it learnt them, the
 bundle's ``preprocessing.mpp`` (tile size and overlap are in its pixels too). Tiles lie on
@@ -37,7 +49,8 @@ coordinates (``nucleus_feature``'s ``scale``) and areas are the nucleus's level-
 times level 0's um/px squared. A slide whose resolution is unknown is refused (``--mpp``
 gives it) unless the bundle records none either.
 
-Memory holds one batch of tiles and their maps, whatever the slide size.
+Memory holds a few batches of tiles and their maps (those in the pipeline's stages and
+queues), whatever the slide size.
 
 Resume: tiles are processed in a fixed order and ``.work/state.json`` (:class:`SlideState`,
 whose docstring gives the ordering rule) records how far the job got, so a rerun after an
@@ -70,6 +83,7 @@ from cmdfed.inference.nuclei import nucleus_feature, write_feature_collection
 from cmdfed.inference.postprocess import WatershedParams, postprocess
 from cmdfed.inference.resolution import needs_resampling, resample_image
 from cmdfed.inference.tiling import TileGrid
+from cmdfed.pipeline import pipelined
 from cmdfed.progress import Progress, report
 from cmdfed.slide_outputs import GEOJSON, LABELS_DIR, SLIDE_FILE, SUMMARY, slide_file_record
 from edge import outputs
@@ -80,6 +94,10 @@ from edge.selection import Selection, select_backend
 WORK_DIR = ".work"
 LOCK_FILE = ".lock"  # held while a job writes OUT, so two jobs never interleave in one folder
 DEFAULT_MIN_TISSUE = 0.1
+PIPELINE_DEPTH = 1  # batches each queue between the pipeline's stages holds
+# The most batches alive at once (edge.memory's slide cost): each of the three stages works on
+# one with PIPELINE_DEPTH queued after it, and the calling thread writes one.
+BATCHES_ALIVE = 3 * (PIPELINE_DEPTH + 1) + 1
 
 log = logging.getLogger("cmdfed.edge")
 
@@ -286,6 +304,19 @@ class SlideState:
         self.save(path)
 
 
+@dataclass
+class _Batch:
+    """Consecutive tiles on their way through the pipeline: each stage fills in its part and
+    lets go of the one before (images, then maps)."""
+
+    start: int  # index of its first tile in the job's order
+    corners: list[tuple[int, int]]
+    images: np.ndarray | None = None
+    maps: dict[str, np.ndarray] | None = None
+    tiles: list[tuple[tuple[int, int], np.ndarray, list]] | None = None  # (corner, instance map, kept nuclei)
+    seconds: dict[str, float] = field(default_factory=dict)  # each stage's time on it, added to the state when written
+
+
 class _SlideJob:
     def __init__(self, reader, selection: Selection, out_dir: Path, min_tissue: float, restart: bool):
         self.reader, self.selection, self.out_dir = reader, selection, out_dir
@@ -362,40 +393,77 @@ class _SlideJob:
         labels = outputs.open_label_level0(self.out_dir / LABELS_DIR)
         self._clear_interrupted_batch(labels)
         total = len(self.corners)
+        batches = (
+            _Batch(start, self.corners[start : start + batch]) for start in range(self.state.tiles_done, total, batch)
+        )
+        stages = [
+            ("read", self._read_batch),
+            ("model", self._predict_batch),
+            ("post-processing", self._postprocess_batch),
+        ]
         with open(self.features_path, "r+b") as features:
             features.truncate(self.state.features_bytes)
             features.seek(self.state.features_bytes)
             report(progress, self.state.tiles_done, total, "tiles")
-            while self.state.tiles_done < total:
-                start = self.state.tiles_done
-                corners = self.corners[start : start + batch]
-                self.state.begin_batch(self.state_path, start, start + len(corners))
-                timings = self.state.timings_s
-                t0 = time.perf_counter()
-                images = np.stack([self.read.read_tile(self.reader, x, y, self.tile) for x, y in corners])
-                t1 = time.perf_counter()
-                maps = backend.run(images)
-                timings["read"] += t1 - t0
-                timings["model"] += time.perf_counter() - t1
-                for k, corner in enumerate(corners):
-                    self._process_tile(corner, {name: value[k] for name, value in maps.items()}, labels, features)
-                outputs.sync_label_chunks(self.out_dir / LABELS_DIR, [self._level0_square(c) for c in corners])
-                self._commit(features, len(corners))
-                report(progress, self.state.tiles_done, total, "tiles")
+            with pipelined(batches, stages, depth=PIPELINE_DEPTH) as processed:
+                for ready in processed:
+                    self._write_batch(ready, labels, features)
+                    report(progress, self.state.tiles_done, total, "tiles")
 
-    def _process_tile(self, corner, maps: dict, labels, features) -> None:
-        state, timings = self.state, self.state.timings_s
-        t0 = time.perf_counter()
-        result = postprocess(maps["np"], maps["hv"], maps.get("nc"), self.params)
-        kept = [n for n in self.grid.owned(corner, result.nuclei) if self._inside_slide(corner, n)]
-        t1 = time.perf_counter()
+    # The stages before writing (each on a thread of its own) touch neither the outputs nor
+    # the state: only the calling thread writes and commits, so the resume rule holds as it did.
+
+    def _read_batch(self, batch: _Batch) -> _Batch:
+        started = time.perf_counter()
+        batch.images = np.stack([self.read.read_tile(self.reader, x, y, self.tile) for x, y in batch.corners])
+        batch.seconds["read"] = time.perf_counter() - started
+        return batch
+
+    def _predict_batch(self, batch: _Batch) -> _Batch:
+        started = time.perf_counter()
+        batch.maps = self.selection.backend.run(batch.images)
+        batch.images = None  # held no longer than needed: memory stays a few batches whatever the slide
+        batch.seconds["model"] = time.perf_counter() - started
+        return batch
+
+    def _postprocess_batch(self, batch: _Batch) -> _Batch:
+        started = time.perf_counter()
+        batch.tiles = []
+        for k, corner in enumerate(batch.corners):
+            result = postprocess(
+                batch.maps["np"][k],
+                batch.maps["hv"][k],
+                batch.maps["nc"][k] if "nc" in batch.maps else None,
+                self.params,
+            )
+            kept = [n for n in self.grid.owned(corner, result.nuclei) if self._inside_slide(corner, n)]
+            batch.tiles.append((corner, result.instance_map, kept))
+        batch.maps = None
+        batch.seconds["postprocess"] = time.perf_counter() - started
+        return batch
+
+    def _write_batch(self, batch: _Batch, labels, features) -> None:
+        """Write a post-processed batch's kept nuclei and commit it (the SlideState rule)."""
+        self.state.begin_batch(self.state_path, batch.start, batch.start + len(batch.corners))
+        started = time.perf_counter()
+        for corner, instance_map, kept in batch.tiles:
+            self._write_tile(corner, instance_map, kept, labels, features)
+        timings = self.state.timings_s
+        for stage, seconds in batch.seconds.items():
+            timings[stage] += seconds
+        timings["write"] += time.perf_counter() - started
+        outputs.sync_label_chunks(self.out_dir / LABELS_DIR, [self._level0_square(c) for c in batch.corners])
+        self._commit(features, len(batch.corners))
+
+    def _write_tile(self, corner, instance_map: np.ndarray, kept: list, labels, features) -> None:
+        state = self.state
         x0, y0, x1, y1 = self._level0_rect(corner)
         region = labels[y0:y1, x0:x1] if kept else None
         if kept:  # the tile's instances on level 0's pixels (the same array at the model's resolution)
             gx, gy = corner
             rows = self.read.grid_index(np.arange(y0, y1), gy, self.tile)
             cols = self.read.grid_index(np.arange(x0, x1), gx, self.tile)
-            instances = result.instance_map[rows[:, None], cols[None, :]]
+            instances = instance_map[rows[:, None], cols[None, :]]
         lines = []
         for nucleus in kept:
             bx0, by0, bx1, by1 = self._level0_box(corner, nucleus.bbox_xyxy, (x0, y0, x1, y1))
@@ -423,8 +491,6 @@ class _SlideJob:
             labels[y0:y1, x0:x1] = region
             features.write("".join(lines).encode())
         state.area_px += self.grid.nominal_cell_area(corner, self.width, self.height)
-        timings["postprocess"] += t1 - t0
-        timings["write"] += time.perf_counter() - t1
 
     def _level0_rect(self, corner) -> tuple[int, int, int, int]:
         """The level-0 pixels (x0, y0, x1, y1) of the tile at grid ``corner``, within the slide."""

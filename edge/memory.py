@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cmdfed.errors import CmdfedError
+from edge.infer import BATCHES_ALIVE
 
 log = logging.getLogger("cmdfed.edge")
 
@@ -149,9 +150,12 @@ class Costs:
         return tiles * side * side * 3
 
     def slide(self, batch: int) -> int:
-        """A SegmentSlide job reading and processing ``batch`` tiles at a time."""
+        """A SegmentSlide job reading and processing ``batch`` tiles at a time: the batches its
+        pipeline holds (edge.infer's BATCHES_ALIVE, each as tiles or maps, and the backend's
+        copy of the one it runs) and one tile's post-processing."""
         tile_px = self.window * self.window
-        return 2 * batch * tile_px * (3 + self.map_bytes_per_px) + self.tile_work(tile_px) + SLIDE_EXTRA_BYTES
+        batches = (BATCHES_ALIVE + 1) * batch * tile_px * (3 + self.map_bytes_per_px)
+        return batches + self.tile_work(tile_px) + SLIDE_EXTRA_BYTES
 
 
 @dataclass(frozen=True)

@@ -12,11 +12,15 @@ import zarr
 from PIL import Image
 
 from cmdfed.data import cpm15
+from cmdfed.data.slide import open_slide
 from cmdfed.errors import CmdfedError
 from cmdfed.evaluate.metrics import evaluate_instances
 from cmdfed.inference.resolution import resize_labels
 from cmdfed.telemetry import TelemetryStore
-from edge.infer import _SlideJob, infer_slide
+from edge import outputs
+from edge.deploy import active_bundle
+from edge.infer import DEFAULT_MIN_TISSUE, _Batch, _SlideJob, infer_slide
+from edge.selection import select_backend
 
 from .conftest import synthetic_slide_image
 
@@ -140,6 +144,99 @@ def test_labels_of_a_finished_batch_are_on_disk_before_it_is_recorded_done(home,
     monkeypatch.setattr(_SlideJob, "_commit", commit_after_checking_the_labels)
     infer_slide(slide_tiff, home, tmp_path / "out", batch=2)
     assert checked  # label chunks existed at some commit
+
+
+# -- the pipeline: reading, the model and post-processing on threads of their own ------------
+
+
+def _pipeline_threads() -> list:
+    import threading
+
+    return [t for t in threading.enumerate() if t.name.startswith("pipeline-")]
+
+
+@pytest.fixture(scope="module")
+def one_tile_batches(home, slide_tiff, tmp_path_factory):
+    """The slide segmented uninterrupted, one tile per batch (so the pipeline has many)."""
+    out_dir = tmp_path_factory.mktemp("one-tile-batches")
+    done = []
+    summary = infer_slide(slide_tiff, home, out_dir, batch=1, progress=lambda d, t, what: done.append((d, t)))
+    return summary, out_dir, done
+
+
+def test_the_pipeline_writes_what_its_stages_give_run_one_after_another(home, slide_tiff, one_tile_batches, tmp_path):
+    summary, piped, progress = one_tile_batches
+    total = summary["tiles"]
+    assert total >= 10 and progress == [(done, total) for done in range(total + 1)]  # every batch reported, in order
+    in_turn = tmp_path / "in-turn"
+    with open_slide(slide_tiff) as reader:  # the same job's stages, each batch through all of them before the next
+        job = _SlideJob(reader, select_backend(active_bundle(home), home), in_turn, DEFAULT_MIN_TISSUE, restart=False)
+        labels = outputs.open_label_level0(in_turn / "labels.ome.zarr")
+        with open(job.features_path, "r+b") as features:
+            for start, corner in enumerate(job.corners):
+                batch = job._postprocess_batch(job._predict_batch(job._read_batch(_Batch(start, [corner]))))
+                job._write_batch(batch, labels, features)
+        sequential = job.finish()
+    assert (
+        summary["n_cells"] == sequential["n_cells"] > 0
+        and summary["seam_duplicates_dropped"] == sequential["seam_duplicates_dropped"]
+    )
+    assert (piped / "cells.geojson").read_bytes() == (in_turn / "cells.geojson").read_bytes()
+    assert np.array_equal(_labels(piped), _labels(in_turn))
+
+
+def test_a_slide_that_breaks_while_its_tiles_are_read_is_one_error_and_resumes(
+    home, slide_tiff, one_tile_batches, tmp_path
+):
+    import os
+    import shutil
+
+    slide = shutil.copy(slide_tiff, tmp_path / slide_tiff.name)
+    intact = (tmp_path / "case-001.tif").read_bytes()
+
+    def cut_the_file_after_the_first_batch(done, total, what):
+        if done == 1:  # the reader is ahead of the writer by a few batches; those after them cannot be read
+            os.truncate(slide, 4096)
+
+    out_dir = tmp_path / "out"
+    with pytest.raises(CmdfedError, match=r"cannot read the region .* case-001\.tif.* truncated or corrupt") as raised:
+        infer_slide(slide, home, out_dir, batch=1, progress=cut_the_file_after_the_first_batch)
+    assert "(raised in the pipeline's read stage)" in raised.value.__notes__
+    assert not _pipeline_threads()
+    assert not (out_dir / "cells.geojson").exists() and not (out_dir / "summary.json").exists()
+    (tmp_path / "case-001.tif").write_bytes(intact)
+    resumed = infer_slide(slide, home, out_dir, batch=1)
+    assert resumed["sessions"] == 2 and _features(out_dir) == _features(one_tile_batches[1])
+
+
+def test_a_failure_in_post_processing_is_one_error_and_resumes(
+    home, slide_tiff, one_tile_batches, tmp_path, monkeypatch
+):
+    from cmdfed.inference import postprocess
+
+    watershed, calls = postprocess.watershed, []
+
+    def out_of_memory_at_the_fifth_tile(*args, **kwargs):  # scikit-image's watershed, as a full machine fails it
+        calls.append(1)
+        if len(calls) == 5:
+            raise MemoryError("Unable to allocate 256 KiB for the watershed's queue")
+        return watershed(*args, **kwargs)
+
+    out_dir = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        patch.setattr(postprocess, "watershed", out_of_memory_at_the_fifth_tile)
+        with pytest.raises(MemoryError, match="watershed's queue") as raised:
+            infer_slide(slide_tiff, home, out_dir, batch=1)
+    assert "(raised in the pipeline's post-processing stage)" in raised.value.__notes__
+    assert not _pipeline_threads()
+    assert not (out_dir / "cells.geojson").exists() and not (out_dir / "summary.json").exists()
+    state = json.loads((out_dir / ".work" / "state.json").read_text())
+    assert (
+        state["tiles_done"] < one_tile_batches[0]["tiles"] and state["in_flight"] is None
+    )  # whole batches before it only
+    resumed = infer_slide(slide_tiff, home, out_dir, batch=1)
+    assert resumed["sessions"] == 2 and _features(out_dir) == _features(one_tile_batches[1])
+    assert np.array_equal(_labels(out_dir), _labels(one_tile_batches[1]))
 
 
 def test_a_second_job_on_the_same_out_folder_is_refused(home, slide_tiff, tmp_path):
