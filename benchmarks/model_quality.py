@@ -23,7 +23,9 @@ settings chosen that way transfer). Mean +- std over seeds.
 
 A ``--workdir`` that already holds runs of the same settings reuses them: finished runs
 are scored again, not retrained. ``--arms``, ``--fractions`` and ``--seeds`` choose which
-runs make the table, so a budget that cannot run all 30 still reports what it ran.
+runs make the table, so a budget that cannot run all 30 still reports what it ran;
+``--finished-only`` trains nothing and scores the finished runs there (a row's ``seeds``
+says how many it has).
 
     python -m benchmarks.model_quality [--arms cmd-e2e scratch-e2e ...] [--fractions 0.1 1.0]
         [--seeds 3] [--workdir DIR]
@@ -46,10 +48,12 @@ from cmdfed.data import cpm15
 from cmdfed.data.samples import fetch_samples
 from cmdfed.data.slide import tile_slide
 from cmdfed.data.store import SiteStore
+from cmdfed.errors import CmdfedError
 from cmdfed.evaluate.metrics import evaluate_instances, summarize
 from cmdfed.evaluate.tune import tune_postprocess
 from cmdfed.inference.postprocess import WatershedParams, postprocess, tuned_postprocess
 from cmdfed.inference.segment import load_model, predict_image_maps
+from cmdfed.model.checkpoint import load_checkpoint
 from cmdfed.model.config import ModelConfig
 from cmdfed.train.phases import finetune, pretrain, training_tiles
 from cmdfed.train.recipe import RECIPE_TILE, finetune_config, pretrain_config, pretrain_diffusion
@@ -75,6 +79,14 @@ def score(run: Path, test: dict[str, tuple[np.ndarray, np.ndarray]], params: Wat
     return {key: summary[f"mean_{key}"] for key in ("dice", "aji", "pq")}
 
 
+def finished(run: Path, steps: int) -> bool:
+    """Whether ``run`` holds a fine-tuning run that took all its ``steps``."""
+    try:
+        return load_checkpoint(run).step >= steps
+    except CmdfedError:
+        return False
+
+
 def git_commit() -> str:
     root = Path(__file__).resolve().parents[1]
     head = subprocess.run(
@@ -96,6 +108,11 @@ def main() -> None:
     parser.add_argument("--fractions", nargs="+", type=float, default=[0.1, 1.0])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument(
+        "--finished-only",
+        action="store_true",
+        help="train nothing: score the runs --workdir holds finished, each row saying how many seeds it has",
+    )
     args = parser.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="cmdfed-quality-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -129,6 +146,8 @@ def main() -> None:
             for seed in range(args.seeds):
                 run = work / f"{arm}-f{fraction}-s{seed}"
                 config = finetune_config(seed=seed, **({} if trainable == "all" else {"lr": 2e-3}))
+                if args.finished_only and not finished(run, config.steps):
+                    continue
                 result = finetune(
                     train_store,
                     run,
@@ -154,6 +173,8 @@ def main() -> None:
     for fraction in args.fractions:
         for arm in args.arms:
             runs = [r for r in per_run if r["arm"] == arm and r["fraction"] == fraction]
+            if not runs:
+                continue
             row = {"arm": arm, "label fraction": fraction, "seeds": len(runs), "trainable params": runs[0]["trainable"]}
             for key in ("dice scaled", "aji scaled", "pq scaled", "aji tuned", "pq tuned"):
                 values = np.array([r[key] for r in runs], float)

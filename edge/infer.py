@@ -274,7 +274,7 @@ class SlideState:
     next_id: int = 1  # the label the next kept nucleus gets
     features_bytes: int = 0  # length of .work/features.jsonl at the last commit
     counts: dict[str, int] = field(default_factory=dict)  # kept nuclei by class name
-    touching_tile_edges: int = 0
+    cut_by_tile_edges: int = 0  # objects dropped because a tile edge cut them (too large for the overlap)
     seam_duplicates: int = 0
     in_flight: list[int] | None = None  # [start, stop) of the tiles of a batch not yet committed
     area_px: int = 0
@@ -285,7 +285,9 @@ class SlideState:
     @classmethod
     def load(cls, path: Path) -> SlideState:
         try:
-            return cls(**json.loads(path.read_text()))
+            saved = json.loads(path.read_text())
+            saved.pop("touching_tile_edges", None)  # a count jobs before 2026-12 kept; now cut_by_tile_edges
+            return cls(**saved)
         except (OSError, ValueError, TypeError) as exc:
             raise CmdfedError(f"{path} is damaged ({exc}); pass --restart to start the slide again") from exc
 
@@ -313,7 +315,8 @@ class _Batch:
     corners: list[tuple[int, int]]
     images: np.ndarray | None = None
     maps: dict[str, np.ndarray] | None = None
-    tiles: list[tuple[tuple[int, int], np.ndarray, list]] | None = None  # (corner, instance map, kept nuclei)
+    # (corner, instance map, kept nuclei, objects dropped as cut by the tile's edges)
+    tiles: list[tuple[tuple[int, int], np.ndarray, list, int]] | None = None
     seconds: dict[str, float] = field(default_factory=dict)  # each stage's time on it, added to the state when written
 
 
@@ -436,8 +439,12 @@ class _SlideJob:
                 batch.maps["nc"][k] if "nc" in batch.maps else None,
                 self.params,
             )
-            kept = [n for n in self.grid.owned(corner, result.nuclei) if self._inside_slide(corner, n)]
-            batch.tiles.append((corner, result.instance_map, kept))
+            owned = [n for n in self.grid.owned(corner, result.nuclei) if self._inside_slide(corner, n)]
+            # An outline that reaches a tile edge inside the slide is cut there: the object is larger
+            # than the overlap lets a tile see whole (cmdfed.inference.tiling), so it is no nucleus's
+            # outline. Dropped and counted, not drawn with a straight side.
+            kept = [n for n in owned if not self.grid.touches_inner_edge(corner, n, self.width, self.height)]
+            batch.tiles.append((corner, result.instance_map, kept, len(owned) - len(kept)))
         batch.maps = None
         batch.seconds["postprocess"] = time.perf_counter() - started
         return batch
@@ -446,7 +453,8 @@ class _SlideJob:
         """Write a post-processed batch's kept nuclei and commit it (the SlideState rule)."""
         self.state.begin_batch(self.state_path, batch.start, batch.start + len(batch.corners))
         started = time.perf_counter()
-        for corner, instance_map, kept in batch.tiles:
+        for corner, instance_map, kept, cut in batch.tiles:
+            self.state.cut_by_tile_edges += cut
             self._write_tile(corner, instance_map, kept, labels, features)
         timings = self.state.timings_s
         for stage, seconds in batch.seconds.items():
@@ -485,8 +493,6 @@ class _SlideJob:
             lines.append(_feature_line(feature))
             name = feature["properties"]["classification"]["name"]
             state.counts[name] = state.counts.get(name, 0) + 1
-            if self.grid.touches_inner_edge(corner, nucleus, self.width, self.height):
-                state.touching_tile_edges += 1
         if lines:
             labels[y0:y1, x0:x1] = region
             features.write("".join(lines).encode())
@@ -574,7 +580,7 @@ class _SlideJob:
             "area_analysed_px": area_px,
             "area_analysed_mm2": area_mm2,
             "cells_per_mm2": n_cells / area_mm2 if area_mm2 else None,
-            "nuclei_touching_tile_edges": state.touching_tile_edges,
+            "objects_cut_by_tile_edges_dropped": state.cut_by_tile_edges,
             "seam_duplicates_dropped": state.seam_duplicates,
             "timings_s": {k: round(v, 3) for k, v in state.timings_s.items()},
             "sessions": state.sessions,

@@ -39,8 +39,10 @@ Ownership (:class:`TileGrid`)
     overlap >= the largest nucleus diameter (``max_nucleus_diameter_px`` in the manifest).
     Next to a grid position skipped for lack of tissue, a nucleus may be seen whole by no
     tile; then the fragments of it that neighbouring tiles see can each be kept (cut, and
-    possibly twice). Such cases, and any nucleus larger than the overlap, are counted as
-    touching a tile edge in the summary rather than hidden.
+    possibly twice). Such cases, and any object larger than the overlap, reach the edge of
+    the tile that keeps them and are cut there: ``edge.infer`` drops them (a straight-sided
+    fragment is no nucleus's outline) and counts them in the summary
+    (``objects_cut_by_tile_edges_dropped``) rather than hiding them.
 
     The two tiles predict a seam nucleus from different context, so their centroids differ
     by a fraction of a pixel; a centroid that falls exactly on a cell border could in

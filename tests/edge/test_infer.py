@@ -16,6 +16,7 @@ from cmdfed.data.slide import open_slide
 from cmdfed.errors import CmdfedError
 from cmdfed.evaluate.metrics import evaluate_instances
 from cmdfed.inference.resolution import resize_labels
+from cmdfed.model.targets import make_targets
 from cmdfed.telemetry import TelemetryStore
 from edge import outputs
 from edge.deploy import active_bundle
@@ -400,3 +401,28 @@ def test_a_resampled_slide_resumes_to_the_uninterrupted_result(home, cpm15_runs,
     assert np.array_equal(_labels(crashed), _labels(whole))
     with pytest.raises(CmdfedError, match="another slide"):  # the same slide said to be at 20x is another job
         infer_slide(cpm15_slides["40x"], home, crashed, mpp=0.5)
+
+
+def test_an_object_a_tile_edge_cuts_is_dropped_and_counted_not_drawn(home, slide_tiff, tmp_path):
+    """A tile sees a nucleus whole when it is no larger than the overlap; an object reaching the
+    edge of the tile that keeps it is larger, cut there with a straight side: not a nucleus outline."""
+    with open_slide(slide_tiff) as reader:
+        job = _SlideJob(
+            reader, select_backend(active_bundle(home), home), tmp_path / "out", DEFAULT_MIN_TISSUE, restart=False
+        )
+        tile, overlap = job.tile, job.overlap
+        corner = next(c for c in job.corners if 0 < c[0] and c[0] + tile < job.width and 0 < c[1])
+        truth = np.zeros((tile, tile), np.int32)
+        rows, cols = np.mgrid[:tile, :tile]
+        truth[np.hypot(rows - tile // 2, cols - tile // 3) <= 6] = 1  # a nucleus, whole in the tile's cell
+        # wider than the overlap, its centroid inside the tile's cell, its right end at the tile's right edge
+        truth[tile // 2 + 12 : tile // 2 + 24, tile - overlap - 16 :] = 2
+        targets = make_targets(truth)
+        maps = {"np": targets.nuclear_pixels.astype(np.float32)[None], "hv": targets.hv[None]}
+        batch = job._postprocess_batch(_Batch(0, [corner], maps=maps))
+        _, _, kept, cut = batch.tiles[0]
+        assert cut == 1 and len(kept) == 1 and kept[0].area < 200
+        labels = outputs.open_label_level0(job.out_dir / "labels.ome.zarr")
+        with open(job.features_path, "r+b") as features:
+            job._write_batch(batch, labels, features)
+        assert job.state.cut_by_tile_edges == 1 and sum(job.state.counts.values()) == 1
