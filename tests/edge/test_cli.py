@@ -72,11 +72,11 @@ def test_export_takes_the_settings_tune_chose(checkpoint, tmp_path):
     tuned = {**asdict(WatershedParams.for_mpp(0.5)), "marker_gradient_threshold": 0.3, "foreground_threshold": 0.6}
     (folder / TUNED_FILE).write_text(json.dumps({"params": tuned, "mpp": 0.5}))
     result = export("--checkpoint", str(run), "--out", str(tmp_path / "bundle"), "--tile", str(TILE), "--overlap",
-                    str(OVERLAP), "--min-object-size", "4")  # fmt: skip
+                    str(OVERLAP), "--min-object-size", "4", "--no-int8")  # fmt: skip
     assert result.exit_code == 0, result.output
     params = json.loads((tmp_path / "bundle" / "manifest.json").read_text())["postprocessing"]["params"]
     assert params == {**tuned, "min_object_size": 4}
-    refused = export("--checkpoint", str(run), "--out", str(tmp_path / "b2"), "--mpp", "0.25")
+    refused = export("--checkpoint", str(run), "--out", str(tmp_path / "b2"), "--mpp", "0.25", "--no-int8")
     assert refused.exit_code != 0 and "tuned for 0.5 um/px" in str(refused.exception or refused.output)
 
 
@@ -84,7 +84,7 @@ def test_export_takes_the_settings_tune_chose(checkpoint, tmp_path):
 def test_exported_post_processing_is_recorded_and_used_by_infer_and_serve(checkpoint, slide_tiff, tmp_path):
     result = export("--checkpoint", str(checkpoint), "--out", str(tmp_path / "bundle"), "--tile", str(TILE),
                     "--overlap", str(OVERLAP), "--foreground-threshold", "1.0", "--min-object-size", "4",
-                    "--marker-opening-size", "3")  # fmt: skip
+                    "--marker-opening-size", "3", "--no-int8")  # fmt: skip
     assert result.exit_code == 0, result.output
     params = json.loads((tmp_path / "bundle" / "manifest.json").read_text())["postprocessing"]["params"]
     changed = {"foreground_threshold": 1.0, "min_object_size": 4, "marker_opening_size": 3}
