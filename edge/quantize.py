@@ -94,9 +94,9 @@ def quantize(fp32_onnx: Path, out: Path, tiles: np.ndarray, to_input) -> None:
         quantize_static(
             str(fp32_onnx), str(out), Tiles(), quant_format=QuantFormat.QDQ, op_types_to_quantize=QUANTISED_OPS,
             per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            # MinMax keeps each tensor's min and max per tile (under 1 MB a tile), so all tiles are held at once;
+            # CalibMaxIntermediateOutputs would drop the ranges of all but the last few tiles (onnxruntime 1.32).
             calibrate_method=CalibrationMethod.MinMax,
-            # Ranges merged every few tiles: the calibrator otherwise holds every intermediate tensor of every tile.
-            extra_options={"CalibMaxIntermediateOutputs": 4},
         )  # fmt: skip
     except Exception as exc:  # onnxruntime's quantiser raises untyped errors
         raise CmdfedError(f"INT8 quantisation failed ({type(exc).__name__}: {str(exc)[:300]}); export with --no-int8") from exc

@@ -768,7 +768,8 @@ class EdgeService:
         self.server.start()
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving model %s with %s on port %d", self.version, self.selection.backend.name, self.port)
+        log.info("serving model %s with %s (%s) on port %d", self.version, self.selection.backend.name,
+                 self.selection.backend.precision, self.port)  # fmt: skip
         if self.reports:
             self._heartbeat()
             self._heartbeat_thread = threading.Thread(target=self._heartbeat_loop, name="edge-heartbeat", daemon=True)
