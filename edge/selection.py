@@ -11,8 +11,8 @@ and makes its failure an error instead of a fallback.
 Variants (ONNX Runtime CPU): a bundle may carry, beside the fp32 graph, variants that passed
 a gate at export (``int8``, see :mod:`edge.quantize`; the gate's record is in the manifest).
 Each variant whose gate passed is loaded and checked on the golden data like fp32 (within its
-own tolerance), then timed on the golden tiles (VARIANT_TIMING_RUNS calls, the fastest
-counts: the same graph is faster or slower depending on the CPU's instructions); the fastest
+own tolerance), then timed on the golden tiles (VARIANT_TIMING_RUNS calls each, taking turns,
+the fastest counts: the same graph is faster or slower depending on the CPU's instructions); the fastest
 is used and the others are released. A variant that failed its gate, here or at export, is
 not used, and why is logged and reported (``variants`` in the selection's report), so a
 workstation running fp32 instead of INT8 says so.
@@ -85,8 +85,8 @@ def _fastest_variant(fp32: Backend, fp32_diff: float, model: BundleModel, thread
             continue
         record[variant] = {"golden_max_abs_diff": passed[variant][1]}
     if len(passed) > 1:
-        for variant, (backend, _) in passed.items():
-            record[variant]["ms_per_tile"] = _ms_per_tile(backend, images)
+        for variant, ms in _ms_per_tile({v: backend for v, (backend, _) in passed.items()}, images).items():
+            record[variant]["ms_per_tile"] = ms
     chosen = min(passed, key=lambda v: record[v].get("ms_per_tile", 0.0))
     for variant in passed:
         record[variant]["used"] = variant == chosen
@@ -95,15 +95,17 @@ def _fastest_variant(fp32: Backend, fp32_diff: float, model: BundleModel, thread
     return passed[chosen][0], passed[chosen][1], record
 
 
-def _ms_per_tile(backend: Backend, images) -> float:
-    """The fastest of a few calls on the golden tiles (they follow the validation run, so the
-    session is warm), in milliseconds per tile."""
-    best = float("inf")
+def _ms_per_tile(backends: dict[str, Backend], images) -> dict[str, float]:
+    """Each backend's fastest of a few calls on the golden tiles, in milliseconds per tile. The
+    calls take turns (one of each per round), so other work on the machine slows them alike;
+    they follow the validation runs, so the sessions are warm."""
+    best = dict.fromkeys(backends, float("inf"))
     for _ in range(VARIANT_TIMING_RUNS):
-        start = time.perf_counter()
-        backend.run(images)
-        best = min(best, time.perf_counter() - start)
-    return best * 1e3 / len(images)
+        for variant, backend in backends.items():
+            start = time.perf_counter()
+            backend.run(images)
+            best[variant] = min(best[variant], time.perf_counter() - start)
+    return {variant: seconds * 1e3 / len(images) for variant, seconds in best.items()}
 
 
 def select_backend(
