@@ -5,7 +5,9 @@ The service runs as its own process, as on a workstation (``--workers 16``, so e
 served at once: decoding and post-processing run in parallel, model calls one at a time). Each
 client has its own gRPC channel and sends SegmentTiles requests of one synthetic 256 px H&E
 tile back to back for ``--seconds``, after ``--warmup`` requests of its own; requests/s counts
-every request answered in that time, and the latency is what the client saw (send to reply).
+every request answered in that time, and the latency is what the client saw (send to reply);
+``refused`` counts the requests the service turned away (RESOURCE_EXHAUSTED: its memory budget
+or request limits), which are not in requests/s.
 
     python -m benchmarks.edge_service [--home DIR | --preset base] [--seconds 20] [--backend NAME] [--threads N]
     python -m benchmarks.edge_service --quick   # tiny random model, 3 s per level; prints only
@@ -77,6 +79,7 @@ def start_service(home: Path, args: argparse.Namespace) -> tuple[subprocess.Pope
 
 def load(port: int, clients: int, seconds: float, warmup: int, request: pb.SegmentTilesRequest) -> dict:
     latencies: list[list[float]] = [[] for _ in range(clients)]
+    refused = [0] * clients
     failures: list[BaseException] = []
     clock: dict[str, float] = {}
 
@@ -95,9 +98,15 @@ def load(port: int, clients: int, seconds: float, warmup: int, request: pb.Segme
                 ready.wait()
                 while time.perf_counter() < clock["stop"]:
                     start = time.perf_counter()
-                    stub.SegmentTiles(request, timeout=300)
+                    try:
+                        stub.SegmentTiles(request, timeout=300)
+                    except grpc.RpcError as exc:
+                        if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                            raise
+                        refused[k] += 1
+                        continue
                     latencies[k].append(time.perf_counter() - start)
-        except BaseException as exc:  # noqa: BLE001 - a client thread's failure, whatever it is, is reported below
+        except BaseException as exc:  # noqa: BLE001 - reported below, whatever it was
             failures.append(exc)
             ready.abort()
 
@@ -113,7 +122,13 @@ def load(port: int, clients: int, seconds: float, warmup: int, request: pb.Segme
     elapsed = time.perf_counter() - clock["start"]  # includes the last requests that ran past the deadline
     every = np.array([s for per_client in latencies for s in per_client]) * 1e3
     p50, p95 = np.percentile(every, [50, 95])
-    return {"requests": len(every), "requests/s": len(every) / elapsed, "p50 ms": float(p50), "p95 ms": float(p95)}
+    return {
+        "requests": len(every),
+        "requests/s": len(every) / elapsed,
+        "p50 ms": float(p50),
+        "p95 ms": float(p95),
+        "refused": sum(refused),
+    }
 
 
 def main() -> None:
@@ -139,18 +154,20 @@ def main() -> None:
         process, port = start_service(home, args)
         try:
             with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-                backend = pb_grpc.EdgeSegmentationStub(channel).ModelInfo(pb.Empty(), timeout=60).backend
+                info = pb_grpc.EdgeSegmentationStub(channel).ModelInfo(pb.Empty(), timeout=60)
             rows = []
             for clients in CLIENTS:
                 m = load(port, clients, args.seconds, args.warmup, request)
                 rows.append(
                     {
                         "clients": clients,
-                        "backend": backend,
+                        "backend": info.backend,
+                        "precision": info.precision,
                         "requests": m["requests"],
                         "requests/s": round(m["requests/s"], 2),
                         "p50 ms": round(m["p50 ms"], 1),
                         "p95 ms": round(m["p95 ms"], 1),
+                        "refused": m["refused"],
                     }
                 )
         finally:

@@ -3,7 +3,9 @@ batch 1 and 8, on every backend this machine has, in one run.
 
 Backends: PyTorch eager (the bundle's ``model.pt2`` torch.export program run op by op, fp32,
 on the CPU and, when there is one, the GPU); ONNX Runtime CPU (``--threads`` intra-op threads,
-all graph optimisations, as the workstation runs it); and, when present, ONNX Runtime CUDA and
+as the workstation runs it) once per graph the bundle carries that passed its gate (fp32, and
+``int8`` where the export added it: ``precision`` says which; the workstation runs the faster,
+``edge.selection``); and, when present, ONNX Runtime CUDA and
 TensorRT (edge/backends.py; each must pass the bundle's golden-data check first, as at
 deploy). Every call takes a uint8 (B, 256, 256, 3) batch and returns float32 numpy maps, as
 slide inference uses it, so GPU timings include the copies both ways. ``x PyTorch eager`` is a
@@ -31,6 +33,7 @@ from benchmarks.common import markdown_table, save
 from cmdfed.data.synth import synth_tiles
 from cmdfed.errors import CmdfedError
 from cmdfed.inference.segment import to_model_input
+from edge.backends import BundleModel, OrtCpuBackend
 from edge.bundle import PT2_FILE
 from edge.deploy import active_bundle
 from edge.selection import select_backend
@@ -69,7 +72,16 @@ def candidates(bundle: Path, home: Path, threads: int) -> tuple[list[tuple[str, 
         found.append(("pytorch-eager", "cuda", "fp32", pytorch_eager(bundle, "cuda")))
     else:
         skipped["pytorch-eager cuda"] = "no CUDA GPU"
-    for name in ("onnxruntime-cpu", "onnxruntime-cuda", "tensorrt"):
+    model = BundleModel.load(bundle, home)
+    gates = model.variant_gates()
+    for variant in ["fp32", *gates]:
+        if variant != "fp32" and not gates[variant]["passed"]:
+            skipped[f"onnxruntime-cpu {variant}"] = f"failed its gate at export: {gates[variant]['reason']}"
+            continue
+        backend = OrtCpuBackend(model, threads, variant=variant)
+        backend.validate()
+        found.append(("onnxruntime-cpu", "cpu", variant, backend.run))
+    for name in ("onnxruntime-cuda", "tensorrt"):
         try:
             backend = select_backend(bundle, home, force=name, threads=threads).backend
         except CmdfedError as exc:

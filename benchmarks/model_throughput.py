@@ -42,6 +42,7 @@ from benchmarks.common import save
 ROOT = Path(__file__).resolve().parents[1]
 PHASES = ("pretrain", "finetune", "finetune (all)")
 REFERENCE = "monai-flexibleunet-resnet34"
+COMPILED = "+compile"  # a precision with it: the model's graph compiled by torch.compile (inductor)
 
 
 def _reference_step(batch: int, tile: int):
@@ -71,7 +72,7 @@ def _cmd_step(preset: str, phase: str, precision: str, batch: int, tile: int):
     from cmdfed.train.phases import finetune_loss, pretrain_loss
 
     device = torch.device("cpu")
-    config = TrainConfig(steps=1000, batch_size=batch, lr=1e-4, precision=precision)
+    config = TrainConfig(steps=1000, batch_size=batch, lr=1e-4, precision=precision.removesuffix(COMPILED))
     tiles = list(synth_tiles(batch, tile))
     images = torch.stack([torch.from_numpy(s.image).permute(2, 0, 1).float().div(255.0) for s in tiles])
     if phase == "pretrain":
@@ -93,7 +94,12 @@ def _cmd_step(preset: str, phase: str, precision: str, batch: int, tile: int):
         }
         loss = finetune_loss(model, None)
     trainer = Trainer(model, loss, config, device)
-    return model, lambda: trainer.train_step(batch_dict)
+
+    def compile_model() -> None:  # what the phase's loss calls: the forward pass, or the segmentation one
+        name = "forward" if phase == "pretrain" else "segment"
+        setattr(model, name, torch.compile(getattr(model, name)))
+
+    return model, lambda: trainer.train_step(batch_dict), compile_model
 
 
 def child(preset: str, phase: str, precision: str, batch: int, tile: int, steps: int) -> dict:
@@ -104,10 +110,14 @@ def child(preset: str, phase: str, precision: str, batch: int, tile: int, steps:
     if preset == REFERENCE:
         model, step = _reference_step(batch, tile)
     else:
-        model, step = _cmd_step(preset, phase, precision, batch, tile)
+        model, step, compile_model = _cmd_step(preset, phase, precision, batch, tile)
     with FlopCounterMode(display=False) as counter:
         step()
-    step()  # warm-up: oneDNN picks its kernels for the layout and precision here
+    if precision.endswith(COMPILED):
+        compile_model()  # after counting: the counter sees the eager graph, the same FLOPs
+    start = time.perf_counter()
+    step()  # warm-up: oneDNN picks its kernels for the layout and precision here (inductor compiles)
+    warm_up = time.perf_counter() - start
     times = []
     for _ in range(steps):
         start = time.perf_counter()
@@ -119,6 +129,7 @@ def child(preset: str, phase: str, precision: str, batch: int, tile: int, steps:
         "flops": counter.get_total_flops(),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "params": sum(p.numel() for p in model.parameters()),
+        "warm_up_s": warm_up,
     }
 
 
@@ -191,6 +202,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--presets", nargs="+", default=["tiny", "base"], choices=["tiny", "base"])
     parser.add_argument("--baseline", default=None, help="a commit whose benchmark runs beside today's")
+    parser.add_argument("--compile", action="store_true", help="also time bf16 steps under torch.compile")
     args = parser.parse_args()
     peaks = {"fp32": matmul_peak_gflops(torch.float32), "bf16": matmul_peak_gflops(torch.bfloat16)}
     baseline = baseline_rows(args.baseline, args.batch, args.tile, args.steps) if args.baseline else []
@@ -211,14 +223,15 @@ def main() -> None:
             "step s": round(m["seconds"], 3),
             "GFLOP/step": round(m["flops"] / 1e9, 1),
             "GFLOP/s": round(gflops, 1),
-            "% of matmul peak": round(100 * gflops / peaks[precision], 1),
+            "% of matmul peak": round(100 * gflops / peaks[precision.removesuffix(COMPILED)], 1),
+            "warm-up s": round(m.get("warm_up_s", 0.0), 1),
             "peak RSS MB": round(m["peak_rss_mb"]),
             "x baseline": round(before["step s"] / m["seconds"], 2) if before else "",
         }
 
     for preset in args.presets:
         for phase in PHASES:
-            for precision in ("fp32", "bf16"):
+            for precision in ("fp32", "bf16", *(["bf16" + COMPILED] if args.compile else [])):
                 rows.append(
                     row(
                         f"CMD {preset}",

@@ -287,6 +287,9 @@ def run_demo(
                 "0.5",
                 "--sign-key",
                 str(key.with_suffix(".key")),
+                # The INT8 variant's calibration and PQ gate cost the demo time, and on CPUs like this
+                # one it measured no faster than fp32 (benchmarks: edge_tile_throughput).
+                "--no-int8",
                 "--overwrite",
                 "--telemetry",
                 str(telemetry),

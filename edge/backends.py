@@ -86,6 +86,17 @@ class BundleModel:
     def output_names(self) -> list[str]:
         return [o["name"] for o in self.manifest["graph"]["outputs"]]
 
+    def variant_onnx(self, variant: str) -> str:
+        """The bundle file of a graph variant: ``fp32`` (the exported graph) or one listed under
+        the manifest's ``variants`` (``int8``)."""
+        if variant == "fp32":
+            return self.manifest["graph"]["onnx"]
+        return self.manifest["variants"][variant]["onnx"]
+
+    def variant_gates(self) -> dict[str, dict]:
+        """The export's gate record of every variant beside fp32 (older bundles have none)."""
+        return {name: record["gate"] for name, record in self.manifest.get("variants", {}).items()}
+
     def golden(self) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         with np.load(self.path / self.manifest["validation"]["golden"]) as data:
             return data["input"], {name: data[f"output_{name}"] for name in self.output_names}
@@ -142,6 +153,8 @@ class Backend(abc.ABC):
 
     def tolerance(self) -> float:
         validation = self.model.manifest["validation"]
+        if self.precision == "int8":
+            return self.model.variant_gates()["int8"]["tolerance"]
         return validation["tolerance_fp16"] if self.precision == "fp16" else validation["tolerance_fp32"]
 
     def validate(self) -> float:
@@ -159,12 +172,16 @@ class Backend(abc.ABC):
 class OnnxRuntimeBackend(Backend):
     provider: str
 
-    def __init__(self, model: BundleModel, threads: int | None = None, memory_arena: bool = True):
+    def __init__(
+        self, model: BundleModel, threads: int | None = None, memory_arena: bool = True, variant: str = "fp32"
+    ):
+        """``variant``: which of the bundle's graphs to run, ``fp32`` or a gated one such as ``int8``."""
         super().__init__(model)
         import onnxruntime
 
         if self.provider not in onnxruntime.get_available_providers():
             raise BackendUnavailable(self._missing_reason())
+        self.precision = variant
         options = onnxruntime.SessionOptions()
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
@@ -173,12 +190,12 @@ class OnnxRuntimeBackend(Backend):
         options.enable_cpu_mem_arena = memory_arena
         try:
             self.session = onnxruntime.InferenceSession(
-                model.read_verified(model.manifest["graph"]["onnx"]), sess_options=options, providers=self._providers()
+                model.read_verified(model.variant_onnx(variant)), sess_options=options, providers=self._providers()
             )
         except DamagedBundle:
             raise
         except Exception as exc:  # onnxruntime raises its own untyped errors
-            raise BackendUnavailable(f"ONNX Runtime could not load the model ({str(exc)[:200]})") from exc
+            raise BackendUnavailable(f"ONNX Runtime could not load the {variant} model ({str(exc)[:200]})") from exc
         if self.session.get_providers()[0] != self.provider:
             raise BackendUnavailable(f"{self.provider} did not initialise (CUDA/cuDNN libraries or driver missing?)")
         self.input_name = self.session.get_inputs()[0].name

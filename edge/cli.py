@@ -49,8 +49,8 @@ def export(
     overlap: int = typer.Option(64, help="Tile overlap in pixels: at least the largest nucleus diameter."),
     mpp: float | None = typer.Option(
         None,
-        help="Micrometres per pixel the model was trained at (0.5 at 20x; default: what the checkpoint records); also "
-        "scales the post-processing.",
+        help="Micrometres per pixel the model was trained at (0.5 at 20x; default: what the checkpoint records); "
+        "also scales the post-processing.",
     ),
     tolerance: float = typer.Option(1e-3, help="Largest ONNX Runtime vs PyTorch difference accepted."),
     foreground_threshold: float | None = typer.Option(
@@ -78,6 +78,14 @@ def export(
         rich_help_panel=POSTPROCESS_PANEL,
         help="Diameter of the opening that cleans markers (default 5 at 40x, scaled to --mpp: 3 at 20x).",
     ),
+    int8: bool = typer.Option(
+        True, help="Add the INT8 variant (static quantisation, gated on golden data and CPM-15 PQ)."
+    ),
+    calibration: Path | None = typer.Option(
+        None,
+        help="Folder of H&E images (PNG/JPEG/TIFF, at the model's resolution) to calibrate INT8 on "
+        "(default: the bundled CPM-15 training images).",
+    ),
     overwrite: bool = typer.Option(False, help="Replace an existing bundle."),
     telemetry: str | None = typer.Option(None, help=TELEMETRY_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
@@ -104,6 +112,7 @@ def export(
     check_settings(tile, overlap, tolerance, mpp)
     tuned_or_scaled, _ = postprocess_for(resolve_checkpoint(checkpoint), mpp)  # `cmdfed train tune`'s choice when made
     params = watershed_params(tuned_or_scaled, **given)
+    images = calibration_images(calibration) if int8 and calibration is not None else None
     with progress_bar("export") as progress:
         result = export_bundle(
             checkpoint,
@@ -117,15 +126,42 @@ def export(
             overwrite=overwrite,
             telemetry=telemetry,
             progress=progress,
+            int8=int8,
+            calibration=images,
         )
     emit(
         result,
         as_json,
         lambda r: out.print(
             f"bundle {r['version']}: {r['bundle']} and {r['tar']} ({'signed' if r['signed'] else 'unsigned'}; "
-            f"ONNX Runtime vs PyTorch max diff {r['max_abs_diff']:.2g})"
+            f"ONNX Runtime vs PyTorch max diff {r['max_abs_diff']:.2g}; {int8_summary(r['int8'])})"
         ),
     )
+
+
+def calibration_images(folder: Path) -> list:
+    """The RGB images of ``folder`` for INT8 calibration; one error naming what is wrong."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    if not folder.is_dir():
+        raise CmdfedError(f"--calibration {folder} is not a folder; give a folder of H&E images")
+    images = []
+    for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".tif", ".tiff")):
+        try:
+            images.append(np.asarray(Image.open(path).convert("RGB")))
+        except (OSError, UnidentifiedImageError) as exc:
+            raise CmdfedError(f"--calibration: cannot read {path} ({exc}); give PNG, JPEG or TIFF images") from exc
+    if not images:
+        raise CmdfedError(f"--calibration {folder} has no PNG, JPEG or TIFF images")
+    return images
+
+
+def int8_summary(gate: dict | None) -> str:
+    if gate is None:
+        return "no INT8 variant"
+    verdict = "passed" if gate["passed"] else f"FAILED ({gate['reason']}; workstations will run fp32)"
+    return f"INT8 gate {verdict}: PQ {gate['pq_int8']['mean']:.3f} vs fp32 {gate['pq_fp32']['mean']:.3f}"
 
 
 def watershed_params(base: WatershedParams, **given) -> WatershedParams:
@@ -224,15 +260,15 @@ def status(
         lambda r: out.print(
             f"active: {r['active']} ({'intact' if r['intact'] else 'FAILED: ' + str(r['problem'])}; "
             f"signature: {r['signature']}); previous: {', '.join(r['previous']) or 'none'}; "
-            f"engines cached: {len(r['engines'])}"
+            f"engines cached: {len(r['engines'])}; "
+            + "; ".join(f"{name} variant: {int8_summary(gate)}" for name, gate in r["variants"].items())
         ),
     )
 
 
 trust_commands = typer.Typer(
-    help=(
-        "The publishers' keys this edge home trusts: once it trusts one, every deploy must be signed by a trusted key."
-    ),
+    help="The publishers' keys this edge home trusts: once it trusts one, every deploy must be signed by a "
+    "trusted key.",
     no_args_is_help=True,
 )
 commands.add_typer(trust_commands, name="trust")
@@ -320,8 +356,8 @@ def infer(
     restart: bool = typer.Option(False, help="Discard earlier results in --out and start again."),
     mpp: float | None = typer.Option(
         None,
-        help="The slide's micrometres per pixel (0.25 at 40x, 0.5 at 20x) when its file does not record it; the model "
-        "reads it resampled to its own.",
+        help="The slide's micrometres per pixel (0.25 at 40x, 0.5 at 20x) when its file does not record it; "
+        "the model reads it resampled to its own.",
     ),
     telemetry: str | None = typer.Option(None, help=TELEMETRY_HELP + " The slide's summary goes there."),
     report_to: str | None = REPORT_TO,

@@ -217,6 +217,8 @@ def status(home: str | Path) -> dict:
         "tile_size": manifest.get("preprocessing", {}).get("tile_size"),
         "overlap": manifest.get("preprocessing", {}).get("overlap"),
         "engines": sorted(p.name for p in engines.iterdir()) if engines.is_dir() else [],
+        # Each variant's export gate; which graph actually runs is measured at load (deploy, serve, infer report it).
+        "variants": {name: record.get("gate") for name, record in manifest.get("variants", {}).items()},
     }
 
 

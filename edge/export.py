@@ -24,7 +24,12 @@ when every check has passed (a failed export leaves nothing behind):
    for fp32 on CPU).
 5. ``golden.npz``: two synthetic H&E tiles of the tile size (uint8, as a scanner gives
    them) and PyTorch's outputs; every backend is checked against them at load.
-6. ``manifest.json`` with checksums; optionally ``manifest.sig``; then the folder is
+6. ``model.int8.onnx`` (unless ``int8=False``): the graph statically quantised to INT8 (QDQ),
+   calibrated on real H&E tiles with tissue, and its gate (golden data within
+   ``tolerance_int8``; PQ on the CPM-15 development test images at most ``max_pq_drop`` below
+   fp32's); the gate's numbers and verdict go into the manifest's ``variants.int8``
+   (:mod:`edge.quantize`). A calibration set without tissue is refused before any work.
+7. ``manifest.json`` with checksums; optionally ``manifest.sig``; then the folder is
    renamed into place and a .tar of it written beside it.
 
 Model version: ``<run>-<s|r><step|round>-<first 8 hex of the weights' sha256>``, so two
@@ -54,7 +59,8 @@ from cmdfed.errors import CmdfedError
 from cmdfed.inference.postprocess import WatershedParams
 from cmdfed.inference.segment import load_model, to_model_input
 from cmdfed.progress import Progress, report
-from edge import bundle, signing, trt_ops
+from edge import bundle, quantize, signing, trt_ops
+from edge.backends import model_input
 from edge.graph import INPUT_NAME, EdgeGraph
 
 OPSET = 18
@@ -65,7 +71,7 @@ OPT_BATCH = 8
 DEFAULT_TOLERANCE = 1e-3
 FP16_TOLERANCE = 0.05  # max abs difference of probabilities/HV an FP16 engine may show on the golden tiles
 DIM_NAMES = ("batch", "height", "width")
-_STEPS = 6
+_STEPS = 7
 
 
 def export_bundle(
@@ -81,13 +87,27 @@ def export_bundle(
     overwrite: bool = False,
     telemetry: str | Path | None = None,
     progress: Progress | None = None,
+    int8: bool = True,
+    calibration: list[np.ndarray] | None = None,
+    int8_tolerance: float = quantize.INT8_TOLERANCE,
+    max_pq_drop: float = quantize.MAX_PQ_DROP,
 ) -> dict:
     """Write the bundle folder ``out`` and ``out.tar``; returns what was made.
 
     ``postprocess``: the watershed settings the workstation will use with this model (tuned
     per model and magnification; by default HoVer-Net's scaled to ``mpp``).
+    ``int8``: add the INT8 variant, calibrated on ``calibration`` (uint8 RGB H&E images at the
+    model's resolution; default the CPM-15 training images) and gated by ``int8_tolerance``
+    on the golden data and ``max_pq_drop`` on the CPM-15 test images.
     """
     check_settings(tile, overlap, tolerance, mpp)
+    if int8 and not (int8_tolerance > 0 and max_pq_drop >= 0):
+        raise CmdfedError(
+            f"the INT8 gate needs a positive golden tolerance and a PQ drop of at least 0, "
+            f"got {int8_tolerance} and {max_pq_drop}"
+        )
+    # Refused before the slow steps: a calibration set without tissue is the user's to fix.
+    tiles = quantize.calibration_tiles(calibration or quantize.default_calibration_images(mpp), tile) if int8 else None
     postprocess = WatershedParams.for_mpp(mpp) if postprocess is None else postprocess
     out = Path(out)
     tar_path = out.with_name(out.name + ".tar")
@@ -112,13 +132,18 @@ def export_bundle(
         agreement = _compare_with_torch(graph, work / bundle.ONNX_FILE, tile, tolerance)
         report(progress, 4, _STEPS, "golden data")
         _write_golden(graph, work / bundle.GOLDEN_FILE, tile)
+        report(progress, 5, _STEPS, "INT8 variant" if int8 else "bundle")
         manifest = _manifest(loaded, graph, identity, tile, overlap, mpp, tolerance, agreement, ops, postprocess)
+        if int8:
+            manifest["variants"] = {
+                "int8": _int8_variant(work, graph.output_names, tiles, manifest, int8_tolerance, max_pq_drop)
+            }
         manifest["files"] = bundle.file_records(work)
         manifest_bytes = _json_bytes(manifest)
         write_bytes_atomic(work / bundle.MANIFEST, manifest_bytes)
         if private_key is not None:
             write_bytes_atomic(work / bundle.SIGNATURE, _json_bytes(signing.sign(manifest_bytes, private_key)))
-        report(progress, 5, _STEPS, "bundle")
+        report(progress, 6, _STEPS, "bundle")
         work.chmod(0o755)  # mkdtemp makes 0700; a bundle is meant to be shared
         tar_path.unlink(missing_ok=True)  # a stale tar must never sit beside the new folder
         if out.exists():
@@ -140,6 +165,7 @@ def export_bundle(
         "signed": private_key is not None,
         "max_abs_diff": agreement["max_abs_diff"],
         "opset": OPSET,
+        "int8": manifest.get("variants", {}).get("int8", {}).get("gate"),
     }
 
 
@@ -326,6 +352,45 @@ def _write_golden(graph: EdgeGraph, path: Path, tile: int) -> None:
     arrays = {"input": images, **{f"output_{n}": o.numpy() for n, o in zip(graph.output_names, outputs)}}
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez_compressed(f, **arrays)
+
+
+def _int8_variant(
+    work: Path, output_names: tuple[str, ...], tiles: np.ndarray, manifest: dict, tolerance: float, max_pq_drop: float
+) -> dict:
+    """Quantise the fp32 graph in ``work``, gate it, and return its manifest record."""
+    quantize.quantize(work / bundle.ONNX_FILE, work / quantize.INT8_FILE, tiles, model_input)
+    runs = {name: _session_run(work / name, output_names) for name in (bundle.ONNX_FILE, quantize.INT8_FILE)}
+    with np.load(work / bundle.GOLDEN_FILE) as golden:
+        actual = runs[quantize.INT8_FILE](golden["input"])
+        golden_diff = max(float(np.abs(actual[n] - golden[f"output_{n}"]).max()) for n in output_names)
+    pre = manifest["preprocessing"]
+    scoring = {
+        "tile": pre["tile_size"],
+        "overlap": pre["overlap"],
+        "multiple": STRIDE,
+        "min_side": MIN_SIDE,
+        "params": WatershedParams.from_manifest(manifest),
+        "mpp": pre["mpp"],
+    }
+    pq = {name: quantize.dev_test_pq(run, **scoring) for name, run in runs.items()}
+    return {
+        "onnx": quantize.INT8_FILE,
+        "precision": "int8",
+        "format": "QDQ (onnxruntime.quantization.quantize_static): Conv/MatMul/Gemm weights int8 per channel, "
+        "activations uint8",
+        "calibration": {"tiles": len(tiles), "tile_size": int(tiles.shape[1]), "method": "MinMax"},
+        "gate": quantize.gate(golden_diff, tolerance, pq[bundle.ONNX_FILE], pq[quantize.INT8_FILE], max_pq_drop),
+    }
+
+
+def _session_run(path: Path, output_names: tuple[str, ...]):
+    """A call running the ONNX graph at ``path`` on uint8 NHWC tiles, as a backend's ``run``."""
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    def run(images: np.ndarray) -> dict[str, np.ndarray]:
+        return dict(zip(output_names, session.run(list(output_names), {INPUT_NAME: model_input(images)})))
+
+    return run
 
 
 def _io_specs(graph: EdgeGraph, tile: int, n_classes: int) -> tuple[list[dict], list[dict]]:

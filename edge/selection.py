@@ -7,11 +7,21 @@ is used. A candidate that is missing (no tensorrt module, no GPU, CPU-only onnxr
 or fails validation is skipped with its reason, and the reasons are logged and reported,
 so a workstation silently falling back to the CPU is visible. ``force`` picks one backend
 and makes its failure an error instead of a fallback.
+
+Variants (ONNX Runtime CPU): a bundle may carry, beside the fp32 graph, variants that passed
+a gate at export (``int8``, see :mod:`edge.quantize`; the gate's record is in the manifest).
+Each variant whose gate passed is loaded and checked on the golden data like fp32 (within its
+own tolerance), then timed on the golden tiles (VARIANT_TIMING_RUNS calls each, taking turns,
+the fastest counts: the same graph is faster or slower depending on the CPU's instructions); the fastest
+is used and the others are released. A variant that failed its gate, here or at export, is
+not used, and why is logged and reported (``variants`` in the selection's report), so a
+workstation running fp32 instead of INT8 says so.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +33,7 @@ log = logging.getLogger("cmdfed.edge")
 
 BACKEND_NAMES = ("tensorrt", "onnxruntime-cuda", "onnxruntime-cpu")
 TRT_SOURCES = ("onnx", "pt2")
+VARIANT_TIMING_RUNS = 3
 
 
 @dataclass
@@ -30,6 +41,7 @@ class Selection:
     backend: Backend
     max_abs_diff: float
     skipped: dict[str, str] = field(default_factory=dict)
+    variants: dict[str, dict] = field(default_factory=dict)
 
     def report(self) -> dict:
         return {
@@ -38,6 +50,7 @@ class Selection:
             "precision": self.backend.precision,
             "golden_max_abs_diff": self.max_abs_diff,
             "skipped": self.skipped,
+            "variants": self.variants,
         }
 
 
@@ -49,6 +62,57 @@ def _create(
     if name == "onnxruntime-cuda":
         return OrtCudaBackend(model, threads, memory_arena)
     return OrtCpuBackend(model, threads, memory_arena)
+
+
+def _fastest_variant(
+    fp32: Backend, fp32_diff: float, model: BundleModel, threads: int | None, memory_arena: bool
+) -> tuple[Backend, float, dict[str, dict]]:
+    """The fastest of the fp32 ONNX Runtime CPU backend and the bundle's gated variants that
+    pass the golden check here, its golden difference, and what happened to each variant."""
+    images, _ = model.golden()
+    passed = {"fp32": (fp32, fp32_diff)}
+    record: dict[str, dict] = {"fp32": {"golden_max_abs_diff": fp32_diff}}
+    for variant, gate in model.variant_gates().items():
+        if not gate["passed"]:
+            record[variant] = {"used": False, "reason": f"failed its gate at export: {gate['reason']}"}
+            log.warning("%s variant not used (it failed its gate at export: %s)", variant, gate["reason"])
+            continue
+        try:
+            backend = OrtCpuBackend(model, threads, memory_arena, variant=variant)
+            passed[variant] = (backend, backend.validate())
+        except DamagedBundle:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a variant that cannot run here (golden check, an op this CPU lacks) leaves fp32
+            record[variant] = {"used": False, "reason": f"failed its golden check here: {exc}"}
+            log.warning("%s variant not used (it failed its golden check here: %s)", variant, exc)
+            continue
+        record[variant] = {"golden_max_abs_diff": passed[variant][1]}
+    if len(passed) > 1:
+        for variant, ms in _ms_per_tile({v: backend for v, (backend, _) in passed.items()}, images).items():
+            record[variant]["ms_per_tile"] = ms
+    chosen = min(passed, key=lambda v: record[v].get("ms_per_tile", 0.0))
+    for variant in passed:
+        record[variant]["used"] = variant == chosen
+    log.info(
+        "onnxruntime-cpu runs the %s graph (%s)",
+        chosen,
+        ", ".join(f"{v}: {record[v]['ms_per_tile']:.1f} ms/tile" for v in passed if "ms_per_tile" in record[v])
+        or "no other variant passed",
+    )
+    return passed[chosen][0], passed[chosen][1], record
+
+
+def _ms_per_tile(backends: dict[str, Backend], images) -> dict[str, float]:
+    """Each backend's fastest of a few calls on the golden tiles, in milliseconds per tile. The
+    calls take turns (one of each per round), so other work on the machine slows them alike;
+    they follow the validation runs, so the sessions are warm."""
+    best = dict.fromkeys(backends, float("inf"))
+    for _ in range(VARIANT_TIMING_RUNS):
+        for variant, backend in backends.items():
+            start = time.perf_counter()
+            backend.run(images)
+            best[variant] = min(best[variant], time.perf_counter() - start)
+    return {variant: seconds * 1e3 / len(images) for variant, seconds in best.items()}
 
 
 def select_backend(
@@ -88,8 +152,11 @@ def select_backend(
             skipped[name] = f"failed while loading or validating ({type(exc).__name__}: {exc})"
             log.warning("backend %s failed, trying the next one: %s", name, skipped[name])
             continue
-        log.info("backend %s selected (golden max abs diff %.3g)", name, diff)
-        return Selection(backend, diff, skipped)
+        variants: dict[str, dict] = {}
+        if name == "onnxruntime-cpu":
+            backend, diff, variants = _fastest_variant(backend, diff, model, threads, memory_arena)
+        log.info("backend %s selected, %s graph (golden max abs diff %.3g)", name, backend.precision, diff)
+        return Selection(backend, diff, skipped, variants)
     if force:
         raise CmdfedError(
             f"backend {force} cannot be used here: {skipped[force]}; omit --backend to fall back automatically"

@@ -21,7 +21,10 @@ WINDOW_BATCH at a time (padded to the largest); a larger tile is run in windows 
 bundle's tile size and overlap, their maps blended (``edge.windows``), so no backend call
 is larger than a slide's batch whatever the request. Calls into the backend are serialised
 (one accelerator, and TensorRT contexts are not thread-safe); decoding and post-processing
-run in parallel on the thread pool.
+run in parallel on the thread pool. Small-tile calls from several clients that wait for the
+model at the same time are run as one batch (``SerialisedBackend.run_coalesced``, at most
+WINDOW_BATCH tiles, the batch the memory probe measured), so many one-tile clients get the
+throughput of batched calls.
 
 Memory (``edge.memory``): the service has a budget (``--max-memory``, default half the
 machine's memory). At start it measures itself at rest, with the model loaded and one batch
@@ -418,16 +421,73 @@ def decoded(request, method: str, context):
     return request
 
 
+class _Batch:
+    """One caller's tiles waiting for the model, and the maps once they have run."""
+
+    def __init__(self, tiles: np.ndarray):
+        self.tiles = tiles
+        self.maps: dict[str, np.ndarray] | None = None
+        self.error: BaseException | None = None
+
+
 class SerialisedBackend:
     """A backend whose ``run`` takes one caller at a time (a TensorRT execution context is
-    not thread-safe); everything else is the backend's."""
+    not thread-safe); everything else is the backend's.
 
-    def __init__(self, backend):
+    ``run_coalesced``: small-tile calls that queue while the model is busy are run together.
+    Whoever gets the model next runs every waiting batch of its tile shape, up to ``max_batch``
+    tiles, as one backend call and hands each caller its rows; a caller whose tiles went with
+    an earlier call just takes its maps. One client sees no difference; many clients of one
+    tile each get the throughput of batched calls instead of one tile per call (a tile's maps
+    do not depend on the other tiles in its batch).
+    """
+
+    def __init__(self, backend, max_batch: int = WINDOW_BATCH):
         self._wrapped, self._lock = backend, threading.Lock()
+        self._max_batch = max_batch
+        self._waiting: list[_Batch] = []
+        self._waiting_lock = threading.Lock()
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         with self._lock:
             return self._wrapped.run(batch)
+
+    def run_coalesced(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        mine = _Batch(batch)
+        with self._waiting_lock:
+            self._waiting.append(mine)
+        with self._lock:
+            if mine.maps is None and mine.error is None:
+                self._run_waiting(mine)
+        if mine.error is not None:
+            raise mine.error
+        return mine.maps
+
+    def _run_waiting(self, first: _Batch) -> None:
+        """Run ``first`` with the waiting batches of its shape that fit beside it (model lock held)."""
+        shape = first.tiles.shape[1:]
+        with self._waiting_lock:
+            taken, size = [first], len(first.tiles)
+            for waiting in self._waiting:
+                if (
+                    waiting is not first
+                    and waiting.tiles.shape[1:] == shape
+                    and size + len(waiting.tiles) <= self._max_batch
+                ):
+                    taken.append(waiting)
+                    size += len(waiting.tiles)
+            self._waiting = [w for w in self._waiting if all(w is not t for t in taken)]
+        try:
+            maps = self._wrapped.run(np.concatenate([t.tiles for t in taken]) if len(taken) > 1 else first.tiles)
+        except BaseException as exc:  # noqa: BLE001 - every caller whose tiles were in the call gets the error
+            for waiting in taken:
+                waiting.error = exc
+            return
+        start = 0
+        for waiting in taken:
+            end = start + len(waiting.tiles)
+            waiting.maps = {name: value[start:end] for name, value in maps.items()}
+            start = end
 
     def __getattr__(self, name: str):
         return getattr(self._wrapped, name)
@@ -455,7 +515,7 @@ class EdgeServicer(pb_grpc.EdgeSegmentationServicer):
         self.class_names = manifest["model"]["class_names"]
         self.params = WatershedParams.from_manifest(manifest)
         # One model on the device, shared by tile calls and slide jobs, one call into it at a time.
-        self._backend = SerialisedBackend(selection.backend)
+        self._backend = SerialisedBackend(selection.backend, max_batch=costs.batch)
         self._slide_selection = replace(selection, backend=self._backend)
         self._slide_lock = threading.Lock()
 
@@ -534,7 +594,7 @@ class EdgeServicer(pb_grpc.EdgeSegmentationServicer):
         with self._reserved(self.costs.request(pixels), context):
             for start in range(0, len(small), self.costs.batch):
                 chunk = small[start : start + self.costs.batch]
-                maps = self._backend.run(padded_batch([seen[k] for k in chunk], limits))
+                maps = self._backend.run_coalesced(padded_batch([seen[k] for k in chunk], limits))
                 for j, k in enumerate(chunk):
                     h, w = seen[k].shape[:2]
                     results[k] = self._tile_result(
@@ -841,7 +901,13 @@ class EdgeService:
         self.server.start()
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving model %s with %s on port %d", self.version, self.selection.backend.name, self.port)
+        log.info(
+            "serving model %s with %s (%s) on port %d",
+            self.version,
+            self.selection.backend.name,
+            self.selection.backend.precision,
+            self.port,
+        )
         if self.reports:
             self._heartbeat()
             self._heartbeat_thread = threading.Thread(target=self._heartbeat_loop, name="edge-heartbeat", daemon=True)

@@ -51,8 +51,16 @@ def tuned_params(checkpoint: Path) -> WatershedParams:
 @pytest.fixture(scope="session")
 def signed_bundle(checkpoint, keys, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bundles") / "cmd"
+    # fp32 only: the INT8 variant's export and choice are tested on their own bundles (test_quantize.py).
     export_bundle(
-        checkpoint, out, tile=TILE, overlap=OVERLAP, mpp=0.5, sign_key=keys[0], postprocess=tuned_params(checkpoint)
+        checkpoint,
+        out,
+        tile=TILE,
+        overlap=OVERLAP,
+        mpp=0.5,
+        sign_key=keys[0],
+        postprocess=tuned_params(checkpoint),
+        int8=False,
     )
     return out
 

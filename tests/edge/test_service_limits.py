@@ -212,3 +212,32 @@ def test_requests_that_are_not_protobuf_are_refused_counted_and_logged_once(home
         assert health_status(service.port) == health_pb2.HealthCheckResponse.SERVING
     finally:
         service.stop(grace=1)
+
+
+def test_one_tile_calls_waiting_for_the_model_run_as_one_batch_with_the_same_maps(signed_bundle, tmp_path):
+    from edge.selection import select_backend
+    from edge.service import SerialisedBackend
+
+    backend = select_backend(signed_bundle, tmp_path, force="onnxruntime-cpu", threads=1).backend
+    alone = [backend.run(t.image[None]) for t in synth_tiles(6, tile_size=TILE, seed=4)]
+    batches_seen: list[int] = []
+    run_backend = backend.run
+    backend.run = lambda batch: batches_seen.append(len(batch)) or run_backend(batch)  # records, still runs the model
+    served = SerialisedBackend(backend, max_batch=4)
+    results: dict[int, dict] = {}
+    tiles = [t.image[None] for t in synth_tiles(6, tile_size=TILE, seed=4)]
+
+    def client(k: int) -> None:
+        results[k] = served.run_coalesced(tiles[k])
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(6)]
+    with served._lock:  # the model is busy: all six calls queue behind it
+        for thread in threads:
+            thread.start()
+        while len(served._waiting) < 6:
+            threading.Event().wait(0.01)
+    for thread in threads:
+        thread.join()
+    assert sorted(batches_seen) == [2, 4]  # at most max_batch tiles per call, every tile once
+    for k in range(6):
+        assert all(np.allclose(results[k][name], alone[k][name], atol=1e-5) for name in alone[k])
