@@ -186,13 +186,8 @@ class OnnxRuntimeBackend(Backend):
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
         options.log_severity_level = 3  # errors only; fallbacks are reported by us
-        # The CPU arena makes a run's many intermediate allocations cheap (off, a tile took 1.7x as long
-        # here), but keeps the largest run's memory and grows with each new input shape. Without
-        # ``memory_arena`` it stays on within a run and is shrunk after each one: the memory goes back.
-        options.enable_cpu_mem_arena = True
-        self.run_options = onnxruntime.RunOptions()
-        if not memory_arena:
-            self.run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+        # The CPU arena keeps the largest run's memory, and grows again with each new input shape.
+        options.enable_cpu_mem_arena = memory_arena
         try:
             self.session = onnxruntime.InferenceSession(
                 model.read_verified(model.variant_onnx(variant)), sess_options=options, providers=self._providers()
@@ -212,7 +207,7 @@ class OnnxRuntimeBackend(Backend):
         return f"onnxruntime has no {self.provider}"
 
     def _infer(self, x: np.ndarray) -> list[np.ndarray]:
-        return self.session.run(self.model.output_names, {self.input_name: x}, self.run_options)
+        return self.session.run(self.model.output_names, {self.input_name: x})
 
 
 class OrtCpuBackend(OnnxRuntimeBackend):
