@@ -78,7 +78,7 @@ def dev_split_scores(arm: str) -> dict:
     if not RESULTS.is_file():
         return {}
     result = json.loads(RESULTS.read_text())
-    rows = [r for r in result["rows"] if r.get("arm") == arm]
+    rows = [r for r in result["rows"] if r.get("arm") == arm and r.get("lever", "recipe") == "recipe"]
     return {"benchmark": result["command"], "date": result["date"], "commit": result.get("commit", ""), "rows": rows}
 
 

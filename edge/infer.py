@@ -1,14 +1,16 @@
 """Whole-slide inference (`cmdfed edge infer`): slide -> nuclei, streamed and resumable.
 
-One tile's route from the slide to ``cells.geojson``, seven files:
+One tile's route from the slide to ``cells.geojson``, six files:
 
     1. edge/infer.py                   this job: read grid, plan, batch, keep, write, resume
                                        (its stages pipelined by cmdfed/pipeline.py)
     2. cmdfed/data/slide.py            open_slide, read_level_region; level_for_mpp: the level
                                        to read; tissue_grid: tissue tiles on the model's grid,
                                        the bundle's tile size and overlap
-    3. cmdfed/inference/resolution.py  resample_image: a tile read at another resolution
-                                       resampled to the model's (when the slide has no level at it)
+    3. cmdfed/inference/tiling.py      the grid the tiles lie on; resample_image: a tile read
+                                       at another resolution resampled to the model's (when the
+                                       slide has no level at it); TileGrid.owned: which tile
+                                       keeps a nucleus on a seam
     4. edge/backends.py                Backend.run: uint8 tiles -> NP/HV/NC maps
                                        (ONNX Runtime or TensorRT)
     5. cmdfed/inference/postprocess.py postprocess: maps -> instance map (HoVer watershed,
@@ -16,8 +18,6 @@ One tile's route from the slide to ``cells.geojson``, seven files:
     6. cmdfed/inference/nuclei.py      nucleus_records: centroid, contour, type;
                                        nucleus_feature: the GeoJSON feature (+0.5 rule, scaled
                                        to level 0); write_feature_collection: cells.geojson
-    7. cmdfed/inference/tiling.py      the grid the tiles lie on; TileGrid.owned:
-                                       which tile keeps a nucleus on a seam
 
     tissue tiles --batches--> read --> backend --per tile--> postprocess --TileGrid.owned--> kept
         -> their pixels into OUT/labels.ome.zarr level 0 (global ids, on disk; edge/outputs.py)
@@ -81,8 +81,7 @@ from cmdfed.data.slide import PLAUSIBLE_MPP, SlideReader, level_for_mpp, open_sl
 from cmdfed.errors import CmdfedError
 from cmdfed.inference.nuclei import nucleus_feature, write_feature_collection
 from cmdfed.inference.postprocess import WatershedParams, postprocess
-from cmdfed.inference.resolution import needs_resampling, resample_image
-from cmdfed.inference.tiling import TileGrid
+from cmdfed.inference.tiling import TileGrid, needs_resampling, resample_image
 from cmdfed.pipeline import pipelined
 from cmdfed.progress import Progress, report
 from cmdfed.slide_outputs import GEOJSON, LABELS_DIR, SLIDE_FILE, SUMMARY, slide_file_record

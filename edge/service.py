@@ -96,7 +96,7 @@ from cmdfed.data.slide import PLAUSIBLE_MPP
 from cmdfed.errors import CmdfedError
 from cmdfed.inference.nuclei import NucleusRecord, class_name, image_xy
 from cmdfed.inference.postprocess import WatershedParams, postprocess
-from cmdfed.inference.resolution import needs_resampling, resample_image, resampled_shape, to_image_pixels
+from cmdfed.inference.tiling import needs_resampling, resample_image, resampled_shape, to_image_pixels
 from edge import infer
 from edge.deploy import active_bundle
 from edge.memory import (

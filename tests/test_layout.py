@@ -8,6 +8,7 @@ violation fails here, not at a site."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -181,6 +182,25 @@ def test_evaluate_is_imported_only_by_what_scores():
         if not path.is_relative_to(ROOT / "cmdfed" / "evaluate") and any(n.startswith("cmdfed.evaluate") for n in names)
     }
     assert users - set(EVALUATE_USERS) == set()
+
+
+def _route() -> list[str]:
+    """The files edge/infer.py's docstring lists as a tile's route to cells.geojson."""
+    doc = ast.get_docstring(ast.parse((ROOT / "edge" / "infer.py").read_text()))
+    return re.findall(r"^\s+\d+\. (\S+\.py)", doc, flags=re.MULTILINE)
+
+
+def test_a_tile_route_from_slide_to_geojson_is_at_most_six_files_and_is_the_code():
+    route = _route()
+    assert 2 <= len(route) <= 6, route
+    graph = _own_graph()
+    reached, frontier = set(), {"edge.infer"}
+    while frontier:  # everything edge.infer runs on, directly or not
+        module = frontier.pop()
+        reached.add(module)
+        frontier |= graph.get(module, set()) - reached
+    listed = {_module_of(ROOT / path) for path in route}
+    assert listed <= reached, f"listed but not imported by edge.infer, even indirectly: {sorted(listed - reached)}"
 
 
 def test_the_scan_sees_imports():

@@ -37,8 +37,7 @@ from skimage.color import rgb2hsv
 
 from cmdfed.data.store import SiteStore, StoreInfo, Tile, create_store
 from cmdfed.errors import CmdfedError
-from cmdfed.inference.resolution import SAME_RESOLUTION
-from cmdfed.inference.tiling import grid_starts
+from cmdfed.inference.tiling import SAME_RESOLUTION, grid_starts
 from cmdfed.progress import Progress, report
 
 PLAIN_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}

@@ -26,8 +26,7 @@ from cmdfed.atomic import atomic_path, write_json_atomic
 from cmdfed.errors import CmdfedError
 from cmdfed.images import read_rgb
 from cmdfed.inference.postprocess import PostprocessResult, WatershedParams, postprocess, postprocess_for
-from cmdfed.inference.resolution import needs_resampling, resample_image, resampled_shape, to_image_pixels
-from cmdfed.inference.tiling import grid_starts
+from cmdfed.inference.tiling import grid_starts, needs_resampling, resample_image, resampled_shape, to_image_pixels
 from cmdfed.model.checkpoint import load_checkpoint
 from cmdfed.model.config import ModelConfig
 from cmdfed.model.encoders import frozen_encoder
@@ -158,7 +157,7 @@ def segment_image(
     image_mpp: float | None = None,
 ) -> PostprocessResult:
     """Nuclei of one image. At ``image_mpp`` other than the model's, the image is segmented
-    at the model's resolution and the result brought back to its pixels (resolution.py);
+    at the model's resolution and the result brought back to its pixels (tiling.py);
     ``params`` then hold at the model's resolution."""
     if not needs_resampling(image_mpp, loaded.mpp):
         maps = predict_image_maps(loaded, image)
@@ -206,7 +205,7 @@ def predict_files(
     importers read: 16-bit scans are scaled, not clipped), in the images' own pixels.
 
     ``mpp``, the images' resolution: a model that records the resolution it was trained at
-    reads the images resampled to it (resolution.py), and then needs ``mpp`` (image files
+    reads the images resampled to it (tiling.py), and then needs ``mpp`` (image files
     rarely say theirs). The post-processing is the checkpoint's tuned one, else HoVer-Net's
     scaled to the resolution segmented at (``WatershedParams.for_mpp``; unknown: its 40x values)."""
     missing = [str(p) for p in images if not Path(p).is_file()]

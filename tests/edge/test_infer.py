@@ -15,7 +15,7 @@ from cmdfed.data import cpm15
 from cmdfed.data.slide import open_slide
 from cmdfed.errors import CmdfedError
 from cmdfed.evaluate.metrics import evaluate_instances
-from cmdfed.inference.resolution import resize_labels
+from cmdfed.inference.tiling import resize_labels
 from cmdfed.model.targets import make_targets
 from cmdfed.telemetry import TelemetryStore
 from edge import outputs

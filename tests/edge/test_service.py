@@ -26,7 +26,7 @@ from cmdfed.data.synth import synth_tiles
 from cmdfed.evaluate.metrics import evaluate_instances
 from cmdfed.inference.nuclei import nucleus_records
 from cmdfed.inference.postprocess import PostprocessResult
-from cmdfed.inference.resolution import resize_labels
+from cmdfed.inference.tiling import resize_labels
 from cmdfed.telemetry import TelemetryStore
 from edge.protos import cmdfed_edge_pb2 as pb
 from edge.protos import cmdfed_edge_pb2_grpc as pb_grpc

@@ -7,8 +7,8 @@ import torch
 from cmdfed.data import cpm15
 from cmdfed.evaluate.metrics import evaluate_instances
 from cmdfed.inference.postprocess import postprocess_for
-from cmdfed.inference.resolution import needs_resampling, resize_labels
 from cmdfed.inference.segment import load_model, segment_image
+from cmdfed.inference.tiling import needs_resampling, resize_labels
 
 CPU = torch.device("cpu")
 
