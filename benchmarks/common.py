@@ -8,10 +8,25 @@ import os
 import platform
 import resource
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+REPOSITORY = Path(__file__).resolve().parents[1]
+
+
+def commit_of(code: Path = REPOSITORY, *paths: str) -> str:
+    """The short commit of a checkout, marked "+uncommitted" when its tracked files (or those
+    under ``paths``) have changes: the code a result came from."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(code), *args], capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", *paths)
+    return git("rev-parse", "--short", "HEAD") + ("+uncommitted" if changed else "")
 
 
 def machine() -> dict:
@@ -40,6 +55,14 @@ def save(name: str, rows: list[dict], notes: str = "") -> Path:
     path.write_text(json.dumps(payload, indent=2) + "\n")
     print(markdown_table(rows))
     return path
+
+
+def save_or_print(name: str, rows: list[dict], notes: str, quick: bool) -> None:
+    """Save the result (``save``), or with ``--quick`` (a smoke run) only print it."""
+    if quick:
+        print(markdown_table(rows) + "\n\n" + notes)
+    else:
+        save(name, rows, notes=notes)
 
 
 def markdown_table(rows: list[dict]) -> str:

@@ -12,6 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 TILE, OVERLAP, MPP = 256, 64, 0.5
@@ -61,3 +65,20 @@ def describe(home: Path) -> str:
         f"model {model['version']} ({model['config']['preset']} preset, tile {manifest['preprocessing']['tile_size']} "
         "px)"
     )
+
+
+def serve(home: Path, *options: str) -> tuple[subprocess.Popen, int]:
+    """`cmdfed edge serve --home HOME --port 0 OPTIONS` in its own process, once it serves:
+    (the process, the port it chose)."""
+    command = [sys.executable, "-m", "cmdfed", "edge", "serve", "--home", str(home), "--port", "0", *options]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    while True:
+        line = process.stdout.readline()
+        if not line:
+            raise SystemExit(f"the edge service exited before serving (code {process.wait()})")
+        started = re.search(r"serving model .* on port (\d+)", line)
+        if started:
+            break
+    # Keep reading its output, so a chatty service never blocks on a full pipe.
+    threading.Thread(target=process.stdout.read, daemon=True).start()
+    return process, int(started.group(1))

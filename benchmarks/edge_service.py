@@ -18,11 +18,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import re
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -33,7 +31,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from benchmarks import edge_home
-from benchmarks.common import markdown_table, save
+from benchmarks.common import save_or_print
 from cmdfed.data.synth import synth_tiles
 from edge.protos import cmdfed_edge_pb2 as pb
 from edge.protos import cmdfed_edge_pb2_grpc as pb_grpc
@@ -43,34 +41,8 @@ SIDE = 256
 
 
 def start_service(home: Path, args: argparse.Namespace) -> tuple[subprocess.Popen, int]:
-    command = [
-        sys.executable,
-        "-m",
-        "cmdfed",
-        "edge",
-        "serve",
-        "--home",
-        str(home),
-        "--port",
-        "0",
-        "--workers",
-        str(max(CLIENTS)),
-        "--threads",
-        str(args.threads),
-    ]
-    if args.backend:
-        command += ["--backend", args.backend]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    while True:
-        line = process.stdout.readline()
-        if not line:
-            raise SystemExit(f"the edge service exited before serving (code {process.wait()})")
-        started = re.search(r"serving model .* on port (\d+)", line)
-        if started:
-            break
-    # Keep reading its output, so a chatty service never blocks on a full pipe.
-    threading.Thread(target=process.stdout.read, daemon=True).start()
-    port = int(started.group(1))
+    options = ["--workers", str(max(CLIENTS)), "--threads", str(args.threads)]
+    process, port = edge_home.serve(home, *options, *(["--backend", args.backend] if args.backend else []))
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         request = health_pb2.HealthCheckRequest(service="cmdfed.edge.v1.EdgeSegmentation")
         health_pb2_grpc.HealthStub(channel).Check(request, timeout=60, wait_for_ready=True)
@@ -178,10 +150,7 @@ def main() -> None:
             f"level after {args.warmup} warm-up requests per client; loopback, clients and service on the same "
             f"{os.cpu_count()} cores; service --workers {max(CLIENTS)} --threads {args.threads}"
         )
-        if args.quick:
-            print(markdown_table(rows) + "\n\n" + notes)
-        else:
-            save("edge_service", rows, notes=notes)
+        save_or_print("edge_service", rows, notes, args.quick)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

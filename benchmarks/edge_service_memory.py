@@ -17,9 +17,7 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -27,7 +25,7 @@ import grpc
 import numpy as np
 
 from benchmarks import edge_home
-from benchmarks.common import markdown_table, save
+from benchmarks.common import save_or_print
 from cmdfed.data.synth import synth_tiles
 from edge.protos import cmdfed_edge_pb2 as pb
 from edge.protos import cmdfed_edge_pb2_grpc as pb_grpc
@@ -48,33 +46,8 @@ def tissue(side: int) -> np.ndarray:
 
 
 def serve(home: Path, budget: str, args: argparse.Namespace) -> tuple[subprocess.Popen, int]:
-    command = [
-        sys.executable,
-        "-m",
-        "cmdfed",
-        "edge",
-        "serve",
-        "--home",
-        str(home),
-        "--port",
-        "0",
-        "--workers",
-        str(args.workers),
-        "--threads",
-        str(args.threads),
-    ]
-    if budget != "default":
-        command += ["--max-memory", budget]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    while True:
-        line = process.stdout.readline()
-        if not line:
-            raise SystemExit(f"the edge service exited before serving (code {process.wait()})")
-        started = re.search(r"serving model .* on port (\d+)", line)
-        if started:
-            break
-    threading.Thread(target=process.stdout.read, daemon=True).start()
-    return process, int(started.group(1))
+    options = ["--workers", str(args.workers), "--threads", str(args.threads)]
+    return edge_home.serve(home, *options, *([] if budget == "default" else ["--max-memory", budget]))
 
 
 def measure(home: Path, budget: str, args: argparse.Namespace) -> dict:
@@ -149,10 +122,7 @@ def main() -> None:
             f"the last request); machine memory {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / GIB:.1f} "
             "GiB"
         )
-        if args.quick:
-            print(markdown_table(rows) + "\n\n" + notes)
-        else:
-            save("edge_service_memory", rows, notes=notes)
+        save_or_print("edge_service_memory", rows, notes, args.quick)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

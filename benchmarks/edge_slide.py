@@ -32,7 +32,7 @@ from pathlib import Path
 import tifffile
 
 from benchmarks import edge_home
-from benchmarks.common import markdown_table, save
+from benchmarks.common import commit_of, save_or_print
 from benchmarks.slide_tiling import write_pyramid
 from cmdfed.data.samples import fetch_samples
 from cmdfed.data.slide import open_slide
@@ -85,19 +85,6 @@ def measure(slide: Path, home: Path, out: Path, args: argparse.Namespace, code: 
     if result.returncode != 0:
         raise SystemExit(f"inference of {slide.name} failed:\n{result.stderr[-2000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
-
-
-def commit_of(code: Path) -> str:
-    """The short commit of a checkout, marked when it has uncommitted changes."""
-
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", "-C", str(code), *args], capture_output=True, text=True, check=True
-        ).stdout.strip()
-
-    return git("rev-parse", "--short", "HEAD") + (
-        "+uncommitted" if git("status", "--porcelain", "--untracked-files=no") else ""
-    )
 
 
 def load_average() -> str:
@@ -180,10 +167,7 @@ def main() -> None:
             "seconds (model, post-processing) overlap where the code pipelines them; load average (1 / 5 / 15 min) "
             f"{load_before} at the start, {load_average()} at the end" + (f"; {args.note}" if args.note else "")
         )
-        if args.quick:
-            print(markdown_table(rows) + "\n\n" + notes)
-        else:
-            save("edge_slide", rows, notes=notes)
+        save_or_print("edge_slide", rows, notes, args.quick)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

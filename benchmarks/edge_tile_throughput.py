@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from benchmarks import edge_home
-from benchmarks.common import markdown_table, save
+from benchmarks.common import save_or_print
 from cmdfed.data.synth import synth_tiles
 from cmdfed.errors import CmdfedError
 from cmdfed.inference.segment import to_model_input
@@ -135,10 +135,7 @@ def main() -> None:
             f"{args.iterations} calls after {args.warmup} warm-up; {args.threads} CPU threads; "
             f"not run here: {'; '.join(f'{k} ({v})' for k, v in skipped.items()) or 'none'}"
         )
-        if args.quick:
-            print(markdown_table(rows) + "\n\n" + notes)
-        else:
-            save("edge_tile_throughput", rows, notes=notes)
+        save_or_print("edge_tile_throughput", rows, notes, args.quick)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -8,6 +8,7 @@ the run's telemetry store (``RUN_DIR/telemetry.db``).
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 import time
@@ -16,12 +17,33 @@ from pathlib import Path
 
 from client.supernode import SuperNode
 from cmdfed.data.synth import CLASS_NAMES, write_synthetic_store
-from cmdfed.federation.processes import free_port
+from cmdfed.federation.processes import federate_command, free_port
 from cmdfed.federation.site import SiteSettings
 from cmdfed.telemetry import TelemetryStore
 from server.superlink import SuperLink
 
 CLASSES = ",".join(CLASS_NAMES[1:])
+
+
+def add_round_options(parser: argparse.ArgumentParser, *, sites: list[int], tiles: int) -> None:
+    """The options every federation benchmark takes: how many sites, rounds and steps."""
+    parser.add_argument("--sites", type=int, nargs="+", default=sites)
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of each phase")
+    parser.add_argument("--local-steps", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--tiles", type=int, default=tiles, help="tiles per site (64 px)")
+
+
+def round_settings(args: argparse.Namespace) -> list[str]:
+    """``cmdfed federate --set`` settings of those options: the tiny preset, no evaluation."""
+    return [
+        "preset=tiny",
+        f"pretrain-rounds={args.rounds}",
+        f"finetune-rounds={args.rounds}",
+        f"local-steps={args.local_steps}",
+        f"batch-size={args.batch}",
+        "eval-every=0",
+    ]
 
 
 @dataclass
@@ -47,20 +69,8 @@ def run_federation(
     try:
         for site in sites:
             nodes.append(SuperNode(site, superlink.address, isolation=isolation).start())
-        sets = [
-            arg for setting in [f"min-sites={n_sites}", f'classes="{CLASSES}"', *settings] for arg in ("--set", setting)
-        ]
-        command = [
-            sys.executable,
-            "-m",
-            "cmdfed",
-            "federate",
-            "--superlink",
-            superlink.address,
-            "--run-dir",
-            str(run_dir),
-            *sets,
-        ]
+        settings = [f"min-sites={n_sites}", f'classes="{CLASSES}"', *settings]
+        command = [sys.executable, "-m", "cmdfed", *federate_command(superlink.address, run_dir, settings)]
         started = time.perf_counter()
         result = subprocess.run(command, capture_output=True, text=True, check=False)
         wall = time.perf_counter() - started

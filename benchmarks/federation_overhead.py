@@ -25,30 +25,18 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.common import save
-from benchmarks.federation_common import round_overheads, run_federation
+from benchmarks.federation_common import add_round_options, round_overheads, round_settings, run_federation
 from client.supernode import ISOLATION_MODES
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--sites", type=int, nargs="+", default=[2, 4])
-    parser.add_argument("--rounds", type=int, default=2, help="rounds of each phase")
-    parser.add_argument("--local-steps", type=int, default=5)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--tiles", type=int, default=8, help="tiles per site (64 px)")
+    add_round_options(parser, sites=[2, 4], tiles=8)
     parser.add_argument("--quick", action="store_true", help="2 sites, 1 round of each phase, 1 local step")
     args = parser.parse_args()
     if args.quick:
         args.sites, args.rounds, args.local_steps = [2], 1, 1
-    settings = [
-        f"pretrain-rounds={args.rounds}",
-        f"finetune-rounds={args.rounds}",
-        f"local-steps={args.local_steps}",
-        f"batch-size={args.batch}",
-        "eval-every=0",
-        "augment=false",
-        "preset=tiny",
-    ]
+    settings = [*round_settings(args), "augment=false"]
     rows = []
     for n_sites in args.sites:
         for isolation in ISOLATION_MODES:

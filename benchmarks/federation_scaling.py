@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import save
-from benchmarks.federation_common import CLASSES
+from benchmarks.federation_common import CLASSES, add_round_options, round_settings
 from cmdfed.telemetry import TelemetryStore
 
 
@@ -56,25 +56,14 @@ def simulate(out: Path, sites: int, tiles: int, settings: list[str]) -> tuple[li
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--sites", type=int, nargs="+", default=[8, 16, 32])
-    parser.add_argument("--rounds", type=int, default=2, help="rounds of each phase")
-    parser.add_argument("--local-steps", type=int, default=5)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--tiles", type=int, default=16, help="tiles per site (64 px)")
+    add_round_options(parser, sites=[8, 16, 32], tiles=16)
     parser.add_argument("--quick", action="store_true", help="4 sites, 2 rounds of each phase, 1 local step")
     args = parser.parse_args()
     if args.quick:
         args.sites, args.rounds, args.local_steps = [4], 2, 1
     if args.rounds < 2:
         parser.error("--rounds must be >= 2: the first pretraining round is timed apart")
-    settings = [
-        "preset=tiny",
-        f"pretrain-rounds={args.rounds}",
-        f"finetune-rounds={args.rounds}",
-        f"local-steps={args.local_steps}",
-        f"batch-size={args.batch}",
-        "eval-every=0",
-    ]
+    settings = round_settings(args)
     rows = []
     for sites in args.sites:
         with tempfile.TemporaryDirectory(prefix="cmdfed-bench-") as tmp:

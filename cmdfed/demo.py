@@ -47,7 +47,14 @@ from cmdfed.data.samples import fetch_samples
 from cmdfed.data.slide import tile_slide
 from cmdfed.data.store import SiteStore, create_store
 from cmdfed.errors import CmdfedError
-from cmdfed.federation.processes import free_port, log_tail, start_process, stop_process, wait_for_port
+from cmdfed.federation.processes import (
+    federate_command,
+    free_port,
+    log_tail,
+    start_process,
+    stop_process,
+    wait_for_port,
+)
 from cmdfed.progress import Progress, report
 
 SITES = ("site-a", "site-b", "site-c")
@@ -254,14 +261,7 @@ def run_demo(
         try:
             chain.run(
                 "federate",
-                [
-                    "federate",
-                    "--superlink",
-                    superlink,
-                    "--run-dir",
-                    str(run_dir),
-                    *[arg for s in settings for arg in ("--set", s)],
-                ],
+                federate_command(superlink, run_dir, settings),
             )
         except CmdfedError:
             chain.check_services()

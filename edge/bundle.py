@@ -16,7 +16,6 @@ outside it (links, devices, absolute or ``..`` paths are refused).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -24,6 +23,7 @@ import tarfile
 from pathlib import Path
 from typing import IO, Self
 
+from cmdfed.checksums import CHUNK, file_record, sha256_of_stream
 from cmdfed.errors import CmdfedError
 from edge import signing
 
@@ -33,21 +33,7 @@ SIGNATURE = "manifest.sig"
 ONNX_FILE = "model.onnx"
 PT2_FILE = "model.pt2"
 GOLDEN_FILE = "golden.npz"
-_CHUNK = 1 << 20
 _VERSION = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,199}")  # what model_version() makes: a plain folder name
-
-
-def sha256_of_stream(stream: IO[bytes]) -> tuple[str, int]:
-    digest, size = hashlib.sha256(), 0
-    while chunk := stream.read(_CHUNK):
-        digest.update(chunk)
-        size += len(chunk)
-    return digest.hexdigest(), size
-
-
-def sha256_of_file(path: Path) -> str:
-    with open(path, "rb") as f:
-        return sha256_of_stream(f)[0]
 
 
 def file_records(folder: Path) -> dict[str, dict]:
@@ -55,9 +41,7 @@ def file_records(folder: Path) -> dict[str, dict]:
     records = {}
     for path in sorted(folder.iterdir()):
         if path.name not in (MANIFEST, SIGNATURE):
-            with open(path, "rb") as f:
-                sha, size = sha256_of_stream(f)
-            records[path.name] = {"sha256": sha, "bytes": size}
+            records[path.name] = file_record(path)
     return records
 
 
@@ -96,7 +80,7 @@ class BundleSource:
         folder.mkdir(parents=True, exist_ok=False)
         for name in sorted(self.names):
             with self.open(name) as src, open(folder / name, "wb") as dst:
-                shutil.copyfileobj(src, dst, _CHUNK)
+                shutil.copyfileobj(src, dst, CHUNK)
 
     def close(self) -> None:
         if self._tar is not None:

@@ -248,6 +248,20 @@ def _readable_manifest(folder: Path) -> dict:
     return manifest if isinstance(manifest, dict) else {}
 
 
+def _audit_unverified(
+    home: Path, version: str, source: bundle.BundleSource, keys: dict, *, replaced_signed_copy: bool
+) -> None:
+    """Record in the audit log that ``version`` was deployed without a checked signature."""
+    trust.audit(
+        home,
+        "deploy_without_verified_signature",
+        version=version,
+        bundle=str(source.path),
+        trusted_keys=sorted(keys),
+        replaced_signed_copy=replaced_signed_copy,
+    )
+
+
 def _install(
     source: bundle.BundleSource,
     manifest: dict,
@@ -267,14 +281,7 @@ def _install(
         bundle.verify_bundle(bundle.BundleSource(target), keys if signer else None)
         selection = select_backend(target, home, force=backend, trt_source=trt_source)
         if signer is None and keys:
-            trust.audit(
-                home,
-                "deploy_without_verified_signature",
-                version=version,
-                bundle=str(source.path),
-                trusted_keys=sorted(keys),
-                replaced_signed_copy=False,
-            )
+            _audit_unverified(home, version, source, keys, replaced_signed_copy=False)
         return selection
     replaces_signed = target.exists() and (target / bundle.SIGNATURE).is_file()
     if replaces_signed and signer is None and not allow_unsigned:
@@ -294,14 +301,7 @@ def _install(
         # A bundle this workstation cannot run correctly is refused before it is installed.
         selection = select_backend(staging, home, force=backend, trt_source=trt_source)
         if signer is None and (keys or replaces_signed):
-            trust.audit(
-                home,
-                "deploy_without_verified_signature",
-                version=version,
-                bundle=str(source.path),
-                trusted_keys=sorted(keys),
-                replaced_signed_copy=replaces_signed,
-            )
+            _audit_unverified(home, version, source, keys, replaced_signed_copy=replaces_signed)
         replace_dir(staging, target)  # a re-export of the same weights (other settings, or now signed) replaces it
     finally:
         shutil.rmtree(staging, ignore_errors=True)

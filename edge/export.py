@@ -53,6 +53,7 @@ import torch
 
 import cmdfed
 from cmdfed.atomic import atomic_path, json_safe, write_bytes_atomic
+from cmdfed.checksums import sha256_of_file
 from cmdfed.data.slide import PLAUSIBLE_MPP
 from cmdfed.data.synth import synth_tiles
 from cmdfed.errors import CmdfedError
@@ -153,7 +154,7 @@ def export_bundle(
         shutil.rmtree(work, ignore_errors=True)
     with atomic_path(tar_path) as tmp:
         bundle.write_tar(out, tmp)
-    tar_sha = bundle.sha256_of_file(tar_path)
+    tar_sha = sha256_of_file(tar_path)
     report(progress, _STEPS, _STEPS, "done")
     if telemetry:
         _record(telemetry, manifest, identity, tar_sha, signed=private_key is not None, tar_path=tar_path)
@@ -203,7 +204,7 @@ def _model_identity(checkpoint: Path) -> dict:
     weights_file = checkpoint / (
         "ema.safetensors" if (checkpoint / "ema.safetensors").exists() else "model.safetensors"
     )
-    weights_sha = bundle.sha256_of_file(weights_file)
+    weights_sha = sha256_of_file(weights_file)
     run = str(config.get("name") or checkpoint.parent.name)
     round_ = config.get("round")
     step = int(config.get("step", 0))

@@ -23,6 +23,7 @@ CORE_LAYERS = (
     ("cmdfed", "cmdfed.errors"),
     (
         "cmdfed.atomic",
+        "cmdfed.checksums",
         "cmdfed.progress",
         "cmdfed.images",
         "cmdfed.addresses",

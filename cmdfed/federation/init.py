@@ -30,12 +30,12 @@ round yet refuses an init whose weights changed since it was pinned.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from cmdfed.checksums import sha256_of_file
 from cmdfed.errors import CmdfedError
 from cmdfed.federation.config import FederationConfig
 from cmdfed.model.checkpoint import CHECKPOINT_FORMAT, load_checkpoint
@@ -98,7 +98,7 @@ def load_initial_weights(config: FederationConfig) -> InitialWeights:
         "init": given,
         "checkpoint": str(checkpoint.path.absolute()),
         "weights_file": weights_file.name,
-        "sha256": file_sha256(weights_file),
+        "sha256": sha256_of_file(weights_file),
         "phase": saved.get("phase"),
         "step": checkpoint.step,
         "heads": "kept" if keep_heads else "fresh",
@@ -117,14 +117,6 @@ def check_pinned_init(pinned: dict | None, record: dict, run_json: Path) -> None
             f"{record['checkpoint']} now holds {record['sha256'][:12]}...; restore those weights or choose a new run "
             "folder"
         )
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _same_classes(model: ModelConfig, saved: dict, config: FederationConfig) -> bool:

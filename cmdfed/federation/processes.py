@@ -111,6 +111,13 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def federate_command(superlink: str, run_dir: str | Path, settings: Sequence[str]) -> list[str]:
+    """The ``cmdfed`` arguments that start a federated run on ``superlink`` (host:port), its
+    state in ``run_dir``, each of ``settings`` ("key=value") given with ``--set``."""
+    sets = [arg for setting in settings for arg in ("--set", setting)]
+    return ["federate", "--superlink", superlink, "--run-dir", str(run_dir), *sets]
+
+
 CONNECT_WITH_TLS = "pass --ca with the federation's ca.crt (made on the server by `cmdfed certs init`)"
 SERVE_TLS = "pass --certs DIR made by `cmdfed certs init DIR --host THIS-HOST`"
 

@@ -28,7 +28,6 @@ recorded (no ``checksums.json``) load unchecked, as before.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -41,6 +40,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from cmdfed.atomic import atomic_dir, write_bytes_atomic, write_json_atomic
+from cmdfed.checksums import file_record
 from cmdfed.errors import CmdfedError
 
 # 2: the heads normalise each decoder scale (cmdfed/model/heads.py); format-1 heads do not load.
@@ -49,7 +49,6 @@ CHECKPOINT_FORMAT = 2
 # from them (it replaces the heads), so a costly pretraining survives a change to the heads.
 BACKBONE_FORMATS = (1, 2)
 CHECKSUMS = "checksums.json"
-_CHUNK = 1 << 20
 
 
 class CheckpointFormatError(CmdfedError):
@@ -126,20 +125,11 @@ def write_checksums(folder: Path) -> None:
     """Record the sha256 and size of every file in ``folder`` but config.json (which is parsed,
     and read by tools that edit it); call last, when the files are complete."""
     files = {
-        p.name: _file_record(p)
+        p.name: file_record(p)
         for p in sorted(folder.iterdir())
         if p.is_file() and p.name not in (CHECKSUMS, "config.json")
     }
     write_json_atomic(folder / CHECKSUMS, {"algorithm": "sha256", "files": files})
-
-
-def _file_record(path: Path) -> dict:
-    digest, size = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-    return {"sha256": digest.hexdigest(), "bytes": size}
 
 
 def _recorded(folder: Path) -> dict | None:
@@ -170,7 +160,7 @@ def verify_files(folder: Path, names) -> None:
             continue
         if not path.is_file():
             raise CmdfedError(f"{path} is missing; the checkpoint is incomplete; {_previous_good_advice(folder)}")
-        if _file_record(path) != recorded[name]:
+        if file_record(path) != recorded[name]:
             raise CmdfedError(
                 f"{path} is damaged: it does not match its checksum recorded when the checkpoint was written; "
                 f"{_previous_good_advice(folder)}"
@@ -185,7 +175,7 @@ def _intact(folder: Path) -> bool:
         return False
     if recorded is None or not isinstance(config, dict):
         return False  # nothing to vouch for it
-    return all((folder / n).is_file() and _file_record(folder / n) == r for n, r in recorded.items())
+    return all((folder / n).is_file() and file_record(folder / n) == r for n, r in recorded.items())
 
 
 def _previous_good_advice(folder: Path) -> str:

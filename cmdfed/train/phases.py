@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from cmdfed.atomic import atomic_path, write_bytes_atomic
 from cmdfed.data.dataset import MultiStoreDataset, SiteDataset, StepBatchSampler
@@ -162,16 +162,20 @@ def _saver(run_dir: Path, trainer: Trainer, config: dict) -> Callable[[], Path]:
     return save
 
 
-def _run_loop(
+def _train_phase(
     trainer: Trainer,
-    loader: DataLoader,
+    dataset: Dataset,
     run_dir: Path,
-    save: Callable[[], Path],
+    config: dict,
     on_step: Callable[[StepResult], None] | None,
     progress: Progress | None,
     log_every: int = 10,
-) -> tuple[float, float]:
-    """Drive the trainer to ``config.steps``; returns (last loss, images/s)."""
+) -> PhaseResult:
+    """Drive the trainer to ``config.steps`` from where it is, logging and checkpointing the
+    run (``config`` is what its checkpoints record)."""
+    save = _saver(run_dir, trainer, config)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    loader = batch_loader(dataset, trainer.config, trainer.step)
     total = trainer.config.steps
     last_loss, seconds, images = float("nan"), 0.0, 0
     for result in trainer.run(loader, total - trainer.step):
@@ -185,7 +189,9 @@ def _run_loop(
         if result.step % trainer.config.checkpoint_every == 0 or result.step == total:
             save()
         report(progress, result.step, total, f"step {result.step}/{total} loss {result.loss:.4f}")
-    return last_loss, images / seconds if seconds else 0.0
+    trainable, parameters = count_parameters(trainer.model)
+    speed = images / seconds if seconds else 0.0
+    return PhaseResult(run_dir, resolve_checkpoint(run_dir), trainer.step, last_loss, trainable, parameters, speed)
 
 
 def pretrain_loss(model, diffusion: MaskedDiffusion, encoder) -> LossFn:
@@ -294,14 +300,7 @@ def pretrain(
         if every and (result.step % every == 0 or result.step == train_config.steps):
             write_grid(result.step)
 
-    save = _saver(run_dir, trainer, config)
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    last_loss, speed = _run_loop(
-        trainer, batch_loader(dataset, train_config, trainer.step), run_dir, save, on_step, progress
-    )
-    trainable, total = count_parameters(model)
-    return PhaseResult(run_dir, resolve_checkpoint(run_dir), trainer.step, last_loss, trainable, total, speed)
+    return _train_phase(trainer, dataset, run_dir, config, on_step, progress)
 
 
 def finetune(
@@ -375,11 +374,4 @@ def finetune(
         trainer.load_state_dict(saved["trainer"], saved["ema"])
         _truncate_log(run_dir, trainer.step)
 
-    save = _saver(run_dir, trainer, config)
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    last_loss, speed = _run_loop(
-        trainer, batch_loader(dataset, train_config, trainer.step), run_dir, save, None, progress
-    )
-    n_trainable, n_total = count_parameters(model)
-    return PhaseResult(run_dir, resolve_checkpoint(run_dir), trainer.step, last_loss, n_trainable, n_total, speed)
+    return _train_phase(trainer, dataset, run_dir, config, None, progress)

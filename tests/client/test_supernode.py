@@ -12,7 +12,7 @@ import pytest
 from client.supernode import SuperNode
 from cmdfed.data.synth import write_synthetic_store
 from cmdfed.errors import CmdfedError
-from cmdfed.federation.processes import free_port, serve_in_foreground, start_process
+from cmdfed.federation.processes import federate_command, free_port, serve_in_foreground, start_process
 from cmdfed.federation.site import SiteSettings
 from cmdfed.telemetry import TelemetryStore
 from server.superlink import SuperLink
@@ -60,17 +60,7 @@ def test_a_supernode_in_process_isolation_completes_a_round(tmp_path, monkeypatc
             "augment=false",
             "round-timeout-s=300",
         ]
-        command = [
-            sys.executable,
-            "-m",
-            "cmdfed",
-            "federate",
-            "--superlink",
-            superlink.address,
-            "--run-dir",
-            str(run_dir),
-            *[arg for setting in settings for arg in ("--set", setting)],
-        ]
+        command = [sys.executable, "-m", "cmdfed", *federate_command(superlink.address, run_dir, settings)]
         result = subprocess.run(command, capture_output=True, text=True, timeout=400, check=False)
     finally:
         node.stop()

@@ -2,7 +2,8 @@ import os
 
 import pytest
 
-from cmdfed.data.samples import SAMPLES, fetch_samples, sha256_file
+from cmdfed.checksums import sha256_of_file
+from cmdfed.data.samples import SAMPLES, fetch_samples
 from cmdfed.errors import CmdfedError
 
 pytestmark = pytest.mark.network
@@ -24,7 +25,7 @@ def test_fetch_from_a_clean_cache_verifies_every_file(tmp_path):
     assert set(paths) == set(SAMPLES)
     for name, path in paths.items():
         assert path.parent == tmp_path / "cache"
-        assert sha256_file(path) == SAMPLES[name].sha256
+        assert sha256_of_file(path) == SAMPLES[name].sha256
     assert not [p for p in (tmp_path / "cache").iterdir() if p.name not in SAMPLES]  # no temp files left
 
 

@@ -17,7 +17,7 @@ import torch
 from client.supernode import SuperNode
 from cmdfed.data.synth import write_synthetic_store
 from cmdfed.federation.checkpoints import last_complete_round
-from cmdfed.federation.processes import free_port
+from cmdfed.federation.processes import federate_command, free_port
 from cmdfed.federation.site import SiteSettings
 from cmdfed.inference.segment import load_model
 from server.superlink import SuperLink
@@ -39,18 +39,7 @@ SETTINGS = [
 
 
 def federate(superlink: SuperLink, run_dir: Path) -> list[str]:
-    sets = [arg for setting in SETTINGS for arg in ("--set", setting)]
-    return [
-        sys.executable,
-        "-m",
-        "cmdfed",
-        "federate",
-        "--superlink",
-        superlink.address,
-        "--run-dir",
-        str(run_dir),
-        *sets,
-    ]
+    return [sys.executable, "-m", "cmdfed", *federate_command(superlink.address, run_dir, SETTINGS)]
 
 
 def wait_for(path: Path, process: subprocess.Popen, timeout: float) -> None:

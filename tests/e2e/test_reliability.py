@@ -35,7 +35,7 @@ import pytest
 from client.supernode import SuperNode
 from cmdfed.data.synth import write_synthetic_store
 from cmdfed.federation.checkpoints import last_complete_round
-from cmdfed.federation.processes import free_port
+from cmdfed.federation.processes import federate_command, free_port
 from cmdfed.federation.site import SiteSettings
 from server.superlink import SuperLink
 
@@ -57,18 +57,7 @@ SETTINGS = [
 
 
 def federate(superlink: SuperLink, run_dir: Path) -> list[str]:
-    sets = [arg for setting in SETTINGS for arg in ("--set", setting)]
-    return [
-        sys.executable,
-        "-m",
-        "cmdfed",
-        "federate",
-        "--superlink",
-        superlink.address,
-        "--run-dir",
-        str(run_dir),
-        *sets,
-    ]
+    return [sys.executable, "-m", "cmdfed", *federate_command(superlink.address, run_dir, SETTINGS)]
 
 
 def store(tmp_path: Path, k: int) -> Path:

@@ -10,8 +10,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+from cmdfed.checksums import sha256_of_file
 from cmdfed.errors import CmdfedError
-from edge import bundle
 from edge.export import check_onnx, export_bundle
 from edge.trt_ops import unsupported_nodes
 
@@ -22,7 +22,7 @@ def test_bundle_has_every_file_with_its_checksum(signed_bundle):
     assert names == {"manifest.json", "manifest.sig", "model.onnx", "model.pt2", "golden.npz"}
     assert set(manifest["files"]) == {"model.onnx", "model.pt2", "golden.npz"}
     for name, record in manifest["files"].items():
-        assert bundle.sha256_of_file(signed_bundle / name) == record["sha256"]
+        assert sha256_of_file(signed_bundle / name) == record["sha256"]
         assert (signed_bundle / name).stat().st_size == record["bytes"]
     with tarfile.open(signed_bundle.with_name("cmd.tar")) as tar:
         assert sorted(tar.getnames()) == ["cmd", *sorted(f"cmd/{n}" for n in names)]
