@@ -56,8 +56,10 @@ Resume: tiles are processed in a fixed order and ``.work/state.json`` (:class:`S
 whose docstring gives the ordering rule) records how far the job got, so a rerun after an
 interruption continues where the last committed batch ended and the result equals an
 uninterrupted run. The state also holds a fingerprint (slide name, size and dimensions,
-its resolution and the grid read, model version, tile settings, post-processing
-parameters): an OUT folder belonging to another job is refused unless ``restart`` is given.
+its resolution and the grid read, model version, tile settings, the tile grid's rule
+(``cmdfed.inference.tiling.GRID_RULE``), post-processing parameters): an OUT folder belonging
+to another job, or to a version of cmdfed with another grid, is refused unless ``restart``
+is given.
 At the end the label pyramid, ``cells.geojson`` and ``summary.json`` are written; the summary
 records where the slide is (``cmdfed.slide_outputs``), so the dashboard finds it again.
 """
@@ -81,7 +83,7 @@ from cmdfed.data.slide import PLAUSIBLE_MPP, SlideReader, level_for_mpp, open_sl
 from cmdfed.errors import CmdfedError
 from cmdfed.inference.nuclei import nucleus_feature, write_feature_collection
 from cmdfed.inference.postprocess import WatershedParams, postprocess
-from cmdfed.inference.tiling import TileGrid, needs_resampling, resample_image
+from cmdfed.inference.tiling import GRID_RULE, TileGrid, needs_resampling, resample_image
 from cmdfed.pipeline import pipelined
 from cmdfed.progress import Progress, report
 from cmdfed.slide_outputs import GEOJSON, LABELS_DIR, SLIDE_FILE, SUMMARY, slide_file_record
@@ -340,7 +342,7 @@ class _SlideJob:
                 f"no tissue found in {reader.path.name} at --min-tissue {min_tissue}; lower it or check the slide"
             )
         self.corners = [(x, y) for x, y, _ in found]  # grid pixels
-        self.grid = TileGrid(self.tile, self.overlap, tuple(self.corners))
+        self.grid = TileGrid(self.tile, self.overlap, self.width, self.height, tuple(self.corners))
         self.work = out_dir / WORK_DIR
         self.state_path = self.work / "state.json"
         self.features_path = self.work / "features.jsonl"
@@ -353,6 +355,7 @@ class _SlideJob:
             "model_version": manifest["model"]["version"],
             "tile": self.tile,
             "overlap": self.overlap,
+            "grid": GRID_RULE,  # a job of an earlier grid (other tiles, other owners) is not continued
             "min_tissue": min_tissue,
             "postprocess": self.params.to_dict(),
         }
@@ -370,8 +373,8 @@ class _SlideJob:
             state = SlideState.load(self.state_path)
             if state.fingerprint != fingerprint:
                 raise CmdfedError(
-                    f"{self.out_dir} holds results of another slide, model or settings; choose another --out "
-                    "or pass --restart to discard them"
+                    f"{self.out_dir} holds results of another slide, model or settings (or of a cmdfed version "
+                    "with another tile grid); choose another --out or pass --restart to discard them"
                 )
             state.sessions += 1
             return state
@@ -442,7 +445,7 @@ class _SlideJob:
             # An outline that reaches a tile edge inside the slide is cut there: the object is larger
             # than the overlap lets a tile see whole (cmdfed.inference.tiling), so it is no nucleus's
             # outline. Dropped and counted, not drawn with a straight side.
-            kept = [n for n in owned if not self.grid.touches_inner_edge(corner, n, self.width, self.height)]
+            kept = [n for n in owned if not self.grid.touches_inner_edge(corner, n)]
             batch.tiles.append((corner, result.instance_map, kept, len(owned) - len(kept)))
         batch.maps = None
         batch.seconds["postprocess"] = time.perf_counter() - started
@@ -495,7 +498,7 @@ class _SlideJob:
         if lines:
             labels[y0:y1, x0:x1] = region
             features.write("".join(lines).encode())
-        state.area_px += self.grid.nominal_cell_area(corner, self.width, self.height)
+        state.area_px += self.grid.nominal_cell_area(corner)
 
     def _level0_rect(self, corner) -> tuple[int, int, int, int]:
         """The level-0 pixels (x0, y0, x1, y1) of the tile at grid ``corner``, within the slide."""
@@ -526,8 +529,9 @@ class _SlideJob:
         return x0, y0, max(x1 - x0, y1 - y0)
 
     def _inside_slide(self, corner, nucleus) -> bool:
-        """Tiles at the slide's right and bottom edges are padded with white; anything reaching
-        into the padding is an artefact of it (or a nucleus the scan cut), not kept."""
+        """Along a side of the slide shorter than a tile, the one tile reaches past the slide and
+        is padded with white; anything reaching into the padding is an artefact of it (or a
+        nucleus the scan cut), not kept."""
         x0, y0 = corner
         _, _, x1, y1 = nucleus.bbox_xyxy
         return x0 + x1 <= self.width and y0 + y1 <= self.height

@@ -11,7 +11,7 @@
 
 SegmentTiles: tiles of any side 1..max_side are accepted. Sides that are not multiples of
 32 (or below the model's minimum) are padded with white on the right and bottom, as
-whole-slide inference pads a slide's edge tiles; the network's maps are cropped back to
+whole-slide inference pads a slide smaller than a tile; the network's maps are cropped back to
 the tile before the training post-processing runs, so results cover exactly the pixels
 sent. A request that states its tiles' resolution (``mpp``) other than the model's has them
 resampled to the model's first (``to_model_resolution``; sides within max_side both as sent

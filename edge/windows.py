@@ -2,8 +2,8 @@
 the square of its side (`cmdfed edge serve`'s SegmentTiles).
 
     uint8 tile (H, W, 3) --padded with white to the network's multiple-->
-        windows of the bundle's tile size, ``overlap`` apart as whole-slide inference cuts a
-        slide, at most ``batch`` per backend call
+        windows of the bundle's tile size on ``cmdfed.inference.tiling``'s grid, as whole-slide
+        inference cuts a slide, at most ``batch`` per backend call
         --maps of each window, weighted by a ramp that falls towards the window's edge-->
         summed into tile-sized maps, divided by the summed weights (in place)
     --> NP/HV/NC maps of the whole tile, then post-processed once (no seams to stitch)
@@ -20,6 +20,8 @@ import math
 from collections.abc import Callable
 
 import numpy as np
+
+from cmdfed.inference.tiling import grid_starts
 
 Run = Callable[[np.ndarray], dict[str, np.ndarray]]
 
@@ -50,12 +52,6 @@ def window_weight(height: int, width: int, margin: int) -> np.ndarray:
     return np.outer(ramp(height), ramp(width))
 
 
-def positions(size: int, window: int, step: int) -> list[int]:
-    """Window starts along one side: every ``step`` pixels, the last flush with the end."""
-    last = max(size - window, 0)
-    return sorted({*range(0, last + 1, step), last})
-
-
 def windowed_maps(
     run: Run, image: np.ndarray, *, window: int, overlap: int, multiple: int, min_side: int, batch: int
 ) -> dict[str, np.ndarray]:
@@ -65,8 +61,8 @@ def windowed_maps(
     padded = pad_white(image, multiple, min_side)
     height, width = padded.shape[:2]
     wh, ww = min(window, height), min(window, width)
-    step = max(window - overlap, multiple)
-    corners = [(y, x) for y in positions(height, wh, step) for x in positions(width, ww, step)]
+    shared = window - max(window - overlap, multiple)  # windows at least the network's multiple apart
+    corners = [(y, x) for y in grid_starts(height, wh, shared) for x in grid_starts(width, ww, shared)]
     weight = window_weight(wh, ww, overlap)
     sums: dict[str, np.ndarray] = {}
     total = np.zeros((height, width), np.float32)

@@ -335,7 +335,9 @@ def tissue_grid(
     """The tiles with tissue of a grid laid over the slide: (x0, y0, tissue fraction) in the
     grid's pixels, and how many positions the grid has. The grid is ``size`` (width, height)
     pixels of ``downsample`` level-0 pixels each: a pyramid level's (:func:`plan_tiles`) or the
-    model's resolution, which no level need have (``edge.infer``)."""
+    model's resolution, which no level need have (``edge.infer``). Its last tiles are flush with
+    the slide's far edges (:mod:`cmdfed.inference.tiling`), so a tile reaches past the slide
+    only along a side shorter than a tile, where it reads white (:meth:`SlideReader.read_region`)."""
     if not 0 <= overlap < tile_size:
         raise CmdfedError(f"overlap must be in [0, tile size), got {overlap}")
     thumb, thumb_down = reader.thumbnail()
@@ -343,10 +345,8 @@ def tissue_grid(
     width, height = size
     corners = []
     grid = 0
-    # Regular positions (the last tile may reach past the edge, read as white): whole-slide
-    # inference's ownership of seam nuclei needs every tile on a multiple of the stride.
-    for ly in grid_starts(height, tile_size, overlap, flush_end=False):
-        for lx in grid_starts(width, tile_size, overlap, flush_end=False):
+    for ly in grid_starts(height, tile_size, overlap):
+        for lx in grid_starts(width, tile_size, overlap):
             grid += 1
             # Footprint of the tile on the thumbnail.
             t0y, t0x = int(ly * downsample / thumb_down), int(lx * downsample / thumb_down)

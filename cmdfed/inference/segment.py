@@ -134,8 +134,8 @@ def predict_image_maps(
     weight = _window_weight(window, overlap)
     sums: dict[str, np.ndarray] = {}
     total = np.zeros((H, W), np.float32)
-    for y in grid_starts(H, window, overlap, flush_end=True):
-        for x in grid_starts(W, window, overlap, flush_end=True):
+    for y in grid_starts(H, window, overlap):
+        for x in grid_starts(W, window, overlap):
             crop = padded[y : y + window, x : x + window]
             maps = predict_maps(loaded.model, crop[None], loaded.device, loaded.encoder)
             ch, cw = crop.shape[:2]

@@ -3,47 +3,47 @@ in several, and how an image at another resolution is brought onto the grid and 
 
 One grid serves every place that cuts an image into tiles: the dataset importers
 (``cmdfed.data.importers``), slide tiling (``cmdfed.data.slide.plan_tiles``), sliding-window
-inference (``cmdfed.inference.segment``) and whole-slide inference's stitching (here).
+inference (``cmdfed.inference.segment`` and the edge service's ``edge.windows``) and
+whole-slide inference's stitching (here).
 
 Grid (:func:`grid_starts`)
-    Tiles of side T start every S = T - O pixels along each axis (O = overlap), from 0.
-    Where the grid meets the far edge of the image there are two ways to end it, and which
-    one a caller uses is part of what its outputs are:
-
-    ``flush_end=True``: the last tile is moved back to end exactly at the edge, so an image
-    at least one tile large is covered without padding (the last tile overlaps its
-    neighbour by more than O). Importers and sliding-window inference, which hold the
-    whole image, use it: no padding means no invented pixels in training tiles or maps.
-
-    ``flush_end=False``: positions stay on the regular grid (multiples of S) as long as a
-    tile still reaches pixels its predecessor does not cover (start < length - O); the last
-    tile may reach past the edge and is padded (a slide reads white there). Slides use it:
-    the ownership cells below need every tile on a multiple of S.
+    Tiles of side T start every S = T - O pixels along each axis (O = overlap), from 0, and
+    the last one is moved back to end exactly at the image's far edge: an image at least one
+    tile large is covered without padding, and the last tile overlaps its neighbour by O or
+    more. An image smaller than a tile along an axis gets one tile at 0 there, which reaches
+    past the edge and is padded (a slide reads white there). No padding means no invented
+    pixels in training tiles, maps or slide tiles.
 
 Ownership (:class:`TileGrid`)
-    Neighbouring tiles share a band O wide. Each tile is post-processed on its own; a
+    Neighbouring tiles share a band at least O wide. Each tile is post-processed on its own; a
     nucleus in a shared band is found by both tiles (whole or cut by a tile edge). Exactly
     one of them must keep it, and it must keep the whole one.
 
-    Rule: split the plane into nominal cells, one per grid position: along x, cell i spans
-    [i*S + O/2, (i+1)*S + O/2) (the first starts at 0), i.e. each tile minus half the
-    overlap on each side; the same along y. A
-    nucleus is kept by the tile of the cell that contains its centroid. If that grid
-    position has no tile (too little tissue there), the nucleus goes to the tile, among those
-    containing the centroid, whose centre is nearest (ties: top-most, then left-most). Every
-    point has one owner, so a nucleus that some tile sees whole is kept once.
+    Rule: split the plane into cells, one per grid position. Along an axis with tile starts
+    s[0] < s[1] < ..., the border between the cells of s[j] and s[j+1] lies in the middle of
+    the band they share, at (s[j] + s[j+1] + T) / 2; the first cell starts at 0 and the last
+    runs to the end of the image. Where the step is S that is s[j] + S + O/2: each tile minus
+    half the overlap on each side. The same along y. A nucleus is kept by the tile of the cell
+    that contains its centroid. If that grid position has no tile (too little tissue there),
+    the nucleus goes to the tile, among those containing the centroid, whose centre is nearest
+    (ties: top-most, then left-most). Every point has one owner, so with every tile present
+    each nucleus is kept once, and (below) whole.
 
-    Why nothing is cut: a nucleus of diameter d <= O whose centroid lies in a tile's cell is
-    at least O/2 >= d/2 from that tile's edges, so the tile sees it whole. Conversely the
+    Why nothing is cut: a band shared by two tiles is w >= O wide (O where the step is S,
+    more before the last tile) and the border between their cells lies in its middle, w/2 >=
+    O/2 from both tiles' edges; every other side of a cell is an edge of the image. So a
+    nucleus of diameter d <= O whose centroid lies in a tile's cell is at least O/2 >= d/2
+    from that tile's edges inside the image, and the tile sees it whole. Conversely the
     fragment a tile sees of a nucleus crossing its edge has its centroid within d/2 <= O/2 of
     that edge, outside the tile's cell, so fragments are never kept. Hence the requirement
     overlap >= the largest nucleus diameter (``max_nucleus_diameter_px`` in the manifest).
-    Next to a grid position skipped for lack of tissue, a nucleus may be seen whole by no
-    tile; then the fragments of it that neighbouring tiles see can each be kept (cut, and
-    possibly twice). Such cases, and any object larger than the overlap, reach the edge of
-    the tile that keeps them and are cut there: ``edge.infer`` drops them (a straight-sided
-    fragment is no nucleus's outline) and counts them in the summary
-    (``objects_cut_by_tile_edges_dropped``) rather than hiding them.
+    Next to a grid position skipped for lack of tissue, the tile that gets a nucleus in the
+    skipped cell may see it cut (it may be seen whole by no tile), and the fragments of it
+    that neighbouring tiles see can each be kept (cut, and possibly twice). Such cases, and
+    any object larger than the overlap, reach the edge of the tile that keeps them and are
+    cut there: ``edge.infer`` drops them (a straight-sided fragment is no nucleus's outline)
+    and counts them in the summary (``objects_cut_by_tile_edges_dropped``) rather than
+    hiding them.
 
     The two tiles predict a seam nucleus from different context, so their centroids differ
     by a fraction of a pixel; a centroid that falls exactly on a cell border could in
@@ -75,6 +75,8 @@ Resolution (:func:`resample_image`, :func:`to_image_pixels`)
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -86,47 +88,80 @@ from PIL import Image
 from cmdfed.inference.nuclei import NucleusRecord, nucleus_records
 from cmdfed.inference.postprocess import PostprocessResult
 
+# Names the grid and ownership rule above for records that depend on it (``edge.infer``'s
+# resume fingerprint): change it when either changes.
+GRID_RULE = "flush end, cells split shared bands in the middle"
 
-def grid_starts(length: int, tile: int, overlap: int, *, flush_end: bool) -> list[int]:
-    """Tile offsets along an axis ``length`` pixels long (see the module docstring)."""
-    stride = tile - overlap
-    if not flush_end:
-        return list(range(0, max(length - overlap, 1), stride))
+
+def grid_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Tile offsets along an axis ``length`` pixels long: every ``tile - overlap`` from 0, the
+    last flush with the far edge; one at 0 when the axis is no longer than a tile."""
     if length <= tile:
         return [0]
-    return [*range(0, length - tile, stride), length - tile]
+    return [*range(0, length - tile, tile - overlap), length - tile]
+
+
+@dataclass(frozen=True)
+class _Axis:
+    """One axis of the grid: its tile starts and the borders between their cells.
+
+    A coordinate v lies in the cell of ``starts[j]`` when ``borders[j - 1] <= v < borders[j]``;
+    the first cell reaches down to 0 and the last up to the end of the image (beyond, too)."""
+
+    starts: tuple[int, ...]
+    borders: tuple[float, ...]  # borders[j]: the middle of the band starts[j] and starts[j + 1] share
+
+    @classmethod
+    def of(cls, length: int, tile: int, overlap: int) -> _Axis:
+        starts = grid_starts(length, tile, overlap)
+        return cls(tuple(starts), tuple((a + b + tile) / 2 for a, b in itertools.pairwise(starts)))
+
+    def cell(self, value: float) -> int:
+        """The start whose cell contains ``value``."""
+        return self.starts[bisect.bisect_right(self.borders, value)]
+
+    def containing(self, value: float, tile: int) -> tuple[int, ...]:
+        """The starts whose tiles contain ``value`` (start <= value < start + tile)."""
+        return self.starts[bisect.bisect_right(self.starts, value - tile) : bisect.bisect_right(self.starts, value)]
+
+    def cell_pixels(self, start: int, length: int) -> int:
+        """How many pixels (pixel p at coordinate p) of an axis ``length`` long the cell of ``start`` holds."""
+        j = self.starts.index(start)
+        low = 0 if j == 0 else math.ceil(self.borders[j - 1])
+        high = length if j == len(self.borders) else math.ceil(self.borders[j])
+        return high - low
 
 
 @dataclass(frozen=True)
 class TileGrid:
-    """The slide's tiles that hold tissue, on the regular grid (``flush_end=False``)."""
+    """The tiles that hold tissue of the grid laid over an image ``width`` x ``height`` pixels
+    (the module docstring's grid and ownership rule)."""
 
     tile: int
     overlap: int
-    corners: tuple[tuple[int, int], ...]  # level-0 (x0, y0) of the tiles with tissue, multiples of the stride
+    width: int
+    height: int
+    corners: tuple[tuple[int, int], ...]  # (x0, y0) of the tiles with tissue, grid positions
     _present: frozenset = field(init=False, repr=False, compare=False)
+    _x: _Axis = field(init=False, repr=False, compare=False)
+    _y: _Axis = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_present", frozenset(self.corners))
-
-    @property
-    def stride(self) -> int:
-        return self.tile - self.overlap
-
-    def _cell(self, value: float) -> int:
-        return max(0, math.floor((value - self.overlap / 2) / self.stride))
+        object.__setattr__(self, "_x", _Axis.of(self.width, self.tile, self.overlap))
+        object.__setattr__(self, "_y", _Axis.of(self.height, self.tile, self.overlap))
 
     def owner(self, x: float, y: float) -> tuple[int, int] | None:
-        """The (x0, y0) of the tile that keeps a nucleus with centroid (x, y) (level-0 pixels)."""
-        i, j = self._cell(x), self._cell(y)
-        nominal = (i * self.stride, j * self.stride)
+        """The (x0, y0) of the tile that keeps a nucleus with centroid (x, y), None when no tile
+        with tissue contains it."""
+        nominal = (self._x.cell(x), self._y.cell(y))
         if nominal in self._present:
             return nominal
         containing = [
             (cx, cy)
-            for cx in ((i - 1) * self.stride, i * self.stride, (i + 1) * self.stride)
-            for cy in ((j - 1) * self.stride, j * self.stride, (j + 1) * self.stride)
-            if (cx, cy) in self._present and cx <= x < cx + self.tile and cy <= y < cy + self.tile
+            for cx in self._x.containing(x, self.tile)
+            for cy in self._y.containing(y, self.tile)
+            if (cx, cy) in self._present
         ]
         if not containing:
             return None
@@ -142,28 +177,20 @@ class TileGrid:
             n for n in nuclei if self.owner(round(x0 + n.centroid_xy[0], 6), round(y0 + n.centroid_xy[1], 6)) == corner
         ]
 
-    def nominal_cell_area(self, corner: tuple[int, int], width: int, height: int) -> int:
-        """Pixels of the tile's nominal cell inside a width x height slide (cells never overlap)."""
+    def nominal_cell_area(self, corner: tuple[int, int]) -> int:
+        """Pixels of the image in the cell of the grid position ``corner`` (cells never overlap)."""
         x0, y0 = corner
-        return self._span(x0, width) * self._span(y0, height)
+        return self._x.cell_pixels(x0, self.width) * self._y.cell_pixels(y0, self.height)
 
-    def _span(self, start: int, limit: int) -> int:
-        half = self.overlap // 2
-        low = 0 if start == 0 else start + half
-        # The grid's last position also owns the rest of the slide.
-        last = start == grid_starts(limit, self.tile, self.overlap, flush_end=False)[-1]
-        high = limit if last else min(start + self.stride + half, limit)
-        return max(0, high - low)
-
-    def touches_inner_edge(self, corner: tuple[int, int], nucleus: NucleusRecord, width: int, height: int) -> bool:
-        """Whether the nucleus reaches a tile edge that lies inside the slide (it may be cut there)."""
+    def touches_inner_edge(self, corner: tuple[int, int], nucleus: NucleusRecord) -> bool:
+        """Whether the nucleus reaches a tile edge that lies inside the image (it may be cut there)."""
         x0, y0 = corner
         bx0, by0, bx1, by1 = nucleus.bbox_xyxy
         return (
             (bx0 == 0 and x0 > 0)
             or (by0 == 0 and y0 > 0)
-            or (bx1 == self.tile and x0 + self.tile < width)
-            or (by1 == self.tile and y0 + self.tile < height)
+            or (bx1 == self.tile and x0 + self.tile < self.width)
+            or (by1 == self.tile and y0 + self.tile < self.height)
         )
 
 

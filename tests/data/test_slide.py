@@ -106,6 +106,21 @@ def test_higher_level_and_overlap(pyramid_tiff, tmp_path):
     assert info.tiles == len(plan.corners)
 
 
+def test_tiles_end_flush_with_the_slide_and_only_a_slide_smaller_than_a_tile_is_padded(
+    pyramid_tiff, slide_pixels, tmp_path
+):
+    with open_slide(pyramid_tiff) as reader:  # stride 96: neither W - 128 nor H - 128 is a multiple of it
+        corners, grid = tissue_grid(reader, (W, H), 1.0, 128, 32, 0.0)
+    xs, ys = {x for x, _, _ in corners}, {y for _, y, _ in corners}
+    assert grid == len(corners) == len(xs) * len(ys)
+    assert max(xs) + 128 == W and max(ys) + 128 == H  # the last tiles end at the slide's edges, not past them
+    Image.fromarray(slide_pixels[:100, :90]).save(tmp_path / "small.png")
+    info = tile_slide(tmp_path / "small.png", tmp_path / "small.zarr", tile_size=128, min_tissue=0.5, mpp=0.5)
+    tile = SiteStore.open(tmp_path / "small.zarr").image(0)
+    assert info.tiles == 1 and np.array_equal(tile[:100, :90], slide_pixels[:100, :90])
+    assert (tile[100:] == 255).all() and (tile[:, 90:] == 255).all()  # white past the slide
+
+
 def test_append_a_second_slide(pyramid_tiff, tmp_path):
     tile_slide(pyramid_tiff, tmp_path / "s.zarr", tile_size=128, min_tissue=0.5)
     info = tile_slide(pyramid_tiff, tmp_path / "s.zarr", tile_size=128, min_tissue=0.5, append=True)

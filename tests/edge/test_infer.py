@@ -95,6 +95,35 @@ def test_resume_after_interruption_equals_an_uninterrupted_run(home, slide_tiff,
     assert np.array_equal(*labels)
 
 
+def test_a_job_begun_on_an_earlier_tile_grid_is_not_continued(home, slide_tiff, tmp_path):
+    """Another grid rule cuts other tiles and gives seam nuclei other owners: a resumed job would mix two grids."""
+
+    def interrupt_after_the_first_batch(done, total, what):
+        if done >= 2:
+            raise KeyboardInterrupt
+
+    out_dir = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        infer_slide(slide_tiff, home, out_dir, batch=2, progress=interrupt_after_the_first_batch)
+    state_path = out_dir / ".work" / "state.json"
+    state = json.loads(state_path.read_text())
+    del state["fingerprint"]["grid"]  # as jobs before the one grid rule recorded it
+    state_path.write_text(json.dumps(state))
+    with pytest.raises(CmdfedError, match=r"another tile grid.*--restart"):
+        infer_slide(slide_tiff, home, out_dir, batch=2)
+    assert infer_slide(slide_tiff, home, out_dir, batch=2, restart=True)["sessions"] == 1
+
+
+def test_a_slide_smaller_than_a_tile_is_one_tile_padded_with_white(home, tmp_path):
+    png = tmp_path / "small.png"
+    Image.fromarray(synthetic_slide_image(1, 1, seed=4)[:100, :120]).save(png)  # tissue in its lower right part
+    summary = infer_slide(png, home, tmp_path / "out", mpp=0.5)
+    assert summary["tiles"] == 1 and summary["area_analysed_px"] == 100 * 120  # the one tile's cell: the slide
+    for feature in _features(tmp_path / "out"):  # nothing reaching into the white padding is kept
+        xs, ys = np.array(feature["geometry"]["coordinates"][0]).T
+        assert xs.max() <= 120 and ys.max() <= 100
+
+
 def test_a_crash_between_writing_labels_and_committing_the_batch_is_redone_cleanly(
     home, slide_tiff, tmp_path, monkeypatch
 ):

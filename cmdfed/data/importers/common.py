@@ -190,8 +190,8 @@ def cut_tiles(
         image = _pad_to(image, padded_h, padded_w, PAD_VALUE)
         instances = None if instances is None else _pad_to(instances, padded_h, padded_w, 0)
         types = None if types is None else _pad_to(types, padded_h, padded_w, 0)
-    for y in grid_starts(image.shape[0], tile_size, overlap, flush_end=True):
-        for x in grid_starts(image.shape[1], tile_size, overlap, flush_end=True):
+    for y in grid_starts(image.shape[0], tile_size, overlap):
+        for x in grid_starts(image.shape[1], tile_size, overlap):
             window = np.s_[y : y + tile_size, x : x + tile_size]
             yield TileCut(
                 x=x,
