@@ -21,7 +21,9 @@ the recipe with the same seeds, so that a lever is adopted on its figure, not on
 * ``recipe``: the recipe as it is;
 * ``ema``: an exponential moving average of the weights (decay 0.999) is what is scored;
 * ``long``: 3000 steps instead of 1500 (the time bf16 saved, spent; still well within the
-  60-minute budget on this CPU).
+  60-minute budget on this CPU);
+* ``aug``: H&E augmentation beyond flips, 90-degree rotations and stain jitter: scale jitter
+  (zoom by up to 1.2x either way) and Gaussian blur (sigma up to 1 px), ``cmdfed.data.augment``.
 
 The pretraining is one run (seed 0) shared by the fine-tuning seeds. Each run is scored on
 the test images (mean over the three of Dice, AJI, PQ) with two post-processings: HoVer-Net's
@@ -76,7 +78,12 @@ ARMS = {
     "random-frozen": (False, "heads"),
 }
 # lever -> its fine-tuning settings over the recipe's
-LEVERS = {"recipe": {}, "ema": {"ema_decay": 0.999}, "long": {"steps": 3000}}
+LEVERS = {
+    "recipe": {},
+    "ema": {"ema_decay": 0.999},
+    "long": {"steps": 3000},
+    "aug": {"scale_jitter": 0.2, "blur_sigma": 1.0},
+}
 
 
 def run_name(arm: str, lever: str, fraction: float, seed: int) -> str:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from cmdfed.data.augment import random_dihedral, stain_jitter
+from cmdfed.data.augment import random_blur, random_dihedral, random_scale, stain_jitter
 from cmdfed.data.store import SiteStore
 from cmdfed.errors import CmdfedError
 from cmdfed.model.targets import make_targets
@@ -43,6 +43,8 @@ class SiteDataset(Dataset):
         *,
         augment: bool = False,
         stain_sigma: float = 0.05,
+        scale_jitter: float = 0.0,
+        blur_sigma: float = 0.0,
         targets: bool = False,
     ):
         self.path = Path(path)
@@ -50,6 +52,8 @@ class SiteDataset(Dataset):
         self.indices = np.arange(len(store)) if indices is None else np.asarray(indices, dtype=np.int64)
         self.augment = augment
         self.stain_sigma = stain_sigma
+        self.scale_jitter = scale_jitter
+        self.blur_sigma = blur_sigma
         self.targets = targets
         self.tile_size = store.tile_size
         self.class_names = store.class_names
@@ -84,7 +88,9 @@ class SiteDataset(Dataset):
         if self.augment:
             rng = np.random.default_rng(int(torch.randint(0, 2**62, ())) if seed is None else seed)
             image, instances, types = random_dihedral(rng, image, instances, types)
+            image, instances, types = random_scale(rng, self.scale_jitter, image, instances, types)
             image = stain_jitter(image, rng, self.stain_sigma)
+            image = random_blur(image, rng, self.blur_sigma)
         item = {
             "image": torch.from_numpy(image).permute(2, 0, 1).float().div_(255.0),
             "instances": torch.from_numpy(instances.astype(np.int64)),

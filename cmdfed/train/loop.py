@@ -51,7 +51,9 @@ class TrainConfig(ConfigBase):
     ema_decay: float = 0.0  # 0 disables the EMA copy
     seed: int = 0
     num_workers: int = 0
-    augment: bool = True
+    augment: bool = True  # flips, 90-degree rotations and stain jitter (cmdfed.data.augment)
+    scale_jitter: float = 0.0  # with augment: zoom by up to 1 + this (0 = none)
+    blur_sigma: float = 0.0  # with augment: Gaussian blur of up to this many pixels (0 = none)
     checkpoint_every: int = 500
     sample_every: int = 500  # pretraining: write an inpainting grid every N steps (0 = never)
     keep_checkpoints: int = 3
@@ -60,13 +62,25 @@ class TrainConfig(ConfigBase):
     def validate(self) -> None:
         for name in ("steps", "batch_size", "checkpoint_every"):
             require(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("warmup_steps", "num_workers", "sample_every", "weight_decay", "grad_clip"):
+        for name in (
+            "warmup_steps",
+            "num_workers",
+            "sample_every",
+            "weight_decay",
+            "grad_clip",
+            "scale_jitter",
+            "blur_sigma",
+        ):
             require(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         require(self.lr > 0, f"lr must be positive, got {self.lr}")
         require(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         require(0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}")
         require(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         require(self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+
+    def augmentation(self) -> dict[str, bool | float]:
+        """The ``SiteDataset`` augmentation settings of this phase."""
+        return {"augment": self.augment, "scale_jitter": self.scale_jitter, "blur_sigma": self.blur_sigma}
 
 
 def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float:

@@ -87,9 +87,10 @@ def _check_resume(config: dict, saved: dict, keys: tuple[str, ...], run_dir: Pat
     differs = []
     for key in keys:
         given, before = config.get(key), saved.get(key)
-        if key == "train":
+        if key == "train":  # a setting added since the run began had its default value then
             given, before = (
-                {k: v for k, v in d.items() if k not in RESUME_FREE_TRAIN_KEYS} for d in (given, before or {})
+                {k: v for k, v in d.items() if k not in RESUME_FREE_TRAIN_KEYS}
+                for d in (given, {**TrainConfig().to_dict(), **(before or {})})
             )
         if isinstance(given, dict) and isinstance(before, dict):
             differs += [f"{key}.{k}" for k in sorted(set(given) | set(before)) if given.get(k) != before.get(k)]
@@ -252,7 +253,7 @@ def pretrain(
     run_dir = Path(run_dir)
     dev = select_device(device)
     sites = [SiteStore.open(s) for s in stores]
-    datasets = [SiteDataset(s, augment=train_config.augment) for s in stores]
+    datasets = [SiteDataset(s, **train_config.augmentation()) for s in stores]
     dataset = MultiStoreDataset(datasets)
     config = {
         "phase": "pretrain",
@@ -350,7 +351,7 @@ def finetune(
     model.to(dev, memory_format=memory_format(dev))
     encoder = frozen_encoder(model_cfg.fm_kind, fm_weights, dev)
 
-    dataset = SiteDataset(store, indices=indices, augment=train_config.augment, targets=True)
+    dataset = SiteDataset(store, indices=indices, targets=True, **train_config.augmentation())
     config = {
         "phase": "finetune",
         "model": model_cfg.to_dict(),

@@ -81,6 +81,20 @@ def test_resume_with_other_settings_is_refused(synthetic_store, pretrained, tmp_
     )
 
 
+def test_a_run_from_before_a_setting_existed_resumes_with_its_default_only(synthetic_store, pretrained, tmp_path):
+    import shutil
+
+    run = tmp_path / "older"
+    shutil.copytree(pretrained[0], run)
+    for config_file in run.glob("*/config.json"):  # as cmdfed wrote it before blur_sigma existed
+        config = json.loads(config_file.read_text())
+        del config["train"]["blur_sigma"]
+        config_file.write_text(json.dumps(config))
+    with pytest.raises(CmdfedError, match=r"differs in train\.blur_sigma"):
+        pretrain([synthetic_store], run, model_config=TINY, train_config=quick(blur_sigma=1.0), device="cpu")
+    pretrain([synthetic_store], run, model_config=TINY, train_config=quick(), device="cpu")
+
+
 def test_finetune_resume_is_refused_with_other_labels_or_trainable_groups(synthetic_store, pretrained, tmp_path):
     run = tmp_path / "ft"
     finetune(synthetic_store, run, init=pretrained[0], train_config=quick(steps=2, sample_every=0), device="cpu")
