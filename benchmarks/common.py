@@ -18,15 +18,19 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 
 def commit_of(code: Path = REPOSITORY, *paths: str) -> str:
     """The short commit of a checkout, marked "+uncommitted" when its tracked files (or those
-    under ``paths``) have changes: the code a result came from."""
+    under ``paths``) have changes: the code a result came from; "unknown" outside a git
+    checkout (a result is never lost for want of its commit)."""
 
     def git(*args: str) -> str:
         return subprocess.run(
             ["git", "-C", str(code), *args], capture_output=True, text=True, check=True
         ).stdout.strip()
 
-    changed = git("status", "--porcelain", "--untracked-files=no", "--", *paths)
-    return git("rev-parse", "--short", "HEAD") + ("+uncommitted" if changed else "")
+    try:
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", *paths)
+        return git("rev-parse", "--short", "HEAD") + ("+uncommitted" if changed else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def machine() -> dict:

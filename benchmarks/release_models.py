@@ -171,8 +171,10 @@ def make_nuclei(work: Path) -> Path:
 
 
 def nuclei_card(result: PhaseResult, train: TrainConfig, fields: dict) -> dict:
-    """A nuclei model's card: what every nuclei model of the default recipe states, then ``fields``."""
-    return {
+    """A nuclei model's card: its kind and summary, what every nuclei model of the default recipe
+    states, then the rest of ``fields``."""
+    card = {key: fields[key] for key in ("kind", "summary")}
+    return card | {
         "preset": DEFAULT_PRESET,
         "mpp": 0.5,
         "classes": ["background", "nucleus"],

@@ -13,6 +13,9 @@ scale jitter and blur.
   the nominal one by a few percent, and nuclei that vary in size.
 * Blur smooths the image with a Gaussian of random sigma in [0, b] pixels: scans slightly
   out of focus. Labels are unchanged.
+
+Scale jitter and blur are off unless a training config sets them (``TrainConfig.scale_jitter``,
+``blur_sigma``: ``cmdfed train``); federated rounds use the first two only.
 """
 
 from __future__ import annotations

@@ -32,11 +32,13 @@ Ownership (:class:`TileGrid`)
     Why nothing is cut: a band shared by two tiles is w >= O wide (O where the step is S,
     more before the last tile) and the border between their cells lies in its middle, w/2 >=
     O/2 from both tiles' edges; every other side of a cell is an edge of the image. So a
-    nucleus of diameter d <= O whose centroid lies in a tile's cell is at least O/2 >= d/2
-    from that tile's edges inside the image, and the tile sees it whole. Conversely the
-    fragment a tile sees of a nucleus crossing its edge has its centroid within d/2 <= O/2 of
-    that edge, outside the tile's cell, so fragments are never kept. Hence the requirement
-    overlap >= the largest nucleus diameter (``max_nucleus_diameter_px`` in the manifest).
+    nucleus whose outline lies within r <= O/2 of its centroid (a round one: diameter <= O),
+    centroid in a tile's cell, is at least O/2 >= r from that tile's edges inside the image,
+    and the tile sees it whole. Conversely the fragment a tile sees of a nucleus crossing its
+    edge has its centroid within r <= O/2 of that edge, outside the tile's cell, so fragments
+    are never kept. Hence the requirement overlap >= the largest nucleus diameter
+    (``max_nucleus_diameter_px`` in the manifest); a lopsided outline reaching further from
+    its centroid is caught as cut (below).
     Next to a grid position skipped for lack of tissue, the tile that gets a nucleus in the
     skipped cell may see it cut (it may be seen whole by no tile), and the fragments of it
     that neighbouring tiles see can each be kept (cut, and possibly twice). Such cases, and

@@ -87,10 +87,12 @@ def _check_resume(config: dict, saved: dict, keys: tuple[str, ...], run_dir: Pat
     differs = []
     for key in keys:
         given, before = config.get(key), saved.get(key)
-        if key == "train":  # a setting added since the run began had its default value then
+        if key == "train" and isinstance(before, dict):
+            # A setting added since the run began had its default value then (each new
+            # setting's default must keep the old behaviour for this to hold).
             given, before = (
                 {k: v for k, v in d.items() if k not in RESUME_FREE_TRAIN_KEYS}
-                for d in (given, {**TrainConfig().to_dict(), **(before or {})})
+                for d in (given, {**TrainConfig().to_dict(), **before})
             )
         if isinstance(given, dict) and isinstance(before, dict):
             differs += [f"{key}.{k}" for k in sorted(set(given) | set(before)) if given.get(k) != before.get(k)]
