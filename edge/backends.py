@@ -175,7 +175,14 @@ class OnnxRuntimeBackend(Backend):
     def __init__(
         self, model: BundleModel, threads: int | None = None, memory_arena: bool = True, variant: str = "fp32"
     ):
-        """``variant``: which of the bundle's graphs to run, ``fp32`` or a gated one such as ``int8``."""
+        """``variant``: which of the bundle's graphs to run, ``fp32`` or a gated one such as ``int8``.
+
+        ``memory_arena``: ONNX Runtime's CPU arena makes a run's many intermediate allocations
+        cheap (without it every run page-faults its ~100 MB of activations in afresh: a tile took
+        1.3-1.7x as long here) but keeps the memory of the largest run it has seen and grows with
+        each new input shape. True keeps it between runs. False gives its memory back after every
+        run (the arena is shrunk) except a run of one model window, the shape of a one-tile
+        request, which stays warm: what it keeps between runs is then at most one such run's."""
         super().__init__(model)
         import onnxruntime
 
@@ -186,8 +193,16 @@ class OnnxRuntimeBackend(Backend):
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
         options.log_severity_level = 3  # errors only; fallbacks are reported by us
-        # The CPU arena keeps the largest run's memory, and grows again with each new input shape.
-        options.enable_cpu_mem_arena = memory_arena
+        options.enable_cpu_mem_arena = True
+        self.keeps_memory = memory_arena
+        self.warm_shape = (
+            1,
+            3,
+            model.manifest["preprocessing"]["tile_size"],
+            model.manifest["preprocessing"]["tile_size"],
+        )
+        self.shrink_after = onnxruntime.RunOptions()
+        self.shrink_after.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         try:
             self.session = onnxruntime.InferenceSession(
                 model.read_verified(model.variant_onnx(variant)), sess_options=options, providers=self._providers()
@@ -207,7 +222,8 @@ class OnnxRuntimeBackend(Backend):
         return f"onnxruntime has no {self.provider}"
 
     def _infer(self, x: np.ndarray) -> list[np.ndarray]:
-        return self.session.run(self.model.output_names, {self.input_name: x})
+        keep = self.keeps_memory or x.shape == self.warm_shape
+        return self.session.run(self.model.output_names, {self.input_name: x}, None if keep else self.shrink_after)
 
 
 class OrtCpuBackend(OnnxRuntimeBackend):

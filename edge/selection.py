@@ -127,9 +127,10 @@ def select_backend(
     """The first backend, in BACKEND_NAMES order (or ``force``), that loads and passes validation.
 
     ``trt_source``: build TensorRT engines from the ONNX graph ("onnx") or model.pt2 ("pt2").
-    ``memory_arena``: False gives ONNX Runtime's host memory back after each run (slower on CPU,
-    ~20% at batch 8, but its memory no longer stays at its largest run's or grows with the input
-    shapes it has seen; the edge service, which budgets its memory, turns it off).
+    ``memory_arena``: False gives ONNX Runtime's host memory back after each run but one of a
+    single model window, which stays warm (``OnnxRuntimeBackend``): its memory no longer stays
+    at its largest run's or grows with the input shapes it has seen; the edge service, which
+    budgets its memory, sets it.
     """
     if force is not None and force not in BACKEND_NAMES:
         raise CmdfedError(f"unknown backend {force!r}; choose one of {', '.join(BACKEND_NAMES)}")

@@ -852,7 +852,8 @@ class EdgeService:
     def _probe(self, backend) -> tuple[Costs, int, int]:
         """Run the largest batch the service gives the backend: the costs of calls (from the
         outputs' shapes), the bytes resident at rest after it, and what the run held at its peak
-        above that (calls into the backend are one at a time, so this is needed once)."""
+        above that (calls into the backend are one at a time, so this is needed once). Then a
+        run of one window, whose memory the backend keeps warm between runs: at rest includes it."""
         window = backend.model.manifest["preprocessing"]["tile_size"]
         batch = min(WINDOW_BATCH, backend.max_shape[0])
         gc.collect()
@@ -861,10 +862,13 @@ class EdgeService:
         maps = backend.run(np.full((batch, window, window, 3), 255, np.uint8))
         channels = sum(value.shape[1] if value.ndim == 4 else 1 for value in maps.values())
         del maps
+        peak = peak_resident_bytes()
+        for _ in range(2):  # the second run finds the arena as every later one-window run will
+            backend.run(np.full((1, window, window, 3), 255, np.uint8))
         gc.collect()
         at_rest = resident_bytes()
         # Where the peak could not be reset, the process's peak so far: more than the run's, never less.
-        model_run = max(0, peak_resident_bytes() - min(before, at_rest))
+        model_run = max(0, peak - min(before, at_rest))
         return Costs(window=window, batch=batch, maps=channels), at_rest, model_run
 
     def _make_server(self, host: str, port: int, workers: int) -> grpc.Server:
