@@ -195,12 +195,8 @@ class OnnxRuntimeBackend(Backend):
         options.log_severity_level = 3  # errors only; fallbacks are reported by us
         options.enable_cpu_mem_arena = True
         self.keeps_memory = memory_arena
-        self.warm_shape = (
-            1,
-            3,
-            model.manifest["preprocessing"]["tile_size"],
-            model.manifest["preprocessing"]["tile_size"],
-        )
+        window = model.manifest["preprocessing"]["tile_size"]
+        self.warm_shape = (1, 3, window, window)  # the model input of a one-tile request
         self.shrink_after = onnxruntime.RunOptions()
         self.shrink_after.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         try:
