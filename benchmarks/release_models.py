@@ -9,10 +9,10 @@
 2. ``cmd-tiny-he-nuclei`` (segmenter): the tiny CMD network trained end to end by the default
    recipe (``cmdfed/train/recipe.py``) on every labelled CPM-15 image, 01-10. It ships without
    tuned watershed settings (predict and export scale HoVer-Net's to 0.5 um/px): no labelled
-   image is left to tune on, and on the dev split settings tuned on the training tiles gave
-   the same PQ and a lower AJI than the scaled ones. The recipe starts from random
-   initialisation, not from the backbone: on the dev split that measured better (PQ 0.569
-   against 0.501 from the CMD pretraining, seed 0); the card says so.
+   image is left to tune on, and on the dev split settings tuned on the training tiles did
+   not beat the scaled ones on both PQ and AJI. The recipe starts from random initialisation,
+   not from the backbone: on the dev split that measured better; the card gives both
+   (``dev_split_scores`` against ``dev_split_scores_cmd_init``).
 3. ``cmd-tiny-he-nuclei-dev`` (segmenter, development split): the same recipe on CPM-15
    01-07 only, seed 0: the run ``benchmarks/model_quality`` scores as ``scratch-e2e`` (with
    ``--workdir`` pointing at that benchmark's folder it is that very run, reused), so
@@ -156,8 +156,8 @@ def make_nuclei(work: Path) -> Path:
             "command": "python -m benchmarks.release_models --stage nuclei",
             "postprocess": "HoVer-Net's watershed settings scaled to 0.5 um/px (WatershedParams.for_mpp), not tuned: "
             "no labelled image is left to tune on, and on the dev split settings tuned on the training "
-            "tiles gave the same PQ and a lower AJI (model_quality, 'tuned' columns); tune it on your own "
-            "labelled tiles with cmdfed train tune",
+            "tiles did not beat the scaled ones on both PQ and AJI (model_quality, 'tuned' columns); tune it "
+            "on your own labelled tiles with cmdfed train tune",
             "train_minutes_this_machine": logged_train_minutes(result.run_dir, result.steps),
             "good_for": "nuclei outlines on H&E at about 0.5 um/px (20x), the default model of cmdfed predict "
             "and edge export when a lab has no labels of its own",

@@ -14,8 +14,9 @@ scale jitter and blur.
 * Blur smooths the image with a Gaussian of random sigma in [0, b] pixels: scans slightly
   out of focus. Labels are unchanged.
 
-Scale jitter and blur are off unless a training config sets them (``TrainConfig.scale_jitter``,
-``blur_sigma``: ``cmdfed train``); federated rounds use the first two only.
+Scale jitter and blur are on in fine-tuning by default (``cmdfed.train.recipe``; the
+federation's ``finetune-scale-jitter`` and ``finetune-blur-sigma``) and off in pretraining,
+where they were not measured.
 """
 
 from __future__ import annotations

@@ -42,7 +42,10 @@ class FederationConfig(ConfigBase):
     finetune_lr: float = 1e-3
     weight_decay: float = 0.05
     grad_clip: float = 1.0
-    augment: bool = True
+    augment: bool = True  # flips, 90-degree rotations and stain jitter (cmdfed.data.augment)
+    # With augment, fine-tuning rounds also zoom and blur as the default recipe does (cmdfed.train.recipe)
+    finetune_scale_jitter: float = 0.2
+    finetune_blur_sigma: float = 1.0
     label_fraction: float = 1.0
     finetune_trainable: str = "heads"  # heads | heads+modulation | all (end to end)
     strategy: str = "fedavg"  # fedavg | fedprox | fedadam | fedyogi
@@ -80,7 +83,15 @@ class FederationConfig(ConfigBase):
             require(getattr(self, name) > 0, f"{_key(name)} must be positive, got {getattr(self, name)}")
         for name in ("pretrain_lr", "finetune_lr", "round_timeout_s", "update_norm_limit", "server_lr", "tau"):
             require(getattr(self, name) > 0, f"{_key(name)} must be positive, got {getattr(self, name)}")
-        for name in ("weight_decay", "grad_clip", "proximal_mu", "eval_every", "server_eval_every"):
+        for name in (
+            "weight_decay",
+            "grad_clip",
+            "proximal_mu",
+            "eval_every",
+            "server_eval_every",
+            "finetune_scale_jitter",
+            "finetune_blur_sigma",
+        ):
             require(getattr(self, name) >= 0, f"{_key(name)} must be >= 0, got {getattr(self, name)}")
         require(
             self.keep_rounds == 0 or self.keep_rounds >= 2,

@@ -129,6 +129,8 @@ def local_finetune_round(
         site_store,
         indices=training_tiles(site, config.label_fraction, config.seed),
         augment=config.augment,
+        scale_jitter=config.finetune_scale_jitter,
+        blur_sigma=config.finetune_blur_sigma,
         targets=True,
     )
     loss_fn = _dpsgd().per_sample_finetune_loss(model) if ledger else finetune_loss(model, None)

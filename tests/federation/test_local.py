@@ -50,6 +50,22 @@ def test_finetune_round_takes_and_sends_only_heads(quick_config, site_stores):
         local_finetune_round(model.state_dict(), frozen, site_stores[1], config, 1, "site-2", device="cpu")
 
 
+def test_zoom_and_blur_jitter_change_fine_tuning_rounds_only(quick_config, site_stores):
+    plain = quick_config(augment=True, finetune_scale_jitter=0.0, finetune_blur_sigma=0.0)
+    jittered = quick_config(augment=True)  # the defaults: the recipe's zoom and blur
+    assert jittered.finetune_scale_jitter > 0 and jittered.finetune_blur_sigma > 0
+    model = global_model(plain, "finetune")
+    heads = model.state_dict_for(("heads",))
+    frozen = model.state_dict_for(plain.frozen_groups("finetune"))
+    tuned = [
+        local_finetune_round(heads, frozen, site_stores[0], c, 1, "site-1", device="cpu") for c in (plain, jittered)
+    ]
+    assert any(not torch.equal(tuned[0].weights[k], tuned[1].weights[k]) for k in heads)
+    sent = global_model(plain).state_dict_for(plain.sent_groups("pretrain"))
+    pretrained = [local_pretrain_round(sent, site_stores[0], c, 1, "site", device="cpu") for c in (plain, jittered)]
+    assert all(torch.equal(pretrained[0].weights[k], pretrained[1].weights[k]) for k in sent)
+
+
 def test_fedprox_adds_the_proximal_term(quick_config, site_stores):
     config = quick_config(local_steps=2)
     sent = global_model(config).state_dict_for(config.sent_groups("pretrain"))
