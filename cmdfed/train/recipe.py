@@ -11,7 +11,7 @@ each lever gave:
 * fine-tuning: end to end (``trainable="all"``) from random initialisation of the tiny preset,
   1500 steps, peak LR 1e-3 after 100 warm-up steps, no EMA; augmentation: flips, 90-degree
   rotations, stain jitter, scale jitter (zoom by up to 1.2x either way) and Gaussian blur (sigma
-  up to 1 px). On the dev split this measured PQ 0.567 +- 0.009 / AJI 0.602 with all labels and
+  up to 1 px). On the dev split this measured PQ 0.566 +- 0.009 / AJI 0.602 with all labels and
   PQ 0.539 +- 0.014 / AJI 0.580 with 10 % (means of 3 seeds).
 
 Why these, from the benchmark's rows (same seeds):
