@@ -52,8 +52,7 @@ def test_finetune_round_takes_and_sends_only_heads(quick_config, site_stores):
 
 def test_zoom_and_blur_jitter_change_fine_tuning_rounds_only(quick_config, site_stores):
     plain = quick_config(augment=True, finetune_scale_jitter=0.0, finetune_blur_sigma=0.0)
-    jittered = quick_config(augment=True)  # the defaults: the recipe's zoom and blur
-    assert jittered.finetune_scale_jitter > 0 and jittered.finetune_blur_sigma > 0
+    jittered = quick_config(augment=True, finetune_scale_jitter=0.2, finetune_blur_sigma=1.0)  # the recipe's
     model = global_model(plain, "finetune")
     heads = model.state_dict_for(("heads",))
     frozen = model.state_dict_for(plain.frozen_groups("finetune"))
