@@ -21,7 +21,7 @@ Why these, from the benchmark's rows (same seeds):
   0.596): +0.046 PQ with few labels, within the seeds' spread with many.
 * Random initialisation, not the CMD pretraining of the same budget (3000 masked-diffusion
   steps on the training images and the sample slide): started from it (``--init
-  cmd-tiny-he``, what a federation does by default), the recipe measured PQ 0.542 +- 0.023
+  cmd-tiny-he``, what a federation does by default), the recipe measured PQ 0.543 +- 0.023
   with 10 % of the labels (3 seeds; a tie with 0.539) and 0.540 with all of them (one seed,
   against 0.566). Without the new augmentation it had lost at 10 % too (0.484 against 0.493).
 * Heads over a frozen backbone measured far below either; they remain a choice for
