@@ -96,18 +96,16 @@ LEVERS = {
 
 def lever_settings(lever: str) -> dict:
     """The settings of ``lever``: one of LEVERS, or several joined by '+', applied left to right."""
-    settings = {}
-    for part in lever.split("+"):
-        if part not in LEVERS:
-            raise argparse.ArgumentTypeError(
-                f"unknown lever {part!r}: use {', '.join(LEVERS)}, or several joined by '+'"
-            )
-        settings |= LEVERS[part]
-    return settings
+    return {key: value for part in lever.split("+") for key, value in LEVERS[part].items()}
 
 
 def checked_lever(lever: str) -> str:
-    lever_settings(lever)
+    """``--levers``' type: a lever name, or several joined by '+'."""
+    unknown = [part for part in lever.split("+") if part not in LEVERS]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown lever {unknown[0]!r}: use {', '.join(LEVERS)}, or several joined by '+'"
+        )
     return lever
 
 
