@@ -68,9 +68,20 @@ class LabelIndex:
     @classmethod
     def of(cls, instance_map: np.ndarray, name: str = "instance_map") -> LabelIndex:
         check_label_map(instance_map, name)
-        values, inverse = np.unique(instance_map.ravel(), return_inverse=True)
+        flat = instance_map.ravel()
+        if flat.dtype == bool:
+            flat = flat.view(np.uint8)
+        largest = int(flat.max()) if flat.size else 0
+        if largest <= 4 * flat.size:
+            # The usual map (ids up to about the pixel count): counting is linear, sorting is not.
+            counts = np.bincount(flat.astype(np.intp, copy=False), minlength=1)
+            values = np.flatnonzero(counts[1:]) + 1
+            row_of_id = np.full(largest + 1, -1, dtype=np.int64)
+            row_of_id[values] = np.arange(values.size)
+            return cls(values.astype(flat.dtype), row_of_id[flat], counts[values], instance_map.shape)
+        values, inverse = np.unique(flat, return_inverse=True)
         inverse = inverse.astype(np.int64)
-        if values.size and values[0] == 0:
+        if values[0] == 0:
             values = values[1:]
             inverse -= 1
         areas = np.bincount(inverse[inverse >= 0], minlength=values.size)
@@ -179,9 +190,10 @@ def nucleus_records(instance_map: np.ndarray, nc: np.ndarray | None = None) -> l
 def _outer_contour_xy(mask: np.ndarray) -> np.ndarray:
     """Closed (N, 2) x, y polygon around the largest part of a boolean mask."""
     # A background frame makes every contour closed; it shifts coordinates by one.
-    padded = np.pad(mask, 1).astype(np.float32)
+    padded = np.zeros((mask.shape[0] + 2, mask.shape[1] + 2), dtype=np.float32)
+    padded[1:-1, 1:-1] = mask
     contours = find_contours(padded, 0.5)
-    outer = max(contours, key=_enclosed_area)
+    outer = contours[0] if len(contours) == 1 else max(contours, key=_enclosed_area)
     return outer[:, ::-1] - 1.0
 
 

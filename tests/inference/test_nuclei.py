@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cmdfed.inference.nuclei import PIXEL_CENTRE, image_xy, nucleus_feature, nucleus_records
+from cmdfed.inference.nuclei import PIXEL_CENTRE, LabelIndex, image_xy, nucleus_feature, nucleus_records
 
 
 def square_nucleus() -> np.ndarray:
@@ -36,3 +36,18 @@ def test_geojson_feature_places_the_polygon_in_slide_coordinates():
     props = feature["properties"]
     assert props["nucleus_id"] == 3 and props["classification"]["name"] == "Nucleus"
     assert props["measurements"] == {"Area px^2": 9, "Area um^2": 2.25}
+
+
+def test_label_index_of_dense_and_sparse_ids_agree():
+    rng = np.random.default_rng(0)
+    dense = rng.integers(0, 6, size=(32, 48)).astype(np.int32)
+    dense[dense == 3] = 0  # an id that does not occur
+    sparse = np.where(dense > 0, dense.astype(np.int64) * 10**9, 0)  # ids far above the pixel count
+    for labels, ids in (
+        (LabelIndex.of(dense), [1, 2, 4, 5]),
+        (LabelIndex.of(sparse), [10**9, 2 * 10**9, 4 * 10**9, 5 * 10**9]),
+    ):
+        assert labels.ids.tolist() == ids
+        assert labels.areas.tolist() == [int((dense == i).sum()) for i in (1, 2, 4, 5)]
+        rows = labels.pixel_rows.reshape(dense.shape)
+        assert (rows[dense == 0] == -1).all() and (rows[dense == 4] == 2).all()
