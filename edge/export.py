@@ -3,7 +3,8 @@
 Steps, all in a hidden folder beside the destination that is renamed into place only
 when every check has passed (a failed export leaves nothing behind):
 
-1. ``torch.export`` of :class:`edge.graph.EdgeGraph` with a dynamic batch and H, W
+1. ``torch.export`` of :class:`edge.graph.EdgeGraph` (ConvNeXt blocks folded for the model's
+   constant condition) with a dynamic batch and H, W
    dynamic in multiples of 32 (``32 * Dim``), saved as ``model.pt2`` (torch-tensorrt
    compiles this program).
 2. ONNX from that same program through the dynamo exporter (opset 18; LayerNorm stays
@@ -18,12 +19,12 @@ when every check has passed (a failed export leaves nothing behind):
    The ops are unchanged, so TensorRT parses the same graph.
 3. ``onnx.checker.check_model(full_check=True)`` (also runs shape inference) and the
    TensorRT operator allow-list (``trt_ops``).
-4. ONNX Runtime (CPU) against PyTorch at batch 1 with the tile size and at two other
+4. ONNX Runtime (CPU) against PyTorch's unfolded model at batch 1 with the tile size and at two other
    batch sizes and shapes: the largest absolute difference over all outputs must stay
    within ``tolerance`` (default 1e-3 on probabilities and HV values; measured ~1e-6
    for fp32 on CPU).
 5. ``golden.npz``: two synthetic H&E tiles of the tile size (uint8, as a scanner gives
-   them) and PyTorch's outputs; every backend is checked against them at load.
+   them) and the unfolded model's outputs; every backend is checked against them at load.
 6. ``model.int8.onnx`` (unless ``int8=False``): the graph statically quantised to INT8 (QDQ),
    calibrated on real H&E tiles with tissue, and its gate (golden data within
    ``tolerance_int8``; PQ on the CPM-15 development test images at most ``max_pq_drop`` below
@@ -117,6 +118,7 @@ def export_bundle(
         raise CmdfedError(f"{out} or {tar_path.name} already exists; pass --overwrite or choose another --out")
     loaded = load_model(checkpoint, torch.device("cpu"))
     graph = EdgeGraph(loaded.model).eval()
+    reference = EdgeGraph(loaded.model, fold=False).eval()  # what the folded graph must agree with
     identity = _model_identity(loaded.checkpoint)
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -130,9 +132,9 @@ def export_bundle(
         report(progress, 2, _STEPS, "ONNX checks")
         ops = check_onnx(work / bundle.ONNX_FILE)
         report(progress, 3, _STEPS, "ONNX Runtime vs PyTorch")
-        agreement = _compare_with_torch(graph, work / bundle.ONNX_FILE, tile, tolerance)
+        agreement = _compare_with_torch(reference, work / bundle.ONNX_FILE, tile, tolerance)
         report(progress, 4, _STEPS, "golden data")
-        _write_golden(graph, work / bundle.GOLDEN_FILE, tile)
+        _write_golden(reference, work / bundle.GOLDEN_FILE, tile)
         report(progress, 5, _STEPS, "INT8 variant" if int8 else "bundle")
         manifest = _manifest(loaded, graph, identity, tile, overlap, mpp, tolerance, agreement, ops, postprocess)
         if int8:
