@@ -12,9 +12,11 @@ over the 1x TIFF's should stay near 1.
 ``--baseline DIR``: a checkout of other code (``git worktree add /tmp/wt-base COMMIT``) infers
 each slide too, just before this tree does, on the same home and files, so that before and
 after are measured in one run under the same load (the notes give the load average).
+``--baseline-home`` gives the baseline code a home of its own, for when the export changed
+too (the same weights exported by each code).
 
     python -m benchmarks.edge_slide [--home DIR | --preset base] [--backend NAME] [--batch 8] [--threads N]
-        [--baseline DIR]
+        [--baseline DIR [--baseline-home DIR]]
     python -m benchmarks.edge_slide --quick   # tiny random model, a 512 px crop of the sample; prints only
 """
 
@@ -108,6 +110,11 @@ def main() -> None:
         "--baseline", type=Path, help="a checkout of the code to compare with, run just before this tree on each slide"
     )
     parser.add_argument(
+        "--baseline-home",
+        type=Path,
+        help="the edge home the --baseline code runs (default: --home), e.g. its own export of the same weights",
+    )
+    parser.add_argument(
         "--note", default="", help="said after the measured notes (what was running, how the home was made)"
     )
     args = parser.parse_args()
@@ -132,7 +139,8 @@ def main() -> None:
         rows = []
         for name, path in slides:
             for label, code in codes:
-                m = measure(path, home, work / f"out-{path.stem}-{len(rows)}", args, code)
+                runs_home = args.baseline_home if label == "baseline" and args.baseline_home else home
+                m = measure(path, runs_home, work / f"out-{path.stem}-{len(rows)}", args, code)
                 width, height = m["dimensions"]
                 mpx = width * height / 1e6
                 rows.append(

@@ -27,12 +27,24 @@ the recipe with the same seeds, so that a lever is adopted on its figure, not on
 * ``long``: 3000 steps instead of 1500 (the time bf16 saved, spent; still well within the
   60-minute budget on this CPU);
 * ``fp32``: the recipe in float32 instead of bf16 autocast, the check that the faster
-  precision costs no quality (the performance issue asks for PQ within 0.01, same seeds).
+  precision costs no quality (the performance issue asks for PQ within 0.01, same seeds);
+* ``constlr``: the learning-rate schedule: constant after the warm-up instead of the cosine
+  decay to 1 % of the peak;
+* ``t0``, ``t250``: the diffusion timestep whose modulation the fine-tuned network reads
+  (``finetune_timestep``: 0 = fully clean, the recipe's 50, 250 = the far end of the range
+  DDPM-Seg found best); it matters where the backbone is CMD's, most with it frozen;
+* ``lowmask``: a pretraining lever: each tile hides a share of its blocks drawn from
+  [10 %, 60 %] instead of always 60 %, so that the network also sees nearly whole tiles, as
+  fine-tuning gives it (a pretraining of its own, ``pretrain+lowmask``);
+* ``tile256``: 256 px training tiles, 2 per step (the same pixels per step as 8 of 128 px),
+  from a store of 256 px tiles of the same images;
+* ``heads2``: the task heads at half resolution, their outputs upsampled (``head_stride`` 2,
+  ``cmdfed/model/heads.py``): a quarter of the heads' cost, which is most of a tile's.
 
 Levers combine with '+' (``noaug+ema``: EMA over the recipe without the new augmentation,
 which is what EMA was measured against).
 
-The pretraining is one run (seed 0) shared by the fine-tuning seeds. Each run is scored on
+The pretraining is one run (seed 0) per diffusion setting, shared by the fine-tuning seeds. Each run is scored on
 the test images (mean over the three of Dice, AJI, PQ) with two post-processings: HoVer-Net's
 settings scaled to 0.5 um/px, and the settings ``cmdfed train tune`` picks on the tiles the
 run trained on (the released nuclei model has no held-out image left, so this measures how
@@ -54,6 +66,7 @@ import argparse
 import json
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -72,7 +85,7 @@ from cmdfed.inference.segment import load_model, predict_image_maps
 from cmdfed.model.checkpoint import load_checkpoint
 from cmdfed.model.config import ModelConfig
 from cmdfed.train.loop import TrainConfig
-from cmdfed.train.phases import finetune, pretrain, training_tiles
+from cmdfed.train.phases import PhaseResult, finetune, pretrain, training_tiles
 from cmdfed.train.recipe import RECIPE_TILE, finetune_config, pretrain_config, pretrain_diffusion
 
 SCALED = WatershedParams.for_mpp(0.5)
@@ -84,19 +97,48 @@ ARMS = {
     "cmd-modulation": (True, "heads+modulation"),
     "random-frozen": (False, "heads"),
 }
-# lever -> its fine-tuning settings over the recipe's
+
+
+@dataclass(frozen=True)
+class Lever:
+    """One change to the recipe: settings over its fine-tuning, model, pretraining or tiles."""
+
+    finetune: dict = field(default_factory=dict)  # TrainConfig settings over the recipe's FINETUNE
+    model: dict = field(default_factory=dict)  # ModelConfig settings that fine-tuning may change (no weight shapes)
+    pretrain_diffusion: dict = field(default_factory=dict)  # the CMD pretraining's DiffusionConfig settings
+    tile: int = RECIPE_TILE  # training tile size in px (at 0.5 um/px)
+
+    def then(self, other: Lever) -> Lever:
+        """This lever with ``other`` applied over it."""
+        return Lever(
+            {**self.finetune, **other.finetune},
+            {**self.model, **other.model},
+            {**self.pretrain_diffusion, **other.pretrain_diffusion},
+            other.tile if other.tile != RECIPE_TILE else self.tile,
+        )
+
+
 LEVERS = {
-    "recipe": {},
-    "noaug": {"scale_jitter": 0.0, "blur_sigma": 0.0},
-    "ema": {"ema_decay": 0.999},
-    "long": {"steps": 3000},
-    "fp32": {"precision": "fp32"},
+    "recipe": Lever(),
+    "noaug": Lever(finetune={"scale_jitter": 0.0, "blur_sigma": 0.0}),
+    "ema": Lever(finetune={"ema_decay": 0.999}),
+    "long": Lever(finetune={"steps": 3000}),
+    "fp32": Lever(finetune={"precision": "fp32"}),
+    "constlr": Lever(finetune={"min_lr_ratio": 1.0}),
+    "t0": Lever(model={"finetune_timestep": 0}),
+    "t250": Lever(model={"finetune_timestep": 250}),
+    "lowmask": Lever(pretrain_diffusion={"mask_ratio_min": 0.1}),
+    "tile256": Lever(finetune={"batch_size": 2}, tile=256),
+    "heads2": Lever(model={"head_stride": 2}),
 }
 
 
-def lever_settings(lever: str) -> dict:
+def lever_settings(lever: str) -> Lever:
     """The settings of ``lever``: one of LEVERS, or several joined by '+', applied left to right."""
-    return {key: value for part in lever.split("+") for key, value in LEVERS[part].items()}
+    merged = Lever()
+    for part in lever.split("+"):
+        merged = merged.then(LEVERS[part])
+    return merged
 
 
 def checked_lever(lever: str) -> str:
@@ -115,7 +157,53 @@ def run_name(arm: str, lever: str, fraction: float, seed: int) -> str:
 
 def run_config(arm: str, lever: str, seed: int) -> TrainConfig:
     frozen_backbone = ARMS[arm][1] != "all"
-    return finetune_config(seed=seed, **({"lr": 2e-3} if frozen_backbone else {}), **lever_settings(lever))
+    return finetune_config(seed=seed, **({"lr": 2e-3} if frozen_backbone else {}), **lever_settings(lever).finetune)
+
+
+def train_store(work: Path, tile: int) -> Path:
+    """The labelled training store (CPM-15 01-07 at 0.5 um/px) in ``tile`` px tiles, written once."""
+    store = work / f"cpm15-train-{tile}-0.zarr"
+    if not store.exists():
+        cpm15.write_store(store, list(cpm15.TRAIN_IDS), tile_size=tile)
+    return store
+
+
+def pretraining(work: Path, lever: str) -> Path:
+    """The CMD pretraining the cmd arms of ``lever`` start from, trained once per diffusion setting."""
+    changes = [part for part in lever.split("+") if LEVERS[part].pretrain_diffusion]
+    run_dir = work / "+".join(["pretrain", *changes])
+    slide_store = work / f"slide-{RECIPE_TILE}.zarr"
+    if not slide_store.exists():
+        tile_slide(
+            fetch_samples(names=["cmu_small_region.svs"])["cmu_small_region.svs"], slide_store, tile_size=RECIPE_TILE
+        )
+    if finished(run_dir, pretrain_config().steps):
+        return run_dir
+    return pretrain(
+        [train_store(work, RECIPE_TILE), slide_store],
+        run_dir,
+        model_config=ModelConfig.from_preset("tiny"),
+        diffusion_config=pretrain_diffusion(**lever_settings(lever).pretrain_diffusion),
+        train_config=pretrain_config(),
+        device="cpu",
+    ).run_dir
+
+
+def train_run(work: Path, arm: str, lever: str, fraction: float, seed: int) -> PhaseResult:
+    """Fine-tune (or finish) the run ``arm``/``lever``/``fraction``/``seed`` in ``work``."""
+    pretrained, trainable = ARMS[arm]
+    settings = lever_settings(lever)
+    return finetune(
+        train_store(work, settings.tile),
+        work / run_name(arm, lever, fraction, seed),
+        init=pretraining(work, lever) if pretrained else None,
+        model_config=None if pretrained else ModelConfig.from_preset("tiny", **settings.model),
+        model_overrides=settings.model if pretrained else None,
+        trainable=trainable,
+        label_fraction=fraction,
+        train_config=run_config(arm, lever, seed),
+        device="cpu",
+    )
 
 
 def score(run: Path, test: dict[str, tuple[np.ndarray, np.ndarray]], params: WatershedParams) -> dict:
@@ -153,47 +241,17 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     started = time.time()
 
-    train_store = work / f"cpm15-train-{RECIPE_TILE}-0.zarr"
-    if not train_store.exists():
-        cpm15.write_store(train_store, list(cpm15.TRAIN_IDS), tile_size=RECIPE_TILE)
-    slide_store = work / f"slide-{RECIPE_TILE}.zarr"
-    if not slide_store.exists():
-        tile_slide(
-            fetch_samples(names=["cmu_small_region.svs"])["cmu_small_region.svs"], slide_store, tile_size=RECIPE_TILE
-        )
     test = {image_id: cpm15.load_pair(image_id, 0.5) for image_id in cpm15.TEST_IDS}
-
-    pre = None
-    if any(ARMS[arm][0] for arm in args.arms):
-        pre = pretrain(
-            [train_store, slide_store],
-            work / "pretrain",
-            model_config=ModelConfig.from_preset("tiny"),
-            diffusion_config=pretrain_diffusion(),
-            train_config=pretrain_config(),
-            device="cpu",
-        ).run_dir
 
     per_run = []
     for fraction in args.fractions:
         for arm in args.arms:
-            pretrained, trainable = ARMS[arm]
             for lever in args.levers:
                 for seed in range(args.seeds):
                     run = work / run_name(arm, lever, fraction, seed)
-                    config = run_config(arm, lever, seed)
-                    if args.finished_only and not finished(run, config.steps):
+                    if args.finished_only and not finished(run, run_config(arm, lever, seed).steps):
                         continue
-                    result = finetune(
-                        train_store,
-                        run,
-                        init=pre if pretrained else None,
-                        model_config=None if pretrained else ModelConfig.from_preset("tiny"),
-                        trainable=trainable,
-                        label_fraction=fraction,
-                        train_config=config,
-                        device="cpu",
-                    )
+                    result = train_run(work, arm, lever, fraction, seed)
                     record = {
                         "arm": arm,
                         "lever": lever,
@@ -204,8 +262,9 @@ def main() -> None:
                     record.update({f"{k} scaled": v for k, v in score(run, test, SCALED).items()})
                     checkpoint = result.checkpoint
                     if tuned_postprocess(checkpoint) is None:  # on the tiles this run trained on, no others
-                        tiles = training_tiles(SiteStore.open(train_store), fraction, seed)
-                        tune_postprocess(load_model(run, torch.device("cpu")), train_store, indices=tiles)
+                        store = train_store(work, lever_settings(lever).tile)
+                        tiles = training_tiles(SiteStore.open(store), fraction, seed)
+                        tune_postprocess(load_model(run, torch.device("cpu")), store, indices=tiles)
                     tuned = score(run, test, tuned_postprocess(checkpoint)[0])
                     record.update({f"{k} tuned": v for k, v in tuned.items()})
                     per_run.append(record)

@@ -122,6 +122,7 @@ class ModelConfig(ConfigBase):
     use_patch_grid: bool = False  # per-pixel scale/shift from the FM patch-token grid
     grid_dim: int = 16
     head_width: int = 32
+    head_stride: int = 1  # 1: task heads at full resolution; 2: at half, outputs upsampled (heads.py)
     np_channels: int = 2  # 2 = background/nucleus softmax (HoVer-Net), 1 = one sigmoid logit
     n_classes: int = 0  # NC channels including background; 0 = no NC head
     finetune_timestep: int = 50
@@ -171,6 +172,7 @@ class ModelConfig(ConfigBase):
             self.n_classes == 0 or self.n_classes >= 2,
             f"n_classes counts NC channels including background: 0 (no NC head) or >= 2, got {self.n_classes}",
         )
+        require(self.head_stride in (1, 2, 4), f"head_stride must be 1, 2 or 4, got {self.head_stride}")
         require(self.finetune_timestep >= 0, f"finetune_timestep must be >= 0, got {self.finetune_timestep}")
 
 

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,6 +46,8 @@ TRAINABLE_CHOICES = {
     "heads+modulation": ("heads", "modulation"),
     "all": ("backbone", "modulation", "heads"),
 }
+# Architecture settings that change no weight's shape: fine-tuning may change them over its init's.
+SHAPE_FREE_MODEL_SETTINGS = ("finetune_timestep", "drop_path", "head_stride")
 
 
 @dataclass
@@ -315,6 +318,7 @@ def finetune(
     label_fraction: float = 1.0,
     trainable: str = "heads",
     model_config: ModelConfig | None = None,
+    model_overrides: Mapping[str, Any] | None = None,
     device: str = "auto",
     fm_weights: str | Path | None = None,
     progress: Progress | None = None,
@@ -324,9 +328,17 @@ def finetune(
     ``init`` is a pretraining run or checkpoint whose backbone and modulation are loaded;
     ``None`` starts from random initialisation (``model_config`` then gives the
     architecture), the baseline the CMD recipe is compared against. ``trainable`` is
-    ``heads`` (default), ``heads+modulation`` or ``all`` (end to end).
+    ``heads`` (default), ``heads+modulation`` or ``all`` (end to end). ``model_overrides``
+    change settings of the architecture that change no weight's shape (``finetune_timestep``,
+    the diffusion step whose modulation the heads read; ``drop_path``; ``head_stride``).
     """
     run_dir = Path(run_dir)
+    unknown = sorted(set(model_overrides or {}) - set(SHAPE_FREE_MODEL_SETTINGS))
+    if unknown:
+        raise CmdfedError(
+            f"fine-tuning cannot change the model's {', '.join(unknown)}: the weights it starts from fix them; "
+            f"it can change {', '.join(SHAPE_FREE_MODEL_SETTINGS)}"
+        )
     if trainable not in TRAINABLE_CHOICES:
         raise CmdfedError(f"trainable must be one of {', '.join(TRAINABLE_CHOICES)}, got {trainable!r}")
     dev = select_device(device)
@@ -340,6 +352,7 @@ def finetune(
         pretrained, base = None, model_config
     else:
         raise CmdfedError("give a pretraining run to start from (--init) or a model preset for random init")
+    base = ModelConfig.from_dict({**base.to_dict(), **(model_overrides or {})})
     model_cfg = finetune_model_config(base, n_classes, trainable)
     torch.manual_seed(train_config.seed)
     model = build_model(model_cfg)

@@ -47,6 +47,20 @@ def test_one_logit_np_and_no_nc_head(make_tiny, make_images):
     assert out["nc"] is None
 
 
+def test_heads_at_half_resolution_give_full_resolution_outputs_from_the_same_weights(make_tiny, make_images):
+    full, half = make_tiny(n_classes=3).eval(), make_tiny(n_classes=3, head_stride=2).eval()
+    half.load_state_dict(full.state_dict())  # head_stride changes no weight's shape
+    conv_inputs = []
+    half.heads.np[0].register_forward_hook(lambda module, args, out: conv_inputs.append(args[0].shape))
+    x = make_images(2, (64, 96))
+    with torch.no_grad():
+        outputs = {name: model.segment(x) for name, model in (("full", full), ("half", half))}
+    assert conv_inputs == [(2, 32, 32, 48)]
+    for task, channels in (("np", 2), ("hv", 2), ("nc", 3)):
+        assert outputs["half"][task].shape == outputs["full"][task].shape == (2, channels, 64, 96)
+        assert not torch.allclose(outputs["half"][task], outputs["full"][task])
+
+
 @pytest.mark.parametrize("size", [(65, 64), (64, 48), (16, 64)])
 def test_sides_must_be_multiples_of_32(model, size):
     with pytest.raises(CmdfedError, match="multiples of 32"):

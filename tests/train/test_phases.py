@@ -155,6 +155,31 @@ def test_finetune_trains_only_heads_over_the_frozen_backbone(synthetic_store, pr
     assert heads and not all(k in pre.weights and torch.equal(pre.weights[k], ft.weights[k]) for k in heads)
 
 
+def test_finetune_may_change_the_timestep_the_heads_read_but_not_the_weights_shapes(
+    synthetic_store, pretrained, tmp_path
+):
+    finetune(
+        synthetic_store,
+        tmp_path / "ft",
+        init=pretrained[0],
+        model_overrides={"finetune_timestep": 0},
+        train_config=quick(steps=1, sample_every=0),
+        device="cpu",
+    )
+    assert load_checkpoint(pretrained[0]).config["model"]["finetune_timestep"] == 50
+    assert load_checkpoint(tmp_path / "ft").config["model"]["finetune_timestep"] == 0
+    with pytest.raises(CmdfedError, match="cannot change the model's widths"):
+        finetune(
+            synthetic_store,
+            tmp_path / "wide",
+            init=pretrained[0],
+            model_overrides={"widths": (64, 128, 256, 512)},
+            train_config=quick(steps=1, sample_every=0),
+            device="cpu",
+        )
+    assert not (tmp_path / "wide").exists()
+
+
 def test_finetune_starts_from_a_pretraining_saved_before_the_heads_changed(synthetic_store, pretrained, tmp_path):
     import shutil
 
