@@ -97,6 +97,8 @@ def _check_resume(config: dict, saved: dict, keys: tuple[str, ...], run_dir: Pat
                 {k: v for k, v in d.items() if k not in RESUME_FREE_TRAIN_KEYS}
                 for d in (given, {**TrainConfig().to_dict(), **before})
             )
+        if key == "model" and isinstance(before, dict):
+            before = {**ModelConfig().to_dict(), **before}  # likewise for an architecture setting added since
         if isinstance(given, dict) and isinstance(before, dict):
             differs += [f"{key}.{k}" for k in sorted(set(given) | set(before)) if given.get(k) != before.get(k)]
         elif given != before:

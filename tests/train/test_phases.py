@@ -95,6 +95,30 @@ def test_a_run_from_before_a_setting_existed_resumes_with_its_default_only(synth
     pretrain([synthetic_store], run, model_config=TINY, train_config=quick(), device="cpu")
 
 
+def test_a_run_saved_before_a_model_setting_existed_resumes_with_its_default(synthetic_store, tmp_path):
+    run = tmp_path / "ft"
+    config = quick(steps=2, checkpoint_every=1, sample_every=0)
+    finetune(synthetic_store, run, init=None, model_config=TINY, trainable="all", train_config=config, device="cpu")
+    config_file = resolve_checkpoint(run) / "config.json"
+    saved = json.loads(config_file.read_text())
+    del saved["model"]["head_stride"]  # what a run saved before the setting existed holds
+    config_file.write_text(json.dumps(saved))
+    result = finetune(
+        synthetic_store, run, init=None, model_config=TINY, trainable="all", train_config=config, device="cpu"
+    )
+    assert result.steps == 2 and load_checkpoint(run).step == 2  # the finished run, resumed: nothing to do
+    with pytest.raises(CmdfedError, match=r"differs in model\.head_stride"):
+        finetune(
+            synthetic_store,
+            run,
+            init=None,
+            model_config=ModelConfig.from_preset("tiny", head_stride=2),
+            trainable="all",
+            train_config=config,
+            device="cpu",
+        )
+
+
 def test_finetune_resume_is_refused_with_other_labels_or_trainable_groups(synthetic_store, pretrained, tmp_path):
     run = tmp_path / "ft"
     finetune(synthetic_store, run, init=pretrained[0], train_config=quick(steps=2, sample_every=0), device="cpu")
