@@ -18,9 +18,11 @@ affine and the second pointwise layer's weights, and runs the pointwise layers a
 convolutions on the channels-first map: in ONNX a block is then depthwise conv, one
 LayerNormalization between two transposes, conv, GELU, conv, add, instead of the per-block
 modulation Mul/Add and two MatMuls on a channels-last copy (ONNX Runtime's CPU convolutions
-run blocked; on a 256 px tile of the tiny preset the folded graph took about 15 % less time,
-one thread). Same function: outputs agree with the unfolded model within ~1e-6 (tested),
-and the export checks its graph against the unfolded model.
+run blocked; in an interleaved one-thread A/B on a 256 px tile of the tiny preset the folded
+graph took 15-20 % less time, while two-thread benchmark passes stayed within this 2-core
+machine's noise: benchmarks/README.md, edge_tile_throughput). Same function: outputs agree
+with the unfolded model within ~1e-6 (tested), and the export checks its graph against the
+unfolded model.
 """
 
 from __future__ import annotations
