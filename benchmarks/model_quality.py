@@ -48,7 +48,8 @@ The pretraining is one run (seed 0) per diffusion setting, shared by the fine-tu
 Each run is scored on the test images (mean over the three of Dice, AJI, PQ) with two
 post-processings: HoVer-Net's settings scaled to 0.5 um/px, and the settings
 ``cmdfed train tune`` picks on the tiles the run trained on (the released nuclei model has
-no held-out image left, so this measures how settings chosen that way transfer). Mean +- std over seeds.
+no held-out image left, so this measures how settings chosen that way transfer). Mean +- std
+over seeds.
 
 A ``--workdir`` that already holds runs of the same settings reuses them: finished runs
 are scored again, not retrained. ``--arms``, ``--fractions`` and ``--seeds`` choose which
