@@ -181,6 +181,7 @@ class ConvNeXtUNet(nn.Module):
             config.np_channels,
             config.n_classes,
             config.head_stride,
+            config.head_conv,
         )
         self.initialize_weights()
 

@@ -46,8 +46,8 @@ TRAINABLE_CHOICES = {
     "heads+modulation": ("heads", "modulation"),
     "all": ("backbone", "modulation", "heads"),
 }
-# Architecture settings that change no weight's shape: fine-tuning may change them over its init's.
-SHAPE_FREE_MODEL_SETTINGS = ("finetune_timestep", "drop_path", "head_stride")
+# Architecture settings that shape no weight fine-tuning loads (its heads start fresh), so it may change them.
+SHAPE_FREE_MODEL_SETTINGS = ("finetune_timestep", "drop_path", "head_stride", "head_conv")
 
 
 @dataclass
@@ -331,8 +331,9 @@ def finetune(
     ``None`` starts from random initialisation (``model_config`` then gives the
     architecture), the baseline the CMD recipe is compared against. ``trainable`` is
     ``heads`` (default), ``heads+modulation`` or ``all`` (end to end). ``model_overrides``
-    change settings of the architecture that change no weight's shape (``finetune_timestep``,
-    the diffusion step whose modulation the heads read; ``drop_path``; ``head_stride``).
+    change settings of the architecture that shape no weight loaded from ``init``
+    (``finetune_timestep``, the diffusion step whose modulation the heads read;
+    ``drop_path``; the heads' ``head_stride`` and ``head_conv``).
     """
     run_dir = Path(run_dir)
     unknown = sorted(set(model_overrides or {}) - set(SHAPE_FREE_MODEL_SETTINGS))

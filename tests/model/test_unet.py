@@ -61,6 +61,30 @@ def test_heads_at_half_resolution_give_full_resolution_outputs_from_the_same_wei
         assert not torch.allclose(outputs["half"][task], outputs["full"][task])
 
 
+def test_separable_heads_split_each_3x3_conv_into_depthwise_and_pointwise(make_tiny, make_images):
+    dense, separable = make_tiny(n_classes=3).eval(), make_tiny(n_classes=3, head_conv="separable").eval()
+    backbone = {k: v for k, v in dense.state_dict().items() if dense.group_of(k) != "heads"}
+    assert backbone.keys() <= separable.state_dict().keys()
+    separable.load_state_dict({**separable.state_dict(), **backbone})
+    depthwise = [m for m in separable.heads.modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1]
+    assert len(depthwise) == 6 and all(m.kernel_size == (3, 3) and m.groups == m.in_channels for m in depthwise)
+    assert not any(
+        isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3) and m.groups == 1 for m in separable.heads.modules()
+    )
+    heads = [sum(p.numel() for p in model.heads.parameters()) for model in (dense, separable)]
+    assert heads[1] < heads[0] / 2
+    x = make_images(2, (64, 96))
+    with torch.no_grad():
+        out = separable.segment(x)
+    for task, channels in (("np", 2), ("hv", 2), ("nc", 3)):
+        assert out[task].shape == (2, channels, 64, 96) and torch.isfinite(out[task]).all()
+
+
+def test_unknown_head_conv_is_refused():
+    with pytest.raises(CmdfedError, match="head_conv must be one of"):
+        ModelConfig.from_preset("tiny", head_conv="dilated")
+
+
 @pytest.mark.parametrize("size", [(65, 64), (64, 48), (16, 64)])
 def test_sides_must_be_multiples_of_32(model, size):
     with pytest.raises(CmdfedError, match="multiples of 32"):
