@@ -41,7 +41,9 @@ the recipe with the same seeds, so that a lever is adopted on its figure, not on
 * ``heads2``: the task heads at half resolution, their outputs upsampled (``head_stride`` 2,
   ``cmdfed/model/heads.py``): a quarter of the heads' cost, which is most of a tile's;
 * ``sepheads``: the task heads' 3x3 convolutions split into depthwise 3x3 + pointwise 1x1
-  (``head_conv`` ``separable``), at full resolution: ~1/7 of the heads' multiply-adds.
+  (``head_conv`` ``separable``), at full resolution: ~1/7 of the heads' multiply-adds;
+* ``scales1``: which decoder scales the heads read: the full-resolution map alone
+  (``head_scales`` 1) instead of all four fused; it matters most over a frozen backbone.
 
 Levers combine with '+' (``noaug+ema``: EMA over the recipe without the new augmentation,
 which is what EMA was measured against).
@@ -134,6 +136,7 @@ LEVERS = {
     "tile256": Lever(finetune={"batch_size": 2}, tile=256),
     "heads2": Lever(model={"head_stride": 2}),
     "sepheads": Lever(model={"head_conv": "separable"}),
+    "scales1": Lever(model={"head_scales": 1}),
 }
 
 

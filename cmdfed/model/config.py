@@ -125,6 +125,7 @@ class ModelConfig(ConfigBase):
     head_width: int = 32
     head_stride: int = 1  # 1: task heads at full resolution; 2: at half, outputs upsampled (heads.py)
     head_conv: str = "dense"  # dense: 3x3 convs; separable: depthwise 3x3 + pointwise 1x1 (heads.py)
+    head_scales: int = 4  # decoder maps the heads fuse, finest first: 4 = all, 1 = the full-resolution one only
     np_channels: int = 2  # 2 = background/nucleus softmax (HoVer-Net), 1 = one sigmoid logit
     n_classes: int = 0  # NC channels including background; 0 = no NC head
     finetune_timestep: int = 50
@@ -175,6 +176,7 @@ class ModelConfig(ConfigBase):
             f"n_classes counts NC channels including background: 0 (no NC head) or >= 2, got {self.n_classes}",
         )
         require(self.head_stride in (1, 2, 4), f"head_stride must be 1, 2 or 4, got {self.head_stride}")
+        require(1 <= self.head_scales <= 4, f"head_scales must be 1 to 4, got {self.head_scales}")
         require(self.head_conv in HEAD_CONVS, f"head_conv must be one of {HEAD_CONVS}, got {self.head_conv!r}")
         require(self.finetune_timestep >= 0, f"finetune_timestep must be >= 0, got {self.finetune_timestep}")
 

@@ -15,6 +15,9 @@ and 1/16). Summed as they are, the fine maps, which carry the nuclear boundaries
 few percent of the fused signal; normalised per scale, every scale enters equally and the
 heads learn how to weigh them.
 
+``head_scales`` N fuses only the N finest decoder maps (1: the full-resolution one alone), to
+measure which scales the heads need (benchmarks/model_quality, lever ``scales1``).
+
 ``head_conv`` "separable" splits each task conv into a depthwise 3x3 and a pointwise 1x1, as the
 ConvNeXt blocks do: the same receptive field at full resolution for about a seventh of the
 multiply-adds (32 channels: 9 * 32 + 32 * 32 per pixel against 9 * 32 * 32) and a third of the
@@ -96,7 +99,7 @@ class SegmentationHeads(nn.Module):
         self.nc = branch(width, n_classes) if n_classes > 0 else None
 
     def forward(self, features: Sequence[Tensor]) -> dict[str, Tensor | None]:
-        """features: decoder maps, finest (full resolution) first."""
+        """features: decoder maps, finest (full resolution) first; those beyond the projections are not read."""
         full = features[0].shape[-2:]
         finest = features[0] if self.stride == 1 else F.avg_pool2d(features[0], self.stride)
         size = finest.shape[-2:]

@@ -176,7 +176,7 @@ class ConvNeXtUNet(nn.Module):
         )
         self.final_layer = FinalLayer(config.full_res_width, config.in_channels, cond_dim, grid_dim)
         self.heads = SegmentationHeads(
-            (config.full_res_width, w0, w1, w2),
+            (config.full_res_width, w0, w1, w2)[: config.head_scales],
             config.head_width,
             config.np_channels,
             config.n_classes,

@@ -47,7 +47,7 @@ TRAINABLE_CHOICES = {
     "all": ("backbone", "modulation", "heads"),
 }
 # Architecture settings that shape no weight fine-tuning loads (its heads start fresh), so it may change them.
-SHAPE_FREE_MODEL_SETTINGS = ("finetune_timestep", "drop_path", "head_stride", "head_conv")
+SHAPE_FREE_MODEL_SETTINGS = ("finetune_timestep", "drop_path", "head_stride", "head_conv", "head_scales")
 
 
 @dataclass
@@ -333,7 +333,7 @@ def finetune(
     ``heads`` (default), ``heads+modulation`` or ``all`` (end to end). ``model_overrides``
     change settings of the architecture that shape no weight loaded from ``init``
     (``finetune_timestep``, the diffusion step whose modulation the heads read;
-    ``drop_path``; the heads' ``head_stride`` and ``head_conv``).
+    ``drop_path``; the heads' ``head_stride``, ``head_conv`` and ``head_scales``).
     """
     run_dir = Path(run_dir)
     unknown = sorted(set(model_overrides or {}) - set(SHAPE_FREE_MODEL_SETTINGS))

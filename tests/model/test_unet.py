@@ -80,9 +80,23 @@ def test_separable_heads_split_each_3x3_conv_into_depthwise_and_pointwise(make_t
         assert out[task].shape == (2, channels, 64, 96) and torch.isfinite(out[task]).all()
 
 
-def test_unknown_head_conv_is_refused():
+def test_heads_of_one_scale_read_only_the_full_resolution_map(make_tiny):
+    fused_all, fused_one = make_tiny().eval(), make_tiny(head_scales=1).eval()
+    assert len(fused_one.heads.projections) == 1 and len(fused_all.heads.projections) == 4
+    torch.manual_seed(0)
+    widths = (fused_all.config.full_res_width, *fused_all.config.widths[:3])
+    features = [torch.randn(1, w, 64 // s, 64 // s) for w, s in zip(widths, (1, 4, 8, 16))]
+    coarse_changed = [features[0], *(f + 1.0 for f in features[1:])]
+    with torch.no_grad():
+        assert torch.equal(fused_one.heads(features)["np"], fused_one.heads(coarse_changed)["np"])
+        assert not torch.allclose(fused_all.heads(features)["np"], fused_all.heads(coarse_changed)["np"])
+
+
+def test_unknown_head_settings_are_refused():
     with pytest.raises(CmdfedError, match="head_conv must be one of"):
         ModelConfig.from_preset("tiny", head_conv="dilated")
+    with pytest.raises(CmdfedError, match="head_scales must be 1 to 4"):
+        ModelConfig.from_preset("tiny", head_scales=5)
 
 
 @pytest.mark.parametrize("size", [(65, 64), (64, 48), (16, 64)])
