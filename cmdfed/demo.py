@@ -288,8 +288,10 @@ def run_demo(
                 "--sign-key",
                 str(key.with_suffix(".key")),
                 # The INT8 variant's calibration and PQ gate cost the demo time, and on CPUs like this
-                # one it measured no faster than fp32 (benchmarks: edge_tile_throughput).
+                # one it measured no faster than fp32 (benchmarks: edge_tile_throughput); the bf16
+                # variant needs the openvino extra, which the demo's ONNX Runtime steps do not use.
                 "--no-int8",
+                "--no-bf16",
                 "--overwrite",
                 "--telemetry",
                 str(telemetry),

@@ -1,4 +1,5 @@
-"""Runtimes for a bundle: TensorRT -> ONNX Runtime CUDA -> ONNX Runtime CPU.
+"""Runtimes for a bundle: TensorRT -> ONNX Runtime CUDA -> ONNX Runtime CPU (and OpenVINO's
+bf16 variant, :mod:`edge.openvino_cpu`).
 
 Every backend takes the same batch (uint8 RGB (B, H, W, 3) as read from a slide, or float32
 (B, 3, H, W) already normalised) and returns ``{"np", "hv", "nc"}`` as float32 numpy
@@ -93,6 +94,10 @@ class BundleModel:
             return self.manifest["graph"]["onnx"]
         return self.manifest["variants"][variant]["onnx"]
 
+    def variant_runtime(self, variant: str) -> str:
+        """``onnxruntime`` (fp32, int8) or ``openvino`` (bf16), as the manifest records it."""
+        return self.manifest.get("variants", {}).get(variant, {}).get("runtime", "onnxruntime")
+
     def variant_gates(self) -> dict[str, dict]:
         """The export's gate record of every variant beside fp32 (older bundles have none)."""
         return {name: record["gate"] for name, record in self.manifest.get("variants", {}).items()}
@@ -153,8 +158,9 @@ class Backend(abc.ABC):
 
     def tolerance(self) -> float:
         validation = self.model.manifest["validation"]
-        if self.precision == "int8":
-            return self.model.variant_gates()["int8"]["tolerance"]
+        gates = self.model.variant_gates()
+        if self.precision in gates:  # a gated variant (int8, bf16) is held to its gate's tolerance
+            return gates[self.precision]["tolerance"]
         return validation["tolerance_fp16"] if self.precision == "fp16" else validation["tolerance_fp32"]
 
     def validate(self) -> float:

@@ -19,7 +19,10 @@ commands = typer.Typer(
     help="Edge role: export bundles, deploy them on workstations, run whole slides.", no_args_is_help=True
 )
 
-BACKEND_HELP = "Force a backend: tensorrt, onnxruntime-cuda or onnxruntime-cpu (default: the first that works)."
+BACKEND_HELP = (
+    "Force a backend: tensorrt, onnxruntime-cuda, onnxruntime-cpu (ONNX Runtime's graphs only) or openvino-cpu "
+    "(the bf16 variant) (default: the first that works; on the CPU the fastest variant that passed its gate)."
+)
 TRT_SOURCE = typer.Option("onnx", "--trt-source", help="Build TensorRT engines from onnx or pt2.")
 TELEMETRY_HELP = "Telemetry store (SQLite path or postgresql:// URL) to record this in."
 # Defaults: HoVer-Net's, scaled to --mpp (WatershedParams.for_mpp); without --mpp, their 40x values.
@@ -86,6 +89,11 @@ def export(
         help="Folder of H&E images (PNG/JPEG/TIFF, at the model's resolution) to calibrate INT8 on "
         "(default: the bundled CPM-15 training images).",
     ),
+    bf16: bool = typer.Option(
+        True,
+        help="Add the bf16 variant (OpenVINO, gated on golden data and CPM-15 PQ) where the openvino package is "
+        "installed and this CPU computes bf16.",
+    ),
     overwrite: bool = typer.Option(False, help="Replace an existing bundle."),
     telemetry: str | None = typer.Option(None, help=TELEMETRY_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
@@ -128,13 +136,15 @@ def export(
             progress=progress,
             int8=int8,
             calibration=images,
+            bf16=bf16,
         )
     emit(
         result,
         as_json,
         lambda r: out.print(
             f"bundle {r['version']}: {r['bundle']} and {r['tar']} ({'signed' if r['signed'] else 'unsigned'}; "
-            f"ONNX Runtime vs PyTorch max diff {r['max_abs_diff']:.2g}; {int8_summary(r['int8'])})"
+            f"ONNX Runtime vs PyTorch max diff {r['max_abs_diff']:.2g}; {variant_summary('int8', r['int8'])}; "
+            f"{variant_summary('bf16', r['bf16'], r['bf16_skipped'])})"
         ),
     )
 
@@ -157,11 +167,11 @@ def calibration_images(folder: Path) -> list:
     return images
 
 
-def int8_summary(gate: dict | None) -> str:
+def variant_summary(variant: str, gate: dict | None, why_none: str | None = None) -> str:
     if gate is None:
-        return "no INT8 variant"
-    verdict = "passed" if gate["passed"] else f"FAILED ({gate['reason']}; workstations will run fp32)"
-    return f"INT8 gate {verdict}: PQ {gate['pq_int8']['mean']:.3f} vs fp32 {gate['pq_fp32']['mean']:.3f}"
+        return f"no {variant} variant" + (f": {why_none}" if why_none else "")
+    verdict = "passed" if gate["passed"] else f"FAILED ({gate['reason']}; workstations will not run it)"
+    return f"{variant} gate {verdict}: PQ {gate[f'pq_{variant}']['mean']:.3f} vs fp32 {gate['pq_fp32']['mean']:.3f}"
 
 
 def watershed_params(base: WatershedParams, **given) -> WatershedParams:
@@ -261,7 +271,7 @@ def status(
             f"active: {r['active']} ({'intact' if r['intact'] else 'FAILED: ' + str(r['problem'])}; "
             f"signature: {r['signature']}); previous: {', '.join(r['previous']) or 'none'}; "
             f"engines cached: {len(r['engines'])}; "
-            + "; ".join(f"{name} variant: {int8_summary(gate)}" for name, gate in r["variants"].items())
+            + "; ".join(variant_summary(name, gate) for name, gate in r["variants"].items())
         ),
     )
 

@@ -30,6 +30,10 @@ when every check has passed (a failed export leaves nothing behind):
    ``tolerance_int8``; PQ on the CPM-15 development test images at most ``max_pq_drop`` below
    fp32's); the gate's numbers and verdict go into the manifest's ``variants.int8``
    (:mod:`edge.quantize`). A calibration set without tissue is refused before any work.
+   The ``bf16`` variant (unless ``bf16=False``; where the ``openvino`` package is installed
+   and this CPU computes bf16): the same graph run by OpenVINO in bf16, gated the same way
+   (:mod:`edge.openvino_cpu`), recorded in ``variants.bf16``; elsewhere the export says why
+   there is none.
 7. ``manifest.json`` with checksums; optionally ``manifest.sig``; then the folder is
    renamed into place and a .tar of it written beside it.
 
@@ -61,7 +65,7 @@ from cmdfed.errors import CmdfedError
 from cmdfed.inference.postprocess import WatershedParams
 from cmdfed.inference.segment import load_model, to_model_input
 from cmdfed.progress import Progress, report
-from edge import bundle, quantize, signing, trt_ops
+from edge import bundle, openvino_cpu, quantize, signing, trt_ops
 from edge.backends import model_input
 from edge.graph import INPUT_NAME, EdgeGraph
 
@@ -93,6 +97,8 @@ def export_bundle(
     calibration: list[np.ndarray] | None = None,
     int8_tolerance: float = quantize.INT8_TOLERANCE,
     max_pq_drop: float = quantize.MAX_PQ_DROP,
+    bf16: bool = True,
+    bf16_tolerance: float = openvino_cpu.BF16_TOLERANCE,
 ) -> dict:
     """Write the bundle folder ``out`` and ``out.tar``; returns what was made.
 
@@ -101,13 +107,16 @@ def export_bundle(
     ``int8``: add the INT8 variant, calibrated on ``calibration`` (uint8 RGB H&E images at the
     model's resolution; default the CPM-15 training images) and gated by ``int8_tolerance``
     on the golden data and ``max_pq_drop`` on the CPM-15 test images.
+    ``bf16``: add the bf16 variant (OpenVINO) where this machine can run it, gated by
+    ``bf16_tolerance`` and ``max_pq_drop``; the result's ``bf16_skipped`` says why not otherwise.
     """
     check_settings(tile, overlap, tolerance, mpp)
-    if int8 and not (int8_tolerance > 0 and max_pq_drop >= 0):
+    if (int8 or bf16) and not (int8_tolerance > 0 and bf16_tolerance > 0 and max_pq_drop >= 0):
         raise CmdfedError(
-            f"the INT8 gate needs a positive golden tolerance and a PQ drop of at least 0, "
-            f"got {int8_tolerance} and {max_pq_drop}"
+            f"the INT8 and bf16 gates need positive golden tolerances and a PQ drop of at least 0, "
+            f"got {int8_tolerance}, {bf16_tolerance} and {max_pq_drop}"
         )
+    bf16_skipped = (openvino_cpu.unavailable_reason() if bf16 else "not asked for (--no-bf16)") or None
     # Refused before the slow steps: a calibration set without tissue is the user's to fix.
     tiles = quantize.calibration_tiles(calibration or quantize.default_calibration_images(mpp), tile) if int8 else None
     postprocess = WatershedParams.for_mpp(mpp) if postprocess is None else postprocess
@@ -135,12 +144,20 @@ def export_bundle(
         agreement = _compare_with_torch(reference, work / bundle.ONNX_FILE, tile, tolerance)
         report(progress, 4, _STEPS, "golden data")
         _write_golden(reference, work / bundle.GOLDEN_FILE, tile)
-        report(progress, 5, _STEPS, "INT8 variant" if int8 else "bundle")
+        report(progress, 5, _STEPS, "variants and their gates" if int8 or not bf16_skipped else "bundle")
         manifest = _manifest(loaded, graph, identity, tile, overlap, mpp, tolerance, agreement, ops, postprocess)
+        variants = {}
+        if int8 or not bf16_skipped:
+            scoring = _quality_scoring(manifest)
+            pq_fp32 = quantize.dev_test_pq(_session_run(work / bundle.ONNX_FILE, graph.output_names), **scoring)
         if int8:
-            manifest["variants"] = {
-                "int8": _int8_variant(work, graph.output_names, tiles, manifest, int8_tolerance, max_pq_drop)
-            }
+            variants["int8"] = _int8_variant(
+                work, graph.output_names, tiles, scoring, pq_fp32, int8_tolerance, max_pq_drop
+            )
+        if not bf16_skipped:
+            variants["bf16"] = _bf16_variant(work, graph.output_names, scoring, pq_fp32, bf16_tolerance, max_pq_drop)
+        if variants:
+            manifest["variants"] = variants
         manifest["files"] = bundle.file_records(work)
         manifest_bytes = _json_bytes(manifest)
         write_bytes_atomic(work / bundle.MANIFEST, manifest_bytes)
@@ -169,6 +186,8 @@ def export_bundle(
         "max_abs_diff": agreement["max_abs_diff"],
         "opset": OPSET,
         "int8": manifest.get("variants", {}).get("int8", {}).get("gate"),
+        "bf16": manifest.get("variants", {}).get("bf16", {}).get("gate"),
+        "bf16_skipped": bf16_skipped,
     }
 
 
@@ -357,17 +376,10 @@ def _write_golden(graph: EdgeGraph, path: Path, tile: int) -> None:
         np.savez_compressed(f, **arrays)
 
 
-def _int8_variant(
-    work: Path, output_names: tuple[str, ...], tiles: np.ndarray, manifest: dict, tolerance: float, max_pq_drop: float
-) -> dict:
-    """Quantise the fp32 graph in ``work``, gate it, and return its manifest record."""
-    quantize.quantize(work / bundle.ONNX_FILE, work / quantize.INT8_FILE, tiles, model_input)
-    runs = {name: _session_run(work / name, output_names) for name in (bundle.ONNX_FILE, quantize.INT8_FILE)}
-    with np.load(work / bundle.GOLDEN_FILE) as golden:
-        actual = runs[quantize.INT8_FILE](golden["input"])
-        golden_diff = max(float(np.abs(actual[n] - golden[f"output_{n}"]).max()) for n in output_names)
+def _quality_scoring(manifest: dict) -> dict:
+    """How the variants' gates segment the CPM-15 test images: as the workstation will."""
     pre = manifest["preprocessing"]
-    scoring = {
+    return {
         "tile": pre["tile_size"],
         "overlap": pre["overlap"],
         "multiple": STRIDE,
@@ -375,14 +387,61 @@ def _int8_variant(
         "params": WatershedParams.from_manifest(manifest),
         "mpp": pre["mpp"],
     }
-    pq = {name: quantize.dev_test_pq(run, **scoring) for name, run in runs.items()}
+
+
+def _golden_diff(run, work: Path, output_names: tuple[str, ...]) -> float:
+    with np.load(work / bundle.GOLDEN_FILE) as golden:
+        actual = run(golden["input"])
+        return max(float(np.abs(actual[n] - golden[f"output_{n}"]).max()) for n in output_names)
+
+
+def _int8_variant(
+    work: Path,
+    output_names: tuple[str, ...],
+    tiles: np.ndarray,
+    scoring: dict,
+    pq_fp32: dict,
+    tolerance: float,
+    max_pq_drop: float,
+) -> dict:
+    """Quantise the fp32 graph in ``work``, gate it, and return its manifest record."""
+    quantize.quantize(work / bundle.ONNX_FILE, work / quantize.INT8_FILE, tiles, model_input)
+    run = _session_run(work / quantize.INT8_FILE, output_names)
+    golden_diff = _golden_diff(run, work, output_names)
+    pq = quantize.dev_test_pq(run, **scoring)
     return {
         "onnx": quantize.INT8_FILE,
+        "runtime": "onnxruntime",
         "precision": "int8",
         "format": "QDQ (onnxruntime.quantization.quantize_static): Conv/MatMul/Gemm weights int8 per channel, "
         "activations uint8",
         "calibration": {"tiles": len(tiles), "tile_size": int(tiles.shape[1]), "method": "MinMax"},
-        "gate": quantize.gate(golden_diff, tolerance, pq[bundle.ONNX_FILE], pq[quantize.INT8_FILE], max_pq_drop),
+        "gate": quantize.gate(golden_diff, tolerance, pq_fp32, pq, max_pq_drop),
+    }
+
+
+def _bf16_variant(
+    work: Path, output_names: tuple[str, ...], scoring: dict, pq_fp32: dict, tolerance: float, max_pq_drop: float
+) -> dict:
+    """Gate the fp32 graph in ``work`` run by OpenVINO in bf16, and return its manifest record."""
+    import openvino
+
+    compiled = openvino_cpu.compile_bf16((work / bundle.ONNX_FILE).read_bytes())
+    request = compiled.create_infer_request()
+    outputs = [compiled.output(name) for name in output_names]
+
+    def run(images: np.ndarray) -> dict[str, np.ndarray]:
+        result = request.infer({0: model_input(images)})
+        return {name: result[output] for name, output in zip(output_names, outputs)}
+
+    golden_diff = _golden_diff(run, work, output_names)
+    pq = quantize.dev_test_pq(run, **scoring)
+    return {
+        "onnx": bundle.ONNX_FILE,
+        "runtime": "openvino",
+        "precision": "bf16",
+        "format": f"the fp32 graph, OpenVINO {openvino.__version__} CPU plugin with INFERENCE_PRECISION_HINT bf16",
+        "gate": quantize.gate(golden_diff, tolerance, pq_fp32, pq, max_pq_drop, variant="bf16"),
     }
 
 

@@ -125,9 +125,12 @@ def dev_test_pq(
     return scores
 
 
-def gate(golden_diff: float, tolerance: float, pq_fp32: dict, pq_int8: dict, max_pq_drop: float) -> dict:
-    """The manifest's record of the INT8 gate: the numbers, passed or not, and why not."""
-    drop = pq_fp32["mean"] - pq_int8["mean"]
+def gate(
+    golden_diff: float, tolerance: float, pq_fp32: dict, pq_variant: dict, max_pq_drop: float, variant: str = "int8"
+) -> dict:
+    """The manifest's record of a variant's gate (INT8 here, bf16 in :mod:`edge.openvino_cpu`):
+    the numbers, passed or not, and why not."""
+    drop = pq_fp32["mean"] - pq_variant["mean"]
     reasons = []
     if not golden_diff <= tolerance:
         reasons.append(f"golden outputs differ from PyTorch's by {golden_diff:.3g} (tolerance {tolerance:g})")
@@ -139,7 +142,7 @@ def gate(golden_diff: float, tolerance: float, pq_fp32: dict, pq_int8: dict, max
         "golden_max_abs_diff": golden_diff,
         "tolerance": tolerance,
         "pq_fp32": pq_fp32,
-        "pq_int8": pq_int8,
+        f"pq_{variant}": pq_variant,
         "pq_drop": drop,
         "max_pq_drop": max_pq_drop,
         "quality_data": f"CPM-15 images {', '.join(cpm15.TEST_IDS)} (cmdfed.data.cpm15)",

@@ -1,4 +1,4 @@
-"""Choosing the runtime for a bundle: TensorRT -> ONNX Runtime CUDA -> ONNX Runtime CPU.
+"""Choosing the runtime for a bundle: TensorRT -> ONNX Runtime CUDA -> the CPU.
 
 Selection: each candidate in order is created and immediately run on the bundle's golden
 input; its outputs must match PyTorch's within the manifest's tolerance (fp32 backends:
@@ -8,14 +8,17 @@ or fails validation is skipped with its reason, and the reasons are logged and r
 so a workstation silently falling back to the CPU is visible. ``force`` picks one backend
 and makes its failure an error instead of a fallback.
 
-Variants (ONNX Runtime CPU): a bundle may carry, beside the fp32 graph, variants that passed
-a gate at export (``int8``, see :mod:`edge.quantize`; the gate's record is in the manifest).
+Variants (the CPU): a bundle may carry, beside the fp32 graph, variants that passed a gate at
+export (``int8`` run by ONNX Runtime, see :mod:`edge.quantize`; ``bf16`` run by OpenVINO, see
+:mod:`edge.openvino_cpu`; the gate's record is in the manifest).
 Each variant whose gate passed is loaded and checked on the golden data like fp32 (within its
 own tolerance), then timed on the golden tiles (VARIANT_TIMING_RUNS calls each, taking turns,
 the fastest counts: the same graph is faster or slower depending on the CPU's instructions); the fastest
-is used and the others are released. A variant that failed its gate, here or at export, is
-not used, and why is logged and reported (``variants`` in the selection's report), so a
-workstation running fp32 instead of INT8 says so.
+is used and the others are released. A variant that failed its gate, here or at export, or
+whose runtime this machine lacks, is not used, and why is logged and reported (``variants`` in
+the selection's report), so a workstation running fp32 instead of INT8 says so. ``--backend
+onnxruntime-cpu`` keeps to ONNX Runtime's graphs; ``--backend openvino-cpu`` runs the bf16
+variant or fails.
 """
 
 from __future__ import annotations
@@ -27,11 +30,12 @@ from pathlib import Path
 
 from cmdfed.errors import CmdfedError
 from edge.backends import Backend, BackendUnavailable, BundleModel, DamagedBundle, OrtCpuBackend, OrtCudaBackend
+from edge.openvino_cpu import OpenVinoCpuBackend
 from edge.tensorrt import TensorRTBackend
 
 log = logging.getLogger("cmdfed.edge")
 
-BACKEND_NAMES = ("tensorrt", "onnxruntime-cuda", "onnxruntime-cpu")
+BACKEND_NAMES = ("tensorrt", "onnxruntime-cuda", "onnxruntime-cpu", "openvino-cpu")
 TRT_SOURCES = ("onnx", "pt2")
 VARIANT_TIMING_RUNS = 3
 
@@ -61,28 +65,43 @@ def _create(
         return TensorRTBackend(model, home / "engines", source=trt_source)
     if name == "onnxruntime-cuda":
         return OrtCudaBackend(model, threads, memory_arena)
+    if name == "openvino-cpu":
+        return OpenVinoCpuBackend(model, threads)
     return OrtCpuBackend(model, threads, memory_arena)
 
 
 def _fastest_variant(
-    fp32: Backend, fp32_diff: float, model: BundleModel, threads: int | None, memory_arena: bool
+    fp32: Backend, fp32_diff: float, model: BundleModel, threads: int | None, memory_arena: bool, runtimes: set[str]
 ) -> tuple[Backend, float, dict[str, dict]]:
-    """The fastest of the fp32 ONNX Runtime CPU backend and the bundle's gated variants that
-    pass the golden check here, its golden difference, and what happened to each variant."""
+    """The fastest of the fp32 ONNX Runtime CPU backend and the bundle's gated variants (of
+    ``runtimes``) that pass the golden check here, its golden difference, and what happened to
+    each variant."""
     images, _ = model.golden()
     passed = {"fp32": (fp32, fp32_diff)}
     record: dict[str, dict] = {"fp32": {"golden_max_abs_diff": fp32_diff}}
     for variant, gate in model.variant_gates().items():
+        runtime = model.variant_runtime(variant)
+        if runtime not in runtimes:
+            record[variant] = {"used": False, "reason": f"--backend onnxruntime-cpu leaves out {runtime}'s variants"}
+            continue
         if not gate["passed"]:
             record[variant] = {"used": False, "reason": f"failed its gate at export: {gate['reason']}"}
             log.warning("%s variant not used (it failed its gate at export: %s)", variant, gate["reason"])
             continue
         try:
-            backend = OrtCpuBackend(model, threads, memory_arena, variant=variant)
-            passed[variant] = (backend, backend.validate())
+            if runtime == "openvino":
+                backend = OpenVinoCpuBackend(model, threads)
+            else:
+                backend = OrtCpuBackend(model, threads, memory_arena, variant=variant)
         except DamagedBundle:
             raise
-        except Exception as exc:  # noqa: BLE001 - a variant that cannot run here (golden check, an op this CPU lacks) leaves fp32
+        except Exception as exc:  # noqa: BLE001 - a runtime this machine lacks (no openvino, no bf16) leaves fp32
+            record[variant] = {"used": False, "reason": f"cannot run here: {exc}"}
+            log.warning("%s variant not used (it cannot run here: %s)", variant, exc)
+            continue
+        try:
+            passed[variant] = (backend, backend.validate())
+        except Exception as exc:  # noqa: BLE001 - a variant that fails the golden check here (an op this CPU lacks) leaves fp32
             record[variant] = {"used": False, "reason": f"failed its golden check here: {exc}"}
             log.warning("%s variant not used (it failed its golden check here: %s)", variant, exc)
             continue
@@ -94,7 +113,7 @@ def _fastest_variant(
     for variant in passed:
         record[variant]["used"] = variant == chosen
     log.info(
-        "onnxruntime-cpu runs the %s graph (%s)",
+        "the CPU runs the %s graph (%s)",
         chosen,
         ", ".join(f"{v}: {record[v]['ms_per_tile']:.1f} ms/tile" for v in passed if "ms_per_tile" in record[v])
         or "no other variant passed",
@@ -155,8 +174,9 @@ def select_backend(
             continue
         variants: dict[str, dict] = {}
         if name == "onnxruntime-cpu":
-            backend, diff, variants = _fastest_variant(backend, diff, model, threads, memory_arena)
-        log.info("backend %s selected, %s graph (golden max abs diff %.3g)", name, backend.precision, diff)
+            runtimes = {"onnxruntime"} if force else {"onnxruntime", "openvino"}
+            backend, diff, variants = _fastest_variant(backend, diff, model, threads, memory_arena, runtimes)
+        log.info("backend %s selected, %s graph (golden max abs diff %.3g)", backend.name, backend.precision, diff)
         return Selection(backend, diff, skipped, variants)
     if force:
         raise CmdfedError(

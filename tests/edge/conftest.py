@@ -51,7 +51,8 @@ def tuned_params(checkpoint: Path) -> WatershedParams:
 @pytest.fixture(scope="session")
 def signed_bundle(checkpoint, keys, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bundles") / "cmd"
-    # fp32 only: the INT8 variant's export and choice are tested on their own bundles (test_quantize.py).
+    # fp32 only: the INT8 and bf16 variants' exports and choices are tested on their own bundles
+    # (test_quantize.py, test_openvino_cpu.py).
     export_bundle(
         checkpoint,
         out,
@@ -61,6 +62,7 @@ def signed_bundle(checkpoint, keys, tmp_path_factory) -> Path:
         sign_key=keys[0],
         postprocess=tuned_params(checkpoint),
         int8=False,
+        bf16=False,
     )
     return out
 

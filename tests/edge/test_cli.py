@@ -83,11 +83,12 @@ def test_export_takes_the_settings_tune_chose(checkpoint, tmp_path):
         "--min-object-size",
         "4",
         "--no-int8",
+        "--no-bf16",
     )
     assert result.exit_code == 0, result.output
     params = json.loads((tmp_path / "bundle" / "manifest.json").read_text())["postprocessing"]["params"]
     assert params == {**tuned, "min_object_size": 4}
-    refused = export("--checkpoint", str(run), "--out", str(tmp_path / "b2"), "--mpp", "0.25", "--no-int8")
+    refused = export("--checkpoint", str(run), "--out", str(tmp_path / "b2"), "--mpp", "0.25", "--no-int8", "--no-bf16")
     assert refused.exit_code != 0 and "tuned for 0.5 um/px" in str(refused.exception or refused.output)
 
 
@@ -109,6 +110,7 @@ def test_exported_post_processing_is_recorded_and_used_by_infer_and_serve(checkp
         "--marker-opening-size",
         "3",
         "--no-int8",
+        "--no-bf16",
     )
     assert result.exit_code == 0, result.output
     params = json.loads((tmp_path / "bundle" / "manifest.json").read_text())["postprocessing"]["params"]

@@ -23,7 +23,9 @@ from .conftest import OVERLAP, TILE, tuned_params
 
 
 def int8_bundle(checkpoint, out, **gate):
-    export_bundle(checkpoint, out, tile=TILE, overlap=OVERLAP, mpp=0.5, postprocess=tuned_params(checkpoint), **gate)
+    export_bundle(
+        checkpoint, out, tile=TILE, overlap=OVERLAP, mpp=0.5, postprocess=tuned_params(checkpoint), bf16=False, **gate
+    )
     return out
 
 
