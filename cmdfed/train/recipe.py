@@ -37,7 +37,10 @@ Why these, from the benchmark's rows (same seeds):
   0.017 against 0.539, all labels 0.552 +- 0.004 against 0.566 (AJI 0.592 against 0.602), so
   full resolution stays; the heads' 3x3 convolutions as depthwise + pointwise
   (``head_conv`` separable, ~1/7 of their multiply-adds, a fine-tuning step 580 -> 392 ms):
-  3 seeds at 10 % 0.533 +- 0.026, all labels 0.531 +- 0.034 (0.490 to 0.573);
+  3 seeds at 10 % 0.533 +- 0.026, all labels 0.531 +- 0.034 (0.490 to 0.573); the heads
+  reading the full-resolution decoder map alone instead of all four scales (``head_scales``
+  1), 10 % of the labels: end to end 0.551 (0.557, a tie), over the frozen CMD backbone 0.370
+  (0.426): frozen, the heads need the coarse scales, so all four stay;
   256 px tiles, 2 a step (the same pixels a step, the same LR), 10 % of the labels, 0.278
   (0.557): far below, a test of that batch and LR more than of the tile size.
 
