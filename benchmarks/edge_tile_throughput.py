@@ -37,7 +37,7 @@ from cmdfed.inference.segment import to_model_input
 from edge.backends import BackendUnavailable, BundleModel, OrtCpuBackend, model_input
 from edge.bundle import PT2_FILE
 from edge.deploy import active_bundle
-from edge.openvino_cpu import OpenVinoCpuBackend
+from edge.openvino_cpu import OpenVinoCpuBackend, import_openvino
 from edge.selection import select_backend
 
 BATCHES = (1, 8)
@@ -57,8 +57,7 @@ def pytorch_eager(bundle: Path, device: str):
 
 def openvino_fp32(model: BundleModel, threads: int):
     """A call running the bundle's fp32 ONNX graph in OpenVINO in fp32, latency-tuned on ``threads``."""
-    import openvino
-
+    openvino = import_openvino()
     core = openvino.Core()
     compiled = core.compile_model(
         core.read_model(str(model.onnx_path)),

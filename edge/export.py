@@ -424,8 +424,7 @@ def _bf16_variant(
     work: Path, output_names: tuple[str, ...], scoring: dict, pq_fp32: dict, tolerance: float, max_pq_drop: float
 ) -> dict:
     """Gate the fp32 graph in ``work`` run by OpenVINO in bf16, and return its manifest record."""
-    import openvino
-
+    openvino = openvino_cpu.import_openvino()
     compiled = openvino_cpu.compile_bf16((work / bundle.ONNX_FILE).read_bytes())
     request = compiled.create_infer_request()
     outputs = [compiled.output(name) for name in output_names]

@@ -30,10 +30,29 @@ VARIANT = "bf16"
 BF16_TOLERANCE = 0.1
 
 
+def import_openvino():
+    """The ``openvino`` module, imported with its usage telemetry off.
+
+    ``import openvino`` sends a usage event to Google Analytics unless the user opted out
+    (openvino-telemetry's consent file; sending is the default): a scanner workstation must not
+    report to a third party, so its telemetry singleton is made, declined, before the import
+    (as cmdfed switches Flower's telemetry off)."""
+    import openvino_telemetry
+
+    # Made as openvino's own import makes it (which then reuses it), with an empty tracking id and no consent.
+    telemetry = openvino_telemetry.Telemetry(
+        app_name="OpenVINO", app_version="", tid="", backend="ga4", enable_opt_in_dialog=True
+    )
+    telemetry.consent = False
+    import openvino
+
+    return openvino
+
+
 def unavailable_reason() -> str | None:
     """Why this machine cannot run the bf16 variant, or None when it can."""
     try:
-        import openvino
+        openvino = import_openvino()
     except ImportError:
         return "the openvino package is not installed (install cmdfed with its openvino extra)"
     if "BF16" not in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
@@ -43,8 +62,7 @@ def unavailable_reason() -> str | None:
 
 def compile_bf16(onnx_bytes: bytes, threads: int | None = None):
     """The ONNX graph compiled by OpenVINO for this CPU in bf16, latency-tuned on ``threads``."""
-    import openvino
-
+    openvino = import_openvino()
     core = openvino.Core()
     return core.compile_model(
         core.read_model(onnx_bytes, openvino.Tensor(np.empty(0, np.uint8))),

@@ -6,6 +6,9 @@ where the bundle has none or its gate failed."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -14,7 +17,7 @@ from cmdfed.errors import CmdfedError
 from edge.bundle import ONNX_FILE
 from edge.deploy import active_bundle, deploy, status
 from edge.export import export_bundle
-from edge.openvino_cpu import unavailable_reason
+from edge.openvino_cpu import import_openvino, unavailable_reason
 from edge.selection import select_backend
 
 from .conftest import OVERLAP, TILE, tuned_params
@@ -119,3 +122,17 @@ def test_bf16_that_failed_its_gate_is_not_used_and_not_forced(failing_home):
 def test_forcing_openvino_on_a_bundle_without_bf16_says_how_to_get_one(signed_bundle, tmp_path):
     with pytest.raises(CmdfedError, match="no bf16 variant .*export it where the openvino package is installed"):
         select_backend(signed_bundle, tmp_path, force="openvino-cpu")
+
+
+def test_openvino_is_imported_with_its_usage_telemetry_declined(tmp_path):
+    """A fresh process whose user never chose (no consent file: openvino-telemetry would send)."""
+    pytest.importorskip("openvino")
+    probe = (
+        "from edge.openvino_cpu import import_openvino; import_openvino(); import openvino_telemetry; "
+        "print(openvino_telemetry.Telemetry().consent)"
+    )
+    env = {**os.environ, "HOME": str(tmp_path), "CI": "false"}
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True)
+    assert result.stdout.strip().splitlines()[-1] == "False"
+    assert not (tmp_path / "intel" / "openvino_ga_cid").exists() and not (tmp_path / "intel" / "stats").exists()
+    assert import_openvino().__version__
