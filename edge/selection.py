@@ -37,7 +37,7 @@ log = logging.getLogger("cmdfed.edge")
 
 BACKEND_NAMES = ("tensorrt", "onnxruntime-cuda", "onnxruntime-cpu", "openvino-cpu")
 TRT_SOURCES = ("onnx", "pt2")
-VARIANT_TIMING_RUNS = 3
+VARIANT_TIMING_RUNS = 5
 
 
 @dataclass

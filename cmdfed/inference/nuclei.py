@@ -13,9 +13,9 @@ Coordinates: two conventions, and the one place that converts between them.
 
 * Tile pixels (everything computed here): numpy indices, pixel ``[row, col]`` has its centre
   at ``x = col, y = row``. A centroid is the mean of its pixels' centres. A contour traces
-  the level-0.5 line of the instance mask (``skimage.measure.find_contours``), i.e. it runs
-  half-way between the outermost nucleus pixel centres and the first background pixel
-  centres.
+  the level-0.5 line of the instance mask (``skimage.measure.find_contours`` with
+  diagonal neighbours joined), i.e. it runs half-way between the outermost nucleus pixel
+  centres and the first background pixel centres; collinear points are left out.
 * Image coordinates (what leaves the program: GeoJSON for QuPath, the edge service's
   ``Nucleus`` messages): pixel centres at ``+0.5``, so pixel ``[row, col]`` covers
   ``[col, col + 1) x [row, row + 1)``. :func:`image_xy` adds ``PIXEL_CENTRE`` and the tile's
@@ -39,9 +39,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 from scipy import ndimage
-from skimage.measure import find_contours
 
 from cmdfed.atomic import atomic_path
 from cmdfed.errors import CmdfedError
@@ -134,8 +134,8 @@ class NucleusRecord:
 
     ``bbox_xyxy`` is (x_min, y_min, x_max, y_max) with the max exclusive (slice bounds).
     ``contour_xy`` is an (N, 2) float closed polygon (first point == last point): the
-    outer boundary of the instance's largest 4-connected part (watershed instances have
-    only one); holes are not represented.
+    outer boundary of the instance's largest part, diagonal neighbours joined (watershed
+    instances have only one); holes are not represented.
     ``type`` and ``type_prob`` are None when no NC output was given.
     """
 
@@ -169,10 +169,11 @@ def nucleus_records(instance_map: np.ndarray, nc: np.ndarray | None = None) -> l
         types, shares = labels.majority_types(_pixel_types(nc, instance_map.shape))
     centroids = labels.centroids_xy()
     sequential = (labels.pixel_rows + 1).reshape(instance_map.shape)
+    framed = np.pad(sequential, 1)  # a background frame around every box: each contour is closed
     records = []
     for row, box in enumerate(ndimage.find_objects(sequential)):
-        mask = sequential[box] == row + 1
         y0, x0 = box[0].start, box[1].start
+        mask = framed[y0 : box[0].stop + 2, x0 : box[1].stop + 2] == row + 1
         records.append(
             NucleusRecord(
                 id=int(labels.ids[row]),
@@ -181,25 +182,33 @@ def nucleus_records(instance_map: np.ndarray, nc: np.ndarray | None = None) -> l
                 area=int(labels.areas[row]),
                 type=None if types is None else int(types[row]),
                 type_prob=None if shares is None else float(shares[row]),
-                contour_xy=_outer_contour_xy(mask) + [x0, y0],
+                contour_xy=_outer_contour_xy(mask) + [x0 - 1, y0 - 1],
             )
         )
     return records
 
 
-def _outer_contour_xy(mask: np.ndarray) -> np.ndarray:
-    """Closed (N, 2) x, y polygon around the largest part of a boolean mask."""
-    # A background frame makes every contour closed; it shifts coordinates by one.
-    padded = np.zeros((mask.shape[0] + 2, mask.shape[1] + 2), dtype=np.float32)
-    padded[1:-1, 1:-1] = mask
-    contours = find_contours(padded, 0.5)
-    outer = contours[0] if len(contours) == 1 else max(contours, key=_enclosed_area)
-    return outer[:, ::-1] - 1.0
+def _outer_contour_xy(pixels: np.ndarray) -> np.ndarray:
+    """Closed (N, 2) x, y polygon around the largest part of a boolean mask whose outermost
+    pixels are all background: its level-0.5 line with diagonal neighbours joined
+    (``find_contours(pixels, 0.5, fully_connected="high")``).
 
-
-def _enclosed_area(polygon: np.ndarray) -> float:
-    y, x = polygon[:, 0], polygon[:, 1]
-    return abs(float(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1)))) / 2.0
+    OpenCV traces it on a grid of half-pixel steps, where a point is inside when it is a
+    nucleus pixel's centre, lies between two pixels of which one is nucleus, or amid four of
+    which two or more are: the outer boundary of those points is the level line. Straight
+    runs keep only their ends (``CHAIN_APPROX_SIMPLE``): the same polygon, fewer points.
+    """
+    height, width = pixels.shape
+    half_steps = np.zeros((2 * height - 1, 2 * width - 1), dtype=np.uint8)
+    half_steps[0::2, 0::2] = pixels
+    half_steps[0::2, 1::2] = pixels[:, :-1] | pixels[:, 1:]
+    half_steps[1::2, 0::2] = pixels[:-1] | pixels[1:]
+    corners = pixels[:-1, :-1].view(np.uint8) + pixels[:-1, 1:] + pixels[1:, :-1] + pixels[1:, 1:]
+    half_steps[1::2, 1::2] = corners >= 2
+    contours, _ = cv2.findContours(half_steps, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    outer = contours[0] if len(contours) == 1 else max(contours, key=cv2.contourArea)
+    points = outer[::-1, 0, :] / 2.0  # reversed: wound as find_contours winds it
+    return np.vstack([points, points[:1]])
 
 
 def image_xy(points_xy, corner: tuple[int, int] = (0, 0), scale: float = 1.0) -> np.ndarray:

@@ -2,14 +2,14 @@
 
 Instance separation is HoVer-Net's marker-controlled watershed (Graham et al. 2019,
 section III-C; ``__proc_np_hv`` in vqdang/hover_net ``models/hovernet/post_proc.py``),
-re-implemented without OpenCV:
+with the same OpenCV, SciPy-equivalent and scikit-image operations:
 
 1. Foreground: NP probability >= ``foreground_threshold``; connected blobs
    (4-connectivity) smaller than ``min_object_size`` pixels are dropped.
 2. The H and V maps are each min-max scaled to [0, 1] over the whole tile and
-   differentiated along their own axis with an OpenCV-style Sobel filter of size
-   ``sobel_kernel_size`` (binomial smoothing across, binomial derivative along; the
-   reflect-101 border OpenCV uses). Inside a nucleus the H map rises steadily from -1
+   differentiated along their own axis with OpenCV's Sobel filter of size
+   ``sobel_kernel_size`` (binomial smoothing across, binomial derivative along; a
+   reflect-101 border). Inside a nucleus the H map rises steadily from -1
    to +1; where two nuclei touch it falls from +1 to -1, so after min-max scaling the
    derivative and taking ``1 - d``, touching boundaries are near 1 and nucleus
    interiors near 0. The gradient map is the larger of the two, set to 0 off the
@@ -17,11 +17,13 @@ re-implemented without OpenCV:
 3. Energy: ``(1 - gradient)`` on the foreground, blurred by OpenCV's 3x3 Gaussian
    ([1, 2, 1] / 4 in each direction) and negated, so nucleus interiors are basins.
 4. Markers: foreground pixels whose gradient is below ``marker_gradient_threshold``,
-   holes filled, opened with OpenCV's ``marker_opening_size`` ellipse, labelled
+   holes filled (background 4-connected, as ``scipy.ndimage.binary_fill_holes``), opened
+   with OpenCV's ``marker_opening_size`` ellipse (erosion never eats from outside the
+   tile: OpenCV's default morphology border), labelled
    (4-connectivity), components smaller than ``min_object_size`` dropped.
 5. ``skimage.segmentation.watershed`` of the energy from the markers, restricted to
    the foreground. Foreground blobs that received no marker are left out, as in
-   HoVer-Net. Output ids are renumbered 1..n.
+   HoVer-Net. Output ids are 1..n.
 
 Types and records: :func:`cmdfed.inference.nuclei.nucleus_records` (each instance takes
 the majority of the per-pixel NC argmax inside it, as HoVer-Net's ``process`` does; its
@@ -40,16 +42,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
-from skimage.segmentation import relabel_sequential, watershed
+import cv2
+from skimage.segmentation import watershed
 
 from cmdfed.errors import CmdfedError
-from cmdfed.inference.nuclei import LabelIndex, NucleusRecord, nucleus_records
+from cmdfed.inference.nuclei import NucleusRecord, nucleus_records
 
 # Micrometres per pixel HoVer-Net's post-processing settings were tuned at (40x).
 REFERENCE_MPP = 0.25
-# OpenCV's GaussianBlur with ksize 3 and sigma 0 uses this fixed kernel.
-_GAUSSIAN_3 = np.array([0.25, 0.5, 0.25])
 
 
 @dataclass(frozen=True)
@@ -135,18 +135,6 @@ class PostprocessResult:
     nuclei: list[NucleusRecord]
 
 
-def remove_small_instances(instance_map: np.ndarray, min_size: int) -> np.ndarray:
-    """A copy of ``instance_map`` with instances of fewer than ``min_size`` pixels set to 0.
-
-    Works on label maps with any ids; label a binary mask first (``ndimage.label``).
-    """
-    labels = LabelIndex.of(instance_map)
-    too_small = np.append(labels.areas < min_size, False)  # index -1 is background
-    cleaned = instance_map.copy()
-    cleaned[too_small[labels.pixel_rows].reshape(instance_map.shape)] = 0
-    return cleaned
-
-
 def hover_watershed(np_prob: np.ndarray, hv: np.ndarray, params: WatershedParams = WatershedParams()) -> np.ndarray:
     """Instance map (int32, ids 1..n) from NP probability (H, W) and HV maps (2, H, W)."""
     np_prob = np.asarray(np_prob, dtype=np.float32)
@@ -156,32 +144,42 @@ def hover_watershed(np_prob: np.ndarray, hv: np.ndarray, params: WatershedParams
             f"expected NP probability (H, W) and HV maps (2, H, W), got {np_prob.shape} "
             f"and {hv.shape}; take the nucleus channel of NP and keep HV channel-first"
         )
-    blobs = ndimage.label(np_prob >= params.foreground_threshold)[0]
-    foreground = remove_small_instances(blobs, params.min_object_size) > 0
+    foreground = _large_components(np_prob >= params.foreground_threshold, params.min_object_size) > 0
     if not foreground.any():
         return np.zeros(np_prob.shape, dtype=np.int32)
 
-    smooth, derive = _sobel_kernels(params.sobel_kernel_size)
-    gradient_h = _sobel(_min_max_scale(hv[0]), derive_axis=1, smooth=smooth, derive=derive)
-    gradient_v = _sobel(_min_max_scale(hv[1]), derive_axis=0, smooth=smooth, derive=derive)
+    # OpenCV's default border, BORDER_REFLECT_101, for the Sobel filters and the blur, as HoVer-Net.
+    size = params.sobel_kernel_size
+    gradient_h = cv2.Sobel(_min_max_scale(hv[0]), cv2.CV_64F, 1, 0, ksize=size)
+    gradient_v = cv2.Sobel(_min_max_scale(hv[1]), cv2.CV_64F, 0, 1, ksize=size)
     gradient = np.maximum(1.0 - _min_max_scale(gradient_h), 1.0 - _min_max_scale(gradient_v))
     gradient[~foreground] = 0.0
+    energy = -cv2.GaussianBlur((1.0 - gradient) * foreground, (3, 3), 0)
 
-    energy = (1.0 - gradient) * foreground
-    energy = -ndimage.correlate1d(
-        ndimage.correlate1d(energy, _GAUSSIAN_3, axis=0, mode="mirror"),
-        _GAUSSIAN_3,
-        axis=1,
-        mode="mirror",
-    )
+    markers = _filled_holes(foreground & (gradient < params.marker_gradient_threshold))
+    ellipse = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (params.marker_opening_size,) * 2)
+    markers = cv2.morphologyEx(markers.view(np.uint8), cv2.MORPH_OPEN, ellipse)
+    markers = _large_components(markers, params.min_object_size)
+    # Every marker lies in the mask and keeps its id, so the instances are numbered 1..n already.
+    return watershed(energy, markers=markers, mask=foreground).astype(np.int32, copy=False)
 
-    markers = foreground & (gradient < params.marker_gradient_threshold)
-    markers = ndimage.binary_fill_holes(markers)
-    markers = _open_like_opencv(markers, _opencv_ellipse(params.marker_opening_size))
-    markers = remove_small_instances(ndimage.label(markers)[0], params.min_object_size)
 
-    instances = watershed(energy, markers=markers, mask=foreground)
-    return relabel_sequential(instances)[0].astype(np.int32)
+def _large_components(mask: np.ndarray, min_size: int) -> np.ndarray:
+    """4-connected components of ``mask`` with at least ``min_size`` pixels, numbered 1..n (int32)."""
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=4)
+    kept = stats[:, cv2.CC_STAT_AREA] >= min_size
+    kept[0] = False  # background
+    new_ids = np.zeros(count, dtype=np.int32)
+    new_ids[kept] = np.arange(1, int(kept.sum()) + 1, dtype=np.int32)
+    return new_ids[labels]
+
+
+def _filled_holes(mask: np.ndarray) -> np.ndarray:
+    """``mask`` with every background region that does not reach the border filled; background
+    is 4-connected, as in ``scipy.ndimage.binary_fill_holes``, which HoVer-Net calls here."""
+    framed = np.pad(~mask, 1, constant_values=True).view(np.uint8)
+    labels = cv2.connectedComponents(framed, connectivity=4)[1]
+    return labels[1:-1, 1:-1] != labels[0, 0]  # the frame joins every region that reaches the border
 
 
 def _min_max_scale(values: np.ndarray) -> np.ndarray:
@@ -191,46 +189,6 @@ def _min_max_scale(values: np.ndarray) -> np.ndarray:
     if high - low <= np.finfo(np.float64).eps:
         return np.zeros_like(values)
     return (values - low) / (high - low)
-
-
-def _sobel_kernels(size: int) -> tuple[np.ndarray, np.ndarray]:
-    """OpenCV's Sobel kernels of aperture ``size``: binomial smoothing and derivative."""
-    smooth = np.array([1.0])
-    for _ in range(size - 1):
-        smooth = np.convolve(smooth, [1.0, 1.0])
-    derive = np.array([1.0])
-    for _ in range(size - 2):
-        derive = np.convolve(derive, [1.0, 1.0])
-    # Correlation weights: right neighbour minus left neighbour is a positive slope.
-    return smooth, np.convolve(derive, [-1.0, 1.0])
-
-
-def _sobel(image: np.ndarray, derive_axis: int, smooth: np.ndarray, derive: np.ndarray) -> np.ndarray:
-    # "mirror" is OpenCV's default BORDER_REFLECT_101.
-    derived = ndimage.correlate1d(image, derive, axis=derive_axis, mode="mirror")
-    return ndimage.correlate1d(derived, smooth, axis=1 - derive_axis, mode="mirror")
-
-
-def _opencv_ellipse(size: int) -> np.ndarray:
-    """cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size)) without OpenCV.
-
-    For size 5 this is a 5x5 square minus the four corner pairs, which differs from
-    skimage's ``disk(2)``; matching it keeps marker shapes identical to HoVer-Net's.
-    """
-    radius = size // 2
-    element = np.zeros((size, size), dtype=bool)
-    for row in range(size):
-        # cvRound rounds half to even, like np.rint.
-        half_width = int(np.rint(np.sqrt(radius**2 - (row - radius) ** 2)))
-        element[row, radius - half_width : radius + half_width + 1] = True
-    return element
-
-
-def _open_like_opencv(mask: np.ndarray, element: np.ndarray) -> np.ndarray:
-    # OpenCV pads erosion with foreground and dilation with background, so objects
-    # touching the tile edge are not eaten from outside.
-    eroded = ndimage.binary_erosion(mask, structure=element, border_value=1)
-    return ndimage.binary_dilation(eroded, structure=element, border_value=0)
 
 
 def postprocess(

@@ -6,11 +6,10 @@ from cmdfed.errors import CmdfedError
 from cmdfed.inference.nuclei import nucleus_records
 from cmdfed.inference.postprocess import (
     WatershedParams,
-    _opencv_ellipse,
-    _sobel_kernels,
+    _filled_holes,
+    _large_components,
     hover_watershed,
     postprocess,
-    remove_small_instances,
 )
 from cmdfed.model.targets import make_targets
 
@@ -111,22 +110,22 @@ def test_odd_tile_sizes(shape):
         assert iou(instances > 0, truth > 0) > 0.8
 
 
-def test_remove_small_instances_keeps_ids_of_the_rest():
-    instance_map = np.array([[4, 4, 0, 900, 900], [0, 0, 0, 900, 900], [7, 7, 7, 0, 900]])
-    cleaned = remove_small_instances(instance_map, min_size=3)
-    np.testing.assert_array_equal(cleaned, [[0, 0, 0, 900, 900], [0, 0, 0, 900, 900], [7, 7, 7, 0, 900]])
-    np.testing.assert_array_equal(instance_map[0, :2], [4, 4])  # input untouched
-
-
-def test_opencv_kernels_reproduced():
-    # cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5)) and cv2.getDerivKernels(1, 0, 5).
-    np.testing.assert_array_equal(
-        _opencv_ellipse(5).astype(int),
-        [[0, 0, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 1, 0, 0]],
-    )
-    smooth, derive = _sobel_kernels(5)
-    np.testing.assert_array_equal(smooth, [1, 4, 6, 4, 1])
-    np.testing.assert_array_equal(derive, [-1, -2, 0, 2, 1])
+def test_filled_holes_and_components_match_scipys_definitions():
+    """The OpenCV steps against the SciPy calls HoVer-Net makes: binary_fill_holes, and
+    label (4-connectivity) with components under the minimum size dropped."""
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        mask = ndimage.binary_opening(rng.random(rng.integers(3, 40, 2)) < 0.6)
+        np.testing.assert_array_equal(_filled_holes(mask), ndimage.binary_fill_holes(mask))
+        components = _large_components(mask, min_size=4)
+        labels, count = ndimage.label(mask)
+        sizes = np.bincount(labels.ravel(), minlength=count + 1)
+        expected = mask & (sizes[labels] >= 4)
+        np.testing.assert_array_equal(components > 0, expected)
+        assert sorted(np.unique(components[components > 0])) == list(range(1, len(np.unique(labels[expected])) + 1))
+        for part in np.unique(components[components > 0]):  # each is one whole SciPy component
+            assert len(np.unique(labels[components == part])) == 1
+            assert (labels == labels[components == part][0]).sum() == (components == part).sum()
 
 
 @pytest.mark.parametrize(
