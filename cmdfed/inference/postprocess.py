@@ -41,8 +41,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import cv2
+import numpy as np
 from skimage.segmentation import watershed
 
 from cmdfed.errors import CmdfedError
