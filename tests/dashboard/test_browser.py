@@ -136,9 +136,12 @@ def test_the_slide_viewer_finds_the_recorded_slide_in_chromium(telemetry_db, sli
         _wait_drawn(page)
         page.get_by_role("tab", name="Slide viewer").click()
         page.get_by_text("over case-1.png (level 0)").wait_for(timeout=30_000)
-        assert page.get_by_text("Slide found where this output recorded it").is_visible()
-        slide = page.get_by_label("Slide file (for the background)")
-        assert slide.input_value() == str(slide_project / "slides" / "case-1.png")
+        # Both are drawn in the same rerun as the caption, but may reach the page a moment later.
+        page.get_by_text("Slide found where this output recorded it").wait_for(timeout=30_000)
+        expect = pytest.importorskip("playwright.sync_api").expect
+        expect(page.get_by_label("Slide file (for the background)")).to_have_value(
+            str(slide_project / "slides" / "case-1.png"), timeout=30_000
+        )
         page.screenshot(path=str(ARTIFACTS / "dashboard-recorded-slide.png"), full_page=True)
 
 
