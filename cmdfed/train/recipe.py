@@ -24,7 +24,7 @@ Why these, from the benchmark's rows (same seeds):
   cmd-tiny-he``, what a federation does by default), the recipe measured PQ 0.543 +- 0.023
   with 10 % of the labels (3 seeds; a tie with 0.539) and 0.540 with all of them (one seed,
   against 0.566). Without the new augmentation it had lost at 10 % too (0.484 against 0.493).
-  Twice the pretraining (6000 steps) did not help either: 0.543 +- 0.029 with 10 % of the labels
+  Twice the pretraining (6000 steps) did not help either: 0.526 +- 0.015 with 10 % of the labels
   and 0.524 +- 0.008 with all of them (3 seeds each).
 * Heads over a frozen backbone measured far below either; they remain a choice for
   federations that must send little.
