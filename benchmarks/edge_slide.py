@@ -51,7 +51,8 @@ summary = infer_slide(slide, home, out, backend=backend or None, batch=int(batch
 seconds = time.perf_counter() - start
 print(json.dumps({"seconds": seconds, "tiles": summary["tiles"], "n_cells": summary["n_cells"],
                   "dimensions": summary["dimensions"],
-                  "backend": summary["backend"]["backend"], "timings_s": summary["timings_s"],
+                  "backend": summary["backend"]["backend"], "graph": summary["backend"].get("precision"),
+                  "timings_s": summary["timings_s"],
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
@@ -152,6 +153,7 @@ def main() -> None:
                         "tissue tiles": m["tiles"],
                         "nuclei": m["n_cells"],
                         "backend": m["backend"],
+                        "graph": m["graph"],
                         "Mpx/s (whole slide)": round(mpx / m["seconds"], 3),
                         "tiles/s": round(m["tiles"] / m["seconds"], 2),
                         "seconds": round(m["seconds"], 1),

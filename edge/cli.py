@@ -351,6 +351,12 @@ REPORT_CA = typer.Option(
     None, "--report-ca", help="The federation CA certificate (`cmdfed certs init`'s ca.crt): report over HTTPS."
 )
 REPORT_INSECURE = typer.Option(False, "--report-insecure", help="Allow a non-loopback --report-to without TLS.")
+RETIME_VARIANTS = typer.Option(
+    False,
+    "--retime-variants",
+    help="Time the bundle's CPU graphs (fp32, int8, bf16) again instead of reusing the choice kept in the home "
+    "(it is kept per bundle, CPU, threads and runtime versions, and redone when any of them changes).",
+)
 
 
 @commands.command("infer")
@@ -364,6 +370,7 @@ def infer(
     threads: int | None = typer.Option(None, help="CPU threads for ONNX Runtime (default: all available)."),
     trt_source: str = TRT_SOURCE,
     restart: bool = typer.Option(False, help="Discard earlier results in --out and start again."),
+    retime_variants: bool = RETIME_VARIANTS,
     mpp: float | None = typer.Option(
         None,
         help="The slide's micrometres per pixel (0.25 at 40x, 0.5 at 20x) when its file does not record it; "
@@ -395,6 +402,7 @@ def infer(
                 threads=threads,
                 trt_source=trt_source,
                 mpp=mpp,
+                retime_variants=retime_variants,
                 telemetry=reports,
                 progress=progress,
             )
@@ -441,6 +449,7 @@ def serve(
     backend: str | None = typer.Option(None, help=BACKEND_HELP),
     threads: int | None = typer.Option(None, help="CPU threads for ONNX Runtime (default: all available)."),
     trt_source: str = TRT_SOURCE,
+    retime_variants: bool = RETIME_VARIANTS,
 ) -> None:
     """Serve the active model over gRPC (SegmentTiles, SegmentSlide, ModelInfo, health) until SIGTERM."""
     from edge.memory import parse_size
@@ -464,6 +473,7 @@ def serve(
         threads=threads,
         trt_source=trt_source,
         max_memory=budget,
+        retime_variants=retime_variants,
     )
     metrics = "" if service.metrics_port is None else f", metrics on {metrics_host}:{service.metrics_port}"
     out.print(f"serving {service.version} ({service.selection.backend.name}) on {host}:{service.port}{metrics}")

@@ -279,7 +279,7 @@ def _install(
     target = models / version
     if target.exists() and _same_bundle(target, source):
         bundle.verify_bundle(bundle.BundleSource(target), keys if signer else None)
-        selection = select_backend(target, home, force=backend, trt_source=trt_source)
+        selection = select_backend(target, home, force=backend, trt_source=trt_source, retime=True)
         if signer is None and keys:
             _audit_unverified(home, version, source, keys, replaced_signed_copy=False)
         return selection
@@ -299,7 +299,7 @@ def _install(
         staged = bundle.BundleSource(staging)
         bundle.verify_bundle(staged, keys if signer else None)  # the copy is what will run
         # A bundle this workstation cannot run correctly is refused before it is installed.
-        selection = select_backend(staging, home, force=backend, trt_source=trt_source)
+        selection = select_backend(staging, home, force=backend, trt_source=trt_source, retime=True)
         if signer is None and (keys or replaces_signed):
             _audit_unverified(home, version, source, keys, replaced_signed_copy=replaces_signed)
         replace_dir(staging, target)  # a re-export of the same weights (other settings, or now signed) replaces it

@@ -116,6 +116,7 @@ def infer_slide(
     trt_source: str = "onnx",
     mpp: float | None = None,
     selection: Selection | None = None,
+    retime_variants: bool = False,
     telemetry: str | Path | Reports | None = None,
     progress: Progress | None = None,
 ) -> dict:
@@ -124,7 +125,8 @@ def infer_slide(
     ``mpp``: the slide's micrometres per level-0 pixel, for a file that does not record it
     (or records it wrong); the model reads the slide at its own resolution (module docstring).
     ``selection``: a backend already loaded (the service's), used instead of selecting one for
-    the version active now. ``telemetry``: a store (path or URL) or a ``Reports``
+    the version active now. ``retime_variants``: time the CPU graphs again instead of reusing
+    the home's kept choice (:mod:`edge.selection`). ``telemetry``: a store (path or URL) or a ``Reports``
     (edge.reports) that gets the slide's summary.
     """
     started = time.perf_counter()
@@ -132,7 +134,9 @@ def infer_slide(
     reports = reports_to(telemetry)
     try:
         if selection is None:
-            selection = select_backend(active_bundle(home), home, force=backend, threads=threads, trt_source=trt_source)
+            selection = select_backend(
+                active_bundle(home), home, force=backend, threads=threads, trt_source=trt_source, retime=retime_variants
+            )
         summary = _run(slide, selection, Path(out_dir), batch, min_tissue, restart, mpp, progress)
     except Exception as exc:
         if reports:
@@ -455,9 +459,20 @@ class _SlideJob:
         """Write a post-processed batch's kept nuclei and commit it (the SlideState rule)."""
         self.state.begin_batch(self.state_path, batch.start, batch.start + len(batch.corners))
         started = time.perf_counter()
-        for corner, instance_map, kept, cut in batch.tiles:
-            self.state.cut_by_tile_edges += cut
-            self._write_tile(corner, instance_map, kept, labels, features)
+        for row in _rows_of(batch.tiles):
+            # One read and one write of the label chunks per row of tiles, not per tile: a 256 px
+            # tile lies inside 1024 px chunks, each decompressed and recompressed when written to.
+            rects = [self._level0_rect(corner) for corner, *_ in row]
+            x0, y0 = min(r[0] for r in rects), min(r[1] for r in rects)
+            x1, y1 = max(r[2] for r in rects), max(r[3] for r in rects)
+            block = labels[y0:y1, x0:x1] if any(kept for _, _, kept, _ in row) else None
+            written = False
+            for (corner, instance_map, kept, cut), (tx0, ty0, tx1, ty1) in zip(row, rects, strict=True):
+                self.state.cut_by_tile_edges += cut
+                region = block[ty0 - y0 : ty1 - y0, tx0 - x0 : tx1 - x0] if kept else None
+                written |= self._write_tile(corner, instance_map, kept, region, features)
+            if written:
+                labels[y0:y1, x0:x1] = block
         timings = self.state.timings_s
         for stage, seconds in batch.seconds.items():
             timings[stage] += seconds
@@ -465,10 +480,11 @@ class _SlideJob:
         outputs.sync_label_chunks(self.out_dir / LABELS_DIR, [self._level0_square(c) for c in batch.corners])
         self._commit(features, len(batch.corners))
 
-    def _write_tile(self, corner, instance_map: np.ndarray, kept: list, labels, features) -> None:
+    def _write_tile(self, corner, instance_map: np.ndarray, kept: list, region, features) -> bool:
+        """Label the tile's kept nuclei in ``region`` (its level-0 rectangle of the label image,
+        None when nothing is kept) and write their features; whether any was labelled."""
         state = self.state
         x0, y0, x1, y1 = self._level0_rect(corner)
-        region = labels[y0:y1, x0:x1] if kept else None
         if kept:  # the tile's instances on level 0's pixels (the same array at the model's resolution)
             gx, gy = corner
             rows = self.read.grid_index(np.arange(y0, y1), gy, self.tile)
@@ -496,9 +512,9 @@ class _SlideJob:
             name = feature["properties"]["classification"]["name"]
             state.counts[name] = state.counts.get(name, 0) + 1
         if lines:
-            labels[y0:y1, x0:x1] = region
             features.write("".join(lines).encode())
         state.area_px += self.grid.nominal_cell_area(corner)
+        return bool(lines)
 
     def _level0_rect(self, corner) -> tuple[int, int, int, int]:
         """The level-0 pixels (x0, y0, x1, y1) of the tile at grid ``corner``, within the slide."""
@@ -610,6 +626,17 @@ class _SlideJob:
                 "tiles were enlarged, small nuclei may be missed"
             )
         return found
+
+
+def _rows_of(tiles: list) -> list[list]:
+    """A batch's tiles (in grid order) as runs of one grid row each."""
+    rows: list[list] = []
+    for tile in tiles:
+        if rows and rows[-1][0][0][1] == tile[0][1]:
+            rows[-1].append(tile)
+        else:
+            rows.append([tile])
+    return rows
 
 
 def _feature_line(feature: dict) -> str:

@@ -19,15 +19,28 @@ whose runtime this machine lacks, is not used, and why is logged and reported (`
 the selection's report), so a workstation running fp32 instead of INT8 says so. ``--backend
 onnxruntime-cpu`` keeps to ONNX Runtime's graphs; ``--backend openvino-cpu`` runs the bf16
 variant or fails.
+
+The choice is kept in the home (CHOICE_FILE) with what it depends on: the bundle's files, this
+CPU, the threads, the runtimes and their versions. A later job on the same home whose key
+matches loads only the chosen variant and checks it on the golden data, without loading and
+timing the others (about 3 s of every slide job on a 2-core workstation); any change of key,
+or a chosen variant that no longer passes, times them all again. ``deploy`` always times
+afresh, as does ``retime=True`` (``--retime-variants``).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
+import platform
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
+from cmdfed.atomic import write_json_atomic
 from cmdfed.errors import CmdfedError
 from edge.backends import Backend, BackendUnavailable, BundleModel, DamagedBundle, OrtCpuBackend, OrtCudaBackend
 from edge.openvino_cpu import OpenVinoCpuBackend
@@ -38,6 +51,8 @@ log = logging.getLogger("cmdfed.edge")
 BACKEND_NAMES = ("tensorrt", "onnxruntime-cuda", "onnxruntime-cpu", "openvino-cpu")
 TRT_SOURCES = ("onnx", "pt2")
 VARIANT_TIMING_RUNS = 5
+CHOICE_FILE = "cpu_graph_choice.json"
+KEPT_CHOICES = 8
 
 
 @dataclass
@@ -46,6 +61,7 @@ class Selection:
     max_abs_diff: float
     skipped: dict[str, str] = field(default_factory=dict)
     variants: dict[str, dict] = field(default_factory=dict)
+    variants_timed_at: str | None = None  # when the CPU graphs were timed; earlier than now: the choice was reused
 
     def report(self) -> dict:
         return {
@@ -55,6 +71,7 @@ class Selection:
             "golden_max_abs_diff": self.max_abs_diff,
             "skipped": self.skipped,
             "variants": self.variants,
+            "variants_timed_at": self.variants_timed_at,
         }
 
 
@@ -71,11 +88,17 @@ def _create(
 
 
 def _fastest_variant(
-    fp32: Backend, fp32_diff: float, model: BundleModel, threads: int | None, memory_arena: bool, runtimes: set[str]
-) -> tuple[Backend, float, dict[str, dict]]:
+    fp32: Backend,
+    fp32_diff: float,
+    model: BundleModel,
+    home: Path,
+    threads: int | None,
+    memory_arena: bool,
+    runtimes: set[str],
+) -> tuple[Backend, float, dict[str, dict], str]:
     """The fastest of the fp32 ONNX Runtime CPU backend and the bundle's gated variants (of
-    ``runtimes``) that pass the golden check here, its golden difference, and what happened to
-    each variant."""
+    ``runtimes``) that pass the golden check here, its golden difference, what happened to each
+    variant, and when they were timed (now); the choice is kept in ``home`` for later jobs."""
     images, _ = model.golden()
     passed = {"fp32": (fp32, fp32_diff)}
     record: dict[str, dict] = {"fp32": {"golden_max_abs_diff": fp32_diff}}
@@ -89,10 +112,7 @@ def _fastest_variant(
             log.warning("%s variant not used (it failed its gate at export: %s)", variant, gate["reason"])
             continue
         try:
-            if runtime == "openvino":
-                backend = OpenVinoCpuBackend(model, threads)
-            else:
-                backend = OrtCpuBackend(model, threads, memory_arena, variant=variant)
+            backend = _create_variant(variant, model, threads, memory_arena)
         except DamagedBundle:
             raise
         except Exception as exc:  # noqa: BLE001 - a runtime this machine lacks (no openvino, no bf16) leaves fp32
@@ -118,7 +138,102 @@ def _fastest_variant(
         ", ".join(f"{v}: {record[v]['ms_per_tile']:.1f} ms/tile" for v in passed if "ms_per_tile" in record[v])
         or "no other variant passed",
     )
-    return passed[chosen][0], passed[chosen][1], record
+    timed_at = datetime.now(UTC).isoformat(timespec="milliseconds")
+    key = _choice_key(model, threads, memory_arena, runtimes)
+    _keep_choice(home, {"key": key, "chosen": chosen, "timed_at": timed_at, "variants": record})
+    return passed[chosen][0], passed[chosen][1], record, timed_at
+
+
+def _create_variant(variant: str, model: BundleModel, threads: int | None, memory_arena: bool) -> Backend:
+    if variant == "fp32":
+        return OrtCpuBackend(model, threads, memory_arena)
+    if model.variant_runtime(variant) == "openvino":
+        return OpenVinoCpuBackend(model, threads)
+    return OrtCpuBackend(model, threads, memory_arena, variant=variant)
+
+
+def _kept_choice(model: BundleModel, home: Path, threads, memory_arena: bool, runtimes: set[str]):
+    """The graph an earlier job chose with the same key, loaded and checked on the golden data
+    now, its golden difference, that job's record and when it timed them; None (time them all
+    again) when none is kept or it no longer loads or passes here."""
+    earlier = _earlier_choice(home, _choice_key(model, threads, memory_arena, runtimes))
+    if earlier is None:
+        return None
+    chosen, timed_at = earlier["chosen"], earlier["timed_at"]
+    gate = model.variant_gates().get(chosen)
+    if chosen != "fp32" and not (gate and gate["passed"]):
+        log.warning("the kept choice names %s, a graph this bundle has not gated; timing the graphs again", chosen)
+        return None
+    try:
+        backend = _create_variant(chosen, model, threads, memory_arena)
+        diff = backend.validate()
+    except DamagedBundle:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever changed, a fresh timing decides again
+        log.warning("the %s graph chosen on %s fails here now (%s); timing the graphs again", chosen, timed_at, exc)
+        return None
+    record = {variant: dict(entry) for variant, entry in earlier["variants"].items()}
+    record[chosen]["golden_max_abs_diff"] = diff
+    log.info("the CPU runs the %s graph (chosen when timed on %s)", chosen, timed_at)
+    return backend, diff, record, timed_at
+
+
+def _choice_key(model: BundleModel, threads: int | None, memory_arena: bool, runtimes: set[str]) -> dict:
+    """What the fastest graph depends on: the bundle's files, this CPU, its threads and the runtimes."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(package: str) -> str | None:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return None
+
+    files = json.dumps({name: entry["sha256"] for name, entry in model.manifest["files"].items()}, sort_keys=True)
+    return {
+        "bundle": hashlib.sha256(files.encode()).hexdigest(),
+        "cpu": _cpu_name(),
+        "threads": threads or len(os.sched_getaffinity(0)),
+        "memory_arena": memory_arena,
+        "runtimes": {runtime: installed(runtime) for runtime in sorted(runtimes)},
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _earlier_choice(home: Path, key: dict) -> dict | None:
+    return next((choice for choice in _kept_choices(home) if choice.get("key") == key), None)
+
+
+def _kept_choices(home: Path) -> list[dict]:
+    try:
+        kept = json.loads((home / CHOICE_FILE).read_text()).get("choices", [])
+    except (OSError, ValueError, AttributeError):
+        return []  # none kept yet, or unreadable: the graphs are timed again and the file rewritten
+    return [
+        choice
+        for choice in kept
+        if isinstance(choice, dict) and {"key", "chosen", "timed_at", "variants"} <= set(choice)
+    ]
+
+
+def _keep_choice(home: Path, choice: dict) -> None:
+    """Kept beside the choices for other keys (the service's and ``infer``'s settings differ),
+    the most recent KEPT_CHOICES."""
+    others = [kept for kept in _kept_choices(home) if kept["key"] != choice["key"]]
+    try:
+        write_json_atomic(home / CHOICE_FILE, {"choices": [*others, choice][-KEPT_CHOICES:]})
+    except OSError as exc:  # a read-only home still runs; the next job times the graphs again
+        log.warning(
+            "could not keep the CPU graph choice in %s (%s); the next job will time the graphs again", home, exc
+        )
 
 
 def _ms_per_tile(backends: dict[str, Backend], images) -> dict[str, float]:
@@ -142,6 +257,7 @@ def select_backend(
     threads: int | None = None,
     trt_source: str = "onnx",
     memory_arena: bool = True,
+    retime: bool = False,
 ) -> Selection:
     """The first backend, in BACKEND_NAMES order (or ``force``), that loads and passes validation.
 
@@ -149,7 +265,8 @@ def select_backend(
     ``memory_arena``: False gives ONNX Runtime's host memory back after each run but one of a
     single model window, which stays warm (``OnnxRuntimeBackend``): its memory no longer stays
     at its largest run's or grows with the input shapes it has seen; the edge service, which
-    budgets its memory, sets it.
+    budgets its memory, sets it. ``retime``: time the CPU graphs again even if this home
+    keeps a choice made with the same key (module docstring).
     """
     if force is not None and force not in BACKEND_NAMES:
         raise CmdfedError(f"unknown backend {force!r}; choose one of {', '.join(BACKEND_NAMES)}")
@@ -158,6 +275,13 @@ def select_backend(
     model = BundleModel.load(bundle_folder, home)  # a damaged bundle is refused here, not fallen back from
     skipped: dict[str, str] = {}
     for name in [force] if force else BACKEND_NAMES:
+        runtimes = {"onnxruntime"} if force else {"onnxruntime", "openvino"}
+        if name == "onnxruntime-cpu" and not retime:
+            kept = _kept_choice(model, Path(home), threads, memory_arena, runtimes)
+            if kept is not None:
+                backend, diff, variants, timed_at = kept
+                log.info("backend %s selected, %s graph (golden max abs diff %.3g)", name, backend.precision, diff)
+                return Selection(backend, diff, skipped, variants, timed_at)
         try:
             backend = _create(name, model, Path(home), threads, trt_source, memory_arena)
             diff = backend.validate()
@@ -173,11 +297,13 @@ def select_backend(
             log.warning("backend %s failed, trying the next one: %s", name, skipped[name])
             continue
         variants: dict[str, dict] = {}
+        timed_at = None
         if name == "onnxruntime-cpu":
-            runtimes = {"onnxruntime"} if force else {"onnxruntime", "openvino"}
-            backend, diff, variants = _fastest_variant(backend, diff, model, threads, memory_arena, runtimes)
+            backend, diff, variants, timed_at = _fastest_variant(
+                backend, diff, model, Path(home), threads, memory_arena, runtimes
+            )
         log.info("backend %s selected, %s graph (golden max abs diff %.3g)", backend.name, backend.precision, diff)
-        return Selection(backend, diff, skipped, variants)
+        return Selection(backend, diff, skipped, variants, timed_at)
     if force:
         raise CmdfedError(
             f"backend {force} cannot be used here: {skipped[force]}; omit --backend to fall back automatically"

@@ -790,6 +790,7 @@ class EdgeService:
         threads: int | None = None,
         trt_source: str = "onnx",
         max_memory: int | None = None,
+        retime_variants: bool = False,
     ):
         """``max_memory``: the service's memory budget in bytes (default DEFAULT_FRACTION of the
         machine's); the advertised limits are derived from it (``edge.memory``)."""
@@ -808,6 +809,7 @@ class EdgeService:
             threads=threads,
             trt_source=trt_source,
             memory_arena=False,
+            retime=retime_variants,
         )
         spec = self.selection.backend
         self.budget = int(max_memory if max_memory is not None else DEFAULT_FRACTION * machine_memory())

@@ -67,6 +67,30 @@ def signed_bundle(checkpoint, keys, tmp_path_factory) -> Path:
     return out
 
 
+def int8_bundle(checkpoint, out, **gate):
+    export_bundle(
+        checkpoint, out, tile=TILE, overlap=OVERLAP, mpp=0.5, postprocess=tuned_params(checkpoint), bf16=False, **gate
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def int8_home(checkpoint, tmp_path_factory):
+    """A 2-step model's PQ is near zero and moves by chance with 8-bit activations: the gate is
+    opened wide here so that the choice between two sound graphs is what is tested."""
+    folder = tmp_path_factory.mktemp("int8-pass")
+    deploy(int8_bundle(checkpoint, folder / "bundle", max_pq_drop=1.0, int8_tolerance=1.0), folder / "home")
+    return folder / "home"
+
+
+@pytest.fixture(scope="module")
+def int8_failing_home(checkpoint, tmp_path_factory):
+    """A golden tolerance no 8-bit graph meets: the INT8 variant fails its gate at export."""
+    folder = tmp_path_factory.mktemp("int8-fail")
+    deploy(int8_bundle(checkpoint, folder / "bundle", int8_tolerance=1e-9), folder / "home")
+    return folder / "home"
+
+
 def write_pyramid_tiff(path: Path, image: np.ndarray, mpp: float = 0.5) -> Path:
     import tifffile
 

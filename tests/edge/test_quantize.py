@@ -14,40 +14,16 @@ from typer.testing import CliRunner
 
 from cmdfed.errors import CmdfedError
 from edge.cli import commands
-from edge.deploy import active_bundle, deploy, status
+from edge.deploy import active_bundle, status
 from edge.export import export_bundle
 from edge.quantize import INT8_FILE
 from edge.selection import select_backend
 
-from .conftest import OVERLAP, TILE, tuned_params
+from .conftest import OVERLAP, TILE
 
 
-def int8_bundle(checkpoint, out, **gate):
-    export_bundle(
-        checkpoint, out, tile=TILE, overlap=OVERLAP, mpp=0.5, postprocess=tuned_params(checkpoint), bf16=False, **gate
-    )
-    return out
-
-
-@pytest.fixture(scope="module")
-def passing_home(checkpoint, tmp_path_factory):
-    """A 2-step model's PQ is near zero and moves by chance with 8-bit activations: the gate is
-    opened wide here so that the choice between two sound graphs is what is tested."""
-    folder = tmp_path_factory.mktemp("int8-pass")
-    deploy(int8_bundle(checkpoint, folder / "bundle", max_pq_drop=1.0, int8_tolerance=1.0), folder / "home")
-    return folder / "home"
-
-
-@pytest.fixture(scope="module")
-def failing_home(checkpoint, tmp_path_factory):
-    """A golden tolerance no 8-bit graph meets: the INT8 variant fails its gate at export."""
-    folder = tmp_path_factory.mktemp("int8-fail")
-    deploy(int8_bundle(checkpoint, folder / "bundle", int8_tolerance=1e-9), folder / "home")
-    return folder / "home"
-
-
-def test_int8_variant_and_its_gate_are_in_the_manifest(passing_home):
-    bundle = active_bundle(passing_home)
+def test_int8_variant_and_its_gate_are_in_the_manifest(int8_home):
+    bundle = active_bundle(int8_home)
     manifest = json.loads((bundle / "manifest.json").read_text())
     variant = manifest["variants"]["int8"]
     gate = variant["gate"]
@@ -56,11 +32,11 @@ def test_int8_variant_and_its_gate_are_in_the_manifest(passing_home):
     assert set(gate["pq_fp32"]) == set(gate["pq_int8"]) == {"08", "09", "10", "mean"}
     assert gate["pq_drop"] == pytest.approx(gate["pq_fp32"]["mean"] - gate["pq_int8"]["mean"])
     assert 0 < gate["golden_max_abs_diff"] <= gate["tolerance"]
-    assert status(passing_home)["variants"]["int8"]["passed"]
+    assert status(int8_home)["variants"]["int8"]["passed"]
 
 
-def test_the_faster_gated_graph_runs_and_the_choice_is_reported(passing_home):
-    selection = select_backend(active_bundle(passing_home), passing_home, force="onnxruntime-cpu", threads=1)
+def test_the_faster_gated_graph_runs_and_the_choice_is_reported(int8_home):
+    selection = select_backend(active_bundle(int8_home), int8_home, force="onnxruntime-cpu", threads=1)
     variants = selection.report()["variants"]
     assert set(variants) == {"fp32", "int8"}
     fastest = min(variants, key=lambda v: variants[v]["ms_per_tile"])
@@ -70,11 +46,11 @@ def test_the_faster_gated_graph_runs_and_the_choice_is_reported(passing_home):
     assert selection.backend.run(tiles)["np"].shape == (2, TILE, TILE)
 
 
-def test_int8_that_failed_its_gate_is_not_used_and_the_reason_is_logged(failing_home, caplog):
-    gate = json.loads((active_bundle(failing_home) / "manifest.json").read_text())["variants"]["int8"]["gate"]
+def test_int8_that_failed_its_gate_is_not_used_and_the_reason_is_logged(int8_failing_home, caplog):
+    gate = json.loads((active_bundle(int8_failing_home) / "manifest.json").read_text())["variants"]["int8"]["gate"]
     assert not gate["passed"] and "golden outputs differ" in gate["reason"]
     with caplog.at_level(logging.INFO, logger="cmdfed.edge"):
-        selection = select_backend(active_bundle(failing_home), failing_home, threads=1)
+        selection = select_backend(active_bundle(int8_failing_home), int8_failing_home, threads=1)
     assert selection.backend.name == "onnxruntime-cpu" and selection.backend.precision == "fp32"
     int8 = selection.report()["variants"]["int8"]
     assert (

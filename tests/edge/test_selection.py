@@ -1,11 +1,16 @@
-"""Backend selection on this machine (CPU only): the fallback order and its reasons."""
+"""Backend selection on this machine (CPU only): the fallback order and its reasons, and the
+CPU graph choice kept in the home for later jobs."""
 
 from __future__ import annotations
+
+import json
+import logging
 
 import pytest
 
 from cmdfed.errors import CmdfedError
-from edge.selection import select_backend
+from edge.deploy import active_bundle
+from edge.selection import CHOICE_FILE, select_backend
 
 TORCH_CUDA = pytest.importorskip("torch").cuda.is_available()
 
@@ -44,3 +49,51 @@ def test_a_runtime_failing_mid_validation_is_reported_not_raised(signed_bundle, 
         select_backend(signed_bundle, tmp_path)
     with pytest.raises(CmdfedError, match="backend onnxruntime-cpu cannot be used here: failed while loading"):
         select_backend(signed_bundle, tmp_path, force="onnxruntime-cpu")
+
+
+def kept_choices(home):
+    return json.loads((home / CHOICE_FILE).read_text())["choices"]
+
+
+def test_a_later_job_reuses_the_kept_cpu_graph_choice_until_its_key_changes(int8_home):
+    def select(**options):
+        return select_backend(active_bundle(int8_home), int8_home, force="onnxruntime-cpu", **options).report()
+
+    first = select(threads=1, retime=True)
+    kept = (int8_home / CHOICE_FILE).read_text()
+    second = select(threads=1)
+    assert second["variants_timed_at"] == first["variants_timed_at"] and second["precision"] == first["precision"]
+    assert {v: r.get("ms_per_tile") for v, r in second["variants"].items()} == {
+        v: r.get("ms_per_tile") for v, r in first["variants"].items()
+    }
+    assert (int8_home / CHOICE_FILE).read_text() == kept  # nothing was timed again
+    other = select(threads=2)  # other threads: a choice of its own, kept beside the first
+    assert other["variants_timed_at"] != first["variants_timed_at"]
+    forced = [c for c in kept_choices(int8_home) if set(c["key"]["runtimes"]) == {"onnxruntime"}]
+    assert sorted(c["key"]["threads"] for c in forced) == [1, 2]  # beside deploy's choice (every runtime)
+    again = select(threads=1, retime=True)
+    assert again["variants_timed_at"] > first["variants_timed_at"]
+    assert {c["key"]["threads"]: c["timed_at"] for c in forced}[1] < again["variants_timed_at"]
+    assert again["variants_timed_at"] in [c["timed_at"] for c in kept_choices(int8_home)]
+
+
+def test_a_kept_choice_of_an_ungated_graph_or_an_unreadable_file_times_the_graphs_again(int8_failing_home, caplog):
+    home = int8_failing_home
+
+    def chosen_on_one_thread():
+        return [c["chosen"] for c in kept_choices(home) if c["key"]["threads"] == 1]
+
+    select_backend(active_bundle(home), home, threads=1)
+    assert chosen_on_one_thread() == ["fp32"]
+    choices = kept_choices(home)
+    for choice in choices:
+        choice["chosen"] = "int8"  # it failed its gate at export: a kept choice naming it is not trusted
+    (home / CHOICE_FILE).write_text(json.dumps({"choices": choices}))
+    with caplog.at_level(logging.WARNING, logger="cmdfed.edge"):
+        selection = select_backend(active_bundle(home), home, threads=1)
+    assert selection.backend.precision == "fp32"
+    assert any("has not gated; timing the graphs again" in r.getMessage() for r in caplog.records)
+    assert chosen_on_one_thread() == ["fp32"]
+    (home / CHOICE_FILE).write_text("{half a file")
+    assert select_backend(active_bundle(home), home, threads=1).backend.precision == "fp32"
+    assert [c["chosen"] for c in kept_choices(home)] == ["fp32"]
