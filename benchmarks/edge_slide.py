@@ -15,7 +15,7 @@ after are measured in one run under the same load (the notes give the load avera
 ``--baseline-home`` gives the baseline code a home of its own, for when the export changed
 too (the same weights exported by each code).
 
-    python -m benchmarks.edge_slide [--home DIR | --preset base] [--backend NAME] [--batch 8] [--threads N]
+    python -m benchmarks.edge_slide [--home DIR | --preset base] [--backend NAME] [--batch N] [--threads N]
         [--baseline DIR [--baseline-home DIR]]
     python -m benchmarks.edge_slide --quick   # tiny random model, a 512 px crop of the sample; prints only
 """
@@ -47,7 +47,8 @@ import json, resource, sys, time
 from edge.infer import infer_slide
 slide, home, out, backend, batch, threads = sys.argv[1:7]
 start = time.perf_counter()
-summary = infer_slide(slide, home, out, backend=backend or None, batch=int(batch), threads=int(threads))
+batch = {"batch": int(batch)} if batch else {}  # none given: each code's own default
+summary = infer_slide(slide, home, out, backend=backend or None, threads=int(threads), **batch)
 seconds = time.perf_counter() - start
 print(json.dumps({"seconds": seconds, "tiles": summary["tiles"], "n_cells": summary["n_cells"],
                   "dimensions": summary["dimensions"],
@@ -77,7 +78,7 @@ def measure(slide: Path, home: Path, out: Path, args: argparse.Namespace, code: 
         str(home),
         str(out),
         args.backend or "",
-        str(args.batch),
+        str(args.batch or ""),
         str(args.threads),
     ]
     # The child imports from its working folder first, so it runs that checkout's edge.infer.
@@ -98,7 +99,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     edge_home.add_options(parser)
     parser.add_argument("--backend", help="force a backend (default: the first that works, as on a workstation)")
-    parser.add_argument("--batch", type=int, default=8, help="tiles per forward pass")
+    parser.add_argument("--batch", type=int, help="tiles per forward pass (default: each code's own default)")
     parser.add_argument(
         "--threads", type=int, default=len(os.sched_getaffinity(0)), help="CPU threads for ONNX Runtime"
     )
@@ -172,8 +173,9 @@ def main() -> None:
             own = [row for row in rows if row["code"].startswith(label)]
             ratios.append(f"{label} {own[-1]['peak RSS MB'] / own[-2]['peak RSS MB']:.2f}")
         notes = (
-            f"{edge_home.describe(home)}; batch {args.batch}, {args.threads} CPU threads; peak RSS ratio 4x/1x "
-            f"pyramid TIFF: {', '.join(ratios)}; Mpx/s counts the whole slide area, background included; the stages' "
+            f"{edge_home.describe(home)}; batch {args.batch or 'as each code defaults'}, {args.threads} CPU threads; "
+            f"peak RSS ratio 4x/1x pyramid TIFF: {', '.join(ratios)}; Mpx/s counts the whole slide area, background "
+            "included; the stages' "
             "seconds (model, post-processing) overlap where the code pipelines them; load average (1 / 5 / 15 min) "
             f"{load_before} at the start, {load_average()} at the end" + (f"; {args.note}" if args.note else "")
         )

@@ -93,7 +93,7 @@ COMMANDS_HEADER = "#!/usr/bin/env bash\n# The commands `cmdfed demo` ran, in ord
 class DemoSize:
     labelled_tiles: int = 0  # labelled CPM-15 tiles per site (0 = every tile of its images)
     heldout_tiles: int = 0  # the server's evaluation store (0 = every tile of CPM-15 08-10)
-    tile_size: int = 128  # training tiles (the released models' size); the edge runs 256-px tiles of the slide
+    tile_size: int = 128  # training tiles (the released models' size); the edge runs 512-px tiles of the slide
     # No pretraining round: the init is a trained segmenter, and a masked-diffusion round would undo it
     # (measured: the server's PQ fell from 0.56 to 0.02 after one, and three fine-tuning
     # rounds brought it back to 0.47 only). QUICK keeps one so the tests cover the phase.

@@ -11,6 +11,7 @@ import typer
 
 from cmdfed.cli import emit, out, progress_bar
 from cmdfed.errors import CmdfedError
+from edge.bundle import DEFAULT_TILE
 
 if TYPE_CHECKING:
     from cmdfed.inference.postprocess import WatershedParams
@@ -48,7 +49,7 @@ def export(
     checkpoint: Path = typer.Option(..., "--checkpoint", help="Fine-tuned run or checkpoint folder."),
     out_path: Path = typer.Option(..., "--out", help="Bundle folder to create (BUNDLE.tar is written beside it)."),
     sign_key: Path | None = typer.Option(None, "--sign-key", help="ed25519 private key to sign the manifest with."),
-    tile: int = typer.Option(256, help="Tile side the workstation runs (multiple of 32)."),
+    tile: int = typer.Option(DEFAULT_TILE, help="Tile side the workstation runs (multiple of 32)."),
     overlap: int = typer.Option(64, help="Tile overlap in pixels: at least the largest nucleus diameter."),
     mpp: float | None = typer.Option(
         None,
@@ -365,7 +366,9 @@ def infer(
     home: Path = typer.Option(..., "--home", help="Edge home folder with an active model."),
     out_dir: Path = typer.Option(..., "--out", help="Output folder (rerun with the same folder to resume)."),
     backend: str | None = typer.Option(None, help=BACKEND_HELP),
-    batch: int = typer.Option(8, help="Tiles per forward pass."),
+    batch: int | None = typer.Option(
+        None, help="Tiles per forward pass (default: 8 of 256 px, 2 of 512 px: the same pixels per pass)."
+    ),
     min_tissue: float = typer.Option(0.1, help="Skip tiles with less tissue than this fraction."),
     threads: int | None = typer.Option(None, help="CPU threads for ONNX Runtime (default: all available)."),
     trt_source: str = TRT_SOURCE,

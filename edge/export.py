@@ -84,7 +84,7 @@ def export_bundle(
     checkpoint: str | Path,
     out: str | Path,
     *,
-    tile: int = 256,
+    tile: int = bundle.DEFAULT_TILE,
     overlap: int = 64,
     mpp: float | None = None,
     sign_key: str | Path | None = None,

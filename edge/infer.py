@@ -95,6 +95,7 @@ from edge.selection import Selection, select_backend
 WORK_DIR = ".work"
 LOCK_FILE = ".lock"  # held while a job writes OUT, so two jobs never interleave in one folder
 DEFAULT_MIN_TISSUE = 0.1
+BATCH_PIXELS = 8 * 256 * 256  # a default batch: 8 tiles of 256 px, 2 of 512 (the same memory and work a pass)
 PIPELINE_DEPTH = 1  # batches each queue between the pipeline's stages holds
 # The most batches alive at once (edge.memory's slide cost): each of the three stages works on
 # one with PIPELINE_DEPTH queued after it, and the calling thread writes one.
@@ -109,7 +110,7 @@ def infer_slide(
     out_dir: str | Path,
     *,
     backend: str | None = None,
-    batch: int = 8,
+    batch: int | None = None,
     min_tissue: float = DEFAULT_MIN_TISSUE,
     restart: bool = False,
     threads: int | None = None,
@@ -122,6 +123,7 @@ def infer_slide(
 ) -> dict:
     """Segment and classify every nucleus of a slide with the active model; returns the summary.
 
+    ``batch``: tiles per forward pass (default: :func:`default_batch` of the bundle's tile).
     ``mpp``: the slide's micrometres per level-0 pixel, for a file that does not record it
     (or records it wrong); the model reads the slide at its own resolution (module docstring).
     ``selection``: a backend already loaded (the service's), used instead of selecting one for
@@ -147,7 +149,14 @@ def infer_slide(
     return summary
 
 
+def default_batch(tile: int) -> int:
+    """Tiles per forward pass when none is given: BATCH_PIXELS' worth, 1 to 8 tiles."""
+    return max(1, min(8, BATCH_PIXELS // (tile * tile)))
+
+
 def _run(slide, selection: Selection, out_dir: Path, batch, min_tissue, restart, mpp, progress) -> dict:
+    if batch is None:
+        batch = default_batch(selection.backend.model.manifest["preprocessing"]["tile_size"])
     if batch < 1:
         raise CmdfedError(f"--batch must be at least 1, got {batch}")
     if mpp is not None and not PLAUSIBLE_MPP[0] <= mpp <= PLAUSIBLE_MPP[1]:

@@ -95,10 +95,11 @@ def _fastest_variant(
     threads: int | None,
     memory_arena: bool,
     runtimes: set[str],
-) -> tuple[Backend, float, dict[str, dict], str]:
+) -> tuple[Backend, float, dict[str, dict], str | None]:
     """The fastest of the fp32 ONNX Runtime CPU backend and the bundle's gated variants (of
     ``runtimes``) that pass the golden check here, its golden difference, what happened to each
-    variant, and when they were timed (now); the choice is kept in ``home`` for later jobs."""
+    variant, and when they were timed (now; None when no variant passed beside fp32, so there was
+    nothing to time); the choice is kept in ``home`` for later jobs."""
     images, _ = model.golden()
     passed = {"fp32": (fp32, fp32_diff)}
     record: dict[str, dict] = {"fp32": {"golden_max_abs_diff": fp32_diff}}
@@ -126,17 +127,19 @@ def _fastest_variant(
             log.warning("%s variant not used (it failed its golden check here: %s)", variant, exc)
             continue
         record[variant] = {"golden_max_abs_diff": passed[variant][1]}
-    if len(passed) > 1:
-        for variant, ms in _ms_per_tile({v: backend for v, (backend, _) in passed.items()}, images).items():
-            record[variant]["ms_per_tile"] = ms
-    chosen = min(passed, key=lambda v: record[v].get("ms_per_tile", 0.0))
+    if len(passed) == 1:
+        record["fp32"]["used"] = True
+        log.info("the CPU runs the fp32 graph (no other variant passed)")
+        return fp32, fp32_diff, record, None  # nothing was timed, so no choice is kept
+    for variant, ms in _ms_per_tile({v: backend for v, (backend, _) in passed.items()}, images).items():
+        record[variant]["ms_per_tile"] = ms
+    chosen = min(passed, key=lambda v: record[v]["ms_per_tile"])
     for variant in passed:
         record[variant]["used"] = variant == chosen
     log.info(
         "the CPU runs the %s graph (%s)",
         chosen,
-        ", ".join(f"{v}: {record[v]['ms_per_tile']:.1f} ms/tile" for v in passed if "ms_per_tile" in record[v])
-        or "no other variant passed",
+        ", ".join(f"{v}: {record[v]['ms_per_tile']:.1f} ms/tile" for v in passed),
     )
     timed_at = datetime.now(UTC).isoformat(timespec="milliseconds")
     key = _choice_key(model, threads, memory_arena, runtimes)

@@ -20,7 +20,7 @@ from cmdfed.model.targets import make_targets
 from cmdfed.telemetry import TelemetryStore
 from edge import outputs
 from edge.deploy import active_bundle
-from edge.infer import DEFAULT_MIN_TISSUE, _Batch, _SlideJob, infer_slide
+from edge.infer import DEFAULT_MIN_TISSUE, _Batch, _SlideJob, default_batch, infer_slide
 from edge.selection import select_backend
 
 from .conftest import synthetic_slide_image
@@ -455,3 +455,7 @@ def test_an_object_a_tile_edge_cuts_is_dropped_and_counted_not_drawn(home, slide
         with open(job.features_path, "r+b") as features:
             job._write_batch(batch, labels, features)
         assert job.state.cut_by_tile_edges == 1 and sum(job.state.counts.values()) == 1
+
+
+def test_a_default_batch_holds_eight_256_px_tiles_worth_of_pixels():
+    assert [default_batch(tile) for tile in (128, 256, 384, 512, 1024)] == [8, 8, 3, 2, 1]

@@ -52,6 +52,7 @@ def test_int8_that_failed_its_gate_is_not_used_and_the_reason_is_logged(int8_fai
     with caplog.at_level(logging.INFO, logger="cmdfed.edge"):
         selection = select_backend(active_bundle(int8_failing_home), int8_failing_home, threads=1)
     assert selection.backend.name == "onnxruntime-cpu" and selection.backend.precision == "fp32"
+    assert selection.report()["variants_timed_at"] is None  # one graph passed: nothing to time or keep
     int8 = selection.report()["variants"]["int8"]
     assert (
         not int8["used"] and "failed its gate at export" in int8["reason"] and "golden outputs differ" in int8["reason"]
