@@ -1,12 +1,12 @@
 """How much memory `cmdfed edge serve` may use, and what each call may take of it.
 
 The service has a budget (``--max-memory``, default DEFAULT_FRACTION of the machine's memory, or
-of its cgroup's limit). At start it runs the largest batch it will ever give the backend (WINDOW_BATCH
-model-sized windows) and measures the process at rest and the run's peak above that; ONNX
-Runtime's memory arena gives a run's memory back after it in the service, so it does not grow
-with the shapes seen, except a run of one window (a one-tile request), which it keeps warm
-(no page faults for that memory on the next one; at rest is measured with it). The rest is
-shared by the calls:
+of its cgroup's limit). At start it runs the largest batch it will ever give the backend
+(model-sized windows, ``edge.infer.default_batch`` of them) and measures the process at rest
+and the run's peak above that; ONNX Runtime's memory arena gives a run's memory back after it
+in the service, so it does not grow with the shapes seen, except a run of one window (a
+one-tile request), which it keeps warm (no page faults for that memory on the next one; at
+rest is measured with it). The rest is shared by the calls:
 
     at rest + one model run (measured)                   calls into the backend are one at a time
     + workers x 2 x the largest message                  requests received, raw and decoded

@@ -17,13 +17,15 @@ sent. A request that states its tiles' resolution (``mpp``) other than the model
 resampled to the model's first (``to_model_resolution``; sides within max_side both as sent
 and as resampled) and the results brought back to the tiles' pixels, as `cmdfed predict`
 does. Tiles no larger than the bundle's tile size go through the backend together, at most
-WINDOW_BATCH at a time (padded to the largest); a larger tile is run in windows of the
-bundle's tile size and overlap, their maps blended (``edge.windows``), so no backend call
-is larger than a slide's batch whatever the request. Calls into the backend are serialised
+a batch at a time (``edge.infer.default_batch`` of the bundle's tile: 8 of 256 px, 2 of 512),
+padded to the largest; a larger tile is run in windows of the bundle's tile size (or half
+of it, where that computes fewer pixels: ``edge.windows.cheapest_window``) and overlap, their
+maps blended (``edge.windows``), so no backend call is larger than a slide's batch whatever
+the request. Calls into the backend are serialised
 (one accelerator, and TensorRT contexts are not thread-safe); decoding and post-processing
 run in parallel on the thread pool. Small-tile calls from several clients that wait for the
 model at the same time are run as one batch (``SerialisedBackend.run_coalesced``, at most
-WINDOW_BATCH tiles, the batch the memory probe measured), so many one-tile clients get the
+a batch of tiles, the batch the memory probe measured), so many one-tile clients get the
 throughput of batched calls.
 
 Memory (``edge.memory``): the service has a budget (``--max-memory``, default half the
@@ -33,7 +35,7 @@ size) are the largest whose request fits the budget beside that and ``workers`` 
 messages. Each SegmentTiles and SegmentSlide reserves what it needs before working and
 waits up to ADMISSION_WAIT_S for it (then RESOURCE_EXHAUSTED, reason ``memory_busy``), so
 calls at once cannot together outgrow the budget, and every request the service accepts it
-can finish. A SegmentSlide batch is at most WINDOW_BATCH tiles.
+can finish. A SegmentSlide batch is at most that batch of tiles.
 
 SegmentSlide runs ``edge.infer.infer_slide`` (resumable, same outputs as `cmdfed edge infer`,
 default folder HOME/outputs/<slide file name>) on a thread of its own with the served backend, so a
@@ -116,7 +118,7 @@ from edge.protos import cmdfed_edge_pb2 as pb
 from edge.protos import cmdfed_edge_pb2_grpc as pb_grpc
 from edge.reports import Reports, reports_to
 from edge.selection import Selection, select_backend
-from edge.windows import padded_side, windowed_maps
+from edge.windows import cheapest_window, padded_side, windowed_maps
 
 log = logging.getLogger("cmdfed.edge")
 
@@ -128,7 +130,6 @@ GRACE_S = 10.0
 LATENCY_WINDOW = 1000  # recent SegmentTiles latencies kept for the heartbeat's p50/p95
 MESSAGE_SLACK = 64 * 1024  # protobuf framing on top of the tiles' pixel bytes
 SLIDE_OUTPUTS = "outputs"
-WINDOW_BATCH = 8  # model-sized windows (or small tiles, or slide tiles) per backend call
 ADMISSION_WAIT_S = 60.0  # longest a call waits for its memory (or its deadline, if sooner)
 
 
@@ -437,16 +438,17 @@ class SerialisedBackend:
     not thread-safe); everything else is the backend's.
 
     ``run_coalesced``: small-tile calls that queue while the model is busy are run together.
-    Whoever gets the model next runs every waiting batch of its tile shape, up to ``max_batch``
-    tiles, as one backend call and hands each caller its rows; a caller whose tiles went with
-    an earlier call just takes its maps. One client sees no difference; many clients of one
-    tile each get the throughput of batched calls instead of one tile per call (a tile's maps
-    do not depend on the other tiles in its batch).
+    Whoever gets the model next runs every waiting batch of its tile shape, up to ``max_pixels``
+    (the memory probe's batch: 8 tiles of 256 px beside a 512 px model), as one backend call
+    and hands each caller its rows; a caller whose tiles went with an earlier call just takes
+    its maps. One client sees no difference; many clients of one tile each get the throughput
+    of batched calls instead of one tile per call (a tile's maps do not depend on the other
+    tiles in its batch).
     """
 
-    def __init__(self, backend, max_batch: int = WINDOW_BATCH):
+    def __init__(self, backend, max_pixels: int):
         self._wrapped, self._lock = backend, threading.Lock()
-        self._max_batch = max_batch
+        self._max_pixels = max_pixels
         self._waiting: list[_Batch] = []
         self._waiting_lock = threading.Lock()
 
@@ -468,13 +470,14 @@ class SerialisedBackend:
     def _run_waiting(self, first: _Batch) -> None:
         """Run ``first`` with the waiting batches of its shape that fit beside it (model lock held)."""
         shape = first.tiles.shape[1:]
+        tile_pixels = shape[0] * shape[1]
         with self._waiting_lock:
             taken, size = [first], len(first.tiles)
             for waiting in self._waiting:
                 if (
                     waiting is not first
                     and waiting.tiles.shape[1:] == shape
-                    and size + len(waiting.tiles) <= self._max_batch
+                    and (size + len(waiting.tiles)) * tile_pixels <= self._max_pixels
                 ):
                     taken.append(waiting)
                     size += len(waiting.tiles)
@@ -517,7 +520,7 @@ class EdgeServicer(pb_grpc.EdgeSegmentationServicer):
         self.class_names = manifest["model"]["class_names"]
         self.params = WatershedParams.from_manifest(manifest)
         # One model on the device, shared by tile calls and slide jobs, one call into it at a time.
-        self._backend = SerialisedBackend(selection.backend, max_batch=costs.batch)
+        self._backend = SerialisedBackend(selection.backend, max_pixels=costs.batch * costs.window**2)
         self._slide_selection = replace(selection, backend=self._backend)
         self._slide_lock = threading.Lock()
 
@@ -604,14 +607,16 @@ class EdgeServicer(pb_grpc.EdgeSegmentationServicer):
                     )
                 del maps
             for k in sorted(set(range(len(seen))) - set(small)):
+                height, width = seen[k].shape[:2]
+                cheapest = cheapest_window(side(height), side(width), window, self.overlap, limits.multiple)
                 maps = windowed_maps(
                     self._backend.run,
                     seen[k],
-                    window=window,
+                    window=cheapest,
                     overlap=self.overlap,
                     multiple=limits.multiple,
                     min_side=limits.min_side,
-                    batch=self.costs.batch,
+                    batch=self.costs.batch * (window // cheapest) ** 2,  # the probed batch's pixels
                 )
                 results[k] = self._tile_result(maps, images[k].shape[:2])
                 del maps
@@ -649,7 +654,7 @@ class EdgeServicer(pb_grpc.EdgeSegmentationServicer):
 
     def _segment_slide(self, request, context):
         slide, out_dir = self._slide_arguments(request)
-        batch = request.batch or min(8, self.costs.batch)
+        batch = request.batch or self.costs.batch
         reserved = self.costs.slide(batch)
         updates: queue.Queue = queue.Queue()
         counted: list[int] = []  # tiles done at the previous report; a resumed slide starts above 0
@@ -859,7 +864,9 @@ class EdgeService:
         above that (calls into the backend are one at a time, so this is needed once). Then a
         run of one window, whose memory the backend keeps warm between runs: at rest includes it."""
         window = backend.model.manifest["preprocessing"]["tile_size"]
-        batch = min(WINDOW_BATCH, backend.max_shape[0])
+        # As many windows as whole-slide inference's default batch: the same pixels a call whatever
+        # the tile, so a 512 px model's service needs no more memory than a 256 px one's.
+        batch = min(infer.default_batch(window), backend.max_shape[0])
         gc.collect()
         before = resident_bytes()
         reset_peak_resident()

@@ -223,7 +223,7 @@ def test_one_tile_calls_waiting_for_the_model_run_as_one_batch_with_the_same_map
     batches_seen: list[int] = []
     run_backend = backend.run
     backend.run = lambda batch: batches_seen.append(len(batch)) or run_backend(batch)  # records, still runs the model
-    served = SerialisedBackend(backend, max_batch=4)
+    served = SerialisedBackend(backend, max_pixels=4 * TILE * TILE)
     results: dict[int, dict] = {}
     tiles = [t.image[None] for t in synth_tiles(6, tile_size=TILE, seed=4)]
 
@@ -238,6 +238,6 @@ def test_one_tile_calls_waiting_for_the_model_run_as_one_batch_with_the_same_map
             threading.Event().wait(0.01)
     for thread in threads:
         thread.join()
-    assert sorted(batches_seen) == [2, 4]  # at most max_batch tiles per call, every tile once
+    assert sorted(batches_seen) == [2, 4]  # at most max_pixels (4 tiles) per call, every tile once
     for k in range(6):
         assert all(np.allclose(results[k][name], alone[k][name], atol=1e-5) for name in alone[k])
