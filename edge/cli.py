@@ -273,6 +273,10 @@ def status(
             f"signature: {r['signature']}); previous: {', '.join(r['previous']) or 'none'}; "
             f"engines cached: {len(r['engines'])}; "
             + "; ".join(variant_summary(name, gate) for name, gate in r["variants"].items())
+            + "".join(
+                f"; {c['for']} runs {c['chosen']} on the CPU ({c['threads']} threads, timed {c['timed_at']})"
+                for c in r["cpu_graph_choices"]
+            )
         ),
     )
 

@@ -34,7 +34,7 @@ from cmdfed.atomic import exclusive_lock, replace_dir, write_json_atomic
 from cmdfed.errors import CmdfedError
 from cmdfed.progress import Progress, report
 from edge import bundle, signing, trust
-from edge.selection import select_backend
+from edge.selection import kept_choices, select_backend
 
 log = logging.getLogger("cmdfed.edge")
 
@@ -219,6 +219,8 @@ def status(home: str | Path) -> dict:
         "engines": sorted(p.name for p in engines.iterdir()) if engines.is_dir() else [],
         # Each variant's export gate; which graph actually runs is measured at load (deploy, serve, infer report it).
         "variants": {name: record.get("gate") for name, record in manifest.get("variants", {}).items()},
+        # Which CPU graph later jobs run, as deploy (or a job with other settings) timed them.
+        "cpu_graph_choices": kept_choices(home, manifest) if "files" in manifest else [],
     }
 
 

@@ -181,6 +181,29 @@ def _kept_choice(model: BundleModel, home: Path, threads, memory_arena: bool, ru
     return backend, diff, record, timed_at
 
 
+def kept_choices(home: str | Path, manifest: dict) -> list[dict]:
+    """The CPU-graph choices kept in ``home`` for the bundle of ``manifest`` (``edge status``):
+    the graph each chose, when, and with which threads and runtimes."""
+    bundle = _bundle_key(manifest)
+    return [
+        {
+            "chosen": choice["chosen"],
+            "for": "infer" if choice["key"].get("memory_arena", True) else "serve",  # serve runs without the arena
+            "timed_at": choice["timed_at"],
+            "threads": choice["key"].get("threads"),
+            "runtimes": choice["key"].get("runtimes"),
+            "ms_per_tile": {v: r["ms_per_tile"] for v, r in choice["variants"].items() if "ms_per_tile" in r},
+        }
+        for choice in _kept_choices(Path(home))
+        if choice["key"].get("bundle") == bundle
+    ]
+
+
+def _bundle_key(manifest: dict) -> str:
+    files = json.dumps({name: entry["sha256"] for name, entry in manifest["files"].items()}, sort_keys=True)
+    return hashlib.sha256(files.encode()).hexdigest()
+
+
 def _choice_key(model: BundleModel, threads: int | None, memory_arena: bool, runtimes: set[str]) -> dict:
     """What the fastest graph depends on: the bundle's files, this CPU, its threads and the runtimes."""
     from importlib.metadata import PackageNotFoundError, version
@@ -191,9 +214,8 @@ def _choice_key(model: BundleModel, threads: int | None, memory_arena: bool, run
         except PackageNotFoundError:
             return None
 
-    files = json.dumps({name: entry["sha256"] for name, entry in model.manifest["files"].items()}, sort_keys=True)
     return {
-        "bundle": hashlib.sha256(files.encode()).hexdigest(),
+        "bundle": _bundle_key(model.manifest),
         "cpu": _cpu_name(),
         "threads": threads or len(os.sched_getaffinity(0)),
         "memory_arena": memory_arena,

@@ -9,7 +9,7 @@ import logging
 import pytest
 
 from cmdfed.errors import CmdfedError
-from edge.deploy import active_bundle
+from edge.deploy import active_bundle, status
 from edge.selection import CHOICE_FILE, select_backend
 
 TORCH_CUDA = pytest.importorskip("torch").cuda.is_available()
@@ -75,6 +75,10 @@ def test_a_later_job_reuses_the_kept_cpu_graph_choice_until_its_key_changes(int8
     assert again["variants_timed_at"] > first["variants_timed_at"]
     assert {c["key"]["threads"]: c["timed_at"] for c in forced}[1] < again["variants_timed_at"]
     assert again["variants_timed_at"] in [c["timed_at"] for c in kept_choices(int8_home)]
+    shown = status(int8_home)["cpu_graph_choices"]  # what `edge status` reports for the active bundle
+    assert (1, again["precision"], "infer", again["variants_timed_at"]) in {
+        (c["threads"], c["chosen"], c["for"], c["timed_at"]) for c in shown
+    }
 
 
 def test_a_kept_choice_of_a_graph_the_bundle_lacks_or_an_unreadable_file_times_the_graphs_again(int8_home, caplog):
