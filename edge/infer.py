@@ -66,6 +66,7 @@ records where the slide is (``cmdfed.slide_outputs``), so the dashboard finds it
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -469,8 +470,8 @@ class _SlideJob:
         self.state.begin_batch(self.state_path, batch.start, batch.start + len(batch.corners))
         started = time.perf_counter()
         for row in _rows_of(batch.tiles):
-            # One read and one write of the label chunks per row of tiles, not per tile: a 256 px
-            # tile lies inside 1024 px chunks, each decompressed and recompressed when written to.
+            # One read and one write of the label chunks per row of tiles, not per tile: a tile
+            # (512 px by default) lies inside 1024 px chunks, each decompressed and recompressed when written to.
             rects = [self._level0_rect(corner) for corner, *_ in row]
             x0, y0 = min(r[0] for r in rects), min(r[1] for r in rects)
             x1, y1 = max(r[2] for r in rects), max(r[3] for r in rects)
@@ -638,14 +639,8 @@ class _SlideJob:
 
 
 def _rows_of(tiles: list) -> list[list]:
-    """A batch's tiles (in grid order) as runs of one grid row each."""
-    rows: list[list] = []
-    for tile in tiles:
-        if rows and rows[-1][0][0][1] == tile[0][1]:
-            rows[-1].append(tile)
-        else:
-            rows.append([tile])
-    return rows
+    """A batch's post-processed tiles ``(corner, ...)``, in grid order, as runs of one grid row each."""
+    return [list(row) for _, row in itertools.groupby(tiles, key=lambda tile: tile[0][1])]
 
 
 def _feature_line(feature: dict) -> str:
