@@ -32,7 +32,10 @@ features, committing and reporting progress stay in the calling thread, in tile 
 outputs and resume are as they were without the pipeline. An error in any stage stops the
 others and is raised by ``infer_slide`` as it was raised; nothing a stage did is half-written.
 The summary's ``timings_s`` are each stage's own time: they overlap, so their sum exceeds
-the wall time.
+the wall time. Before the tiles, the backend (its graph loaded and checked on the bundle's
+golden tiles, ``edge.selection``) is made on a thread of its own while the slide's tissue is
+found; the job takes its output folder only once the backend has passed, so a refused model
+leaves nothing behind.
 
 Resolution (:class:`ReadGrid`): the model sees nuclei at the size it learnt them, the
 bundle's ``preprocessing.mpp`` (tile size and overlap are in its pixels too). Tiles lie on
@@ -73,6 +76,8 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -136,11 +141,21 @@ def infer_slide(
     slide_name = Path(slide).name
     reports = reports_to(telemetry)
     try:
-        if selection is None:
-            selection = select_backend(
-                active_bundle(home), home, force=backend, threads=threads, trt_source=trt_source, retime=retime_variants
-            )
-        summary = _run(slide, selection, Path(out_dir), batch, min_tissue, restart, mpp, progress)
+        if selection is not None:
+            summary = _run(slide, lambda: selection, Path(out_dir), batch, min_tissue, restart, mpp, progress)
+        else:
+            with ThreadPoolExecutor(1, thread_name_prefix="select-backend") as pool:
+                # The graph loads and passes its golden check while the slide's tissue is found.
+                selecting = pool.submit(
+                    select_backend,
+                    active_bundle(home),
+                    home,
+                    force=backend,
+                    threads=threads,
+                    trt_source=trt_source,
+                    retime=retime_variants,
+                )
+                summary = _run(slide, selecting.result, Path(out_dir), batch, min_tissue, restart, mpp, progress)
     except Exception as exc:
         if reports:
             _record(reports, slide_name, None, time.perf_counter() - started, error=exc)
@@ -155,10 +170,9 @@ def default_batch(tile: int) -> int:
     return max(1, min(8, BATCH_PIXELS // (tile * tile)))
 
 
-def _run(slide, selection: Selection, out_dir: Path, batch, min_tissue, restart, mpp, progress) -> dict:
-    if batch is None:
-        batch = default_batch(selection.backend.model.manifest["preprocessing"]["tile_size"])
-    if batch < 1:
+def _run(slide, selected: Callable[[], Selection], out_dir: Path, batch, min_tissue, restart, mpp, progress) -> dict:
+    """The job; ``selected()`` waits for the backend, which may still be loading."""
+    if batch is not None and batch < 1:
         raise CmdfedError(f"--batch must be at least 1, got {batch}")
     if mpp is not None and not PLAUSIBLE_MPP[0] <= mpp <= PLAUSIBLE_MPP[1]:
         raise CmdfedError(
@@ -166,10 +180,15 @@ def _run(slide, selection: Selection, out_dir: Path, batch, min_tissue, restart,
             "(about 0.25 at 40x, 0.5 at 20x)"
         )
     busy = f"another inference job is writing {out_dir}; wait for it or choose another --out"
-    with open_slide(slide, mpp=mpp) as reader, exclusive_lock(out_dir / LOCK_FILE, busy=busy):
-        job = _SlideJob(reader, selection, out_dir, min_tissue, restart)
-        job.run(batch, progress)
-        return job.finish()
+    with open_slide(slide, mpp=mpp) as reader:
+        reader.tissue  # found now, while the backend loads; the job's grid reads it
+        selection = selected()
+        if batch is None:
+            batch = default_batch(selection.backend.model.manifest["preprocessing"]["tile_size"])
+        with exclusive_lock(out_dir / LOCK_FILE, busy=busy):
+            job = _SlideJob(reader, selection, out_dir, min_tissue, restart)
+            job.run(batch, progress)
+            return job.finish()
 
 
 @dataclass(frozen=True)

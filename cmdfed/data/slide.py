@@ -23,6 +23,7 @@ writer holds at most one shard of tiles.
 from __future__ import annotations
 
 import abc
+import functools
 import math
 import re
 from collections.abc import Iterator
@@ -96,6 +97,14 @@ class SlideReader(abc.ABC):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    @functools.cached_property
+    def tissue(self) -> tuple[np.ndarray, float]:
+        """The tissue mask of the slide's thumbnail (:func:`tissue_mask`) and the thumbnail's
+        downsample from level 0: found once per opened slide, whoever asks first (``edge.infer``
+        finds it while the model loads)."""
+        thumb, downsample = self.thumbnail()
+        return tissue_mask(thumb), downsample
 
     def thumbnail(self, max_side: int = THUMBNAIL_SIDE) -> tuple[np.ndarray, float]:
         """A thumbnail no larger than ``max_side`` and its downsample from level 0."""
@@ -348,8 +357,7 @@ def tissue_grid(
     only along a side shorter than a tile, where it reads white (:meth:`SlideReader.read_region`)."""
     if not 0 <= overlap < tile_size:
         raise CmdfedError(f"overlap must be in [0, tile size), got {overlap}")
-    thumb, thumb_down = reader.thumbnail()
-    mask = tissue_mask(thumb)
+    mask, thumb_down = reader.tissue
     width, height = size
     corners = []
     grid = 0
