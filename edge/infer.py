@@ -181,7 +181,7 @@ def _run(slide, selected: Callable[[], Selection], out_dir: Path, batch, min_tis
         )
     busy = f"another inference job is writing {out_dir}; wait for it or choose another --out"
     with open_slide(slide, mpp=mpp) as reader:
-        reader.tissue  # found now, while the backend loads; the job's grid reads it
+        reader.tissue  # noqa: B018 - found now, while the backend loads; the job's grid reads it
         selection = selected()
         if batch is None:
             batch = default_batch(selection.backend.model.manifest["preprocessing"]["tile_size"])

@@ -270,9 +270,7 @@ def _train(
         augment=config.augment,
         checkpoint_every=config.local_steps,
         sample_every=0,
-        # DP-SGD in fp32: under bf16 autocast Opacus's per-sample gradient hooks meet bf16 activations and fp32
-        # output gradients (its LayerScale sampler fails outright), and per-tile clipping norms want fp32 anyway.
-        precision="fp32" if ledger else "auto",
+        precision="auto",  # private rounds too: their per-tile gradients are clipped in fp32 (cmdfed.privacy.dpsgd)
     )
     spending = None
     if ledger is not None:

@@ -18,6 +18,10 @@ How the pieces fit the ordinary ``Trainer`` (``cmdfed.train.loop``):
   tile's gradient to ``max_grad_norm``, sums, adds Gaussian noise of std
   ``noise_multiplier * max_grad_norm`` and divides by the batch size; AdamW then steps on
   that, which is post-processing. The Trainer's own clipping is off in private rounds.
+* **Precision.** Private rounds train in the Trainer's precision, bf16 autocast where the CPU
+  computes it, as plain rounds do: the per-tile gradients may then be bf16, but they are
+  clipped in fp32 (:class:`Fp32ClippingDPOptimizer`), so the clipping bound, on which the
+  accounting rests, is exact; the noise is drawn and added in fp32.
 * **Secrets.** The Trainer reseeds torch's RNG every step from the round seed, which the
   server can compute; noise drawn from it could be subtracted. The DP noise therefore comes
   from a generator seeded by the operating system's CSPRNG, and private rounds draw their
@@ -50,14 +54,33 @@ from cmdfed.train.loop import LossFn, Trainer
 def layer_scale_grad_sample(
     layer: LayerScale, activations: list[Tensor], backprops: Tensor
 ) -> dict[nn.Parameter, Tensor]:
-    """``y = x * gamma`` over the last axis: tile n's gradient is sum over positions of x * dy."""
-    return {layer.gamma: torch.einsum("n...c,n...c->nc", activations[0], backprops)}
+    """``y = x * gamma`` over the last axis: tile n's gradient is sum over positions of x * dy
+    (in fp32: under bf16 autocast the input is bf16 and its output gradient fp32)."""
+    return {layer.gamma: torch.einsum("n...c,n...c->nc", activations[0].float(), backprops.float())}
 
 
 def check_private_model(model: nn.Module) -> None:
     errors = ModuleValidator.validate(model, strict=False)
     if errors:
         raise CmdfedError(f"the model cannot be trained with per-sample gradients: {'; '.join(map(str, errors))}")
+
+
+class Fp32ClippingDPOptimizer(DPOptimizer):
+    """Opacus's DPOptimizer, with every tile's gradient clipped in fp32.
+
+    Under bf16 autocast the samplers give bf16 per-tile gradients, and Opacus would take
+    their norms in bf16: a norm rounded down by up to 2**-8 lets a clipped tile's gradient
+    reach ``max_grad_norm * (1 + 2**-8)``, past the sensitivity the privacy accounting
+    assumes. Cast to fp32 first, the bound holds to fp32's rounding, whatever precision the
+    backward pass ran in."""
+
+    def clip_and_accumulate(self) -> None:
+        for p in self.params:
+            if isinstance(p.grad_sample, list):
+                p.grad_sample = [g.float() for g in p.grad_sample]
+            elif p.grad_sample is not None:
+                p.grad_sample = p.grad_sample.float()
+        super().clip_and_accumulate()
 
 
 @contextlib.contextmanager
@@ -68,7 +91,7 @@ def private_trainer(trainer: Trainer, noise_multiplier: float, max_grad_norm: fl
         raise CmdfedError("a private round clips per tile; its TrainConfig must have grad_clip 0")
     hooked = GradSampleModule(trainer.model, batch_first=True, loss_reduction="mean")
     plain = trainer.optimizer
-    trainer.optimizer = DPOptimizer(
+    trainer.optimizer = Fp32ClippingDPOptimizer(
         plain,
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,

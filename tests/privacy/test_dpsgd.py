@@ -77,3 +77,28 @@ def test_private_head_finetuning_still_learns(site_store):
         losses = [result.loss for result in trainer.run(batch_loader(dataset, train), train.steps)]
     assert np.mean(losses[-5:]) < 0.95 * np.mean(losses[:5]), losses
     assert not any(hasattr(p, "grad_sample") and p.grad_sample is not None for p in model.parameters())
+
+
+def test_under_bf16_autocast_each_tile_is_clipped_to_the_bound_in_fp32(site_store):
+    """bf16 per-tile gradients (LayerScale's sampler included) are clipped exactly: a tile's
+    clipped gradient has norm max_grad_norm to fp32's rounding, not bf16's 2**-8."""
+    torch.manual_seed(0)
+    model = build_model(CONFIG.model_config("pretrain"))
+    model.freeze(("heads",))
+    diffusion = MaskedDiffusion(DiffusionConfig())
+    loss_fn = per_sample_pretrain_loss(model, diffusion)
+    images = torch.from_numpy(np.stack([SiteDataset(site_store, augment=False)[(i, 0)]["image"] for i in range(3)]))
+    train = TrainConfig(steps=1, batch_size=1, grad_clip=0.0, precision="fp32")
+    bound = 1e-3  # far below every tile's gradient norm, so each one is clipped
+    with private_trainer(Trainer(model, loss_fn, train, torch.device("cpu")), 0.0, bound) as trainer:
+        for i in range(3):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss, _ = loss_fn({"image": images[i : i + 1]})
+            loss.backward()
+            trainable = [p for p in model.parameters() if p.requires_grad]
+            assert torch.bfloat16 in {p.grad_sample.dtype for p in trainable}
+            trainer.optimizer.clip_and_accumulate()
+            norm = torch.linalg.vector_norm(torch.cat([p.summed_grad.flatten() for p in trainable]))
+            assert norm.dtype == torch.float32
+            assert abs(float(norm) / bound - 1) < 1e-5
+            trainer.optimizer.zero_grad(set_to_none=True)
