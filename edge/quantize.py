@@ -30,10 +30,10 @@ from pathlib import Path
 import numpy as np
 
 from cmdfed.data import cpm15
-from cmdfed.data.slide import tissue_mask
 from cmdfed.errors import CmdfedError
 from cmdfed.evaluate.metrics import evaluate_instances
 from cmdfed.inference.postprocess import WatershedParams, postprocess
+from cmdfed.inference.tissue import tissue_mask
 from edge.windows import windowed_maps
 
 INT8_FILE = "model.int8.onnx"

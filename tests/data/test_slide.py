@@ -11,7 +11,6 @@ from cmdfed.data.slide import (
     plan_tiles,
     tile_slide,
     tissue_grid,
-    tissue_mask,
 )
 from cmdfed.data.store import SiteStore
 from cmdfed.data.synth import synth_tiles
@@ -76,42 +75,6 @@ def test_levels_are_read_in_their_own_pixels_and_chosen_for_a_resolution(pyramid
     tifffile.imwrite(unknown, slide_pixels[:64, :64], photometric="rgb")
     with TiffReader(unknown) as reader, pytest.raises(CmdfedError, match="resolution of unknown.tif is unknown"):
         level_for_mpp(reader, 0.5)
-
-
-def test_tissue_mask_finds_the_stained_half(slide_pixels):
-    mask = tissue_mask(slide_pixels)
-    assert mask[:, :512].mean() > 0.7 and mask[:, 512:].mean() < 0.02
-
-
-def skimage_tissue_mask(thumbnail: np.ndarray) -> np.ndarray:
-    """The definition tissue_mask computes through OpenCV, in skimage's terms."""
-    from skimage import filters, morphology
-    from skimage.color import rgb2hsv
-
-    hsv = rgb2hsv(thumbnail)
-    saturation, value = hsv[..., 1], hsv[..., 2]
-    if np.ptp(saturation) < 1e-3:
-        return np.zeros(saturation.shape, bool)
-    mask = (saturation > max(filters.threshold_otsu(saturation), 0.05)) & (value > 0.15)
-    mask = morphology.closing(mask, morphology.disk(max(1, min(mask.shape) // 200)))
-    return morphology.remove_small_objects(mask, max_size=max(16, mask.size // 20000))
-
-
-def test_tissue_mask_is_the_skimage_definition(slide_pixels):
-    rng = np.random.default_rng(0)
-    images = [slide_pixels, np.full((40, 60, 3), 245, np.uint8)]
-    for _ in range(20):
-        h, w = rng.integers(50, 500, 2)
-        image = np.full((h, w, 3), 240, np.uint8)
-        yy, xx = np.mgrid[:h, :w]
-        for _ in range(6):  # stained blobs of every size (some removed as specks) on noisy glass
-            cy, cx, r = rng.integers(0, h), rng.integers(0, w), rng.integers(2, 60)
-            image[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = rng.integers(0, 256, 3)
-        noise = rng.random((h, w)) < 0.2
-        image[noise] = rng.integers(0, 256, (int(noise.sum()), 3))
-        images.append(image)
-    for image in images:
-        assert np.array_equal(tissue_mask(image), skimage_tissue_mask(image))
 
 
 def test_tile_slide_keeps_tissue_tiles_with_their_pixels(pyramid_tiff, slide_pixels, tmp_path):
