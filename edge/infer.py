@@ -32,10 +32,11 @@ features, committing and reporting progress stay in the calling thread, in tile 
 outputs and resume are as they were without the pipeline. An error in any stage stops the
 others and is raised by ``infer_slide`` as it was raised; nothing a stage did is half-written.
 The summary's ``timings_s`` are each stage's own time: they overlap, so their sum exceeds
-the wall time. Before the tiles, the backend (its graph loaded and checked on the bundle's
-golden tiles, ``edge.selection``) is made on a thread of its own while the slide's tissue is
-found; the job takes its output folder only once the backend has passed, so a refused model
-leaves nothing behind.
+the wall time. Before the tiles, once the slide has opened, the backend (its graph loaded and
+checked on the bundle's golden tiles, ``edge.selection``) is made on a thread of its own while
+the slide's tissue is found; graphs to be timed are timed after that, alone. The job takes its
+output folder only once the backend has passed, so a refused model leaves nothing behind (and
+a second job on a busy folder is told so only then).
 
 Resolution (:class:`ReadGrid`): the model sees nuclei at the size it learnt them, the
 bundle's ``preprocessing.mpp`` (tile size and overlap are in its pixels too). Tiles lie on
@@ -75,6 +76,7 @@ import logging
 import math
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -140,22 +142,15 @@ def infer_slide(
     started = time.perf_counter()
     slide_name = Path(slide).name
     reports = reports_to(telemetry)
-    try:
+
+    def select(quiet: Callable[[], object]) -> Selection:
         if selection is not None:
-            summary = _run(slide, lambda: selection, Path(out_dir), batch, min_tissue, restart, mpp, progress)
-        else:
-            with ThreadPoolExecutor(1, thread_name_prefix="select-backend") as pool:
-                # The graph loads and passes its golden check while the slide's tissue is found.
-                selecting = pool.submit(
-                    select_backend,
-                    active_bundle(home),
-                    home,
-                    force=backend,
-                    threads=threads,
-                    trt_source=trt_source,
-                    retime=retime_variants,
-                )
-                summary = _run(slide, selecting.result, Path(out_dir), batch, min_tissue, restart, mpp, progress)
+            return selection
+        options = {"force": backend, "threads": threads, "trt_source": trt_source, "retime": retime_variants}
+        return select_backend(active_bundle(home), home, quiet=quiet, **options)
+
+    try:
+        summary = _run(slide, select, Path(out_dir), batch, min_tissue, restart, mpp, progress)
     except Exception as exc:
         if reports:
             _record(reports, slide_name, None, time.perf_counter() - started, error=exc)
@@ -170,8 +165,9 @@ def default_batch(tile: int) -> int:
     return max(1, min(8, BATCH_PIXELS // (tile * tile)))
 
 
-def _run(slide, selected: Callable[[], Selection], out_dir: Path, batch, min_tissue, restart, mpp, progress) -> dict:
-    """The job; ``selected()`` waits for the backend, which may still be loading."""
+def _run(slide, select, out_dir: Path, batch, min_tissue, restart, mpp, progress) -> dict:
+    """The job. ``select(quiet)`` gives the backend; it runs on a thread of its own while the
+    slide's tissue is found, and times CPU graphs (when it must) only once ``quiet()`` returns."""
     if batch is not None and batch < 1:
         raise CmdfedError(f"--batch must be at least 1, got {batch}")
     if mpp is not None and not PLAUSIBLE_MPP[0] <= mpp <= PLAUSIBLE_MPP[1]:
@@ -181,8 +177,14 @@ def _run(slide, selected: Callable[[], Selection], out_dir: Path, batch, min_tis
         )
     busy = f"another inference job is writing {out_dir}; wait for it or choose another --out"
     with open_slide(slide, mpp=mpp) as reader:
-        reader.tissue  # noqa: B018 - found now, while the backend loads; the job's grid reads it
-        selection = selected()
+        tissue_found = threading.Event()
+        with ThreadPoolExecutor(1, thread_name_prefix="select-backend") as pool:
+            selecting = pool.submit(select, tissue_found.wait)
+            try:
+                reader.tissue  # noqa: B018 - found now, while the backend loads; the job's grid reads it
+            finally:
+                tissue_found.set()
+            selection = selecting.result()
         if batch is None:
             batch = default_batch(selection.backend.model.manifest["preprocessing"]["tile_size"])
         with exclusive_lock(out_dir / LOCK_FILE, busy=busy):

@@ -36,6 +36,7 @@ import logging
 import os
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -95,11 +96,12 @@ def _fastest_variant(
     threads: int | None,
     memory_arena: bool,
     runtimes: set[str],
+    quiet: Callable[[], object],
 ) -> tuple[Backend, float, dict[str, dict], str | None]:
     """The fastest of the fp32 ONNX Runtime CPU backend and the bundle's gated variants (of
     ``runtimes``) that pass the golden check here, its golden difference, what happened to each
-    variant, and when they were timed (now; None when no variant passed beside fp32, so there was
-    nothing to time); the choice is kept in ``home`` for later jobs."""
+    variant, and when they were timed (now, once ``quiet()`` has returned; None when no variant
+    passed beside fp32, so there was nothing to time); the choice is kept in ``home`` for later jobs."""
     images, _ = model.golden()
     passed = {"fp32": (fp32, fp32_diff)}
     record: dict[str, dict] = {"fp32": {"golden_max_abs_diff": fp32_diff}}
@@ -131,6 +133,7 @@ def _fastest_variant(
         record["fp32"]["used"] = True
         log.info("the CPU runs the fp32 graph (no other variant passed)")
         return fp32, fp32_diff, record, None  # nothing was timed, so no choice is kept
+    quiet()  # the caller's own work done: the graphs are timed alone, not against it
     for variant, ms in _ms_per_tile({v: backend for v, (backend, _) in passed.items()}, images).items():
         record[variant]["ms_per_tile"] = ms
     chosen = min(passed, key=lambda v: record[v]["ms_per_tile"])
@@ -283,6 +286,7 @@ def select_backend(
     trt_source: str = "onnx",
     memory_arena: bool = True,
     retime: bool = False,
+    quiet: Callable[[], object] = lambda: None,
 ) -> Selection:
     """The first backend, in BACKEND_NAMES order (or ``force``), that loads and passes validation.
 
@@ -291,7 +295,9 @@ def select_backend(
     single model window, which stays warm (``OnnxRuntimeBackend``): its memory no longer stays
     at its largest run's or grows with the input shapes it has seen; the edge service, which
     budgets its memory, sets it. ``retime``: time the CPU graphs again even if this home
-    keeps a choice made with the same key (module docstring).
+    keeps a choice made with the same key (module docstring). ``quiet``: called before the CPU
+    graphs are timed, and returns once the caller's concurrent work is done (``edge.infer``
+    selects while it finds a slide's tissue), so that a kept choice is not skewed by it.
     """
     if force is not None and force not in BACKEND_NAMES:
         raise CmdfedError(f"unknown backend {force!r}; choose one of {', '.join(BACKEND_NAMES)}")
@@ -325,7 +331,7 @@ def select_backend(
         timed_at = None
         if name == "onnxruntime-cpu":
             backend, diff, variants, timed_at = _fastest_variant(
-                backend, diff, model, Path(home), threads, memory_arena, runtimes
+                backend, diff, model, Path(home), threads, memory_arena, runtimes, quiet
             )
         log.info("backend %s selected, %s graph (golden max abs diff %.3g)", backend.name, backend.precision, diff)
         return Selection(backend, diff, skipped, variants, timed_at)

@@ -47,19 +47,6 @@ class LabStats:
             raise CmdfedError("no tissue to measure stain colours on: the image is background (or blank)")
         return cls(tuple(tissue.mean(0).tolist()), tuple(tissue.std(0).tolist()))
 
-    def to_dict(self) -> dict[str, list[float]]:
-        return {"lab_mean": [round(v, 3) for v in self.mean], "lab_std": [round(v, 3) for v in self.std]}
-
-    @classmethod
-    def from_dict(cls, values: dict) -> LabStats:
-        try:
-            mean, std = tuple(map(float, values["lab_mean"])), tuple(map(float, values["lab_std"]))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CmdfedError(f"stain statistics need lab_mean and lab_std (3 numbers each), got {values!r}") from exc
-        if len(mean) != 3 or len(std) != 3:
-            raise CmdfedError(f"stain statistics need 3 numbers each for lab_mean and lab_std, got {values!r}")
-        return cls(mean, std)
-
 
 def _lab(image: np.ndarray) -> np.ndarray:
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:

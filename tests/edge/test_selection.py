@@ -3,8 +3,10 @@ CPU graph choice kept in the home for later jobs."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
+import threading
 
 import pytest
 
@@ -99,3 +101,28 @@ def test_a_kept_choice_of_a_graph_the_bundle_lacks_or_an_unreadable_file_times_t
     third = select()
     assert third["variants_timed_at"] > second["variants_timed_at"]
     assert [c["timed_at"] for c in kept_choices(int8_home)] == [third["variants_timed_at"]]
+
+
+def test_graphs_are_timed_only_once_the_callers_concurrent_work_is_done(int8_home):
+    """``quiet``: edge infer selects while it finds a slide's tissue; the timing waits for that."""
+    done = threading.Event()
+    result = {}
+
+    def select(**options) -> None:
+        bundle = active_bundle(int8_home)
+        result["selection"] = select_backend(bundle, int8_home, force="onnxruntime-cpu", quiet=done.wait, **options)
+
+    timing = threading.Thread(target=select, kwargs={"threads": 1, "retime": True})
+    timing.start()
+    timing.join(timeout=10)  # loading and checking the graphs takes ~1 s: it is waiting by now
+    assert timing.is_alive() and "selection" not in result  # loaded and checked, waiting to time
+    before = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
+    done.set()
+    timing.join(timeout=120)
+    timed_at = result["selection"].report()["variants_timed_at"]
+    assert timed_at >= before
+    done.clear()  # the choice just kept is used as it is: nothing to time, so nothing to wait for
+    reuse = threading.Thread(target=select, kwargs={"threads": 1})
+    reuse.start()
+    reuse.join(timeout=60)
+    assert not reuse.is_alive() and result["selection"].report()["variants_timed_at"] == timed_at
