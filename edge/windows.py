@@ -52,6 +52,15 @@ def window_weight(height: int, width: int, margin: int) -> np.ndarray:
     return np.outer(ramp(height), ramp(width))
 
 
+def window_corners(
+    height: int, width: int, window: int, overlap: int, multiple: int
+) -> tuple[tuple[int, int], list[tuple[int, int]]]:
+    """The windows' size (height, width) over a padded tile and their (y, x) corners on the grid."""
+    wh, ww = min(window, height), min(window, width)
+    shared = window - max(window - overlap, multiple)  # windows at least the network's multiple apart
+    return (wh, ww), [(y, x) for y in grid_starts(height, wh, shared) for x in grid_starts(width, ww, shared)]
+
+
 def cheapest_window(height: int, width: int, window: int, overlap: int, multiple: int) -> int:
     """``window`` (the bundle's tile), or half of it where the windows of half the side compute
     fewer pixels for a padded tile of ``height`` x ``width``: a 1024 px tile takes 25 windows of
@@ -59,9 +68,8 @@ def cheapest_window(height: int, width: int, window: int, overlap: int, multiple
     and wider than the overlap; a tie keeps ``window``."""
 
     def computed(side: int) -> int:
-        wh, ww = min(side, height), min(side, width)
-        shared = side - max(side - overlap, multiple)
-        return len(grid_starts(height, wh, shared)) * len(grid_starts(width, ww, shared)) * wh * ww
+        (wh, ww), corners = window_corners(height, width, side, overlap, multiple)
+        return len(corners) * wh * ww
 
     half = window // 2
     if half % multiple or half <= overlap:
@@ -77,9 +85,7 @@ def windowed_maps(
     h, w = image.shape[:2]
     padded = pad_white(image, multiple, min_side)
     height, width = padded.shape[:2]
-    wh, ww = min(window, height), min(window, width)
-    shared = window - max(window - overlap, multiple)  # windows at least the network's multiple apart
-    corners = [(y, x) for y in grid_starts(height, wh, shared) for x in grid_starts(width, ww, shared)]
+    (wh, ww), corners = window_corners(height, width, window, overlap, multiple)
     weight = window_weight(wh, ww, overlap)
     sums: dict[str, np.ndarray] = {}
     total = np.zeros((height, width), np.float32)
