@@ -24,7 +24,13 @@ the data and its origin and terms, the command, the steps, and the development-s
 scores of the same recipe (``benchmarks/results/model_quality.json``, cpm15 01-07 -> 08-10)
 with the commit that produced them.
 
-    python -m benchmarks.release_models [--stage backbone|nuclei|nuclei-dev|all] [--workdir DIR]
+Each model's config.json holds the stain statistics of its training tiles (``stain_reference``,
+``cmdfed.inference.stain``), which predict, evaluate and the edge move images to. Training
+records them (``cmdfed.train.phases.stain_reference``); ``--stage stain-references`` measures
+them the same way on the same data for models released before training did, leaving the
+weights as they are, and says so in the card.
+
+    python -m benchmarks.release_models [--stage backbone|nuclei|nuclei-dev|stain-references|all] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -34,15 +40,20 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
+
 from benchmarks.common import commit_of
+from cmdfed.atomic import write_json_atomic
 from cmdfed.data import cpm15
 from cmdfed.data.samples import SAMPLES, fetch_samples
 from cmdfed.data.slide import tile_slide
-from cmdfed.model.checkpoint import load_checkpoint, save_checkpoint
+from cmdfed.data.store import SiteStore
+from cmdfed.inference.stain import REFERENCE_KEY
+from cmdfed.model.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from cmdfed.model.config import ModelConfig
 from cmdfed.models import CARD_FILE, models_dir
 from cmdfed.train.loop import TrainConfig
-from cmdfed.train.phases import PhaseResult, finetune, pretrain
+from cmdfed.train.phases import PhaseResult, finetune, pretrain, stain_reference
 from cmdfed.train.recipe import DEFAULT_PRESET, RECIPE_TILE, finetune_config, pretrain_config, pretrain_diffusion
 
 BACKBONE, NUCLEI, NUCLEI_DEV = "cmd-tiny-he", "cmd-tiny-he-nuclei", "cmd-tiny-he-nuclei-dev"
@@ -88,10 +99,16 @@ def release(run: Path, name: str, card: dict) -> Path:
 CODE_COMMIT = commit_of()
 
 
-def make_backbone(work: Path) -> Path:
+def backbone_stores(work: Path) -> list[Path]:
+    """The backbone's pretraining data: CPM-15 01-10 and the sample slide's tissue, as tiles."""
     stores = [cpm15.write_store(work / "cpm15-all.zarr", list(cpm15.MPP), tile_size=RECIPE_TILE, overwrite=True)]
     slide = fetch_samples(names=[SLIDE])[SLIDE]
     stores.append(tile_slide(slide, work / "slide.zarr", tile_size=RECIPE_TILE, overwrite=True).path)
+    return stores
+
+
+def make_backbone(work: Path) -> Path:
+    stores = backbone_stores(work)
     train = pretrain_config()
     result = pretrain(
         stores,
@@ -127,8 +144,20 @@ def make_backbone(work: Path) -> Path:
     return release(result.run_dir, BACKBONE, card)
 
 
+def nuclei_store(work: Path) -> Path:
+    return cpm15.write_store(work / "cpm15-labelled.zarr", list(cpm15.MPP), tile_size=RECIPE_TILE, overwrite=True)
+
+
+def nuclei_dev_store(work: Path) -> Path:
+    # The name benchmarks/model_quality gives its store, so that its --workdir can be reused.
+    store = work / f"cpm15-train-{RECIPE_TILE}-0.zarr"
+    if not store.exists():
+        cpm15.write_store(store, list(cpm15.TRAIN_IDS), tile_size=RECIPE_TILE)
+    return store
+
+
 def make_nuclei(work: Path) -> Path:
-    store = cpm15.write_store(work / "cpm15-labelled.zarr", list(cpm15.MPP), tile_size=RECIPE_TILE, overwrite=True)
+    store = nuclei_store(work)
     train = finetune_config()
     result = finetune(
         store,
@@ -194,11 +223,9 @@ def logged_train_minutes(run_dir: Path, steps: int) -> float:
 
 
 def make_nuclei_dev(work: Path) -> Path:
-    # The names benchmarks/model_quality gives its store and its scratch-e2e seed-0 run, so that
-    # that benchmark's --workdir holds this run already (same settings: reused, not retrained).
-    store = work / f"cpm15-train-{RECIPE_TILE}-0.zarr"
-    if not store.exists():
-        cpm15.write_store(store, list(cpm15.TRAIN_IDS), tile_size=RECIPE_TILE)
+    # The name benchmarks/model_quality gives its scratch-e2e seed-0 run, so that that
+    # benchmark's --workdir holds this run already (same settings: reused, not retrained).
+    store = nuclei_dev_store(work)
     train = finetune_config(seed=0)
     result = finetune(
         store,
@@ -230,7 +257,46 @@ def make_nuclei_dev(work: Path) -> Path:
     return release(result.run_dir, NUCLEI_DEV, card)
 
 
-STAGES = {"backbone": make_backbone, "nuclei": make_nuclei, "nuclei-dev": make_nuclei_dev}
+def add_stain_references(work: Path) -> Path:
+    """Measure each released model's stain reference on its own training tiles (all tiles of the
+    pretraining stores; every labelled tile, the recipe's 100 %) as training now records it, and
+    write it into the model's config.json (not under its checksums: the weights are untouched)."""
+    training_data = {
+        BACKBONE: (backbone_stores, "all tiles of its pretraining stores (CPM-15 01-10, the sample slide's tissue)"),
+        NUCLEI: (nuclei_store, "its training tiles: every labelled tile of CPM-15 01-10"),
+        NUCLEI_DEV: (nuclei_dev_store, "its training tiles: every labelled tile of CPM-15 01-07"),
+    }
+    for name, (stores_of, measured_on) in training_data.items():
+        stores = stores_of(work)
+        sites = [SiteStore.open(path) for path in (stores if isinstance(stores, list) else [stores])]
+        tiles = [(site, site.labelled_indices() if name != BACKBONE else np.arange(len(site))) for site in sites]
+        folder = resolve_checkpoint(models_dir() / name)
+        config = json.loads((folder / "config.json").read_text())
+        config[REFERENCE_KEY] = stain_reference(tiles)
+        write_json_atomic(folder / "config.json", config)
+        card_path = models_dir() / name / CARD_FILE
+        card = json.loads(card_path.read_text())
+        card[REFERENCE_KEY] = {
+            "values": config[REFERENCE_KEY],
+            "measured_on": measured_on,
+            "why": "predict, evaluate and the edge move each image's colours to these before segmenting "
+            "(cmdfed.inference.stain; --no-stain-normalise to skip); on the dev split this raised PQ "
+            "(benchmarks/results/stain_normalisation.json)",
+            "command": "python -m benchmarks.release_models --stage stain-references",
+            "commit": CODE_COMMIT,
+            "weights": "unchanged: measured after training, as training measures it",
+        }
+        card_path.write_text(json.dumps(card, indent=2) + "\n")
+        print(f"{name}: {config[REFERENCE_KEY]}", flush=True)
+    return models_dir()
+
+
+STAGES = {
+    "backbone": make_backbone,
+    "nuclei": make_nuclei,
+    "nuclei-dev": make_nuclei_dev,
+    "stain-references": add_stain_references,
+}
 
 
 def main() -> None:
@@ -240,7 +306,7 @@ def main() -> None:
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     for stage, make in STAGES.items():
-        if args.stage in (stage, "all"):
+        if args.stage == stage or (args.stage == "all" and stage != "stain-references"):
             print(f"released {make(args.workdir)}", flush=True)
 
 

@@ -45,7 +45,15 @@ from cmdfed.federation.local import (
     shares_data_metrics,
 )
 from cmdfed.federation.site import SiteSettings, check_site_store, keep_frozen, load_frozen
-from cmdfed.federation.wire import ARCHITECTURE_KEY, LAYOUT_PREFIX, RESOLUTION_KEY, WEIGHTS_KEY, Layout
+from cmdfed.federation.wire import (
+    ARCHITECTURE_KEY,
+    LAYOUT_PREFIX,
+    RESOLUTION_KEY,
+    STAIN_REFERENCE_KEY,
+    WEIGHTS_KEY,
+    Layout,
+)
+from cmdfed.inference.stain import HEStains
 from cmdfed.model.config import ModelConfig
 from cmdfed.privacy.accounting import BudgetExhausted
 from cmdfed.redaction import redact_paths
@@ -113,8 +121,20 @@ def _evaluate(msg: Message, site: SiteSettings, config: FederationConfig) -> Rec
         config,
         device=site.device,
         architecture=_architecture(msg.content["config"]),
+        stain_reference=_stain_reference(msg.content["config"]),
     )
     return _content(site, None, n_examples, metrics)
+
+
+def _stain_reference(instructions: ConfigRecord) -> HEStains | None:
+    """The colours the server's model was trained on (None: it has none; tiles are scored as scanned)."""
+    if STAIN_REFERENCE_KEY not in instructions:
+        return None
+    try:
+        record = json.loads(str(instructions[STAIN_REFERENCE_KEY]))
+    except json.JSONDecodeError as exc:
+        raise CmdfedError(f"the server's stain reference is not JSON ({exc})") from exc
+    return HEStains.from_dict(record, "the server's stain reference")
 
 
 def _architecture(instructions: ConfigRecord) -> ModelConfig | None:

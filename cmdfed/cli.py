@@ -47,6 +47,14 @@ app.add_typer(models_app, name="models")
 
 _state = {"debug": False}
 
+# predict, evaluate and edge infer: one flag, one meaning.
+STAIN_NORMALISE = typer.Option(
+    True,
+    "--stain-normalise/--no-stain-normalise",
+    help="Re-stain each image (or slide) as the images the model was trained on (Macenko, when the model records "
+    "their stains) before segmenting; --no-stain-normalise feeds them as scanned.",
+)
+
 
 @app.callback()
 def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors.")) -> None:
@@ -487,6 +495,7 @@ def train_evaluate(
     batch_size: int = typer.Option(8, help="Tiles per forward pass."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
     fm_weights: Path | None = typer.Option(None, help="Local weights file of the run's timm FM encoder."),
+    stain_normalise: bool = STAIN_NORMALISE,
     as_json: bool = typer.Option(False, "--json", help="Print all metrics as JSON."),
 ) -> None:
     """Dice, AJI, AJI+, PQ/DQ/SQ, mPQ and detection F1 of a checkpoint on labelled tiles."""
@@ -499,6 +508,7 @@ def train_evaluate(
             store,
             device=select_device(device),
             fm_weights=fm_weights,
+            stain_normalise=stain_normalise,
             batch_size=batch_size,
             progress=progress,
         )
@@ -552,6 +562,7 @@ def predict(
         help="Micrometres per pixel of the images (0.5 at 20x); scales the "
         "post-processing (default: HoVer-Net's 40x settings).",
     ),
+    stain_normalise: bool = STAIN_NORMALISE,
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Segment and classify nuclei: NAME_inst.png (uint16 instances) + NAME_types.json per image."""
@@ -565,7 +576,14 @@ def predict(
         )
     with progress_bar("predict") as progress:
         results = predict_files(
-            images, checkpoint, out_dir, select_device(device), progress, fm_weights=fm_weights, mpp=mpp
+            images,
+            checkpoint,
+            out_dir,
+            select_device(device),
+            progress,
+            fm_weights=fm_weights,
+            mpp=mpp,
+            stain_normalise=stain_normalise,
         )
     emit(
         {"outputs": results},

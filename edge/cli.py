@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from cmdfed.cli import emit, out, progress_bar
+from cmdfed.cli import STAIN_NORMALISE, emit, out, progress_bar
 from cmdfed.errors import CmdfedError
 from edge.bundle import DEFAULT_TILE
 
@@ -383,6 +383,7 @@ def infer(
         help="The slide's micrometres per pixel (0.25 at 40x, 0.5 at 20x) when its file does not record it; "
         "the model reads it resampled to its own.",
     ),
+    stain_normalise: bool = STAIN_NORMALISE,
     telemetry: str | None = typer.Option(None, help=TELEMETRY_HELP + " The slide's summary goes there."),
     report_to: str | None = REPORT_TO,
     report_token: Path | None = REPORT_TOKEN,
@@ -410,6 +411,7 @@ def infer(
                 trt_source=trt_source,
                 mpp=mpp,
                 retime_variants=retime_variants,
+                stain_normalise=stain_normalise,
                 telemetry=reports,
                 progress=progress,
             )

@@ -64,6 +64,7 @@ from cmdfed.data.synth import synth_tiles
 from cmdfed.errors import CmdfedError
 from cmdfed.inference.postprocess import WatershedParams
 from cmdfed.inference.segment import load_model, to_model_input
+from cmdfed.inference.stain import REFERENCE_KEY, HEStains, normalised
 from cmdfed.progress import Progress, report
 from edge import bundle, openvino_cpu, quantize, signing, trt_ops
 from edge.backends import model_input
@@ -126,6 +127,8 @@ def export_bundle(
     if not overwrite and (out.exists() or tar_path.exists()):
         raise CmdfedError(f"{out} or {tar_path.name} already exists; pass --overwrite or choose another --out")
     loaded = load_model(checkpoint, torch.device("cpu"))
+    if tiles is not None:  # calibrated on what the workstation will feed the graph
+        tiles = np.stack([normalised(t, loaded.stain_reference) for t in tiles])
     graph = EdgeGraph(loaded.model).eval()
     reference = EdgeGraph(loaded.model, fold=False).eval()  # what the folded graph must agree with
     identity = _model_identity(loaded.checkpoint)
@@ -386,6 +389,7 @@ def _quality_scoring(manifest: dict) -> dict:
         "min_side": MIN_SIDE,
         "params": WatershedParams.from_manifest(manifest),
         "mpp": pre["mpp"],
+        "stain_reference": HEStains.from_manifest(manifest),
     }
 
 
@@ -512,6 +516,9 @@ def _manifest(loaded, graph, identity, tile, overlap, mpp, tolerance, agreement,
             "overlap": overlap,
             "mpp": mpp,
             "level": 0,
+            # Images are moved to these colours first (Reinhard in CIELAB, from a slide's or tile's
+            # own stained pixels; cmdfed.inference.stain); null: they are fed as scanned.
+            REFERENCE_KEY: None if loaded.stain_reference is None else loaded.stain_reference.to_dict(),
         },
         "postprocessing": {
             "method": "HoVer-Net marker-controlled watershed (cmdfed.inference.postprocess)",

@@ -38,6 +38,13 @@ the slide's tissue is found; graphs to be timed are timed after that, alone. The
 output folder only once the backend has passed, so a refused model leaves nothing behind (and
 a second job on a busy folder is told so only then).
 
+Colours: a bundle whose model records its training images' stain statistics
+(``preprocessing.stain_reference``) sees every tile re-stained as them (Macenko,
+``cmdfed.inference.stain``) in the read stage, from one estimate of the slide's own stains,
+made once on tissue tiles spread over it at the model's resolution: every tile moves alike, and
+tiles of the same tissue keep the same colours. ``stain_normalise=False`` (``--no-stain-
+normalise``) feeds tiles as scanned. Both statistics are part of the job's fingerprint.
+
 Resolution (:class:`ReadGrid`): the model sees nuclei at the size it learnt them, the
 bundle's ``preprocessing.mpp`` (tile size and overlap are in its pixels too). Tiles lie on
 a grid of the model's resolution laid over the slide. They are read from the coarsest
@@ -91,6 +98,7 @@ from cmdfed.data.slide import PLAUSIBLE_MPP, SlideReader, level_for_mpp, open_sl
 from cmdfed.errors import CmdfedError
 from cmdfed.inference.nuclei import nucleus_feature, write_feature_collection
 from cmdfed.inference.postprocess import WatershedParams, postprocess
+from cmdfed.inference.stain import STAIN_SAMPLE_PIXELS, HEStains, macenko, source_stains
 from cmdfed.inference.tiling import GRID_RULE, TileGrid, needs_resampling, resample_image
 from cmdfed.pipeline import pipelined
 from cmdfed.progress import Progress, report
@@ -126,6 +134,7 @@ def infer_slide(
     mpp: float | None = None,
     selection: Selection | None = None,
     retime_variants: bool = False,
+    stain_normalise: bool = True,
     telemetry: str | Path | Reports | None = None,
     progress: Progress | None = None,
 ) -> dict:
@@ -136,8 +145,9 @@ def infer_slide(
     (or records it wrong); the model reads the slide at its own resolution (module docstring).
     ``selection``: a backend already loaded (the service's), used instead of selecting one for
     the version active now. ``retime_variants``: time the CPU graphs again instead of reusing
-    the home's kept choice (:mod:`edge.selection`). ``telemetry``: a store (path or URL) or a ``Reports``
-    (edge.reports) that gets the slide's summary.
+    the home's kept choice (:mod:`edge.selection`). ``stain_normalise`` False: tiles are fed as
+    scanned even when the model records its training colours (module docstring). ``telemetry``:
+    a store (path or URL) or a ``Reports`` (edge.reports) that gets the slide's summary.
     """
     started = time.perf_counter()
     slide_name = Path(slide).name
@@ -150,7 +160,7 @@ def infer_slide(
         return select_backend(active_bundle(home), home, quiet=quiet, **options)
 
     try:
-        summary = _run(slide, select, Path(out_dir), batch, min_tissue, restart, mpp, progress)
+        summary = _run(slide, select, Path(out_dir), batch, min_tissue, restart, mpp, stain_normalise, progress)
     except Exception as exc:
         if reports:
             _record(reports, slide_name, None, time.perf_counter() - started, error=exc)
@@ -165,7 +175,7 @@ def default_batch(tile: int) -> int:
     return max(1, min(8, BATCH_PIXELS // (tile * tile)))
 
 
-def _run(slide, select, out_dir: Path, batch, min_tissue, restart, mpp, progress) -> dict:
+def _run(slide, select, out_dir: Path, batch, min_tissue, restart, mpp, stain_normalise, progress) -> dict:
     """The job. ``select(quiet)`` gives the backend; it runs on a thread of its own while the
     slide's tissue is found, and times CPU graphs (when it must) only once ``quiet()`` returns."""
     if batch is not None and batch < 1:
@@ -188,7 +198,7 @@ def _run(slide, select, out_dir: Path, batch, min_tissue, restart, mpp, progress
         if batch is None:
             batch = default_batch(selection.backend.model.manifest["preprocessing"]["tile_size"])
         with exclusive_lock(out_dir / LOCK_FILE, busy=busy):
-            job = _SlideJob(reader, selection, out_dir, min_tissue, restart)
+            job = _SlideJob(reader, selection, out_dir, min_tissue, restart, stain_normalise)
             job.run(batch, progress)
             return job.finish()
 
@@ -357,7 +367,15 @@ class _Batch:
 
 
 class _SlideJob:
-    def __init__(self, reader, selection: Selection, out_dir: Path, min_tissue: float, restart: bool):
+    def __init__(
+        self,
+        reader,
+        selection: Selection,
+        out_dir: Path,
+        min_tissue: float,
+        restart: bool,
+        stain_normalise: bool = True,
+    ):
         self.reader, self.selection, self.out_dir = reader, selection, out_dir
         manifest = selection.backend.model.manifest
         self.manifest = manifest
@@ -378,6 +396,8 @@ class _SlideJob:
             )
         self.corners = [(x, y) for x, y, _ in found]  # grid pixels
         self.grid = TileGrid(self.tile, self.overlap, self.width, self.height, tuple(self.corners))
+        self.stain_reference = HEStains.from_manifest(manifest) if stain_normalise else None
+        self.stain_source = self._slide_stain() if self.stain_reference is not None else None
         self.work = out_dir / WORK_DIR
         self.state_path = self.work / "state.json"
         self.features_path = self.work / "features.jsonl"
@@ -393,8 +413,21 @@ class _SlideJob:
             "grid": GRID_RULE,  # a job of an earlier grid (other tiles, other owners) is not continued
             "min_tissue": min_tissue,
             "postprocess": self.params.to_dict(),
+            "stain": self._stain_record(),
         }
         self.state = self._start_or_resume(fingerprint, restart)
+
+    def _slide_stain(self) -> HEStains | None:
+        """The slide's stains, estimated on tissue tiles spread over it (None: too little stain)."""
+        count = max(1, STAIN_SAMPLE_PIXELS // self.tile**2)
+        picks = np.linspace(0, len(self.corners) - 1, min(count, len(self.corners))).round().astype(int)
+        return source_stains([self.read.read_tile(self.reader, *self.corners[i], self.tile) for i in picks])
+
+    def _stain_record(self) -> dict | None:
+        """How tiles are coloured before the model: None when fed as scanned."""
+        if self.stain_reference is None or self.stain_source is None:
+            return None
+        return {"reference": self.stain_reference.to_dict(), "slide": self.stain_source.to_dict()}
 
     # -- job state ---------------------------------------------------------------------
 
@@ -455,7 +488,10 @@ class _SlideJob:
 
     def _read_batch(self, batch: _Batch) -> _Batch:
         started = time.perf_counter()
-        batch.images = np.stack([self.read.read_tile(self.reader, x, y, self.tile) for x, y in batch.corners])
+        tiles = [self.read.read_tile(self.reader, x, y, self.tile) for x, y in batch.corners]
+        if self.stain_source is not None:
+            tiles = [macenko(tile, self.stain_source, self.stain_reference) for tile in tiles]
+        batch.images = np.stack(tiles)
         batch.seconds["read"] = time.perf_counter() - started
         return batch
 
@@ -619,6 +655,7 @@ class _SlideJob:
             "dimensions": [self.slide_width, self.slide_height],
             "mpp": self.mpp,
             "resolution": self.read.describe(),
+            "stain_normalisation": self._stain_record(),
             "model_version": self.manifest["model"]["version"],
             "backend": self.selection.report(),
             "backends_used": state.backends,
@@ -646,6 +683,11 @@ class _SlideJob:
         found = []
         if not self.mpp:
             found.append("the slide's resolution (mpp) is unknown: areas are in pixels only")
+        if self.stain_reference is not None and self.stain_source is None:
+            found.append(
+                "the slide's tissue tiles hold too little stain to measure its colours: tiles were fed as scanned, "
+                "not normalised to the model's training colours"
+            )
         if not self.read.model_mpp:
             found.append(
                 "the bundle does not record the model's resolution, so the slide was read at level 0 as it "

@@ -33,6 +33,7 @@ from cmdfed.data import cpm15
 from cmdfed.errors import CmdfedError
 from cmdfed.evaluate.metrics import evaluate_instances
 from cmdfed.inference.postprocess import WatershedParams, postprocess
+from cmdfed.inference.stain import HEStains, normalised
 from cmdfed.inference.tissue import tissue_mask
 from edge.windows import windowed_maps
 
@@ -111,13 +112,23 @@ def quantize(fp32_onnx: Path, out: Path, tiles: np.ndarray, to_input) -> None:
 
 
 def dev_test_pq(
-    run, *, tile: int, overlap: int, multiple: int, min_side: int, params: WatershedParams, mpp: float | None
+    run,
+    *,
+    tile: int,
+    overlap: int,
+    multiple: int,
+    min_side: int,
+    params: WatershedParams,
+    mpp: float | None,
+    stain_reference: HEStains | None = None,
 ) -> dict[str, float]:
     """PQ of each CPM-15 development test image (and their mean) segmented by ``run`` (a
-    backend's ``run``) in windows of ``tile`` px, as the workstation segments a slide."""
+    backend's ``run``) in windows of ``tile`` px, as the workstation segments a slide
+    (stain-normalised to ``stain_reference`` when the model has one)."""
     scores = {}
     for image_id in cpm15.TEST_IDS:
         image, truth = cpm15.load_pair(image_id, mpp or QUALITY_MPP)
+        image = normalised(image, stain_reference)
         maps = windowed_maps(run, image, window=tile, overlap=overlap, multiple=multiple, min_side=min_side, batch=8)
         instances = postprocess(maps["np"], maps["hv"], maps.get("nc"), params).instance_map
         scores[image_id] = float(evaluate_instances(truth, instances)["pq"])

@@ -98,6 +98,7 @@ from cmdfed.data.slide import PLAUSIBLE_MPP
 from cmdfed.errors import CmdfedError
 from cmdfed.inference.nuclei import NucleusRecord, class_name, image_xy
 from cmdfed.inference.postprocess import WatershedParams, postprocess
+from cmdfed.inference.stain import HEStains, macenko, source_stains
 from cmdfed.inference.tiling import needs_resampling, resample_image, resampled_shape, to_image_pixels
 from edge import infer
 from edge.deploy import active_bundle
@@ -519,6 +520,7 @@ class EdgeServicer(pb_grpc.EdgeSegmentationServicer):
         self.overlap = manifest["preprocessing"]["overlap"]
         self.class_names = manifest["model"]["class_names"]
         self.params = WatershedParams.from_manifest(manifest)
+        self.stain_reference = HEStains.from_manifest(manifest)
         # One model on the device, shared by tile calls and slide jobs, one call into it at a time.
         self._backend = SerialisedBackend(selection.backend, max_pixels=costs.batch * costs.window**2)
         self._slide_selection = replace(selection, backend=self._backend)
@@ -583,11 +585,20 @@ class EdgeServicer(pb_grpc.EdgeSegmentationServicer):
                 max_tiles_per_request=limits.max_tiles,
                 max_message_bytes=limits.max_message_bytes,
             ),
+            stain_reference=None
+            if self.stain_reference is None
+            else pb.StainReference(
+                hematoxylin=self.stain_reference.hematoxylin,
+                eosin=self.stain_reference.eosin,
+                max_concentrations=self.stain_reference.max_concentrations,
+            ),
         )
 
     def _segment_tiles(self, request, context) -> pb.SegmentTilesResponse:
         images = decode_tiles(request.tiles, self.limits)
         seen = to_model_resolution(images, request.mpp, self.manifest["preprocessing"].get("mpp"), self.limits)
+        if self.stain_reference is not None and not request.as_scanned:
+            seen = self._normalised(seen)
         limits, window = self.limits, self.costs.window
 
         def side(n: int) -> int:
@@ -623,6 +634,12 @@ class EdgeServicer(pb_grpc.EdgeSegmentationServicer):
         self.metrics.add_tiles(len(images))
         backend = self.selection.backend.name
         return pb.SegmentTilesResponse(results=results, model_version=self.version, backend=backend)
+
+    def _normalised(self, tiles: list[np.ndarray]) -> list[np.ndarray]:
+        """The request's tiles re-stained as the model's training images, by their stains estimated
+        together (as they are when they hold too little stain to estimate)."""
+        source = source_stains(tiles)
+        return tiles if source is None else [macenko(tile, source, self.stain_reference) for tile in tiles]
 
     def _tile_result(self, maps: dict[str, np.ndarray], shape: tuple[int, int]) -> pb.TileResult:
         """Nuclei of one tile from its maps at the model's resolution, in the tile's own ``shape``."""
@@ -678,6 +695,7 @@ class EdgeServicer(pb_grpc.EdgeSegmentationServicer):
                     min_tissue=request.min_tissue or infer.DEFAULT_MIN_TISSUE,
                     restart=request.restart,
                     mpp=request.mpp or None,
+                    stain_normalise=not request.as_scanned,
                     telemetry=self.reports,
                     progress=progress,
                 )

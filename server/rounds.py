@@ -63,7 +63,14 @@ from cmdfed.errors import CmdfedError
 from cmdfed.federation.config import PHASES, FederationConfig
 from cmdfed.federation.coordinator import RoundReport, RunCoordinator, SiteReport
 from cmdfed.federation.events import emit_event
-from cmdfed.federation.wire import ARCHITECTURE_KEY, LAYOUT_PREFIX, RESOLUTION_KEY, WEIGHTS_KEY, Layout
+from cmdfed.federation.wire import (
+    ARCHITECTURE_KEY,
+    LAYOUT_PREFIX,
+    RESOLUTION_KEY,
+    STAIN_REFERENCE_KEY,
+    WEIGHTS_KEY,
+    Layout,
+)
 from server.sampling import SamplingGrid, SitesMissing, wait_for_sites
 from server.strategies import build_strategy, restore_strategy_state, set_updates_averaged, strategy_state
 
@@ -195,6 +202,8 @@ class PhaseRounds:
             # The model the sites build: the preset's, or the init checkpoint's, which only the server can read.
             ARCHITECTURE_KEY: json.dumps(self.coordinator.architecture.to_dict()),
         }
+        if self.coordinator.stain_reference_record is not None:
+            values[STAIN_REFERENCE_KEY] = json.dumps(self.coordinator.stain_reference_record)
         if self.frozen_sha:
             values["frozen-sha"] = self.frozen_sha
         return ConfigRecord(values)

@@ -316,6 +316,15 @@ class SiteStore:
     def labelled_indices(self) -> np.ndarray:
         return np.flatnonzero(self.metadata("labelled"))
 
+    def spread_images(self, indices: np.ndarray, max_pixels: int) -> list[np.ndarray]:
+        """Up to ``max_pixels`` worth of the tiles ``indices`` (at least one), spread evenly over
+        them: a sample to measure colours on (``cmdfed.inference.stain``) without reading them all."""
+        indices = np.asarray(indices)
+        if indices.size == 0:
+            return []
+        count = min(indices.size, max(1, max_pixels // self.tile_size**2))
+        return [self.image(int(i)) for i in indices[np.linspace(0, indices.size - 1, count).round().astype(int)]]
+
     def labelled_subset(self, fraction: float, seed: int = 0) -> np.ndarray:
         """Indices of a reproducible ``fraction`` of the labelled tiles (at least one).
 

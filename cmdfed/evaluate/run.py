@@ -12,6 +12,7 @@ from cmdfed.errors import CmdfedError
 from cmdfed.evaluate.metrics import aggregate_panoptic, evaluate_instances, summarize
 from cmdfed.inference.postprocess import WatershedParams, postprocess, postprocess_for
 from cmdfed.inference.segment import LoadedModel, load_model, predict_maps
+from cmdfed.inference.stain import STAIN_SAMPLE_PIXELS, HEStains, macenko, source_stains
 from cmdfed.progress import Progress, report
 
 
@@ -31,6 +32,8 @@ def evaluate_model(
     differs from ``mean_mpq``, the mean over tiles. ``params``: the post-processing; by
     default the settings ``cmdfed train tune`` chose for the checkpoint, else HoVer-Net's
     scaled to the store's resolution (``WatershedParams.for_mpp``).
+
+    A model with a stain reference sees the tiles stain-normalised (:class:`ModelTiles`).
     """
     if batch_size < 1:
         raise CmdfedError(f"--batch-size must be at least 1, got {batch_size}")
@@ -49,10 +52,11 @@ def evaluate_model(
             f"{', '.join(site.class_names[1:])}; type ids would be compared across different classes: evaluate on "
             "a store imported with the model's classes"
         )
+    tiles = ModelTiles(site, indices, loaded.stain_reference)
     per_image = []
     for start in range(0, len(indices), batch_size):
         chunk = [int(i) for i in indices[start : start + batch_size]]
-        images = np.stack([site.image(i) for i in chunk])
+        images = tiles.images(chunk)
         maps = predict_maps(loaded.model, images, loaded.device, loaded.encoder)
         for k, index in enumerate(chunk):
             result = postprocess(maps["np"][k], maps["hv"][k], maps["nc"][k] if "nc" in maps else None, params)
@@ -71,13 +75,49 @@ def evaluate_model(
         summary["pannuke"] = aggregate_panoptic(per_image, tissues)
     summary["postprocess"] = params.to_dict()
     summary["postprocess_source"] = source
+    summary["stain_normalised"] = loaded.stain_reference is not None
     summary["tiles"] = len(indices)
     summary["store"] = site.name
     summary["checkpoint"] = str(loaded.checkpoint)
     return summary
 
 
+class ModelTiles:
+    """A store's tiles as the model should see them: re-stained as its stain ``reference`` (when it
+    has one) from the stains of the tiles of the same source image among ``indices``, estimated
+    together, as a slide is normalised as a whole rather than tile by tile; a source with too
+    little stain stays as it is."""
+
+    MAX_PIXELS = STAIN_SAMPLE_PIXELS  # per source
+
+    def __init__(self, site: SiteStore, indices: np.ndarray, reference: HEStains | None):
+        self.site, self.reference = site, reference
+        self.sources = site.metadata("source")
+        self.stains: dict[str, HEStains | None] = {}
+        if reference is None:
+            return
+        indices = np.asarray(indices)
+        for name in np.unique(self.sources[indices]):
+            tiles = indices[self.sources[indices] == name]
+            self.stains[name] = source_stains(site.spread_images(tiles, self.MAX_PIXELS))
+
+    def images(self, chunk: list[int]) -> np.ndarray:
+        """The tiles ``chunk`` (indices among those given) as a uint8 (B, H, W, 3) batch."""
+        images = []
+        for index in chunk:
+            image, source = self.site.image(index), self.stains.get(self.sources[index])
+            images.append(image if source is None else macenko(image, source, self.reference))
+        return np.stack(images)
+
+
 def evaluate_checkpoint(
-    checkpoint: str | Path, store: str | Path, *, device: torch.device, fm_weights: str | Path | None = None, **options
+    checkpoint: str | Path,
+    store: str | Path,
+    *,
+    device: torch.device,
+    fm_weights: str | Path | None = None,
+    stain_normalise: bool = True,
+    **options,
 ) -> dict:
-    return evaluate_model(load_model(checkpoint, device, fm_weights=fm_weights), store, **options)
+    loaded = load_model(checkpoint, device, fm_weights=fm_weights, stain_normalise=stain_normalise)
+    return evaluate_model(loaded, store, **options)

@@ -31,6 +31,7 @@ from cmdfed.atomic import write_json_atomic
 from cmdfed.data.store import SiteStore
 from cmdfed.errors import CmdfedError
 from cmdfed.evaluate.metrics import evaluate_instances, summarize
+from cmdfed.evaluate.run import ModelTiles
 from cmdfed.inference.postprocess import TUNED_FILE, WatershedParams, postprocess
 from cmdfed.inference.segment import LoadedModel, predict_maps
 from cmdfed.progress import Progress, report
@@ -121,9 +122,10 @@ def tune_postprocess(
             "resolution: re-import it with --mpp"
         )
     maps, truths = [], []
+    tiles = ModelTiles(site, indices, loaded.stain_reference)  # tuned on what inference will see
     for start in range(0, len(indices), batch_size):
         chunk = [int(i) for i in indices[start : start + batch_size]]
-        batch = predict_maps(loaded.model, np.stack([site.image(i) for i in chunk]), loaded.device, loaded.encoder)
+        batch = predict_maps(loaded.model, tiles.images(chunk), loaded.device, loaded.encoder)
         maps += [{"np": batch["np"][k], "hv": batch["hv"][k]} for k in range(len(chunk))]
         truths += [site.instances(i) for i in chunk]
         report(progress, start + len(chunk), len(indices), "tiles")

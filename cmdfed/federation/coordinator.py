@@ -51,6 +51,7 @@ from cmdfed.federation.init import check_pinned_init, load_initial_weights
 from cmdfed.federation.local import evaluate_on_store, open_site, site_model
 from cmdfed.federation.site import weights_fingerprint
 from cmdfed.federation.updates import screen_updates
+from cmdfed.inference.stain import REFERENCE_KEY, HEStains
 from cmdfed.model.checkpoint import model_version
 from cmdfed.model.config import ModelConfig
 from cmdfed.model.unet import ConvNeXtUNet, build_model
@@ -277,6 +278,7 @@ class RunCoordinator:
                 "run_id": self.run_id,
                 "mpp": training_mpp(resolutions),
                 "init": self.init,
+                REFERENCE_KEY: self.stain_reference_record,
             },
         )
         self._resolutions[phase] = resolutions
@@ -360,8 +362,20 @@ class RunCoordinator:
         sent = {k: v for k, v in self.weights.items() if ConvNeXtUNet.group_of(k) in config.sent_groups(phase)}
         frozen = {k: v for k, v in self.weights.items() if ConvNeXtUNet.group_of(k) in config.frozen_groups(phase)}
         model = site_model(config, phase, sent, frozen, select_device("auto"), self.architecture)
-        tiles, metrics = evaluate_on_store(model, phase, config.server_eval_store, config, remedy=SERVER_STORE_REMEDY)
+        tiles, metrics = evaluate_on_store(
+            model, phase, config.server_eval_store, config, self.stain_reference, remedy=SERVER_STORE_REMEDY
+        )
         return {"server_tiles": tiles, **{f"server_{k}": v for k, v in metrics.items()}}
+
+    @property
+    def stain_reference_record(self) -> dict | None:
+        """The init's stain reference as its checkpoint recorded it (None: images are evaluated as scanned)."""
+        return (self.init or {}).get(REFERENCE_KEY)
+
+    @property
+    def stain_reference(self) -> HEStains | None:
+        record = self.stain_reference_record
+        return None if record is None else HEStains.from_dict(record, f"init {self.config.init}")
 
     def evaluation_due(self, phase: str, phase_round: int) -> bool:
         return _due(self.config.eval_every, self.config.rounds(phase), phase_round)

@@ -38,6 +38,7 @@ import torch
 from cmdfed.checksums import sha256_of_file
 from cmdfed.errors import CmdfedError
 from cmdfed.federation.config import FederationConfig
+from cmdfed.inference.stain import REFERENCE_KEY
 from cmdfed.model.checkpoint import CHECKPOINT_FORMAT, load_checkpoint
 from cmdfed.model.config import ModelConfig
 from cmdfed.model.unet import ConvNeXtUNet
@@ -103,6 +104,9 @@ def load_initial_weights(config: FederationConfig) -> InitialWeights:
         "step": checkpoint.step,
         "heads": "kept" if keep_heads else "fresh",
         "mpp": saved.get("mpp"),
+        # Inference moves images to the init's training colours: the run keeps them, so no site's
+        # colour statistics (an aggregate of its patients' pixels) need to leave it.
+        REFERENCE_KEY: saved.get(REFERENCE_KEY),
         "architecture": architecture.to_dict(),
     }
     weights = {k: v for k, v in source.items() if ConvNeXtUNet.group_of(k) in groups}

@@ -45,6 +45,7 @@ from cmdfed.errors import CmdfedError
 from cmdfed.evaluate.run import evaluate_model
 from cmdfed.federation.config import PHASES, FederationConfig, check_phase
 from cmdfed.inference.segment import LoadedModel, to_model_input
+from cmdfed.inference.stain import HEStains
 from cmdfed.model.config import DiffusionConfig, ModelConfig
 from cmdfed.model.diffusion import MaskedDiffusion
 from cmdfed.model.unet import ConvNeXtUNet, build_model
@@ -353,10 +354,16 @@ def shared_metrics(
 
 @torch.no_grad()
 def evaluate_on_store(
-    model: ConvNeXtUNet, phase: str, site_store: str | Path, config: FederationConfig, **open_options: str
+    model: ConvNeXtUNet,
+    phase: str,
+    site_store: str | Path,
+    config: FederationConfig,
+    stain_reference: HEStains | None = None,
+    **open_options: str,
 ) -> tuple[int, dict[str, float]]:
     """(tiles, metrics) of a global model on up to ``config.eval_tiles`` tiles of a store
-    (``open_options``: :func:`open_site`'s).
+    (``open_options``: :func:`open_site`'s), fine-tuning's stain-normalised to ``stain_reference``
+    when the run has one (the init's), as inference will see them.
 
     Pretraining is scored by its own masked-diffusion loss under fixed masks and noise;
     fine-tuning by nuclei metrics (Dice, AJI, PQ; mPQ with types) on labelled tiles the
@@ -379,7 +386,9 @@ def evaluate_on_store(
     trained = training_tiles(site, config.label_fraction, config.seed)
     held_out = np.setdiff1d(labelled, trained)
     indices = (held_out if held_out.size else trained)[: config.eval_tiles]
-    loaded = LoadedModel(model, model.config, config.class_names, Path(site.name), device)
+    loaded = LoadedModel(
+        model, model.config, config.class_names, Path(site.name), device, stain_reference=stain_reference
+    )
     summary = evaluate_model(loaded, site_store, indices=indices, batch_size=8)
     keys = ("mean_dice", "mean_aji", "mean_pq") + (("mean_mpq",) if "mean_mpq" in summary else ())
     return len(indices), {key.removeprefix("mean_"): float(summary[key]) for key in keys}
@@ -394,7 +403,8 @@ def local_evaluate(
     *,
     device: str = "auto",
     architecture: ModelConfig | None = None,
+    stain_reference: HEStains | None = None,
 ) -> tuple[int, dict[str, float]]:
     """A site's evaluation of the global weights of ``phase`` (see :func:`evaluate_on_store`)."""
     model = site_model(config, phase, global_weights, frozen_weights, select_device(device), architecture)
-    return evaluate_on_store(model, phase, site_store, config)
+    return evaluate_on_store(model, phase, site_store, config, stain_reference)

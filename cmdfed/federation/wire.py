@@ -37,6 +37,9 @@ ARCHITECTURE_KEY = "architecture"
 # A site's store resolution (um/px) in a training reply's metrics, beside num-examples: the one piece
 # of store metadata a site sends, so round checkpoints can record the resolution the model trained at.
 RESOLUTION_KEY = "mpp"
+# The stain reference (JSON, ``cmdfed.inference.stain``) the server sends with an evaluation: the init
+# checkpoint's, so sites score what inference will see; absent when the run has none.
+STAIN_REFERENCE_KEY = "stain-reference"
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,9 @@
 """The one path from pixels to nuclei, shared by evaluation, `cmdfed predict` and the edge.
 
     tiling.py       where tiles are cut (one grid) and which tile keeps a seam nucleus
-    tissue.py       where the tissue is on a thumbnail (slides' tiles, stain statistics)
-    stain.py        an image's colours moved to the training images' (Reinhard; measured,
-                    not yet applied by predict or the edge)
+    tissue.py       where the tissue is on a thumbnail (slides' tiles, INT8 calibration)
+    stain.py        an image re-stained as the model's training images (Macenko), before
+                    the model, when its checkpoint records their stains
     segment.py      image -> NP/HV/NC maps (PyTorch; sliding windows for large images)
                     -> instances; `cmdfed predict`
     postprocess.py  maps -> instance map: HoVer-Net's watershed and its WatershedParams

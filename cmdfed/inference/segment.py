@@ -1,8 +1,13 @@
 """From an image to nuclei with the PyTorch model: what evaluation and `cmdfed predict` run
 (the edge swaps the forward for ONNX Runtime / TensorRT, edge.backends, and keeps the rest).
 
-    uint8 RGB image --to_model_input--> [-1, 1] tensor --model.segment--> NP/HV/NC maps
-        --postprocess (HoVer-Net watershed)--> instance map, type map, per-nucleus records
+    uint8 RGB image --normalised (stain.py)--> the training images' colours --to_model_input-->
+        [-1, 1] tensor --model.segment--> NP/HV/NC maps --postprocess (HoVer-Net watershed)-->
+        instance map, type map, per-nucleus records
+
+A model whose checkpoint records its training images' stains (``stain_reference``) sees each
+image re-stained as them (Macenko, from the image's own stains), unless loaded with
+``stain_normalise=False``.
 
 Images of any size: sides are padded up to the network's stride (32) by reflection, which
 keeps texture at the border statistically like tissue. Images larger than ``window`` are
@@ -26,6 +31,7 @@ from cmdfed.atomic import atomic_path, write_json_atomic
 from cmdfed.errors import CmdfedError
 from cmdfed.images import read_rgb
 from cmdfed.inference.postprocess import PostprocessResult, WatershedParams, postprocess, postprocess_for
+from cmdfed.inference.stain import REFERENCE_KEY, HEStains, normalised
 from cmdfed.inference.tiling import grid_starts, needs_resampling, resample_image, resampled_shape, to_image_pixels
 from cmdfed.model.checkpoint import load_checkpoint
 from cmdfed.model.config import ModelConfig
@@ -54,13 +60,20 @@ class LoadedModel:
     device: torch.device
     encoder: torch.nn.Module | None = None  # the frozen FM encoder of an FM-conditioned model
     mpp: float | None = None  # the resolution it was trained at (um/px), when its checkpoint records it
+    stain_reference: HEStains | None = None  # its training images' stains; None: images as scanned
 
 
 def load_model(
-    checkpoint: str | Path, device: torch.device, *, use_ema: bool = True, fm_weights: str | Path | None = None
+    checkpoint: str | Path,
+    device: torch.device,
+    *,
+    use_ema: bool = True,
+    fm_weights: str | Path | None = None,
+    stain_normalise: bool = True,
 ) -> LoadedModel:
     """A model ready for inference from a checkpoint folder or run folder; ``fm_weights``: the
-    local weights file of its timm FM encoder, when it was trained with one."""
+    local weights file of its timm FM encoder, when it was trained with one; ``stain_normalise``
+    False: images are segmented as scanned even when the checkpoint records a stain reference."""
     ckpt = load_checkpoint(checkpoint)
     if "model" not in ckpt.config:
         raise CmdfedError(f"{ckpt.path} has no model config")
@@ -77,6 +90,7 @@ def load_model(
     model.to(device).eval()
     names = ckpt.config.get("class_names") or ["background", "nucleus"]
     mpp = ckpt.config.get("mpp")
+    reference = ckpt.config.get(REFERENCE_KEY)
     return LoadedModel(
         model,
         config,
@@ -85,6 +99,7 @@ def load_model(
         device,
         frozen_encoder(config.fm_kind, fm_weights, device),
         float(mpp) if mpp else None,
+        HEStains.from_dict(reference, str(ckpt.path)) if reference and stain_normalise else None,
     )
 
 
@@ -158,13 +173,14 @@ def segment_image(
 ) -> PostprocessResult:
     """Nuclei of one image. At ``image_mpp`` other than the model's, the image is segmented
     at the model's resolution and the result brought back to its pixels (tiling.py);
-    ``params`` then hold at the model's resolution."""
+    ``params`` then hold at the model's resolution. The image is stain-normalised at the
+    model's resolution when the model has a reference (module docstring)."""
     if not needs_resampling(image_mpp, loaded.mpp):
-        maps = predict_image_maps(loaded, image)
+        maps = predict_image_maps(loaded, normalised(image, loaded.stain_reference))
         return postprocess(maps["np"], maps["hv"], maps.get("nc"), params)
     shape = image.shape[:2]
     small = resample_image(image, resampled_shape(shape, image_mpp / loaded.mpp))
-    maps = predict_image_maps(loaded, small)
+    maps = predict_image_maps(loaded, normalised(small, loaded.stain_reference))
     at_model = postprocess(maps["np"], maps["hv"], maps.get("nc"), params)
     return to_image_pixels(at_model, maps.get("nc"), shape)
 
@@ -200,6 +216,7 @@ def predict_files(
     *,
     fm_weights: str | Path | None = None,
     mpp: float | None = None,
+    stain_normalise: bool = True,
 ) -> list[dict]:
     """`cmdfed predict`: NAME_inst.png and NAME_types.json for each image (any dtype the
     importers read: 16-bit scans are scaled, not clipped), in the images' own pixels.
@@ -207,7 +224,9 @@ def predict_files(
     ``mpp``, the images' resolution: a model that records the resolution it was trained at
     reads the images resampled to it (tiling.py), and then needs ``mpp`` (image files
     rarely say theirs). The post-processing is the checkpoint's tuned one, else HoVer-Net's
-    scaled to the resolution segmented at (``WatershedParams.for_mpp``; unknown: its 40x values)."""
+    scaled to the resolution segmented at (``WatershedParams.for_mpp``; unknown: its 40x values).
+    Each image is stain-normalised by its own statistics when the model records a reference
+    (``stain_normalise`` False: as scanned)."""
     missing = [str(p) for p in images if not Path(p).is_file()]
     if missing:
         raise CmdfedError(f"image(s) not found: {', '.join(missing)}")
@@ -218,7 +237,7 @@ def predict_files(
             f"several images are named {', '.join(clashes)} (outputs are NAME_inst.png): "
             "rename them or predict them into different --out folders"
         )
-    loaded = load_model(checkpoint, device, fm_weights=fm_weights)
+    loaded = load_model(checkpoint, device, fm_weights=fm_weights, stain_normalise=stain_normalise)
     if loaded.mpp is not None and mpp is None:
         raise CmdfedError(
             f"the model reads images at {loaded.mpp} um/px and resamples others to it, but these "

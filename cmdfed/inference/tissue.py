@@ -3,8 +3,7 @@
 The HSV saturation of stained tissue is high and that of glass is near zero, so Otsu's
 threshold on saturation separates them for H&E without tuning (the approach of e.g. CLAM and
 HistoQC). Very dark pixels (pen marks, scanner debris) are dropped; small holes are closed and
-specks removed. Slides use it to choose their tiles (``cmdfed.data.slide``), stain
-normalisation to measure colours on tissue only (``cmdfed.inference.stain``), and INT8
+specks removed. Slides use it to choose their tiles (``cmdfed.data.slide``) and INT8
 calibration to keep tiles with tissue (``edge.quantize``).
 """
 

@@ -31,6 +31,7 @@ from cmdfed.data.dataset import MultiStoreDataset, SiteDataset, StepBatchSampler
 from cmdfed.data.store import SiteStore
 from cmdfed.errors import CmdfedError
 from cmdfed.inference.segment import to_model_input
+from cmdfed.inference.stain import REFERENCE_KEY, STAIN_SAMPLE_PIXELS, source_stains
 from cmdfed.model.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from cmdfed.model.config import DiffusionConfig, ModelConfig
 from cmdfed.model.diffusion import MaskedDiffusion, make_inpainting_grid
@@ -62,6 +63,14 @@ class PhaseResult:
 
     def to_dict(self) -> dict:
         return {k: str(v) if isinstance(v, Path) else v for k, v in self.__dict__.items()}
+
+
+def stain_reference(tiles: list[tuple[SiteStore, np.ndarray]]) -> dict | None:
+    """The stains of the training tiles (store, indices), which inference re-stains images as
+    (``cmdfed.inference.stain``), as a checkpoint records them; None when they hold too little stain."""
+    budget = STAIN_SAMPLE_PIXELS // max(1, len(tiles))
+    stains = source_stains([image for site, indices in tiles for image in site.spread_images(indices, budget)])
+    return None if stains is None else stains.to_dict()
 
 
 def training_mpp(resolutions: list[float]) -> float | None:
@@ -270,6 +279,7 @@ def pretrain(
         "stores": [site.name for site in sites],
         "mpp": training_mpp([site.mpp for site in sites]),
         "class_names": ["background", "nucleus"],
+        REFERENCE_KEY: stain_reference([(site, np.arange(len(site))) for site in sites]),
     }
     torch.manual_seed(train_config.seed)  # the initial weights are part of the run's seed
     model = build_model(model_config).to(dev, memory_format=memory_format(dev))
@@ -381,6 +391,7 @@ def finetune(
         "stores": [site.name],
         "mpp": training_mpp([site.mpp]),
         "class_names": site.class_names if n_classes else ["background", "nucleus"],
+        REFERENCE_KEY: stain_reference([(site, indices)]),
     }
 
     trainer = Trainer(model, finetune_loss(model, encoder), train_config, dev)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x65\x64ge/protos/cmdfed_edge.proto\x12\x0e\x63mdfed.edge.v1\"\x07\n\x05\x45mpty\"2\n\x04Tile\x12\x0b\n\x03rgb\x18\x01 \x01(\x0c\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\r\n\x05width\x18\x03 \x01(\r\"G\n\x13SegmentTilesRequest\x12#\n\x05tiles\x18\x01 \x03(\x0b\x32\x14.cmdfed.edge.v1.Tile\x12\x0b\n\x03mpp\x18\x02 \x01(\x01\"\x1d\n\x05Point\x12\t\n\x01x\x18\x01 \x01(\x02\x12\t\n\x01y\x18\x02 \x01(\x02\"\xaf\x01\n\x07Nucleus\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0c\n\x04type\x18\x02 \x01(\r\x12\x11\n\ttype_name\x18\x03 \x01(\t\x12\x18\n\x10type_probability\x18\x04 \x01(\x02\x12\'\n\x08\x63\x65ntroid\x18\x05 \x01(\x0b\x32\x15.cmdfed.edge.v1.Point\x12\x0c\n\x04\x61rea\x18\x06 \x01(\r\x12&\n\x07\x63ontour\x18\x07 \x03(\x0b\x32\x15.cmdfed.edge.v1.Point\"\x98\x01\n\nTileResult\x12\x0e\n\x06height\x18\x01 \x01(\r\x12\r\n\x05width\x18\x02 \x01(\r\x12/\n\x08\x65ncoding\x18\x03 \x01(\x0e\x32\x1d.cmdfed.edge.v1.LabelEncoding\x12\x11\n\tinstances\x18\x04 \x01(\x0c\x12\'\n\x06nuclei\x18\x05 \x03(\x0b\x32\x17.cmdfed.edge.v1.Nucleus\"k\n\x14SegmentTilesResponse\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.cmdfed.edge.v1.TileResult\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\"u\n\x13SegmentSlideRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0f\n\x07out_dir\x18\x02 \x01(\t\x12\r\n\x05\x62\x61tch\x18\x03 \x01(\r\x12\x12\n\nmin_tissue\x18\x04 \x01(\x02\x12\x0f\n\x07restart\x18\x05 \x01(\x08\x12\x0b\n\x03mpp\x18\x06 \x01(\x01\"\x93\x02\n\x0cSlideSummary\x12\r\n\x05slide\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\r\n\x05tiles\x18\x04 \x01(\r\x12\x0f\n\x07n_cells\x18\x05 \x01(\x04\x12\x46\n\x0e\x63ounts_by_type\x18\x06 \x03(\x0b\x32..cmdfed.edge.v1.SlideSummary.CountsByTypeEntry\x12\x19\n\x11\x61rea_analysed_mm2\x18\x07 \x01(\x01\x12\x14\n\x0csummary_json\x18\x08 \x01(\t\x1a\x33\n\x11\x43ountsByTypeEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"Q\n\x0cSlideOutputs\x12\x0f\n\x07out_dir\x18\x01 \x01(\t\x12\x0e\n\x06labels\x18\x02 \x01(\t\x12\x0f\n\x07geojson\x18\x03 \x01(\t\x12\x0f\n\x07summary\x18\x04 \x01(\t\"\x99\x01\n\rSlideProgress\x12\x0c\n\x04\x64one\x18\x01 \x01(\r\x12\r\n\x05total\x18\x02 \x01(\r\x12\r\n\x05stage\x18\x03 \x01(\t\x12-\n\x07summary\x18\x04 \x01(\x0b\x32\x1c.cmdfed.edge.v1.SlideSummary\x12-\n\x07outputs\x18\x05 \x01(\x0b\x32\x1c.cmdfed.edge.v1.SlideOutputs\"\x85\x01\n\x0bInputLimits\x12\x10\n\x08min_side\x18\x01 \x01(\r\x12\x10\n\x08max_side\x18\x02 \x01(\r\x12\x18\n\x10side_multiple_of\x18\x03 \x01(\r\x12\x1d\n\x15max_tiles_per_request\x18\x04 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x05 \x01(\x04\"\xd1\x01\n\x11ModelInfoResponse\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x11\n\tprecision\x18\x04 \x01(\t\x12\x13\n\x0b\x63lass_names\x18\x05 \x03(\t\x12\x11\n\ttile_size\x18\x06 \x01(\r\x12\x0f\n\x07overlap\x18\x07 \x01(\r\x12\x0b\n\x03mpp\x18\x08 \x01(\x01\x12+\n\x06limits\x18\t \x01(\x0b\x32\x1b.cmdfed.edge.v1.InputLimits*L\n\rLabelEncoding\x12\x1e\n\x1aLABEL_ENCODING_UNSPECIFIED\x10\x00\x12\r\n\tUINT16_LE\x10\x01\x12\x0c\n\x08INT32_LE\x10\x02\x32\x8a\x02\n\x10\x45\x64geSegmentation\x12Y\n\x0cSegmentTiles\x12#.cmdfed.edge.v1.SegmentTilesRequest\x1a$.cmdfed.edge.v1.SegmentTilesResponse\x12T\n\x0cSegmentSlide\x12#.cmdfed.edge.v1.SegmentSlideRequest\x1a\x1d.cmdfed.edge.v1.SlideProgress0\x01\x12\x45\n\tModelInfo\x12\x15.cmdfed.edge.v1.Empty\x1a!.cmdfed.edge.v1.ModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x65\x64ge/protos/cmdfed_edge.proto\x12\x0e\x63mdfed.edge.v1\"\x07\n\x05\x45mpty\"2\n\x04Tile\x12\x0b\n\x03rgb\x18\x01 \x01(\x0c\x12\x0e\n\x06height\x18\x02 \x01(\r\x12\r\n\x05width\x18\x03 \x01(\r\"[\n\x13SegmentTilesRequest\x12#\n\x05tiles\x18\x01 \x03(\x0b\x32\x14.cmdfed.edge.v1.Tile\x12\x0b\n\x03mpp\x18\x02 \x01(\x01\x12\x12\n\nas_scanned\x18\x03 \x01(\x08\"\x1d\n\x05Point\x12\t\n\x01x\x18\x01 \x01(\x02\x12\t\n\x01y\x18\x02 \x01(\x02\"\xaf\x01\n\x07Nucleus\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0c\n\x04type\x18\x02 \x01(\r\x12\x11\n\ttype_name\x18\x03 \x01(\t\x12\x18\n\x10type_probability\x18\x04 \x01(\x02\x12\'\n\x08\x63\x65ntroid\x18\x05 \x01(\x0b\x32\x15.cmdfed.edge.v1.Point\x12\x0c\n\x04\x61rea\x18\x06 \x01(\r\x12&\n\x07\x63ontour\x18\x07 \x03(\x0b\x32\x15.cmdfed.edge.v1.Point\"\x98\x01\n\nTileResult\x12\x0e\n\x06height\x18\x01 \x01(\r\x12\r\n\x05width\x18\x02 \x01(\r\x12/\n\x08\x65ncoding\x18\x03 \x01(\x0e\x32\x1d.cmdfed.edge.v1.LabelEncoding\x12\x11\n\tinstances\x18\x04 \x01(\x0c\x12\'\n\x06nuclei\x18\x05 \x03(\x0b\x32\x17.cmdfed.edge.v1.Nucleus\"k\n\x14SegmentTilesResponse\x12+\n\x07results\x18\x01 \x03(\x0b\x32\x1a.cmdfed.edge.v1.TileResult\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\"\x89\x01\n\x13SegmentSlideRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0f\n\x07out_dir\x18\x02 \x01(\t\x12\r\n\x05\x62\x61tch\x18\x03 \x01(\r\x12\x12\n\nmin_tissue\x18\x04 \x01(\x02\x12\x0f\n\x07restart\x18\x05 \x01(\x08\x12\x0b\n\x03mpp\x18\x06 \x01(\x01\x12\x12\n\nas_scanned\x18\x07 \x01(\x08\"\x93\x02\n\x0cSlideSummary\x12\r\n\x05slide\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\r\n\x05tiles\x18\x04 \x01(\r\x12\x0f\n\x07n_cells\x18\x05 \x01(\x04\x12\x46\n\x0e\x63ounts_by_type\x18\x06 \x03(\x0b\x32..cmdfed.edge.v1.SlideSummary.CountsByTypeEntry\x12\x19\n\x11\x61rea_analysed_mm2\x18\x07 \x01(\x01\x12\x14\n\x0csummary_json\x18\x08 \x01(\t\x1a\x33\n\x11\x43ountsByTypeEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"Q\n\x0cSlideOutputs\x12\x0f\n\x07out_dir\x18\x01 \x01(\t\x12\x0e\n\x06labels\x18\x02 \x01(\t\x12\x0f\n\x07geojson\x18\x03 \x01(\t\x12\x0f\n\x07summary\x18\x04 \x01(\t\"\x99\x01\n\rSlideProgress\x12\x0c\n\x04\x64one\x18\x01 \x01(\r\x12\r\n\x05total\x18\x02 \x01(\r\x12\r\n\x05stage\x18\x03 \x01(\t\x12-\n\x07summary\x18\x04 \x01(\x0b\x32\x1c.cmdfed.edge.v1.SlideSummary\x12-\n\x07outputs\x18\x05 \x01(\x0b\x32\x1c.cmdfed.edge.v1.SlideOutputs\"\x85\x01\n\x0bInputLimits\x12\x10\n\x08min_side\x18\x01 \x01(\r\x12\x10\n\x08max_side\x18\x02 \x01(\r\x12\x18\n\x10side_multiple_of\x18\x03 \x01(\r\x12\x1d\n\x15max_tiles_per_request\x18\x04 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x05 \x01(\x04\"\x8a\x02\n\x11ModelInfoResponse\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x11\n\tprecision\x18\x04 \x01(\t\x12\x13\n\x0b\x63lass_names\x18\x05 \x03(\t\x12\x11\n\ttile_size\x18\x06 \x01(\r\x12\x0f\n\x07overlap\x18\x07 \x01(\r\x12\x0b\n\x03mpp\x18\x08 \x01(\x01\x12+\n\x06limits\x18\t \x01(\x0b\x32\x1b.cmdfed.edge.v1.InputLimits\x12\x37\n\x0fstain_reference\x18\n \x01(\x0b\x32\x1e.cmdfed.edge.v1.StainReference\"P\n\x0eStainReference\x12\x13\n\x0bhematoxylin\x18\x01 \x03(\x01\x12\r\n\x05\x65osin\x18\x02 \x03(\x01\x12\x1a\n\x12max_concentrations\x18\x03 \x03(\x01*L\n\rLabelEncoding\x12\x1e\n\x1aLABEL_ENCODING_UNSPECIFIED\x10\x00\x12\r\n\tUINT16_LE\x10\x01\x12\x0c\n\x08INT32_LE\x10\x02\x32\x8a\x02\n\x10\x45\x64geSegmentation\x12Y\n\x0cSegmentTiles\x12#.cmdfed.edge.v1.SegmentTilesRequest\x1a$.cmdfed.edge.v1.SegmentTilesResponse\x12T\n\x0cSegmentSlide\x12#.cmdfed.edge.v1.SegmentSlideRequest\x1a\x1d.cmdfed.edge.v1.SlideProgress0\x01\x12\x45\n\tModelInfo\x12\x15.cmdfed.edge.v1.Empty\x1a!.cmdfed.edge.v1.ModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,36 +33,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SLIDESUMMARY_COUNTSBYTYPEENTRY']._loaded_options = None
   _globals['_SLIDESUMMARY_COUNTSBYTYPEENTRY']._serialized_options = b'8\001'
-  _globals['_LABELENCODING']._serialized_start=1640
-  _globals['_LABELENCODING']._serialized_end=1716
+  _globals['_LABELENCODING']._serialized_start=1820
+  _globals['_LABELENCODING']._serialized_end=1896
   _globals['_EMPTY']._serialized_start=49
   _globals['_EMPTY']._serialized_end=56
   _globals['_TILE']._serialized_start=58
   _globals['_TILE']._serialized_end=108
   _globals['_SEGMENTTILESREQUEST']._serialized_start=110
-  _globals['_SEGMENTTILESREQUEST']._serialized_end=181
-  _globals['_POINT']._serialized_start=183
-  _globals['_POINT']._serialized_end=212
-  _globals['_NUCLEUS']._serialized_start=215
-  _globals['_NUCLEUS']._serialized_end=390
-  _globals['_TILERESULT']._serialized_start=393
-  _globals['_TILERESULT']._serialized_end=545
-  _globals['_SEGMENTTILESRESPONSE']._serialized_start=547
-  _globals['_SEGMENTTILESRESPONSE']._serialized_end=654
-  _globals['_SEGMENTSLIDEREQUEST']._serialized_start=656
-  _globals['_SEGMENTSLIDEREQUEST']._serialized_end=773
-  _globals['_SLIDESUMMARY']._serialized_start=776
-  _globals['_SLIDESUMMARY']._serialized_end=1051
-  _globals['_SLIDESUMMARY_COUNTSBYTYPEENTRY']._serialized_start=1000
-  _globals['_SLIDESUMMARY_COUNTSBYTYPEENTRY']._serialized_end=1051
-  _globals['_SLIDEOUTPUTS']._serialized_start=1053
-  _globals['_SLIDEOUTPUTS']._serialized_end=1134
-  _globals['_SLIDEPROGRESS']._serialized_start=1137
-  _globals['_SLIDEPROGRESS']._serialized_end=1290
-  _globals['_INPUTLIMITS']._serialized_start=1293
-  _globals['_INPUTLIMITS']._serialized_end=1426
-  _globals['_MODELINFORESPONSE']._serialized_start=1429
-  _globals['_MODELINFORESPONSE']._serialized_end=1638
-  _globals['_EDGESEGMENTATION']._serialized_start=1719
-  _globals['_EDGESEGMENTATION']._serialized_end=1985
+  _globals['_SEGMENTTILESREQUEST']._serialized_end=201
+  _globals['_POINT']._serialized_start=203
+  _globals['_POINT']._serialized_end=232
+  _globals['_NUCLEUS']._serialized_start=235
+  _globals['_NUCLEUS']._serialized_end=410
+  _globals['_TILERESULT']._serialized_start=413
+  _globals['_TILERESULT']._serialized_end=565
+  _globals['_SEGMENTTILESRESPONSE']._serialized_start=567
+  _globals['_SEGMENTTILESRESPONSE']._serialized_end=674
+  _globals['_SEGMENTSLIDEREQUEST']._serialized_start=677
+  _globals['_SEGMENTSLIDEREQUEST']._serialized_end=814
+  _globals['_SLIDESUMMARY']._serialized_start=817
+  _globals['_SLIDESUMMARY']._serialized_end=1092
+  _globals['_SLIDESUMMARY_COUNTSBYTYPEENTRY']._serialized_start=1041
+  _globals['_SLIDESUMMARY_COUNTSBYTYPEENTRY']._serialized_end=1092
+  _globals['_SLIDEOUTPUTS']._serialized_start=1094
+  _globals['_SLIDEOUTPUTS']._serialized_end=1175
+  _globals['_SLIDEPROGRESS']._serialized_start=1178
+  _globals['_SLIDEPROGRESS']._serialized_end=1331
+  _globals['_INPUTLIMITS']._serialized_start=1334
+  _globals['_INPUTLIMITS']._serialized_end=1467
+  _globals['_MODELINFORESPONSE']._serialized_start=1470
+  _globals['_MODELINFORESPONSE']._serialized_end=1736
+  _globals['_STAINREFERENCE']._serialized_start=1738
+  _globals['_STAINREFERENCE']._serialized_end=1818
+  _globals['_EDGESEGMENTATION']._serialized_start=1899
+  _globals['_EDGESEGMENTATION']._serialized_end=2165
 # @@protoc_insertion_point(module_scope)

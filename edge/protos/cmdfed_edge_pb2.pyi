@@ -31,12 +31,14 @@ class Tile(_message.Message):
     def __init__(self, rgb: _Optional[bytes] = ..., height: _Optional[int] = ..., width: _Optional[int] = ...) -> None: ...
 
 class SegmentTilesRequest(_message.Message):
-    __slots__ = ("tiles", "mpp")
+    __slots__ = ("tiles", "mpp", "as_scanned")
     TILES_FIELD_NUMBER: _ClassVar[int]
     MPP_FIELD_NUMBER: _ClassVar[int]
+    AS_SCANNED_FIELD_NUMBER: _ClassVar[int]
     tiles: _containers.RepeatedCompositeFieldContainer[Tile]
     mpp: float
-    def __init__(self, tiles: _Optional[_Iterable[_Union[Tile, _Mapping]]] = ..., mpp: _Optional[float] = ...) -> None: ...
+    as_scanned: bool
+    def __init__(self, tiles: _Optional[_Iterable[_Union[Tile, _Mapping]]] = ..., mpp: _Optional[float] = ..., as_scanned: _Optional[bool] = ...) -> None: ...
 
 class Point(_message.Message):
     __slots__ = ("x", "y")
@@ -89,20 +91,22 @@ class SegmentTilesResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[TileResult, _Mapping]]] = ..., model_version: _Optional[str] = ..., backend: _Optional[str] = ...) -> None: ...
 
 class SegmentSlideRequest(_message.Message):
-    __slots__ = ("path", "out_dir", "batch", "min_tissue", "restart", "mpp")
+    __slots__ = ("path", "out_dir", "batch", "min_tissue", "restart", "mpp", "as_scanned")
     PATH_FIELD_NUMBER: _ClassVar[int]
     OUT_DIR_FIELD_NUMBER: _ClassVar[int]
     BATCH_FIELD_NUMBER: _ClassVar[int]
     MIN_TISSUE_FIELD_NUMBER: _ClassVar[int]
     RESTART_FIELD_NUMBER: _ClassVar[int]
     MPP_FIELD_NUMBER: _ClassVar[int]
+    AS_SCANNED_FIELD_NUMBER: _ClassVar[int]
     path: str
     out_dir: str
     batch: int
     min_tissue: float
     restart: bool
     mpp: float
-    def __init__(self, path: _Optional[str] = ..., out_dir: _Optional[str] = ..., batch: _Optional[int] = ..., min_tissue: _Optional[float] = ..., restart: _Optional[bool] = ..., mpp: _Optional[float] = ...) -> None: ...
+    as_scanned: bool
+    def __init__(self, path: _Optional[str] = ..., out_dir: _Optional[str] = ..., batch: _Optional[int] = ..., min_tissue: _Optional[float] = ..., restart: _Optional[bool] = ..., mpp: _Optional[float] = ..., as_scanned: _Optional[bool] = ...) -> None: ...
 
 class SlideSummary(_message.Message):
     __slots__ = ("slide", "model_version", "backend", "tiles", "n_cells", "counts_by_type", "area_analysed_mm2", "summary_json")
@@ -172,7 +176,7 @@ class InputLimits(_message.Message):
     def __init__(self, min_side: _Optional[int] = ..., max_side: _Optional[int] = ..., side_multiple_of: _Optional[int] = ..., max_tiles_per_request: _Optional[int] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
 
 class ModelInfoResponse(_message.Message):
-    __slots__ = ("model_version", "backend", "device", "precision", "class_names", "tile_size", "overlap", "mpp", "limits")
+    __slots__ = ("model_version", "backend", "device", "precision", "class_names", "tile_size", "overlap", "mpp", "limits", "stain_reference")
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -182,6 +186,7 @@ class ModelInfoResponse(_message.Message):
     OVERLAP_FIELD_NUMBER: _ClassVar[int]
     MPP_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
+    STAIN_REFERENCE_FIELD_NUMBER: _ClassVar[int]
     model_version: str
     backend: str
     device: str
@@ -191,4 +196,15 @@ class ModelInfoResponse(_message.Message):
     overlap: int
     mpp: float
     limits: InputLimits
-    def __init__(self, model_version: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., precision: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ..., tile_size: _Optional[int] = ..., overlap: _Optional[int] = ..., mpp: _Optional[float] = ..., limits: _Optional[_Union[InputLimits, _Mapping]] = ...) -> None: ...
+    stain_reference: StainReference
+    def __init__(self, model_version: _Optional[str] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., precision: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ..., tile_size: _Optional[int] = ..., overlap: _Optional[int] = ..., mpp: _Optional[float] = ..., limits: _Optional[_Union[InputLimits, _Mapping]] = ..., stain_reference: _Optional[_Union[StainReference, _Mapping]] = ...) -> None: ...
+
+class StainReference(_message.Message):
+    __slots__ = ("hematoxylin", "eosin", "max_concentrations")
+    HEMATOXYLIN_FIELD_NUMBER: _ClassVar[int]
+    EOSIN_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONCENTRATIONS_FIELD_NUMBER: _ClassVar[int]
+    hematoxylin: _containers.RepeatedScalarFieldContainer[float]
+    eosin: _containers.RepeatedScalarFieldContainer[float]
+    max_concentrations: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, hematoxylin: _Optional[_Iterable[float]] = ..., eosin: _Optional[_Iterable[float]] = ..., max_concentrations: _Optional[_Iterable[float]] = ...) -> None: ...

@@ -19,7 +19,7 @@ from client.client_app import app
 from cmdfed.data.synth import write_synthetic_store
 from cmdfed.federation.config import FederationConfig
 from cmdfed.federation.site import SiteSettings, weights_fingerprint
-from cmdfed.federation.wire import LAYOUT_PREFIX, WEIGHTS_KEY, Layout
+from cmdfed.federation.wire import LAYOUT_PREFIX, STAIN_REFERENCE_KEY, WEIGHTS_KEY, Layout
 from cmdfed.model.unet import build_model
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
@@ -100,6 +100,16 @@ def test_finetune_receives_the_frozen_backbone_once_then_only_heads(store, tmp_p
     evaluation = app(message(MessageType.EVALUATE, "finetune", model, {"frozen-sha": sha}), context(store, tmp_path))
     assert not evaluation.has_error() and not evaluation.content.array_records
     assert {"num-examples", "dice", "pq"} <= set(evaluation.content["metrics"])
+
+    # Scored re-stained as the init's training images when the server sends their stains.
+    stains = '{"method": "macenko", "hematoxylin": [0.56, 0.75, 0.36], "eosin": [0.13, 0.86, 0.5], '
+    stains += '"max_concentrations": [2.3, 1.4]}'
+    restained = {"frozen-sha": sha, STAIN_REFERENCE_KEY: stains}
+    evaluation = app(message(MessageType.EVALUATE, "finetune", model, restained), context(store, tmp_path))
+    assert not evaluation.has_error() and "pq" in evaluation.content["metrics"]
+    garbled = {"frozen-sha": sha, STAIN_REFERENCE_KEY: stains[:40]}
+    evaluation = app(message(MessageType.EVALUATE, "finetune", model, garbled), context(store, tmp_path))
+    assert evaluation.has_error() and "the server's stain reference is not JSON" in evaluation.error.reason
 
     stranger = app(later, context(store, tmp_path / "fresh-site"))  # a site without the backbone
     assert stranger.has_error() and "resends them next round" in stranger.error.reason

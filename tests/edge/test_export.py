@@ -12,6 +12,7 @@ from onnx import TensorProto, helper
 
 from cmdfed.checksums import sha256_of_file
 from cmdfed.errors import CmdfedError
+from cmdfed.model.checkpoint import resolve_checkpoint
 from edge.export import check_onnx, export_bundle
 from edge.trt_ops import unsupported_nodes
 
@@ -39,6 +40,12 @@ def test_manifest_describes_model_io_and_processing(signed_bundle, checkpoint):
     assert [o["name"] for o in manifest["graph"]["outputs"]] == ["np", "hv", "nc"]
     pre = manifest["preprocessing"]
     assert (pre["channel_order"], pre["tile_size"], pre["overlap"], pre["mpp"]) == ("RGB", 128, 32, 0.5)
+    # The stains of the tiles the model trained on, which the workstation re-stains slides as.
+    assert (
+        pre["stain_reference"]
+        == json.loads((resolve_checkpoint(checkpoint) / "config.json").read_text())["stain_reference"]
+    )
+    assert pre["stain_reference"]["method"] == "macenko"
     assert manifest["postprocessing"]["params"]["sobel_kernel_size"] == 11
     agreement = manifest["validation"]["onnxruntime_vs_torch"]
     assert agreement["max_abs_diff"] <= agreement["tolerance"]

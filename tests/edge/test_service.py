@@ -26,6 +26,7 @@ from cmdfed.data.synth import synth_tiles
 from cmdfed.evaluate.metrics import evaluate_instances
 from cmdfed.inference.nuclei import nucleus_records
 from cmdfed.inference.postprocess import PostprocessResult
+from cmdfed.inference.stain import HEStains, macenko
 from cmdfed.inference.tiling import resize_labels
 from cmdfed.telemetry import TelemetryStore
 from edge.protos import cmdfed_edge_pb2 as pb
@@ -95,6 +96,11 @@ def test_health_is_serving_and_model_info_describes_the_model(service, stub, sig
     assert info.tile_size == TILE and info.mpp == 0.5
     assert info.limits.side_multiple_of == 32 and info.limits.min_side <= TILE <= info.limits.max_side
     assert info.limits.max_tiles_per_request == MAX_TILES and info.limits.max_message_bytes > 3 * TILE * TILE
+    reference = manifest["preprocessing"][
+        "stain_reference"
+    ]  # the training tiles' stains, which tiles are re-stained as
+    assert info.HasField("stain_reference") and list(info.stain_reference.eosin) == reference["eosin"]
+    assert list(info.stain_reference.max_concentrations) == reference["max_concentrations"]
     samples = scrape(service)
     assert (
         counter(
@@ -137,9 +143,11 @@ def test_tiles_at_another_resolution_are_segmented_at_the_model_s_and_answered_i
     native, _ = cpm15.load_pair("08", None)
     at_40x = np.ascontiguousarray(native[128:384, 256:512])
     at_20x = np.asarray(Image.fromarray(at_40x).resize((128, 128), Image.Resampling.BILINEAR))
-    request = pb.SegmentTilesRequest(tiles=[tile(at_40x)], mpp=0.25)
+    # As scanned: the 2-step test model, trained on pale synthetic tiles, finds its blobs on H&E's own colours.
+    request = pb.SegmentTilesRequest(tiles=[tile(at_40x)], mpp=0.25, as_scanned=True)
     [big] = stub.SegmentTiles(request, timeout=60).results
-    [small] = stub.SegmentTiles(pb.SegmentTilesRequest(tiles=[tile(at_20x)], mpp=0.5), timeout=60).results
+    request = pb.SegmentTilesRequest(tiles=[tile(at_20x)], mpp=0.5, as_scanned=True)
+    [small] = stub.SegmentTiles(request, timeout=60).results
     assert (big.height, big.width) == (256, 256) and (small.height, small.width) == (128, 128)
     instances = _instances(big)
     same = evaluate_instances(resize_labels(_instances(small), (256, 256)), instances)
@@ -151,6 +159,30 @@ def test_tiles_at_another_resolution_are_segmented_at_the_model_s_and_answered_i
         with pytest.raises(grpc.RpcError) as refused:
             stub.SegmentTiles(pb.SegmentTilesRequest(tiles=[tile(at_20x)], mpp=mpp), timeout=60)
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and words in refused.value.details()
+
+
+def test_tiles_of_one_tissue_from_two_labs_give_nearly_the_same_nuclei_unless_sent_as_scanned(stub):
+    """Tiles are re-stained as the model's training images by the request's own stains: CPM-15
+    08's tiles and the same tiles re-stained as image 10, each lab's sent in one request."""
+    image = cpm15.load_pair("08", 0.5)[0]
+    other = macenko(image, HEStains.of([image]), HEStains.of([cpm15.load_pair("10", 0.5)[0]]))
+    corners = [(0, 0), (0, 256), (256, 0), (256, 256)]
+    agreement = {}
+    for as_scanned in (False, True):
+        answers = [
+            stub.SegmentTiles(
+                pb.SegmentTilesRequest(
+                    tiles=[tile(np.ascontiguousarray(lab[y : y + TILE, x : x + TILE])) for y, x in corners],
+                    as_scanned=as_scanned,
+                ),
+                timeout=60,
+            ).results
+            for lab in (image, other)
+        ]
+        agreement[as_scanned] = np.mean(
+            [evaluate_instances(_instances(a), _instances(b))["pq"] for a, b in zip(*answers)]
+        )
+    assert agreement[False] > agreement[True] + 0.1, agreement
 
 
 def test_a_nucleus_centroid_and_contour_follow_the_same_pixel_centre_rule():

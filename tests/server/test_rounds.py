@@ -259,6 +259,15 @@ def test_privacy_spent_in_a_round_whose_updates_were_all_rejected_is_recorded(st
 # -- starting from a checkpoint, fine-tuning end to end --------------------------------------
 
 
+# The stains a checkpoint records of its training tiles (cmdfed.inference.stain): CPM-15 01-07's.
+STAINS = {
+    "method": "macenko",
+    "hematoxylin": [0.555403, 0.750412, 0.358343],
+    "eosin": [0.126538, 0.858693, 0.496623],
+    "max_concentrations": [2.339399, 1.398886],
+}
+
+
 def pretrained_checkpoint(path, **overrides):
     """A pretraining checkpoint as `cmdfed train pretrain` writes it, of a tiny model with ``overrides``."""
     from cmdfed.model.checkpoint import save_checkpoint
@@ -270,7 +279,12 @@ def pretrained_checkpoint(path, **overrides):
     save_checkpoint(
         path,
         5,
-        config={"phase": "pretrain", "model": config.to_dict(), "class_names": ["background", "nucleus"]},
+        config={
+            "phase": "pretrain",
+            "model": config.to_dict(),
+            "class_names": ["background", "nucleus"],
+            "stain_reference": STAINS,
+        },
         weights=build_model(config).state_dict(),
     )
     return path
@@ -297,6 +311,8 @@ def test_a_run_from_a_checkpoint_fine_tunes_it_end_to_end_and_records_where_it_s
     assert last.config["phase"] == "finetune" and last.config["model"]["head_width"] == 16
     assert last.config["init"]["init"] == str(init) and len(last.config["init"]["sha256"]) == 64
     assert last.config["mpp"] == 0.5  # both sites' stores are at 0.5 um/px: edge export needs no --mpp
+    # The init's stains, which the server and sites evaluated with: no site's colours left it.
+    assert last.config["stain_reference"] == STAINS
     backbone = [k for k in start if not k.startswith("heads.") and k in last.weights]
     assert any(not torch.equal(start[k], last.weights[k]) for k in backbone)  # trained end to end
     (round_event,) = [e for e in events(capsys) if e["event"] == "round"]

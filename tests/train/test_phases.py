@@ -9,6 +9,7 @@ from PIL import Image
 
 from cmdfed.data.store import SiteStore, Tile
 from cmdfed.errors import CmdfedError
+from cmdfed.inference.stain import REFERENCE_KEY, HEStains
 from cmdfed.model.checkpoint import load_checkpoint, resolve_checkpoint
 from cmdfed.model.config import ModelConfig
 from cmdfed.train.loop import NonFiniteLoss, TrainConfig
@@ -266,3 +267,25 @@ def test_training_resolution_is_one_when_the_stores_agree_within_five_percent():
 
     assert training_mpp([0.5, 0.499]) == 0.5  # CPM-15 tiles beside the 0.499 um/px sample slide
     assert training_mpp([0.25, 0.5]) is None and training_mpp([0.5, float("nan")]) is None and training_mpp([]) is None
+
+
+def test_training_records_the_stains_of_the_tiles_it_trained_on(synthetic_store, pretrained, tmp_path):
+    """Inference re-stains images as these (cmdfed.inference.stain): fine-tuning records its own
+    training tiles' stains, the half it trains on, not the store's; pretraining its stores'."""
+    site = SiteStore.open(synthetic_store)
+    finetune(
+        synthetic_store,
+        tmp_path / "ft",
+        init=pretrained[0],
+        label_fraction=0.5,
+        train_config=quick(sample_every=0),
+        device="cpu",
+    )
+    trained_on = site.labelled_subset(0.5, seed=0)
+    recorded = HEStains.from_dict(load_checkpoint(tmp_path / "ft").config[REFERENCE_KEY], "ft")
+    np.testing.assert_allclose(
+        recorded.vectors, HEStains.of([site.image(int(i)) for i in trained_on]).vectors, atol=1e-5
+    )
+    pretrained_on = HEStains.of([site.image(i) for i in range(len(site))])
+    recorded = HEStains.from_dict(load_checkpoint(pretrained[0]).config[REFERENCE_KEY], "pre")
+    np.testing.assert_allclose(recorded.max_concentrations, pretrained_on.max_concentrations, rtol=1e-5)
