@@ -1,6 +1,6 @@
 """Whole-slide inference (`cmdfed edge infer`): slide -> nuclei, streamed and resumable.
 
-One tile's route from the slide to ``cells.geojson``, six files:
+One tile's route from the slide to ``cells.geojson``, seven files:
 
     1. edge/infer.py                   this job: read grid, plan, batch, keep, write, resume
                                        (its stages pipelined by cmdfed/pipeline.py)
@@ -11,6 +11,8 @@ One tile's route from the slide to ``cells.geojson``, six files:
                                        at another resolution resampled to the model's (when the
                                        slide has no level at it); TileGrid.owned: which tile
                                        keeps a nucleus on a seam
+       cmdfed/inference/stain.py       macenko: a tile re-stained as the model's training
+                                       images, from the slide's stains (estimated once)
     4. edge/backends.py                Backend.run: uint8 tiles -> NP/HV/NC maps
                                        (ONNX Runtime or TensorRT)
     5. cmdfed/inference/postprocess.py postprocess: maps -> instance map (HoVer watershed,
