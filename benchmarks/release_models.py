@@ -258,7 +258,7 @@ def make_nuclei_dev(work: Path) -> Path:
             "stay unseen: the demo's starting point and the run the dev-split benchmark scores.",
             "init": "random (the default recipe)",
             "data": {"cpm15": "images 01-07 with their instance labels, 0.5 um/px (08-10 held out for scoring)"},
-            "command": "python -m benchmarks.release_models --stage nuclei-dev --workdir /tmp/quality",
+            "command": f"python -m benchmarks.release_models --stage nuclei-dev --workdir {work}",
             "postprocess": "HoVer-Net's watershed settings scaled to 0.5 um/px (WatershedParams.for_mpp)",
             "train_minutes_this_machine": logged_train_minutes(result.run_dir, result.steps),
             "good_for": "scoring on CPM-15 08-10 and demonstrations on data it has not seen; "
