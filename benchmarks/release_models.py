@@ -277,12 +277,11 @@ def add_stain_references(work: Path) -> Path:
     re-stained as inference does."""
     training_data = {
         BACKBONE: (backbone_stores, "all tiles of its pretraining stores (CPM-15 01-10, the sample slide's tissue)"),
-        NUCLEI: (nuclei_store, "its training tiles: every labelled tile of CPM-15 01-10"),
-        NUCLEI_DEV: (nuclei_dev_store, "its training tiles: every labelled tile of CPM-15 01-07"),
+        NUCLEI: (lambda w: [nuclei_store(w)], "its training tiles: every labelled tile of CPM-15 01-10"),
+        NUCLEI_DEV: (lambda w: [nuclei_dev_store(w)], "its training tiles: every labelled tile of CPM-15 01-07"),
     }
     for name, (stores_of, measured_on) in training_data.items():
-        stores = stores_of(work)
-        sites = [SiteStore.open(path) for path in (stores if isinstance(stores, list) else [stores])]
+        sites = [SiteStore.open(path) for path in stores_of(work)]
         tiles = [(site, site.labelled_indices() if name != BACKBONE else np.arange(len(site))) for site in sites]
         folder = resolve_checkpoint(models_dir() / name)
         config = json.loads((folder / "config.json").read_text())

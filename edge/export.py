@@ -516,8 +516,8 @@ def _manifest(loaded, graph, identity, tile, overlap, mpp, tolerance, agreement,
             "overlap": overlap,
             "mpp": mpp,
             "level": 0,
-            # Images are moved to these colours first (Reinhard in CIELAB, from a slide's or tile's
-            # own stained pixels; cmdfed.inference.stain); null: they are fed as scanned.
+            # Images are re-stained as these first (Macenko, from a slide's or request's own stains;
+            # cmdfed.inference.stain); null: they are fed as scanned.
             REFERENCE_KEY: None if loaded.stain_reference is None else loaded.stain_reference.to_dict(),
         },
         "postprocessing": {

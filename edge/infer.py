@@ -100,7 +100,7 @@ from cmdfed.data.slide import PLAUSIBLE_MPP, SlideReader, level_for_mpp, open_sl
 from cmdfed.errors import CmdfedError
 from cmdfed.inference.nuclei import nucleus_feature, write_feature_collection
 from cmdfed.inference.postprocess import WatershedParams, postprocess
-from cmdfed.inference.stain import STAIN_SAMPLE_PIXELS, HEStains, macenko, source_stains
+from cmdfed.inference.stain import HEStains, macenko, sample_positions, source_stains
 from cmdfed.inference.tiling import GRID_RULE, TileGrid, needs_resampling, resample_image
 from cmdfed.pipeline import pipelined
 from cmdfed.progress import Progress, report
@@ -421,8 +421,7 @@ class _SlideJob:
 
     def _slide_stain(self) -> HEStains | None:
         """The slide's stains, estimated on tissue tiles spread over it (None: too little stain)."""
-        count = max(1, STAIN_SAMPLE_PIXELS // self.tile**2)
-        picks = np.linspace(0, len(self.corners) - 1, min(count, len(self.corners))).round().astype(int)
+        picks = sample_positions(len(self.corners), self.tile)
         return source_stains([self.read.read_tile(self.reader, *self.corners[i], self.tile) for i in picks])
 
     def _stain_record(self) -> dict | None:

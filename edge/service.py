@@ -98,7 +98,7 @@ from cmdfed.data.slide import PLAUSIBLE_MPP
 from cmdfed.errors import CmdfedError
 from cmdfed.inference.nuclei import NucleusRecord, class_name, image_xy
 from cmdfed.inference.postprocess import WatershedParams, postprocess
-from cmdfed.inference.stain import HEStains, macenko, source_stains
+from cmdfed.inference.stain import HEStains, restained_together
 from cmdfed.inference.tiling import needs_resampling, resample_image, resampled_shape, to_image_pixels
 from edge import infer
 from edge.deploy import active_bundle
@@ -597,8 +597,8 @@ class EdgeServicer(pb_grpc.EdgeSegmentationServicer):
     def _segment_tiles(self, request, context) -> pb.SegmentTilesResponse:
         images = decode_tiles(request.tiles, self.limits)
         seen = to_model_resolution(images, request.mpp, self.manifest["preprocessing"].get("mpp"), self.limits)
-        if self.stain_reference is not None and not request.as_scanned:
-            seen = self._normalised(seen)
+        if not request.as_scanned:  # one estimate over the request's tiles, as a slide has one
+            seen = restained_together(seen, self.stain_reference)
         limits, window = self.limits, self.costs.window
 
         def side(n: int) -> int:
@@ -634,12 +634,6 @@ class EdgeServicer(pb_grpc.EdgeSegmentationServicer):
         self.metrics.add_tiles(len(images))
         backend = self.selection.backend.name
         return pb.SegmentTilesResponse(results=results, model_version=self.version, backend=backend)
-
-    def _normalised(self, tiles: list[np.ndarray]) -> list[np.ndarray]:
-        """The request's tiles re-stained as the model's training images, by their stains estimated
-        together (as they are when they hold too little stain to estimate)."""
-        source = source_stains(tiles)
-        return tiles if source is None else [macenko(tile, source, self.stain_reference) for tile in tiles]
 
     def _tile_result(self, maps: dict[str, np.ndarray], shape: tuple[int, int]) -> pb.TileResult:
         """Nuclei of one tile from its maps at the model's resolution, in the tile's own ``shape``."""

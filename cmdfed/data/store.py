@@ -56,6 +56,7 @@ import zarr.errors
 
 from cmdfed.atomic import replace_dir
 from cmdfed.errors import CmdfedError
+from cmdfed.inference.stain import sample_positions
 from cmdfed.progress import Progress, report
 
 STORE_KIND = "cmdfed-site-store"
@@ -316,14 +317,10 @@ class SiteStore:
     def labelled_indices(self) -> np.ndarray:
         return np.flatnonzero(self.metadata("labelled"))
 
-    def spread_images(self, indices: np.ndarray, max_pixels: int) -> list[np.ndarray]:
-        """Up to ``max_pixels`` worth of the tiles ``indices`` (at least one), spread evenly over
-        them: a sample to measure colours on (``cmdfed.inference.stain``) without reading them all."""
+    def stain_sample(self, indices: np.ndarray) -> list[np.ndarray]:
+        """The tiles among ``indices`` to estimate their stains on (``cmdfed.inference.stain.sample_positions``)."""
         indices = np.asarray(indices)
-        if indices.size == 0:
-            return []
-        count = min(indices.size, max(1, max_pixels // self.tile_size**2))
-        return [self.image(int(i)) for i in indices[np.linspace(0, indices.size - 1, count).round().astype(int)]]
+        return [self.image(int(indices[k])) for k in sample_positions(indices.size, self.tile_size)]
 
     def labelled_subset(self, fraction: float, seed: int = 0) -> np.ndarray:
         """Indices of a reproducible ``fraction`` of the labelled tiles (at least one).

@@ -12,7 +12,7 @@ from cmdfed.errors import CmdfedError
 from cmdfed.evaluate.metrics import aggregate_panoptic, evaluate_instances, summarize
 from cmdfed.inference.postprocess import WatershedParams, postprocess, postprocess_for
 from cmdfed.inference.segment import LoadedModel, load_model, predict_maps
-from cmdfed.inference.stain import STAIN_SAMPLE_PIXELS, HEStains, macenko, source_stains
+from cmdfed.inference.stain import HEStains, macenko, source_stains
 from cmdfed.progress import Progress, report
 
 
@@ -88,8 +88,6 @@ class ModelTiles:
     together, as a slide is normalised as a whole rather than tile by tile; a source with too
     little stain stays as it is."""
 
-    MAX_PIXELS = STAIN_SAMPLE_PIXELS  # per source
-
     def __init__(self, site: SiteStore, indices: np.ndarray, reference: HEStains | None):
         self.site, self.reference = site, reference
         self.sources = site.metadata("source")
@@ -99,7 +97,7 @@ class ModelTiles:
         indices = np.asarray(indices)
         for name in np.unique(self.sources[indices]):
             tiles = indices[self.sources[indices] == name]
-            self.stains[name] = source_stains(site.spread_images(tiles, self.MAX_PIXELS))
+            self.stains[name] = source_stains(site.stain_sample(tiles))
 
     def images(self, chunk: list[int]) -> np.ndarray:
         """The tiles ``chunk`` (indices among those given) as a uint8 (B, H, W, 3) batch."""

@@ -110,6 +110,16 @@ class HEStains:
 
 # The optical density of each uint8 level: a table, so an image's OD is a lookup, not a log per pixel.
 _DENSITY = (-np.log((np.arange(256) + 1.0) / LIGHT)).astype(np.float32)
+_DENSITY_LUT = np.repeat(_DENSITY[None, :, None], 3, axis=2)  # the same for each channel, as cv2.LUT takes it
+
+
+def sample_positions(count: int, tile_side: int) -> np.ndarray:
+    """Which of ``count`` tiles of ``tile_side`` px to estimate their stains on: at most
+    STAIN_SAMPLE_PIXELS worth (at least one), spread evenly over them."""
+    if count <= 0:
+        return np.zeros(0, int)
+    picks = min(count, max(1, STAIN_SAMPLE_PIXELS // tile_side**2))
+    return np.linspace(0, count - 1, picks).round().astype(int)
 
 
 def _optical_density(image: np.ndarray) -> np.ndarray:
@@ -154,14 +164,17 @@ def macenko(image: np.ndarray, source: HEStains, reference: HEStains) -> np.ndar
     restain = (reference.vectors * scale) @ np.linalg.pinv(source.vectors)
     # log of the output: ln(Io) - restain @ OD, as one affine transform per pixel
     affine = np.hstack([-restain, np.full((3, 1), np.log(LIGHT))]).astype(np.float32)
-    density = cv2.LUT(image, np.repeat(_DENSITY[None, :, None], 3, axis=2))
+    density = cv2.LUT(image, _DENSITY_LUT)
     return cv2.convertScaleAbs(cv2.exp(cv2.transform(density, affine)))
 
 
+def restained_together(images: Sequence[np.ndarray], reference: HEStains | None) -> list[np.ndarray]:
+    """``images`` re-stained as ``reference`` by one estimate of their stains taken together; as
+    they are without a reference, or when they hold too little stain to estimate (glass, blanks)."""
+    source = None if reference is None else source_stains(images)
+    return list(images) if source is None else [macenko(image, source, reference) for image in images]
+
+
 def normalised(image: np.ndarray, reference: HEStains | None) -> np.ndarray:
-    """``image`` re-stained as ``reference`` by its own stains; as it is without a reference, or
-    when it holds too little stain to estimate (a tile of glass, a blank)."""
-    if reference is None:
-        return image
-    source = source_stains([image])
-    return image if source is None else macenko(image, source, reference)
+    """``image`` re-stained as ``reference`` by its own stains (:func:`restained_together`)."""
+    return restained_together([image], reference)[0]

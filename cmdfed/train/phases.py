@@ -31,7 +31,7 @@ from cmdfed.data.dataset import MultiStoreDataset, SiteDataset, StepBatchSampler
 from cmdfed.data.store import SiteStore
 from cmdfed.errors import CmdfedError
 from cmdfed.inference.segment import to_model_input
-from cmdfed.inference.stain import REFERENCE_KEY, STAIN_SAMPLE_PIXELS, source_stains
+from cmdfed.inference.stain import REFERENCE_KEY, source_stains
 from cmdfed.model.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from cmdfed.model.config import DiffusionConfig, ModelConfig
 from cmdfed.model.diffusion import MaskedDiffusion, make_inpainting_grid
@@ -68,8 +68,7 @@ class PhaseResult:
 def stain_reference(tiles: list[tuple[SiteStore, np.ndarray]]) -> dict | None:
     """The stains of the training tiles (store, indices), which inference re-stains images as
     (``cmdfed.inference.stain``), as a checkpoint records them; None when they hold too little stain."""
-    budget = STAIN_SAMPLE_PIXELS // max(1, len(tiles))
-    stains = source_stains([image for site, indices in tiles for image in site.spread_images(indices, budget)])
+    stains = source_stains([image for site, indices in tiles for image in site.stain_sample(indices)])
     return None if stains is None else stains.to_dict()
 
 
