@@ -24,13 +24,11 @@ the data and its origin and terms, the command, the steps, and the development-s
 scores of the same recipe (``benchmarks/results/model_quality.json``, cpm15 01-07 -> 08-10)
 with the commit that produced them.
 
-Each model's config.json holds the stain statistics of its training tiles (``stain_reference``,
-``cmdfed.inference.stain``), which predict, evaluate and the edge move images to. Training
-records them (``cmdfed.train.phases.stain_reference``); ``--stage stain-references`` measures
-them the same way on the same data for models released before training did, leaving the
-weights as they are, and says so in the card.
+Each model's config.json holds the stains of its training tiles (``stain_reference``,
+``cmdfed.inference.stain``), which predict, evaluate and the edge re-stain images as; training
+records them (``cmdfed.train.phases.stain_reference``) and the card repeats them.
 
-    python -m benchmarks.release_models [--stage backbone|nuclei|nuclei-dev|stain-references|all] [--workdir DIR]
+    python -m benchmarks.release_models [--stage backbone|nuclei|nuclei-dev|all] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -40,20 +38,16 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
-
 from benchmarks.common import commit_of
-from cmdfed.atomic import write_json_atomic
 from cmdfed.data import cpm15
 from cmdfed.data.samples import SAMPLES, fetch_samples
 from cmdfed.data.slide import tile_slide
-from cmdfed.data.store import SiteStore
 from cmdfed.inference.stain import REFERENCE_KEY
-from cmdfed.model.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from cmdfed.model.checkpoint import load_checkpoint, save_checkpoint
 from cmdfed.model.config import ModelConfig
 from cmdfed.models import CARD_FILE, models_dir
 from cmdfed.train.loop import TrainConfig
-from cmdfed.train.phases import PhaseResult, finetune, pretrain, stain_reference
+from cmdfed.train.phases import PhaseResult, finetune, pretrain
 from cmdfed.train.recipe import DEFAULT_PRESET, RECIPE_TILE, finetune_config, pretrain_config, pretrain_diffusion
 
 BACKBONE, NUCLEI, NUCLEI_DEV = "cmd-tiny-he", "cmd-tiny-he-nuclei", "cmd-tiny-he-nuclei-dev"
@@ -147,6 +141,7 @@ def make_backbone(work: Path) -> Path:
         "good_for": "starting point for nuclei segmentation at about 0.5 um/px (20x) H&E",
         "not_for": "other stains, other resolutions without resampling, anything but research use; "
         "a 2 M-parameter model pretrained for minutes on a CPU, not a foundation model of scale",
+        REFERENCE_KEY: trained_stains(result.run_dir, "all tiles of its pretraining stores"),
     }
     return release(result.run_dir, BACKBONE, card)
 
@@ -218,12 +213,17 @@ def nuclei_card(result: PhaseResult, train: TrainConfig, fields: dict) -> dict:
         "steps": result.steps,
         "training": {"train": train.to_dict(), "trainable": "all"},
         "dev_split_scores": dev_split_scores("scratch-e2e"),
-        REFERENCE_KEY: {
-            "values": load_checkpoint(result.run_dir).config[REFERENCE_KEY],
-            "measured_on": "its training tiles, by training (cmdfed.train.phases.stain_reference)",
-            "why": STAIN_WHY,
-        },
+        REFERENCE_KEY: trained_stains(result.run_dir, "its training tiles"),
         **fields,
+    }
+
+
+def trained_stains(run_dir: Path, measured_on: str) -> dict:
+    """The card's account of the stains the run's training recorded (its config.json's reference)."""
+    return {
+        "values": load_checkpoint(run_dir).config[REFERENCE_KEY],
+        "measured_on": f"{measured_on}, by training (cmdfed.train.phases.stain_reference)",
+        "why": STAIN_WHY,
     }
 
 
@@ -269,46 +269,10 @@ def make_nuclei_dev(work: Path) -> Path:
     return release(result.run_dir, NUCLEI_DEV, card)
 
 
-def add_stain_references(work: Path) -> Path:
-    """Measure each released model's stain reference on its own training tiles (all tiles of the
-    pretraining stores; every labelled tile, the recipe's 100 %) as training now records it, and
-    write it into the model's config.json (not under its checksums: the weights are untouched);
-    the segmenters' cards take the recipe's dev-split rows again, which now score the test images
-    re-stained as inference does."""
-    training_data = {
-        BACKBONE: (backbone_stores, "all tiles of its pretraining stores (CPM-15 01-10, the sample slide's tissue)"),
-        NUCLEI: (lambda w: [nuclei_store(w)], "its training tiles: every labelled tile of CPM-15 01-10"),
-        NUCLEI_DEV: (lambda w: [nuclei_dev_store(w)], "its training tiles: every labelled tile of CPM-15 01-07"),
-    }
-    for name, (stores_of, measured_on) in training_data.items():
-        sites = [SiteStore.open(path) for path in stores_of(work)]
-        tiles = [(site, site.labelled_indices() if name != BACKBONE else np.arange(len(site))) for site in sites]
-        folder = resolve_checkpoint(models_dir() / name)
-        config = json.loads((folder / "config.json").read_text())
-        config[REFERENCE_KEY] = stain_reference(tiles)
-        write_json_atomic(folder / "config.json", config)
-        card_path = models_dir() / name / CARD_FILE
-        card = json.loads(card_path.read_text())
-        if name != BACKBONE:  # the recipe's dev-split rows, now with the re-stained ('normalised') scores
-            card["dev_split_scores"] = dev_split_scores("scratch-e2e")
-        card[REFERENCE_KEY] = {
-            "values": config[REFERENCE_KEY],
-            "measured_on": measured_on,
-            "why": STAIN_WHY,
-            "command": "python -m benchmarks.release_models --stage stain-references",
-            "commit": CODE_COMMIT,
-            "weights": "unchanged: measured after training, as training measures it",
-        }
-        card_path.write_text(json.dumps(card, indent=2) + "\n")
-        print(f"{name}: {config[REFERENCE_KEY]}", flush=True)
-    return models_dir()
-
-
 STAGES = {
     "backbone": make_backbone,
     "nuclei": make_nuclei,
     "nuclei-dev": make_nuclei_dev,
-    "stain-references": add_stain_references,
 }
 
 
@@ -319,7 +283,7 @@ def main() -> None:
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     for stage, make in STAGES.items():
-        if args.stage == stage or (args.stage == "all" and stage != "stain-references"):
+        if args.stage in (stage, "all"):
             print(f"released {make(args.workdir)}", flush=True)
 
 
