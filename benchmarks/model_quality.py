@@ -47,6 +47,9 @@ the recipe with the same seeds, so that a lever is adopted on its figure, not on
 * ``longpretrain``: a pretraining lever: 6000 masked-diffusion steps instead of 3000 (the
   time bf16 saved on a step, spent; a pretraining of its own, ``pretrain+longpretrain``).
 
+Training on both magnifications cannot be a lever here: every training image of this split is
+20x. ``benchmarks/magnification`` measures it on folds that hold out one 40x image each.
+
 Levers combine with '+' (``noaug+ema``: EMA over the recipe without the new augmentation,
 which is what EMA was measured against).
 

@@ -38,7 +38,7 @@ import json
 import shutil
 from pathlib import Path
 
-from benchmarks.common import commit_of
+from benchmarks.common import REPOSITORY, commit_of
 from cmdfed.data import cpm15
 from cmdfed.data.samples import SAMPLES, fetch_samples
 from cmdfed.data.slide import tile_slide
@@ -96,8 +96,9 @@ def release(run: Path, name: str, card: dict) -> Path:
     return target
 
 
-# The code this process runs: recorded at start, so a commit made while it trains cannot be claimed.
-CODE_COMMIT = commit_of()
+# The code this process runs: recorded at start, so a commit made while it trains cannot be claimed;
+# the released models' own files are this command's output, not its code.
+CODE_COMMIT = commit_of(REPOSITORY, ".", ":(exclude)cmdfed/models")
 
 
 def backbone_stores(work: Path) -> list[Path]:
